@@ -1,0 +1,164 @@
+"""Config dataclasses are the single source of truth for every stage's options.
+
+Each stage defines a frozen-ish `@dataclass` whose fields carry their help text in
+`field(metadata={"help": ...})`. `add_dataclass_args` turns it into argparse options
+(`--snake-case-name`), `from_namespace` builds the dataclass back, and `to_dict` /
+`load_yaml` round-trip it so the resolved config is saved beside every output.
+
+Supported field types: int, float, str, bool (`--flag/--no-flag`), Path, Optional[...] of
+those, Literal[...] (choices), and list/tuple of int/float/str (comma separated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+from .errors import MammoSaeError
+
+T = TypeVar("T")
+
+
+def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """`field()` with help text; mutable defaults (lists) are wrapped in default_factory."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
+
+def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _parse_scalar(tp: Any, text: str) -> Any:
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+    if tp is Path:
+        return Path(text)
+    return tp(text)
+
+
+def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
+    """argparse `type=` callable and extra kwargs for a field type."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = list(get_args(tp))
+        return type(choices[0]), {"choices": choices}
+    if origin in (list, tuple):
+        (elem, *_) = get_args(tp) or (str,)
+        elem, _ = _unwrap_optional(elem)
+
+        def parse_list(text: str) -> list[Any]:
+            return [_parse_scalar(elem, t.strip()) for t in text.split(",") if t.strip()]
+
+        return parse_list, {"metavar": f"{getattr(elem, '__name__', 'X').upper()},..."}
+    return (lambda s: _parse_scalar(tp, s)), {}
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli") is False:
+            continue
+        tp, optional = _unwrap_optional(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name in positional:
+            conv, extra = _converter(tp)
+            parser.add_argument(f.name, type=conv, help=help_text, **extra)
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=default, help=f"{help_text} (default: {default})")
+            continue
+        conv, extra = _converter(tp)
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        parser.add_argument(flag, dest=f.name, type=conv, default=default,
+                            required=not has_default,
+                            help=f"{help_text} (default: {shown})" if has_default else help_text,
+                            **extra)
+
+
+def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if dataclasses.is_dataclass(v):
+            return to_dict(v)
+        return v
+
+    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
+    """Build `cls` from a plain dict, converting types and naming unknown keys."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise MammoSaeError(f"{where}: unknown key(s) {unknown}; valid: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        tp, _ = _unwrap_optional(hints[name])
+        if value is None:
+            kwargs[name] = None
+        elif dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            kwargs[name] = from_dict(tp, value, where=f"{where}.{name}")
+        elif tp is Path:
+            kwargs[name] = Path(value)
+        elif get_origin(tp) in (list, tuple) and isinstance(value, str):
+            kwargs[name] = _converter(tp)[0](value)
+        elif get_origin(tp) is Literal and value not in get_args(tp):
+            raise MammoSaeError(f"{where}.{name}: {value!r} is not one of {list(get_args(tp))}")
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MammoSaeError(f"{where}: {exc}") from exc
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise MammoSaeError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise MammoSaeError(f"invalid YAML in {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise MammoSaeError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def dump_yaml(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,31 @@
+import subprocess
+import sys
+
+import pytest
+
+from mammo_sae.cli import build_parser, main
+
+
+def _commands() -> list[list[str]]:
+    parser = build_parser()
+    out: list[list[str]] = []
+    for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+        for name, sub in action.choices.items():
+            out.append([name])
+            for inner in getattr(sub, "_subparsers", None)._group_actions if sub._subparsers else []:
+                out.extend([name, n] for n in inner.choices)
+    return out
+
+
+def test_top_level_help_lists_commands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mammo_sae.cli", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "mammo-sae" in proc.stdout
+
+
+@pytest.mark.parametrize("argv", _commands(), ids=lambda a: " ".join(a))
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--help"])
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
