@@ -33,3 +33,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small phantom dataset (40 images, 256x160, seed 0), generated once per session.
+
+    Layout: `vindr_detection_v1_folds.csv` + `images_png/` + `phantom.json` (see docs/phantom.md).
+    Treat it as read-only: other tests share it.
+    """
+    from mammo_sae.data.phantom import PhantomConfig, generate
+
+    out = tmp_path_factory.mktemp("tiny_phantom")
+    generate(PhantomConfig(out=out, n_images=40, height=256, width=160, seed=0, workers=1), progress=False)
+    return out

@@ -20,6 +20,7 @@ from .errors import MammoSaeError
 # Modules that contribute subcommands, in the order they appear in `--help`.
 COMMAND_MODULES = (
     "mammo_sae.data.commands",
+    "mammo_sae.data.phantom_commands",
     "mammo_sae.models.commands",
     "mammo_sae.models.train_commands",
     "mammo_sae.activations.commands",

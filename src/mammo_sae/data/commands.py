@@ -1,9 +1,78 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""CLI commands of the data layer: `mammo-sae data summary` and `mammo-sae preprocess`."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+from ..cli import add_command, add_group
+from ..config import opt
+from ..errors import DataError
+from ..io import dumps_json, write_json
+
+
+@dataclass
+class SummaryConfig:
+    """Counts per split: rows, images, patients, positives per concept at row and image level,
+    density and BI-RADS, boxes per concept (after clipping to the frame), box clipping stats."""
+
+    data: Optional[Path] = opt(None, help="data directory (vindr_detection_v1_folds.csv + images_png/, "
+                                          "or finding_annotations.csv)")
+    csv: Optional[Path] = opt(None, help="a folds-style CSV or the official finding_annotations.csv")
+    splits: Optional[list[str]] = opt(None, help="only these splits (comma separated)")
+    on_missing: Literal["ignore", "error", "skip"] = opt(
+        "ignore", help="image files: not checked (ignore), missing ones fail (error) or are left out (skip)")
+    out: Optional[Path] = opt(None, help="also write the JSON here")
+
+
+def run_summary(cfg: SummaryConfig) -> int:
+    from .vindr import summarize
+
+    if (cfg.data is None) == (cfg.csv is None):
+        raise DataError("give exactly one of --data DIR or --csv FILE")
+    summary = summarize(cfg.data or cfg.csv, splits=cfg.splits or None,  # type: ignore[arg-type]
+                        on_missing=cfg.on_missing)
+    if cfg.out is not None:
+        write_json(cfg.out, summary)
+    sys.stdout.write(dumps_json(summary))
+    return 0
+
+
+@dataclass
+class PreprocessConfig:
+    """Follows Mammo-CLIP: 5-px border crop, MONOCHROME1 inversion, min-max to uint8, breast-region
+    crop, INTER_AREA resize; boxes mapped on both axes correctly. Resumable (finished images are
+    skipped) and parallel over images."""
+
+    dicom_root: Path = opt(help="VinDr DICOM tree: <root>/<study_id>/<image_id>.dicom (or <root>/images/...)")
+    csv: Path = opt(help="official finding_annotations.csv")
+    out: Path = opt(help="output directory (images_png/ + vindr_detection_v1_folds.csv)")
+    breast_csv: Optional[Path] = opt(None, help="official breast-level_annotations.csv: the image list")
+    height: int = opt(1520, help="output PNG height")
+    width: int = opt(912, help="output PNG width")
+    workers: int = opt(1, help="parallel worker processes")
+    on_missing: Literal["error", "skip"] = opt("error", help="missing DICOM files: fail or skip them")
+
+
+def run_preprocess(cfg: PreprocessConfig) -> int:
+    from .preprocess import preprocess_vindr
+
+    if cfg.height < 16 or cfg.width < 16:
+        raise DataError(f"output size {cfg.height}x{cfg.width} is too small")
+    result = preprocess_vindr(cfg.dicom_root, cfg.csv, cfg.out, breast_csv=cfg.breast_csv,
+                              out_hw=(cfg.height, cfg.width), workers=max(1, cfg.workers),
+                              on_missing=cfg.on_missing)
+    sys.stdout.write(dumps_json(result.as_dict()))
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
+    data = add_group(sub, "data", help="inspect datasets (VinDr folds CSV, official CSV, phantom)")
+    add_command(data, "summary", SummaryConfig, run_summary,
+                help="JSON counts per split: rows, images, patients, positives, boxes")
+    add_command(sub, "preprocess", PreprocessConfig, run_preprocess,
+                help="VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV")

@@ -1,9 +1,37 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""`mammo-sae convert`: any supported encoder/classifier checkpoint -> the package's own format."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..cli import add_command
+from ..config import opt
+
+
+@dataclass
+class ConvertConfig:
+    """Reads a Mammo-CLIP pre-training .tar, a Mammo-CLIP downstream classifier .pth or a
+    mammo-sae model directory through the restricted unpickler, checks every key and shape,
+    and writes OUT/model.safetensors + OUT/config.json (see docs/models.md)."""
+
+    model: Path = opt(help="checkpoint to convert (.tar, .pth or a mammo-sae model directory)")
+    out: Path = opt(help="output directory")
+    concept: Optional[str] = opt(None, help="concept name to record for a classifier (Mammo-CLIP files do not store it)")
+
+
+def run_convert(cfg: ConvertConfig) -> int:
+    from .checkpoints import convert
+
+    config = convert(cfg.model, cfg.out, concept=cfg.concept)
+    print(json.dumps({"out": str(cfg.out), **config}, indent=2))
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
+    add_command(sub, "convert", ConvertConfig, run_convert,
+                "write a Mammo-CLIP (or own-format) encoder/classifier checkpoint in mammo-sae's own format")

@@ -1,0 +1,98 @@
+"""Extraction throughput against the bare forward pass of the same model on the same images.
+
+    python benchmarks/extract_speed.py [--arch efficientnet-phantom] [--image-size 256x160]
+        [--n-images 64] [--batch-size 8] [--workers 2] [--device auto] [--data DIR]
+
+Without --data a phantom dataset of the requested size is generated in a temporary folder.
+"bare" = encoder.forward_features on images already decoded in memory (no decoding, no
+writing); "extract" = the full `extract()` (decoding in DataLoader workers, subsampling, dtype
+conversion, shard writes with checksums), timed from its first to its last image. The target
+is an overhead ≤ 10 %. Prints figures only; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mammo_sae.activations.extract import ExtractConfig, extract, load_encoder, parse_size
+from mammo_sae.data.images import RecordDataset
+from mammo_sae.data.vindr import load_records
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward_rate(encoder: torch.nn.Module, xs: list[torch.Tensor], batch_size: int,
+                      layer: str, device: torch.device, autocast: bool) -> float:
+    encoder = encoder.eval().to(device)
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    batches = [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+        encoder.forward_features(batches[0].to(device), [layer])  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for x in batches:
+            x = x.to(device, non_blocking=True)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            encoder.forward_features(x, [layer])[layer].float().cpu()
+        _sync(device)
+    return len(xs) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", default="efficientnet-phantom")
+    ap.add_argument("--layer", default="final")
+    ap.add_argument("--image-size", default="256x160")
+    ap.add_argument("--n-images", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--subsample", type=float, default=1.0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--autocast", action="store_true")
+    ap.add_argument("--data", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_flush_denormal(True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
+    size_hw = parse_size(args.image_size)
+    with tempfile.TemporaryDirectory(prefix="extract_speed_") as tmp:
+        data = args.data
+        if data is None:
+            from mammo_sae.data.phantom import PhantomConfig, generate
+
+            data = Path(tmp) / "phantom"
+            generate(PhantomConfig(out=data, n_images=args.n_images, height=size_hw[0],
+                                   width=size_hw[1], seed=0, workers=1), progress=False)
+        records = load_records(data)[: args.n_images]
+        xs = [RecordDataset(records, size_hw=size_hw)[i][0] for i in range(len(records))]
+        encoder, info = load_encoder(args.arch, seed=0)
+        bare = bare_forward_rate(encoder, xs, args.batch_size, args.layer, device, args.autocast)
+        cfg = ExtractConfig(data=data, model=args.arch, out=Path(tmp) / "store", layer=args.layer,
+                            split="all", dtype=args.dtype, subsample=args.subsample,
+                            image_size=args.image_size, batch_size=args.batch_size,
+                            workers=args.workers, shard_images=max(args.batch_size * 4, 32),
+                            max_images=len(records), device=str(device), autocast=args.autocast)
+        t0 = time.perf_counter()
+        extract(cfg, records=records, encoder=encoder, model_info=info, progress=False)
+        full = len(records) / (time.perf_counter() - t0)
+    print(f"device={device} ({torch.get_num_threads()} threads) arch={args.arch} layer={args.layer} "
+          f"input={args.image_size} images={len(records)} batch={args.batch_size} "
+          f"workers={args.workers} dtype={args.dtype} subsample={args.subsample}")
+    print(f"bare forward      : {bare:8.2f} images/s")
+    print(f"extract (end2end) : {full:8.2f} images/s")
+    print(f"overhead          : {100 * (1 - full / bare):6.1f} %  (target ≤ 10 %)")
+
+
+if __name__ == "__main__":
+    main()

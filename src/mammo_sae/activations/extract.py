@@ -1,0 +1,523 @@
+"""Encoder layer → activation store: resumable, bounded in memory, torchrun-aware.
+
+The records are cut into fixed blocks of `shard_images` (shard k = records
+[k·S, (k+1)·S)); batches never straddle a shard, so a shard's bytes do not depend on which
+process wrote it or on what ran before. Under torchrun, rank r writes shards k ≡ r (mod
+world size) and rank 0 merges them. A shard is done when its record file exists (written
+last, atomically); a rerun skips done shards, redoes the rest and then finalises.
+
+Images are decoded (and their breast mask pooled to the feature grid) in DataLoader workers
+while the main process runs the forward pass; shard files are written by a background
+thread, so neither disk nor decoding stalls the accelerator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import random
+import sys
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+
+from ..config import opt
+from ..errors import DataError, MammoSaeError, StoreError, choices_message
+from ..io import read_json, sha256_json, write_json
+from . import store as store_format
+
+SPLIT_CHOICES = ("training", "test", "all")
+
+
+@dataclass
+class ExtractConfig:
+    """Hook one layer of an encoder and write every image's patch vectors to a store.
+
+    Rerunning the same command resumes an interrupted extraction (finished shards are kept)
+    and is a no-op on a complete store; a store made with other settings is refused. Run
+    under `torchrun --nproc_per_node N -m mammo_sae.cli extract ...` to split the images over
+    N processes. --augment applies the training augmentation (the reference did; off by
+    default), seeded per image so a resumed run is identical.
+    """
+
+    data: Path = opt(help="data directory (folds CSV + images) or a CSV file")
+    model: str = opt(help="checkpoint (classifier → its encoder, or image encoder) or an arch "
+                          "name for a seeded random-weight encoder")
+    out: Path = opt(help="store directory")
+    layer: str = opt("final", help="layer tap: final | stem | blocks.N")
+    split: Literal["training", "test", "all"] = opt("training", help="which split to extract")
+    level: Literal["image", "row"] = opt("image", help="one entry per image, or per CSV row "
+                                                        "(the reference's row-level duplicates)")
+    dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", help="stored vector dtype")
+    subsample: float = opt(1.0, help="fraction of each image's patches kept (the reference: 0.25)")
+    seed: int = opt(0, help="seed of the per-image subsample, augmentation and random weights")
+    augment: bool = opt(False, help="apply the training augmentation while extracting")
+    image_size: str | None = opt(None, help="resize inputs to HxW (e.g. 512x320); default: as stored")
+    batch_size: int = opt(8, help="images per forward pass")
+    workers: int = opt(2, help="DataLoader worker processes decoding images")
+    shard_images: int = opt(256, help="images per shard (the unit of resumption)")
+    on_error: Literal["stop", "skip"] = opt("stop", help="an image that fails to load: stop, or "
+                                                         "skip it (kept in the table with ok=false)")
+    max_images: int | None = opt(None, help="extract only the first N records")
+    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    autocast: bool = opt(False, help="bfloat16 autocast forward on CUDA (faster, not bit-faithful)")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def parse_size(text: str | None) -> tuple[int, int] | None:
+    if text is None or text == "":
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise MammoSaeError(f"--image-size must look like 512x320 (HxW), got {text!r}") from None
+    if h < 1 or w < 1:
+        raise MammoSaeError(f"--image-size must be positive, got {text!r}")
+    return h, w
+
+
+def subsample_cells(n_cells: int, fraction: float, seed: int, key: str) -> np.ndarray:
+    """Sorted cell indices (row-major) kept for one image: seeded by (seed, image key)."""
+    if fraction >= 1.0:
+        return np.arange(n_cells)
+    k = min(n_cells, max(1, int(round(fraction * n_cells))))
+    rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+    return np.sort(rng.choice(n_cells, size=k, replace=False))
+
+
+def tissue_grid(mask_hw: torch.Tensor | None, grid_hw: tuple[int, int]) -> torch.Tensor:
+    """Fraction of breast-mask pixels in each cell of the map's grid laid evenly over the input
+    (static SAME padding makes the grid differ from ceil(H/stride), so cells are not exact
+    stride windows); NaN when the mask is unknown."""
+    if mask_hw is None:
+        return torch.full(grid_hw, float("nan"))
+    return torch.nn.functional.adaptive_avg_pool2d(mask_hw.float()[None, None], grid_hw)[0, 0]
+
+
+def _image_key(record: Any) -> str:
+    return f"{record.image_id}/{record.row_index}"
+
+
+def _scale_record(record: Any, size_hw: tuple[int, int] | None) -> Any:
+    """Record with boxes and frame in the extracted input frame (plain resize to size_hw)."""
+    if size_hw is None or tuple(record.frame_hw) == tuple(size_hw):
+        return record
+    from ..data.images import scale_boxes
+
+    return dataclasses.replace(record, boxes=scale_boxes(record.boxes, record.frame_hw, size_hw),
+                               frame_hw=tuple(size_hw))
+
+
+def _image_level_labels(records: Sequence[Any]) -> list[dict[str, int]]:
+    """Per record, each label maxed over all records of the same image (any row positive)."""
+    merged: dict[str, dict[str, int]] = {}
+    for r in records:
+        acc = merged.setdefault(r.image_id, {})
+        for k, v in r.labels.items():
+            acc[k] = max(acc.get(k, v), v)
+    return [dict(merged[r.image_id]) for r in records]
+
+
+def records_fingerprint(records: Sequence[Any]) -> str:
+    return sha256_json([[r.image_id, r.patient_id, r.split, r.row_index, r.labels,
+                         [[b.concept, b.x0, b.y0, b.x1, b.y1] for b in r.boxes],
+                         Path(r.path).name if r.path is not None else None] for r in records])
+
+
+def load_encoder(model: str, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A checkpoint path (classifier first, then image encoder) or an arch name (seeded init)."""
+    path = Path(model)
+    if path.exists():
+        from ..models import checkpoints
+
+        try:
+            encoder, kind = checkpoints.load_classifier(path).encoder, "classifier"
+        except MammoSaeError:
+            encoder, kind = checkpoints.load_image_encoder(path), "image_encoder"
+        info = {"source": str(path), "kind": kind, "sha256": checkpoints.checkpoint_sha256(path),
+                "init_seed": None}
+    else:
+        from ..models.registry import create_encoder, list_archs
+
+        archs = list(list_archs())
+        if model not in archs:
+            raise MammoSaeError(f"--model: no such file, and {choices_message('arch', model, archs)}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder, kind = create_encoder(model), "random_init"
+        info = {"source": None, "kind": kind, "sha256": None, "init_seed": seed}
+    arch = getattr(encoder, "arch", None) or getattr(getattr(encoder, "config", None), "arch", None)
+    info["arch"] = str(arch if arch is not None else (model if kind == "random_init" else type(encoder).__name__))
+    return encoder, info
+
+
+def _layer_info(encoder: torch.nn.Module, layer: str) -> tuple[int, int]:
+    infos = getattr(encoder, "layer_info", None)
+    if not infos or layer not in infos:
+        raise MammoSaeError(choices_message("layer", layer, list(infos or [])))
+    info = infos[layer]
+    return int(info.stride), int(info.channels)
+
+
+def _preprocessing(size_hw: tuple[int, int] | None) -> dict[str, Any]:
+    from ..data import images
+
+    desc = getattr(images, "PREPROCESSING", None)
+    return {"pipeline": dict(desc) if isinstance(desc, dict) else "mammo_sae.data.images.RecordDataset",
+            "image_size": list(size_hw) if size_hw else None}
+
+
+# --------------------------------------------------------------------------- data
+
+
+class _ExtractionItems(torch.utils.data.Dataset):
+    """RecordDataset items plus the breast mask; a failing image yields its error, not a crash."""
+
+    def __init__(self, records: Sequence[Any], size_hw: tuple[int, int] | None, augment: bool,
+                 seed: int) -> None:
+        from ..data.images import RecordDataset
+
+        self.inner = RecordDataset(list(records), size_hw=size_hw, augment=augment)
+        self.records = records
+        self.augment, self.seed = augment, seed
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        key = _image_key(self.records[i])
+        try:
+            if self.augment:  # global RNGs seeded per image → reproducible augmentation
+                s = zlib.crc32(f"{self.seed}/{key}".encode())
+                random.seed(s)
+                np.random.seed(s)
+                torch.manual_seed(s)
+            x_3hw, _ = self.inner[i]
+            return {"i": i, "key": key, "x": x_3hw, "mask": self._mask(x_3hw), "error": None}
+        except Exception as exc:  # noqa: BLE001 - reported with the image id, by policy
+            return {"i": i, "key": key, "x": None, "mask": None,
+                    "error": f"{type(exc).__name__}: {exc}"}
+
+    @staticmethod
+    def _mask(x_3hw: torch.Tensor) -> torch.Tensor | None:
+        try:
+            from ..data.images import breast_mask
+
+            return torch.from_numpy(np.asarray(breast_mask(x_3hw[0].numpy()), dtype=np.uint8))
+        except Exception:  # noqa: BLE001 - tissue is optional provenance; NaN marks "unknown"
+            return None
+
+
+def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return items
+
+
+def _shard_batches(shards: Sequence[int], n: int, shard_images: int, batch_size: int) -> list[list[int]]:
+    out = []
+    for k in shards:
+        lo, hi = k * shard_images, min(n, (k + 1) * shard_images)
+        out += [list(range(s, min(s + batch_size, hi))) for s in range(lo, hi, batch_size)]
+    return out
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @classmethod
+    def from_env(cls) -> "_Dist":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        owns = False
+        if not dist.is_initialized():
+            # gloo even on GPUs: only tiny control messages travel between ranks.
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+            owns = True
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+    def all_ok(self, ok: bool) -> bool:
+        """Barrier that also tells every rank whether all ranks succeeded."""
+        if self.world == 1:
+            return ok
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) == 0
+
+    def close(self) -> None:
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _validate(cfg: ExtractConfig) -> None:
+    if not 0.0 < cfg.subsample <= 1.0:
+        raise MammoSaeError(f"--subsample must be in (0, 1], got {cfg.subsample}")
+    for name in ("batch_size", "shard_images"):
+        if getattr(cfg, name) < 1:
+            raise MammoSaeError(f"--{name.replace('_', '-')} must be ≥ 1")
+    if cfg.workers < 0:
+        raise MammoSaeError("--workers must be ≥ 0")
+    if cfg.split not in SPLIT_CHOICES:
+        raise MammoSaeError(choices_message("split", cfg.split, SPLIT_CHOICES))
+    if cfg.dtype not in store_format.DTYPES:
+        raise MammoSaeError(choices_message("dtype", cfg.dtype, store_format.DTYPES))
+
+
+def _load_records(cfg: ExtractConfig) -> list[Any]:
+    from ..data.vindr import load_records
+
+    splits = None if cfg.split == "all" else [cfg.split]
+    # Missing files: fail early under "stop"; under "skip" each one is reported by id below.
+    on_missing = "error" if cfg.on_error == "stop" else "ignore"
+    records = list(load_records(cfg.data, level=cfg.level, splits=splits, on_missing=on_missing))
+    if cfg.max_images is not None:
+        records = records[: cfg.max_images]
+    if not records:
+        raise DataError(f"{cfg.data}: no records for split {cfg.split!r}")
+    return records
+
+
+def extract(cfg: ExtractConfig, *, records: Sequence[Any] | None = None,
+            encoder: torch.nn.Module | None = None, model_info: dict[str, Any] | None = None,
+            progress: bool = True) -> Path:
+    """Run (or resume) an extraction; returns the store path. See ExtractConfig."""
+    _validate(cfg)
+    torch.set_flush_denormal(True)  # denormals in SE/Swish slow CPU convolutions ~6×
+    dist = _Dist.from_env()
+    try:
+        return _extract(cfg, dist, records, encoder, model_info, progress)
+    finally:
+        dist.close()
+
+
+def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
+             encoder: torch.nn.Module | None, model_info: dict[str, Any] | None,
+             progress: bool) -> Path:
+    root = Path(cfg.out)
+    size_hw = parse_size(cfg.image_size)
+    records = list(records) if records is not None else _load_records(cfg)
+    image_labels = _image_level_labels(records)
+    stored_records = [_scale_record(r, size_hw) for r in records]
+    if encoder is None:
+        encoder, model_info = load_encoder(cfg.model, cfg.seed)
+    model_info = dict(model_info or {"source": None, "kind": "given", "sha256": None,
+                                     "init_seed": None, "arch": type(encoder).__name__})
+    stride, d = _layer_info(encoder, cfg.layer)
+    settings = {
+        "model": model_info, "layer": cfg.layer, "preprocessing": _preprocessing(size_hw),
+        "dtype": cfg.dtype, "subsample": {"fraction": cfg.subsample, "seed": cfg.seed},
+        "augment": cfg.augment, "level": cfg.level, "split": cfg.split,
+        "data": {"source": str(cfg.data), "n_records": len(records),
+                 "records_sha256": records_fingerprint(records)},
+        "shard_images": cfg.shard_images,
+    }
+    manifest = store_format.new_manifest(settings, d=d, n_records=len(records))
+    manifest["stride"] = stride
+
+    manifest_path = root / store_format.MANIFEST
+    if manifest_path.is_file():
+        existing = read_json(manifest_path)
+        if existing.get("format") != store_format.STORE_FORMAT:
+            raise StoreError(f"{root} holds a {manifest_path.name} that is not an activation store")
+        diff = store_format.settings_diff(existing, manifest)
+        if diff:
+            raise StoreError(f"{root} was extracted with other settings ({'; '.join(diff)}); "
+                             "use another --out or delete it")
+        if existing.get("complete"):
+            if dist.rank == 0 and progress:
+                print(f"{root}: store already complete; nothing to do", file=sys.stderr)
+            return root
+    elif root.exists() and any(root.iterdir()):
+        raise StoreError(f"{root} exists, is not empty and has no {manifest_path.name}; "
+                         "refusing to write a store into it")
+    ok = True
+    if dist.rank == 0 and not manifest_path.is_file():
+        try:
+            write_json(manifest_path, manifest)
+        except MammoSaeError:
+            ok = False
+            if dist.world == 1:
+                raise
+    if not dist.all_ok(ok):
+        raise StoreError(f"could not create {manifest_path}")
+
+    n_shards = manifest["n_shards"]
+    mine = [k for k in range(n_shards) if k % dist.world == dist.rank]
+    todo = [k for k in mine if store_format.read_shard_record(root, k) is None]
+    store_format.remove_stale_temporaries(root, todo)
+    error: BaseException | None = None
+    try:
+        if todo:
+            _extract_shards(cfg, root, todo, stored_records, image_labels, encoder, d,
+                            dist, progress)
+    except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
+        error = exc
+    all_ok = dist.all_ok(error is None)
+    if error is not None:
+        raise error
+    if not all_ok:
+        raise StoreError(f"another extraction process failed; finished shards are kept in {root}; "
+                         "rerun to resume")
+    ok, final_error = True, None
+    if dist.rank == 0:
+        try:
+            store_format.finalise(root, manifest, n_shards)
+        except MammoSaeError as exc:
+            ok, final_error = False, exc
+    if not dist.all_ok(ok):
+        raise final_error or StoreError(f"rank 0 could not finalise {root}")
+    return root
+
+
+@dataclass
+class _ShardBuffer:
+    index: int
+    start: int
+    remaining: int
+    acts: list[np.ndarray] = dataclasses.field(default_factory=list)
+    patches: list[np.ndarray] = dataclasses.field(default_factory=list)
+    pooled: list[np.ndarray] = dataclasses.field(default_factory=list)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: list[Any],
+                    image_labels: list[dict[str, int]], encoder: torch.nn.Module,
+                    d: int, dist: _Dist, progress: bool) -> None:
+    from tqdm import tqdm
+
+    device = _pick_device(cfg.device, dist.local_rank)
+    encoder = encoder.eval().to(device)
+    if device.type == "cuda":
+        encoder = encoder.to(memory_format=torch.channels_last)
+    n = len(records)
+    items = _ExtractionItems(records, parse_size(cfg.image_size), cfg.augment, cfg.seed)
+    loader = torch.utils.data.DataLoader(
+        items, batch_sampler=_shard_batches(todo, n, cfg.shard_images, cfg.batch_size),
+        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    buffers = {k: _ShardBuffer(k, k * cfg.shard_images,
+                               min(n, (k + 1) * cfg.shard_images) - k * cfg.shard_images)
+               for k in todo}
+    n_todo = sum(b.remaining for b in buffers.values())
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+    pending: list[Future[Any]] = []
+    bar = tqdm(total=n_todo, unit="img", desc=f"extract {cfg.layer}",
+               disable=not progress or dist.rank != 0, dynamic_ncols=True)
+    try:
+        for batch in _forward_batches(loader, encoder, cfg, device):
+            for item in batch:
+                i = item["i"]
+                k = i // cfg.shard_images
+                buf = buffers[k]
+                record = records[i]
+                if item["error"] is not None:
+                    if cfg.on_error == "stop":
+                        raise DataError(f"image {record.image_id} ({record.path}) failed to load: "
+                                        f"{item['error']}; rerun with --on-error skip to leave it out")
+                    bar.write(f"skipped image {record.image_id}: {item['error']}")
+                    buf.rows.append(store_format.image_row(
+                        i, record, grid_hw=(0, 0), patch_count=0, image_labels=image_labels[i],
+                        ok=False, error=item["error"]))
+                    buf.pooled.append(np.full((1, d), np.nan, np.float32))
+                else:
+                    buf.acts.append(item["acts"])
+                    buf.patches.append(item["patches"])
+                    buf.pooled.append(item["pooled"][None])
+                    buf.rows.append(store_format.image_row(
+                        i, record, grid_hw=item["grid_hw"], patch_count=len(item["acts"]),
+                        image_labels=image_labels[i]))
+                buf.remaining -= 1
+                bar.update(1)
+                if buf.remaining == 0:
+                    del buffers[k]
+                    pending.append(writer.submit(_write_buffer, root, buf, cfg.dtype, d))
+                    while len(pending) > 1:  # at most one shard queued behind the one writing
+                        pending.pop(0).result()
+        for fut in pending:
+            fut.result()
+    finally:
+        bar.close()
+        writer.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_buffer(root: Path, buf: _ShardBuffer, dtype: str, d: int) -> None:
+    disk = store_format.DISK_DTYPE[dtype]
+    acts = np.concatenate(buf.acts) if buf.acts else np.zeros((0, d), disk)
+    patches = np.concatenate(buf.patches) if buf.patches else np.zeros(0, store_format.PATCH_DTYPE)
+    store_format.write_shard(root, buf.index, acts, patches, np.concatenate(buf.pooled), buf.rows,
+                             dtype=dtype, image_start=buf.start)
+
+
+def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
+                     device: torch.device) -> Iterator[list[dict[str, Any]]]:
+    """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added."""
+    autocast = cfg.autocast and device.type == "cuda"
+    for items in loader:
+        good = [it for it in items if it["error"] is None]
+        by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        for it in good:
+            by_shape.setdefault(tuple(it["x"].shape), []).append(it)
+        for group in by_shape.values():
+            x_b3hw = torch.stack([it["x"] for it in group]).to(device, non_blocking=True)
+            if device.type == "cuda":
+                x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
+            _split_map(map_bchw.float(), group, cfg)
+        yield items
+
+
+def _split_map(map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig) -> None:
+    if not torch.isfinite(map_bchw).all():
+        bad = [it["i"] for it, fin in zip(group, torch.isfinite(map_bchw).flatten(1).all(1)) if not fin]
+        raise StoreError(f"non-finite activations for image indices {bad}; check the checkpoint")
+    b, c, h, w = map_bchw.shape
+    pooled_bd = map_bchw.mean((2, 3)).cpu().numpy()
+    acts_bpd = map_bchw.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    cells = [subsample_cells(h * w, cfg.subsample, cfg.seed, it["key"]) for it in group]
+    counts = [len(cl) for cl in cells]
+    index_t = torch.cat([torch.from_numpy(cl) + j * h * w for j, cl in enumerate(cells)])
+    kept_nd = acts_bpd.reshape(b * h * w, c)[index_t.to(acts_bpd.device)]
+    disk_nd = store_format.to_disk(kept_nd, cfg.dtype)
+    offset = 0
+    for j, it in enumerate(group):
+        cl = cells[j]
+        tissue = tissue_grid(it["mask"], (h, w))
+        patches = np.zeros(len(cl), store_format.PATCH_DTYPE)
+        patches["image_index"] = it["i"]
+        patches["row"], patches["col"] = cl // w, cl % w
+        patches["tissue"] = tissue.reshape(-1).numpy()[cl]
+        it.update(acts=disk_nd[offset: offset + counts[j]], patches=patches,
+                  pooled=pooled_bd[j].astype(np.float32), grid_hw=(h, w))
+        it.pop("x", None)
+        offset += counts[j]
+

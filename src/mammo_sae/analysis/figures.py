@@ -1,0 +1,134 @@
+"""Figure-3-style panels: mammogram, `jet` heatmap overlay, GT boxes red, predicted boxes yellow.
+
+`LatentPanel` holds what one panel shows; `draw_panel` draws it on a matplotlib Axes and
+`save_panel_grid` lays panels out in a grid (rows × columns) and writes a PNG atomically.
+Matplotlib is used through `Figure` + Agg, never pyplot, so no global state or display is needed.
+As in the released code the heatmap is not normalised across panels: each panel's colour scale
+runs from 0 to that heatmap's maximum (the title gives the mean activation for comparison).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import MammoSaeError
+from ..io import atomic_path
+
+
+@dataclass
+class LatentPanel:
+    image_hw: np.ndarray | None        # grayscale in [0, 1], frame size; None → no background
+    heat_hw: np.ndarray                # heatmap in the same frame
+    gt_boxes: np.ndarray               # (m, 4) [x0, y0, x1, y1] frame pixels
+    pred_boxes: np.ndarray             # (n, 4)
+    title: str
+
+
+def panel_title(latent: int, mean_activation: float, image_id: str | None = None) -> str:
+    """`latent 13867 · mean act 0.42`, preceded by the image id on a first line if given."""
+    if image_id and len(image_id) > 14:  # VinDr ids are 32 hex digits
+        image_id = image_id[:12] + "…"
+    head = f"{image_id}\n" if image_id else ""
+    return f"{head}latent {latent}\nmean act {mean_activation:.3g}"
+
+
+def display_image(path: str | os.PathLike[str] | None, frame_hw: tuple[int, int]) -> np.ndarray | None:
+    """The mammogram as the model saw it (same reading and resizing), min-max scaled to [0, 1]:
+    the reference's de-normalised input. None when there is no file to show."""
+    if path is None or not Path(path).is_file():
+        return None
+    try:
+        from ..data.images import read_image, to_model_input
+    except ImportError:  # images module unavailable: plain PNG reading is enough to draw
+        arr = _read_png(path)
+        if arr.shape != tuple(frame_hw):
+            import cv2
+
+            arr = cv2.resize(arr, (int(frame_hw[1]), int(frame_hw[0])), interpolation=cv2.INTER_AREA)
+    else:
+        arr = to_model_input(read_image(path), tuple(frame_hw))[0].numpy()
+    lo, hi = float(arr.min()), float(arr.max())
+    return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+
+
+def _read_png(path: str | os.PathLike[str]) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("F"), dtype=np.float32)
+    except OSError as exc:
+        raise MammoSaeError(f"cannot read image {path}: {exc}") from exc
+
+
+def _shrink(arr: np.ndarray, scale: float) -> np.ndarray:
+    if scale >= 1.0:
+        return arr
+    import cv2
+
+    h, w = arr.shape
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(np.asarray(arr, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
+
+
+def draw_panel(ax: Any, panel: LatentPanel, *, max_height: int = 400, alpha: float = 0.5) -> None:
+    """Draw one panel; images taller than `max_height` px are shrunk for drawing (boxes too)."""
+    from matplotlib.patches import Rectangle
+
+    H, W = panel.heat_hw.shape
+    scale = min(1.0, max_height / H)
+    if panel.image_hw is not None:
+        ax.imshow(_shrink(panel.image_hw, scale), cmap="gray", vmin=0.0, vmax=1.0)
+    heat = _shrink(panel.heat_hw, scale)
+    ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
+    for boxes, colour in ((panel.gt_boxes, "red"), (panel.pred_boxes, "yellow")):
+        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale:
+            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                                   edgecolor=colour, linewidth=1.5))
+    ax.set_xlim(-0.5, W * scale - 0.5)
+    ax.set_ylim(H * scale - 0.5, -0.5)
+    ax.set_title(panel.title, fontsize=8)
+    ax.axis("off")
+
+
+def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.PathLike[str], *,
+                    panel_inches: tuple[float, float] = (1.8, 3.0), dpi: int = 100,
+                    suptitle: str | None = None) -> Path:
+    """Write `panels[row][col]` as one PNG grid (rows may be ragged; empty cells stay blank)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_rows = len(panels)
+    n_cols = max((len(r) for r in panels), default=0)
+    if n_rows == 0 or n_cols == 0:
+        raise MammoSaeError("no panels to draw")
+    fig = Figure(figsize=(panel_inches[0] * n_cols, panel_inches[1] * n_rows + (0.5 if suptitle else 0)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    max_height = int(panel_inches[1] * dpi * 1.5)
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if c < len(panels[r]):
+                draw_panel(axes[r][c], panels[r][c], max_height=max_height)
+            else:
+                axes[r][c].axis("off")
+    top = 1.0
+    if suptitle:
+        import textwrap
+
+        lines = textwrap.wrap(suptitle, width=max(20, int(panel_inches[0] * n_cols * 9)))
+        fig.suptitle("\n".join(lines), fontsize=9)
+        top = 1.0 - 0.2 * len(lines) / fig.get_figheight()
+    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+__all__ = ["LatentPanel", "display_image", "draw_panel", "panel_title", "save_panel_grid"]

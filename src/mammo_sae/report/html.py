@@ -1,0 +1,94 @@
+"""Static HTML building blocks: escaped tables, figures and sections, one self-contained page.
+
+No JavaScript, no network: the page and its PNGs open from disk anywhere.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1f24;background:#fafafa}
+header{background:#12263a;color:#fff;padding:18px 32px}header h1{margin:0;font-size:22px}
+header p{margin:4px 0 0;color:#c9d6e3;font-size:14px}
+nav{padding:8px 32px;background:#e8eef4;font-size:14px}nav a{margin-right:14px;color:#12263a}
+main{padding:8px 32px 40px;max-width:1280px}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:8px 20px 16px;margin:18px 0}
+h2{font-size:18px;border-bottom:1px solid #eee;padding-bottom:6px}h3{font-size:15px}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f3f5f7}
+td.l,th.l{text-align:left}.note{color:#57606a;font-size:13px}
+figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
+figure img{max-width:100%;border:1px solid #ddd;background:#fff}
+figcaption{font-size:12px;color:#57606a;max-width:640px}
+.kpi{display:inline-block;margin:6px 18px 6px 0}.kpi b{display:block;font-size:20px}
+code{background:#f3f5f7;padding:1px 4px;border-radius:3px}
+"""
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value))
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return "—" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "—"
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *,
+          headers: Sequence[str] | None = None, digits: int = 3, left: int = 1) -> str:
+    """An HTML table; the first `left` columns are left-aligned (labels)."""
+    if not rows:
+        return '<p class="note">(no rows)</p>'
+    columns = list(columns or rows[0].keys())
+    headers = list(headers or columns)
+    head = "".join(f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers))
+    body = []
+    for row in rows:
+        cells = "".join(f'<td class="{"l" if i < left else ""}">{esc(fmt(row.get(c), digits))}</td>'
+                        for i, c in enumerate(columns))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def figure(src: str, caption: str = "", width: int | None = None) -> str:
+    style = f' style="width:{width}px"' if width else ""
+    return (f'<figure{style}><img src="{esc(src)}" alt="{esc(caption or src)}" loading="eager">'
+            f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def kpis(items: dict[str, Any]) -> str:
+    return "".join(f'<span class="kpi"><b>{esc(fmt(v))}</b>{esc(k)}</span>' for k, v in items.items())
+
+
+@dataclass
+class Section:
+    anchor: str
+    title: str
+    body: list[str] = field(default_factory=list)
+
+    def add(self, html_text: str) -> "Section":
+        self.body.append(html_text)
+        return self
+
+    def render(self) -> str:
+        return f'<section id="{esc(self.anchor)}"><h2>{esc(self.title)}</h2>{"".join(self.body)}</section>'
+
+
+def page(title: str, subtitle: str, sections: Sequence[Section], *, nav: bool = True) -> str:
+    links = "".join(f'<a href="#{esc(s.anchor)}">{esc(s.title)}</a>' for s in sections) if nav else ""
+    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
+            f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
+            f"{'<nav>' + links + '</nav>' if links else ''}<main>{''.join(s.render() for s in sections)}"
+            f"</main></body></html>\n")

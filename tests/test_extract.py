@@ -1,0 +1,216 @@
+"""Extraction: values equal the encoder's map, subsampling, resume after a kill, disk full,
+refusal of mismatched stores, failing images. A random-weight `efficientnet-phantom` at
+128x80 on 8 phantom images keeps every run to a few CPU seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mammo_sae.activations import store as store_format
+from mammo_sae.activations.extract import ExtractConfig, extract, load_encoder, subsample_cells
+from mammo_sae.activations.store import ActivationStore
+from mammo_sae.data.images import RecordDataset
+from mammo_sae.data.vindr import load_records
+from mammo_sae.errors import DataError, StoreError
+
+ARCH = "efficientnet-phantom"
+N_IMAGES = 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny convolutions run ~10x faster on one thread than on two contended ones."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tiny_phantom: Path) -> Path:
+    return tiny_phantom
+
+
+def _cfg(data: Path, out: Path, **kw) -> ExtractConfig:
+    base = dict(data=data, model=ARCH, out=out, split="all", image_size="128x80", dtype="float32",
+                shard_images=2, batch_size=2, workers=0, max_images=N_IMAGES, seed=0)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted single-process extraction that other tests compare against."""
+    return extract(_cfg(data_dir, tmp_path_factory.mktemp("ref") / "store"), progress=False)
+
+
+def assert_same_store(a: Path, b: Path) -> None:
+    """Shards, tables and manifests byte-identical (the settings carry no paths of `out`)."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert files_a == files_b
+    for rel in files_a:
+        assert filecmp.cmp(a / rel, b / rel, shallow=False), f"{rel} differs"
+
+
+def test_store_holds_the_encoders_map(reference: Path, data_dir: Path) -> None:
+    store = ActivationStore(reference)
+    store.verify()
+    encoder, _ = load_encoder(ARCH, seed=0)
+    encoder.eval()
+    records = load_records(data_dir)[:N_IMAGES]
+    x_b3hw = torch.stack([RecordDataset(records, size_hw=(128, 80))[i][0] for i in (0, 5)])
+    with torch.inference_mode():
+        map_bchw = encoder.forward_features(x_b3hw, ["final"])["final"]
+    h, w = map_bchw.shape[-2:]
+    assert store.manifest["grid"] == [h, w] and store.d == map_bchw.shape[1]
+    for j, i in enumerate((0, 5)):
+        acts, rows, cols = store.image_patches(i)
+        expected = map_bchw[j].permute(1, 2, 0).reshape(h * w, -1).numpy()
+        np.testing.assert_allclose(acts, expected, rtol=1e-4, atol=1e-5)
+        assert rows.tolist() == np.repeat(np.arange(h), w).tolist()
+        np.testing.assert_allclose(store.pooled_nd[i], map_bchw[j].mean((1, 2)).numpy(), rtol=1e-4, atol=1e-6)
+    assert [r.image_id for r in store.records()] == [r.image_id for r in records]
+    tissue = store.patch_tissue()
+    assert np.all((tissue >= 0) & (tissue <= 1)) and 0 < tissue.mean() < 1
+    assert store.manifest["model"]["kind"] == "random_init" and store.manifest["complete"]
+
+
+def test_subsample_is_per_image_seeded_and_pooled_stays_full(reference: Path, data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    path = extract(_cfg(data_dir, tmp_path / "sub", subsample=0.25, dtype="bfloat16"), progress=False)
+    sub, full = ActivationStore(path), ActivationStore(reference)
+    h, w = full.manifest["grid"]
+    assert sub.manifest["subsample"] == {"fraction": 0.25, "seed": 0}
+    assert set(sub.images["patch_count"]) == {round(0.25 * h * w)}
+    np.testing.assert_allclose(sub.pooled_nd, full.pooled_nd, rtol=1e-6)  # full-map mean, float32
+    for i in (1, 6):
+        acts, rows, cols = sub.image_patches(i)
+        cells = rows * w + cols
+        key = f"{sub.images.image_id[i]}/None"
+        assert cells.tolist() == subsample_cells(h * w, 0.25, 0, key).tolist()
+        np.testing.assert_allclose(acts, full.image_patches(i)[0][cells], rtol=1e-2, atol=1e-2)
+
+
+def test_rerun_is_noop_and_other_settings_are_refused(reference: Path, data_dir: Path) -> None:
+    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    extract(_cfg(data_dir, reference), progress=False)
+    assert before == {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    with pytest.raises(StoreError, match=r"dtype: store has 'float32', requested 'float16'"):
+        extract(_cfg(data_dir, reference, dtype="float16"), progress=False)
+    with pytest.raises(StoreError, match=r"layer: store has 'final', requested 'blocks.2'.*"):
+        extract(_cfg(data_dir, reference, layer="blocks.2"), progress=False)
+    with pytest.raises(StoreError, match=r"model.init_seed"):
+        extract(_cfg(data_dir, reference, seed=1), progress=False)
+    with pytest.raises(StoreError, match=r"data.n_records"):
+        extract(_cfg(data_dir, reference, max_images=N_IMAGES - 1), progress=False)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from pathlib import Path
+    from mammo_sae.activations import store
+    from mammo_sae.activations.extract import ExtractConfig, extract
+
+    original = store._save_npy
+    def save_then_die(path, array):
+        original(path, array)                        # shard 2's acts land under their final name
+        if path.name == "00002.acts.npy":
+            (path.parent / ".00002.patches.npy.x.tmp").write_bytes(b"half a file")
+            os.kill(os.getpid(), signal.SIGKILL)     # ...and the process dies before the record
+    store._save_npy = save_then_die
+    extract(ExtractConfig(data=Path(sys.argv[1]), model="efficientnet-phantom", out=Path(sys.argv[2]),
+                          split="all", image_size="128x80", dtype="float32", shard_images=2,
+                          batch_size=2, workers=1, max_images=8, seed=0), progress=False)
+""")
+
+
+def test_killed_extraction_resumes_to_an_identical_store(reference: Path, data_dir: Path,
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(data_dir), str(out)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -9, proc.stderr
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert (out / "shards" / "00001.json").is_file() and not (out / "shards" / "00002.json").exists()
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore(out)
+    extract(_cfg(data_dir, out), progress=False)
+    assert not list(out.rglob("*.tmp"))
+    assert_same_store(reference, out)
+
+
+def test_disk_full_gives_a_clean_error_and_a_resumable_store(reference: Path, data_dir: Path,
+                                                             tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    write_array = np.lib.format.write_array
+
+    def fill_disk(f, array, **kw):
+        if "00001.patches" in getattr(f, "name", ""):  # half written, then ENOSPC
+            f.write(b"\x93NUMPY partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_array(f, array, **kw)
+
+    monkeypatch.setattr(np.lib.format, "write_array", fill_disk)
+    out = tmp_path / "full"
+    with pytest.raises(StoreError, match=r"shard 00001.*No space left on device.*rerun to resume"):
+        extract(_cfg(data_dir, out), progress=False)
+    assert not list(out.rglob("*.tmp"))                       # no half-written file left behind
+    assert not (out / "shards" / "00001.patches.npy").exists()
+    assert not (out / "shards" / "00001.json").exists()
+    monkeypatch.setattr(np.lib.format, "write_array", write_array)
+    extract(_cfg(data_dir, out), progress=False)
+    assert_same_store(reference, out)
+
+
+def test_failing_image_is_reported_by_id(data_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(data_dir, data)
+    victim = load_records(data)[3]
+    Path(victim.path).write_bytes(b"not a png")
+    with pytest.raises(DataError, match=victim.image_id):
+        extract(_cfg(data, tmp_path / "stop"), progress=False)
+    store = ActivationStore(extract(_cfg(data, tmp_path / "skip", on_error="skip"), progress=False))
+    assert store.manifest["failed_images"] == [victim.image_id]
+    assert store.ok_mask.tolist() == [i != 3 for i in range(N_IMAGES)]
+    assert store.images.patch_count[3] == 0 and "cannot read image" in store.images.error[3]
+    assert np.isnan(store.pooled_nd[3]).all() and np.isfinite(store.pooled_nd[store.ok_mask]).all()
+
+
+def test_bad_arguments_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    from mammo_sae.errors import MammoSaeError
+
+    for kw, msg in [({"subsample": 0.0}, "subsample"), ({"image_size": "12by8"}, "HxW"),
+                    ({"model": "resnet50"}, "efficientnet-phantom"), ({"layer": "head"}, "layer")]:
+        with pytest.raises(MammoSaeError, match=msg):
+            extract(_cfg(data_dir, tmp_path / "x", **kw), progress=False)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        extract(_cfg(data_dir, tmp_path / "busy"), progress=False)
+
+
+def test_cli_extract(data_dir: Path, tmp_path: Path) -> None:
+    from mammo_sae.cli import main
+
+    cfg = dataclasses.asdict(_cfg(data_dir, tmp_path / "cli", max_images=2, dtype="float16"))
+    argv = ["extract"]
+    for k, v in cfg.items():
+        if v is not None and not isinstance(v, bool):
+            argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert main(argv) == 0
+    assert ActivationStore(tmp_path / "cli").n_images == 2
+    assert main(argv[:-2] + ["--max-images", "3"]) == 2  # other settings → exit 2
