@@ -24,6 +24,19 @@ from mammo_sae.data.images import RecordDataset
 from mammo_sae.data.vindr import load_records
 
 
+class PoolEncoder(torch.nn.Module):
+    """Near-free stand-in encoder (32× average pool + 1×1 conv to d channels): timing
+    `extract` with it measures the pipeline's own ceiling (decode, mask, subsample, write)."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Conv2d(3, d, 1)
+        self.layer_info = {"final": type("LayerInfo", (), {"stride": 32, "channels": d})()}
+
+    def forward_features(self, x: torch.Tensor, layers: list[str]) -> dict[str, torch.Tensor]:
+        return {"final": self.proj(torch.nn.functional.avg_pool2d(x, 32, ceil_mode=True))}
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -61,6 +74,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--data", type=Path, default=None)
+    ap.add_argument("--pipeline-only", type=int, default=0, metavar="D",
+                    help="use a near-free D-channel stand-in encoder: the pipeline's ceiling")
     args = ap.parse_args()
     torch.set_flush_denormal(True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
@@ -76,7 +91,12 @@ def main() -> None:
                                    width=size_hw[1], seed=0, workers=1), progress=False)
         records = load_records(data)[: args.n_images]
         xs = [RecordDataset(records, size_hw=size_hw)[i][0] for i in range(len(records))]
-        encoder, info = load_encoder(args.arch, seed=0)
+        if args.pipeline_only:
+            encoder = PoolEncoder(args.pipeline_only)
+            info = {"source": None, "kind": "given", "sha256": None, "init_seed": None,
+                    "arch": f"pool-{args.pipeline_only}"}
+        else:
+            encoder, info = load_encoder(args.arch, seed=0)
         bare = bare_forward_rate(encoder, xs, args.batch_size, args.layer, device, args.autocast)
         cfg = ExtractConfig(data=data, model=args.arch, out=Path(tmp) / "store", layer=args.layer,
                             split="all", dtype=args.dtype, subsample=args.subsample,
@@ -86,7 +106,8 @@ def main() -> None:
         t0 = time.perf_counter()
         extract(cfg, records=records, encoder=encoder, model_info=info, progress=False)
         full = len(records) / (time.perf_counter() - t0)
-    print(f"device={device} ({torch.get_num_threads()} threads) arch={args.arch} layer={args.layer} "
+    arch = f"pipeline-only stand-in d={args.pipeline_only}" if args.pipeline_only else args.arch
+    print(f"device={device} ({torch.get_num_threads()} threads) arch={arch} layer={args.layer} "
           f"input={args.image_size} images={len(records)} batch={args.batch_size} "
           f"workers={args.workers} dtype={args.dtype} subsample={args.subsample}")
     print(f"bare forward      : {bare:8.2f} images/s")

@@ -80,9 +80,10 @@ def test_store_holds_the_encoders_map(reference: Path, data_dir: Path) -> None:
     for j, i in enumerate((0, 5)):
         acts, rows, cols = store.image_patches(i)
         expected = map_bchw[j].permute(1, 2, 0).reshape(h * w, -1).numpy()
-        np.testing.assert_allclose(acts, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(acts, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
         assert rows.tolist() == np.repeat(np.arange(h), w).tolist()
-        np.testing.assert_allclose(store.pooled_nd[i], map_bchw[j].mean((1, 2)).numpy(), rtol=1e-4, atol=1e-6)
+        pooled = map_bchw[j].mean((1, 2)).numpy()
+        np.testing.assert_allclose(store.pooled_nd[i], pooled, rtol=1e-4, atol=1e-4 * np.abs(pooled).max())
     assert [r.image_id for r in store.records()] == [r.image_id for r in records]
     tissue = store.patch_tissue()
     assert np.all((tissue >= 0) & (tissue <= 1)) and 0 < tissue.mean() < 1
@@ -96,13 +97,40 @@ def test_subsample_is_per_image_seeded_and_pooled_stays_full(reference: Path, da
     h, w = full.manifest["grid"]
     assert sub.manifest["subsample"] == {"fraction": 0.25, "seed": 0}
     assert set(sub.images["patch_count"]) == {round(0.25 * h * w)}
-    np.testing.assert_allclose(sub.pooled_nd, full.pooled_nd, rtol=1e-6)  # full-map mean, float32
+    assert np.array_equal(sub.pooled_nd, full.pooled_nd)  # full-map mean, float32, either way
     for i in (1, 6):
         acts, rows, cols = sub.image_patches(i)
         cells = rows * w + cols
         key = f"{sub.images.image_id[i]}/None"
         assert cells.tolist() == subsample_cells(h * w, 0.25, 0, key).tolist()
-        np.testing.assert_allclose(acts, full.image_patches(i)[0][cells], rtol=1e-2, atol=1e-2)
+        expected = full.image_patches(i)[0][cells]
+        np.testing.assert_allclose(acts, expected, rtol=1e-2, atol=1e-2 * np.abs(expected).max())
+
+
+def test_augmentation_is_seeded_per_image(reference: Path, data_dir: Path, tmp_path: Path) -> None:
+    a = ActivationStore(extract(_cfg(data_dir, tmp_path / "a", augment=True, max_images=4), progress=False))
+    b = ActivationStore(extract(_cfg(data_dir, tmp_path / "b", augment=True, max_images=4,
+                                     shard_images=3, batch_size=1), progress=False))
+    plain = ActivationStore(reference)
+    scale = np.abs(plain.pooled_nd).max()  # random weights give tiny maps: compare relatively
+    np.testing.assert_allclose(a.pooled_nd, b.pooled_nd, rtol=1e-4, atol=1e-4 * scale)  # other batching
+    changed = [np.abs(a.image_patches(i)[0] - plain.image_patches(i)[0]).max() > 1e-2 * scale
+               for i in range(4)]
+    assert any(changed) and a.manifest["augment"] is True
+
+
+def test_row_level_keeps_each_csv_row_with_image_labels(data_dir: Path, tmp_path: Path) -> None:
+    rows = load_records(data_dir, level="row")
+    assert len(rows) > len(load_records(data_dir))  # the fixture has multi-row images
+    n = len(rows)
+    store = ActivationStore(extract(_cfg(data_dir, tmp_path / "rows", level="row", max_images=n,
+                                         subsample=0.1, shard_images=16, batch_size=8),
+                                    progress=False))
+    table = store.images
+    assert store.n_images == n and table.row_index.tolist() == [r.row_index for r in rows]
+    for image_id, group in table.groupby("image_id"):
+        merged = {k: max(lab[k] for lab in group.labels) for k in group.labels.iloc[0]}
+        assert all(il == merged for il in group.image_labels), image_id
 
 
 def test_rerun_is_noop_and_other_settings_are_refused(reference: Path, data_dir: Path) -> None:
@@ -206,7 +234,7 @@ def test_bad_arguments_are_refused(data_dir: Path, tmp_path: Path) -> None:
 def test_cli_extract(data_dir: Path, tmp_path: Path) -> None:
     from mammo_sae.cli import main
 
-    cfg = dataclasses.asdict(_cfg(data_dir, tmp_path / "cli", max_images=2, dtype="float16"))
+    cfg = dataclasses.asdict(_cfg(data_dir, tmp_path / "cli", max_images=2, dtype="bfloat16"))
     argv = ["extract"]
     for k, v in cfg.items():
         if v is not None and not isinstance(v, bool):

@@ -168,18 +168,32 @@ def test_read_ranking(tmp_path: Path) -> None:
         read_ranking(path, 1)
 
 
-def test_localize_command_writes_table_detections_and_figure(tmp_path: Path, monkeypatch) -> None:
+def _save_identity_sae(path: Path) -> Path:
+    """A real checkpoint (native format) of a relu-l1 SAE with W_enc = I: the same as TinySae."""
+    from mammo_sae.sae.checkpoints import save_sae
+    from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
+
+    sae = SparseAutoencoder(SAEConfig(architecture="relu-l1", d=D, h=D), seed=0)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(D))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return save_sae(sae, path)
+
+
+def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> None:
     from PIL import Image
 
+    pytest.importorskip("mammo_sae.sae.checkpoints")
     png = tmp_path / "im0.png"
     Image.fromarray((np.random.default_rng(1).random(FRAME) * 255).astype(np.uint8)).save(png)
     _make_store(tmp_path, png=png)
-    monkeypatch.setattr(localize_commands, "_open_sae", lambda path: TinySae())
+    sae_dir = _save_identity_sae(tmp_path / "sae")
     ranking = tmp_path / "ranking.json"
     ranking.write_text(json.dumps([{"rank": k + 1, "index": j, "importance": 1.0 - k / 10}
                                    for k, j in enumerate([ON_GT, HALF, NEVER, ON_MARKER])]))
     out = tmp_path / "out"
-    rc = main(["localize", "--store", str(tmp_path / "store"), "--sae", "unused.safetensors",
+    rc = main(["localize", "--store", str(tmp_path / "store"), "--sae", str(sae_dir), "--device", "cpu",
                "--concept", "Mass", "--ranking", str(ranking), "--top", "3", "--out", str(out),
                "--figure-images", "2", "--label", "Mass synthetic"])
     assert rc == 0

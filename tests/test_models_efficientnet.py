@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mammo_sae.errors import MammoSaeError
 from mammo_sae.models.classifier import ConceptClassifier
-from mammo_sae.models.efficientnet import EfficientNet, SameConv2d, inference_settings
+from mammo_sae.models.efficientnet import EfficientNet, LayerInfo, SameConv2d, inference_settings
 from mammo_sae.models.registry import arch_params, create_encoder, list_archs
 
 
@@ -89,7 +89,7 @@ def phantom() -> EfficientNet:
 
 
 def test_forward_features_names_shapes_and_final(phantom: EfficientNet) -> None:
-    x = torch.randn(2, 3, 128, 96)
+    x = torch.randn(2, 3, 64, 96)
     names = phantom.layer_names
     assert names[0] == "stem" and names[-1] == "final" and names[1] == "blocks.0"
     with inference_settings():
@@ -127,7 +127,7 @@ def test_batchnorm_settings_and_drop_connect_only_in_training() -> None:
     enc = create_encoder("efficientnet-phantom")
     bns = [m for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(m.eps == 1e-3 and m.momentum == 0.01 for m in bns)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     enc.eval()
     with torch.no_grad():
         torch.testing.assert_close(enc(x), enc(x), rtol=0, atol=0)
@@ -170,3 +170,14 @@ def test_phantom_arch_is_documented_size() -> None:
     params = arch_params("efficientnet-phantom")
     enc = meta_encoder("efficientnet-phantom")
     assert params.image_size == 256 and enc.out_channels == 640 and len(enc._blocks) == 10
+
+
+def test_b5_runs_at_512x320() -> None:
+    # random weights: only the real (non-meta) shape path of the B5 pad table is checked here;
+    # numerical exactness is the B2 parity test's job (same code, B5 differs only in its table)
+    torch.manual_seed(0)
+    enc = create_encoder("efficientnet-b5").eval()
+    with inference_settings():
+        out = enc.forward_features(torch.randn(1, 3, 512, 320), ["blocks.13", "final"])
+    assert out["final"].shape == (1, 2048, 16, 10)
+    assert out["blocks.13"].shape == (1, 128, 32, 20) and enc.layer_info["blocks.13"] == LayerInfo(16, 128)

@@ -74,6 +74,14 @@ def _ids(batches: list[torch.Tensor]) -> list[int]:
     return torch.cat(batches)[:, 0].round().long().tolist()
 
 
+def test_raw_stream_skips_the_float32_copy(stores) -> None:
+    store, _ = stores["bfloat16"]
+    kw = dict(seed=3, epoch=0, buffer_patches=40)
+    raw = list(store.stream(10, raw=True, **kw))
+    assert raw[0].dtype == torch.bfloat16
+    assert all(torch.equal(r.float(), f) for r, f in zip(raw, store.stream(10, **kw)))
+
+
 def test_stream_is_a_deterministic_shuffle_of_one_epoch(stores) -> None:
     store, _ = stores["float16"]
     kw = dict(seed=3, buffer_patches=40, block_patches=8)
@@ -155,19 +163,24 @@ def test_stream_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
     acts = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
     write_store(tmp_path / "big", [acts[i:i + 4096] for i in range(0, n, 4096)], shard_images=4)
     del acts
-    script = textwrap.dedent(f"""
-        import resource, sys
+    script = textwrap.dedent("""
+        import sys
         from mammo_sae.activations.store import ActivationStore
+
+        def peak_mib():  # VmHWM starts afresh at exec (ru_maxrss would inherit the parent's)
+            for line in open("/proc/self/status"):
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+
         store = ActivationStore(sys.argv[1])
         next(store.stream(1024, seed=0, epoch=0, buffer_patches=2048))  # warm up imports
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        before = peak_mib()
         seen = 0
         for batch in store.stream(1024, seed=0, epoch=0, buffer_patches=2048):
             seen += len(batch)
         for chunk in store.iter_chunks(4096):
             seen += len(chunk[0])
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(seen, (after - before) / 1024)
+        print(seen, peak_mib() - before)
     """)
     res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big")],
                          capture_output=True, text=True, check=True)

@@ -1,9 +1,386 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""`mammo-sae run CONFIG` and `mammo-sae demo`: every stage of the method, in order, cached.
+
+    data → models → extract → sae → summaries → probe → intervene → fidelity → localize
+         → separation → report
+
+Each stage calls the same library function as its own CLI command, with the config section
+of the YAML as overrides of that command's options (so there is one way to set each option).
+The runner (`runner.py`) skips a stage whose settings and upstream stages are unchanged and
+reruns it with everything downstream when they change; a crash resumes where it stopped.
+The run directory layout is documented in docs/architecture.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .config import dump_yaml, from_dict, load_yaml, opt, to_dict
+from .errors import MammoSaeError
+from .io import read_json, sha256_file, write_json, write_text_atomic
+from .runner import Runner, Stage
+
+PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
+VARIANTS = ("pretrained", "finetuned")
+
+
+# ============================================================================ config
+
+@dataclass
+class DataSection:
+    kind: str = "phantom"                     # phantom | folds
+    path: Optional[str] = None                # folds: data dir (CSV + images_png/) or CSV
+    phantom: dict[str, Any] = field(default_factory=dict)   # PhantomConfig overrides
+    level: str = "image"                      # image | row
+    image_size: Optional[list[int]] = None    # H, W; None = as stored
+
+
+@dataclass
+class ModelsSection:
+    kind: str = "train-phantom"               # train-phantom | checkpoints
+    arch: str = "efficientnet-phantom"
+    concepts: list[str] = field(default_factory=lambda: ["Mass", "Suspicious_Calcification"])
+    pretrain: dict[str, Any] = field(default_factory=dict)      # PretrainConfig overrides
+    linear_probe: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    finetune: dict[str, Any] = field(default_factory=dict)      # TrainConfig overrides
+    # checkpoints: {Concept: {pretrained: path, finetuned: path}} (Mammo-CLIP .pth or ours)
+    checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)          # EvalConfig overrides
+
+
+@dataclass
+class ExtractSection:
+    options: dict[str, Any] = field(default_factory=dict)       # ExtractConfig overrides
+    sae_source: str = "Suspicious_Calcification/finetuned"      # whose features train the SAE
+    sae_split: str = "training"
+    sae_subsample: float = 1.0
+    sae_max_images: Optional[int] = None
+    rank_split: str = "training"              # split the rankings are computed on
+    eval_split: str = "test"                  # split every evaluation uses
+
+
+@dataclass
+class AnalysisSection:
+    summaries: dict[str, Any] = field(default_factory=dict)
+    probe: dict[str, Any] = field(default_factory=dict)
+    intervene: dict[str, Any] = field(default_factory=dict)
+    fidelity: dict[str, Any] = field(default_factory=dict)
+    localize: dict[str, Any] = field(default_factory=dict)
+    separation: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineConfig:
+    name: str = "run"
+    seed: int = 0
+    device: str = "auto"
+    data: DataSection = field(default_factory=DataSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    sae: dict[str, Any] = field(default_factory=dict)           # SAE train overrides
+    analysis: AnalysisSection = field(default_factory=AnalysisSection)
+
+
+def load_pipeline_config(path: str | Path) -> PipelineConfig:
+    path = Path(path)
+    if not path.exists() and (PACKAGE_CONFIGS / path.name).exists():
+        path = PACKAGE_CONFIGS / path.name
+    data = load_yaml(path)
+    cfg = from_dict(PipelineConfig, data, where=str(path))
+    for section, cls in (("data", DataSection), ("models", ModelsSection),
+                         ("extract", ExtractSection), ("analysis", AnalysisSection)):
+        value = getattr(cfg, section)
+        if isinstance(value, dict):
+            setattr(cfg, section, from_dict(cls, value, where=f"{path}:{section}"))
+    if cfg.data.kind not in ("phantom", "folds"):
+        raise MammoSaeError(f"{path}: data.kind must be phantom or folds, got {cfg.data.kind!r}")
+    if cfg.models.kind not in ("train-phantom", "checkpoints"):
+        raise MammoSaeError(f"{path}: models.kind must be train-phantom or checkpoints, "
+                            f"got {cfg.models.kind!r}")
+    if cfg.data.kind == "folds" and not cfg.data.path:
+        raise MammoSaeError(f"{path}: data.path is required when data.kind is folds")
+    return cfg
+
+
+def build_options(cls: type, overrides: dict[str, Any], where: str, **fixed: Any) -> Any:
+    """A command's config dataclass from the pipeline's fixed values plus user overrides."""
+    clash = sorted(set(overrides) & set(fixed))
+    if clash:
+        raise MammoSaeError(f"{where}: {clash} are set by the pipeline and cannot be overridden")
+    return from_dict(cls, {**fixed, **overrides}, where=where)
+
+
+# ============================================================================ the stages
+
+
+@dataclass
+class ModelEntry:
+    """One concept classifier of the run and the encoder whose features it reads."""
+
+    name: str            # "<Concept>-<variant>"
+    concept: str
+    variant: str         # pretrained | finetuned
+    classifier: str      # path of the classifier (our dir or a Mammo-CLIP .pth)
+    encoder_key: str     # stores are shared by models with the same encoder
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig, run_dir: Path, *, progress: bool = True) -> None:
+        self.cfg = cfg
+        self.run = Path(run_dir)
+        self.progress = progress
+        self.runner = Runner(self.run, log=lambda s: print(s, flush=True))
+        self._declare()
+
+    # ---------------------------------------------------------------- paths
+    @property
+    def data_dir(self) -> Path:
+        return self.run / "data" if self.cfg.data.kind == "phantom" else Path(self.cfg.data.path or "")
+
+    def store_dir(self, encoder_key: str, split: str) -> Path:
+        return self.run / "stores" / f"{encoder_key}-{split}"
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.run / "sae"
+
+    def models(self) -> list[ModelEntry]:
+        return [ModelEntry(**m) for m in read_json(self.run / "models" / "models.json")["models"]]
+
+    def encoders(self) -> dict[str, str]:
+        """encoder_key -> a model path whose encoder gives those features."""
+        out: dict[str, str] = {}
+        for m in self.models():
+            out.setdefault(m.encoder_key, m.classifier)
+        return out
+
+    # ---------------------------------------------------------------- declaration
+    def _declare(self) -> None:
+        c = self.cfg
+        add = self.runner.add
+        add(Stage("data", self.stage_data, {"data": to_dict(c.data), "seed": c.seed},
+                  description="dataset (phantom generation or VinDr checks)"))
+        add(Stage("models", self.stage_models, {"models": to_dict(c.models), "device": c.device},
+                  deps=("data",), description="pretrained/finetuned concept classifiers"))
+        add(Stage("extract", self.stage_extract, {"extract": to_dict(c.extract),
+                  "image_size": c.data.image_size, "level": c.data.level},
+                  deps=("models",), description="activation stores"))
+        for name, description in STAGE_DESCRIPTIONS:
+            settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
+            if name in ANALYSIS_STAGES:
+                settings = {"options": getattr(c.analysis, name), "level": c.data.level}
+            add(Stage(name, getattr(self, f"stage_{name}"), settings,
+                      deps=STAGE_DEPS[name], description=description))
+
+    # ---------------------------------------------------------------- data
+    def stage_data(self) -> dict[str, Any]:
+        from .data.vindr import summarize
+
+        if self.cfg.data.kind == "phantom":
+            from .data.phantom import PhantomConfig, generate
+
+            pcfg = build_options(PhantomConfig, self.cfg.data.phantom, "data.phantom",
+                                 out=str(self.data_dir), overwrite=True,
+                                 figure=str(self.run / "data" / "phantom.png"))
+            generate(pcfg, progress=self.progress)
+        summary = summarize(self.data_dir, on_missing="error")
+        write_json(self.run / "data" / "summary.json", summary)
+        return {"data_dir": str(self.data_dir), "summary": str(self.run / "data" / "summary.json")}
+
+    # ---------------------------------------------------------------- models
+    def stage_models(self) -> dict[str, Any]:
+        c = self.cfg.models
+        entries: list[ModelEntry] = []
+        if c.kind == "train-phantom":
+            entries = self._train_phantom_models()
+        else:
+            for concept in c.concepts:
+                paths = c.checkpoints.get(concept, {})
+                for variant in VARIANTS:
+                    if variant not in paths:
+                        raise MammoSaeError(f"models.checkpoints.{concept}.{variant} is missing")
+                    path = Path(paths[variant]).expanduser()
+                    if not path.exists():
+                        raise MammoSaeError(f"checkpoint not found: {path} "
+                                            f"(models.checkpoints.{concept}.{variant})")
+                    entries.append(ModelEntry(f"{concept}-{variant}", concept, variant, str(path),
+                                              encoder_key=f"{concept}-{variant}"))
+        evals = self._evaluate_models(entries)
+        write_json(self.run / "models" / "models.json",
+                   {"schema_version": 1, "models": [dataclasses.asdict(e) for e in entries],
+                    "test_metrics": evals})
+        return {"models": [e.name for e in entries], "test_metrics": evals}
+
+    def _train_phantom_models(self) -> list[ModelEntry]:
+        from .models.train import PretrainConfig, TrainConfig, pretrain, train_classifier
+
+        c, root = self.cfg.models, self.run / "models"
+        common = {"data": str(self.data_dir), "device": self.cfg.device, "overwrite": True,
+                  "progress": self.progress}
+        if self.cfg.data.image_size:
+            common["image_size"] = list(self.cfg.data.image_size)
+        pcfg = build_options(PretrainConfig, c.pretrain, "models.pretrain", out=str(root / "pretrained"),
+                             arch=c.arch, **common)
+        pretrain(pcfg)
+        backbone = root / "pretrained" / "model"
+        entries = []
+        for concept in c.concepts:
+            for variant, mode, overrides in (("pretrained", "linear-probe", c.linear_probe),
+                                             ("finetuned", "finetune", c.finetune)):
+                out = root / f"{concept}-{variant}"
+                tcfg = build_options(TrainConfig, overrides, f"models.{mode}", out=str(out),
+                                     concept=concept, mode=mode, init=str(backbone),
+                                     level=self.cfg.data.level, **common)
+                train_classifier(tcfg)
+                # Linear probes share the frozen pretext backbone, hence one store for all.
+                key = "pretrained" if variant == "pretrained" else f"{concept}-finetuned"
+                entries.append(ModelEntry(f"{concept}-{variant}", concept, variant,
+                                          str(out / "model"), encoder_key=key))
+        return entries
+
+    def _evaluate_models(self, entries: list[ModelEntry]) -> dict[str, Any]:
+        from .models.train import EvalConfig, evaluate_classifier
+
+        out: dict[str, Any] = {}
+        for e in entries:
+            fixed: dict[str, Any] = {"data": str(self.data_dir), "model": e.classifier,
+                                     "concept": e.concept, "split": self.cfg.extract.eval_split,
+                                     "level": self.cfg.data.level, "device": self.cfg.device,
+                                     "out": str(self.run / "models" / f"eval-{e.name}.json"),
+                                     "progress": self.progress}
+            if self.cfg.data.image_size:
+                fixed["image_size"] = list(self.cfg.data.image_size)
+            result = evaluate_classifier(build_options(EvalConfig, self.cfg.models.eval,
+                                                       "models.eval", **fixed))
+            out[e.name] = {"auroc": result.get("auroc"), "auprc": result.get("auprc"),
+                           "n": result.get("n"), "n_pos": result.get("n_pos")}
+        return out
+
+    # ---------------------------------------------------------------- extract
+    def store_plan(self) -> list[dict[str, Any]]:
+        """Which stores to extract: (encoder, split, subsample) for the SAE and every analysis."""
+        e = self.cfg.extract
+        sae_model = e.sae_source.replace("/", "-")
+        by_name = {m.name: m for m in self.models()}
+        if sae_model not in by_name:
+            raise MammoSaeError(f"extract.sae_source {e.sae_source!r} is not a model of this run; "
+                                f"models: {', '.join(sorted(by_name))}")
+        plan = [{"role": "sae", "encoder_key": by_name[sae_model].encoder_key,
+                 "model": by_name[sae_model].classifier, "split": e.sae_split,
+                 "subsample": e.sae_subsample, "max_images": e.sae_max_images,
+                 "out": str(self.run / "stores" / "sae-train")}]
+        for key, model in self.encoders().items():
+            for split in dict.fromkeys((e.rank_split, e.eval_split)):
+                plan.append({"role": "analysis", "encoder_key": key, "model": model, "split": split,
+                             "subsample": 1.0, "max_images": None,
+                             "out": str(self.store_dir(key, split))})
+        return plan
+
+    def stage_extract(self) -> dict[str, Any]:
+        from .activations.extract import ExtractConfig, extract
+
+        done = []
+        for item in self.store_plan():
+            fixed: dict[str, Any] = {"data": str(self.data_dir), "model": item["model"],
+                                     "out": item["out"], "split": item["split"],
+                                     "subsample": item["subsample"], "level": self.cfg.data.level,
+                                     "device": self.cfg.device, "seed": self.cfg.seed}
+            if item["max_images"]:
+                fixed["max_images"] = item["max_images"]
+            if self.cfg.data.image_size:
+                fixed["image_size"] = "x".join(map(str, self.cfg.data.image_size))
+            print(f"    store {Path(item['out']).name}: {item['split']} split of {item['encoder_key']}",
+                  flush=True)
+            extract(build_options(ExtractConfig, self.cfg.extract.options, "extract.options", **fixed),
+                    progress=self.progress)
+            done.append(item)
+        write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": done})
+        return {"stores": [Path(d["out"]).name for d in done]}
+
+
+# Stage order after extraction, with dependencies and descriptions.
+STAGE_DESCRIPTIONS = (
+    ("sae", "train the sparse autoencoder"),
+    ("summaries", "per-image mean/max latent vectors of every store"),
+    ("probe", "class-wise latent rankings"),
+    ("intervene", "top-k activated/deactivated AUROC sweeps"),
+    ("fidelity", "AUROC with original vs SAE-reconstructed features"),
+    ("localize", "heatmaps, boxes, AP per latent"),
+    ("separation", "pretrained vs finetuned latent separation"),
+    ("report", "static HTML report"),
+)
+ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation")
+STAGE_DEPS: dict[str, tuple[str, ...]] = {
+    "sae": ("extract",),
+    "summaries": ("sae",),
+    "probe": ("summaries",),
+    "intervene": ("probe",),
+    "fidelity": ("summaries",),
+    "localize": ("probe",),
+    "separation": ("probe",),
+    "report": ("intervene", "fidelity", "localize", "separation"),
+}
+
+
+# ============================================================================ commands
+
+
+@dataclass
+class RunConfig:
+    """Run every stage of a pipeline config (YAML) in one run directory. Stages whose inputs
+    and settings are unchanged are skipped; a crashed run resumes where it stopped."""
+
+    config: Path = opt(help="pipeline YAML (e.g. configs/phantom.yaml, configs/vindr-mammoclip-b5.yaml)")
+    out: Optional[Path] = opt(None, help="run directory (default: runs/<config name>)")
+    only: Optional[str] = opt(None, help="run only this stage")
+    start: Optional[str] = opt(None, help="(--from) rerun from this stage on")
+    dry_run: bool = opt(False, help="print the plan and exit")
+    progress: bool = opt(True, help="progress bars")
+
+
+@dataclass
+class DemoConfig:
+    """The phantom config end to end (CPU, a few minutes); prints the report's path."""
+
+    out: Path = opt(Path("runs/demo"), help="run directory")
+    progress: bool = opt(True, help="progress bars")
+
+
+def run_pipeline(cfg: RunConfig) -> Path:
+    pcfg = load_pipeline_config(cfg.config)
+    run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
+    pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
+    t0 = time.perf_counter()
+    pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=cfg.dry_run)
+    if not cfg.dry_run:
+        print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
+    return run_dir
+
+
+def run_demo(cfg: DemoConfig) -> int:
+    t0 = time.perf_counter()
+    run_dir = run_pipeline(RunConfig(config=PACKAGE_CONFIGS / "phantom.yaml", out=cfg.out,
+                                     progress=cfg.progress))
+    report = run_dir / "report" / "index.html"
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+    print(f"report: {report.resolve()}")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
+    from .cli import add_command
+
+    p = add_command(sub, "run", RunConfig, lambda c: (run_pipeline(c), 0)[1],
+                    "run every stage of a pipeline config", positional=("config",))
+    # `--from` reads better than `--start`; keep both spellings.
+    for action in p._actions:
+        if action.dest == "start":
+            action.option_strings.append("--from")
+            p._option_string_actions["--from"] = action
+    add_command(sub, "demo", DemoConfig, run_demo, "the phantom pipeline end to end (CPU minutes)")

@@ -18,6 +18,7 @@ import datetime
 import os
 import random
 import sys
+import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -208,16 +209,28 @@ class _ExtractionItems(torch.utils.data.Dataset):
 
     @staticmethod
     def _mask(x_3hw: torch.Tensor) -> torch.Tensor | None:
+        """Breast mask on a ≥256-pixel subsampled copy: cell fractions need no more, and the
+        full-resolution mask would cost a third of the worker's time per image."""
         try:
             from ..data.images import breast_mask
 
-            return torch.from_numpy(np.asarray(breast_mask(x_3hw[0].numpy()), dtype=np.uint8))
+            step = max(1, min(x_3hw.shape[-2:]) // 256)
+            small_hw = x_3hw[0, ::step, ::step].numpy()
+            return torch.from_numpy(np.asarray(breast_mask(small_hw), dtype=np.uint8))
         except Exception:  # noqa: BLE001 - tissue is optional provenance; NaN marks "unknown"
             return None
 
 
-def _collate(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return items
+def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[list[int], torch.Tensor]]]:
+    """(items without pixels, [(item positions, stacked x_b3hw)] per input shape). Stacking
+    here, in the worker, hands the main process one shared-memory tensor per batch."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for pos, it in enumerate(items):
+        if it["error"] is None:
+            groups.setdefault(tuple(it["x"].shape), []).append(pos)
+    stacked = [(positions, torch.stack([items[p].pop("x") for p in positions]))
+               for positions in groups.values()]
+    return items, stacked
 
 
 def _shard_batches(shards: Sequence[int], n: int, shard_images: int, batch_size: int) -> list[list[int]]:
@@ -344,31 +357,25 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     manifest["stride"] = stride
 
     manifest_path = root / store_format.MANIFEST
-    if manifest_path.is_file():
-        existing = read_json(manifest_path)
-        if existing.get("format") != store_format.STORE_FORMAT:
-            raise StoreError(f"{root} holds a {manifest_path.name} that is not an activation store")
-        diff = store_format.settings_diff(existing, manifest)
-        if diff:
-            raise StoreError(f"{root} was extracted with other settings ({'; '.join(diff)}); "
-                             "use another --out or delete it")
-        if existing.get("complete"):
-            if dist.rank == 0 and progress:
-                print(f"{root}: store already complete; nothing to do", file=sys.stderr)
-            return root
-    elif root.exists() and any(root.iterdir()):
-        raise StoreError(f"{root} exists, is not empty and has no {manifest_path.name}; "
-                         "refusing to write a store into it")
-    ok = True
-    if dist.rank == 0 and not manifest_path.is_file():
+    # Every rank inspects the folder before any rank writes to it, then they agree.
+    state, problem = "new", None
+    try:
+        state = _existing_state(root, manifest)
+    except MammoSaeError as exc:
+        problem = exc
+    if not dist.all_ok(problem is None):
+        raise problem or StoreError(f"another extraction process refused {root}")
+    if state == "complete":
+        if dist.rank == 0 and progress:
+            print(f"{root}: store already complete; nothing to do", file=sys.stderr)
+        return root
+    if dist.rank == 0 and state == "new":
         try:
             write_json(manifest_path, manifest)
-        except MammoSaeError:
-            ok = False
-            if dist.world == 1:
-                raise
-    if not dist.all_ok(ok):
-        raise StoreError(f"could not create {manifest_path}")
+        except MammoSaeError as exc:
+            problem = exc
+    if not dist.all_ok(problem is None):
+        raise problem or StoreError(f"could not create {manifest_path}")
 
     n_shards = manifest["n_shards"]
     mine = [k for k in range(n_shards) if k % dist.world == dist.rank]
@@ -396,6 +403,24 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     if not dist.all_ok(ok):
         raise final_error or StoreError(f"rank 0 could not finalise {root}")
     return root
+
+
+def _existing_state(root: Path, manifest: dict[str, Any]) -> str:
+    """"new", "partial" or "complete"; refuses a folder or store that is not this extraction's."""
+    manifest_path = root / store_format.MANIFEST
+    if not manifest_path.is_file():
+        if root.exists() and any(root.iterdir()):
+            raise StoreError(f"{root} exists, is not empty and has no {manifest_path.name}; "
+                             "refusing to write a store into it")
+        return "new"
+    existing = read_json(manifest_path)
+    if existing.get("format") != store_format.STORE_FORMAT:
+        raise StoreError(f"{root} holds a {manifest_path.name} that is not an activation store")
+    diff = store_format.settings_diff(existing, manifest)
+    if diff:
+        raise StoreError(f"{root} was extracted with other settings ({'; '.join(diff)}); "
+                         "use another --out or delete it")
+    return "complete" if existing.get("complete") else "partial"
 
 
 @dataclass
@@ -481,32 +506,46 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
                      device: torch.device) -> Iterator[list[dict[str, Any]]]:
     """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added."""
     autocast = cfg.autocast and device.type == "cuda"
-    for items in loader:
-        good = [it for it in items if it["error"] is None]
-        by_shape: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-        for it in good:
-            by_shape.setdefault(tuple(it["x"].shape), []).append(it)
-        for group in by_shape.values():
-            x_b3hw = torch.stack([it["x"] for it in group]).to(device, non_blocking=True)
+    for items, stacked in loader:
+        for positions, x_b3hw in stacked:
+            x_b3hw = x_b3hw.to(device, non_blocking=True)
             if device.type == "cuda":
                 x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
-            _split_map(map_bchw.float(), group, cfg)
+            _split_map(map_bchw.float(), [items[p] for p in positions], cfg)
         yield items
 
 
+def _check_float16_range(max_abs: float) -> None:
+    if max_abs > 65504.0:
+        raise StoreError(f"activations reach {max_abs:.3g}, beyond float16's range; "
+                         "use --dtype bfloat16 or float32")
+    if 0.0 < max_abs < 1e-3:
+        warnings.warn(f"activations are tiny (max |x| = {max_abs:.3g}); float16 rounds values below "
+                      "6e-8 to zero and loses precision below 6e-5: consider --dtype bfloat16",
+                      stacklevel=3)
+
+
 def _split_map(map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig) -> None:
-    if not torch.isfinite(map_bchw).all():
-        bad = [it["i"] for it, fin in zip(group, torch.isfinite(map_bchw).flatten(1).all(1)) if not fin]
-        raise StoreError(f"non-finite activations for image indices {bad}; check the checkpoint")
     b, c, h, w = map_bchw.shape
-    pooled_bd = map_bchw.mean((2, 3)).cpu().numpy()
-    acts_bpd = map_bchw.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    pooled_bd = map_bchw.mean((2, 3))
+    if not torch.isfinite(pooled_bd).all():  # a NaN or inf anywhere in a map reaches its mean
+        bad = [it["key"] for it, fin in zip(group, torch.isfinite(pooled_bd).all(1)) if not fin]
+        raise StoreError(f"non-finite activations for image(s) {bad}; check the checkpoint")
+    if cfg.dtype == "float16":
+        _check_float16_range(float(map_bchw.abs().max()))
+    pooled_bd = pooled_bd.cpu().numpy()
     cells = [subsample_cells(h * w, cfg.subsample, cfg.seed, it["key"]) for it in group]
     counts = [len(cl) for cl in cells]
-    index_t = torch.cat([torch.from_numpy(cl) + j * h * w for j, cl in enumerate(cells)])
-    kept_nd = acts_bpd.reshape(b * h * w, c)[index_t.to(acts_bpd.device)]
+    # One pass per image: (C, cells) → (cells, C) transposed straight into the store dtype.
+    flat_bcp = map_bchw.flatten(2)
+    kept_nd = torch.empty((sum(counts), c), dtype=getattr(torch, cfg.dtype), device=map_bchw.device)
+    offset = 0
+    for j, cl in enumerate(cells):
+        src_cp = flat_bcp[j] if len(cl) == h * w else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
+        kept_nd[offset: offset + len(cl)].copy_(src_cp.T)
+        offset += len(cl)
     disk_nd = store_format.to_disk(kept_nd, cfg.dtype)
     offset = 0
     for j, it in enumerate(group):
@@ -518,6 +557,5 @@ def _split_map(map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: Extract
         patches["tissue"] = tissue.reshape(-1).numpy()[cl]
         it.update(acts=disk_nd[offset: offset + counts[j]], patches=patches,
                   pooled=pooled_bd[j].astype(np.float32), grid_hw=(h, w))
-        it.pop("x", None)
         offset += counts[j]
 

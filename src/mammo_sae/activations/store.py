@@ -79,8 +79,12 @@ def to_disk(acts_nd: "Any", dtype: str) -> np.ndarray:
 
 def to_float32(disk_nd: np.ndarray, dtype: str) -> np.ndarray:
     """On-disk array (possibly a memmap slice) → a new float32 array."""
-    if dtype == "bfloat16":
-        return (np.asarray(disk_nd, dtype=np.uint32) << 16).view(np.float32)
+    if dtype == "bfloat16":  # widen in place: no uint32 temporary
+        out = np.empty(disk_nd.shape, np.float32)
+        bits = out.view(np.uint32)
+        bits[...] = disk_nd
+        bits <<= 16
+        return out
     return np.asarray(disk_nd, dtype=np.float32)
 
 
@@ -499,7 +503,9 @@ class ActivationStore:
     # ----------------------------------------------------------------- sequential
     def iter_chunks(self, chunk_patches: int = 65536
                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-        """Store order: (acts_nd float32, image_index_n, row_n, col_n), ≤ chunk_patches each."""
+        """Store order: (acts_nd float32, image_index_n, row_n, col_n), ≤ chunk_patches each.
+
+        Memory ≈ chunk_patches × d × (4 + itemsize) bytes, whatever the store size."""
         if chunk_patches < 1:
             raise StoreError(f"chunk_patches must be ≥ 1, got {chunk_patches}")
         for shard in self._shards:
@@ -537,7 +543,8 @@ class ActivationStore:
 
     def stream(self, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
                rank: int = 0, world_size: int = 1, buffer_patches: int = 2 ** 20,
-               drop_last: bool = False, block_patches: int | None = None) -> Iterator["Any"]:
+               drop_last: bool = False, block_patches: int | None = None,
+               raw: bool = False) -> Iterator["Any"]:
         """Shuffled float32 (B, d) batches of one epoch for `rank` of `world_size`.
 
         Contiguous blocks of `block_patches` are read in a seeded random order (each rank gets
@@ -546,7 +553,8 @@ class ActivationStore:
         itemsize whatever the store size. The order is a pure function of
         (seed, epoch, rank, world_size, batch_size, buffer_patches, block_patches); starting at
         `start_batch` replays the bookkeeping without reading skipped data, so a trainer resumes
-        exactly.
+        exactly. `raw=True` yields the store dtype (float16/bfloat16) without the float32 copy,
+        for a trainer that converts on its device (half the host memory traffic).
         """
         _check_stream_args(batch_size, rank, world_size, buffer_patches, start_batch)
         block = block_patches or int(np.clip(buffer_patches // 16, 64, 1 << 16))
@@ -556,6 +564,9 @@ class ActivationStore:
         rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
         capacity = max(buffer_patches, batch_size)
         disk_dtype = DISK_DTYPE[self.dtype]
+
+        def convert(block: np.ndarray) -> Any:
+            return _disk_to_torch(block, self.dtype, raw=raw)
 
         buf_idx = np.empty(capacity, np.int64)   # global patch index of each buffered row
         # Data is only read once the skipped prefix is behind us (bookkeeping-only until then).
@@ -584,11 +595,18 @@ class ActivationStore:
             served += take
             if out is None or take <= 0:
                 return
-            joined = np.concatenate([carry, out[:take]]) if len(carry) else out[:take]
-            n_full = len(joined) // batch_size
+            out = out[:take]
+            if len(carry):  # complete the partial batch left by the previous cycle
+                fill = min(batch_size - len(carry), len(out))
+                carry = np.concatenate([carry, out[:fill]])
+                out = out[fill:]
+                if len(carry) < batch_size:
+                    return
+                yield convert(carry)
+            n_full = len(out) // batch_size
             for b in range(n_full):
-                yield _disk_to_torch(joined[b * batch_size:(b + 1) * batch_size], self.dtype)
-            carry = joined[n_full * batch_size:].copy()
+                yield convert(out[b * batch_size:(b + 1) * batch_size])
+            carry = out[n_full * batch_size:].copy()
 
         for shard, lo, hi in self._rank_pieces(seed, epoch, rank, world_size, block):
             pos = lo
@@ -604,7 +622,7 @@ class ActivationStore:
         if n_in and served < total:
             yield from cycle(final=True)
         if len(carry) and not drop_last:
-            yield _disk_to_torch(carry, self.dtype)
+            yield convert(carry)
 
     def _rank_pieces(self, seed: int, epoch: int, rank: int, world_size: int, block: int
                      ) -> list[tuple[_Shard, int, int]]:
@@ -659,9 +677,11 @@ def _check_stream_args(batch_size: int, rank: int, world_size: int, buffer_patch
         raise StoreError(f"stream: rank {rank} is not in [0, world_size={world_size})")
 
 
-def _disk_to_torch(disk_nd: np.ndarray, dtype: str) -> "Any":
+def _disk_to_torch(disk_nd: np.ndarray, dtype: str, raw: bool = False) -> "Any":
+    """On-disk rows → torch float32, or (raw) the store dtype without a copy."""
     import torch
 
+    t = torch.from_numpy(np.ascontiguousarray(disk_nd).view(np.int16 if dtype == "bfloat16" else disk_nd.dtype))
     if dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(disk_nd).view(np.int16)).view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(disk_nd)).float()
+        t = t.view(torch.bfloat16)
+    return t if raw else t.float()

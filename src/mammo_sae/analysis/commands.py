@@ -1,9 +1,344 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""CLI commands of the analysis subpackage: summarize, probe, intervene, fidelity, separation.
+
+Each is a thin wrapper: open inputs, call the library (summaries/probe/intervene/fidelity/
+separation), write JSON + CSV (+ a figure) into --out. See docs/analysis.md.
+"""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import numpy as np
+
+from ..cli import add_command
+from ..config import opt, to_dict
+from ..errors import MammoSaeError
+from ..io import write_json, write_text_atomic
+
+Level = Literal["image", "row"]
+SCHEMA_VERSION = 1
+
+
+# --------------------------------------------------------------------------- shared helpers
+def _summaries(store: Path, sae: Path, cfg: Any) -> Any:
+    from .summaries import summaries_for
+
+    return summaries_for(store, sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
+                         device=cfg.device, progress=True)
+
+
+def _select(store_path: Path, concept: str, split: str, level: str) -> tuple[Any, np.ndarray, np.ndarray]:
+    from .summaries import labelled_rows, open_store
+
+    store = open_store(store_path)
+    rows, y = labelled_rows(store.images, concept, split=split, level=level,
+                            store_level=store.manifest.get("level", "image"))
+    if len(rows) == 0:
+        raise MammoSaeError(f"store {store_path}: no images in split {split!r}")
+    return store, rows, y
+
+
+def _write_csv(path: Path, frame: Any) -> None:
+    write_text_atomic(path, frame.to_csv(index=False))
+
+
+def _head_and_concept(classifier: Path, concept: Optional[str]) -> tuple[Any, str]:
+    from .intervene import load_head
+
+    head = load_head(classifier)
+    name = concept or head.concept
+    if not name:
+        raise MammoSaeError(f"classifier {classifier} does not name its concept; pass --concept")
+    return head, name
+
+
+# --------------------------------------------------------------------------- summarize
+@dataclass
+class SummarizeConfig:
+    """Encode every patch of a store with an SAE once and cache per-image mean/max latent vectors
+    (sparse), reconstruction error, L0 and per-latent off-breast/confounder mass, keyed by the
+    store's and the SAE's hashes. Later analyses reuse the cache."""
+
+    store: Path = opt(help="activation store")
+    sae: Path = opt(help="SAE checkpoint")
+    cache_dir: Optional[Path] = opt(None, help="where to cache (default: summaries/ next to the SAE)")
+    out: Optional[Path] = opt(None, help="also write a summary JSON here")
+    batch_rows: int = opt(8192, help="patch rows per SAE call")
+    device: str = opt("cpu", help="cpu | cuda | auto")
+    recompute: bool = opt(False, help="ignore a cached entry")
+
+
+def run_summarize(cfg: SummarizeConfig) -> int:
+    from .summaries import summaries_for
+
+    s = summaries_for(cfg.store, cfg.sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
+                      device=cfg.device, recompute=cfg.recompute)
+    stats = s.reconstruction_stats(np.flatnonzero(s.n_positions_n > 0))
+    info = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), **s.meta,
+            "nnz_mean": int(s.mean_nh.nnz), "density": s.mean_nh.nnz / max(1, s.n_images * s.h), **stats}
+    if cfg.out:
+        write_json(cfg.out, info)
+    print(f"{s.n_images} images, h = {s.h}: FVU {stats['fvu']:.4f}, L0 {stats['l0']:.1f}, "
+          f"dead {stats['dead_fraction']:.3f}")
+    return 0
+
+
+# --------------------------------------------------------------------------- probe
+@dataclass
+class ProbeConfig:
+    """Class-wise mean latent activation z̄(c) (paper Eq. 2) and per-class latent rankings under
+    the scores mean (paper), centered (class mean − global mean: the released rankings) and
+    auroc (per-latent discriminative). Writes ranking_class={0,1}_{score}.json (released format:
+    rank, index, importance), probe.csv (one row per latent) and probe.json."""
+
+    store: Path = opt(help="activation store (rankings are computed on --split)")
+    sae: Path = opt(help="SAE checkpoint")
+    concept: str = opt(help="binary concept label, e.g. Mass or Suspicious_Calcification")
+    out: Path = opt(help="output directory")
+    split: str = opt("training", help="split to rank on (training | test | all)")
+    level: Level = opt("image", help="image (label = any row) or row (needs a row-level store)")
+    scores: list[str] = opt(["mean", "centered", "auroc"], help="scores to rank by")
+    top: int = opt(20, help="top latents per class listed in probe.json")
+    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    batch_rows: int = opt(8192, help="patch rows per SAE call")
+    device: str = opt("cpu", help="cpu | cuda | auto")
+
+
+def run_probe(cfg: ProbeConfig) -> int:
+    from .probe import probe, probe_table, ranking_file_name
+
+    _, rows, y = _select(cfg.store, cfg.concept, cfg.split, cfg.level)
+    s = _summaries(cfg.store, cfg.sae, cfg)
+    mean = s.mean_rows(rows)
+    result = probe(mean, y, concept=cfg.concept, scores=cfg.scores)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    tops: dict[str, Any] = {}
+    for score in result.scores:
+        tops[score] = {}
+        for c in (0, 1):
+            entries = result.ranking(score, c)
+            write_json(cfg.out / ranking_file_name(c, score), entries)
+            tops[score][str(c)] = entries[:cfg.top]
+    images_active = np.asarray((mean > 0).sum(axis=0)).ravel()
+    _write_csv(cfg.out / "probe.csv", probe_table(result, max_images_active=images_active))
+    write_json(cfg.out / "probe.json", {
+        "schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "concept": cfg.concept,
+        "n_per_class": result.n_per_class, "h": s.h, "store_sha256": s.meta.get("store_sha256"),
+        "sae_sha256": s.meta.get("sae_sha256"), "subsample_fraction": s.meta.get("subsample_fraction"),
+        "top": tops})
+    first = tops.get("centered", next(iter(tops.values())))["1"][:10]
+    print(f"{cfg.concept}: top class-1 latents: {[e['index'] for e in first]}")
+    return 0
+
+
+# --------------------------------------------------------------------------- intervene
+@dataclass
+class InterveneConfig:
+    """Top-k activated (keep the union of the class-0 and class-1 top-k latents) and deactivated
+    (zero that union) sweeps, AUROC/AUPRC with bootstrap 95% CIs on the evaluation split, via the
+    exact pooled identity (or --exact-decode: decode every patch). With --latents, a single
+    targeted edit (--mode off|on) instead. Rankings: a probe output directory (--rankings) or,
+    if absent, computed on --rank-split of --rank-store (default: --store)."""
+
+    store: Path = opt(help="activation store of the model being edited")
+    sae: Path = opt(help="SAE checkpoint")
+    classifier: Path = opt(help="classifier checkpoint (its head gives the logit)")
+    out: Path = opt(help="output directory")
+    concept: Optional[str] = opt(None, help="label to score (default: the classifier's concept)")
+    rankings: Optional[Path] = opt(None, help="probe output directory with ranking_class={0,1}_SCORE.json")
+    score: str = opt("centered", help="which ranking files to use (mean | centered | auroc)")
+    rank_class0: Optional[Path] = opt(None, help="explicit class-0 ranking JSON (e.g. a released file)")
+    rank_class1: Optional[Path] = opt(None, help="explicit class-1 ranking JSON")
+    rank_store: Optional[Path] = opt(None, help="store to rank on when no rankings are given")
+    rank_split: str = opt("training", help="split to rank on when no rankings are given")
+    split: str = opt("test", help="evaluation split")
+    level: Level = opt("image", help="image or row level (row needs a row-level store)")
+    ks: list[int] = opt(list((0, 1, 5, 10, 50, 100, 250, 500, 1000, 5000, 10000, 16384)),
+                        help="k values (clipped to h, deduplicated)")
+    latents: list[int] = opt([], help="targeted edit: these latents (e.g. 13867,15699)")
+    mode: Literal["on", "off"] = opt("off", help="targeted edit: keep only (on) or zero (off) --latents")
+    exact_decode: bool = opt(False, help="decode every patch instead of the pooled identity (slow)")
+    n_boot: int = opt(1000, help="bootstrap resamples for the 95% CIs (0 = none)")
+    seed: int = opt(0, help="bootstrap seed")
+    label: Optional[str] = opt(None, help="curve label in the figure")
+    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    batch_rows: int = opt(8192, help="patch rows per SAE call")
+    device: str = opt("cpu", help="cpu | cuda | auto")
+
+
+def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str]:
+    from .probe import load_ranking, probe, ranking_file_name, ranking_order
+
+    if cfg.rank_class0 or cfg.rank_class1:
+        if not (cfg.rank_class0 and cfg.rank_class1):
+            raise MammoSaeError("give both --rank-class0 and --rank-class1")
+        return [load_ranking(cfg.rank_class0), load_ranking(cfg.rank_class1)], "given files"
+    if cfg.rankings:
+        return [load_ranking(cfg.rankings / ranking_file_name(c, cfg.score)) for c in (0, 1)], \
+            f"{cfg.rankings} ({cfg.score})"
+    rank_store = cfg.rank_store or cfg.store
+    _, rows, y = _select(rank_store, concept, cfg.rank_split, cfg.level)
+    s = _summaries(rank_store, cfg.sae, cfg)
+    res = probe(s.mean_rows(rows), y, concept=concept, scores=[cfg.score])
+    return [ranking_order(res.scores[cfg.score][c]) for c in (0, 1)], \
+        f"{cfg.score} on {rank_store} split {cfg.rank_split}"
+
+
+def run_intervene(cfg: InterveneConfig) -> int:
+    from .intervene import edit_set, exact_decode_logits, normalise_ks, plot_sweep, sae_readout, \
+        sweep, entry_rank, union_masks
+    from .summaries import open_sae
+
+    head, concept = _head_and_concept(cfg.classifier, cfg.concept)
+    store, rows, y = _select(cfg.store, concept, cfg.split, cfg.level)
+    s = _summaries(cfg.store, cfg.sae, cfg)
+    sae = open_sae(cfg.sae, cfg.device)
+    v_h, c = sae_readout(sae, head)
+    mean = s.mean_rows(rows)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    base = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "concept": concept,
+            "store_sha256": s.meta.get("store_sha256"), "sae_sha256": s.meta.get("sae_sha256")}
+    if cfg.latents:
+        result = edit_set(mean, y, v_h, c, cfg.latents, cfg.mode, n_boot=cfg.n_boot, seed=cfg.seed)
+        write_json(cfg.out / "edit.json", {**base, **result})
+        print(f"{cfg.mode} {result['latents']}: AUROC {result['plain_sae']['auroc']:.4f} -> "
+              f"{result['edited']['auroc']:.4f}")
+        return 0
+    rankings, source = _rankings(cfg, concept)
+    logits = None
+    if cfg.exact_decode:
+        ks = normalise_ks(cfg.ks, len(v_h))
+        masks = union_masks(entry_rank(rankings, len(v_h)), ks)
+        logits = exact_decode_logits(store, sae, head, rows, masks, progress=True)
+    res = sweep(mean, y, v_h, c, rankings, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed, logits=logits)
+    import pandas as pd
+
+    table = pd.DataFrame(res.rows())
+    _write_csv(cfg.out / "intervene.csv", table)
+    write_json(cfg.out / "intervene.json", {**base, "rankings": source, "n": res.n, "n_pos": res.n_pos,
+                                            "path": "exact-decode" if cfg.exact_decode else "pooled-identity",
+                                            "results": res.rows()})
+    plot_sweep({cfg.label or concept: res}, cfg.out / "intervene.png", title=f"{concept} ({cfg.split})")
+    print(table[["mode", "k", "union_size", "auroc"]].to_string(index=False))
+    return 0
+
+
+# --------------------------------------------------------------------------- fidelity
+@dataclass
+class FidelityConfig:
+    """AUROC/AUPRC with original pooled features vs SAE-reconstructed features (no error term)
+    for each (store, classifier) pair: the paper's Table 1, plus recovered fraction, FVU, L0 and
+    dead fraction on the same split. Writes table1.csv and fidelity.json."""
+
+    stores: list[str] = opt(help="activation stores, one per model (comma separated)")
+    classifiers: list[str] = opt(help="classifier checkpoints, paired with --stores")
+    sae: Path = opt(help="SAE checkpoint (applied to every model)")
+    out: Path = opt(help="output directory")
+    names: list[str] = opt([], help="row names (default: classifier file names)")
+    concept: Optional[str] = opt(None, help="label to score (default: each classifier's concept)")
+    split: str = opt("test", help="evaluation split")
+    level: Level = opt("image", help="image or row level")
+    n_boot: int = opt(1000, help="bootstrap resamples (0 = none)")
+    seed: int = opt(0, help="bootstrap seed")
+    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    batch_rows: int = opt(8192, help="patch rows per SAE call")
+    device: str = opt("cpu", help="cpu | cuda | auto")
+
+
+def run_fidelity(cfg: FidelityConfig) -> int:
+    import pandas as pd
+
+    from .fidelity import fidelity
+    from .summaries import open_sae
+
+    if len(cfg.stores) != len(cfg.classifiers) or not cfg.stores:
+        raise MammoSaeError(f"--stores ({len(cfg.stores)}) and --classifiers ({len(cfg.classifiers)}) "
+                            "must pair up one to one")
+    if cfg.names and len(cfg.names) != len(cfg.stores):
+        raise MammoSaeError("--names must give one name per store")
+    sae = open_sae(cfg.sae, cfg.device)
+    results, table = {}, []
+    for j, (store_path, clf_path) in enumerate(zip(cfg.stores, cfg.classifiers)):
+        name = cfg.names[j] if cfg.names else Path(clf_path).name
+        head, concept = _head_and_concept(Path(clf_path), cfg.concept)
+        store, rows, y = _select(Path(store_path), concept, cfg.split, cfg.level)
+        s = _summaries(Path(store_path), cfg.sae, cfg)
+        r = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
+        results[name] = {"concept": concept, "store": store_path, "classifier": clf_path, **r}
+        table.append({"model": name, "concept": concept, "n": r["n"], "n_pos": r["n_pos"],
+                      "auroc_original": r["original"]["auroc"], "auroc_sae": r["sae"]["auroc"],
+                      "recovered": r["recovered"], "auprc_original": r["original"]["auprc"],
+                      "auprc_sae": r["sae"]["auprc"], "fvu": r["fvu"], "l0": r["l0"],
+                      "dead_fraction": r["dead_fraction"]})
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(table)
+    _write_csv(cfg.out / "table1.csv", frame)
+    write_json(cfg.out / "fidelity.json", {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg),
+                                           "results": results})
+    print(frame.to_string(index=False))
+    return 0
+
+
+# --------------------------------------------------------------------------- separation
+@dataclass
+class SeparationConfig:
+    """Class-mean latent vectors z̄(0), z̄(1) of several models (e.g. linear-probe vs finetuned)
+    through the same SAE, as the paper's Figures 4/5; a separation index per model; per-latent
+    off-breast and confounder scores; confounding latents flagged automatically (rule in
+    docs/analysis.md). Writes separation.json, separation.csv and separation.png."""
+
+    stores: list[str] = opt(help="activation stores, one per model (comma separated)")
+    sae: Path = opt(help="SAE checkpoint (the same for every model)")
+    concept: str = opt(help="binary concept label")
+    out: Path = opt(help="output directory")
+    names: list[str] = opt([], help="model names (default: store folder names)")
+    split: str = opt("training", help="split whose images are averaged")
+    level: Level = opt("image", help="image or row level")
+    top: int = opt(10, help="class-1-dominant latents checked for flags and listed")
+    confounder_threshold: float = opt(0.3, help="flag when the confounder score reaches this ...")
+    off_breast_threshold: float = opt(0.75, help="flag when the off-breast score reaches this ...")
+    min_enrichment: float = opt(3.0, help="... and is this many times the share of positions there")
+    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    batch_rows: int = opt(8192, help="patch rows per SAE call")
+    device: str = opt("cpu", help="cpu | cuda | auto")
+
+
+def run_separation(cfg: SeparationConfig) -> int:
+    from .separation import FlagRule, compare, latent_table, plot_separation, public
+
+    if cfg.names and len(cfg.names) != len(cfg.stores):
+        raise MammoSaeError("--names must give one name per store")
+    models = {}
+    for j, store_path in enumerate(cfg.stores):
+        name = cfg.names[j] if cfg.names else Path(store_path).name
+        _, rows, y = _select(Path(store_path), cfg.concept, cfg.split, cfg.level)
+        models[name] = (_summaries(Path(store_path), cfg.sae, cfg), rows, y)
+    rule = FlagRule(top=cfg.top, confounder_threshold=cfg.confounder_threshold,
+                    off_breast_threshold=cfg.off_breast_threshold, min_enrichment=cfg.min_enrichment)
+    results = compare(models, rule)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.out / "separation.json", {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg),
+                                             "concept": cfg.concept,
+                                             "models": {k: public(v) for k, v in results.items()}})
+    _write_csv(cfg.out / "separation.csv", latent_table(results))
+    plot_separation(results, cfg.out / "separation.png", concept=cfg.concept)
+    for name, r in results.items():
+        print(f"{name}: separation {r['separation']:.3f}; flagged "
+              f"{[(e['index'], e['flags']) for e in r['flagged']]}")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
+    add_command(sub, "summarize", SummarizeConfig, run_summarize,
+                "encode a store with an SAE once: cached per-image latent summaries")
+    add_command(sub, "probe", ProbeConfig, run_probe, "class-wise latent scores and rankings")
+    add_command(sub, "intervene", InterveneConfig, run_intervene,
+                "top-k activated / deactivated sweeps, or a targeted latent edit")
+    add_command(sub, "fidelity", FidelityConfig, run_fidelity,
+                "AUROC with original vs SAE-reconstructed features (Table 1)")
+    add_command(sub, "separation", SeparationConfig, run_separation,
+                "class-mean latent vectors of several models; confounding-latent flags")

@@ -8,6 +8,7 @@ bootstrap resamples at once, which is what makes whole intervention sweeps cheap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
@@ -115,41 +116,61 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
 
 
+def _curve_selector(y: np.ndarray, s: np.ndarray) -> tuple["Any", int]:
+    """Sparse (3G, n) 0/1 matrix of one score vector; G = tie groups (by descending score)
+    that hold a positive. Multiplying it by item weights (n, B) gives, per such group g:
+    rows [0, G): weight scored below group g−1's and at or above group g's scores (their
+    cumulative sum = weight ranked at or above g); rows [G, 2G): weight in g; rows [2G, 3G):
+    positive weight in g. Everything AUROC and AUPRC need, in one sparse product."""
+    import scipy.sparse as sp
+
+    pos = np.asarray(y).astype(bool)
+    order = np.argsort(-s, kind="mergesort")
+    s_sorted, pos_sorted = s[order], pos[order]
+    group = np.cumsum(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) - 1
+    pos_groups = np.flatnonzero(np.bincount(group, weights=pos_sorted) > 0)
+    g = len(pos_groups)
+    segment = np.searchsorted(pos_groups, group)          # g = after the last positive group
+    rank_of_group = np.full(group[-1] + 1, -1)
+    rank_of_group[pos_groups] = np.arange(g)
+    rank = rank_of_group[group]
+    in_pos_group = rank >= 0
+    rows = np.r_[segment[segment < g], g + rank[in_pos_group], 2 * g + rank[pos_sorted]]
+    cols = np.r_[order[segment < g], order[in_pos_group], order[pos_sorted]]
+    return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(3 * g, len(s))), g
+
+
+def _curve_metrics(sums_gb: np.ndarray, g: int, total_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if g == 0:
+        nan = np.full(len(total_b), np.nan)
+        return nan, nan.copy()
+    seen = np.cumsum(sums_gb[:g], axis=0)                # weight at or above each positive group
+    in_group, pos = sums_gb[g:2 * g], sums_gb[2 * g:]
+    tp = np.cumsum(pos, axis=0)                          # positive weight at or above
+    n_pos = tp[-1]
+    n_neg = total_b - n_pos
+    neg_below = n_neg[None, :] - (seen - tp)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        roc = (pos * (neg_below + 0.5 * (in_group - pos))).sum(0, dtype=np.float64) / (
+            n_pos.astype(np.float64) * n_neg)
+        pr = (pos * (tp / np.maximum(seen, 1e-30))).sum(0, dtype=np.float64) / n_pos
+    roc[(n_pos == 0) | (n_neg == 0)] = np.nan
+    pr[n_pos == 0] = np.nan
+    return roc, pr
+
+
 def weighted_auroc_auprc(y: np.ndarray, s: np.ndarray, w_bn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and AUPRC of scores `s` (n,) under each row of item weights `w_bn` (B, n).
 
     With integer weights (bootstrap multiplicities) this equals sklearn on the resampled
-    arrays: one sort per curve, then cumulative sums over tie groups, with no per-resample
-    sorting. Only one (B, n) cumulative sum is taken; the rest works on the groups holding a
-    positive. Rows with one class only give NaN. Arithmetic is in `w_bn`'s dtype (float32 is
-    exact for bootstrap counts up to 2**24 items).
+    arrays: one sort per curve and one sparse product with the weights, no per-resample sort.
+    Rows with one class only give NaN. Arithmetic is in `w_bn`'s dtype (float32 is exact for
+    bootstrap counts of up to 2**24 items).
     """
-    y = np.asarray(y).astype(bool)
-    order = np.argsort(-np.asarray(s), kind="mergesort")
-    s_sorted, y_sorted = np.asarray(s)[order], y[order]
-    w = np.take(w_bn, order, axis=1)
-    starts = np.flatnonzero(np.r_[True, s_sorted[1:] != s_sorted[:-1]])
-    if len(starts) == len(s_sorted):            # no ties: every item is its own group
-        all_g, group_has_pos = w, y_sorted
-        pos_gp = w[:, y_sorted]
-    else:
-        all_g = np.add.reduceat(w, starts, axis=1)
-        group_has_pos = np.add.reduceat(y_sorted.astype(np.int64), starts) > 0
-        pos_gp = np.add.reduceat(w * y_sorted, starts, axis=1)[:, group_has_pos]
-    seen_gp = np.cumsum(all_g, axis=1)[:, group_has_pos]     # weight at or above each group
-    tp_gp = np.cumsum(pos_gp, axis=1)                         # positives at or above
-    n_pos = tp_gp[:, -1] if tp_gp.shape[1] else np.zeros(len(w))
-    n_neg = w.sum(axis=1) - n_pos
-    neg_in_gp = np.take(all_g, np.flatnonzero(group_has_pos), axis=1) - pos_gp
-    neg_below_gp = n_neg[:, None] - (seen_gp - tp_gp)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        roc = (pos_gp * (neg_below_gp + 0.5 * neg_in_gp)).sum(axis=1, dtype=np.float64) / (
-            n_pos.astype(np.float64) * n_neg)
-        precision_gp = tp_gp / np.maximum(seen_gp, 1e-30)
-        pr = (pos_gp * precision_gp).sum(axis=1, dtype=np.float64) / n_pos
-    roc[(n_pos == 0) | (n_neg == 0)] = np.nan
-    pr[n_pos == 0] = np.nan
-    return roc, pr
+    w_bn = np.asarray(w_bn)
+    sel, g = _curve_selector(np.asarray(y), np.asarray(s, dtype=np.float64))
+    sums = np.asarray(sel.astype(w_bn.dtype) @ np.ascontiguousarray(w_bn.T))
+    return _curve_metrics(sums, g, w_bn.sum(axis=1))
 
 
 def curves_with_ci(y_true: np.ndarray, scores_kn: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
@@ -172,11 +193,21 @@ def curves_with_ci(y_true: np.ndarray, scores_kn: np.ndarray, *, n_boot: int = 1
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
     out = {key: np.full(k, np.nan) for key in
            ("auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high")}
+    counts_nb = np.ascontiguousarray(counts.T) if counts is not None else None
+    totals_b = counts.sum(axis=1) if counts is not None else None
+    done: dict[bytes, int] = {}          # identical curves (e.g. plain SAE at both sweep ends)
     for i, s in enumerate(scores_kn):
+        key = s.tobytes()
+        if key in done:
+            for name in out:
+                out[name][i] = out[name][done[key]]
+            continue
+        done[key] = i
         roc, pr = weighted_auroc_auprc(y, s, ones)
         out["auroc"][i], out["auprc"][i] = roc[0], pr[0]
         if counts is not None:
-            rocs, prs = weighted_auroc_auprc(y, s, counts)
+            sel, g = _curve_selector(y, s)
+            rocs, prs = _curve_metrics(np.asarray(sel @ counts_nb), g, totals_b)
             with np.errstate(invalid="ignore"):
                 out["auroc_low"][i], out["auroc_high"][i] = np.nanpercentile(rocs, q)
                 out["auprc_low"][i], out["auprc_high"][i] = np.nanpercentile(prs, q)

@@ -73,6 +73,7 @@ REFERENCE_HW = (512, 320)
 # weaker tails are cut to zero so that the box covers all pixels the finding changed.
 PROFILE_CUT = 0.1
 BACKGROUND_LEVEL = 0.03
+GLAND_LEVEL = 0.26          # intensity added by fully dense fibroglandular tissue
 
 
 @dataclass
@@ -201,7 +202,7 @@ def _draw_mass(rng: np.random.Generator) -> FindingSpec:
     theta, rho = _draw_position(rng, rho_range=(0.25, 0.72))
     return FindingSpec(
         concept=MASS, theta=theta, rho=rho, size=float(rng.uniform(11.0, 28.0)),
-        contrast=float(rng.uniform(0.12, 0.28)), shape=shape,
+        contrast=float(rng.uniform(0.06, 0.2)), shape=shape,
         birads=int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2])), shape_seed=int(rng.integers(2**31)))
 
 
@@ -462,7 +463,8 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     threshold = NormalDist().inv_cdf(1 - fraction)
     gland = 1 / (1 + np.exp(-(texture - threshold) / 0.35))
     envelope = np.clip((0.95 - rho) / 0.3, 0, 1) * thick
-    tissue = 0.19 + 0.13 * thick + 0.025 * texture * thick + 0.34 * gland * envelope
+    gland_term = GLAND_LEVEL * gland * envelope
+    tissue = 0.19 + 0.13 * thick + 0.025 * texture * thick + gland_term
     skin_w = 1.5 * scale + 0.5
     tissue += 0.08 * np.clip(1 - edge / skin_w, 0, 1)
     if geo.pectoral is not None:
@@ -497,7 +499,12 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
         profile = (_calc_profile if f.concept == CALC else _mass_profile)(f, radius, scale, dx, dy)
         profile = profile * (breast[rows, cols] > 0.5)
         profile = np.where(profile >= PROFILE_CUT, profile, 0).astype(np.float32)
-        img[rows, cols] += f.contrast * profile
+        if f.concept == MASS:
+            # A mass is a homogeneous lump denser than fibroglandular tissue: it replaces the
+            # local texture and stands `contrast` above the dense-tissue level.
+            img[rows, cols] += profile * (GLAND_LEVEL + f.contrast - gland_term[rows, cols])
+        else:
+            img[rows, cols] += f.contrast * profile
         box = _bbox(profile > 0, f.concept, rows.start, cols.start)
         if box is None:  # cannot happen for positions inside the breast; keep the row honest
             raise AssertionError(f"finding {f} vanished in image {spec.image_id}")

@@ -115,6 +115,10 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle global outside the allow-list (raised before anything is called)."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Resolves only allow-listed globals; everything else raises before it can be called."""
 
@@ -130,7 +134,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         try:
             return RestrictedUnpickler._allowed[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refused pickle global {module}.{name} (not on the allow-list)") from None
+            raise RefusedGlobal(f"refused pickle global {module}.{name} (not on the allow-list)") from None
 
 
 def _restricted_pickle_module() -> types.ModuleType:
@@ -150,9 +154,9 @@ def safe_torch_load(path: str | Path) -> Any:
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
-    except pickle.UnpicklingError as exc:
+    except RefusedGlobal as exc:
         raise CheckpointError(f"refused to load {path}: {exc}") from None
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, TypeError,
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, TypeError,
             AttributeError, IndexError) as exc:
         raise CheckpointError(f"cannot read {path} as a torch checkpoint: {type(exc).__name__}: {exc}") from None
 
@@ -281,6 +285,10 @@ def _parse_torch_checkpoint(path: Path) -> _Parsed:
     else:
         layout = "mammo-clip-classifier" if any(k.startswith(HEAD_PREFIX) for k in keys) else "mammo-clip-pretrain"
     head_sd = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)} or None
+    stray = sorted(k for k in keys if k.startswith("classifier.") and not k.startswith(HEAD_PREFIX))
+    if stray:  # a head we do not know how to build: refuse rather than drop it silently
+        raise CheckpointError(f"{path}: unexpected classifier keys {', '.join(stray[:5])} "
+                              f"(only {HEAD_PREFIX}weight/bias, a linear head, is supported)")
 
     meta: dict[str, Any] = {}
     config_name = _config_image_encoder_name(obj) if isinstance(obj, Mapping) else None
@@ -369,15 +377,21 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: st
             problems.append(f"{label} keys: {shown}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
+    floats = {k: v for k, v in sd.items() if v.is_floating_point()}
+    if floats and not bool(torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all()):
+        # one pass over everything (per-tensor checks cost a second on a busy CPU); name them only on failure
+        bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
         raise CheckpointError(f"{what}: non-finite values in {', '.join(bad[:5])}")
 
 
 def _build_encoder(parsed: _Parsed, what: str) -> EfficientNet:
-    encoder = create_encoder(parsed.arch)
+    # Built on the meta device and filled by assignment: no random init, no second copy of the weights.
+    with torch.device("meta"):
+        encoder = create_encoder(parsed.arch)
     check_state_dict(encoder, parsed.encoder_sd, f"{what} ({parsed.arch} encoder)")
-    encoder.load_state_dict(parsed.encoder_sd, strict=True)
+    weights = {k: v.to(torch.float32).contiguous() if v.is_floating_point() else v
+               for k, v in parsed.encoder_sd.items()}
+    encoder.load_state_dict(weights, strict=True, assign=True)
     return encoder.eval()
 
 
@@ -385,17 +399,13 @@ def _info(parsed: _Parsed, path: str | Path, n_class: int | None) -> CheckpointI
     return CheckpointInfo(str(path), parsed.layout, parsed.sha256, parsed.arch, n_class, parsed.concept, parsed.meta)
 
 
-def load_image_encoder(path: str | Path) -> EfficientNet:
-    """An eval-mode encoder from any supported checkpoint (a classifier's own encoder included)."""
-    parsed = _parse(path)
+def _encoder_from(parsed: _Parsed, path: str | Path) -> EfficientNet:
     encoder = _build_encoder(parsed, str(path))
     encoder.checkpoint_info = _info(parsed, path, None)  # type: ignore[assignment]
     return encoder
 
 
-def load_classifier(path: str | Path) -> ConceptClassifier:
-    """An eval-mode ConceptClassifier (encoder + linear head) from a classifier checkpoint."""
-    parsed = _parse(path)
+def _classifier_from(parsed: _Parsed, path: str | Path) -> ConceptClassifier:
     if parsed.head_sd is None:
         raise CheckpointError(f"{path}: a {parsed.layout} checkpoint with no concept head "
                               "(use load_image_encoder, or train a classifier from it with --init)")
@@ -405,9 +415,22 @@ def load_classifier(path: str | Path) -> ConceptClassifier:
     encoder = _build_encoder(parsed, str(path))
     model = ConceptClassifier(encoder, int(weight.shape[0]), concept=parsed.concept)
     check_state_dict(model.head, parsed.head_sd, f"{path} (concept head)")
-    model.head.load_state_dict(parsed.head_sd, strict=True)
+    model.head.load_state_dict({k: v.to(torch.float32) for k, v in parsed.head_sd.items()}, strict=True)
     model.checkpoint_info = _info(parsed, path, model.n_class)  # type: ignore[assignment]
     return model.eval()
+
+
+def load_image_encoder(path: str | Path) -> EfficientNet:
+    """An eval-mode encoder from any supported checkpoint (a classifier's own encoder included).
+
+    `encoder.checkpoint_info` (CheckpointInfo) records path, layout, sha256, arch and metadata.
+    """
+    return _encoder_from(_parse(path), path)
+
+
+def load_classifier(path: str | Path) -> ConceptClassifier:
+    """An eval-mode ConceptClassifier (encoder + linear head) from a classifier checkpoint."""
+    return _classifier_from(_parse(path), path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,13 +487,13 @@ def convert(path: str | Path, out_dir: str | Path, concept: str | None = None) -
     parsed = _parse(path)
     model: EfficientNet | ConceptClassifier
     if parsed.head_sd is not None:
-        model = load_classifier(path)
+        model = _classifier_from(parsed, path)
         if concept is not None:
             model.concept = concept
     else:
         if concept is not None:
             raise CheckpointError(f"{path}: --concept given, but this {parsed.layout} checkpoint has no concept head")
-        model = load_image_encoder(path)
+        model = _encoder_from(parsed, path)
     source = {"path": str(Path(path).resolve()), "sha256": parsed.sha256, "layout": parsed.layout}
     if parsed.layout == "mammo-sae" and isinstance(parsed.meta.get("source"), dict):
         source = parsed.meta["source"]  # a copy of our own format keeps the original provenance

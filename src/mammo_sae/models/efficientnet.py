@@ -14,6 +14,7 @@ Facts: shared/reference/mammo-clip-and-mammo-sae.md §2.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
@@ -258,15 +259,13 @@ class EfficientNet(nn.Module):
             raise MammoSaeError(choices_message("layer", unknown[0], ["stem", "blocks.0", "...",
                                                                       f"blocks.{len(self._blocks) - 1}", "final"]))
         wanted = set(layers)
-        order = self.layer_names
-        last = max(order.index(name) for name in wanted) if wanted else -1
+        # blocks.i sits at position i + 1 in layer_names; run only the blocks up to the deepest request
+        deepest = max((self.layer_names.index(name) for name in wanted), default=0)
         out: dict[str, torch.Tensor] = {}
         x = swish(self._bn0(self._conv_stem(x_b3hw)))
         if "stem" in wanted:
             out["stem"] = x
-        for i, block in enumerate(self._blocks):
-            if i + 1 > last:  # order index of blocks.i is i + 1
-                return out
+        for i, block in enumerate(itertools.islice(self._blocks, deepest)):
             x = block(x, self._block_drop_rate(i))
             if f"blocks.{i}" in wanted:
                 out[f"blocks.{i}"] = x
@@ -275,10 +274,7 @@ class EfficientNet(nn.Module):
         return out
 
     def forward(self, x_b3hw: torch.Tensor) -> torch.Tensor:
-        x = swish(self._bn0(self._conv_stem(x_b3hw)))
-        for i, block in enumerate(self._blocks):
-            x = block(x, self._block_drop_rate(i))
-        return swish(self._bn1(self._conv_head(x)))
+        return self.forward_features(x_b3hw, ["final"])["final"]
 
     def pooled(self, x_b3hw: torch.Tensor) -> torch.Tensor:
         """Spatial mean of the final map, (B, C)."""
@@ -297,26 +293,25 @@ class EfficientNet(nn.Module):
         return int(h), int(w)
 
 
-def inference_settings() -> contextlib.AbstractContextManager[None]:
-    """CPU/GPU inference context: no autograd bookkeeping and flush-to-zero denormals.
+@contextlib.contextmanager
+def inference_settings() -> Iterator[None]:
+    """Inference context: no autograd bookkeeping and flush-to-zero denormals.
 
     Denormals appear in the SE/Swish path and slow CPU convolutions several-fold; flushing
-    them does not change outputs measurably. Callers should also put the model in `eval()`
-    and may use `prepare_for_inference` for channels_last.
+    them does not change outputs measurably (the flag is process-wide and left on). Callers
+    should also put the model in `eval()`; see `prepare_for_inference`.
     """
-
-    @contextlib.contextmanager
-    def _ctx() -> Iterator[None]:
-        torch.set_flush_denormal(True)
-        with torch.inference_mode():
-            yield
-
-    return _ctx()
+    torch.set_flush_denormal(True)
+    with torch.inference_mode():
+        yield
 
 
 def prepare_for_inference(model: nn.Module, device: str | torch.device = "cpu",
-                          channels_last: bool = True) -> nn.Module:
-    """eval() + device + (optionally) channels_last memory format; returns the model."""
+                          channels_last: bool = False) -> nn.Module:
+    """eval() + device + (optionally) channels_last memory format; returns the model.
+
+    channels_last did not help on the 2-core dev CPU (benchmarks/encoder_speed.py); try it on GPUs.
+    """
     model = model.eval().to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -82,6 +82,9 @@ class TrainConfig:
     weight_decay: float = opt(1e-4, help="AdamW weight decay")
     warmup_epochs: float = opt(1.0, help="linear warm-up length in epochs, then cosine decay to 0")
     dropout: float = opt(0.4, help="dropout on the pooled features before the head (training only)")
+    bn_momentum: Optional[float] = opt(None, help="finetune: BatchNorm running-stat momentum while "
+                                       "training; default keeps the encoder's (0.01, TF style), "
+                                       "which needs thousands of steps to settle")
     augment: bool = opt(True, help="Mammo-CLIP training augmentation (flips, affine, elastic)")
     image_size: Optional[list[int]] = opt(None, help="H,W to resize to; default: each image's own size")
     level: Literal["image", "row"] = opt("image", help="image: one sample per image (label = any "
@@ -117,6 +120,8 @@ class PretrainConfig:
     epochs: int = opt(8, help="training epochs")
     batch_size: int = opt(16, help="images per step")
     lr: float = opt(2e-3, help="peak AdamW learning rate")
+    bn_momentum: Optional[float] = opt(0.1, help="BatchNorm running-stat momentum while training "
+                                       "(the encoder's own 0.01 is too slow for short runs)")
     weight_decay: float = opt(1e-4, help="AdamW weight decay")
     warmup_epochs: float = opt(1.0, help="linear warm-up length in epochs, then cosine decay to 0")
     image_size: Optional[list[int]] = opt(None, help="H,W to resize to; default: each image's own size")
@@ -164,6 +169,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MammoSaeError(f"--device {name} asked for, but no CUDA device is available")
     return device
+
+
+def set_bn_momentum(module: nn.Module, momentum: float | None) -> None:
+    """Change BatchNorm momentum (not saved in checkpoints, so it only affects this run)."""
+    if momentum is None:
+        return
+    if not 0.0 < momentum <= 1.0:
+        raise MammoSaeError(f"--bn-momentum must be in (0, 1]; got {momentum}")
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
 
 
 def _size_hw(size: Optional[Sequence[int]]) -> tuple[int, int] | None:
@@ -223,10 +239,13 @@ def split_train_val(records: Sequence[ImageRecord], *, val_fraction: float, seed
     else:
         if not 0.0 < val_fraction < 1.0:
             raise MammoSaeError(f"--val-fraction must be in (0, 1); got {val_fraction}")
+        if strata is not None and len(strata) != len(records):
+            raise MammoSaeError(f"strata ({len(strata)}) and records ({len(records)}) differ in length")
         stratum: dict[str, int] = {}
-        for i, r in enumerate(train_records):
-            s = int(strata[i]) if strata is not None else 0
-            stratum[r.patient_id] = max(stratum.get(r.patient_id, s), s)
+        for i, r in enumerate(records):
+            if r.split == "training":
+                s = int(strata[i]) if strata is not None else 0
+                stratum[r.patient_id] = max(stratum.get(r.patient_id, s), s)
         val_patients = set()
         for s in sorted(set(stratum.values())):
             patients = sorted((p for p, ps in stratum.items() if ps == s),
@@ -430,7 +449,7 @@ def _fit(fit: _Fit, *, out: Path, epochs: int, lr: float, weight_decay: float, w
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
-            loss_sum += float(loss) * len(y)
+            loss_sum += float(loss.detach()) * len(y)
             n_seen += len(y)
             bar.set_postfix(loss=f"{loss_sum / n_seen:.4f}")
         train_s = time.perf_counter() - t0
@@ -518,6 +537,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
     torch.manual_seed(cfg.seed)
     model = _PretextModel(load_init_encoder(cfg.arch), cfg.tasks).to(device)
+    set_bn_momentum(model, cfg.bn_momentum)
     model = model.to(memory_format=torch.channels_last)
     dataset = RecordDataset(train, size_hw, augment=False)
 
@@ -558,6 +578,33 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 # ============================================================================ concept classifiers
 
+class StandardizedProbe(nn.Module):
+    """Linear head trained on standardized pooled features, folded back into a head on raw ones.
+
+    `head(f) = W (f - mu) / sigma + b = (W / sigma) f + (b - (W / sigma) mu)`: the same family of
+    linear heads, but the optimiser sees unit-scale inputs, so one learning rate suits any
+    backbone (pooled B5 and phantom features differ in scale by orders of magnitude).
+    """
+
+    def __init__(self, feats_nc: torch.Tensor, n_class: int) -> None:
+        super().__init__()
+        self.register_buffer("mean_c", feats_nc.mean(0))
+        self.register_buffer("std_c", feats_nc.std(0).clamp_min(1e-6))
+        self.linear = nn.Linear(feats_nc.shape[1], n_class)
+
+    def standardize(self, feats_nc: torch.Tensor) -> torch.Tensor:
+        return (feats_nc - self.mean_c) / self.std_c
+
+    def forward(self, standardized_nc: torch.Tensor) -> torch.Tensor:
+        return self.linear(standardized_nc)
+
+    @torch.no_grad()
+    def fold_into(self, head: nn.Linear) -> None:
+        weight = self.linear.weight / self.std_c
+        head.weight.copy_(weight)
+        head.bias.copy_(self.linear.bias - weight @ self.mean_c)
+
+
 def _selection_records(cfg: TrainConfig, records: list[ImageRecord]) -> tuple[list[ImageRecord], list[ImageRecord]]:
     if cfg.select_on == "test":
         train = [r for r in records if r.split == "training"]
@@ -565,11 +612,9 @@ def _selection_records(cfg: TrainConfig, records: list[ImageRecord]) -> tuple[li
         if not train or not val:
             raise DataError("--select-on test needs records in both the training and test splits")
         return train, val
-    strata = concept_targets(records, cfg.concept)
-    # Only the training split is passed on: test never reaches the selection code.
-    keep = [i for i, r in enumerate(records) if r.split == "training"]
-    return split_train_val([records[i] for i in keep], val_fraction=cfg.val_fraction, seed=cfg.seed,
-                           strata=strata[keep], val_fold=cfg.val_fold)
+    # Only the training split was loaded (see train_classifier): test never reaches selection.
+    return split_train_val(records, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                           strata=concept_targets(records, cfg.concept), val_fold=cfg.val_fold)
 
 
 TEST_SELECTION_WARNING = ("model selection on the TEST split (--select-on test) reproduces the "
@@ -608,7 +653,10 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     if linear_probe:
         for p in model.encoder.parameters():
             p.requires_grad_(False)
-    params = [p for p in (model.head.parameters() if linear_probe else model.parameters())]
+    else:
+        set_bn_momentum(model, cfg.bn_momentum)
+    params = list(model.head.parameters() if linear_probe else model.parameters())
+    trained: nn.Module = model
 
     if k == 1:
         n_pos = float(y_train.sum())
@@ -639,15 +687,19 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
                                     device=device, workers=cfg.workers, progress=cfg.progress,
                                     desc="validation features")
         feature_set = torch.utils.data.TensorDataset(feats_train, y_train)
+        probe = StandardizedProbe(feats_train, k).to(device)
+        trained = nn.ModuleDict({"model": model, "probe": probe})
+        params = list(probe.linear.parameters())
 
         def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             return _make_loader(feature_set, cfg.batch_size, shuffle=True, workers=0,
                                 seed=cfg.seed * 1000 + epoch)
 
         def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return criterion(model.head(dropout(x)), y)
+            return criterion(probe(dropout(probe.standardize(x))), y)
 
         def validate() -> float:
+            probe.fold_into(model.head)
             with torch.inference_mode():
                 logits = model.head(feats_val.to(device)).float().cpu().numpy()
             return _binary_or_multiclass_metric(y_val, logits)
@@ -672,9 +724,11 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
             "selection_split": cfg.select_on, "trained_by": "mammo-sae classifier train"}
 
     def save_selected(path: Path) -> None:
+        if use_features:
+            probe.fold_into(model.head)
         _save_model_dir(model, path, **meta)
 
-    fit = _Fit(module=model, params=params, batches=batches, loss=loss, validate=validate,
+    fit = _Fit(module=trained, params=params, batches=batches, loss=loss, validate=validate,
                set_train_mode=set_train_mode, save_selected=save_selected, n_train=len(train),
                steps_per_epoch=math.ceil(len(train) / cfg.batch_size), metric_name="val_auroc")
     extra = {"concept": cfg.concept, "mode": cfg.mode, "n_val": len(val),
@@ -802,7 +856,7 @@ def _print_eval(result: dict[str, Any]) -> None:
 # Mammo-CLIP's 5e-5 for B5 on 16k images; everything else keeps the reference's structure.
 PHANTOM_PRETRAIN: dict[str, Any] = {"epochs": 8, "batch_size": 16, "lr": 2e-3}
 PHANTOM_LINEAR_PROBE: dict[str, Any] = {"epochs": 30, "batch_size": 16, "lr": 1e-2, "warmup_epochs": 1.0}
-PHANTOM_FINETUNE: dict[str, Any] = {"epochs": 8, "batch_size": 16, "lr": 1e-3}
+PHANTOM_FINETUNE: dict[str, Any] = {"epochs": 8, "batch_size": 16, "lr": 1e-3, "bn_momentum": 0.1}
 VARIANT_OF_MODE = {"linear-probe": "pretrained", "finetune": "finetuned"}
 
 

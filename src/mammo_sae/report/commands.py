@@ -1,9 +1,40 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""`mammo-sae report --run DIR`: the static HTML report of a run directory."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from ..config import opt
+
+
+@dataclass
+class ReportConfig:
+    """Reads only the run directory; writes index.html, latents/<idx>.html, figures/*.png and
+    report.json (every number shown). Parts of the run that are missing show as "not run"."""
+
+    run: Path = opt(help="run directory of `mammo-sae run` / `mammo-sae demo`")
+    out: Optional[Path] = opt(None, help="output folder (default: RUN/report)")
+    top_latents: int = opt(10, help="top latents per model that get their own page")
+    latent_pages: bool = opt(True, help="write a page per top latent (opens the stores and the SAE)")
+    strict: bool = opt(False, help="fail on the first unreadable part instead of noting it in the page")
+    progress: bool = opt(True, help="show a progress bar")
+
+
+def run_report(cfg: ReportConfig) -> int:
+    from .build import build_report
+
+    index = build_report(cfg.run, cfg.out, strict=cfg.strict, top_latents=cfg.top_latents,
+                         latent_pages=cfg.latent_pages, progress=cfg.progress)
+    print(f"report: {index}")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
+    from ..cli import add_command
+
+    add_command(sub, "report", ReportConfig, run_report,
+                help="static offline HTML report of a run directory (figures + JSON beside it)")

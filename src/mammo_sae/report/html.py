@@ -26,6 +26,8 @@ figure img{max-width:100%;border:1px solid #ddd;background:#fff}
 figcaption{font-size:12px;color:#57606a;max-width:640px}
 .kpi{display:inline-block;margin:6px 18px 6px 0}.kpi b{display:block;font-size:20px}
 code{background:#f3f5f7;padding:1px 4px;border-radius:3px}
+pre{background:#f6f8fa;border:1px solid #e1e4e8;padding:8px;font-size:12px;overflow:auto;max-height:420px}
+.flag{color:#b31d28;font-weight:600}
 """
 
 
@@ -67,6 +69,28 @@ def figure(src: str, caption: str = "", width: int | None = None) -> str:
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
+def link(href: str, text: Any) -> str:
+    return f'<a href="{esc(href)}">{esc(text)}</a>'
+
+
+def note(text: Any) -> str:
+    return f'<p class="note">{esc(text)}</p>'
+
+
+def pre(text: str) -> str:
+    return f"<pre>{esc(text)}</pre>"
+
+
+def html_table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, left: int = 1) -> str:
+    """A table whose cells are already-escaped HTML (for links); use `table` for plain values."""
+    if not rows:
+        return '<p class="note">(no rows)</p>'
+    head = "".join(f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{cell}</td>'
+                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def kpis(items: dict[str, Any]) -> str:
     return "".join(f'<span class="kpi"><b>{esc(fmt(v))}</b>{esc(k)}</span>' for k, v in items.items())
 
@@ -85,8 +109,12 @@ class Section:
         return f'<section id="{esc(self.anchor)}"><h2>{esc(self.title)}</h2>{"".join(self.body)}</section>'
 
 
-def page(title: str, subtitle: str, sections: Sequence[Section], *, nav: bool = True) -> str:
+def page(title: str, subtitle: str, sections: Sequence[Section], *, nav: bool = True,
+         back: tuple[str, str] | None = None) -> str:
+    """The whole document; `back` = (href, text) puts a link first in the navigation bar."""
     links = "".join(f'<a href="#{esc(s.anchor)}">{esc(s.title)}</a>' for s in sections) if nav else ""
+    if back:
+        links = link(*back) + links
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
             f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"

@@ -1,9 +1,85 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli)."""
+"""`mammo-sae sae train | import | export | info`."""
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..cli import add_command, add_group
+from ..config import opt
+from ..io import dumps_json
+from .train import TrainConfig
+
+
+@dataclass
+class ImportConfig:
+    """Converts a released MammoSAE `sparse_autoencoder_final.pt` (1.3.0 or later key names) or a
+    SAELens folder into a native SAE directory (sae.safetensors + cfg.json). Weights are copied
+    as stored, without renormalisation."""
+
+    src: Path = opt(help="MammoSAE .pt file or SAELens folder")
+    out: Path = opt(help="output directory")
+
+
+@dataclass
+class ExportConfig:
+    """Writes an SAE (any loadable format) as a SAELens v6 folder: cfg.json + sae_weights.safetensors,
+    with any input normalisation folded into the weights."""
+
+    sae: Path = opt(help="SAE checkpoint (native directory or MammoSAE .pt)")
+    out: Path = opt(help="output directory")
+    to: Literal["saelens"] = opt("saelens", help="target format")
+
+
+@dataclass
+class InfoConfig:
+    """Prints an SAE's configuration, training record and final metrics as JSON."""
+
+    sae: Path = opt(help="SAE checkpoint (native directory, SAELens folder or MammoSAE .pt)")
+
+
+def run_train(cfg: TrainConfig) -> int:
+    from .train import train_sae
+
+    out = train_sae(cfg)
+    meta = json.loads((out / "cfg.json").read_text()) if (out / "cfg.json").is_file() else {}
+    print(dumps_json({"out": str(out), "final_metrics": meta.get("final_metrics", {}),
+                      "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"}}), end="")
+    return 0
+
+
+def run_import(cfg: ImportConfig) -> int:
+    from .checkpoints import load_sae, sae_sha256, save_sae
+
+    sae = load_sae(cfg.src)
+    save_sae(sae, cfg.out, extra={"imported_from": {"path": str(cfg.src), "sha256": sae_sha256(cfg.src)}})
+    print(dumps_json({"out": str(cfg.out), "d": sae.d, "h": sae.h, "architecture": sae.architecture}), end="")
+    return 0
+
+
+def run_export(cfg: ExportConfig) -> int:
+    from .checkpoints import export_saelens, load_sae, sae_sha256
+
+    sae = load_sae(cfg.sae)
+    export_saelens(sae, cfg.out, metadata={"mammo_sae_source_sha256": sae_sha256(cfg.sae)})
+    print(dumps_json({"out": str(cfg.out), "format": cfg.to}), end="")
+    return 0
+
+
+def run_info(cfg: InfoConfig) -> int:
+    from .checkpoints import describe
+
+    print(dumps_json(describe(cfg.sae)), end="")
+    return 0
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
+    """Add the `sae` command group to the `mammo-sae` parser."""
+    group = add_group(sub, "sae", "train, import, export and inspect sparse autoencoders")
+    add_command(group, "train", TrainConfig, run_train, "train an SAE on an activation store (resumable)")
+    add_command(group, "import", ImportConfig, run_import, "convert a MammoSAE .pt (or SAELens folder) to the native format")
+    add_command(group, "export", ExportConfig, run_export, "export an SAE to another library's format (SAELens)")
+    add_command(group, "info", InfoConfig, run_info, "print an SAE's config and metrics")

@@ -1,0 +1,172 @@
+"""Latent separation (the paper's Figures 4/5) and automatic flags for confounding latents.
+
+For each model, z̄(0) and z̄(1) are the class-mean latent vectors of its features through the
+same SAE. Reported per model:
+
+- `separation` = Σ_t |z̄_t(1) − z̄_t(0)| / Σ_t (z̄_t(1) + z̄_t(0)) ∈ [0, 1]: 0 when both classes
+  use the latents identically, 1 when their supports are disjoint;
+- the most class-1-dominant latents (largest z̄(1) − z̄(0), the released class-1 ranking) and
+  the latents active in both classes (min(z̄(0), z̄(1)) ≥ `shared_ratio` · max, ranked by min);
+- per latent an off-breast score (share of its activation mass on cells with breast-tissue
+  fraction < 0.5) and, where the store has `confounder` boxes (the phantom's marker), a
+  confounder score (share of its mass on marked images that lies in cells centred in the box).
+
+Flag rule (documented in docs/analysis.md): among a model's top-`top` class-1-dominant
+latents, a latent is flagged `confounder` when its confounder score ≥ `confounder_threshold`
+AND ≥ `min_enrichment` × the share of positions inside the box (what a latent active everywhere
+would get); `off_breast` likewise with `off_breast_threshold` and the share of off-breast
+positions. Latents with no activation mass are never flagged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import MammoSaeError
+from .probe import class_means, ranking_order
+from .summaries import LatentSummaries
+
+
+@dataclasses.dataclass(frozen=True)
+class FlagRule:
+    top: int = 10
+    confounder_threshold: float = 0.3
+    off_breast_threshold: float = 0.75
+    min_enrichment: float = 3.0
+    shared_ratio: float = 0.5
+
+
+def separation_index(z0_h: np.ndarray, z1_h: np.ndarray) -> float:
+    total = float(np.abs(z0_h).sum() + np.abs(z1_h).sum())
+    return float(np.abs(z1_h - z0_h).sum() / total) if total > 0 else float("nan")
+
+
+def shared_latents(z0_h: np.ndarray, z1_h: np.ndarray, ratio: float, top: int) -> np.ndarray:
+    lo, hi = np.minimum(z0_h, z1_h), np.maximum(z0_h, z1_h)
+    ok = (lo > 0) & (lo >= ratio * hi)
+    idx = np.flatnonzero(ok)
+    return idx[np.argsort(-lo[idx], kind="mergesort")][:top]
+
+
+def _share(num: float, den: float) -> float:
+    return float(num) / float(den) if den else float("nan")
+
+
+def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray,
+                     rule: FlagRule = FlagRule()) -> dict[str, Any]:
+    """Class means, separation, top/shared latents and flags for one model's summaries."""
+    means = class_means(summaries.mean_rows(rows), y)
+    z0, z1 = means[0], means[1]
+    diff = z1 - z0
+    order = ranking_order(diff)
+    top = [int(j) for j in order[:rule.top] if diff[j] > 0]
+    shared = shared_latents(z0, z1, rule.shared_ratio, rule.top)
+    off = summaries.off_breast_score()
+    conf = summaries.confounder_score()
+    meta = summaries.meta
+    conf_base = _share(meta.get("confounder_positions", 0), meta.get("marked_positions", 0))
+    off_base = _share(meta.get("off_breast_positions", 0), meta.get("tissue_known_positions", 0))
+
+    def flags(j: int) -> list[str]:
+        out = []
+        if np.isfinite(conf[j]) and conf[j] >= rule.confounder_threshold and \
+                (not np.isfinite(conf_base) or conf[j] >= rule.min_enrichment * conf_base):
+            out.append("confounder")
+        if np.isfinite(off[j]) and off[j] >= rule.off_breast_threshold and \
+                (not np.isfinite(off_base) or off[j] >= rule.min_enrichment * off_base):
+            out.append("off_breast")
+        return out
+
+    def entry(j: int, rank: int | None = None) -> dict[str, Any]:
+        e = {"index": int(j), "mean_class0": float(z0[j]), "mean_class1": float(z1[j]),
+             "off_breast_score": float(off[j]), "confounder_score": float(conf[j]), "flags": flags(j)}
+        if rank is not None:
+            e["rank"] = rank
+        return e
+
+    top_entries = [entry(j, r) for r, j in enumerate(top)]
+    return {
+        "n_per_class": {"0": int((y == 0).sum()), "1": int((y == 1).sum())},
+        "separation": separation_index(z0, z1),
+        "class1_dominant": top_entries,
+        "shared": [entry(int(j)) for j in shared],
+        "flagged": [e for e in top_entries if e["flags"]],
+        "baseline_confounder_share": conf_base,
+        "baseline_off_breast_share": off_base,
+        "_z0": z0, "_z1": z1, "_off": off, "_conf": conf,
+    }
+
+
+def compare(models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray]],
+            rule: FlagRule = FlagRule()) -> dict[str, dict[str, Any]]:
+    """`model_separation` for each named (summaries, rows, labels); SAEs must have equal width."""
+    widths = {name: s.h for name, (s, _, _) in models.items()}
+    if len(set(widths.values())) > 1:
+        raise MammoSaeError(f"models were summarised with SAEs of different widths: {widths}")
+    return {name: model_separation(s, rows, y, rule) for name, (s, rows, y) in models.items()}
+
+
+def public(result: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-able part of a `model_separation` result."""
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
+def latent_table(results: dict[str, dict[str, Any]]) -> Any:
+    """Long table: one row per (model, latent active in either class)."""
+    import pandas as pd
+
+    frames = []
+    for name, r in results.items():
+        z0, z1 = r["_z0"], r["_z1"]
+        idx = np.flatnonzero((z0 > 0) | (z1 > 0))
+        flagged = {e["index"]: ",".join(e["flags"]) for e in r["flagged"]}
+        frames.append(pd.DataFrame({
+            "model": name, "index": idx, "mean_class0": z0[idx], "mean_class1": z1[idx],
+            "difference": z1[idx] - z0[idx], "off_breast_score": r["_off"][idx],
+            "confounder_score": r["_conf"][idx], "flags": [flagged.get(int(j), "") for j in idx]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def plot_separation(results: dict[str, dict[str, Any]], path: Path, *, concept: str = "",
+                    label_top: int = 5) -> None:
+    """Figures 4/5: per model, z̄(1) up (red) and z̄(0) down (blue) over the latent index, the
+    most class-1-dominant latents labelled in red, latents active in both classes in purple,
+    flagged latents marked with their flag."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_path
+
+    names: Sequence[str] = list(results)
+    fig, axes = plt.subplots(len(names), 1, figsize=(11, 3.2 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        r = results[name]
+        z0, z1 = r["_z0"], r["_z1"]
+        idx = np.flatnonzero((z0 > 0) | (z1 > 0))
+        ax.vlines(idx, 0, z1[idx], color="tab:red", lw=1, label="z̄(1) (concept present)")
+        ax.vlines(idx, 0, -z0[idx], color="tab:blue", lw=1, label="z̄(0) (absent), drawn downwards")
+        ax.axhline(0, color="black", lw=0.6)
+        for e in r["class1_dominant"][:label_top]:
+            tag = f"{e['index']}" + (f" [{','.join(e['flags'])}]" if e["flags"] else "")
+            ax.annotate(tag, (e["index"], e["mean_class1"]), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=7, color="darkred")
+        for e in r["shared"][:label_top]:
+            ax.annotate(str(e["index"]), (e["index"], -e["mean_class0"]), xytext=(0, -10),
+                        textcoords="offset points", ha="center", fontsize=7, color="purple")
+            ax.plot([e["index"]], [e["mean_class1"]], "o", ms=3, color="purple")
+        ax.set_title(f"{name}: separation {r['separation']:.3f}"
+                     + (f" ({concept})" if concept else ""), fontsize=10)
+        ax.set_ylabel("class-mean activation")
+        ax.set_xlim(-0.5, len(z0) - 0.5)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1, 0].set_xlabel("latent index (labels: red = most class-1-dominant, purple = active in both)")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)

@@ -1,0 +1,649 @@
+"""`mammo-sae report`: one static, offline HTML page of a run directory (and a page per top latent).
+
+Reads only the run directory (layout: docs/architecture.md, "Run directory") and writes
+`RUN/report/`: `index.html`, `latents/<idx>.html`, `figures/*.png` (linked relatively) and
+`report.json` holding every number shown. No JavaScript, no network: the folder opens anywhere.
+
+Every section is built on its own: a stage that has not run gives a "not run" note, and a part
+whose files are unreadable gives a "could not be built" note naming the problem (or, with
+`strict=True`, raises), so a partial run still gets a report. Images are named by the dataset's
+image ids only (hashed in VinDr-Mammo); patient ids and file paths are never shown.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from ..errors import MammoSaeError
+from ..io import read_json, write_json, write_text_atomic
+from . import html as H
+from .figures import MODES, Curve, nice_ks, plot_topk_grid, plot_training_curves
+
+SCHEMA_VERSION = 1
+# Problems with a run's files that make one section fail without stopping the report.
+SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, IndexError)
+STAGE_ORDER = ("data", "models", "extract", "sae", "summaries", "probe", "intervene", "fidelity",
+               "localize", "separation", "report")
+PROBE_SCORES = ("centered", "mean", "auroc")
+
+
+@dataclass
+class ModelInfo:
+    """One concept classifier of the run (an entry of RUN/models/models.json)."""
+
+    name: str
+    concept: str
+    variant: str
+    classifier: str = ""
+    encoder_key: str = ""
+
+
+# =============================================================================== readers
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """A JSON-lines log; a torn last line (run interrupted mid-write) is ignored."""
+    import json
+
+    rows: list[dict[str, Any]] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if n == len(lines):
+                break
+            raise MammoSaeError(f"corrupt JSON on line {n} of {path}: {exc}") from exc
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def read_csv_rows(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise MammoSaeError(f"unreadable CSV {path}: {exc}") from exc
+    return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars -> Python; NaN stays NaN."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _num(value: Any) -> float:
+    """A number from JSON (None, strings and booleans -> NaN)."""
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return math.nan
+    return math.nan
+
+
+def _metric(block: Any, name: str = "auroc") -> tuple[float, float, float]:
+    """(value, CI low, CI high) from any of the metric layouts the stages write:
+    `{auroc, auroc_low, auroc_high}`, `{auroc: {value, ci_low, ci_high}}` or a bare number."""
+    if isinstance(block, Mapping):
+        inner = block.get(name)
+        if isinstance(inner, Mapping):
+            return (_num(inner.get("value")), _num(inner.get("ci_low", inner.get("low"))),
+                    _num(inner.get("ci_high", inner.get("high"))))
+        return (_num(inner), _num(block.get(f"{name}_low", block.get(f"{name}_ci_low"))),
+                _num(block.get(f"{name}_high", block.get(f"{name}_ci_high"))))
+    return _num(block), math.nan, math.nan
+
+
+def ci_text(value: float, low: float, high: float, digits: int = 3) -> str:
+    if not math.isfinite(value):
+        return "—"
+    if math.isfinite(low) and math.isfinite(high):
+        return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+    return f"{value:.{digits}f}"
+
+
+def split_model_name(name: str) -> tuple[str, str]:
+    """`Mass-finetuned` -> (`Mass`, `finetuned`); names without a variant -> (name, "")."""
+    concept, sep, variant = name.rpartition("-")
+    return (concept, variant) if sep and variant in ("pretrained", "finetuned") else (name, "")
+
+
+def _unwrap(data: Any, keys: Iterable[str] = ("models", "results", "rows", "table")) -> Any:
+    if isinstance(data, Mapping):
+        for key in keys:
+            if key in data and isinstance(data[key], (Mapping, list)):
+                return data[key]
+    return data
+
+
+def _named_results(data: Any, marker: str) -> dict[str, dict[str, Any]]:
+    """`{name: result}` from a JSON holding per-model results (each a dict with `marker`), given as
+    a mapping (possibly under models/results/rows) or a list of dicts with a `model`/`name` key."""
+    data = _unwrap(data)
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(data, Mapping):
+        if marker in data:
+            return {str(data.get("model", data.get("name", ""))): dict(data)}
+        for name, value in data.items():
+            if isinstance(value, Mapping) and marker in value:
+                out[str(name)] = dict(value)
+    elif isinstance(data, list):
+        for value in data:
+            if isinstance(value, Mapping) and marker in value:
+                out[str(value.get("model", value.get("name", len(out))))] = dict(value)
+    return out
+
+
+# =============================================================================== the report
+
+
+class ReportBuilder:
+    """Collects sections, figures and numbers for one run; `build()` writes everything."""
+
+    def __init__(self, run_dir: Path, out: Path, *, strict: bool = False, top_latents: int = 10,
+                 latent_pages: bool = True, progress: bool = True) -> None:
+        self.run = Path(run_dir)
+        self.out = Path(out)
+        self.strict = strict
+        self.top_latents = top_latents
+        self.latent_pages = latent_pages
+        self.progress = progress
+        self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
+        self.problems: dict[str, str] = {}
+        self.figures: list[str] = []
+        self.config: dict[str, Any] = {}
+        self.models: list[ModelInfo] = []
+        self.model_metrics: dict[str, Any] = {}
+        self.separation_results: dict[str, dict[str, dict[str, Any]]] = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def analysis(self) -> Path:
+        return self.run / "analysis"
+
+    def figure_path(self, name: str) -> Path:
+        return self.out / "figures" / name
+
+    def copy_figure(self, src: Path, name: str) -> str:
+        """Copy a PNG into report/figures/ and return its link relative to index.html."""
+        dst = self.figure_path(name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        self.figures.append(f"figures/{name}")
+        return f"figures/{name}"
+
+    def made_figure(self, name: str) -> str:
+        self.figures.append(f"figures/{name}")
+        return f"figures/{name}"
+
+    def guarded(self, key: str, section: H.Section, fill: Callable[[H.Section], None]) -> H.Section:
+        """Run `fill(section)`; a problem with the run's files becomes a note in that section."""
+        try:
+            fill(section)
+        except SECTION_ERRORS as exc:
+            if self.strict:
+                raise
+            self.problems[key] = f"{type(exc).__name__}: {exc}"
+            section.add(H.note(f"This part could not be built: {exc}"))
+        return section
+
+    def model_info(self, name: str) -> ModelInfo:
+        for m in self.models:
+            if m.name == name:
+                return m
+        concept, variant = split_model_name(name)
+        return ModelInfo(name, concept, variant)
+
+    @property
+    def eval_split(self) -> str:
+        extract = self.config.get("extract") if isinstance(self.config, Mapping) else None
+        split = extract.get("eval_split") if isinstance(extract, Mapping) else None
+        return str(split or "test")
+
+    def model_dirs(self, stage: str) -> list[Path]:
+        """RUN/analysis/<stage>/<model>/ folders in models.json order, then any others."""
+        root = self.analysis / stage
+        if not root.is_dir():
+            return []
+        dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        order = {m.name: i for i, m in enumerate(self.models)}
+        return sorted(dirs, key=lambda p: (order.get(p.name, len(order)), p.name))
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> Path:
+        if not self.run.is_dir():
+            raise MammoSaeError(f"run directory not found: {self.run}")
+        t0 = time.perf_counter()
+        self.out.mkdir(parents=True, exist_ok=True)
+        sections = [
+            self.guarded("summary", H.Section("summary", "Run summary"), self.section_summary),
+            self.guarded("models", H.Section("models", "Classifiers"), self.section_models),
+            self.guarded("table1", H.Section("table1", "Table 1 · Fidelity"), self.section_table1),
+            self.guarded("figure2", H.Section("figure2", "Figure 2 · Top-k interventions"),
+                         self.section_figure2),
+            self.guarded("localize", H.Section("localize", "Figure 3 · Table 2 · Localisation"),
+                         self.section_localize),
+            self.guarded("separation", H.Section("separation", "Figures 4/5 · Latent separation"),
+                         self.section_separation),
+            self.guarded("sae", H.Section("sae", "SAE training"), self.section_sae),
+            self.guarded("latents", H.Section("latents", "Top latents"), self.section_latents),
+        ]
+        self.data["problems"] = self.problems
+        self.data["figures"] = sorted(set(self.figures))
+        self.data["seconds"] = round(time.perf_counter() - t0, 2)
+        name = self.config.get("name", self.run.name) if isinstance(self.config, Mapping) else self.run.name
+        subtitle = (f"run {self.run.name} · built {time.strftime('%Y-%m-%d %H:%M')} · "
+                    "static page, no network access")
+        index = self.out / "index.html"
+        write_text_atomic(index, H.page(f"mammo-sae report: {name}", subtitle, sections))
+        write_json(self.out / "report.json", self.data)
+        return index
+
+    # ------------------------------------------------------------------ summary
+    def section_summary(self, s: H.Section) -> None:
+        import yaml
+
+        config_path = self.run / "config.yaml"
+        if config_path.is_file():
+            text = config_path.read_text(encoding="utf-8")
+            try:
+                loaded = yaml.safe_load(text)
+            except yaml.YAMLError as exc:
+                raise MammoSaeError(f"invalid YAML in {config_path}: {exc}") from exc
+            self.config = loaded if isinstance(loaded, dict) else {}
+        else:
+            text = ""
+        stages = []
+        total = 0.0
+        for path in sorted((self.run / "stages").glob("*.json")):
+            rec = read_json(path)
+            seconds = _num(rec.get("seconds")) if isinstance(rec, Mapping) else math.nan
+            stage = str(rec.get("stage", path.stem)) if isinstance(rec, Mapping) else path.stem
+            stages.append({"stage": stage, "seconds": seconds,
+                           "key": str(rec.get("key", ""))[:16] if isinstance(rec, Mapping) else ""})
+            total += seconds if math.isfinite(seconds) else 0.0
+        rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+        stages.sort(key=lambda r: (rank.get(r["stage"], len(rank)), r["stage"]))
+        done = {r["stage"] for r in stages}
+        self.data["run"] = {"name": self.config.get("name", self.run.name), "stages": stages,
+                            "stage_seconds_total": total,
+                            "not_run": [n for n in STAGE_ORDER if n not in done and n != "report"]}
+        kpi: dict[str, Any] = {"stages finished": len(stages), "stage time (min)": total / 60}
+        summary_path = self.run / "data" / "summary.json"
+        if summary_path.is_file():
+            data_summary = read_json(summary_path)
+            self.data["dataset"] = data_summary
+            if isinstance(data_summary, Mapping):
+                for key in ("n_images", "images", "n_patients"):
+                    if isinstance(data_summary.get(key), int):
+                        kpi[key.replace("n_", "").replace("_", " ")] = data_summary[key]
+        s.add(H.kpis(kpi))
+        missing = self.data["run"]["not_run"]
+        if missing:
+            s.add(H.note("Stages not run (yet): " + ", ".join(missing)))
+        s.add("<h3>Stage timings</h3>")
+        s.add(H.table(stages, ["stage", "seconds", "key"], headers=["stage", "seconds", "cache key"], digits=1))
+        s.add("<h3>Resolved config (RUN/config.yaml)</h3>")
+        s.add(H.pre(text) if text else H.note("not found: config.yaml"))
+
+    # ------------------------------------------------------------------ classifiers
+    def section_models(self, s: H.Section) -> None:
+        path = self.run / "models" / "models.json"
+        if not path.is_file():
+            s.add(H.note("not run: models/models.json is missing (models stage)"))
+            return
+        data = read_json(path)
+        entries = data.get("models", []) if isinstance(data, Mapping) else []
+        for e in entries:
+            if isinstance(e, Mapping) and "name" in e:
+                concept, variant = split_model_name(str(e["name"]))
+                self.models.append(ModelInfo(str(e["name"]), str(e.get("concept", concept)),
+                                             str(e.get("variant", variant)), str(e.get("classifier", "")),
+                                             str(e.get("encoder_key", ""))))
+        metrics = data.get("test_metrics", {}) if isinstance(data, Mapping) else {}
+        self.model_metrics = metrics if isinstance(metrics, Mapping) else {}
+        rows = []
+        for m in self.models:
+            met = self.model_metrics.get(m.name, {})
+            auroc, auprc = _metric(met, "auroc"), _metric(met, "auprc")
+            rows.append({"model": m.name, "concept": m.concept, "variant": m.variant,
+                         "n": met.get("n") if isinstance(met, Mapping) else None,
+                         "n_pos": met.get("n_pos") if isinstance(met, Mapping) else None,
+                         "auroc": auroc[0], "auroc_low": auroc[1], "auroc_high": auroc[2],
+                         "auprc": auprc[0], "auprc_low": auprc[1], "auprc_high": auprc[2]})
+        self.data["models"] = rows
+        shown = [{**r, "auroc": ci_text(*(r[k] for k in ("auroc", "auroc_low", "auroc_high"))),
+                  "auprc": ci_text(*(r[k] for k in ("auprc", "auprc_low", "auprc_high")))} for r in rows]
+        s.add(H.note(f"Concept classifiers evaluated on the {self.eval_split} split "
+                     "(95 % bootstrap CIs)."))
+        s.add(H.table(shown, ["model", "concept", "variant", "n", "n_pos", "auroc", "auprc"],
+                      headers=["model", "concept", "variant", "images", "positives", "AUROC", "AUPRC"],
+                      left=3))
+
+    # ------------------------------------------------------------------ Table 1
+    def fidelity_rows(self) -> list[dict[str, Any]]:
+        root = self.analysis / "fidelity"
+        results: dict[str, dict[str, Any]] = {}
+        for path in sorted(root.rglob("*.json")):
+            payload = read_json(path)
+            results.update(_named_results(payload, "original"))
+            results.update(_named_results(payload, "auroc_original"))
+        if not results:
+            for path in sorted(root.rglob("*.csv")):
+                for row in read_csv_rows(path):
+                    results[str(row.get("model", row.get("name", len(results))))] = row
+        rows = []
+        for name, r in results.items():
+            info = self.model_info(name)
+            orig = _metric(r["original"]) if "original" in r else _metric(
+                {"auroc": r.get("auroc_original"), "auroc_low": r.get("auroc_original_low"),
+                 "auroc_high": r.get("auroc_original_high")})
+            sae = _metric(r["sae"]) if "sae" in r else _metric(
+                {"auroc": r.get("auroc_sae"), "auroc_low": r.get("auroc_sae_low"),
+                 "auroc_high": r.get("auroc_sae_high")})
+            rows.append({"model": name, "concept": r.get("concept", info.concept),
+                         "variant": r.get("variant", info.variant), "n": r.get("n"), "n_pos": r.get("n_pos"),
+                         "auroc_original": orig[0], "auroc_original_low": orig[1],
+                         "auroc_original_high": orig[2], "auroc_sae": sae[0], "auroc_sae_low": sae[1],
+                         "auroc_sae_high": sae[2], "recovered": _num(r.get("recovered")),
+                         "fvu": _num(r.get("fvu")), "l0": _num(r.get("l0")),
+                         "dead_fraction": _num(r.get("dead_fraction")),
+                         "warning": r.get("warning", "")})
+        order = {m.name: i for i, m in enumerate(self.models)}
+        return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"]))
+
+    def section_table1(self, s: H.Section) -> None:
+        if not (self.analysis / "fidelity").is_dir():
+            s.add(H.note("not run: analysis/fidelity/ is missing (fidelity stage)"))
+            return
+        rows = self.fidelity_rows()
+        if not rows:
+            raise MammoSaeError("analysis/fidelity/ holds no per-model fidelity results")
+        self.data["table1"] = rows
+        shown = [{**r, "orig": ci_text(r["auroc_original"], r["auroc_original_low"], r["auroc_original_high"]),
+                  "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"])} for r in rows]
+        s.add(H.note(f"Concept AUROC ({self.eval_split} split, 95 % bootstrap CI) with the original "
+                     "features and with the SAE reconstruction in their place (no error term). "
+                     "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5). FVU, L0 and dead fraction "
+                     "over the same images' patches."))
+        s.add(H.table(shown, ["concept", "variant", "orig", "sae", "recovered", "fvu", "l0", "dead_fraction"],
+                      headers=["concept", "model", "AUROC original", "AUROC SAE", "recovered", "FVU",
+                               "L0", "dead fraction"], left=2))
+        for r in rows:
+            if r["warning"]:
+                s.add(H.note(f"{r['model']}: {r['warning']}"))
+
+    # ------------------------------------------------------------------ Figure 2
+    def sweep_curves(self, folder: Path) -> dict[str, dict[str, np.ndarray]]:
+        """mode -> {ks, auroc, auroc_low, auroc_high} from a model's intervene outputs."""
+        for path in sorted(folder.glob("*.json")):
+            curves = _sweep_from(read_json(path))
+            if curves:
+                return curves
+        for path in sorted(folder.glob("*.csv")):
+            curves = _sweep_from(read_csv_rows(path))
+            if curves:
+                return curves
+        return {}
+
+    def section_figure2(self, s: H.Section) -> None:
+        dirs = self.model_dirs("intervene")
+        if not dirs:
+            s.add(H.note("not run: analysis/intervene/ is missing or empty (intervene stage)"))
+            return
+        grid: dict[str, dict[str, list[Curve]]] = {}
+        data: dict[str, Any] = {}
+        for folder in dirs:
+            curves = self.sweep_curves(folder)
+            if not curves:
+                self.problems[f"figure2/{folder.name}"] = "no sweep JSON/CSV with mode, k, auroc"
+                continue
+            info = self.model_info(folder.name)
+            data[folder.name] = {mode: {k: v.tolist() for k, v in c.items()} for mode, c in curves.items()}
+            for mode, c in curves.items():
+                grid.setdefault(info.concept, {}).setdefault(mode, []).append(
+                    Curve(info.variant or info.name, c["ks"], c["auroc"], c["auroc_low"], c["auroc_high"]))
+        self.data["figure2"] = data
+        if grid:
+            plot_topk_grid(grid, self.figure_path("figure2_topk.png"))
+            s.add(H.figure(self.made_figure("figure2_topk.png"),
+                           "Test AUROC when only the top-k class-0 ∪ class-1 latents are kept (activated) "
+                           "or when they are zeroed (deactivated); bands: 95 % bootstrap CIs. "
+                           "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the plain SAE."))
+            points = (0, 1, 5, 10, 50, 100, 1000)
+            rows = []
+            for name, curves in data.items():
+                for mode, c in curves.items():
+                    row: dict[str, Any] = {"model": name, "mode": dict(MODES).get(mode, mode)}
+                    row.update({f"k={int(k)}": a for k, a in zip(c["ks"], c["auroc"]) if k in points})
+                    rows.append(row)
+            columns = ["model", "mode"] + sorted({k for r in rows for k in r if k.startswith("k=")},
+                                                 key=lambda k: int(k[2:]))
+            s.add("<h3>AUROC at selected k</h3>")
+            s.add(H.table(rows, columns, left=2))
+        else:  # nothing parseable: show the stage's own figures
+            for folder in dirs:
+                for png in sorted(folder.glob("*.png")):
+                    s.add(H.figure(self.copy_figure(png, f"figure2_{folder.name}_{png.name}"), folder.name))
+
+    # ------------------------------------------------------------------ Figure 3 / Table 2
+    def section_localize(self, s: H.Section) -> None:
+        root = self.analysis / "localize"
+        files = sorted(root.rglob("localization.json")) if root.is_dir() else []
+        if not files:
+            s.add(H.note("not run: no analysis/localize/*/localization.json (localize stage)"))
+            return
+        order = {m.name: i for i, m in enumerate(self.models)}
+        files.sort(key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p)))
+        wide, by_model = [], {}
+        for path in files:
+            label = str(path.parent.relative_to(root)).replace("\\", "/")
+            payload = read_json(path)
+            latents = payload.get("latents", []) if isinstance(payload, Mapping) else []
+            settings = payload.get("settings", {}) if isinstance(payload, Mapping) else {}
+            rows = [dict(r) for r in latents if isinstance(r, Mapping) and "latent" in r]
+            rows.sort(key=lambda r: _num(r.get("rank")))
+            by_model[label] = {"settings": settings, "latents": rows}
+            row: dict[str, Any] = {"setting": label}
+            for r in rows:
+                row[f"rank {int(_num(r.get('rank')))}"] = f"{_num(r.get('ap')):.3f} (#{r['latent']})"
+            wide.append(row)
+        self.data["table2"] = by_model
+        first = next(iter(by_model.values()))["settings"]
+        s.add(H.note(f"AP@IoU {first.get('iou_threshold', '?')} of each top-ranked latent's heatmap boxes "
+                     f"(threshold {first.get('threshold', '?')}, {first.get('split', '?')} split, "
+                     f"{first.get('image_set', '?')} images; VOC all-point AP). Cells: AP (#latent)."))
+        columns = ["setting"] + sorted({k for r in wide for k in r if k != "setting"},
+                                       key=lambda k: int(k.split()[1]))
+        s.add("<h3>Table 2 · AP per latent</h3>")
+        s.add(H.table(wide, columns, left=1))
+        s.add("<h3>Figure 3 · Heatmaps of the top latents</h3>")
+        shown = 0
+        for path in files:
+            label = str(path.parent.relative_to(root)).replace("\\", "/")
+            for png in sorted(path.parent.glob("*.png")):
+                safe = label.replace("/", "_")
+                s.add(H.figure(self.copy_figure(png, f"figure3_{safe}_{png.name}"),
+                               f"{label}: rows = latents by rank, GT boxes red, predicted yellow", width=620))
+                shown += 1
+        if not shown:
+            s.add(H.note("no Figure-3 grids were written (localize figure_images = 0?)"))
+
+    # ------------------------------------------------------------------ Figures 4/5
+    def section_separation(self, s: H.Section) -> None:
+        root = self.analysis / "separation"
+        folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        if root.is_dir() and any(root.glob("*.json")):
+            folders = [root] + folders
+        if not folders:
+            s.add(H.note("not run: analysis/separation/ is missing (separation stage)"))
+            return
+        data: dict[str, Any] = {}
+        for folder in folders:
+            label = folder.name if folder != root else "all"
+            s.add(f"<h3>{H.esc(label)}</h3>")
+            for png in sorted(folder.glob("*.png")):
+                s.add(H.figure(self.copy_figure(png, f"separation_{label}_{png.name}"),
+                               f"{label}: class-mean latent vectors z̄(1) (up) and z̄(0) (down); "
+                               "dominant latents labelled, flagged latents marked", width=900))
+            results: dict[str, dict[str, Any]] = {}
+            for path in sorted(folder.glob("*.json")):
+                results.update(_named_results(read_json(path), "separation"))
+            rows = []
+            for name, r in results.items():
+                dominant = r.get("class1_dominant", []) or []
+                flagged = r.get("flagged", []) or []
+                rows.append({"model": name, "separation": _num(r.get("separation")),
+                             "dominant": ", ".join(str(e.get("index")) for e in dominant[:10]),
+                             "flagged": ", ".join(f"{e.get('index')} ({'/'.join(e.get('flags', []))})"
+                                                  for e in flagged) or "none"})
+            data[label] = {"models": rows, "results": results}
+            if rows:
+                s.add(H.table(rows, ["model", "separation", "dominant", "flagged"],
+                              headers=["model", "separation index", "most class-1-dominant latents",
+                                       "flagged (confounder / off-breast)"]))
+        self.data["separation"] = {k: v["models"] for k, v in data.items()}
+        self.separation_results = {k: v["results"] for k, v in data.items()}
+
+    # ------------------------------------------------------------------ SAE training
+    def section_sae(self, s: H.Section) -> None:
+        root = self.run / "sae"
+        if not root.is_dir():
+            s.add(H.note("not run: sae/ is missing (sae stage)"))
+            return
+        info: dict[str, Any] = {}
+        cfg_files = sorted(root.rglob("cfg.json"))
+        if cfg_files:
+            cfg = read_json(cfg_files[0])
+            if isinstance(cfg, Mapping):
+                inner = cfg.get("config", {}) if isinstance(cfg.get("config"), Mapping) else {}
+                info = {"architecture": cfg.get("architecture"), "d": cfg.get("d"), "h": cfg.get("h"),
+                        "l1_coeff": inner.get("l1_coeff"), "k": inner.get("k") if cfg.get("architecture") != "relu-l1" else None,
+                        "normalisation": inner.get("normalisation")}
+                info = {k: v for k, v in info.items() if v is not None}
+        logs = sorted(root.rglob("*.jsonl"))
+        self.data["sae"] = {"checkpoint": info}
+        if info:
+            s.add(H.kpis({k: v for k, v in info.items()}))
+        if not logs:
+            s.add(H.note("no SAE training log (*.jsonl) under sae/"))
+            return
+        rows = read_jsonl(logs[0])
+        if not rows:
+            raise MammoSaeError(f"{logs[0]} is empty")
+        drawn = plot_training_curves(rows, self.figure_path("sae_training.png"),
+                                     title=f"SAE training ({logs[0].name}, {len(rows)} entries)")
+        s.add(H.figure(self.made_figure("sae_training.png"), "SAE training curves: " + ", ".join(drawn)))
+        last = rows[-1]
+        final = {k: last[k] for k in last if isinstance(last[k], (int, float)) and not isinstance(last[k], bool)}
+        self.data["sae"]["final_log_entry"] = final
+        s.add("<h3>Last log entry</h3>")
+        s.add(H.table([final]) if final else H.note("(no numeric fields)"))
+
+    # ------------------------------------------------------------------ latents
+    def top_latents_by_model(self) -> dict[str, list[int]]:
+        """Each model's top latents: the localised ones (rank order), else its class-1 probe ranking."""
+        out: dict[str, list[int]] = {}
+        table2 = self.data.get("table2", {})
+        # A model's own concept folder first, then sub-settings (e.g. <model>/confounder).
+        for label in sorted(table2, key=lambda name: "/" in name):
+            lats = [int(r["latent"]) for r in table2[label]["latents"]][: self.top_latents]
+            model = label.split("/")[0]
+            if lats and model not in out:
+                out[model] = lats
+        for folder in self.model_dirs("probe"):
+            if folder.name in out:
+                continue
+            for score in PROBE_SCORES:
+                path = folder / f"ranking_class=1_{score}.json"
+                if path.is_file():
+                    from ..analysis.probe import load_ranking
+
+                    out[folder.name] = [int(j) for j in load_ranking(path)[: self.top_latents]]
+                    break
+        return out
+
+    def section_latents(self, s: H.Section) -> None:
+        by_model = self.top_latents_by_model()
+        if not by_model:
+            s.add(H.note("not run: no probe rankings or localisation results to pick latents from"))
+            return
+        home: dict[int, str] = {}
+        for model, lats in by_model.items():
+            for j in lats:
+                home.setdefault(j, model)
+        self.data["top_latents"] = by_model
+        pages: dict[int, dict[str, Any]] = {}
+        if self.latent_pages:
+            from .latents import LatentPages
+
+            builder = LatentPages(self, by_model, home)
+            pages = builder.write_all()
+        rows = []
+        for j, model in home.items():
+            ranks = [f"{m} #{lats.index(j) + 1}" for m, lats in by_model.items() if j in lats]
+            detail = pages.get(j, {})
+            cell = H.link(f"latents/{j}.html", j) if detail.get("page") else H.esc(j)
+            rows.append([cell, H.esc(", ".join(ranks)),
+                         H.esc(H.fmt(_num(detail.get("off_breast_score")))),
+                         H.esc(H.fmt(_num(detail.get("confounder_score")))),
+                         H.esc(", ".join(detail.get("flags", [])) or "")])
+        s.add(H.note("Union of each model's top-ranked latents (localised latents, else the class-1 "
+                     "probe ranking). Each links to its page: top-activating images with heatmaps, "
+                     "activation histogram, class association, effect on the logit."))
+        s.add(H.html_table(rows, ["latent", "rank in models", "off-breast score", "confounder score",
+                                  "flags"], left=2))
+
+
+def _sweep_from(data: Any) -> dict[str, dict[str, np.ndarray]]:
+    """Top-k curves from `mammo-sae intervene` output: rows `{mode, k, auroc, auroc_low, auroc_high}`
+    (intervene.json's `results`, or intervene.csv)."""
+    rows = _unwrap(data, ("rows", "sweep", "results"))
+    if not isinstance(rows, list):
+        return {}
+    rows = [r for r in rows if isinstance(r, Mapping) and {"mode", "k", "auroc"} <= set(r)]
+    out = {}
+    for mode in dict.fromkeys(str(r["mode"]) for r in rows):
+        mine = sorted((r for r in rows if str(r["mode"]) == mode), key=lambda r: _num(r["k"]))
+        out[mode] = {"ks": nice_ks([_num(r["k"]) for r in mine]),
+                     "auroc": np.array([_num(r["auroc"]) for r in mine]),
+                     "auroc_low": np.array([_num(r.get("auroc_low")) for r in mine]),
+                     "auroc_high": np.array([_num(r.get("auroc_high")) for r in mine])}
+    return out
+
+
+def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False, top_latents: int = 10,
+                 latent_pages: bool = True, progress: bool = True) -> Path:
+    """Write the report of `run_dir` into `out` (default RUN/report/) and return its index.html.
+
+    `strict=True` raises on the first unreadable part instead of noting it in the page.
+    """
+    if top_latents < 1:
+        raise MammoSaeError(f"top_latents must be at least 1, got {top_latents}")
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,
+                         latent_pages=latent_pages, progress=progress).build()
+
+
+__all__ = ["ModelInfo", "ReportBuilder", "build_report", "read_jsonl", "split_model_name"]

@@ -1,0 +1,285 @@
+"""A page per top latent (`report/latents/<idx>.html`) from the run's stores, SAE and classifiers.
+
+For latent j and its "home" model (the first model ranking it in its top list):
+- top-activating images of the evaluation split (by per-image mean activation) with the latent's
+  heatmap, GT boxes (red) and p95 boxes (yellow), drawn with `analysis.figures`;
+- the histogram of per-image mean activations by class;
+- class association for every concept of the run (class means, AUROC of the mean activation);
+- effect on each model's logit: v_j = w · W_dec[:, j] (the pooled identity: a unit of mean
+  activation moves the logit by v_j), its rank by |v| and v_j × the mean activation on positives;
+- off-breast and confounder scores (share of its activation mass outside the breast / inside the
+  phantom's marker box) and any separation-stage flags.
+Each part is built on its own; one that cannot be (e.g. no classifier checkpoint) gives a note.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..errors import MammoSaeError
+from ..io import write_text_atomic
+from . import html as H
+from .figures import plot_activation_histogram
+
+if TYPE_CHECKING:
+    from .build import ModelInfo, ReportBuilder
+
+TOP_IMAGES = 6
+
+
+def _short(image_id: str) -> str:
+    """VinDr ids are 32 hex digits: the first 12 identify an image well enough on a figure."""
+    return image_id if len(image_id) <= 14 else image_id[:12] + "…"
+
+
+class LatentPages:
+    """Lazily opens the SAE, stores, summaries and heads the pages need (each once)."""
+
+    def __init__(self, report: "ReportBuilder", by_model: dict[str, list[int]], home: dict[int, str]) -> None:
+        self.report = report
+        self.run = report.run
+        self.by_model = by_model
+        self.home = home
+        self.split = report.eval_split
+        self._cache: dict[tuple[str, str], Any] = {}
+
+    # ------------------------------------------------------------------ lazy inputs
+    def _cached(self, key: tuple[str, str], make: Any) -> Any:
+        if key not in self._cache:
+            try:
+                self._cache[key] = make()
+            except Exception as exc:  # remember any failure so every page does not retry it
+                self._cache[key] = exc
+        value = self._cache[key]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def sae_path(self) -> Path:
+        candidates = [p.parent for p in sorted((self.run / "sae").rglob("cfg.json"))
+                      if "summaries" not in p.parts]
+        if not candidates:
+            raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {self.run / 'sae'}")
+        return candidates[0]
+
+    def sae(self) -> Any:
+        from ..analysis.summaries import open_sae
+
+        return self._cached(("sae", ""), lambda: open_sae(self.sae_path(), "cpu"))
+
+    def model(self, name: str) -> "ModelInfo":
+        return self.report.model_info(name)
+
+    def store_path(self, m: "ModelInfo") -> Path:
+        key = m.encoder_key or m.name
+        path = self.run / "stores" / f"{key}-{self.split}"
+        if not path.is_dir():
+            raise MammoSaeError(f"activation store not found: {path}")
+        return path
+
+    def store(self, m: "ModelInfo") -> Any:
+        from ..analysis.summaries import open_store
+
+        return self._cached(("store", m.encoder_key or m.name), lambda: open_store(self.store_path(m)))
+
+    def records(self, m: "ModelInfo") -> list[Any]:
+        return self._cached(("records", m.encoder_key or m.name), lambda: list(self.store(m).records()))
+
+    def summaries(self, m: "ModelInfo") -> Any:
+        """The summaries stage's cached summaries of this store (computed here if absent)."""
+        from ..analysis.summaries import sae_hash, summarize, summaries_for
+
+        def make() -> Any:
+            key = m.encoder_key or m.name
+            cache = self.run / "analysis" / "summaries" / f"{key}-{self.split}"
+            if cache.is_dir():
+                return summaries_for(self.store_path(m), self.sae_path(), cache_dir=cache, progress=False)
+            store = self.store(m)
+            return summarize(store, self.sae(), store_sha=store.manifest_sha256,
+                             sae_sha=sae_hash(self.sae_path()), cache_dir=None, progress=False)
+
+        return self._cached(("summaries", m.encoder_key or m.name), make)
+
+    def labelled(self, m: "ModelInfo", concept: str) -> tuple[np.ndarray, np.ndarray]:
+        from ..analysis.summaries import labelled_rows
+
+        store = self.store(m)
+        level = store.manifest.get("level", "image")
+        return self._cached(("labels", f"{m.encoder_key or m.name}/{concept}"),
+                            lambda: labelled_rows(store.images, concept, split=self.split,
+                                                  store_level=level))
+
+    def readout(self, m: "ModelInfo") -> np.ndarray:
+        """v_h = W_decᵀ w of this model's concept head."""
+        from ..analysis.intervene import load_head, sae_readout
+
+        def make() -> np.ndarray:
+            if not m.classifier:
+                raise MammoSaeError(f"models.json names no classifier for {m.name}")
+            return sae_readout(self.sae(), load_head(m.classifier))[0]
+
+        return self._cached(("readout", m.name), make)
+
+    # ------------------------------------------------------------------ pages
+    def write_all(self) -> dict[int, dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        out: dict[int, dict[str, Any]] = {}
+        for j in tqdm(list(self.home), desc="latent pages", disable=not self.report.progress):
+            out[j] = self.write_page(j)
+        self.report.data["latents"] = {str(j): v for j, v in out.items()}
+        return out
+
+    def guarded(self, j: int, part: str, section: H.Section, fill: Any) -> None:
+        from .build import SECTION_ERRORS
+
+        try:
+            fill(section)
+        except SECTION_ERRORS as exc:
+            if self.report.strict:
+                raise
+            self.report.problems[f"latent {j}/{part}"] = f"{type(exc).__name__}: {exc}"
+            section.add(H.note(f"not available: {exc}"))
+
+    def write_page(self, j: int) -> dict[str, Any]:
+        m = self.model(self.home[j])
+        info: dict[str, Any] = {"latent": j, "home_model": m.name, "split": self.split,
+                                "ranks": {name: lats.index(j) + 1 for name, lats in self.by_model.items()
+                                          if j in lats}}
+        overview = H.Section("overview", "Overview")
+        overview.add(H.note(f"Latent {j}; images and statistics from the {self.split} split through "
+                            f"{m.name}'s features. Rank among each model's top latents: "
+                            + ", ".join(f"{k} #{v}" for k, v in info["ranks"].items())))
+        images = H.Section("images", "Top-activating images")
+        hist = H.Section("histogram", "Activation histogram")
+        assoc = H.Section("association", "Class association")
+        logit = H.Section("logit", "Effect on the logit")
+        scores = H.Section("scores", "Off-breast and confounder scores")
+        self.guarded(j, "images", images, lambda s: self.fill_images(j, m, s, info))
+        self.guarded(j, "histogram", hist, lambda s: self.fill_histogram(j, m, s, info))
+        self.guarded(j, "association", assoc, lambda s: self.fill_association(j, m, s, info))
+        self.guarded(j, "logit", logit, lambda s: self.fill_logit(j, s, info))
+        self.guarded(j, "scores", scores, lambda s: self.fill_scores(j, m, s, info))
+        html = H.page(f"Latent {j}", f"home model {m.name} · {self.split} split",
+                      [overview, images, hist, assoc, logit, scores], back=("../index.html", "← report"))
+        write_text_atomic(self.report.out / "latents" / f"{j}.html", html)
+        info["page"] = f"latents/{j}.html"
+        return info
+
+    def activations(self, j: int, m: "ModelInfo", concept: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(store rows, labels, per-image mean activation of j) for the split's labelled images."""
+        rows, y = self.labelled(m, concept)
+        sums = self.summaries(m)
+        if not 0 <= j < sums.h:
+            raise MammoSaeError(f"latent {j} is outside the SAE's {sums.h} latents")
+        act = np.asarray(sums.mean_nh[rows][:, j].toarray(), dtype=np.float64).ravel()
+        return rows, y, act
+
+    def fill_images(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        from ..analysis.figures import LatentPanel, display_image, save_panel_grid
+        from ..analysis.localize import heatmap_boxes, unique_boxes
+        from ..analysis.maps import iter_latent_maps, upsample
+
+        rows, y, act = self.activations(j, m, m.concept)
+        order = [int(k) for k in np.argsort(-act, kind="stable")[:TOP_IMAGES] if act[k] > 0]
+        if not order:
+            s.add(H.note(f"latent {j} is never active on the {self.split} split"))
+            return
+        records = self.records(m)
+        indices = [int(rows[k]) for k in order]
+        panels = []
+        for k, i, maps_lhw in zip(order, indices, iter_latent_maps(self.store(m), self.sae(), [j], indices)):
+            rec = records[i]
+            heat = upsample(maps_lhw[0], rec.frame_hw)
+            pred, _ = heatmap_boxes(heat, "p95")
+            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · {m.concept}={int(y[k])}"
+            panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat,
+                                      unique_boxes(rec.boxes_of(m.concept)), pred, title))
+        name = f"latent_{j}_top.png"
+        save_panel_grid([panels], self.report.figure_path(name))
+        self.report.made_figure(name)
+        s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {self.split} images with the highest mean "
+                       f"activation of latent {j}; GT {m.concept} boxes red, p95 boxes yellow."))
+        info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
+                               "label": int(y[k])} for k, i in zip(order, indices)]
+        s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
+                      headers=["image id", m.concept, "mean activation"], digits=4))
+
+    def fill_histogram(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        _, y, act = self.activations(j, m, m.concept)
+        name = f"latent_{j}_hist.png"
+        plot_activation_histogram({f"{m.concept} = 0": act[y == 0], f"{m.concept} = 1": act[y == 1]},
+                                  self.report.figure_path(name), title=f"latent {j} ({self.split})")
+        self.report.made_figure(name)
+        info["active_fraction"] = float((act > 0).mean()) if len(act) else math.nan
+        s.add(H.figure(f"../figures/{name}", f"Per-image mean activation of latent {j}; "
+                       f"active on {info['active_fraction']:.1%} of the images."))
+
+    def fill_association(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        from ..analysis.stats import auroc
+
+        rows_out = []
+        for concept in dict.fromkeys([m.concept] + [x.concept for x in self.report.models]):
+            _, y, act = self.activations(j, m, concept)
+            both = 0 < y.sum() < len(y)
+            rows_out.append({"concept": concept, "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum()),
+                             "mean_class0": float(act[y == 0].mean()) if (y == 0).any() else math.nan,
+                             "mean_class1": float(act[y == 1].mean()) if (y == 1).any() else math.nan,
+                             "auroc": auroc(y, act) if both else math.nan})
+        info["association"] = rows_out
+        s.add(H.note("Mean of the per-image mean activation in each class, and the AUROC of that "
+                     "activation as a score for the concept (0.5 = no association)."))
+        s.add(H.table(rows_out, ["concept", "n_pos", "n_neg", "mean_class0", "mean_class1", "auroc"],
+                      headers=["concept", "positives", "negatives", "mean (class 0)", "mean (class 1)",
+                               "AUROC"], digits=4))
+
+    def fill_logit(self, j: int, s: H.Section, info: dict[str, Any]) -> None:
+        from .build import SECTION_ERRORS
+
+        rows_out, problems = [], []
+        for m in self.report.models:
+            try:
+                v_h = self.readout(m)
+            except SECTION_ERRORS as exc:  # one model's missing head must not hide the others
+                problems.append(f"{m.name}: {exc}")
+                continue
+            row = {"model": m.name, "v": float(v_h[j]),
+                   "rank_abs": int((np.abs(v_h) > abs(v_h[j])).sum()) + 1, "shift_pos": math.nan}
+            try:
+                _, y, act = self.activations(j, m, m.concept)
+                if (y == 1).any():
+                    row["shift_pos"] = float(v_h[j] * act[y == 1].mean())
+            except SECTION_ERRORS as exc:
+                problems.append(f"{m.name} activations: {exc}")
+            rows_out.append(row)
+        if not rows_out:
+            raise MammoSaeError("; ".join(problems) or "no models")
+        info["logit_effect"] = rows_out
+        s.add(H.note("v = w · W_dec[:, j]: by the pooled identity, one unit of mean activation of this "
+                     "latent moves the model's concept logit by v. Shift = v × its mean activation on "
+                     "the model's own positive images."))
+        s.add(H.table(rows_out, ["model", "v", "rank_abs", "shift_pos"],
+                      headers=["model", "v (logit per unit)", "rank by |v|", "logit shift on positives"],
+                      digits=4))
+        for p in problems:
+            s.add(H.note(p))
+
+    def fill_scores(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        flags = sorted({f for results in self.report.separation_results.values()
+                        for r in results.values() for e in r.get("flagged", []) or []
+                        if isinstance(e, dict) and e.get("index") == j for f in e.get("flags", [])})
+        info["flags"] = flags
+        sums = self.summaries(m)
+        info["off_breast_score"] = float(sums.off_breast_score()[j])
+        info["confounder_score"] = float(sums.confounder_score()[j])
+        s.add(H.kpis({"off-breast score": info["off_breast_score"],
+                      "confounder score": info["confounder_score"]}))
+        s.add(H.note("Off-breast: share of the latent's activation mass on cells with breast-tissue "
+                     "fraction < 0.5. Confounder: share of its mass on marker-carrying images that lies "
+                     "inside the marker's box (phantom only; — where the data has no marker)."))
+        if flags:
+            s.add(f'<p class="flag">Flagged by the separation stage: {H.esc(", ".join(flags))}</p>')

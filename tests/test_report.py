@@ -1,0 +1,266 @@
+"""`mammo-sae report` on a small fabricated run directory.
+
+The run holds real (tiny) artefacts where the report opens them itself (two activation stores,
+an SAE, two phantom-architecture classifiers, PNG mammograms) and analysis outputs made by the
+analysis library functions (fidelity, localisation, separation) or written in their documented
+JSON/CSV layouts (top-k sweeps, rankings, the SAE training log). Headless Chromium renders the
+page when it is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from mammo_sae.activations.store import write_store
+from mammo_sae.analysis.fidelity import fidelity
+from mammo_sae.analysis.intervene import head_from_classifier, sae_readout, sweep
+from mammo_sae.analysis.localize import localize
+from mammo_sae.analysis.separation import model_separation, public
+from mammo_sae.analysis.summaries import compute_summaries, labelled_rows
+from mammo_sae.cli import main
+from mammo_sae.data.records import Box, ImageRecord
+from mammo_sae.errors import MammoSaeError
+from mammo_sae.io import write_json
+from mammo_sae.models.checkpoints import save_model
+from mammo_sae.models.classifier import ConceptClassifier
+from mammo_sae.models.registry import create_encoder
+from mammo_sae.report.build import build_report
+from mammo_sae.sae.checkpoints import save_sae
+from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
+
+FRAME = (128, 96)
+GRID = (4, 3)
+D, H = 640, 32            # efficientnet-phantom's channels; a small SAE
+N_TEST, N_TRAIN = 10, 2
+CHROMIUM = Path("/usr/bin/chromium")
+KS = (0, 1, 5, 10, 32)
+MODELS = (("Mass-pretrained", "pretrained"), ("Mass-finetuned", "Mass-finetuned"))
+
+
+def _records(data_dir: Path) -> list[ImageRecord]:
+    rng = np.random.default_rng(1)
+    out = []
+    for i in range(N_TEST + N_TRAIN):
+        path = data_dir / f"im{i}.png"
+        Image.fromarray(rng.integers(0, 255, FRAME, dtype=np.uint8)).save(path)
+        mass = int(i % 2 == 0)
+        boxes = (Box("Mass", 32.0, 32.0, 64.0, 64.0),) if mass else ()
+        out.append(ImageRecord(image_id=f"hash{i:03d}", patient_id=f"patient{i}",
+                               split="test" if i < N_TEST else "training", path=path,
+                               labels={"Mass": mass}, boxes=boxes, frame_hw=FRAME))
+    return out
+
+
+def _acts(seed: int, records: list[ImageRecord]) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    acts = []
+    for r in records:
+        a = rng.random((GRID[0] * GRID[1], D), dtype=np.float32)
+        if r.labels["Mass"]:
+            a[4, :64] += 2.0            # the Mass cell lights up a block of channels
+        acts.append(a)
+    return acts
+
+
+def _tiny_png(path: Path) -> None:
+    """A stand-in for a stage's figure (drawing the real ones costs seconds)."""
+    Image.fromarray(np.tile(np.arange(0, 250, 10, dtype=np.uint8), (20, 1))).save(path)
+
+
+def make_run(run: Path) -> Path:
+    """A complete small run directory (see the module docstring)."""
+    (run / "data").mkdir(parents=True)
+    records = _records(run / "data")
+    (run / "config.yaml").write_text("name: tiny\nseed: 0\nextract:\n  eval_split: test\n")
+    for k, stage in enumerate(("data", "models", "extract", "sae", "probe", "intervene", "fidelity",
+                               "localize", "separation")):
+        write_json(run / "stages" / f"{stage}.json",
+                   {"schema_version": 1, "stage": stage, "key": f"{k:016x}", "seconds": 1.5 * k, "outputs": {}})
+    write_json(run / "data" / "summary.json", {"n_images": len(records)})
+
+    sae = SparseAutoencoder(SAEConfig(d=D, h=H), seed=0)
+    save_sae(sae, run / "sae" / "model")
+    log = [{"step": s, "loss": 1.0 / s, "fvu": 0.5 / s, "l0": 10 + s, "dead_fraction": 0.01 * s,
+            "patches_per_s": 1000.0 + s} for s in range(1, 21)]
+    (run / "sae" / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+
+    torch.manual_seed(0)
+    entries, metrics, results, fid = [], {}, {}, {}
+    for (name, key), seed in zip(MODELS, (2, 3)):
+        clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass")
+        save_model(clf, run / "models" / name / "model")
+        entries.append({"name": name, "concept": "Mass", "variant": name.split("-")[1],
+                        "classifier": str(run / "models" / name / "model"), "encoder_key": key})
+        metrics[name] = {"auroc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9},
+                         "auprc": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7}, "n": N_TEST, "n_pos": 5}
+        store = write_store(run / "stores" / f"{key}-test", _acts(seed, records),
+                            grids=[GRID] * len(records), records=records)
+        sums = compute_summaries(store, sae, progress=False)
+        rows, y = labelled_rows(store.images, "Mass", split="test")
+        head = head_from_classifier(clf)
+        fid[name] = {"concept": "Mass", **fidelity(sums, store.pooled_nd, rows, y, sae, head, n_boot=50)}
+        results[name] = model_separation(sums, rows, y)
+        mean1 = np.asarray(sums.mean_rows(rows[y == 1]).mean(axis=0)).ravel()
+        order = np.argsort(-mean1, kind="stable")
+        write_json(run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
+                   [{"rank": r, "index": int(j), "importance": float(mean1[j])} for r, j in enumerate(order)])
+        loc = localize(store, sae, "Mass", [int(j) for j in order[:3]], progress=False)
+        out = run / "analysis" / "localize" / name
+        write_json(out / "localization.json", loc.to_json())
+        _tiny_png(out / "figure3.png")
+        # intervene.json (`results` rows) for one model, intervene.csv alone for the other
+        v_h, c = sae_readout(sae, head)
+        res = sweep(sums.mean_rows(rows), y, v_h, c, [order[::-1], order], KS, n_boot=50)
+        out = run / "analysis" / "intervene" / name
+        if name == "Mass-pretrained":
+            write_json(out / "intervene.json", {"schema_version": 1, "concept": "Mass", "results": res.rows()})
+        else:
+            out.mkdir(parents=True)
+            pd.DataFrame(res.rows()).to_csv(out / "intervene.csv", index=False)
+    write_json(run / "analysis" / "fidelity" / "fidelity.json", {"schema_version": 1, "results": fid})
+    write_json(run / "models" / "models.json", {"schema_version": 1, "models": entries, "test_metrics": metrics})
+    sep = run / "analysis" / "separation" / "Mass"
+    write_json(sep / "separation.json", {"schema_version": 1, "models": {k: public(v) for k, v in results.items()}})
+    _tiny_png(sep / "figure4.png")
+    return run
+
+
+@pytest.fixture(scope="module")
+def report_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    run = make_run(tmp_path_factory.mktemp("report") / "run")
+    return run, build_report(run, strict=True, top_latents=2, progress=False)
+
+
+class _Images(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.srcs: list[str] = []
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "img" and a.get("src"):
+            self.srcs.append(a["src"] or "")
+        if tag == "a" and a.get("href"):
+            self.hrefs.append(a["href"] or "")
+
+
+def _links(page: Path) -> _Images:
+    parser = _Images()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Path]) -> None:
+    run, index = report_run
+    assert index == run / "report" / "index.html"
+    text = index.read_text(encoding="utf-8")
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert data["problems"] == {}
+    # Table 1: one row per model with the original and SAE AUROC of the fidelity files.
+    fid = json.loads((run / "analysis" / "fidelity" / "fidelity.json").read_text())["results"]["Mass-finetuned"]
+    row = next(r for r in data["table1"] if r["model"] == "Mass-finetuned")
+    assert row["auroc_original"] == pytest.approx(fid["original"]["auroc"])
+    assert row["auroc_sae"] == pytest.approx(fid["sae"]["auroc"])
+    assert row["fvu"] == pytest.approx(fid["fvu"])
+    assert f"{fid['sae']['auroc']:.3f}" in text
+    # Figure 2 from both sweeps, Table 2 with the localised latents, separation per model.
+    assert set(data["figure2"]) == {"Mass-pretrained", "Mass-finetuned"}
+    for name in data["figure2"]:
+        assert data["figure2"][name]["on"]["ks"] == list(KS) == data["figure2"][name]["off"]["ks"]
+    csv = pd.read_csv(run / "analysis" / "intervene" / "Mass-finetuned" / "intervene.csv")
+    assert data["figure2"]["Mass-finetuned"]["off"]["auroc"] == \
+        pytest.approx(csv[csv["mode"] == "off"]["auroc"].tolist())
+    loc = json.loads((run / "analysis" / "localize" / "Mass-pretrained" / "localization.json").read_text())
+    assert [r["latent"] for r in data["table2"]["Mass-pretrained"]["latents"]] == \
+        [r["latent"] for r in loc["latents"]]
+    assert {r["model"] for r in data["separation"]["Mass"]} == {"Mass-pretrained", "Mass-finetuned"}
+    assert [s["stage"] for s in data["run"]["stages"]][:3] == ["data", "models", "extract"]
+    assert "patient" not in text  # no patient identifiers, only hashed image ids
+    for fig in ("figure2_topk.png", "sae_training.png"):
+        assert f"figures/{fig}" in data["figures"]
+
+
+def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -> None:
+    run, index = report_run
+    data = json.loads((run / "report" / "report.json").read_text())
+    latents = data["latents"]
+    top = {j for lats in data["top_latents"].values() for j in lats}
+    assert {int(j) for j in latents} == top and len(top) >= 2
+    hrefs = _links(index).hrefs
+    for j, info in latents.items():
+        assert f"latents/{j}.html" in hrefs
+        page = run / "report" / "latents" / f"{j}.html"
+        html = page.read_text(encoding="utf-8")
+        assert "patient" not in html
+        assert len(info["logit_effect"]) == 2 and np.isfinite(info["logit_effect"][0]["v"])
+        assert {r["concept"] for r in info["association"]} == {"Mass"}
+        if info.get("top_images"):
+            acts = [t["mean_activation"] for t in info["top_images"]]
+            assert acts == sorted(acts, reverse=True)
+        for src in _links(page).srcs:
+            assert (page.parent / src).is_file(), src
+
+
+def test_report_of_a_partial_run_notes_what_did_not_run(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: partial\n")
+    index = build_report(run, progress=False)
+    text = index.read_text(encoding="utf-8")
+    assert text.count("not run") >= 5
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert "fidelity" in data["run"]["not_run"] and data["problems"] == {}
+
+
+def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "analysis" / "fidelity").mkdir(parents=True)
+    (run / "analysis" / "fidelity" / "fidelity.json").write_text("{not json")
+    index = build_report(run, progress=False)
+    data = json.loads((run / "report" / "report.json").read_text())
+    assert "corrupt JSON" in data["problems"]["table1"]
+    assert "could not be built" in index.read_text()
+    with pytest.raises(MammoSaeError, match="corrupt JSON"):
+        build_report(run, strict=True, progress=False)
+    with pytest.raises(MammoSaeError, match="run directory not found"):
+        build_report(tmp_path / "missing")
+
+
+def test_cli_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    assert main(["report", "--run", str(run), "--out", str(tmp_path / "web"), "--no-progress"]) == 0
+    assert (tmp_path / "web" / "index.html").is_file()
+    assert str(tmp_path / "web" / "index.html") in capsys.readouterr().out
+    assert main(["report", "--run", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None,
+                    reason="headless render needs Debian's chromium at /usr/bin/chromium")
+def test_report_renders_in_headless_chromium(report_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, index = report_run
+    parser = _links(index)
+    assert parser.srcs, "the report shows no figures"
+    for src in parser.srcs:
+        assert not src.startswith(("http:", "https:", "//")), src
+        assert (index.parent / src).is_file(), src
+    shot = tmp_path / "shot.png"
+    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
+           index.resolve().as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
+    assert pixels.shape == (2000, 1280)
+    assert pixels.std() > 10.0, "screenshot is blank"

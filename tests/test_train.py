@@ -1,0 +1,184 @@
+"""Concept classifier training: pretext, linear probe, finetune, eval (tiny phantom, CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mammo_sae.cli import main
+from mammo_sae.errors import MammoSaeError
+from mammo_sae.models import train as T
+
+SIZE = [128, 80]          # the tiny phantom is 256x160; half size keeps every run ~1 s
+
+
+def _train_cfg(data: Path, out: Path, init: str, **kw: object) -> T.TrainConfig:
+    base = dict(data=data, concept="Mass", out=out, init=init, epochs=1, batch_size=8, lr=1e-3,
+                image_size=SIZE, progress=False, val_fraction=0.3, seed=1)
+    base.update(kw)
+    return T.TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def pretext_encoder(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("pretext")
+    rc = main(["classifier", "pretrain", "--data", str(tiny_phantom), "--out", str(out), "--epochs", "1",
+               "--batch-size", "8", "--image-size", "128,80", "--no-progress"])
+    assert rc == 0
+    return out / "model"
+
+
+def _encoder_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from mammo_sae.models.checkpoints import load_image_encoder
+
+    return {k: v.clone() for k, v in load_image_encoder(path).state_dict().items()}
+
+
+def test_pretrain_writes_encoder_and_log(pretext_encoder: Path) -> None:
+    run = pretext_encoder.parent
+    log = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [1]
+    assert {"loss", "val_accuracy", "lr", "images_per_s"} <= set(log[0])
+    config = json.loads((pretext_encoder / "config.json").read_text())
+    assert config["kind"] == "encoder" and config["pretext_tasks"] == ["density", "view", "laterality"]
+
+
+def test_cli_linear_probe_finetune_and_eval(tiny_phantom: Path, pretext_encoder: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    for mode in ("linear-probe", "finetune"):
+        out = tmp_path / mode
+        rc = main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass", "--mode", mode,
+                   "--init", str(pretext_encoder), "--out", str(out), "--epochs", "1", "--lr", "1e-3",
+                   "--image-size", "128,80", "--no-progress"])
+        assert rc == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["selection_split"] == "validation" and summary["mode"] == mode
+        result_path = tmp_path / f"{mode}.json"
+        rc = main(["classifier", "eval", "--data", str(tiny_phantom), "--model", str(out / "model"),
+                   "--concept", "Mass", "--split", "test", "--image-size", "128,80", "--n-boot", "50",
+                   "--out", str(result_path), "--no-progress"])
+        assert rc == 0
+        result = json.loads(result_path.read_text())
+        a = result["auroc"]
+        assert 0.0 <= a["ci_low"] <= a["value"] <= a["ci_high"] <= 1.0
+        assert result["split"] == "test" and result["n"] == 10 and result["model_concept"] == "Mass"
+        scores = np.loadtxt(result_path.with_suffix(".csv"), delimiter=",", skiprows=1, usecols=3)
+        assert scores.shape == (10,) and np.all((scores > 0) & (scores < 1))
+    assert "AUROC" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precompute", [True, False])
+def test_linear_probe_freezes_weights_and_bn_statistics(tiny_phantom: Path, pretext_encoder: Path,
+                                                        tmp_path: Path, precompute: bool) -> None:
+    from mammo_sae.models.checkpoints import load_classifier
+
+    before = _encoder_tensors(pretext_encoder)
+    cfg = _train_cfg(tiny_phantom, tmp_path, str(pretext_encoder), mode="linear-probe",
+                     precompute_features=precompute, epochs=2)
+    T.train_classifier(cfg)
+    model = load_classifier(tmp_path / "model")
+    after = model.encoder.state_dict()
+    assert any("running_var" in k for k in before)
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []
+    # The checkpoint of the last epoch, too (what a resume continues from).
+    assert _encoder_tensors(tmp_path / "checkpoints" / "last").keys() == before.keys()
+
+
+def test_finetune_moves_weights_and_bn_statistics(tiny_phantom: Path, pretext_encoder: Path, tmp_path: Path) -> None:
+    """The counterpart of the linear-probe test: the same comparison does detect changes."""
+    before = _encoder_tensors(pretext_encoder)
+    T.train_classifier(_train_cfg(tiny_phantom, tmp_path, str(pretext_encoder), mode="finetune"))
+    after = _encoder_tensors(tmp_path / "checkpoints" / "last")
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert any(k.endswith("running_mean") for k in changed)
+    assert any(k.endswith("weight") and "bn" not in k for k in changed)
+
+
+def test_resume_reproduces_an_uninterrupted_run(tiny_phantom: Path, pretext_encoder: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    kw = dict(mode="finetune", epochs=2, init=str(pretext_encoder))
+    straight = _train_cfg(tiny_phantom, tmp_path / "straight", **kw)  # type: ignore[arg-type]
+    T.train_classifier(straight)
+
+    real_save = T._save_checkpoint
+    calls = {"n": 0}
+
+    def save_then_crash(*args: object, **kwargs: object) -> None:
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+        calls["n"] += 1
+        raise KeyboardInterrupt      # "killed" right after the first epoch's checkpoint
+
+    monkeypatch.setattr(T, "_save_checkpoint", save_then_crash)
+    interrupted = dataclasses.replace(straight, out=tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        T.train_classifier(interrupted)
+    monkeypatch.setattr(T, "_save_checkpoint", real_save)
+    with pytest.raises(MammoSaeError, match="--resume"):
+        T.train_classifier(interrupted)
+    with pytest.raises(MammoSaeError, match="lr"):
+        T.train_classifier(dataclasses.replace(interrupted, resume=True, lr=0.5))
+    T.train_classifier(dataclasses.replace(interrupted, resume=True))
+
+    a = _encoder_tensors(tmp_path / "straight" / "checkpoints" / "last")
+    b = _encoder_tensors(tmp_path / "resumed" / "checkpoints" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log_a = [json.loads(x) for x in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    log_b = [json.loads(x) for x in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [e["loss"] for e in log_a] == [e["loss"] for e in log_b] and len(log_b) == 2
+
+
+def test_validation_split_is_patient_disjoint_and_never_test(tiny_phantom: Path) -> None:
+    from mammo_sae.data.vindr import load_records
+
+    records = load_records(tiny_phantom, level="row")
+    assert {r.split for r in records} == {"training", "test"}
+    y = T.concept_targets(records, "Mass")
+    train, val = T.split_train_val(records, val_fraction=0.3, seed=0, strata=y)
+    assert {r.split for r in train + val} == {"training"}
+    assert {r.patient_id for r in train}.isdisjoint({r.patient_id for r in val})
+    assert len(train) + len(val) == sum(r.split == "training" for r in records)
+    assert {r.labels["Mass"] for r in val} == {0, 1}      # stratified: both classes to select on
+    # Order-independent (hash of patient id), different seeds give different splits.
+    train_rev, val_rev = T.split_train_val(records[::-1], val_fraction=0.3, seed=0, strata=y[::-1])
+    assert {r.image_id for r in val_rev} == {r.image_id for r in val}
+    folds = sorted({r.fold for r in records if r.split == "training"})
+    _, val_fold = T.split_train_val(records, val_fraction=0.3, seed=0, val_fold=folds[0])
+    patients = {r.patient_id for r in val_fold}
+    assert {r.fold for r in records if r.patient_id in patients} == {folds[0]}
+    with pytest.raises(MammoSaeError, match="--val-fold"):
+        T.split_train_val(records, val_fraction=0.3, seed=0, val_fold=99)
+
+
+def test_select_on_test_says_so(tiny_phantom: Path, pretext_encoder: Path, tmp_path: Path,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = _train_cfg(tiny_phantom, tmp_path, str(pretext_encoder), mode="linear-probe", select_on="test")
+    summary = T.train_classifier(cfg)
+    assert summary["selection_split"] == "test" and "TEST" in summary["warning"]
+    assert "TEST split" in capsys.readouterr().out
+    result = T.evaluate_classifier(T.EvalConfig(data=tiny_phantom, model=tmp_path / "model", concept="Mass",
+                                                image_size=SIZE, n_boot=0, progress=False))
+    assert "TEST" in result["model_selection"]
+
+
+def test_bad_concept_lists_valid_ones(tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Masss", "--init",
+               "efficientnet-phantom", "--out", str(tmp_path / "x"), "--no-progress"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "Masss" in err and "Mass" in err and "Suspicious_Calcification" in err
+    rc = main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass", "--init",
+               "no-such-arch", "--out", str(tmp_path / "y"), "--no-progress"])
+    assert rc == 2 and "efficientnet-phantom" in capsys.readouterr().err
+
+
+def test_warmup_cosine_schedule() -> None:
+    lrs = [T.warmup_cosine(s, 10, 100) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[-1] < 1e-3
