@@ -308,7 +308,7 @@ def _summaries_from(mean_nh: np.ndarray, conf_share: np.ndarray) -> LatentSummar
     zeros = np.zeros(h)
     return LatentSummaries(
         mean_nh=sp.csr_matrix(mean_nh.astype(np.float32)), max_nh=sp.csr_matrix(mean_nh.astype(np.float32)),
-        n_positions_n=np.full(n, 10), n_cells_n=np.full(n, 10), sq_norm_n=np.ones(n), sse_n=np.zeros(n),
+        n_positions_n=np.full(n, 10), n_cells_n=np.full(n, 10), ss_within_n=np.ones(n), sse_n=np.zeros(n),
         l0_n=np.ones(n), x_mean_nd=np.zeros((n, 2), np.float32), mass_h=mass, tissue_known_mass_h=zeros,
         off_breast_mass_h=zeros, marked_mass_h=mass, confounder_mass_h=conf_share,
         meta={"marked_positions": 100, "confounder_positions": 4})

@@ -22,7 +22,8 @@ CONCEPT = "Mass"
 
 def build_chain(root: Path, *, n_images: int = 64, hw: tuple[int, int] = (256, 160), seed: int = 0,
                 pretrain_epochs: int = 4, finetune_epochs: int = 4, probe_epochs: int = 20,
-                sae_epochs: int = 30, expansion: int = 4, progress: bool = False) -> dict[str, Path]:
+                sae_epochs: int = 10, expansion: int = 4, sae_k: int = 16,
+                progress: bool = False) -> dict[str, Path]:
     """Run (or reuse) every upstream stage; returns the paths the analyses need."""
     from mammo_sae.activations.extract import ExtractConfig, extract
     from mammo_sae.data.phantom import PhantomConfig, generate
@@ -50,10 +51,12 @@ def build_chain(root: Path, *, n_images: int = 64, hw: tuple[int, int] = (256, 1
             out[f"store_{variant}_{split}"] = store
     sae_dir = root / "sae"
     if not (sae_dir / "cfg.json").exists():
-        train_sae(SaeTrainConfig(store=out["store_finetuned_training"], out=sae_dir, expansion=expansion,
-                                 epochs=sae_epochs, batch_size=256, lr=1e-3, l1_coeff=1e-4,
-                                 resample_every=0, device="cpu", progress=progress,
-                                 measure_matmul=False, eval_patches=0))
+        # TopK with centre-scale normalisation: the phantom features are tiny (‖x‖² ≈ 0.4 over
+        # 640 channels), so a relu-l1 λ would need tuning per run; TopK fixes L0 instead.
+        train_sae(SaeTrainConfig(store=out["store_finetuned_training"], out=sae_dir, architecture="topk",
+                                 k=sae_k, normalisation="centre-scale", expansion=expansion,
+                                 epochs=sae_epochs, batch_size=256, lr=1e-3, device="cpu",
+                                 progress=progress, measure_matmul=False, eval_patches=0))
     out["sae"] = sae_dir
     return out
 

@@ -242,3 +242,19 @@ def test_cli_extract(data_dir: Path, tmp_path: Path) -> None:
     assert main(argv) == 0
     assert ActivationStore(tmp_path / "cli").n_images == 2
     assert main(argv[:-2] + ["--max-images", "3"]) == 2  # other settings → exit 2
+
+
+def test_checkpoint_model_uses_the_classifiers_encoder(reference: Path, data_dir: Path,
+                                                       tmp_path: Path) -> None:
+    from mammo_sae.models.checkpoints import checkpoint_sha256, save_model
+    from mammo_sae.models.classifier import ConceptClassifier
+
+    encoder, _ = load_encoder(ARCH, seed=0)  # the reference store's weights
+    clf_dir = save_model(ConceptClassifier(encoder, 1), tmp_path / "clf")
+    enc_dir = save_model(encoder, tmp_path / "enc")
+    for ckpt, kind in ((clf_dir, "classifier"), (enc_dir, "image_encoder")):
+        store = ActivationStore(extract(_cfg(data_dir, tmp_path / kind, model=str(ckpt), max_images=2),
+                                        progress=False))
+        assert store.manifest["model"]["kind"] == kind
+        assert store.manifest["model"]["sha256"] == checkpoint_sha256(ckpt)
+        np.testing.assert_array_equal(store.pooled_nd, ActivationStore(reference).pooled_nd[:2])

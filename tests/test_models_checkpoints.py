@@ -110,11 +110,13 @@ class _FunctionPayload:
         return (_make_file, (self.target,))
 
 
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 @pytest.mark.parametrize("payload_cls", [_OpenPayload, _FunctionPayload])
-def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path, payload_cls: type) -> None:
+def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path, payload_cls: type, zip_format: bool) -> None:
     target = tmp_path / "created_by_pickle"
     ckpt = tmp_path / "evil.pth"
-    torch.save({"model": {"image_encoder._conv_stem.weight": torch.zeros(1)}, "extra": payload_cls(target)}, ckpt)
+    torch.save({"model": {"image_encoder._conv_stem.weight": torch.zeros(1)}, "extra": payload_cls(target)}, ckpt,
+               _use_new_zipfile_serialization=zip_format)
     with pytest.raises(CheckpointError, match="refused"):
         load_image_encoder(ckpt)
     with pytest.raises(CheckpointError, match="refused"):

@@ -181,3 +181,16 @@ def test_b5_runs_at_512x320() -> None:
         out = enc.forward_features(torch.randn(1, 3, 512, 320), ["blocks.13", "final"])
     assert out["final"].shape == (1, 2048, 16, 10)
     assert out["blocks.13"].shape == (1, 128, 32, 20) and enc.layer_info["blocks.13"] == LayerInfo(16, 128)
+
+
+def test_swish_training_path_matches_reference_formula() -> None:
+    from mammo_sae.models.efficientnet import swish
+
+    x = torch.linspace(-20, 20, 1001, requires_grad=True)
+    y = swish(x)  # fused F.silu while gradients flow
+    with torch.no_grad():
+        ref = swish(x)  # x * sigmoid(x), as the reference computes it
+    torch.testing.assert_close(y.detach(), ref, rtol=1e-6, atol=1e-7)
+    y.sum().backward()
+    s = torch.sigmoid(x.detach())
+    torch.testing.assert_close(x.grad, s * (1 + x.detach() * (1 - s)), rtol=1e-5, atol=1e-6)

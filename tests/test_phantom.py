@@ -140,6 +140,17 @@ def test_findings_change_only_pixels_inside_their_boxes(tmp_path: Path) -> None:
         assert changed.any() and not (changed & ~inside).any()
 
 
+def test_findings_and_marker_leave_min_and_max_unchanged(tmp_path: Path) -> None:
+    """Per-image min-max normalisation must not become a global cue for findings or marker."""
+    cfg = _cfg(tmp_path, n_images=12, mass_prevalence=1.0, calc_prevalence=1.0, confounder_concept="none")
+    for spec in plan(cfg):
+        full = render_image(spec, cfg.height, cfg.width, cfg.seed).pixels_hw
+        bare = render_image(dataclasses.replace(spec, findings=(), marker=False), cfg.height, cfg.width,
+                            cfg.seed).pixels_hw
+        assert (full.min(), full.max()) == (bare.min(), bare.max()) and full.min() == 0
+        assert (full != bare).any()
+
+
 def test_calcification_specks_stay_visible_at_256x160(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, n_images=16, height=256, width=160, mass_prevalence=0.0, calc_prevalence=1.0)
     for spec in plan(cfg):

@@ -10,6 +10,7 @@ page when it is installed.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -86,7 +87,9 @@ def make_run(run: Path) -> Path:
                                "localize", "separation")):
         write_json(run / "stages" / f"{stage}.json",
                    {"schema_version": 1, "stage": stage, "key": f"{k:016x}", "seconds": 1.5 * k, "outputs": {}})
-    write_json(run / "data" / "summary.json", {"n_images": len(records)})
+    write_json(run / "data" / "summary.json", {"schema_version": 1, "splits": {
+        "all": {"images": len(records), "patients": len(records), "positives": {"image": {"Mass": 6}}}},
+        "missing_images": {"count": 1, "first": ["images_png/patient7/x.png"]}})
 
     sae = SparseAutoencoder(SAEConfig(d=D, h=H), seed=0)
     save_sae(sae, run / "sae" / "model")
@@ -174,6 +177,9 @@ def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Pat
     assert row["auroc_sae"] == pytest.approx(fid["sae"]["auroc"])
     assert row["fvu"] == pytest.approx(fid["fvu"])
     assert f"{fid['sae']['auroc']:.3f}" in text
+    head = {r["model"]: r for r in data["headlines"]}
+    assert head["Mass-finetuned"]["auroc_sae"] == pytest.approx(fid["sae"]["auroc"])
+    assert head["Mass-finetuned"]["auroc_test"] == pytest.approx(0.8)
     # Figure 2 from both sweeps, Table 2 with the localised latents, separation per model.
     assert set(data["figure2"]) == {"Mass-pretrained", "Mass-finetuned"}
     for name in data["figure2"]:
@@ -186,7 +192,8 @@ def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Pat
         [r["latent"] for r in loc["latents"]]
     assert {r["model"] for r in data["separation"]["Mass"]} == {"Mass-pretrained", "Mass-finetuned"}
     assert [s["stage"] for s in data["run"]["stages"]][:3] == ["data", "models", "extract"]
-    assert "patient" not in text  # no patient identifiers, only hashed image ids
+    assert not re.search(r"patient\d", text)  # no patient identifiers, only hashed image ids
+    assert data["dataset"] == [{"split": "all", "images": 12, "patients": 12, "Mass +": 6}]
     for fig in ("figure2_topk.png", "sae_training.png"):
         assert f"figures/{fig}" in data["figures"]
 
@@ -202,7 +209,7 @@ def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -
         assert f"latents/{j}.html" in hrefs
         page = run / "report" / "latents" / f"{j}.html"
         html = page.read_text(encoding="utf-8")
-        assert "patient" not in html
+        assert not re.search(r"patient\d", html)
         assert len(info["logit_effect"]) == 2 and np.isfinite(info["logit_effect"][0]["v"])
         assert {r["concept"] for r in info["association"]} == {"Mass"}
         if info.get("top_images"):

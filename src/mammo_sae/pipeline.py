@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,7 +104,19 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
                             f"got {cfg.models.kind!r}")
     if cfg.data.kind == "folds" and not cfg.data.path:
         raise MammoSaeError(f"{path}: data.path is required when data.kind is folds")
+    # User paths may use ~ and ${ENV_VARS}; relative paths are relative to the working directory.
+    if cfg.data.path:
+        cfg.data.path = _expand(cfg.data.path)
+    cfg.models.checkpoints = {concept: {v: _expand(p) for v, p in variants.items()}
+                              for concept, variants in cfg.models.checkpoints.items()}
     return cfg
+
+
+def _expand(path: str) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(str(path)))
+    if "$" in expanded:
+        raise MammoSaeError(f"path {path!r} uses an environment variable that is not set")
+    return expanded
 
 
 def build_options(cls: type, overrides: dict[str, Any], where: str, **fixed: Any) -> Any:
@@ -300,6 +313,123 @@ class Pipeline:
             done.append(item)
         write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": done})
         return {"stores": [Path(d["out"]).name for d in done]}
+
+    # ---------------------------------------------------------------- sae
+    def stage_sae(self) -> dict[str, Any]:
+        from .sae.train import TrainConfig as SaeTrainConfig, train_sae
+
+        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(self.run / "stores" / "sae-train"),
+                            out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
+        out = train_sae(cfg)
+        return {"sae": str(out)}
+
+    # ---------------------------------------------------------------- analyses
+    def _analysis(self, name: str) -> Path:
+        return self.run / "analysis" / name
+
+    def _opts(self, cls: type, stage: str, where: str, **fixed: Any) -> Any:
+        """A command config from the pipeline's values and the user's `analysis.<stage>` overrides."""
+        common = {"device": self.cfg.device, "cache_dir": str(self._analysis("summaries"))}
+        names = {f.name for f in dataclasses.fields(cls)}
+        fixed = {**{k: v for k, v in common.items() if k in names}, **fixed}
+        overrides = {k: v for k, v in getattr(self.cfg.analysis, stage).items() if k in names}
+        unknown = sorted(set(getattr(self.cfg.analysis, stage)) - names)
+        if unknown:
+            raise MammoSaeError(f"analysis.{stage}: unknown option(s) {unknown}; valid: {sorted(names)}")
+        return build_options(cls, overrides, where, **fixed)
+
+    def stage_summaries(self) -> dict[str, Any]:
+        from .analysis.commands import SummarizeConfig, run_summarize
+
+        done = []
+        for key in self.encoders():
+            for split in dict.fromkeys((self.cfg.extract.rank_split, self.cfg.extract.eval_split)):
+                store = self.store_dir(key, split)
+                run_summarize(self._opts(SummarizeConfig, "summaries", "analysis.summaries",
+                                         store=str(store), sae=str(self.sae_dir)))
+                done.append(store.name)
+        return {"stores": done}
+
+    def stage_probe(self) -> dict[str, Any]:
+        from .analysis.commands import ProbeConfig, run_probe
+
+        out = {}
+        for m in self.models():
+            target = self._analysis("probe") / m.name
+            run_probe(self._opts(ProbeConfig, "probe", "analysis.probe",
+                                 store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
+                                 sae=str(self.sae_dir), concept=m.concept, out=str(target),
+                                 split=self.cfg.extract.rank_split, level=self.cfg.data.level))
+            out[m.name] = str(target)
+        return out
+
+    def stage_intervene(self) -> dict[str, Any]:
+        from .analysis.commands import InterveneConfig, run_intervene
+
+        out = {}
+        for m in self.models():
+            target = self._analysis("intervene") / m.name
+            run_intervene(self._opts(InterveneConfig, "intervene", "analysis.intervene",
+                                     store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                                     sae=str(self.sae_dir), classifier=m.classifier, concept=m.concept,
+                                     out=str(target), rankings=str(self._analysis("probe") / m.name),
+                                     split=self.cfg.extract.eval_split, level=self.cfg.data.level,
+                                     label=m.name))
+            out[m.name] = str(target)
+        return out
+
+    def stage_fidelity(self) -> dict[str, Any]:
+        from .analysis.commands import FidelityConfig, run_fidelity
+
+        models = self.models()
+        target = self._analysis("fidelity")
+        run_fidelity(self._opts(
+            FidelityConfig, "fidelity", "analysis.fidelity",
+            stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)) for m in models],
+            classifiers=[m.classifier for m in models], names=[m.name for m in models],
+            sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.eval_split,
+            level=self.cfg.data.level))
+        return {"fidelity": str(target)}
+
+    def stage_localize(self) -> dict[str, Any]:
+        from .analysis.localize_commands import LocalizeConfig, run_localize
+        from .analysis.probe import ranking_file_name
+
+        out = {}
+        for m in self.models():
+            target = self._analysis("localize") / m.name
+            score = self.cfg.analysis.intervene.get("score", "centered")
+            ranking = self._analysis("probe") / m.name / ranking_file_name(1, score)
+            run_localize(self._opts(LocalizeConfig, "localize", "analysis.localize",
+                                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                                    sae=str(self.sae_dir), concept=m.concept, out=str(target),
+                                    ranking=str(ranking), split=self.cfg.extract.eval_split,
+                                    label=m.name))
+            out[m.name] = str(target)
+        return out
+
+    def stage_separation(self) -> dict[str, Any]:
+        from .analysis.commands import SeparationConfig, run_separation
+
+        out = {}
+        by_concept: dict[str, list[ModelEntry]] = {}
+        for m in self.models():
+            by_concept.setdefault(m.concept, []).append(m)
+        for concept, models in by_concept.items():
+            target = self._analysis("separation") / concept
+            run_separation(self._opts(
+                SeparationConfig, "separation", "analysis.separation",
+                stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)) for m in models],
+                names=[m.variant for m in models], sae=str(self.sae_dir), concept=concept,
+                out=str(target), split=self.cfg.extract.rank_split, level=self.cfg.data.level))
+            out[concept] = str(target)
+        return out
+
+    def stage_report(self) -> dict[str, Any]:
+        from .report.build import build_report
+
+        index = build_report(self.run)
+        return {"report": str(index)}
 
 
 # Stage order after extraction, with dependencies and descriptions.

@@ -171,8 +171,8 @@ def _layer_info(encoder: torch.nn.Module, layer: str) -> tuple[int, int]:
 def _preprocessing(size_hw: tuple[int, int] | None) -> dict[str, Any]:
     from ..data import images
 
-    desc = getattr(images, "PREPROCESSING", None)
-    return {"pipeline": dict(desc) if isinstance(desc, dict) else "mammo_sae.data.images.RecordDataset",
+    return {"pipeline": "mammo_sae.data.images.RecordDataset (per-image min-max, then (x - mean) / std)",
+            "mean": getattr(images, "MEAN", None), "std": getattr(images, "STD", None),
             "image_size": list(size_hw) if size_hw else None}
 
 
@@ -344,6 +344,9 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
         encoder, model_info = load_encoder(cfg.model, cfg.seed)
     model_info = dict(model_info or {"source": None, "kind": "given", "sha256": None,
                                      "init_seed": None, "arch": type(encoder).__name__})
+    # The forward's precision changes the vectors, so it is part of the store's identity.
+    autocast = cfg.autocast and _pick_device(cfg.device, dist.local_rank).type == "cuda"
+    model_info["forward_dtype"] = "bfloat16-autocast" if autocast else "float32"
     stride, d = _layer_info(encoder, cfg.layer)
     settings = {
         "model": model_info, "layer": cfg.layer, "preprocessing": _preprocessing(size_hw),

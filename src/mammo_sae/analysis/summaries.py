@@ -32,9 +32,9 @@ from ..data.records import CONFOUNDER
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 OFF_BREAST_TISSUE = 0.5   # a cell with less breast-mask coverage than this is "outside the breast"
-_ARRAYS = ("n_positions_n", "n_cells_n", "sq_norm_n", "sse_n", "l0_n", "x_mean_nd", "mass_h",
+_ARRAYS = ("n_positions_n", "n_cells_n", "ss_within_n", "sse_n", "l0_n", "x_mean_nd", "mass_h",
            "tissue_known_mass_h", "off_breast_mass_h", "marked_mass_h", "confounder_mass_h")
 
 
@@ -46,7 +46,7 @@ class LatentSummaries:
     max_nh: sp.csr_matrix           # float32: max of z over them
     n_positions_n: np.ndarray       # int64: stored positions per image (0 for skipped images)
     n_cells_n: np.ndarray           # int64: grid_h × grid_w per image
-    sq_norm_n: np.ndarray           # float64: Σ ||x||² over the image's positions
+    ss_within_n: np.ndarray         # float64: Σ ||x − x̄_image||² over the image's positions
     sse_n: np.ndarray               # float64: Σ ||x − x̂||² (no error term)
     l0_n: np.ndarray                # float64: Σ #active latents over positions
     x_mean_nd: np.ndarray           # float32: mean stored patch vector
@@ -89,8 +89,10 @@ class LatentSummaries:
         total = n_pos.sum()
         if total == 0:
             raise MammoSaeError("no stored positions in the selected images")
-        mu_d = (self.x_mean_nd[rows].astype(np.float64) * n_pos[:, None]).sum(0) / total
-        variance = self.sq_norm_n[rows].sum() - total * float(mu_d @ mu_d)
+        means_nd = self.x_mean_nd[rows].astype(np.float64)
+        mu_d = (means_nd * n_pos[:, None]).sum(0) / total
+        # Total sum of squares = within-image + between-image parts (no cancellation).
+        variance = self.ss_within_n[rows].sum() + float((n_pos * ((means_nd - mu_d) ** 2).sum(1)).sum())
         active = np.zeros(self.h, dtype=bool)
         active[np.unique(self.mean_nh[rows].indices)] = True
         return {"fvu": float(self.sse_n[rows].sum() / variance) if variance > 0 else float("nan"),
@@ -210,7 +212,7 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
     mean_parts: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * n
     max_parts = list(mean_parts)
     n_pos = np.zeros(n, np.int64)
-    sq_norm, sse, l0 = np.zeros(n), np.zeros(n), np.zeros(n)
+    ss_within, sse, l0 = np.zeros(n), np.zeros(n), np.zeros(n)
     x_mean = np.zeros((n, d), np.float32)
     mass = {k: torch.zeros(h, dtype=torch.float64, device=device)
             for k in ("all", "known", "off", "marked", "conf")}
@@ -250,9 +252,11 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
             max_h = z_mh[sl].amax(0).cpu().numpy()
             nz = np.flatnonzero((mean_h != 0) | (max_h != 0)).astype(np.int32)
             mean_parts[i], max_parts[i] = (nz, mean_h[nz]), (nz, max_h[nz])
-            sq_norm[i] = float((acts.astype(np.float64) ** 2).sum())
+            acts64 = acts.astype(np.float64)
+            mean_d = acts64.mean(0)
+            x_mean[i] = mean_d
+            ss_within[i] = float(((acts64 - mean_d) ** 2).sum())
             sse[i], l0[i] = err_m[sl].sum(), active_m[sl].sum()
-            x_mean[i] = acts.astype(np.float64).mean(0)
 
     batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
     n_rows = 0
@@ -290,9 +294,17 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
     cpu = {k: v.cpu().numpy() for k, v in mass.items()}
     return LatentSummaries(
         mean_nh=to_csr(mean_parts), max_nh=to_csr(max_parts), n_positions_n=n_pos,
-        n_cells_n=grids.prod(axis=1), sq_norm_n=sq_norm, sse_n=sse, l0_n=l0, x_mean_nd=x_mean,
+        n_cells_n=grids.prod(axis=1), ss_within_n=ss_within, sse_n=sse, l0_n=l0, x_mean_nd=x_mean,
         mass_h=cpu["all"], tissue_known_mass_h=cpu["known"], off_breast_mass_h=cpu["off"],
         marked_mass_h=cpu["marked"], confounder_mass_h=cpu["conf"], meta=info)
+
+
+def _cache_valid(npz_path: Path, json_path: Path) -> bool:
+    """A complete entry written by this schema version (older entries are recomputed)."""
+    if not (npz_path.is_file() and json_path.is_file()):
+        return False
+    meta = read_json(json_path)
+    return isinstance(meta, dict) and meta.get("schema_version") == SCHEMA_VERSION
 
 
 def summarize(store: Any, sae: Any, *, store_sha: str, sae_sha: str, cache_dir: Path | None,
@@ -303,7 +315,7 @@ def summarize(store: Any, sae: Any, *, store_sha: str, sae_sha: str, cache_dir: 
         return compute_summaries(store, sae, batch_rows=batch_rows, progress=progress,
                                  meta={"store_sha256": store_sha, "sae_sha256": sae_sha})
     npz_path, json_path = cache_paths(Path(cache_dir), store_sha, sae_sha)
-    if not recompute and npz_path.is_file() and json_path.is_file():
+    if not recompute and _cache_valid(npz_path, json_path):
         cached = load_summaries(npz_path, json_path)
         if cached.meta.get("store_sha256") == store_sha and cached.meta.get("sae_sha256") == sae_sha:
             return cached
@@ -321,7 +333,7 @@ def summaries_for(store_path: str | os.PathLike[str], sae_path: str | os.PathLik
     sae_sha = sae_hash(sae_path)
     cache_dir = default_cache_dir(sae_path) if cache_dir is None else Path(cache_dir)
     npz_path, json_path = cache_paths(cache_dir, store.manifest_sha256, sae_sha)
-    if not recompute and npz_path.is_file() and json_path.is_file():
+    if not recompute and _cache_valid(npz_path, json_path):
         return load_summaries(npz_path, json_path)
     sae = open_sae(sae_path, device)
     return summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_sha,

@@ -74,6 +74,7 @@ REFERENCE_HW = (512, 320)
 PROFILE_CUT = 0.1
 BACKGROUND_LEVEL = 0.03
 GLAND_LEVEL = 0.26          # intensity added by fully dense fibroglandular tissue
+NIPPLE_LEVEL = 0.92
 
 
 @dataclass
@@ -201,8 +202,8 @@ def _draw_mass(rng: np.random.Generator) -> FindingSpec:
     shape = str(rng.choice(["round", "oval", "lobulated", "spiculated"]))
     theta, rho = _draw_position(rng, rho_range=(0.25, 0.72))
     return FindingSpec(
-        concept=MASS, theta=theta, rho=rho, size=float(rng.uniform(11.0, 28.0)),
-        contrast=float(rng.uniform(0.06, 0.2)), shape=shape,
+        concept=MASS, theta=theta, rho=rho, size=float(rng.uniform(14.0, 34.0)),
+        contrast=float(rng.uniform(0.06, 0.3)), shape=shape,
         birads=int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2])), shape_seed=int(rng.integers(2**31)))
 
 
@@ -418,7 +419,7 @@ def _calc_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, d
     return out
 
 
-def _calc_reach(f: FindingSpec, radius: float, scale: float) -> float:
+def _calc_reach(radius: float, scale: float) -> float:
     """Half-width of the window that holds the whole cluster (mirrors _calc_profile's growth)."""
     return max(radius, 2.2 * max(1.3, 1.6 * scale) * math.sqrt(14)) + 2 * max(1.3, 1.6 * scale) + 2
 
@@ -452,7 +453,8 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     nipple_theta = 0.0 if spec.view == "CC" else float(rng.uniform(0.05, 0.2))
     nx, ny = geo.point(nipple_theta, 1.0)
     nipple_r = float(rng.uniform(4.0, 7.0)) * scale
-    edge = np.maximum(edge, nipple_r - np.sqrt((x - nx) ** 2 + (y + geo.cy - ny) ** 2))
+    nipple_edge = nipple_r - np.sqrt((x - nx) ** 2 + (y + geo.cy - ny) ** 2)
+    edge = np.maximum(edge, nipple_edge)
     breast = np.clip(edge + 0.5, 0, 1)                      # anti-aliased mask
 
     # Tissue: fat with thickness fall-off to the skin, plus fibroglandular texture by density.
@@ -473,6 +475,10 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
         muscle = np.clip((1 - q) * min(pw, ph) / (1.5 * scale) + 0.5, 0, 1)
         tissue = tissue * (1 - muscle) + (0.64 + 0.12 * np.clip(1 - q, 0, 1) + 0.02 * texture) * muscle
         breast = np.maximum(breast, muscle)
+    # The nipple is the densest anatomy in every image: it sets the intensity ceiling below,
+    # which leaves headroom for findings brighter than fibroglandular tissue.
+    nipple = np.clip(nipple_edge / (0.5 * nipple_r), 0, 1)
+    tissue = tissue * (1 - nipple) + NIPPLE_LEVEL * nipple
     img = BACKGROUND_LEVEL + (tissue - BACKGROUND_LEVEL) * breast
 
     # Acquisition noise (signal-dependent, set by the anatomy). The final image is clipped to
@@ -492,7 +498,7 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
             fx, fy = geo.point(theta_f, f.rho)
         radius = f.size * scale
         if f.concept == CALC:
-            reach = _calc_reach(f, radius, scale)
+            reach = _calc_reach(radius, scale)
         else:
             reach = radius * (3.7 if f.shape == "spiculated" else 1.1) + 2
         rows, cols, dx, dy = _window(fx, fy, reach, h, w)
@@ -672,6 +678,8 @@ def generate(cfg: PhantomConfig, *, progress: bool = True) -> dict[str, Any]:
     params = _content_params(cfg)
     if _check_out_dir(cfg, params):
         summary = read_json(out / JSON_NAME)["summary"]
+        if cfg.figure is not None:
+            save_figure(out, cfg.figure)
         return {**summary, "cached": True}
     if (out / JSON_NAME).exists():                       # ours (checked above): replace it
         (out / JSON_NAME).unlink()
@@ -769,8 +777,12 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
             chosen.append(image_id)
     chosen = chosen[:n]
     colours = {"Mass": "red", "Suspicious_Calcification": "yellow", "confounder": "cyan"}
-    fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen), 3.8), squeeze=False)
-    for ax, image_id in zip(axes[0], chosen):
+    n_cols = min(4, len(chosen))
+    n_rows = -(-len(chosen) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 4.3 * n_rows), squeeze=False)
+    for ax in axes.flat[len(chosen):]:
+        ax.axis("off")
+    for ax, image_id in zip(axes.flat, chosen):
         g = by_image.get_group(image_id)
         first = g.iloc[0]
         pixels = np.asarray(Image.open(data_dir / IMAGE_DIR / first["patient_id"] / image_id))
@@ -786,7 +798,7 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
         ax.set_title(f"{first['laterality']}-{first['view']} {first['breast_density'][-1]} "
                      f"{'train' if first['split'] == 'training' else 'test'}", fontsize=8)
         ax.axis("off")
-    fig.suptitle("phantom: Mass (red), Suspicious Calcification (yellow), marker/confounder (cyan)", fontsize=9)
+    fig.suptitle("phantom: Mass (red), Suspicious Calcification (yellow), marker = confounder (cyan)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:

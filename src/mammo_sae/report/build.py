@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -248,6 +248,8 @@ class ReportBuilder:
             self.guarded("sae", H.Section("sae", "SAE training"), self.section_sae),
             self.guarded("latents", H.Section("latents", "Top latents"), self.section_latents),
         ]
+        headlines = self.guarded("headlines", H.Section("headlines", "Headline numbers"), self.section_headlines)
+        sections.insert(0, headlines)
         self.data["problems"] = self.problems
         self.data["figures"] = sorted(set(self.figures))
         self.data["seconds"] = round(time.perf_counter() - t0, 2)
@@ -258,6 +260,35 @@ class ReportBuilder:
         write_text_atomic(index, H.page(f"mammo-sae report: {name}", subtitle, sections))
         write_json(self.out / "report.json", self.data)
         return index
+
+    # ------------------------------------------------------------------ headlines
+    def section_headlines(self, s: H.Section) -> None:
+        """One row per model from the other sections' numbers (built last, shown first)."""
+        fid = {r["model"]: r for r in self.data.get("table1", [])}
+        test = {r["model"]: r for r in self.data.get("models", [])}
+        best_ap = {label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
+                   for label, entry in self.data.get("table2", {}).items() if "/" not in label}
+        separation = {r["model"]: r["separation"] for rows in self.data.get("separation", {}).values()
+                      for r in rows}
+        names = list(dict.fromkeys([m.name for m in self.models] + list(fid) + list(best_ap)))
+        rows = []
+        for name in names:
+            ap = best_ap.get(name)
+            rows.append({"model": name, "auroc_test": test.get(name, {}).get("auroc", math.nan),
+                         "auroc_original": fid.get(name, {}).get("auroc_original", math.nan),
+                         "auroc_sae": fid.get(name, {}).get("auroc_sae", math.nan),
+                         "recovered": fid.get(name, {}).get("recovered", math.nan),
+                         "best_ap": _num(ap.get("ap")) if ap else math.nan,
+                         "best_ap_latent": int(ap["latent"]) if ap else None,
+                         "separation": separation.get(name, math.nan)})
+        self.data["headlines"] = rows
+        if not rows:
+            s.add(H.note("no model results yet"))
+            return
+        s.add(H.table(rows, ["model", "auroc_test", "auroc_original", "auroc_sae", "recovered", "best_ap",
+                             "best_ap_latent", "separation"],
+                      headers=["model", "test AUROC (classifier)", "AUROC original (store)", "AUROC SAE",
+                               "recovered", "best latent AP", "that latent", "separation index"]))
 
     # ------------------------------------------------------------------ summary
     def section_summary(self, s: H.Section) -> None:
@@ -290,17 +321,28 @@ class ReportBuilder:
                             "not_run": [n for n in STAGE_ORDER if n not in done and n != "report"]}
         kpi: dict[str, Any] = {"stages finished": len(stages), "stage time (min)": total / 60}
         summary_path = self.run / "data" / "summary.json"
+        dataset_rows = []
         if summary_path.is_file():
-            data_summary = read_json(summary_path)
-            self.data["dataset"] = data_summary
-            if isinstance(data_summary, Mapping):
-                for key in ("n_images", "images", "n_patients"):
-                    if isinstance(data_summary.get(key), int):
-                        kpi[key.replace("n_", "").replace("_", " ")] = data_summary[key]
+            summary = read_json(summary_path)
+            splits = summary.get("splits", {}) if isinstance(summary, Mapping) else {}
+            for split, info in (splits.items() if isinstance(splits, Mapping) else []):
+                if isinstance(info, Mapping):
+                    pos = info.get("positives", {}).get("image") or {}
+                    dataset_rows.append({"split": split, "images": info.get("images"),
+                                         "patients": info.get("patients"),
+                                         **{f"{c} +": n for c, n in pos.items()}})
+            # Counts only: file paths of missing images may hold patient folder names.
+            self.data["dataset"] = dataset_rows
+            everything = next((r for r in dataset_rows if r["split"] == "all"), None)
+            if everything and isinstance(everything.get("images"), int):
+                kpi["images"] = everything["images"]
         s.add(H.kpis(kpi))
         missing = self.data["run"]["not_run"]
         if missing:
             s.add(H.note("Stages not run (yet): " + ", ".join(missing)))
+        if dataset_rows:
+            s.add("<h3>Dataset (image-level positives)</h3>")
+            s.add(H.table(dataset_rows, list(dict.fromkeys(k for r in dataset_rows for k in r))))
         s.add("<h3>Stage timings</h3>")
         s.add(H.table(stages, ["stage", "seconds", "key"], headers=["stage", "seconds", "cache key"], digits=1))
         s.add("<h3>Resolved config (RUN/config.yaml)</h3>")

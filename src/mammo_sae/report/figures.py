@@ -7,7 +7,6 @@ touched and no display is needed; every PNG is written atomically. Heatmap panel
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence

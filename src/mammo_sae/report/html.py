@@ -16,7 +16,7 @@ header{background:#12263a;color:#fff;padding:18px 32px}header h1{margin:0;font-s
 header p{margin:4px 0 0;color:#c9d6e3;font-size:14px}
 nav{padding:8px 32px;background:#e8eef4;font-size:14px}nav a{margin-right:14px;color:#12263a}
 main{padding:8px 32px 40px;max-width:1280px}
-section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:8px 20px 16px;margin:18px 0}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:8px 20px 16px;margin:18px 0;overflow-x:auto}
 h2{font-size:18px;border-bottom:1px solid #eee;padding-bottom:6px}h3{font-size:15px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f3f5f7}
@@ -41,8 +41,11 @@ def fmt(value: Any, digits: int = 3) -> str:
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):
-        if math.isnan(value):
-            return "—"
+        if not math.isfinite(value):
+            return "—" if math.isnan(value) else str(value)
+        value += 0.0  # -0.0 -> 0.0
+        if value != 0 and not 10 ** -digits <= abs(value) < 1e6:  # tiny or huge: keep the digits
+            return f"{value:.{digits}g}"
         return f"{value:.{digits}f}"
     return str(value)
 

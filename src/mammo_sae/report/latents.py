@@ -200,7 +200,8 @@ class LatentPages:
             panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat,
                                       unique_boxes(rec.boxes_of(m.concept)), pred, title))
         name = f"latent_{j}_top.png"
-        save_panel_grid([panels], self.report.figure_path(name))
+        save_panel_grid([panels], self.report.figure_path(name),
+                        suptitle=f"latent {j}: top {len(panels)} {self.split} images ({m.name})")
         self.report.made_figure(name)
         s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {self.split} images with the highest mean "
                        f"activation of latent {j}; GT {m.concept} boxes red, p95 boxes yellow."))

@@ -326,15 +326,15 @@ class SparseAutoencoder(nn.Module):
         """An equivalent SAE with the input normalisation folded into the weights (exact: π is
         unchanged, so TopK selections and thresholds are too): W_enc/s, s·W_dec, s·b_dec + μ."""
         cfg = SAEConfig(**{**vars(self.cfg), "normalisation": "none"})
-        out = SparseAutoencoder(cfg)
-        s = self.norm_scale if self.cfg.normalisation != "none" else torch.ones(())
-        mu = self.norm_mean if self.cfg.normalisation != "none" else torch.zeros(self.d)
+        out = SparseAutoencoder(cfg).to(device=self.W_enc.device, dtype=self.W_enc.dtype)
+        s = self.norm_scale if self.cfg.normalisation != "none" else torch.ones_like(self.norm_scale)
+        mu = self.norm_mean if self.cfg.normalisation != "none" else torch.zeros_like(self.b_dec)
         out.W_enc.copy_(self.W_enc / s)
         out.b_enc.copy_(self.b_enc)
         out.W_dec.copy_(self.W_dec * s)
         out.b_dec.copy_(self.b_dec * s + mu)
         out.threshold.copy_(self.threshold)
-        return out.to(self.W_enc.device).eval()
+        return out.eval()
 
 
 def _batch_topk(pre_nh: Tensor, k: int) -> Tensor:

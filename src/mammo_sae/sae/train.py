@@ -262,6 +262,7 @@ class Trainer:
         self.fired_since_resample_h = torch.zeros(h, dtype=torch.int64, device=self.device)
         self.since_fired_h = torch.zeros(h, dtype=torch.int64, device=self.device)
         self.n_resamples = 0
+        self.n_latents_resampled = 0
         self.loss_fn = torch.compile(self.sae.loss) if cfg.compile else self.sae.loss
         self._last_checkpoint_time = time.monotonic()
         self._reset_log_acc()
@@ -309,7 +310,8 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "rng": _rng_state(),
             "cursor": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                       "patches_seen": self.patches_seen, "n_resamples": self.n_resamples},
+                       "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
+                       "n_latents_resampled": self.n_latents_resampled},
             "fired_since_resample_h": self.fired_since_resample_h.cpu(),
             "since_fired_h": self.since_fired_h.cpu(),
         }
@@ -352,6 +354,7 @@ class Trainer:
         self.batch_in_epoch = int(cursor["batch_in_epoch"])
         self.patches_seen = int(cursor["patches_seen"])
         self.n_resamples = int(cursor["n_resamples"])
+        self.n_latents_resampled = int(cursor["n_latents_resampled"])
         self.fired_since_resample_h = state["fired_since_resample_h"].to(self.device)
         self.since_fired_h = state["since_fired_h"].to(self.device)
 
@@ -489,6 +492,7 @@ class Trainer:
         sae, cfg = self.sae, self.cfg
         dead_idx = torch.nonzero(self.fired_since_resample_h == 0).flatten()
         self.fired_since_resample_h.zero_()
+        self.n_resamples += 1
         if dead_idx.numel() == 0:
             return 0
         n_batches = max(1, cfg.resample_inputs // cfg.batch_size)
@@ -523,7 +527,7 @@ class Trainer:
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][index] = 0.0
-        self.n_resamples += 1
+        self.n_latents_resampled += int(n_draw)
         return int(n_draw)
 
     # --------------------------------------------------------------- final metrics
@@ -650,7 +654,7 @@ class Trainer:
             "source_store_manifest_sha256": getattr(self.source, "manifest_sha256", None),
             "training": {"config": to_dict(self.cfg), "steps": self.step, "epochs_done": self.epoch,
                          "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
-                         "complete": complete, "world_size": self.dist.world_size,
+                         "n_latents_resampled": self.n_latents_resampled, "complete": complete, "world_size": self.dist.world_size,
                          "device": str(self.device), "bf16_matmuls": self.sae.mm_dtype is not None},
             "final_metrics": metrics,
             "last_log": self.last_log,
