@@ -40,12 +40,13 @@ def load(data_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
         images["confounder"].to_numpy()
 
 
-def small_cnn() -> nn.Module:
+def small_cnn(pool: str) -> nn.Module:
     def block(c_in: int, c_out: int) -> list[nn.Module]:
         return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(), nn.MaxPool2d(2)]
 
     return nn.Sequential(*block(1, 16), *block(16, 32), *block(32, 64), *block(64, 64),
-                         nn.Conv2d(64, len(CONCEPTS), 1), nn.AdaptiveMaxPool2d(1), nn.Flatten())
+                         *block(64, 64), nn.Conv2d(64, len(CONCEPTS), 1),
+                         nn.AdaptiveMaxPool2d(1) if pool == "max" else nn.AdaptiveAvgPool2d(1), nn.Flatten())
 
 
 def main() -> None:
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--confounder-concept", default="none")
     parser.add_argument("--confounder-strength", type=float, default=0.8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pool", choices=["mean", "max"], default="mean",
+                        help="global pooling of the logit map (mean = like the package's classifier head)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(2)
@@ -72,7 +75,7 @@ def main() -> None:
         print(f"baseline test AUROC {concept}: mean brightness {auroc(y_nc[test, c], brightness[test]):.3f}, "
               f"marker {auroc(y_nc[test, c], marker[test].astype(float)):.3f}")
 
-    model = small_cnn()
+    model = small_cnn(args.pool)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x_n1hw[train]), torch.from_numpy(y_nc[train])
     t0 = time.perf_counter()

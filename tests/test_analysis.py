@@ -108,7 +108,7 @@ def test_summaries_equal_dense_encoding(synth: dict[str, Any]) -> None:
             l0 += float((z > 0).sum())
             if synth["records"][i].boxes:
                 marked_mass += z.sum(0)
-                box_mass += z[0]                  # only cell (0, 0) has its centre (16, 16) in the box
+                box_mass += z[0]                  # the box (0..30 px) overlaps only cell (0, 0)
     np.testing.assert_allclose(summ.mean_nh.toarray(), np.stack(mean_ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(summ.max_nh.toarray(), np.stack(max_ref), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(summ.confounder_mass_h, box_mass, rtol=1e-5, atol=1e-6)
@@ -322,5 +322,6 @@ def test_separation_flags_the_confounder_latent() -> None:
     assert [e["index"] for e in r["class1_dominant"]] == [3, 1]          # only z̄(1) > z̄(0)
     assert [e["index"] for e in r["flagged"]] == [3] and r["flagged"][0]["flags"] == ["confounder"]
     assert {e["index"] for e in r["shared"]} == {0, 2}
-    assert r["separation"] == pytest.approx(5 / 9)
+    assert r["separation"] == pytest.approx(1.0)                         # both fire on class 1 only
+    assert r["global_separation"] == pytest.approx(5 / 9)
     assert separation_index(np.ones(3), np.ones(3)) == 0.0

@@ -27,7 +27,7 @@ from mammo_sae.analysis.fidelity import fidelity
 from mammo_sae.analysis.intervene import head_from_classifier, sae_readout, sweep
 from mammo_sae.analysis.localize import localize
 from mammo_sae.analysis.separation import model_separation, public
-from mammo_sae.analysis.summaries import compute_summaries, labelled_rows
+from mammo_sae.analysis.summaries import labelled_rows, sae_hash, summarize
 from mammo_sae.cli import main
 from mammo_sae.data.records import Box, ImageRecord
 from mammo_sae.errors import MammoSaeError
@@ -58,7 +58,7 @@ def _records(data_dir: Path) -> list[ImageRecord]:
         boxes = (Box("Mass", 32.0, 32.0, 64.0, 64.0),) if mass else ()
         out.append(ImageRecord(image_id=f"hash{i:03d}", patient_id=f"patient{i}",
                                split="test" if i < N_TEST else "training", path=path,
-                               labels={"Mass": mass}, boxes=boxes, frame_hw=FRAME))
+                               labels={"Mass": mass, "confounder": int(i % 3 == 0)}, boxes=boxes, frame_hw=FRAME))
     return out
 
 
@@ -108,11 +108,12 @@ def make_run(run: Path) -> Path:
                          "auprc": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7}, "n": N_TEST, "n_pos": 5}
         store = write_store(run / "stores" / f"{key}-test", _acts(seed, records),
                             grids=[GRID] * len(records), records=records)
-        sums = compute_summaries(store, sae, progress=False)
+        sums = summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_hash(run / "sae" / "model"),
+                         cache_dir=run / "analysis" / "summaries", progress=False)  # as the pipeline does
         rows, y = labelled_rows(store.images, "Mass", split="test")
         head = head_from_classifier(clf)
         fid[name] = {"concept": "Mass", **fidelity(sums, store.pooled_nd, rows, y, sae, head, n_boot=50)}
-        results[name] = model_separation(sums, rows, y)
+        results[name.split("-")[1]] = model_separation(sums, rows, y)  # the pipeline names variants
         mean1 = np.asarray(sums.mean_rows(rows[y == 1]).mean(axis=0)).ravel()
         order = np.argsort(-mean1, kind="stable")
         write_json(run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
@@ -141,7 +142,13 @@ def make_run(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = make_run(tmp_path_factory.mktemp("report") / "run")
-    return run, build_report(run, strict=True, top_latents=2, progress=False)
+    def cache() -> list[tuple[str, int]]:
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (run / "analysis" / "summaries").iterdir())
+
+    cached = cache()
+    index = build_report(run, strict=True, top_latents=2, progress=False)
+    assert cache() == cached  # the summaries stage's cache is reused, not recomputed
+    return run, index
 
 
 class _Images(HTMLParser):
@@ -190,10 +197,12 @@ def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Pat
     loc = json.loads((run / "analysis" / "localize" / "Mass-pretrained" / "localization.json").read_text())
     assert [r["latent"] for r in data["table2"]["Mass-pretrained"]["latents"]] == \
         [r["latent"] for r in loc["latents"]]
-    assert {r["model"] for r in data["separation"]["Mass"]} == {"Mass-pretrained", "Mass-finetuned"}
+    assert {r["model"] for r in data["separation"]["Mass"]} == {"pretrained", "finetuned"}
+    assert all(np.isfinite(r["separation"]) for r in data["headlines"])
     assert [s["stage"] for s in data["run"]["stages"]][:3] == ["data", "models", "extract"]
     assert not re.search(r"patient\d", text)  # no patient identifiers, only hashed image ids
     assert data["dataset"] == [{"split": "all", "images": 12, "patients": 12, "Mass +": 6}]
+    assert not re.search(r"patient\d", (run / "report" / "report.json").read_text())
     for fig in ("figure2_topk.png", "sae_training.png"):
         assert f"figures/{fig}" in data["figures"]
 
@@ -211,7 +220,7 @@ def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -
         html = page.read_text(encoding="utf-8")
         assert not re.search(r"patient\d", html)
         assert len(info["logit_effect"]) == 2 and np.isfinite(info["logit_effect"][0]["v"])
-        assert {r["concept"] for r in info["association"]} == {"Mass"}
+        assert [r["concept"] for r in info["association"]] == ["Mass", "confounder"]
         if info.get("top_images"):
             acts = [t["mean_activation"] for t in info["top_images"]]
             assert acts == sorted(acts, reverse=True)
@@ -223,7 +232,12 @@ def test_report_of_a_partial_run_notes_what_did_not_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     (run / "stages").mkdir(parents=True)
     (run / "config.yaml").write_text("name: partial\n")
+    for stale in (run / "report" / "latents" / "999.html", run / "report" / "figures" / "old.png"):
+        stale.parent.mkdir(parents=True)
+        stale.write_text("from an earlier build")
     index = build_report(run, progress=False)
+    assert not (run / "report" / "latents" / "999.html").exists()
+    assert not (run / "report" / "figures" / "old.png").exists()
     text = index.read_text(encoding="utf-8")
     assert text.count("not run") >= 5
     data = json.loads((run / "report" / "report.json").read_text())

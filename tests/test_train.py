@@ -182,3 +182,17 @@ def test_warmup_cosine_schedule() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[-1] < 1e-3
+
+
+def test_train_phantom_models_runs_and_reuses_finished_runs(tiny_phantom: Path, tmp_path: Path) -> None:
+    fast = {"epochs": 1, "image_size": SIZE}
+    kw = dict(concepts=("Mass",), pretrain_overrides=fast, linear_probe_overrides=fast,
+              finetune_overrides=fast, n_boot=20, progress=False)
+    paths = T.train_phantom_models(tiny_phantom, tmp_path, **kw)  # type: ignore[arg-type]
+    assert set(paths) == {"encoder", "Mass/pretrained", "Mass/finetuned"}
+    for key in ("Mass/pretrained", "Mass/finetuned"):
+        result = json.loads((paths[key].parent / "eval_test.json").read_text())
+        assert result["concept"] == "Mass" and result["split"] == "test"
+    stamp = (paths["Mass/finetuned"] / "model.safetensors").stat().st_mtime_ns
+    assert T.train_phantom_models(tiny_phantom, tmp_path, **kw) == paths  # type: ignore[arg-type]
+    assert (paths["Mass/finetuned"] / "model.safetensors").stat().st_mtime_ns == stamp

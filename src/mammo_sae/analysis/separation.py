@@ -3,8 +3,11 @@
 For each model, z̄(0) and z̄(1) are the class-mean latent vectors of its features through the
 same SAE. Reported per model:
 
-- `separation` = Σ_t |z̄_t(1) − z̄_t(0)| / Σ_t (z̄_t(1) + z̄_t(0)) ∈ [0, 1]: 0 when both classes
-  use the latents identically, 1 when their supports are disjoint;
+- `separation` = mean over the `top` most class-1-dominant latents of
+  (z̄_t(1) − z̄_t(0)) / (z̄_t(1) + z̄_t(0)) ∈ [0, 1]: 1 when the concept's latents fire only on
+  class 1 (the finetuned panels of Figs 4/5), near 0 when they fire on both classes alike;
+- `global_separation` = Σ_t |z̄_t(1) − z̄_t(0)| / Σ_t (z̄_t(1) + z̄_t(0)) over all latents
+  (dominated by latents that fire everywhere, so usually small);
 - the most class-1-dominant latents (largest z̄(1) − z̄(0), the released class-1 ranking) and
   the latents active in both classes (min(z̄(0), z̄(1)) ≥ `shared_ratio` · max, ranked by min);
 - per latent an off-breast score (share of its activation mass on cells with breast-tissue
@@ -41,8 +44,17 @@ class FlagRule:
 
 
 def separation_index(z0_h: np.ndarray, z1_h: np.ndarray) -> float:
+    """Σ|z̄(1) − z̄(0)| / Σ(|z̄(0)| + |z̄(1)|) over all latents."""
     total = float(np.abs(z0_h).sum() + np.abs(z1_h).sum())
     return float(np.abs(z1_h - z0_h).sum() / total) if total > 0 else float("nan")
+
+
+def dominance(z0_h: np.ndarray, z1_h: np.ndarray, latents: Sequence[int]) -> float:
+    """Mean of (z̄(1) − z̄(0)) / (z̄(1) + z̄(0)) over `latents` (NaN when none)."""
+    idx = np.asarray(list(latents), dtype=np.int64)
+    if len(idx) == 0:
+        return float("nan")
+    return float(np.mean((z1_h[idx] - z0_h[idx]) / (z1_h[idx] + z0_h[idx])))
 
 
 def shared_latents(z0_h: np.ndarray, z1_h: np.ndarray, ratio: float, top: int) -> np.ndarray:
@@ -91,7 +103,8 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
     top_entries = [entry(j, r) for r, j in enumerate(top)]
     return {
         "n_per_class": {"0": int((y == 0).sum()), "1": int((y == 1).sum())},
-        "separation": separation_index(z0, z1),
+        "separation": dominance(z0, z1, top),
+        "global_separation": separation_index(z0, z1),
         "class1_dominant": top_entries,
         "shared": [entry(int(j)) for j in shared],
         "flagged": [e for e in top_entries if e["flags"]],

@@ -5,7 +5,7 @@ Eq. 2) and the per-latent max, both sparse (CSR; SAE codes are sparse, so most o
 n_images × h entries are exactly 0). Per image also: reconstruction error and L0 (for FVU and
 L0 on any split) and the mean patch vector. Per latent over the whole store: activation mass
 in total, outside the breast (cells with tissue fraction < 0.5) and inside the phantom's
-`confounder` box (for off-breast and confounder scores, `separation.py`).
+`confounder` box (cells overlapping it; for off-breast and confounder scores, `separation.py`).
 
 Through the pooled identity (docs/architecture.md) the per-image mean vectors are all that
 fidelity, probing and every masked intervention need. Full patch-latent maps of chosen latents
@@ -32,7 +32,7 @@ from ..data.records import CONFOUNDER
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 OFF_BREAST_TISSUE = 0.5   # a cell with less breast-mask coverage than this is "outside the breast"
 _ARRAYS = ("n_positions_n", "n_cells_n", "ss_within_n", "sse_n", "l0_n", "x_mean_nd", "mass_h",
            "tissue_known_mass_h", "off_breast_mass_h", "marked_mass_h", "confounder_mass_h")
@@ -180,17 +180,21 @@ def _sae_device(sae: Any) -> Any:
 
 def _confounder_cells(record: Any, rows_p: np.ndarray, cols_p: np.ndarray,
                       grid_hw: tuple[int, int]) -> np.ndarray | None:
-    """Bool mask of cells whose centre lies in a confounder box; None if the image has none."""
+    """Bool mask of cells that overlap a confounder box; None if the image has none.
+
+    Cell (r, c) covers [c·W/w, (c+1)·W/w) × [r·H/h, (r+1)·H/h) of the model input (the grid
+    laid evenly over the frame, as the store's tissue fractions). Overlap rather than "centre
+    inside", because a marker is often smaller than one cell (phantom: ≈ 9 px vs 32 px cells)."""
     boxes = record.boxes_of(CONFOUNDER)
     if not boxes:
         return None
     frame_h, frame_w = record.frame_hw
     gh, gw = grid_hw
-    y = (rows_p + 0.5) * frame_h / gh
-    x = (cols_p + 0.5) * frame_w / gw
+    cell_h, cell_w = frame_h / gh, frame_w / gw
     inside = np.zeros(len(rows_p), dtype=bool)
     for b in boxes:
-        inside |= (x >= b.x0) & (x <= b.x1) & (y >= b.y0) & (y <= b.y1)
+        inside |= ((cols_p * cell_w < b.x1) & ((cols_p + 1) * cell_w > b.x0) &
+                   (rows_p * cell_h < b.y1) & ((rows_p + 1) * cell_h > b.y0))
     return inside
 
 

@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ..errors import MammoSaeError
-from ..io import read_json, write_json, write_text_atomic
+from ..io import atomic_path, read_json, write_json, write_text_atomic
 from . import html as H
 from .figures import MODES, Curve, nice_ks, plot_topk_grid, plot_training_curves
 
@@ -184,11 +184,8 @@ class ReportBuilder:
 
     def copy_figure(self, src: Path, name: str) -> str:
         """Copy a PNG into report/figures/ and return its link relative to index.html."""
-        dst = self.figure_path(name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        tmp.replace(dst)
+        with atomic_path(self.figure_path(name)) as tmp:
+            shutil.copyfile(src, tmp)
         self.figures.append(f"figures/{name}")
         return f"figures/{name}"
 
@@ -235,6 +232,9 @@ class ReportBuilder:
             raise MammoSaeError(f"run directory not found: {self.run}")
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
+        # A previous build's pages and figures (e.g. of latents no longer on top) must not linger.
+        for stale in [*(self.out / "figures").glob("*.png"), *(self.out / "latents").glob("*.html")]:
+            stale.unlink()
         sections = [
             self.guarded("summary", H.Section("summary", "Run summary"), self.section_summary),
             self.guarded("models", H.Section("models", "Classifiers"), self.section_models),
@@ -268,8 +268,12 @@ class ReportBuilder:
         test = {r["model"]: r for r in self.data.get("models", [])}
         best_ap = {label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
                    for label, entry in self.data.get("table2", {}).items() if "/" not in label}
-        separation = {r["model"]: r["separation"] for rows in self.data.get("separation", {}).values()
-                      for r in rows}
+        known = {m.name for m in self.models}
+        separation = {}
+        for folder, rows in self.data.get("separation", {}).items():
+            for r in rows:  # the pipeline names separation rows by variant inside a concept folder
+                name = r["model"] if r["model"] in known else f"{folder}-{r['model']}"
+                separation[name] = r["separation"]
         names = list(dict.fromkeys([m.name for m in self.models] + list(fid) + list(best_ap)))
         rows = []
         for name in names:
@@ -331,6 +335,9 @@ class ReportBuilder:
                     dataset_rows.append({"split": split, "images": info.get("images"),
                                          "patients": info.get("patients"),
                                          **{f"{c} +": n for c, n in pos.items()}})
+            empty = {k for k in dataset_rows[0] if k.endswith(" +")} if dataset_rows else set()
+            empty = {k for k in empty if all(not r.get(k) for r in dataset_rows)}
+            dataset_rows = [{k: v for k, v in r.items() if k not in empty} for r in dataset_rows]
             # Counts only: file paths of missing images may hold patient folder names.
             self.data["dataset"] = dataset_rows
             everything = next((r for r in dataset_rows if r["split"] == "all"), None)

@@ -94,8 +94,11 @@ class LatentPages:
         from ..analysis.summaries import sae_hash, summarize, summaries_for
 
         def make() -> Any:
+            # The summaries stage caches (store hash, SAE hash)-named files in analysis/summaries/
+            # (or a per-store folder in it); summaries_for reuses them, else computes and caches.
             key = m.encoder_key or m.name
-            cache = self.run / "analysis" / "summaries" / f"{key}-{self.split}"
+            root = self.run / "analysis" / "summaries"
+            cache = root / f"{key}-{self.split}" if (root / f"{key}-{self.split}").is_dir() else root
             if cache.is_dir():
                 return summaries_for(self.store_path(m), self.sae_path(), cache_dir=cache, progress=False)
             store = self.store(m)
@@ -223,9 +226,16 @@ class LatentPages:
     def fill_association(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
         from ..analysis.stats import auroc
 
+        from ..data.records import CONFOUNDER
+
         rows_out = []
-        for concept in dict.fromkeys([m.concept] + [x.concept for x in self.report.models]):
-            _, y, act = self.activations(j, m, concept)
+        for concept in dict.fromkeys([m.concept] + [x.concept for x in self.report.models] + [CONFOUNDER]):
+            try:
+                _, y, act = self.activations(j, m, concept)
+            except MammoSaeError:
+                if concept == CONFOUNDER:  # only the phantom labels its planted marker
+                    continue
+                raise
             both = 0 < y.sum() < len(y)
             rows_out.append({"concept": concept, "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum()),
                              "mean_class0": float(act[y == 0].mean()) if (y == 0).any() else math.nan,

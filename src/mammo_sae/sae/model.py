@@ -110,15 +110,17 @@ class _ReluL1Loss(torch.autograd.Function):
                 l1_coeff: float, recon_scale: float, mm_dtype: Optional[torch.dtype]):
         n = x_bd.shape[0]
         xc_bd = x_bd - b_dec
-        z_bh = torch.relu(_mm(xc_bd, W_enc.t(), mm_dtype) + b_enc)
-        resid_bd = _mm(z_bh, W_dec.t(), mm_dtype) + b_dec - x_bd
+        z_bh = _addmm(b_enc, xc_bd, W_enc.t(), mm_dtype).relu_()
+        resid_bd = _addmm(b_dec, z_bh, W_dec.t(), mm_dtype).sub_(x_bd)
         sq_err = resid_bd.square().sum()
         l1 = z_bh.sum()
         recon = sq_err * (recon_scale / n)
         sparsity = l1 * (l1_coeff / n)
         ctx.save_for_backward(xc_bd, z_bh, resid_bd, W_enc, W_dec)
         ctx.consts = (l1_coeff, recon_scale, mm_dtype)
-        fired_h = (z_bh > 0).sum(0)
+        # Column sums as mat-vec products: a dim-0 reduction of a (B, h) tensor is slow on CPU.
+        ones_b = z_bh.new_ones(n)
+        fired_h = (ones_b @ z_bh.sign()).round_().long()
         ctx.mark_non_differentiable(recon, sparsity, sq_err, fired_h)
         return recon + sparsity, recon, sparsity, sq_err, fired_h
 
@@ -129,11 +131,20 @@ class _ReluL1Loss(torch.autograd.Function):
         n = xc_bd.shape[0]
         dxhat_bd = resid_bd * (g_total * 2.0 * recon_scale / n)
         dW_dec = _mm(dxhat_bd.t(), z_bh, mm_dtype)
-        dpre_bh = (_mm(dxhat_bd, W_dec, mm_dtype) + g_total * (l1_coeff / n)) * (z_bh > 0)
+        dz_bh = _mm(dxhat_bd, W_dec, mm_dtype).add_(g_total * (l1_coeff / n))
+        dpre_bh = torch.ops.aten.threshold_backward(dz_bh, z_bh, 0.0)   # ReLU backward, one pass
         dW_enc = _mm(dpre_bh.t(), xc_bd, mm_dtype)
-        db_enc = dpre_bh.sum(0)
-        db_dec = dxhat_bd.sum(0) - db_enc @ W_enc
+        ones_b = dpre_bh.new_ones(n)
+        db_enc = ones_b @ dpre_bh
+        db_dec = ones_b @ dxhat_bd - db_enc @ W_enc
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
+
+
+def _addmm(bias: Tensor, a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """bias + a @ b in one kernel (fp32), or with bf16 operands and an fp32 result."""
+    if dtype is None:
+        return torch.addmm(bias, a, b)
+    return (a.to(dtype) @ b.to(dtype)).float().add_(bias)
 
 
 def _mm(a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
@@ -308,7 +319,8 @@ class SparseAutoencoder(nn.Module):
         if g is None:
             return
         unit_dh = self.W_dec / self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        g.sub_(unit_dh * (g * unit_dh).sum(0, keepdim=True))
+        along_h = g.new_ones(self.d) @ (g * unit_dh)   # per-column dot products (mat-vec: fast on CPU)
+        g.sub_(unit_dh * along_h)
 
     @torch.no_grad()
     def normalise_decoder_(self) -> None:
