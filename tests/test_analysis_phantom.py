@@ -45,10 +45,10 @@ def build_chain(root: Path, *, n_images: int = 64, hw: tuple[int, int] = (256, 1
         out[f"clf_{variant}"] = models[f"{CONCEPT}/{variant}"]
         for split in ("training", "test"):
             store = root / f"store_{variant}_{split}"
-            if not (store / "manifest.json").exists():
-                extract(ExtractConfig(data=data, model=str(models[f"{CONCEPT}/{variant}"]), out=store,
-                                      split=split, dtype="float32", batch_size=16, workers=0,
-                                      device="cpu"), progress=progress)
+            # A no-op on a finished store; refuses one made from a different checkpoint.
+            extract(ExtractConfig(data=data, model=str(models[f"{CONCEPT}/{variant}"]), out=store,
+                                  split=split, dtype="float32", batch_size=16, workers=0,
+                                  device="cpu"), progress=progress)
             out[f"store_{variant}_{split}"] = store
     sae_dir = root / "sae"
     if not (sae_dir / "cfg.json").exists():

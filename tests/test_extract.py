@@ -257,4 +257,6 @@ def test_checkpoint_model_uses_the_classifiers_encoder(reference: Path, data_dir
                                         progress=False))
         assert store.manifest["model"]["kind"] == kind
         assert store.manifest["model"]["sha256"] == checkpoint_sha256(ckpt)
-        np.testing.assert_array_equal(store.pooled_nd, ActivationStore(reference).pooled_nd[:2])
+        # Same weights, same images; only float summation order may differ (batch composition).
+        expected = ActivationStore(reference).pooled_nd[:2]
+        np.testing.assert_allclose(store.pooled_nd, expected, rtol=0, atol=1e-5 * np.abs(expected).max())

@@ -25,6 +25,10 @@ from .errors import MammoSaeError
 T = TypeVar("T")
 
 
+def _escape(value: Any) -> str:
+    return str(value).replace("%", "%%")
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     """`field()` with help text; mutable defaults (lists) are wrapped in default_factory."""
     if isinstance(default, (list, dict)):
@@ -78,7 +82,8 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
         if f.metadata.get("cli") is False:
             continue
         tp, optional = _unwrap_optional(hints[f.name])
-        help_text = f.metadata.get("help", "")
+        # argparse %-formats help strings; a literal "95%" must not break --help.
+        help_text = f.metadata.get("help", "").replace("%", "%%")
         has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
@@ -89,10 +94,10 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=f"{help_text} (default: {default})")
+                                default=default, help=f"{help_text} (default: {_escape(default)})")
             continue
         conv, extra = _converter(tp)
-        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        shown = _escape(",".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
         parser.add_argument(flag, dest=f.name, type=conv, default=default,
                             required=not has_default,
                             help=f"{help_text} (default: {shown})" if has_default else help_text,

@@ -329,7 +329,8 @@ class Pipeline:
 
     def _opts(self, cls: type, stage: str, where: str, **fixed: Any) -> Any:
         """A command config from the pipeline's values and the user's `analysis.<stage>` overrides."""
-        common = {"device": self.cfg.device, "cache_dir": str(self._analysis("summaries"))}
+        common = {"device": self.cfg.device, "cache_dir": str(self._analysis("summaries")),
+                  "progress": self.progress}
         names = {f.name for f in dataclasses.fields(cls)}
         fixed = {**{k: v for k, v in common.items() if k in names}, **fixed}
         overrides = {k: v for k, v in getattr(self.cfg.analysis, stage).items() if k in names}
@@ -387,6 +388,7 @@ class Pipeline:
             FidelityConfig, "fidelity", "analysis.fidelity",
             stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)) for m in models],
             classifiers=[m.classifier for m in models], names=[m.name for m in models],
+            concepts=[m.concept for m in models],
             sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.eval_split,
             level=self.cfg.data.level))
         return {"fidelity": str(target)}
@@ -428,7 +430,7 @@ class Pipeline:
     def stage_report(self) -> dict[str, Any]:
         from .report.build import build_report
 
-        index = build_report(self.run)
+        index = build_report(self.run, progress=self.progress)
         return {"report": str(index)}
 
 

@@ -27,7 +27,7 @@ def _summaries(store: Path, sae: Path, cfg: Any) -> Any:
     from .summaries import summaries_for
 
     return summaries_for(store, sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
-                         device=cfg.device, progress=True)
+                         device=cfg.device, progress=cfg.progress)
 
 
 def _select(store_path: Path, concept: str, split: str, level: str) -> tuple[Any, np.ndarray, np.ndarray]:
@@ -68,6 +68,7 @@ class SummarizeConfig:
     out: Optional[Path] = opt(None, help="also write a summary JSON here")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
+    progress: bool = opt(True, help="show progress bars")
     recompute: bool = opt(False, help="ignore a cached entry")
 
 
@@ -105,6 +106,7 @@ class ProbeConfig:
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
+    progress: bool = opt(True, help="show progress bars")
 
 
 def run_probe(cfg: ProbeConfig) -> int:
@@ -167,6 +169,7 @@ class InterveneConfig:
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
+    progress: bool = opt(True, help="show progress bars")
 
 
 def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str]:
@@ -212,7 +215,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
     if cfg.exact_decode:
         ks = normalise_ks(cfg.ks, len(v_h))
         masks = union_masks(entry_rank(rankings, len(v_h)), ks)
-        logits = exact_decode_logits(store, sae, head, rows, masks, progress=True)
+        logits = exact_decode_logits(store, sae, head, rows, masks, progress=cfg.progress)
     res = sweep(mean, y, v_h, c, rankings, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed, logits=logits)
     import pandas as pd
 
@@ -238,7 +241,7 @@ class FidelityConfig:
     sae: Path = opt(help="SAE checkpoint (applied to every model)")
     out: Path = opt(help="output directory")
     names: list[str] = opt([], help="row names (default: classifier file names)")
-    concept: Optional[str] = opt(None, help="label to score (default: each classifier's concept)")
+    concepts: list[str] = opt([], help="label to score per classifier (one for all, or one each; default: each classifier's own concept)")
     split: str = opt("test", help="evaluation split")
     level: Level = opt("image", help="image or row level")
     n_boot: int = opt(1000, help="bootstrap resamples (0 = none)")
@@ -246,6 +249,7 @@ class FidelityConfig:
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
+    progress: bool = opt(True, help="show progress bars")
 
 
 def run_fidelity(cfg: FidelityConfig) -> int:
@@ -259,11 +263,15 @@ def run_fidelity(cfg: FidelityConfig) -> int:
                             "must pair up one to one")
     if cfg.names and len(cfg.names) != len(cfg.stores):
         raise MammoSaeError("--names must give one name per store")
+    if len(cfg.concepts) not in (0, 1, len(cfg.stores)):
+        raise MammoSaeError(f"--concepts gives {len(cfg.concepts)} labels for {len(cfg.stores)} classifiers: "
+                            "give one for all or one per classifier")
     sae = open_sae(cfg.sae, cfg.device)
     results, table = {}, []
     for j, (store_path, clf_path) in enumerate(zip(cfg.stores, cfg.classifiers)):
         name = cfg.names[j] if cfg.names else Path(clf_path).name
-        head, concept = _head_and_concept(Path(clf_path), cfg.concept)
+        given = cfg.concepts[j if len(cfg.concepts) > 1 else 0] if cfg.concepts else None
+        head, concept = _head_and_concept(Path(clf_path), given)
         store, rows, y = _select(Path(store_path), concept, cfg.split, cfg.level)
         s = _summaries(Path(store_path), cfg.sae, cfg)
         r = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
@@ -304,6 +312,7 @@ class SeparationConfig:
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
+    progress: bool = opt(True, help="show progress bars")
 
 
 def run_separation(cfg: SeparationConfig) -> int:

@@ -42,6 +42,7 @@ class LocalizeConfig:
     figure_images: int = opt(4, help="images (columns) in figure3.png; 0 = no figure")
     batch_rows: int = opt(8192, help="patch rows per SAE encode call")
     device: str = opt("auto", help="where the SAE encodes: auto | cpu | cuda | cuda:N")
+    progress: bool = opt(True, help="show a progress bar")
     label: Optional[str] = opt(None, help="row name in table2.csv (default: the concept), "
                                           "e.g. 'Mass finetuned'")
 
@@ -86,7 +87,7 @@ def run_localize(cfg: LocalizeConfig) -> int:
     result = localize(store, sae, cfg.concept, latents, threshold=cfg.threshold,
                       iou_threshold=cfg.iou, split=cfg.split, image_set=cfg.images,
                       box_score=cfg.box_score, min_box_area=cfg.min_box_area, match=cfg.match,
-                      batch_rows=cfg.batch_rows)
+                      batch_rows=cfg.batch_rows, progress=cfg.progress)
     if importances:
         result.table.insert(2, "importance", importances)
     out = Path(cfg.out)

@@ -203,7 +203,7 @@ def _draw_mass(rng: np.random.Generator) -> FindingSpec:
     theta, rho = _draw_position(rng, rho_range=(0.25, 0.72))
     return FindingSpec(
         concept=MASS, theta=theta, rho=rho, size=float(rng.uniform(14.0, 34.0)),
-        contrast=float(rng.uniform(0.06, 0.3)), shape=shape,
+        contrast=float(rng.uniform(0.1, 0.35)), shape=shape,
         birads=int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2])), shape_seed=int(rng.integers(2**31)))
 
 
@@ -802,7 +802,7 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=90)
     plt.close(fig)
     return path
 

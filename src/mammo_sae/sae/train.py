@@ -419,6 +419,8 @@ class Trainer:
         dead_h = None
         if self.sae_cfg.architecture != "relu-l1":
             dead_h = self.since_fired_h >= cfg.dead_window_patches
+            if not bool(dead_h.any()):   # decided outside the (possibly compiled) loss
+                dead_h = None
         self.opt.zero_grad(set_to_none=True)
         if n_local > 0:
             out = self.loss_fn(x_bd, dead_h)
