@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from .config import dump_yaml, from_dict, load_yaml, opt, to_dict
 from .errors import MammoSaeError
-from .io import read_json, sha256_file, write_json, write_text_atomic
+from .io import read_json, sha256_file, sha256_json, write_json, write_text_atomic
 from .runner import Runner, Stage
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -88,8 +89,12 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
-    if not path.exists() and (PACKAGE_CONFIGS / path.name).exists():
-        path = PACKAGE_CONFIGS / path.name
+    # `phantom.yaml` / `configs/phantom.yaml` name a packaged config from any directory; any other
+    # missing path is an error (a typo must not silently run a different file).
+    packaged = PACKAGE_CONFIGS / path.name
+    if not path.exists() and path.parent in (Path("."), Path("configs")) and packaged.exists():
+        print(f"using the packaged config {packaged}", flush=True)
+        path = packaged
     data = load_yaml(path)
     cfg = from_dict(PipelineConfig, data, where=str(path))
     for section, cls in (("data", DataSection), ("models", ModelsSection),
@@ -318,8 +323,24 @@ class Pipeline:
     def stage_sae(self) -> dict[str, Any]:
         from .sae.train import TrainConfig as SaeTrainConfig, train_sae
 
-        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(self.run / "stores" / "sae-train"),
+        from .activations.store import ActivationStore
+        from .sae.train import STATE_FILE
+
+        store = self.run / "stores" / "sae-train"
+        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(store),
                             out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
+        # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
+        # Anything else: the old SAE is stale, and the stage starts over.
+        settings = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "device")}
+        key = sha256_json({"settings": settings, "store": ActivationStore(store).manifest_sha256})
+        marker = self.sae_dir / "pipeline_key.json"
+        if (self.sae_dir / STATE_FILE).exists():
+            same = marker.exists() and read_json(marker).get("key") == key
+            if not same:
+                shutil.rmtree(self.sae_dir)
+            cfg.resume = same
+        self.sae_dir.mkdir(parents=True, exist_ok=True)
+        write_json(marker, {"schema_version": 1, "key": key})
         out = train_sae(cfg)
         return {"sae": str(out)}
 

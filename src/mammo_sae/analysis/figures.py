@@ -122,8 +122,10 @@ def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.Path
         import textwrap
 
         lines = textwrap.wrap(suptitle, width=max(20, int(panel_inches[0] * n_cols * 9)))
-        fig.suptitle("\n".join(lines), fontsize=9)
-        top = 1.0 - 0.2 * len(lines) / fig.get_figheight()
+        # Place the title in its own band of fixed height (inches) above the panels' titles.
+        height = fig.get_figheight()
+        fig.suptitle("\n".join(lines), fontsize=9, y=1.0 - 0.05 / height, va="top")
+        top = 1.0 - (0.1 + 0.17 * len(lines)) / height
     fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
     path = Path(path)
     with atomic_path(path) as tmp:
