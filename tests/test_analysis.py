@@ -211,6 +211,17 @@ def test_probe_scores_follow_their_definitions(synth: dict[str, Any]) -> None:
     assert dense[y == 1, top].mean() > dense[y == 0, top].mean()
 
 
+def test_peak_score_is_the_centred_class_mean_of_image_maxima(synth: dict[str, Any]) -> None:
+    summ, y = synth["summ"], synth["y"]
+    peaks = summ.max_nh.toarray().astype(np.float64)
+    res = probe(summ.mean_nh, y, max_nh=summ.max_nh)
+    for c in (0, 1):
+        np.testing.assert_allclose(res.scores["peak"][c], peaks[y == c].mean(0) - peaks.mean(0), atol=1e-9)
+    assert "peak" not in probe(summ.mean_nh, y).scores          # no maxima given: not offered
+    with pytest.raises(MammoSaeError, match="max vectors"):
+        probe(summ.mean_nh, y, scores=["peak"])
+
+
 def test_latent_auroc_dense_and_sparse_agree(synth: dict[str, Any]) -> None:
     summ, y = synth["summ"], synth["y"]
     np.testing.assert_allclose(latent_auroc(summ.mean_nh, y), latent_auroc(summ.mean_nh.toarray(), y))

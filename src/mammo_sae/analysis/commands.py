@@ -91,8 +91,9 @@ def run_summarize(cfg: SummarizeConfig) -> int:
 @dataclass
 class ProbeConfig:
     """Class-wise mean latent activation z̄(c) (paper Eq. 2) and per-class latent rankings under
-    the scores mean (paper), centered (class mean − global mean: the released rankings) and
-    auroc (per-latent discriminative). Writes ranking_class={0,1}_{score}.json (released format:
+    the scores mean (paper), centered (class mean − global mean: the released rankings), auroc
+    (per-latent discriminative) and peak (centred class mean of each image's max activation:
+    local findings). Writes ranking_class={0,1}_{score}.json (released format:
     rank, index, importance), probe.csv (one row per latent) and probe.json."""
 
     store: Path = opt(help="activation store (rankings are computed on --split)")
@@ -101,7 +102,7 @@ class ProbeConfig:
     out: Path = opt(help="output directory")
     split: str = opt("training", help="split to rank on (training | test | all)")
     level: Level = opt("image", help="image (label = any row) or row (needs a row-level store)")
-    scores: list[str] = opt(["mean", "centered", "auroc"], help="scores to rank by")
+    scores: list[str] = opt(["mean", "centered", "auroc", "peak"], help="scores to rank by")
     top: int = opt(20, help="top latents per class listed in probe.json")
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
@@ -115,7 +116,7 @@ def run_probe(cfg: ProbeConfig) -> int:
     _, rows, y = _select(cfg.store, cfg.concept, cfg.split, cfg.level)
     s = _summaries(cfg.store, cfg.sae, cfg)
     mean = s.mean_rows(rows)
-    result = probe(mean, y, concept=cfg.concept, scores=cfg.scores)
+    result = probe(mean, y, concept=cfg.concept, scores=cfg.scores, max_nh=s.max_rows(rows))
     cfg.out.mkdir(parents=True, exist_ok=True)
     tops: dict[str, Any] = {}
     for score in result.scores:
@@ -151,7 +152,7 @@ class InterveneConfig:
     out: Path = opt(help="output directory")
     concept: Optional[str] = opt(None, help="label to score (default: the classifier's concept)")
     rankings: Optional[Path] = opt(None, help="probe output directory with ranking_class={0,1}_SCORE.json")
-    score: str = opt("centered", help="which ranking files to use (mean | centered | auroc)")
+    score: str = opt("centered", help="which ranking files to use (mean | centered | auroc | peak)")
     rank_class0: Optional[Path] = opt(None, help="explicit class-0 ranking JSON (e.g. a released file)")
     rank_class1: Optional[Path] = opt(None, help="explicit class-1 ranking JSON")
     rank_store: Optional[Path] = opt(None, help="store to rank on when no rankings are given")
@@ -185,7 +186,7 @@ def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str
     rank_store = cfg.rank_store or cfg.store
     _, rows, y = _select(rank_store, concept, cfg.rank_split, cfg.level)
     s = _summaries(rank_store, cfg.sae, cfg)
-    res = probe(s.mean_rows(rows), y, concept=concept, scores=[cfg.score])
+    res = probe(s.mean_rows(rows), y, concept=concept, scores=[cfg.score], max_nh=s.max_rows(rows))
     return [ranking_order(res.scores[cfg.score][c]) for c in (0, 1)], \
         f"{cfg.score} on {rank_store} split {cfg.rank_split}"
 

@@ -27,7 +27,10 @@ from ..errors import MammoSaeError
 from ..io import read_json
 from . import stats
 
-SCORES = ("mean", "centered", "auroc")
+# mean: paper Eq. 2; centered: the released rankings; auroc: discriminative; peak: class mean of
+# each image's *maximum* activation minus the global one — favours latents that fire strongly in
+# a few positions of positive images (local findings) over ones that shift the whole map.
+SCORES = ("mean", "centered", "auroc", "peak")
 
 
 @dataclasses.dataclass
@@ -68,8 +71,11 @@ def latent_auroc(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, block: i
 
 
 def probe(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, concept: str = "",
-          scores: Sequence[str] = SCORES) -> ProbeResult:
-    """Class means and the requested per-class scores over the given images."""
+          scores: Sequence[str] | None = None, max_nh: sp.csr_matrix | np.ndarray | None = None) -> ProbeResult:
+    """Class means and the requested per-class scores over the given images (default: every score
+    the inputs allow; `peak` needs the per-image max vectors `max_nh`, rows aligned with `mean_nh`)."""
+    if scores is None:
+        scores = SCORES if max_nh is not None else tuple(s for s in SCORES if s != "peak")
     unknown = [s for s in scores if s not in SCORES]
     if unknown:
         raise MammoSaeError(f"unknown score(s) {unknown}; valid: {', '.join(SCORES)}")
@@ -85,6 +91,11 @@ def probe(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, concept: str = 
     if "auroc" in scores:
         a = latent_auroc(mean_nh, y)
         out["auroc"] = {0: 1.0 - a, 1: a}
+    if "peak" in scores:
+        if max_nh is None or max_nh.shape != mean_nh.shape:
+            raise MammoSaeError("the peak score needs per-image max vectors aligned with the means")
+        peaks = class_means(max_nh, y)
+        out["peak"] = {0: peaks[0] - peaks["all"], 1: peaks[1] - peaks["all"]}
     return ProbeResult(concept=concept, n_per_class={0: int((y == 0).sum()), 1: int((y == 1).sum())},
                        class_mean=means, scores=out)
 

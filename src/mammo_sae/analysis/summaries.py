@@ -68,6 +68,9 @@ class LatentSummaries:
     def mean_rows(self, rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
         return self.mean_nh[np.asarray(rows, dtype=np.int64)]
 
+    def max_rows(self, rows: Sequence[int] | np.ndarray) -> sp.csr_matrix:
+        return self.max_nh[np.asarray(rows, dtype=np.int64)]
+
     def off_breast_score(self) -> np.ndarray:
         """Share of each latent's mass outside the breast; NaN where unknown or never active."""
         with np.errstate(invalid="ignore", divide="ignore"):
