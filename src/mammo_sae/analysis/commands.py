@@ -76,7 +76,7 @@ def run_summarize(cfg: SummarizeConfig) -> int:
     from .summaries import summaries_for
 
     s = summaries_for(cfg.store, cfg.sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
-                      device=cfg.device, recompute=cfg.recompute)
+                      device=cfg.device, recompute=cfg.recompute, progress=cfg.progress)
     stats = s.reconstruction_stats(np.flatnonzero(s.n_positions_n > 0))
     info = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), **s.meta,
             "nnz_mean": int(s.mean_nh.nnz), "density": s.mean_nh.nnz / max(1, s.n_images * s.h), **stats}
