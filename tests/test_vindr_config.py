@@ -94,6 +94,10 @@ def test_sae_trained_on_subsampled_calcification_features(paper_run: Path) -> No
     sae_store = next(s for s in stores if s["role"] == "sae")
     assert sae_store["encoder_key"] == "Suspicious_Calcification-finetuned"
     assert (sae_store["split"], sae_store["subsample"]) == ("training", 0.25)
+    # Ranking stores keep 25 % of the patches as the reference's rankings; evaluation stores all.
+    for s in stores:
+        if s["role"] == "analysis":
+            assert s["subsample"] == (0.25 if s["split"] == "training" else 1.0), s
     assert any((paper_run / "sae").iterdir())
 
 

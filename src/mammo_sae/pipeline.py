@@ -62,6 +62,9 @@ class ExtractSection:
     sae_subsample: float = 1.0
     sae_max_images: Optional[int] = None
     rank_split: str = "training"              # split the rankings are computed on
+    # Share of each image's patches kept in the ranking stores (the reference ranked on its 25 %
+    # SAE sample); the evaluation stores always keep every patch.
+    rank_subsample: float = 1.0
     eval_split: str = "test"                  # split every evaluation uses
 
 
@@ -293,8 +296,9 @@ class Pipeline:
                  "out": str(self.run / "stores" / "sae-train")}]
         for key, model in self.encoders().items():
             for split in dict.fromkeys((e.rank_split, e.eval_split)):
+                subsample = e.rank_subsample if split != e.eval_split else 1.0
                 plan.append({"role": "analysis", "encoder_key": key, "model": model, "split": split,
-                             "subsample": 1.0, "max_images": None,
+                             "subsample": subsample, "max_images": None,
                              "out": str(self.store_dir(key, split))})
         return plan
 
