@@ -45,7 +45,8 @@ def _sync(device: torch.device) -> None:
 def bare_forward_rate(encoder: torch.nn.Module, xs: list[torch.Tensor], batch_size: int,
                       layer: str, device: torch.device, autocast: bool) -> float:
     encoder = encoder.eval().to(device)
-    if device.type == "cuda":
+    channels_last = device.type == "cuda" and autocast   # as extract() does
+    if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
     batches = [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
@@ -54,7 +55,7 @@ def bare_forward_rate(encoder: torch.nn.Module, xs: list[torch.Tensor], batch_si
         t0 = time.perf_counter()
         for x in batches:
             x = x.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             encoder.forward_features(x, [layer])[layer].float().cpu()
         _sync(device)

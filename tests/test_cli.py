@@ -29,3 +29,19 @@ def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[s
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_image_sizes_read_the_same_in_every_command() -> None:
+    """`--image-size` takes 512x320 and 512,320 alike (classifier and extract commands)."""
+    import argparse
+
+    from mammo_sae.activations.extract import parse_size
+    from mammo_sae.config import add_dataclass_args
+    from mammo_sae.models.train import EvalConfig
+
+    assert parse_size("512x320") == parse_size("512,320") == (512, 320)
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, EvalConfig)
+    for text in ("512x320", "512,320"):
+        ns = parser.parse_args(["--data", "d", "--model", "m", "--concept", "Mass", "--image-size", text])
+        assert ns.image_size == [512, 320]

@@ -70,6 +70,8 @@ def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
         elem, _ = _unwrap_optional(elem)
 
         def parse_list(text: str) -> list[Any]:
+            if elem is int:  # sizes read the same everywhere: "512,320" or "512x320"
+                text = text.lower().replace("x", ",")
             return [_parse_scalar(elem, t.strip()) for t in text.split(",") if t.strip()]
 
         return parse_list, {"metavar": f"{getattr(elem, '__name__', 'X').upper()},..."}

@@ -117,6 +117,15 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         cfg.data.path = _expand(cfg.data.path)
     cfg.models.checkpoints = {concept: {v: _expand(p) for v, p in variants.items()}
                               for concept, variants in cfg.models.checkpoints.items()}
+    if cfg.models.kind == "train-phantom":
+        # The phantom recipe lives in one place (models/train.py); the config's values override it,
+        # and RUN/config.yaml shows what ran.
+        from .models.train import PHANTOM_FINETUNE, PHANTOM_LINEAR_PROBE, PHANTOM_PRETRAIN
+
+        m = cfg.models
+        m.pretrain = {**PHANTOM_PRETRAIN, **m.pretrain}
+        m.linear_probe = {**PHANTOM_LINEAR_PROBE, **m.linear_probe}
+        m.finetune = {**PHANTOM_FINETUNE, **m.finetune}
     return cfg
 
 

@@ -59,7 +59,7 @@ class ExtractConfig:
     subsample: float = opt(1.0, help="fraction of each image's patches kept (the reference: 0.25)")
     seed: int = opt(0, help="seed of the per-image subsample, augmentation and random weights")
     augment: bool = opt(False, help="apply the training augmentation while extracting")
-    image_size: str | None = opt(None, help="resize inputs to HxW (e.g. 512x320); default: as stored")
+    image_size: str | None = opt(None, help="resize inputs to HxW or H,W (e.g. 512x320); default: as stored")
     batch_size: int = opt(8, help="images per forward pass")
     workers: int = opt(2, help="DataLoader worker processes decoding images")
     shard_images: int = opt(256, help="images per shard (the unit of resumption)")
@@ -77,9 +77,9 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
     if text is None or text == "":
         return None
     try:
-        h, w = (int(v) for v in text.lower().split("x"))
+        h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
-        raise MammoSaeError(f"--image-size must look like 512x320 (HxW), got {text!r}") from None
+        raise MammoSaeError(f"--image-size must look like 512x320 or 512,320 (HxW or H,W), got {text!r}") from None
     if h < 1 or w < 1:
         raise MammoSaeError(f"--image-size must be positive, got {text!r}")
     return h, w
@@ -202,7 +202,10 @@ class _ExtractionItems(torch.utils.data.Dataset):
                 np.random.seed(s)
                 torch.manual_seed(s)
             x_3hw, _ = self.inner[i]
-            return {"i": i, "key": key, "x": x_3hw, "mask": self._mask(x_3hw), "error": None}
+            # Mammo-CLIP inputs are one grey channel repeated: ship one channel from the worker
+            # (a third of the shared-memory traffic) and repeat it on the device.
+            x = x_3hw[:1] if torch.equal(x_3hw[0], x_3hw[1]) and torch.equal(x_3hw[0], x_3hw[2]) else x_3hw
+            return {"i": i, "key": key, "x": x, "mask": self._mask(x_3hw), "error": None}
         except Exception as exc:  # noqa: BLE001 - reported with the image id, by policy
             return {"i": i, "key": key, "x": None, "mask": None,
                     "error": f"{type(exc).__name__}: {exc}"}
@@ -444,7 +447,7 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
 
     device = _pick_device(cfg.device, dist.local_rank)
     encoder = encoder.eval().to(device)
-    if device.type == "cuda":
+    if _channels_last(cfg, device):
         encoder = encoder.to(memory_format=torch.channels_last)
     n = len(records)
     items = _ExtractionItems(records, parse_size(cfg.image_size), cfg.augment, cfg.seed)
@@ -505,6 +508,12 @@ def _write_buffer(root: Path, buf: _ShardBuffer, dtype: str, d: int) -> None:
                              dtype=dtype, image_start=buf.start)
 
 
+def _channels_last(cfg: ExtractConfig, device: torch.device) -> bool:
+    """channels_last only under bf16 autocast: in fp32 it made B5 0.86x and B2 0.70x as fast at
+    1520x912 on an H100 (benchmarks/encoder_speed.py, benchmarks/results/encoder_speed.txt)."""
+    return device.type == "cuda" and cfg.autocast
+
+
 def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
                      device: torch.device) -> Iterator[list[dict[str, Any]]]:
     """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added."""
@@ -512,7 +521,9 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
     for items, stacked in loader:
         for positions, x_b3hw in stacked:
             x_b3hw = x_b3hw.to(device, non_blocking=True)
-            if device.type == "cuda":
+            if x_b3hw.shape[1] == 1:   # one grey channel from the loader (see _ExtractionItems)
+                x_b3hw = x_b3hw.expand(-1, 3, -1, -1).contiguous()
+            if _channels_last(cfg, device):
                 x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
