@@ -130,7 +130,9 @@ def test_sweep_endpoints_on_the_phantom(phantom_results: dict[str, Any]) -> None
 
 
 @pytest.mark.xfail(reason="measured on the 64-image chain: no marker-specific latent (best confounder "
-                          "score 0.33, not in Mass's centered top-10); needs a larger phantom/SAE",
+                          "score 0.33, not in Mass's centered top-10); nor at the demo's scale (480 "
+                          "images: marker latents near-silent, none in the top-10): the classifiers "
+                          "did not take the shortcut strongly enough for the SAE to isolate it",
                    strict=False)
 def test_marker_latent_is_a_top10_mass_latent_and_flagged(phantom_results: dict[str, Any]) -> None:
     flagged = phantom_results["separation"]["finetuned"]["flagged"]
@@ -140,8 +142,5 @@ def test_marker_latent_is_a_top10_mass_latent_and_flagged(phantom_results: dict[
     assert edit is not None and abs(edit["auroc_change"]) < 0.2
 
 
-@pytest.mark.xfail(reason="measured on the 64-image chain: separation 0.001 (finetuned) vs 0.000 "
-                          "(linear probe), within noise", strict=False)
-def test_finetuned_separates_classes_more_than_linear_probe(phantom_results: dict[str, Any]) -> None:
-    sep = phantom_results["separation"]
-    assert sep["finetuned"]["separation"] > sep["pretrained"]["separation"] + 0.05
+# Finetuned vs linear-probe separation is checked at the demo's scale in tests/test_demo_run.py
+# (measured 0.885 vs 0.060): on this 64-image chain both are ~0, within noise.
