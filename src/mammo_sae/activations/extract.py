@@ -314,7 +314,10 @@ def _load_records(cfg: ExtractConfig) -> list[Any]:
     splits = None if cfg.split == "all" else [cfg.split]
     # Missing files: fail early under "stop"; under "skip" each one is reported by id below.
     on_missing = "error" if cfg.on_error == "stop" else "ignore"
-    records = list(load_records(cfg.data, level=cfg.level, splits=splits, on_missing=on_missing))
+    # Absolute image paths in the store: figures and reports built from another working
+    # directory still find the mammograms.
+    records = list(load_records(Path(cfg.data).resolve(), level=cfg.level, splits=splits,
+                                on_missing=on_missing))
     if cfg.max_images is not None:
         records = records[: cfg.max_images]
     if not records:

@@ -199,7 +199,7 @@ class LatentPages:
             rec = records[i]
             heat = upsample(maps_lhw[0], rec.frame_hw)
             pred, _ = heatmap_boxes(heat, "p95")
-            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · {m.concept}={int(y[k])}"
+            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}"   # y: the caption names it
             panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat,
                                       unique_boxes(rec.boxes_of(m.concept)), pred, title))
         name = f"latent_{j}_top.png"
@@ -207,7 +207,8 @@ class LatentPages:
                         suptitle=f"latent {j}: top {len(panels)} {self.split} images ({m.name})")
         self.report.made_figure(name)
         s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {self.split} images with the highest mean "
-                       f"activation of latent {j}; GT {m.concept} boxes red, p95 boxes yellow."))
+                       f"activation of latent {j}; y = the image's {m.concept} label; GT boxes red, "
+                       "p95 boxes yellow."))
         info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
                                "label": int(y[k])} for k, i in zip(order, indices)]
         s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
