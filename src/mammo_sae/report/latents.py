@@ -2,7 +2,7 @@
 
 For latent j and its "home" model (the first model ranking it in its top list):
 - top-activating images of the evaluation split (by per-image mean activation) with the latent's
-  heatmap, GT boxes (red) and p95 boxes (yellow), drawn with `analysis.figures`;
+  heatmap, GT boxes (red) and boxes at the run's localisation threshold (yellow), drawn with `analysis.figures`;
 - the histogram of per-image mean activations by class;
 - class association for every concept of the run (class means, AUROC of the mean activation);
 - effect on each model's logit: v_j = w · W_dec[:, j] (the pooled identity: a unit of mean
@@ -45,6 +45,10 @@ class LatentPages:
         self.by_model = by_model
         self.home = home
         self.split = report.eval_split
+        # Boxes drawn with the run's own localisation threshold (the paper's p95 by default).
+        analysis = report.config.get("analysis") if isinstance(report.config, dict) else None
+        localize = (analysis or {}).get("localize") or {}
+        self.threshold = str(localize.get("threshold", "p95"))
         self._cache: dict[tuple[str, str], Any] = {}
 
     # ------------------------------------------------------------------ lazy inputs
@@ -198,7 +202,7 @@ class LatentPages:
         for k, i, maps_lhw in zip(order, indices, iter_latent_maps(self.store(m), self.sae(), [j], indices)):
             rec = records[i]
             heat = upsample(maps_lhw[0], rec.frame_hw)
-            pred, _ = heatmap_boxes(heat, "p95")
+            pred, _ = heatmap_boxes(heat, self.threshold)
             title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}"   # y: the caption names it
             panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat,
                                       unique_boxes(rec.boxes_of(m.concept)), pred, title))
@@ -208,7 +212,7 @@ class LatentPages:
         self.report.made_figure(name)
         s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {self.split} images with the highest mean "
                        f"activation of latent {j}; y = the image's {m.concept} label; GT boxes red, "
-                       "p95 boxes yellow."))
+                       f"{self.threshold} boxes yellow."))
         info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
                                "label": int(y[k])} for k, i in zip(order, indices)]
         s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
