@@ -45,3 +45,39 @@ def test_image_sizes_read_the_same_in_every_command() -> None:
     for text in ("512x320", "512,320"):
         ns = parser.parse_args(["--data", "d", "--model", "m", "--concept", "Mass", "--image-size", text])
         assert ns.image_size == [512, 320]
+
+
+def test_config_values_are_typed_and_typos_fail_at_dry_run(tmp_path, capsys) -> None:
+    """YAML reads `1e-3` as a string: converted to the field's type; a wrong value or a misspelled
+    option inside any section is named by `run --dry-run`, before any stage runs."""
+    from pathlib import Path
+
+    from mammo_sae.config import from_dict
+    from mammo_sae.errors import MammoSaeError
+    from mammo_sae.sae.train import TrainConfig
+
+    cfg = from_dict(TrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0})
+    assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.batch_size) == (1e-3, 10, False, 1024)
+    with pytest.raises(MammoSaeError, match="epochs: expected int, got 'ten'"):
+        from_dict(TrainConfig, {"epochs": "ten"})
+    base = Path("configs/phantom.yaml").read_text()
+    cases = [(base.replace("  expansion: 4", "  expansoin: 4"), "unknown key(s) ['expansoin']"),
+             (base.replace("  lr: 1.0e-3", "  lr: fast"), "sae.lr: expected float, got 'fast'"),
+             (base.replace("    n_images: 480", "    n_imagse: 480"), "data.phantom: unknown key(s)")]
+    for i, (text, message) in enumerate(cases):
+        assert text != base
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(text)
+        assert main(["run", str(path), "--out", str(tmp_path / f"r{i}"), "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+    path = tmp_path / "ok.yaml"
+    path.write_text(base.replace("  lr: 1.0e-3", "  lr: 1e-3"))
+    assert main(["run", str(path), "--out", str(tmp_path / "ok"), "--dry-run"]) == 0
+
+
+def test_no_progress_is_accepted_by_commands_without_a_progress_option(tmp_path) -> None:
+    for cmd in (["extract"], ["phantom"], ["preprocess"]):
+        assert "--no-progress" in subprocess.run([sys.executable, "-m", "mammo_sae", *cmd, "--help"],
+                                                 capture_output=True, text=True, check=True).stdout, cmd
+    assert main(["phantom", "--out", str(tmp_path / "ph"), "--n-images", "4", "--height", "128",
+                 "--width", "80", "--no-progress"]) == 0

@@ -261,6 +261,10 @@ def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path) -> None:
 def test_cli_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     run.mkdir()
+    # An empty folder is not a run: refused with a message instead of an empty report.
+    assert main(["report", "--run", str(run), "--no-progress"]) == 2
+    assert "not a mammo-sae run directory" in capsys.readouterr().err
+    (run / "config.yaml").write_text("name: empty\n")   # a run that has not got far: still reported
     assert main(["report", "--run", str(run), "--out", str(tmp_path / "web"), "--no-progress"]) == 0
     assert (tmp_path / "web" / "index.html").is_file()
     assert str(tmp_path / "web" / "index.html") in capsys.readouterr().out

@@ -9,7 +9,9 @@ A `MammoSaeError` is printed as `error: ...` with exit status 2; Ctrl-C exits 13
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
+import inspect
 import sys
 from typing import Any, Callable
 
@@ -46,7 +48,15 @@ def add_command(
     p = sub.add_parser(name, help=help, description=f"{help}\n\n{doc}" if doc else help,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_dataclass_args(p, cfg_cls, positional=positional)
-    p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns)))
+    has_field = "progress" in {f.name for f in dataclasses.fields(cfg_cls)}
+    if not has_field and "progress" in inspect.signature(run).parameters:
+        # Commands whose config has no `progress` field (it would change a store's identity)
+        # still take --no-progress, passed to the run function.
+        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show progress bars (default: True)")
+        p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns), progress=ns.progress))
+    else:
+        p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns)))
     return p
 
 

@@ -100,9 +100,11 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
             continue
         conv, extra = _converter(tp)
         shown = _escape(",".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
+        # Help that already describes its default (e.g. "default: next to the SAE") gets no second one.
+        says_default = "default" in help_text.lower()
         parser.add_argument(flag, dest=f.name, type=conv, default=default,
                             required=not has_default,
-                            help=f"{help_text} (default: {shown})" if has_default else help_text,
+                            help=f"{help_text} (default: {shown})" if has_default and not says_default else help_text,
                             **extra)
 
 
@@ -128,6 +130,18 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
     """Build `cls` from a plain dict, converting types and naming unknown keys."""
+    kwargs = check_options(cls, data, where=where)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise MammoSaeError(f"{where}: {exc}") from exc
+
+
+def check_options(cls: type, data: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
+    """`data` converted to the types of `cls`'s fields; unknown keys and bad values are named.
+    Works on partial dicts (the options a config file overrides), so it runs before any stage."""
+    if not isinstance(data, dict):
+        raise MammoSaeError(f"{where}: expected a mapping of options, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
@@ -146,12 +160,28 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T
             kwargs[name] = _converter(tp)[0](value)
         elif get_origin(tp) is Literal and value not in get_args(tp):
             raise MammoSaeError(f"{where}.{name}: {value!r} is not one of {list(get_args(tp))}")
+        elif tp in (int, float, bool):
+            kwargs[name] = _scalar_value(tp, value, f"{where}.{name}")
         else:
             kwargs[name] = value
+    return kwargs
+
+
+def _scalar_value(tp: type, value: Any, where: str) -> Any:
+    """A YAML/JSON value as the field's type: YAML reads `1e-3` (no dot) as a string, and a wrong
+    type must fail here with the key's name, not deep inside a stage."""
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
     try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise MammoSaeError(f"{where}: {exc}") from exc
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            return _parse_scalar(tp, value.strip())
+    except (ValueError, argparse.ArgumentTypeError):
+        pass
+    if tp is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise MammoSaeError(f"{where}: expected {tp.__name__}, got {value!r}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

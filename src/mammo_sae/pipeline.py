@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import dump_yaml, from_dict, load_yaml, opt, to_dict
+from .config import check_options, dump_yaml, from_dict, load_yaml, opt, to_dict
 from .errors import MammoSaeError
 from .io import read_json, sha256_file, sha256_json, write_json, write_text_atomic
 from .runner import Runner, Stage
@@ -90,6 +90,36 @@ class PipelineConfig:
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
 
 
+def _check_section_options(cfg: PipelineConfig, where: str) -> None:
+    """Type-check every command's options in the config now, so `--dry-run` catches a typo or a
+    wrong value instead of the stage that would meet it hours later."""
+    from .activations.extract import ExtractConfig
+    from .analysis.commands import (FidelityConfig, InterveneConfig, ProbeConfig, SeparationConfig,
+                                    SummarizeConfig)
+    from .analysis.localize_commands import LocalizeConfig
+    from .data.phantom import PhantomConfig
+    from .models.train import EvalConfig, PretrainConfig, TrainConfig
+    from .sae.train import TrainConfig as SaeTrainConfig
+
+    m, a = cfg.models, cfg.analysis
+    checks: list[tuple[str, type, Any, Callable[[dict[str, Any]], None]]] = [
+        ("data.phantom", PhantomConfig, cfg.data.phantom, lambda v: setattr(cfg.data, "phantom", v)),
+        ("models.pretrain", PretrainConfig, m.pretrain, lambda v: setattr(m, "pretrain", v)),
+        ("models.linear_probe", TrainConfig, m.linear_probe, lambda v: setattr(m, "linear_probe", v)),
+        ("models.finetune", TrainConfig, m.finetune, lambda v: setattr(m, "finetune", v)),
+        ("models.eval", EvalConfig, m.eval, lambda v: setattr(m, "eval", v)),
+        ("extract.options", ExtractConfig, cfg.extract.options, lambda v: setattr(cfg.extract, "options", v)),
+        ("sae", SaeTrainConfig, cfg.sae, lambda v: setattr(cfg, "sae", v)),
+    ]
+    for stage, cls in (("summaries", SummarizeConfig), ("probe", ProbeConfig), ("intervene", InterveneConfig),
+                       ("fidelity", FidelityConfig), ("localize", LocalizeConfig),
+                       ("separation", SeparationConfig)):
+        checks.append((f"analysis.{stage}", cls, getattr(a, stage),
+                       lambda v, stage=stage: setattr(a, stage, v)))
+    for name, cls, options, store in checks:
+        store(check_options(cls, options or {}, where=f"{where}: {name}"))
+
+
 def load_pipeline_config(path: str | Path) -> PipelineConfig:
     path = Path(path)
     # `phantom.yaml` / `configs/phantom.yaml` name a packaged config from any directory; any other
@@ -117,6 +147,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         cfg.data.path = _expand(cfg.data.path)
     cfg.models.checkpoints = {concept: {v: _expand(p) for v, p in variants.items()}
                               for concept, variants in cfg.models.checkpoints.items()}
+    _check_section_options(cfg, str(path))
     if cfg.models.kind == "train-phantom":
         # The phantom recipe lives in one place (models/train.py); the config's values override it,
         # and RUN/config.yaml shows what ran.
@@ -340,11 +371,12 @@ class Pipeline:
         from .sae.train import STATE_FILE
 
         store = self.run / "stores" / "sae-train"
-        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(store),
+        # `resume` is the pipeline's to decide (below): a user value is refused as "set by the pipeline".
+        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(store), resume=False,
                             out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
         # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
         # Anything else: the old SAE is stale, and the stage starts over.
-        settings = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "device")}
+        settings = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "device", "resume")}
         key = sha256_json({"settings": settings, "store": ActivationStore(store).manifest_sha256})
         marker = self.sae_dir / "pipeline_key.json"
         if (self.sae_dir / STATE_FILE).exists():

@@ -9,11 +9,11 @@ from ..cli import add_command
 from .extract import ExtractConfig
 
 
-def run_extract(cfg: ExtractConfig) -> int:
+def run_extract(cfg: ExtractConfig, progress: bool = True) -> int:
     from .extract import extract
     from .store import ActivationStore
 
-    path = extract(cfg)
+    path = extract(cfg, progress=progress)
     store = ActivationStore(path)
     failed = store.manifest.get("failed_images") or []
     print(f"{path}: {store.n_images} images, {store.n_patches} patches, d={store.d}, "

@@ -57,14 +57,14 @@ class PreprocessConfig:
     on_missing: Literal["error", "skip"] = opt("error", help="missing DICOM files: fail or skip them")
 
 
-def run_preprocess(cfg: PreprocessConfig) -> int:
+def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
     from .preprocess import preprocess_vindr
 
     if cfg.height < 16 or cfg.width < 16:
         raise DataError(f"output size {cfg.height}x{cfg.width} is too small")
     result = preprocess_vindr(cfg.dicom_root, cfg.csv, cfg.out, breast_csv=cfg.breast_csv,
                               out_hw=(cfg.height, cfg.width), workers=max(1, cfg.workers),
-                              on_missing=cfg.on_missing)
+                              on_missing=cfg.on_missing, progress=progress)
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
 

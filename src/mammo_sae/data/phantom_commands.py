@@ -9,10 +9,10 @@ from ..cli import add_command
 from .phantom import PhantomConfig
 
 
-def run_phantom(cfg: PhantomConfig) -> int:
+def run_phantom(cfg: PhantomConfig, progress: bool = True) -> int:
     from .phantom import generate
 
-    summary = generate(cfg)
+    summary = generate(cfg, progress=progress)
     print(json.dumps({"out": str(cfg.out), **summary}, indent=2))
     return 0
 

@@ -782,6 +782,9 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
     if k != n_classes(cfg.concept):
         raise MammoSaeError(f"{cfg.model} has {k} output(s), but concept {cfg.concept!r} needs "
                             f"{n_classes(cfg.concept)}")
+    if k == 1 and len(np.unique(y)) < 2:   # say so before hours of forward passes
+        raise MammoSaeError(f"AUROC of {cfg.concept!r} on split {cfg.split!r} ({cfg.level} level) needs "
+                            f"both classes; all {len(y)} images are {int(y[0]) if len(y) else '-'}")
     trained_on = getattr(model, "concept", None)
     logits = predict_logits(model, records, size_hw=_size_hw(cfg.image_size), batch_size=cfg.batch_size,
                             device=device, progress=cfg.progress)

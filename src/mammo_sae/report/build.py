@@ -690,6 +690,10 @@ def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False
     if top_latents < 1:
         raise MammoSaeError(f"top_latents must be at least 1, got {top_latents}")
     run_dir = Path(run_dir)
+    markers = ("config.yaml", "stages", "models", "sae", "analysis")
+    if run_dir.is_dir() and not any((run_dir / m).exists() for m in markers):
+        raise MammoSaeError(f"{run_dir} is not a mammo-sae run directory (none of {', '.join(markers)}); "
+                            "pass the --out of `mammo-sae run`")
     out = Path(out) if out is not None else run_dir / "report"
     return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,
                          latent_pages=latent_pages, progress=progress).build()
