@@ -534,8 +534,9 @@ class RunConfig:
 
     config: Path = opt(help="pipeline YAML (e.g. configs/phantom.yaml, configs/vindr-mammoclip-b5.yaml)")
     out: Optional[Path] = opt(None, help="run directory (default: runs/<config name>)")
-    only: Optional[str] = opt(None, help="run only this stage")
-    start: Optional[str] = opt(None, help="(--from) rerun from this stage on")
+    only: Optional[str] = opt(None, help="run only this stage: data, models, extract, sae, summaries, "
+                                         "probe, intervene, fidelity, localize, separation or report")
+    start: Optional[str] = opt(None, help="rerun from this stage on (same names as --only)")
     dry_run: bool = opt(False, help="print the plan and exit")
     progress: bool = opt(True, help="progress bars")
 
@@ -576,9 +577,10 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
     p = add_command(sub, "run", RunConfig, lambda c: (run_pipeline(c), 0)[1],
                     "run every stage of a pipeline config", positional=("config",))
-    # `--from` reads better than `--start`; keep both spellings.
+    # The option is spelled `--from` (a Python keyword, hence the field name `start`).
     for action in p._actions:
         if action.dest == "start":
-            action.option_strings.append("--from")
+            del p._option_string_actions["--start"]
+            action.option_strings[:] = ["--from"]
             p._option_string_actions["--from"] = action
     add_command(sub, "demo", DemoConfig, run_demo, "the phantom pipeline end to end (CPU minutes)")
