@@ -549,8 +549,8 @@ class ActivationStore:
 
         Contiguous blocks of `block_patches` are read in a seeded random order (each rank gets
         an equal, disjoint share of that order) into a buffer of `buffer_patches`; when it is
-        full it is permuted, half is served and half kept. Memory ≈ 2 × buffer_patches × d ×
-        itemsize whatever the store size. The order is a pure function of
+        full it is permuted, half is served (batch by batch, straight from the buffer) and half
+        kept. Memory ≈ 1.5 × buffer_patches × d × itemsize whatever the store size. The order is a pure function of
         (seed, epoch, rank, world_size, batch_size, buffer_patches, block_patches); starting at
         `start_batch` replays the bookkeeping without reading skipped data, so a trainer resumes
         exactly. `raw=True` yields the store dtype (float16/bfloat16) without the float32 copy,
@@ -585,28 +585,29 @@ class ActivationStore:
                 buf_data[:n_in] = self._gather(buf_idx[:n_in])
                 first = skip - served
                 served = skip
-            out = buf_data[perm[first:half]] if buf_data is not None else None
+            take = min(half - first, total - served)
+            served += take
+            if buf_data is not None and take > 0:
+                # Batches are gathered from the buffer one at a time (no copy of the served half).
+                sel = perm[first:first + take]
+                pos = 0
+                if len(carry):  # complete the partial batch left by the previous cycle
+                    pos = min(batch_size - len(carry), take)
+                    carry = np.concatenate([carry, buf_data[sel[:pos]]])
+                    if len(carry) == batch_size:
+                        yield convert(carry)
+                        carry = carry[:0]
+                n_full = (take - pos) // batch_size
+                for b in range(n_full):
+                    yield convert(buf_data[sel[pos + b * batch_size: pos + (b + 1) * batch_size]])
+                rest = sel[pos + n_full * batch_size:]
+                if len(rest):
+                    carry = buf_data[rest]
             kept = perm[half:]
             buf_idx[: len(kept)] = buf_idx[kept]
             if buf_data is not None:
                 buf_data[: len(kept)] = buf_data[kept]
             n_in = len(kept)
-            take = min(half - first, total - served)
-            served += take
-            if out is None or take <= 0:
-                return
-            out = out[:take]
-            if len(carry):  # complete the partial batch left by the previous cycle
-                fill = min(batch_size - len(carry), len(out))
-                carry = np.concatenate([carry, out[:fill]])
-                out = out[fill:]
-                if len(carry) < batch_size:
-                    return
-                yield convert(carry)
-            n_full = len(out) // batch_size
-            for b in range(n_full):
-                yield convert(out[b * batch_size:(b + 1) * batch_size])
-            carry = out[n_full * batch_size:].copy()
 
         for shard, lo, hi in self._rank_pieces(seed, epoch, rank, world_size, block):
             pos = lo
