@@ -250,3 +250,32 @@ def test_latent_maps_on_cuda_equal_cpu(store) -> None:
     gpu = latent_maps(store, TinySae().cuda(), [0, 1, 3], range(store.n_images))
     for a, b in zip(cpu, gpu):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pointing_scores_follow_the_planted_maps(store) -> None:
+    """Latent 0 peaks on every Mass box, 1 on the marker, 2 never fires, 3 peaks on the box in
+    half of the positives: pointing scores 1, 0, 0, 0.5 (test split: 4 positives)."""
+    from mammo_sae.analysis.localize import pointing_scores
+
+    lat, score, n = pointing_scores(store, TinySae(), "Mass", split="test", progress=False)
+    assert n == 4 and list(lat) == [0, 1, 2, 3]
+    np.testing.assert_allclose(score, [1.0, 0.0, 0.0, 0.5])
+    lat, score, _ = pointing_scores(store, TinySae(), "confounder", split="test", latents=[1, 0],
+                                    progress=False)
+    assert list(lat) == [1, 0] and score[0] == 1.0
+
+
+def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) -> None:
+    """`--select pointing` ranks latents on --select-split (training: one image, whose Mass box
+    latent 0 hits) and scores them on --split; the selection is recorded."""
+    import json
+    from unittest import mock
+
+    with mock.patch("mammo_sae.analysis.localize_commands._open_sae", return_value=TinySae()):
+        rc = main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
+                   "--select", "pointing", "--top", "2", "--out", str(tmp_path / "out"),
+                   "--figure-images", "0", "--device", "cpu", "--no-progress"])
+    assert rc == 0
+    result = json.loads((tmp_path / "out" / "localization.json").read_text())
+    assert result["selection"]["split"] == "training" and result["selection"]["images"] == 1
+    assert list(result["selection"]["scores"])[0] == "0"

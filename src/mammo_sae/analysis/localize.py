@@ -502,6 +502,38 @@ def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any
     return save_panel_grid(rows, path, suptitle=title)
 
 
+def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "training",
+                    latents: Sequence[int] | None = None, batch_rows: int = 8192,
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pointing game per latent: the share of the split's positive images where the latent's
+    strongest cell overlaps a ground-truth box of `concept` (an image where it never fires is a
+    miss). Returns (latent indices, scores, number of images). Meant for a split other than the
+    one Table 2 is measured on, so that choosing latents by it does not peek at the test boxes."""
+    from tqdm.auto import tqdm
+
+    from .maps import iter_latent_maps
+
+    lat = np.arange(int(sae.h)) if latents is None else np.asarray(list(latents), dtype=np.int64)
+    indices, records = select_images(store, concept, split, "positive")
+    hits = np.zeros(len(lat), dtype=np.int64)
+    maps = iter_latent_maps(store, sae, lat, indices, batch_rows=batch_rows)
+    for rec, maps_lhw in tqdm(zip(records, maps), total=len(records), disable=not progress,
+                              desc=f"pointing {concept}", unit="img"):
+        n_lat, gh, gw = maps_lhw.shape
+        H, W = rec.frame_hw
+        # Cells (as pixel rectangles) that overlap any GT box of the concept.
+        ys, xs = np.arange(gh) * H / gh, np.arange(gw) * W / gw
+        on_box = np.zeros((gh, gw), dtype=bool)
+        for b in unique_boxes(rec.boxes_of(concept)):
+            rows = (ys < b[3]) & (ys + H / gh > b[1])
+            cols = (xs < b[2]) & (xs + W / gw > b[0])
+            on_box |= rows[:, None] & cols[None, :]
+        flat = maps_lhw.reshape(n_lat, -1)
+        best = flat.argmax(axis=1)
+        hits += on_box.reshape(-1)[best] & (flat.max(axis=1) > 0)
+    return lat, hits / max(len(records), 1), len(records)
+
+
 def read_ranking(path: Any, top: int) -> tuple[list[int], list[float]]:
     """Top `top` latent indices (and importances) of a `mammo-sae probe` / released ranking JSON:
     a list of `{rank, index, importance}` (or a mapping holding it under `ranking`)."""
@@ -526,7 +558,7 @@ def read_ranking(path: Any, top: int) -> tuple[list[int], list[float]]:
 __all__ = [
     "APResult", "Detections", "LocalizationResult", "ThresholdRule", "average_precision",
     "box_areas", "box_iou", "coco_ap101", "heatmap_boxes", "localize", "mask_to_boxes",
-    "match_image", "parse_threshold", "read_ranking", "save_figure_grid", "score_boxes",
+    "match_image", "parse_threshold", "pointing_scores", "read_ranking", "save_figure_grid", "score_boxes",
     "select_images", "table2",
     "threshold_mask", "unique_boxes", "voc_ap",
 ]

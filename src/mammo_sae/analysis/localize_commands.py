@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
+import numpy as np
+
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
@@ -28,6 +30,14 @@ class LocalizeConfig:
                                              "(list of {rank, index, importance})")
     latents: list[int] = opt([], help="explicit latent indices (instead of --ranking)")
     top: int = opt(10, help="how many top-ranked latents to score")
+    select: Literal["ranking", "pointing"] = opt(
+        "ranking", help="ranking: the top of --ranking (paper); pointing: the latents whose "
+        "strongest cell most often overlaps a GT box on --select-split of --select-store "
+        "(chosen without the evaluated images), among --candidates of --ranking or all latents")
+    select_store: Optional[Path] = opt(None, help="store holding --select-split with full grids "
+                                                  "(default: --store)")
+    select_split: str = opt("training", help="split the pointing selection is made on")
+    candidates: int = opt(0, help="pointing: consider only the top N of --ranking (0 = every latent)")
     threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
                                      "relmax:F = F x its max (released code: relmax:0.3); abs:X")
     iou: float = opt(0.25, help="IoU at which a box counts as a hit")
@@ -75,15 +85,27 @@ def _to_device(sae: Any, device: str) -> Any:
 
 
 def run_localize(cfg: LocalizeConfig) -> int:
-    from .localize import localize, read_ranking, save_figure_grid, table2
+    from .localize import localize, pointing_scores, read_ranking, save_figure_grid, table2
 
-    if (cfg.ranking is None) == (not cfg.latents):
+    store, sae = _open_store(cfg.store), _to_device(_open_sae(cfg.sae), cfg.device)
+    selection: dict[str, Any] = {"method": cfg.select}
+    if cfg.select == "pointing":
+        if cfg.latents:
+            raise MammoSaeError("--select pointing chooses the latents itself: drop --latents")
+        pool = read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
+        sel_store = _open_store(cfg.select_store) if cfg.select_store else store
+        lat, score, n = pointing_scores(sel_store, sae, cfg.concept, split=cfg.select_split,
+                                        latents=pool, batch_rows=cfg.batch_rows, progress=cfg.progress)
+        order = np.lexsort((lat, -score))[:cfg.top]
+        latents, importances = [int(lat[k]) for k in order], [float(score[k]) for k in order]
+        selection.update(split=cfg.select_split, store=str(cfg.select_store or cfg.store), images=n,
+                         candidates=len(lat), scores=dict(zip(map(str, latents), importances)))
+    elif (cfg.ranking is None) == (not cfg.latents):
         raise MammoSaeError("give exactly one of --ranking FILE or --latents I,J,...")
-    if cfg.ranking is not None:
+    elif cfg.ranking is not None:
         latents, importances = read_ranking(cfg.ranking, cfg.top)
     else:
         latents, importances = list(cfg.latents), []
-    store, sae = _open_store(cfg.store), _to_device(_open_sae(cfg.sae), cfg.device)
     result = localize(store, sae, cfg.concept, latents, threshold=cfg.threshold,
                       iou_threshold=cfg.iou, split=cfg.split, image_set=cfg.images,
                       box_score=cfg.box_score, min_box_area=cfg.min_box_area, match=cfg.match,
@@ -93,6 +115,7 @@ def run_localize(cfg: LocalizeConfig) -> int:
     out = Path(cfg.out)
     payload = result.to_json()
     payload["config"] = to_dict(cfg)
+    payload["selection"] = selection
     write_json(out / "localization.json", payload)
     write_text_atomic(out / "localization.csv", result.table.to_csv(index=False))
     write_json(out / "detections.json", result.detections_json())
