@@ -76,6 +76,9 @@ class AnalysisSection:
     fidelity: dict[str, Any] = field(default_factory=dict)
     localize: dict[str, Any] = field(default_factory=dict)
     separation: dict[str, Any] = field(default_factory=dict)
+    # Also localise with latents chosen by the pointing game on the ranking split
+    # (analysis/localize/<model>/pointing/); needs full-map ranking stores.
+    localize_pointing: bool = True
 
 
 @dataclass
@@ -474,7 +477,27 @@ class Pipeline:
                                     ranking=str(ranking), split=self.cfg.extract.eval_split,
                                     label=m.name))
             out[m.name] = str(target)
+            if self._pointing_possible():
+                # The same, with latents chosen by the pointing game on the ranking split.
+                run_localize(self._opts(
+                    LocalizeConfig, "localize", "analysis.localize",
+                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                    sae=str(self.sae_dir), concept=m.concept, out=str(target / "pointing"),
+                    select="pointing", select_split=self.cfg.extract.rank_split,
+                    select_store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
+                    split=self.cfg.extract.eval_split, label=f"{m.name}/pointing"))
         return out
+
+    def _pointing_possible(self) -> bool:
+        e = self.cfg.extract
+        if not self.cfg.analysis.localize_pointing:
+            return False
+        if e.rank_split == e.eval_split or e.rank_subsample < 1.0:
+            print("    pointing selection skipped: it needs full patch maps of a split other than the "
+                  f"evaluated one (rank_split {e.rank_split!r}, rank_subsample {e.rank_subsample})",
+                  flush=True)
+            return False
+        return True
 
     def stage_separation(self) -> dict[str, Any]:
         from .analysis.commands import SeparationConfig, run_separation
