@@ -266,8 +266,10 @@ class ReportBuilder:
         """One row per model from the other sections' numbers (built last, shown first)."""
         fid = {r["model"]: r for r in self.data.get("table1", [])}
         test = {r["model"]: r for r in self.data.get("models", [])}
-        best_ap = {label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
-                   for label, entry in self.data.get("table2", {}).items() if "/" not in label}
+        best = {label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
+                for label, entry in self.data.get("table2", {}).items()}
+        best_ap = {label: r for label, r in best.items() if "/" not in label}
+        pointing = {label.split("/")[0]: r for label, r in best.items() if label.endswith("/pointing")}
         known = {m.name for m in self.models}
         separation = {}
         for folder, rows in self.data.get("separation", {}).items():
@@ -284,15 +286,17 @@ class ReportBuilder:
                          "recovered": fid.get(name, {}).get("recovered", math.nan),
                          "best_ap": _num(ap.get("ap")) if ap else math.nan,
                          "best_ap_latent": int(ap["latent"]) if ap else None,
+                         "best_ap_pointing": _num(pointing[name].get("ap")) if name in pointing else math.nan,
                          "separation": separation.get(name, math.nan)})
         self.data["headlines"] = rows
         if not rows:
             s.add(H.note("no model results yet"))
             return
         s.add(H.table(rows, ["model", "auroc_test", "auroc_original", "auroc_sae", "recovered", "best_ap",
-                             "best_ap_latent", "separation"],
+                             "best_ap_latent", "best_ap_pointing", "separation"],
                       headers=["model", "test AUROC (classifier)", "AUROC original (store)", "AUROC SAE",
-                               "recovered", "best latent AP", "that latent", "separation index"]))
+                               "recovered", "best latent AP (top-10 ranked)", "that latent",
+                               "best AP (pointing-chosen)", "separation index"]))
 
     # ------------------------------------------------------------------ summary
     def section_summary(self, s: H.Section) -> None:
