@@ -237,6 +237,8 @@ class Pipeline:
             settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
             if name in ANALYSIS_STAGES:
                 settings = {"options": getattr(c.analysis, name), "level": c.data.level}
+                if name == "localize":
+                    settings["pointing"] = c.analysis.localize_pointing
             add(Stage(name, getattr(self, f"stage_{name}"), settings,
                       deps=STAGE_DEPS[name], description=description))
 
