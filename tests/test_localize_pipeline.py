@@ -279,3 +279,7 @@ def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) 
     result = json.loads((tmp_path / "out" / "localization.json").read_text())
     assert result["selection"]["split"] == "training" and result["selection"]["images"] == 1
     assert list(result["selection"]["scores"])[0] == "0"
+    with mock.patch("mammo_sae.analysis.localize_commands._open_sae", return_value=TinySae()):
+        assert main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
+                     "--select", "pointing", "--candidates", "5", "--out", str(tmp_path / "bad"),
+                     "--device", "cpu", "--no-progress"]) == 2   # --candidates needs --ranking

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -70,8 +71,8 @@ def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
         elem, _ = _unwrap_optional(elem)
 
         def parse_list(text: str) -> list[Any]:
-            if elem is int:  # sizes read the same everywhere: "512,320" or "512x320"
-                text = text.lower().replace("x", ",")
+            if elem is int and re.fullmatch(r"\s*\d+\s*[xX]\s*\d+\s*", text):
+                text = text.lower().replace("x", ",")  # a size: "512x320" reads as "512,320"
             return [_parse_scalar(elem, t.strip()) for t in text.split(",") if t.strip()]
 
         return parse_list, {"metavar": f"{getattr(elem, '__name__', 'X').upper()},..."}

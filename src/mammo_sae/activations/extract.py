@@ -202,10 +202,7 @@ class _ExtractionItems(torch.utils.data.Dataset):
                 np.random.seed(s)
                 torch.manual_seed(s)
             x_3hw, _ = self.inner[i]
-            # Mammo-CLIP inputs are one grey channel repeated: ship one channel from the worker
-            # (a third of the shared-memory traffic) and repeat it on the device.
-            x = x_3hw[:1] if torch.equal(x_3hw[0], x_3hw[1]) and torch.equal(x_3hw[0], x_3hw[2]) else x_3hw
-            return {"i": i, "key": key, "x": x, "mask": self._mask(x_3hw), "error": None}
+            return {"i": i, "key": key, "x": x_3hw, "mask": self._mask(x_3hw), "error": None}
         except Exception as exc:  # noqa: BLE001 - reported with the image id, by policy
             return {"i": i, "key": key, "x": None, "mask": None,
                     "error": f"{type(exc).__name__}: {exc}"}
@@ -524,8 +521,6 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
     for items, stacked in loader:
         for positions, x_b3hw in stacked:
             x_b3hw = x_b3hw.to(device, non_blocking=True)
-            if x_b3hw.shape[1] == 1:   # one grey channel from the loader (see _ExtractionItems)
-                x_b3hw = x_b3hw.expand(-1, 3, -1, -1).contiguous()
             if _channels_last(cfg, device):
                 x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):

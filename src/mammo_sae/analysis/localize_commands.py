@@ -92,6 +92,8 @@ def run_localize(cfg: LocalizeConfig) -> int:
     if cfg.select == "pointing":
         if cfg.latents:
             raise MammoSaeError("--select pointing chooses the latents itself: drop --latents")
+        if cfg.candidates and cfg.ranking is None:
+            raise MammoSaeError("--candidates N takes the top N of --ranking: give --ranking FILE")
         pool = read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
         sel_store = _open_store(cfg.select_store) if cfg.select_store else store
         lat, score, n = pointing_scores(sel_store, sae, cfg.concept, split=cfg.select_split,
