@@ -12,4 +12,4 @@ step() { local name=$1; shift; echo "=== $name: $*"; local t0=$SECONDS; "$@" 2>&
 step gpu_tests $PY -m pytest -q -p no:cacheprovider -m gpu tests/test_gpu.py tests/test_localize_pipeline.py
 step sae_train timeout 200 $PY benchmarks/sae_train.py --configs small,mammo --steps 30
 step encoder_speed timeout 120 $PY benchmarks/encoder_speed.py --device cuda --cases b5,b2,phantom --variants fp32,fp32-cl,bf16-cl --iters 10 --warmup 2 --no-phantom-train
-step extract_speed timeout 150 $PY benchmarks/extract_speed.py --arch efficientnet-b5 --image-size 1520x912 --n-images 48 --batch-size 8 --workers 8 --dtype float16 --device cuda
+step extract_speed timeout 150 $PY benchmarks/extract_speed.py --arch efficientnet-b5 --image-size 1520x912 --n-images 256 --batch-size 8 --workers 8 --dtype float16 --device cuda

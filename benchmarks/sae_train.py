@@ -29,7 +29,9 @@ from torch import nn
 
 from mammo_sae.sae.train import TensorSource, TrainConfig, Trainer, measure_matmul_flops
 
-CONFIGS = {"small": (256, 2048, 4096), "mammo": (2048, 16384, 4096)}   # d, h, batch
+# d, h, batch. "tiny" does almost no arithmetic: its step time is the fixed per-step cost (Python,
+# kernel launches, synchronisations) that dominates small SAEs on a GPU.
+CONFIGS = {"tiny": (32, 128, 64), "small": (256, 2048, 4096), "mammo": (2048, 16384, 4096)}
 
 
 class NaiveSAE(nn.Module):
@@ -143,7 +145,7 @@ def main() -> None:
     rows = []
     for cfg_name in args.configs.split(","):
         d, h, batch = CONFIGS[cfg_name]
-        steps = args.steps or (50 if device.type == "cuda" else (20 if cfg_name == "small" else 2))
+        steps = args.steps or (50 if device.type == "cuda" else {"tiny": 200, "small": 20}.get(cfg_name, 2))
         mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         rate = measure_matmul_flops(d, h, min(batch, 2048), device, mm_dtype)
         data = torch.randn(batch * 2, d, device=device).relu()
@@ -157,7 +159,8 @@ def main() -> None:
             results[impl] = pps
             if pps is not None:
                 mfu = 10 * d * h * pps / rate
-                print(f"  {impl:8s} {pps:12.1f} patches/s   MFU {100 * mfu:5.1f} %")
+                print(f"  {impl:8s} {pps:12.1f} patches/s   MFU {100 * mfu:5.1f} %   "
+                      f"{1e6 * batch / pps:9.1f} µs/step")
         ours = results.get("ours")
         for other in ("naive", "saelens"):
             if ours and results.get(other):

@@ -260,3 +260,39 @@ def test_checkpoint_model_uses_the_classifiers_encoder(reference: Path, data_dir
         # Same weights, same images; only float summation order may differ (batch composition).
         expected = ActivationStore(reference).pooled_nd[:2]
         np.testing.assert_allclose(store.pooled_nd, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+class _Corrupting(torch.nn.Module):
+    """The phantom encoder with its final map scaled by `scale` or, with `nan_first`, a NaN in the
+    first image of every batch: what a broken or mismatched checkpoint can produce."""
+
+    def __init__(self, scale: float = 1.0, nan_first: bool = False) -> None:
+        super().__init__()
+        self.inner, _ = load_encoder(ARCH, seed=0)
+        self.layer_info = self.inner.layer_info
+        self.scale, self.nan_first = scale, nan_first
+
+    def forward_features(self, x, layers):
+        maps = self.inner.forward_features(x, layers)
+        out = maps["final"] * self.scale
+        if self.nan_first:
+            out = out.clone()
+            out[0, 0, 0, 0] = float("nan")
+        return {**maps, "final": out}
+
+
+def test_non_finite_activations_name_the_images(data_dir: Path, tmp_path: Path) -> None:
+    cfg = _cfg(data_dir, tmp_path / "nan", max_images=4)
+    with pytest.raises(StoreError, match=r"non-finite activations for image\(s\) \['[^,\]]+'\]"):
+        extract(cfg, encoder=_Corrupting(nan_first=True), progress=False)
+    assert not list((tmp_path / "nan").glob("shards/*.npy")), "no shard written from a poisoned batch"
+
+
+def test_float16_overflow_is_refused_with_the_fix(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="beyond float16's range; use --dtype bfloat16"):
+        extract(_cfg(data_dir, tmp_path / "big", max_images=2, dtype="float16"),
+                encoder=_Corrupting(scale=1e20), progress=False)
+    # The same maps fit bfloat16.
+    store = ActivationStore(extract(_cfg(data_dir, tmp_path / "bf", max_images=2, dtype="bfloat16"),
+                                    encoder=_Corrupting(scale=1e20), progress=False))
+    assert np.isfinite(store.pooled_nd).all()

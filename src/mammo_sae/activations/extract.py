@@ -516,17 +516,34 @@ def _channels_last(cfg: ExtractConfig, device: torch.device) -> bool:
 
 def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
                      device: torch.device) -> Iterator[list[dict[str, Any]]]:
-    """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added."""
+    """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added.
+
+    The host half of batch i (finiteness and range checks, the copy to host memory, provenance)
+    runs after batch i+1's forward pass is queued, so on a GPU the forward passes run back to
+    back instead of waiting for each batch's synchronisation and copy.
+    """
     autocast = cfg.autocast and device.type == "cuda"
+    queued: tuple[list[dict[str, Any]], list[_MapOnDevice]] | None = None
     for items, stacked in loader:
+        launched = []
         for positions, x_b3hw in stacked:
             x_b3hw = x_b3hw.to(device, non_blocking=True)
             if _channels_last(cfg, device):
                 x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
             with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
-            _split_map(map_bchw.float(), [items[p] for p in positions], cfg)
-        yield items
+            launched.append(_MapOnDevice(map_bchw.float(), [items[p] for p in positions], cfg))
+        if queued is not None:
+            yield _finish_batch(*queued)
+        queued = (items, launched)
+    if queued is not None:
+        yield _finish_batch(*queued)
+
+
+def _finish_batch(items: list[dict[str, Any]], launched: list["_MapOnDevice"]) -> list[dict[str, Any]]:
+    for part in launched:
+        part.finish()
+    return items
 
 
 def _check_float16_range(max_abs: float) -> None:
@@ -534,40 +551,70 @@ def _check_float16_range(max_abs: float) -> None:
         raise StoreError(f"activations reach {max_abs:.3g}, beyond float16's range; "
                          "use --dtype bfloat16 or float32")
     if 0.0 < max_abs < 1e-3:
-        warnings.warn(f"activations are tiny (max |x| = {max_abs:.3g}); float16 rounds values below "
-                      "6e-8 to zero and loses precision below 6e-5: consider --dtype bfloat16",
-                      stacklevel=3)
+        # A fixed text, so Python shows it once per run rather than once per batch.
+        warnings.warn("activations are tiny (max |x| < 1e-3); float16 rounds values below 6e-8 to "
+                      "zero and loses precision below 6e-5: consider --dtype bfloat16", stacklevel=2)
 
 
-def _split_map(map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig) -> None:
-    b, c, h, w = map_bchw.shape
-    pooled_bd = map_bchw.mean((2, 3))
-    if not torch.isfinite(pooled_bd).all():  # a NaN or inf anywhere in a map reaches its mean
-        bad = [it["key"] for it, fin in zip(group, torch.isfinite(pooled_bd).all(1)) if not fin]
-        raise StoreError(f"non-finite activations for image(s) {bad}; check the checkpoint")
-    if cfg.dtype == "float16":
-        _check_float16_range(float(map_bchw.abs().max()))
-    pooled_bd = pooled_bd.cpu().numpy()
-    cells = [subsample_cells(h * w, cfg.subsample, cfg.seed, it["key"]) for it in group]
-    counts = [len(cl) for cl in cells]
-    # One pass per image: (C, cells) → (cells, C) transposed straight into the store dtype.
-    flat_bcp = map_bchw.flatten(2)
-    kept_nd = torch.empty((sum(counts), c), dtype=getattr(torch, cfg.dtype), device=map_bchw.device)
-    offset = 0
-    for j, cl in enumerate(cells):
-        src_cp = flat_bcp[j] if len(cl) == h * w else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
-        kept_nd[offset: offset + len(cl)].copy_(src_cp.T)
-        offset += len(cl)
-    disk_nd = store_format.to_disk(kept_nd, cfg.dtype)
-    offset = 0
-    for j, it in enumerate(group):
-        cl = cells[j]
-        tissue = tissue_grid(it["mask"], (h, w))
-        patches = np.zeros(len(cl), store_format.PATCH_DTYPE)
-        patches["image_index"] = it["i"]
-        patches["row"], patches["col"] = cl // w, cl % w
-        patches["tissue"] = tissue.reshape(-1).numpy()[cl]
-        it.update(acts=disk_nd[offset: offset + counts[j]], patches=patches,
-                  pooled=pooled_bd[j].astype(np.float32), grid_hw=(h, w))
-        offset += counts[j]
+class _MapOnDevice:
+    """One group's feature map cut into the store's pieces: the device work and the (async, on
+    CUDA into pinned memory) copies are started at construction, the host work in `finish`."""
 
+    def __init__(self, map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig) -> None:
+        b, c, h, w = map_bchw.shape
+        self.group, self.cfg, self.grid_hw = group, cfg, (h, w)
+        self.cells = [subsample_cells(h * w, cfg.subsample, cfg.seed, it["key"]) for it in group]
+        self.counts = [len(cl) for cl in self.cells]
+        pooled_bd = map_bchw.mean((2, 3))
+        finite_b = torch.isfinite(pooled_bd).all(1)  # a NaN or inf anywhere in a map reaches its mean
+        max_abs = map_bchw.abs().amax() if cfg.dtype == "float16" else pooled_bd.new_zeros(())
+        # One pass per image: (C, cells) → (cells, C) transposed straight into the store dtype.
+        flat_bcp = map_bchw.flatten(2)
+        kept_nd = torch.empty((sum(self.counts), c), dtype=getattr(torch, cfg.dtype), device=map_bchw.device)
+        offset = 0
+        for j, cl in enumerate(self.cells):
+            src_cp = flat_bcp[j] if len(cl) == h * w else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
+            kept_nd[offset: offset + len(cl)].copy_(src_cp.T)
+            offset += len(cl)
+        self.on_host = [_to_host(t) for t in (kept_nd, pooled_bd, finite_b, max_abs)]
+        self.ready = None
+        if map_bchw.device.type == "cuda":
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def finish(self) -> None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        kept_nd, pooled_bd, finite_b, max_abs = self.on_host
+        group, cfg = self.group, self.cfg
+        if not bool(finite_b.all()):
+            bad = [it["key"] for it, fin in zip(group, finite_b.tolist()) if not fin]
+            raise StoreError(f"non-finite activations for image(s) {bad}; check the checkpoint")
+        if cfg.dtype == "float16":
+            _check_float16_range(float(max_abs))
+        # Out of pinned memory into ordinary arrays, so the pinned blocks are reused at once.
+        disk_nd = store_format.to_disk(kept_nd, cfg.dtype)
+        if self.ready is not None:
+            disk_nd = disk_nd.copy()
+        pooled = pooled_bd.numpy()
+        h, w = self.grid_hw
+        offset = 0
+        for j, it in enumerate(group):
+            cl = self.cells[j]
+            tissue = tissue_grid(it["mask"], (h, w))
+            patches = np.zeros(len(cl), store_format.PATCH_DTYPE)
+            patches["image_index"] = it["i"]
+            patches["row"], patches["col"] = cl // w, cl % w
+            patches["tissue"] = tissue.reshape(-1).numpy()[cl]
+            it.update(acts=disk_nd[offset: offset + self.counts[j]], patches=patches,
+                      pooled=pooled[j].astype(np.float32), grid_hw=(h, w))
+            offset += self.counts[j]
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor, asynchronous on CUDA (pinned destination)."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

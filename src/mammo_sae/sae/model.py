@@ -103,6 +103,11 @@ class _ReluL1Loss(torch.autograd.Function):
     Autograd would form ∂x̄ = ∂π·W_enc (another B×h×d matmul) only to sum it over the batch for
     the tied bias; here that sum is taken first, (Σ_b ∂π_b)·W_enc, so a step costs 10·d·h FLOPs
     per patch instead of 12, and only x̄, z and the residual are kept for the backward.
+
+    With `mm_dtype` (bf16 on GPU) the (B, h) tensors — codes z and their gradient — live in bf16
+    from the matmul that makes them to the matmul that consumes them: biases enter through the
+    GEMM epilogue (addmm), reductions accumulate in fp32, and nothing of size B×h is converted.
+    At d = 2048, h = 16384 those tensors are the step's memory traffic, not the weights.
     """
 
     @staticmethod
@@ -110,17 +115,25 @@ class _ReluL1Loss(torch.autograd.Function):
                 l1_coeff: float, recon_scale: float, mm_dtype: Optional[torch.dtype]):
         n = x_bd.shape[0]
         xc_bd = x_bd - b_dec
-        z_bh = _addmm(b_enc, xc_bd, W_enc.t(), mm_dtype).relu_()
-        resid_bd = _addmm(b_dec, z_bh, W_dec.t(), mm_dtype).sub_(x_bd)
+        if mm_dtype is None:
+            z_bh = torch.addmm(b_enc, xc_bd, W_enc.t()).relu_()
+            resid_bd = torch.addmm(b_dec, z_bh, W_dec.t()).sub_(x_bd)
+            l1 = z_bh.sum()
+            # Column counts as a mat-vec product: a dim-0 reduction of a (B, h) tensor is slow on CPU.
+            fired_h = (z_bh.new_ones(n) @ z_bh.sign()).round_().long()
+            saved_xc, saved_W_dec = xc_bd, W_dec
+        else:
+            xc_lo, W_dec_lo = xc_bd.to(mm_dtype), W_dec.to(mm_dtype)
+            z_bh = torch.addmm(b_enc.to(mm_dtype), xc_lo, W_enc.to(mm_dtype).t()).relu_()
+            resid_bd = (z_bh @ W_dec_lo.t()).to(x_bd.dtype).add_(b_dec).sub_(x_bd)
+            l1 = z_bh.sum(dtype=x_bd.dtype)
+            fired_h = torch.count_nonzero(z_bh, dim=0)
+            saved_xc, saved_W_dec = xc_lo, W_dec_lo
         sq_err = resid_bd.square().sum()
-        l1 = z_bh.sum()
         recon = sq_err * (recon_scale / n)
         sparsity = l1 * (l1_coeff / n)
-        ctx.save_for_backward(xc_bd, z_bh, resid_bd, W_enc, W_dec)
+        ctx.save_for_backward(saved_xc, z_bh, resid_bd, W_enc, saved_W_dec)
         ctx.consts = (l1_coeff, recon_scale, mm_dtype)
-        # Column sums as mat-vec products: a dim-0 reduction of a (B, h) tensor is slow on CPU.
-        ones_b = z_bh.new_ones(n)
-        fired_h = (ones_b @ z_bh.sign()).round_().long()
         ctx.mark_non_differentiable(recon, sparsity, sq_err, fired_h)
         return recon + sparsity, recon, sparsity, sq_err, fired_h
 
@@ -128,23 +141,21 @@ class _ReluL1Loss(torch.autograd.Function):
     def backward(ctx, g_total: Tensor, *_unused: Tensor):
         xc_bd, z_bh, resid_bd, W_enc, W_dec = ctx.saved_tensors
         l1_coeff, recon_scale, mm_dtype = ctx.consts
-        n = xc_bd.shape[0]
+        n, h = z_bh.shape
         dxhat_bd = resid_bd * (g_total * 2.0 * recon_scale / n)
-        dW_dec = _mm(dxhat_bd.t(), z_bh, mm_dtype)
-        dz_bh = _mm(dxhat_bd, W_dec, mm_dtype).add_(g_total * (l1_coeff / n))
-        dpre_bh = torch.ops.aten.threshold_backward(dz_bh, z_bh, 0.0)   # ReLU backward, one pass
-        dW_enc = _mm(dpre_bh.t(), xc_bd, mm_dtype)
-        ones_b = dpre_bh.new_ones(n)
-        db_enc = ones_b @ dpre_bh
-        db_dec = ones_b @ dxhat_bd - db_enc @ W_enc
+        # ∂z = ∂x̂·W_dec + λ/n: the constant enters as the GEMM's bias, then the ReLU mask.
+        dz_const_h = (g_total * (l1_coeff / n)).to(z_bh.dtype).expand(h).contiguous()
+        dxhat_mm = dxhat_bd if mm_dtype is None else dxhat_bd.to(mm_dtype)
+        dW_dec = (dxhat_mm.t() @ z_bh).to(W_enc.dtype)   # fp32 master weights
+        dpre_bh = torch.ops.aten.threshold_backward(torch.addmm(dz_const_h, dxhat_mm, W_dec), z_bh, 0.0)
+        dW_enc = (dpre_bh.t() @ xc_bd).to(W_enc.dtype)
+        if mm_dtype is None:
+            db_enc = dpre_bh.new_ones(n) @ dpre_bh
+            db_dec = dxhat_bd.new_ones(n) @ dxhat_bd - db_enc @ W_enc
+        else:
+            db_enc = dpre_bh.sum(0, dtype=W_enc.dtype)
+            db_dec = dxhat_bd.sum(0) - db_enc @ W_enc
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
-
-
-def _addmm(bias: Tensor, a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
-    """bias + a @ b in one kernel (fp32), or with bf16 operands and an fp32 result."""
-    if dtype is None:
-        return torch.addmm(bias, a, b)
-    return (a.to(dtype) @ b.to(dtype)).float().add_(bias)
 
 
 def _mm(a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
@@ -314,18 +325,20 @@ class SparseAutoencoder(nn.Module):
 
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
-        """Project out of each decoder column's gradient its component along the column."""
+        """Project out of each decoder column's gradient its component along the column:
+        g ← g − w·(g·w)/(w·w), with no unit-column copy (three passes over d×h: 2.5× faster on CPU)."""
         g = self.W_dec.grad
         if g is None:
             return
-        unit_dh = self.W_dec / self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        along_h = g.new_ones(self.d) @ (g * unit_dh)   # per-column dot products (mat-vec: fast on CPU)
-        g.sub_(unit_dh * along_h)
+        W = self.W_dec
+        along_h = torch.linalg.vecdot(g, W, dim=0) / torch.linalg.vecdot(W, W, dim=0).clamp_min(1e-24)
+        g.addcmul_(W, along_h, value=-1.0)
 
     @torch.no_grad()
     def normalise_decoder_(self) -> None:
         """Rescale every decoder column to unit L2 norm (after each optimiser step)."""
-        self.W_dec.div_(self.W_dec.norm(dim=0, keepdim=True).clamp_min(1e-12))
+        W = self.W_dec
+        W.mul_(torch.linalg.vecdot(W, W, dim=0).clamp_min(1e-24).rsqrt_())
 
     # ------------------------------------------------------------------ normalisation
     @torch.no_grad()

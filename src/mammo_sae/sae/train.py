@@ -71,12 +71,14 @@ class TensorSource:
     def stream(self, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
                world_size: int = 1, drop_last: bool = False) -> Iterator[Tensor]:
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-        perm = torch.randperm(self.n_patches, generator=gen)
+        # Drawn on the CPU (the same order on every device), moved once per epoch: a per-batch
+        # copy of indices from pageable memory would stall the GPU at every step.
+        perm = torch.randperm(self.n_patches, generator=gen).to(self.acts_nd.device)
         for b in range(start_batch, self.batches_per_epoch(batch_size, 1, drop_last)):
             idx = perm[b * batch_size:(b + 1) * batch_size]
             if world_size > 1:
                 idx = torch.tensor_split(idx, world_size)[rank]
-            yield self.acts_nd[idx.to(self.acts_nd.device)]
+            yield self.acts_nd[idx]
 
 
 # ---------------------------------------------------------------------------- config
@@ -359,21 +361,26 @@ class Trainer:
         self.since_fired_h = state["since_fired_h"].to(self.device)
 
     # --------------------------------------------------------------- logging
+    # Per-step statistics summed on the device in one float64 vector (no synchronisation until a
+    # log line): loss, recon, sparsity, aux, Σ squared error, Σ variance, L0.
+    _STATS = ("loss", "recon", "sparsity", "aux", "sq_err", "var", "l0")
+
     def _reset_log_acc(self) -> None:
         dev = getattr(self, "device", torch.device("cpu"))
-        z = lambda: torch.zeros((), dtype=torch.float64, device=dev)  # noqa: E731
-        self._acc = {k: z() for k in ("loss", "recon", "sparsity", "aux", "sq_err", "var", "l0", "n", "steps")}
+        self._acc_stats = torch.zeros(len(self._STATS), dtype=torch.float64, device=dev)
+        self._acc_n = 0
+        self._acc_steps = 0
+        self._acc_first_step = getattr(self, "step", 0)
         self._acc_fired_h: Optional[Tensor] = None
         self._acc_t0 = time.perf_counter()
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
 
     def _log(self, bar: Any) -> None:
-        acc = {k: float(v) for k, v in self._acc.items()}
         self._raise_if_bad()
-        if acc["steps"] == 0:
+        if self._acc_steps == 0:
             return
+        acc = dict(zip(self._STATS, self._acc_stats.tolist()))
+        acc["steps"], n = self._acc_steps, self._acc_n
         dt = max(time.perf_counter() - self._acc_t0, 1e-9)
-        n = acc["n"]
         patches_per_s = n * self.dist.world_size / dt
         fired = self._acc_fired_h.float() / n if self._acc_fired_h is not None else None
         scale2 = float(self.sae.norm_scale) ** 2 if self.sae_cfg.normalisation != "none" else 1.0
@@ -400,11 +407,15 @@ class Trainer:
                                 dead=f"{rec['dead_fraction']:.2f}", pps=f"{patches_per_s:.3g}")
         self._reset_log_acc()
 
+    def _nonfinite_since_log(self) -> bool:
+        """A NaN/Inf loss in any step since the last log line poisons the accumulated sum."""
+        return self._acc_steps > 0 and not math.isfinite(float(self._acc_stats[0]))
+
     def _raise_if_bad(self) -> None:
-        bad = int(self._bad_step)
-        if bad >= 0:
+        if self._nonfinite_since_log():
             raise MammoSaeError(
-                f"non-finite loss at step {bad} (epoch {self.epoch}): the batch or the model produced NaN/Inf "
+                f"non-finite loss in steps {self._acc_first_step}–{self.step - 1} (epoch {self.epoch}): "
+                f"the batch or the model produced NaN/Inf "
                 f"(check the activation store for NaN/Inf vectors; the last good state is kept in "
                 f"{self.out / STATE_FILE} if one was saved)")
 
@@ -446,20 +457,12 @@ class Trainer:
         self.since_fired_h.masked_fill_(fired_h > 0, 0)
         self._acc_fired_h = fired_h if self._acc_fired_h is None else self._acc_fired_h + fired_h
         if out is not None:
-            a = self._acc
-            a["loss"] += out.total.detach()
-            a["recon"] += out.recon
-            a["sparsity"] += out.sparsity
-            a["aux"] += out.aux
-            a["sq_err"] += out.sq_err
             xn = self.sae.normalise(x_bd)
-            a["var"] += (xn - xn.mean(0)).square().sum()
-            a["l0"] += out.l0
-            a["n"] += n_local
-            a["steps"] += 1
-            finite = torch.isfinite(out.total.detach())
-            self._bad_step = torch.where((self._bad_step < 0) & ~finite,
-                                         torch.full_like(self._bad_step, self.step), self._bad_step)
+            var = (xn - xn.mean(0)).square().sum()
+            self._acc_stats += torch.stack([out.total.detach(), out.recon, out.sparsity, out.aux,
+                                            out.sq_err, var, out.l0]).double()
+            self._acc_n += n_local
+            self._acc_steps += 1
         self.step += 1
         self.patches_seen += n_global
 
@@ -625,7 +628,7 @@ class Trainer:
             self._log(bar)
             self.save_state()
         except KeyboardInterrupt:
-            if int(self._bad_step) < 0:
+            if not self._nonfinite_since_log():
                 self.save_state()
             raise
         finally:
