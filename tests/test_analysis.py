@@ -305,6 +305,27 @@ def test_targeted_edit(synth: dict[str, Any]) -> None:
         edit_set(summ.mean_nh, y, v, c, [99], "off")
 
 
+def test_edit_reports_the_attribute_shortcut_and_its_removal() -> None:
+    """A readout that adds a marker-driven latent to the logit: among negatives the logit tells
+    marked from unmarked images perfectly (shortcut AUROC 1); switching that latent off leaves
+    only the concept latent and the shortcut disappears (0.5), while concept AUROC is kept."""
+    rng = np.random.default_rng(0)
+    n = 200
+    y = (np.arange(n) % 2).astype(np.int64)
+    marker = (rng.random(n) < 0.5).astype(np.int64)
+    mean = np.stack([y * 1.0,                             # latent 0: the concept
+                     marker * 2.0,                        # latent 1: the marker (the shortcut)
+                     np.full(n, 0.5)], axis=1)            # latent 2: constant
+    v, c = np.array([1.0, 1.0, 0.0]), 0.0
+    r = edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=marker)
+    sc = r["shortcut"]["attribute_auroc_among_negatives"]
+    assert sc["plain_sae"] == pytest.approx(1.0) and sc["edited"] == pytest.approx(0.5)
+    assert r["edited"]["auroc"] == pytest.approx(1.0)
+    assert r["shortcut"]["n_negatives"] == n // 2
+    assert "shortcut" not in edit_set(mean, y, v, c, [1], "off", n_boot=0)
+    assert "shortcut" not in edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=np.zeros(n, np.int64))
+
+
 def test_readout_rejects_mismatched_head(synth: dict[str, Any]) -> None:
     with pytest.raises(MammoSaeError, match="d = 8"):
         sae_readout(synth["sae"], _head(5))
@@ -323,6 +344,24 @@ def _summaries_from(mean_nh: np.ndarray, conf_share: np.ndarray) -> LatentSummar
         l0_n=np.ones(n), x_mean_nd=np.zeros((n, 2), np.float32), mass_h=mass, tissue_known_mass_h=zeros,
         off_breast_mass_h=zeros, marked_mass_h=mass, confounder_mass_h=conf_share,
         meta={"marked_positions": 100, "confounder_positions": 4})
+
+
+def test_association_flags_latents_that_follow_the_attribute_among_negatives() -> None:
+    """Latent 1 follows the marker on negatives (AUROC 1), latent 2 follows it inversely (0),
+    latent 3 follows only the concept: association is measured where the concept cannot explain it."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    marker = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    mean = np.array([[1, 0, 2, 0], [1, 3, 0, 0], [1, 0, 2, 0], [1, 3, 0, 0],
+                     [1, 3, 1, 5], [1, 3, 1, 5], [1, 3, 1, 5], [1, 3, 1, 5]], dtype=float)
+    s = _summaries_from(mean, conf_share=np.zeros(4))
+    r = model_separation(s, np.arange(8), y, FlagRule(top=4), attribute=marker)
+    assert r["associated"] == [1, 2]
+    by_index = {e["index"]: e for e in r["class1_dominant"]}
+    assert by_index[1]["attribute_auroc"] == pytest.approx(1.0) and "associated" in by_index[1]["flags"]
+    assert by_index[3]["attribute_auroc"] == pytest.approx(0.5) and by_index[3]["flags"] == []
+    assert r["associated_in_top"] == 1                       # latent 2 is not class-1 dominant
+    none = model_separation(s, np.arange(8), y, FlagRule(top=4))
+    assert none["associated"] == [] and np.isnan(none["class1_dominant"][0]["attribute_auroc"])
 
 
 def test_separation_flags_the_confounder_latent() -> None:

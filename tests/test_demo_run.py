@@ -31,14 +31,16 @@ def _auroc(run: Path, name: str) -> float:
 def test_finetuning_makes_the_planted_concepts_readable(demo_run: Path) -> None:
     for concept in CONCEPTS:
         lp, ft = _auroc(demo_run, f"{concept}-pretrained"), _auroc(demo_run, f"{concept}-finetuned")
-        assert ft > 0.85, (concept, ft)             # measured 0.992 (Mass), 0.922 (calcification)
-        assert ft > lp + 0.2, (concept, lp, ft)     # linear probes: 0.626, 0.464
+        # Measured 0.997 (Mass), 0.870 (calcification: the marker shortcut it learnt in training
+        # costs it on the marker-independent test split); linear probes 0.571, 0.574.
+        assert ft > 0.8, (concept, ft)
+        assert ft > lp + 0.2, (concept, lp, ft)
 
 
 def test_sae_keeps_the_classifier_it_was_trained_on(demo_run: Path) -> None:
     table = pd.read_csv(demo_run / "analysis" / "fidelity" / "table1.csv").set_index("model")
     own = table.loc["Suspicious_Calcification-finetuned"]
-    assert own["fvu"] < 0.1 and own["recovered"] > 0.9, own.to_dict()   # 0.010, 1.00
+    assert own["fvu"] < 0.1 and own["recovered"] > 0.9, own.to_dict()   # 0.014, 1.00
 
 
 def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo_run: Path) -> None:
@@ -49,18 +51,19 @@ def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo
         assert on["auroc"].iloc[-1] == pytest.approx(fidelity.loc[name, "auroc_sae"], abs=1e-9)
         assert off["auroc"].iloc[-1] == 0.5 and on["auroc"].iloc[0] == 0.5
     # The finetuned decision lives in the class latents: switching off the top-500 of each class
-    # takes both finetuned classifiers to chance (measured 0.48 and 0.41).
+    # takes the finetuned classifiers near chance (measured 0.52 Mass; 0.67 calcification, part of
+    # whose decision rides on marker-associated latents outside its class rankings).
     for concept in CONCEPTS:
         sweep = pd.read_csv(demo_run / "analysis" / "intervene" / f"{concept}-finetuned" / "intervene.csv")
         off500 = sweep[(sweep["mode"] == "off") & (sweep["k"] == 500)]["auroc"].item()
-        assert off500 < 0.65, (concept, off500)
+        assert off500 < 0.72, (concept, off500)
 
 
 def test_finetuned_latent_space_separates_the_classes(demo_run: Path) -> None:
     for concept in CONCEPTS:
         models = json.loads((demo_run / "analysis" / "separation" / concept / "separation.json").read_text())["models"]
         ft, lp = models["finetuned"]["separation"], models["pretrained"]["separation"]
-        assert ft > lp + 0.3, (concept, lp, ft)     # measured 0.885 vs 0.060, 0.989 vs 0.028
+        assert ft > lp + 0.3, (concept, lp, ft)     # measured 0.883 vs 0.033, 0.885 vs 0.129
 
 
 def test_rerun_skips_every_stage_and_report_is_complete(demo_run: Path) -> None:
@@ -72,12 +75,46 @@ def test_rerun_skips_every_stage_and_report_is_complete(demo_run: Path) -> None:
         assert section in index, section
 
 
-def test_pointing_chosen_latents_localise_calcifications(demo_run: Path) -> None:
-    """Latents chosen on the training split by the pointing game localise the planted clusters on
-    the test split (measured best AP 0.32), unlike the class-mean top-10 (≤ 0.015)."""
-    root = demo_run / "analysis" / "localize" / "Suspicious_Calcification-finetuned"
-    ranked = pd.read_csv(root / "localization.csv")["ap"].max()
-    chosen = pd.read_csv(root / "pointing" / "localization.csv")["ap"].max()
-    assert chosen > 0.15 and chosen > ranked + 0.1, (ranked, chosen)
-    selection = json.loads((root / "pointing" / "localization.json").read_text())["selection"]
-    assert selection["split"] == "training"
+def test_pointing_chosen_latents_localise_the_findings(demo_run: Path) -> None:
+    """Latents chosen on the training split by the pointing game localise the planted findings on
+    the test split, unlike the class-mean top-10 (measured best AP, finetuned: Mass 0.194 vs
+    0.034, calcification 0.121 vs 0.021)."""
+    best = {}
+    for concept in CONCEPTS:
+        root = demo_run / "analysis" / "localize" / f"{concept}-finetuned"
+        ranked = pd.read_csv(root / "localization.csv")["ap"].max()
+        chosen = pd.read_csv(root / "pointing" / "localization.csv")["ap"].max()
+        assert chosen > ranked + 0.08, (concept, ranked, chosen)
+        best[concept] = chosen
+        selection = json.loads((root / "pointing" / "localization.json").read_text())["selection"]
+        assert selection["split"] == "training"
+    assert max(best.values()) > 0.15, best
+
+
+def test_marker_shortcut_is_found_and_switching_its_latents_off_reduces_it(demo_run: Path) -> None:
+    """The marker follows calcification in training only. Ground truth: the finetuned classifier
+    took the shortcut (its scores of test negatives tell marked from unmarked images). The SAE
+    finds it: most of the top-10 calcification latents are associated with the marker among
+    negatives, none of the linear probe's are; switching every associated latent off lowers the
+    shortcut and does not cost concept AUROC (measured: 9 of 10; 139 latents; shortcut 0.902 ->
+    0.830; AUROC 0.870 -> 0.912)."""
+    frame = pd.read_csv(demo_run / "data" / "vindr_detection_v1_folds.csv")
+    marked = frame.assign(image_id=frame["image_id"].astype(str).str.removesuffix(".png")) \
+                  .groupby("image_id")["confounder"].max()
+    scores = pd.read_csv(demo_run / "models" / "eval-Suspicious_Calcification-finetuned.csv")
+    neg = scores[scores["label"] == 0]
+    from mammo_sae.analysis.stats import auroc
+
+    assert auroc(neg["image_id"].map(marked).to_numpy(), neg["score"].to_numpy()) > 0.8   # 0.90
+
+    models = json.loads((demo_run / "analysis" / "separation" / "Suspicious_Calcification"
+                         / "separation.json").read_text())["models"]
+    assert models["finetuned"]["associated_in_top"] >= 6, models["finetuned"]["flagged"]
+    assert models["pretrained"]["associated_in_top"] == 0
+    edit = json.loads((demo_run / "analysis" / "intervene" / "Suspicious_Calcification-finetuned"
+                       / "associated-off" / "edit.json").read_text())
+    shortcut = edit["shortcut"]["attribute_auroc_among_negatives"]
+    assert shortcut["edited"] < shortcut["plain_sae"] - 0.04, shortcut
+    assert edit["edited"]["auroc"] > edit["plain_sae"]["auroc"] - 0.02, (edit["plain_sae"], edit["edited"])
+    index = (demo_run / "report" / "index.html").read_text(encoding="utf-8")
+    assert "shortcut AUROC" in index

@@ -516,7 +516,27 @@ class Pipeline:
                 names=[m.variant for m in models], sae=str(self.sae_dir), concept=concept,
                 out=str(target), split=self.cfg.extract.rank_split, level=self.cfg.data.level))
             out[concept] = str(target)
+            self._debias_edits(target / "separation.json", models)
         return out
+
+    def _debias_edits(self, separation_json: Path, models: list["ModelEntry"]) -> None:
+        """Switch off each model's attribute-associated latents (found on the ranking split) and
+        measure concept AUROC and the attribute shortcut on the evaluation split."""
+        from .analysis.commands import InterveneConfig, run_intervene
+
+        found = read_json(separation_json)
+        attribute = found["config"].get("attribute")
+        for m in models:
+            latents = found["models"].get(m.variant, {}).get("associated", [])
+            if not latents:
+                continue
+            run_intervene(self._opts(
+                InterveneConfig, "intervene", "analysis.intervene",
+                store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                sae=str(self.sae_dir), classifier=m.classifier, concept=m.concept,
+                out=str(self._analysis("intervene") / m.name / "associated-off"),
+                split=self.cfg.extract.eval_split, level=self.cfg.data.level,
+                latents=latents, mode="off", attribute=attribute, label=m.name))
 
     def stage_report(self) -> dict[str, Any]:
         from .report.build import build_report

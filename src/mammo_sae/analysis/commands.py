@@ -41,6 +41,19 @@ def _select(store_path: Path, concept: str, split: str, level: str) -> tuple[Any
     return store, rows, y
 
 
+def attribute_values(images: Any, rows: np.ndarray, attribute: str, level: str) -> Optional[np.ndarray]:
+    """The binary `attribute` label of each row (image level unless `level` is row), or None
+    when the store's labels do not have it."""
+    column = "labels" if level == "row" or "image_labels" not in images else "image_labels"
+    labels = [images.at[int(r), column] for r in rows]
+    if not attribute or not labels or any(attribute not in lab for lab in labels):
+        return None
+    values = np.asarray([int(lab[attribute]) for lab in labels], dtype=np.int64)
+    if not set(np.unique(values)).issubset({0, 1}):
+        raise MammoSaeError(f"attribute {attribute!r} is not binary (values {sorted(set(values.tolist()))})")
+    return values
+
+
 def _write_csv(path: Path, frame: Any) -> None:
     write_text_atomic(path, frame.to_csv(index=False))
 
@@ -163,6 +176,9 @@ class InterveneConfig:
                         help="k values (clipped to h, deduplicated)")
     latents: list[int] = opt([], help="targeted edit: these latents (e.g. 13867,15699)")
     mode: Literal["on", "off"] = opt("off", help="targeted edit: keep only (on) or zero (off) --latents")
+    attribute: Optional[str] = opt(None, help="targeted edit: also report how well the logit tells this "
+                                              "binary image label apart among concept negatives (the "
+                                              "classifier's shortcut; e.g. confounder), before and after")
     exact_decode: bool = opt(False, help="decode every patch instead of the pooled identity (slow)")
     n_boot: int = opt(1000, help="bootstrap resamples for the 95% CIs (0 = none)")
     seed: int = opt(0, help="bootstrap seed")
@@ -206,10 +222,19 @@ def run_intervene(cfg: InterveneConfig) -> int:
     base = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "concept": concept,
             "store_sha256": s.meta.get("store_sha256"), "sae_sha256": s.meta.get("sae_sha256")}
     if cfg.latents:
-        result = edit_set(mean, y, v_h, c, cfg.latents, cfg.mode, n_boot=cfg.n_boot, seed=cfg.seed)
+        attribute = None
+        if cfg.attribute:
+            attribute = attribute_values(store.images, rows, cfg.attribute, cfg.level)
+            if attribute is None:
+                raise MammoSaeError(f"--attribute {cfg.attribute!r}: not a label of every image in {cfg.store}")
+        result = edit_set(mean, y, v_h, c, cfg.latents, cfg.mode, n_boot=cfg.n_boot, seed=cfg.seed,
+                          attribute=attribute)
         write_json(cfg.out / "edit.json", {**base, **result})
-        print(f"{cfg.mode} {result['latents']}: AUROC {result['plain_sae']['auroc']:.4f} -> "
+        print(f"{cfg.mode} {len(result['latents'])} latents: AUROC {result['plain_sae']['auroc']:.4f} -> "
               f"{result['edited']['auroc']:.4f}")
+        if "shortcut" in result:
+            sc = result["shortcut"]["attribute_auroc_among_negatives"]
+            print(f"shortcut ({cfg.attribute} among negatives): AUROC {sc['plain_sae']:.4f} -> {sc['edited']:.4f}")
         return 0
     rankings, source = _rankings(cfg, concept)
     logits = None
@@ -310,6 +335,10 @@ class SeparationConfig:
     confounder_threshold: float = opt(0.3, help="flag when the confounder score reaches this ...")
     off_breast_threshold: float = opt(0.75, help="flag when the off-breast score reaches this ...")
     min_enrichment: float = opt(3.0, help="... and is this many times the share of positions there")
+    attribute: str = opt("confounder", help="binary image label tested for association with each latent "
+                                            "among concept-negative images (skipped when the store lacks it)")
+    association_auroc: float = opt(0.8, help="flag 'associated' when a latent's AUROC for the attribute "
+                                             "is at least this (or at most 1 minus it)")
     cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
@@ -324,10 +353,12 @@ def run_separation(cfg: SeparationConfig) -> int:
     models = {}
     for j, store_path in enumerate(cfg.stores):
         name = cfg.names[j] if cfg.names else Path(store_path).name
-        _, rows, y = _select(Path(store_path), cfg.concept, cfg.split, cfg.level)
-        models[name] = (_summaries(Path(store_path), cfg.sae, cfg), rows, y)
+        store, rows, y = _select(Path(store_path), cfg.concept, cfg.split, cfg.level)
+        attribute = attribute_values(store.images, rows, cfg.attribute, cfg.level)
+        models[name] = (_summaries(Path(store_path), cfg.sae, cfg), rows, y, attribute)
     rule = FlagRule(top=cfg.top, confounder_threshold=cfg.confounder_threshold,
-                    off_breast_threshold=cfg.off_breast_threshold, min_enrichment=cfg.min_enrichment)
+                    off_breast_threshold=cfg.off_breast_threshold, min_enrichment=cfg.min_enrichment,
+                    association_auroc=cfg.association_auroc)
     results = compare(models, rule)
     cfg.out.mkdir(parents=True, exist_ok=True)
     write_json(cfg.out / "separation.json", {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg),
@@ -337,7 +368,8 @@ def run_separation(cfg: SeparationConfig) -> int:
     plot_separation(results, cfg.out / "separation.png", concept=cfg.concept)
     for name, r in results.items():
         print(f"{name}: separation {r['separation']:.3f}; flagged "
-              f"{[(e['index'], e['flags']) for e in r['flagged']]}")
+              f"{[(e['index'], e['flags']) for e in r['flagged']]}; {len(r['associated'])} latents "
+              f"associated with {cfg.attribute!r}")
     return 0
 
 

@@ -190,9 +190,13 @@ def sweep(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray, c
 
 
 def edit_set(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray, c: float,
-             latents: Sequence[int], mode: Mode, *, n_boot: int = 1000, seed: int = 0
-             ) -> dict[str, Any]:
-    """A targeted edit: keep only (`on`) or zero (`off`) the given latents; plain SAE beside it."""
+             latents: Sequence[int], mode: Mode, *, n_boot: int = 1000, seed: int = 0,
+             attribute: np.ndarray | None = None) -> dict[str, Any]:
+    """A targeted edit: keep only (`on`) or zero (`off`) the given latents; plain SAE beside it.
+
+    With a binary `attribute` per image (e.g. the phantom's marker) the result also gives the
+    classifier's shortcut: the AUROC of its logit for the attribute among concept-negative images
+    (0.5 = the attribute does not move the score), before and after the edit."""
     h = len(v_h)
     lat = np.asarray(sorted({int(j) for j in latents}), dtype=np.int64)
     if len(lat) == 0:
@@ -206,11 +210,19 @@ def edit_set(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray
     plain = off_kn[1]           # dropping nothing = the plain SAE
     m = stats.curves_with_ci(y, np.stack([plain, edited]), n_boot=n_boot, seed=seed)
     cells = {key: [float(v) for v in val] for key, val in m.items()}
-    return {"latents": lat.tolist(), "mode": mode, "n": int(len(y)), "n_pos": int(np.sum(y)),
-            "plain_sae": {k: v[0] for k, v in cells.items()},
-            "edited": {k: v[1] for k, v in cells.items()},
-            "auroc_change": cells["auroc"][1] - cells["auroc"][0],
-            "logit_shift_mean": float(np.mean(edited - plain))}
+    out = {"latents": lat.tolist(), "mode": mode, "n": int(len(y)), "n_pos": int(np.sum(y)),
+           "plain_sae": {k: v[0] for k, v in cells.items()},
+           "edited": {k: v[1] for k, v in cells.items()},
+           "auroc_change": cells["auroc"][1] - cells["auroc"][0],
+           "logit_shift_mean": float(np.mean(edited - plain))}
+    if attribute is not None:
+        neg = np.asarray(y) == 0
+        a = np.asarray(attribute, dtype=np.int64)[neg]
+        if a.min() != a.max():
+            out["shortcut"] = {"attribute_auroc_among_negatives": {
+                "plain_sae": stats.auroc(a, plain[neg]), "edited": stats.auroc(a, edited[neg])},
+                "n_negatives": int(neg.sum()), "n_with_attribute": int(a.sum())}
+    return out
 
 
 def plot_sweep(results: dict[str, SweepResult], path: Path, *, title: str = "") -> None:

@@ -14,11 +14,22 @@ same SAE. Reported per model:
   fraction < 0.5) and, where the store has `confounder` boxes (the phantom's marker), a
   confounder score (share of its mass on marked images that lies in cells centred in the box).
 
+- where the images carry a binary `attribute` label (the phantom's `confounder`: the marker is
+  on the image), an association per latent: the AUROC of its image-mean activation for the
+  attribute among the concept's NEGATIVE images, where the concept cannot explain a difference.
+
 Flag rule (documented in docs/analysis.md): among a model's top-`top` class-1-dominant
 latents, a latent is flagged `confounder` when its confounder score ≥ `confounder_threshold`
 AND ≥ `min_enrichment` × the share of positions inside the box (what a latent active everywhere
 would get); `off_breast` likewise with `off_breast_threshold` and the share of off-breast
-positions. Latents with no activation mass are never flagged.
+positions; `associated` when its attribute AUROC is ≥ `association_auroc` (or ≤ 1 − it).
+Latents with no activation mass are never flagged. Every associated latent (not only the top
+ones) is listed in `associated`, the set a debiasing edit switches off.
+
+The spatial score finds latents that fire ON the marker; the association finds latents whose
+activation anywhere depends on it. In the phantom the finetuned classifier's shortcut lives in
+the second kind (a marker in a corner changes whole-map features through the network's global
+context), which is why both are reported.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import MammoSaeError
-from .probe import class_means, ranking_order
+from .probe import class_means, latent_auroc, ranking_order
 from .summaries import LatentSummaries
 
 
@@ -41,6 +52,7 @@ class FlagRule:
     off_breast_threshold: float = 0.75
     min_enrichment: float = 3.0
     shared_ratio: float = 0.5
+    association_auroc: float = 0.8
 
 
 def separation_index(z0_h: np.ndarray, z1_h: np.ndarray) -> float:
@@ -68,10 +80,26 @@ def _share(num: float, den: float) -> float:
     return float(num) / float(den) if den else float("nan")
 
 
+def attribute_association(mean_nh: Any, y: np.ndarray, attribute: np.ndarray | None) -> np.ndarray:
+    """Per-latent AUROC for the attribute among the concept-negative images (NaN when the
+    attribute is absent or takes one value there)."""
+    h = mean_nh.shape[1]
+    if attribute is None:
+        return np.full(h, np.nan)
+    neg = np.flatnonzero(np.asarray(y) == 0)
+    a = np.asarray(attribute, dtype=np.int64)[neg]
+    if len(neg) == 0 or a.min() == a.max():
+        return np.full(h, np.nan)
+    return latent_auroc(mean_nh[neg], a)
+
+
 def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray,
-                     rule: FlagRule = FlagRule()) -> dict[str, Any]:
-    """Class means, separation, top/shared latents and flags for one model's summaries."""
-    means = class_means(summaries.mean_rows(rows), y)
+                     rule: FlagRule = FlagRule(), attribute: np.ndarray | None = None) -> dict[str, Any]:
+    """Class means, separation, top/shared latents and flags for one model's summaries.
+    `attribute` (optional, aligned with `rows`) is a binary image label such as the phantom's
+    `confounder`, scored per latent by `attribute_association`."""
+    mean_nh = summaries.mean_rows(rows)
+    means = class_means(mean_nh, y)
     z0, z1 = means[0], means[1]
     diff = z1 - z0
     order = ranking_order(diff)
@@ -79,6 +107,7 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
     shared = shared_latents(z0, z1, rule.shared_ratio, rule.top)
     off = summaries.off_breast_score()
     conf = summaries.confounder_score()
+    assoc = attribute_association(mean_nh, y, attribute)
     meta = summaries.meta
     conf_base = _share(meta.get("confounder_positions", 0), meta.get("marked_positions", 0))
     off_base = _share(meta.get("off_breast_positions", 0), meta.get("tissue_known_positions", 0))
@@ -91,11 +120,14 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
         if np.isfinite(off[j]) and off[j] >= rule.off_breast_threshold and \
                 (not np.isfinite(off_base) or off[j] >= rule.min_enrichment * off_base):
             out.append("off_breast")
+        if _associated(assoc[j], rule):
+            out.append("associated")
         return out
 
     def entry(j: int, rank: int | None = None) -> dict[str, Any]:
         e = {"index": int(j), "mean_class0": float(z0[j]), "mean_class1": float(z1[j]),
-             "off_breast_score": float(off[j]), "confounder_score": float(conf[j]), "flags": flags(j)}
+             "off_breast_score": float(off[j]), "confounder_score": float(conf[j]),
+             "attribute_auroc": float(assoc[j]), "flags": flags(j)}
         if rank is not None:
             e["rank"] = rank
         return e
@@ -110,17 +142,26 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
         "flagged": [e for e in top_entries if e["flags"]],
         "baseline_confounder_share": conf_base,
         "baseline_off_breast_share": off_base,
-        "_z0": z0, "_z1": z1, "_off": off, "_conf": conf,
+        "associated": [int(j) for j in np.flatnonzero(_associated(assoc, rule))],
+        "associated_in_top": sum(1 for e in top_entries if "associated" in e["flags"]),
+        "_z0": z0, "_z1": z1, "_off": off, "_conf": conf, "_assoc": assoc,
     }
 
 
-def compare(models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray]],
+def _associated(auroc: Any, rule: FlagRule) -> Any:
+    """|AUROC − 0.5| ≥ association_auroc − 0.5 (NaN → False); scalar or array."""
+    with np.errstate(invalid="ignore"):
+        return np.abs(np.asarray(auroc) - 0.5) >= rule.association_auroc - 0.5
+
+
+def compare(models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray, np.ndarray | None]],
             rule: FlagRule = FlagRule()) -> dict[str, dict[str, Any]]:
-    """`model_separation` for each named (summaries, rows, labels); SAEs must have equal width."""
-    widths = {name: s.h for name, (s, _, _) in models.items()}
+    """`model_separation` for each named (summaries, rows, labels, attribute or None); SAEs must
+    have equal width."""
+    widths = {name: m[0].h for name, m in models.items()}
     if len(set(widths.values())) > 1:
         raise MammoSaeError(f"models were summarised with SAEs of different widths: {widths}")
-    return {name: model_separation(s, rows, y, rule) for name, (s, rows, y) in models.items()}
+    return {name: model_separation(s, rows, y, rule, attribute) for name, (s, rows, y, attribute) in models.items()}
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +181,8 @@ def latent_table(results: dict[str, dict[str, Any]]) -> Any:
         frames.append(pd.DataFrame({
             "model": name, "index": idx, "mean_class0": z0[idx], "mean_class1": z1[idx],
             "difference": z1[idx] - z0[idx], "off_breast_score": r["_off"][idx],
-            "confounder_score": r["_conf"][idx], "flags": [flagged.get(int(j), "") for j in idx]}))
+            "confounder_score": r["_conf"][idx], "attribute_auroc": r["_assoc"][idx],
+            "flags": [flagged.get(int(j), "") for j in idx]}))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 

@@ -96,6 +96,8 @@ class PhantomConfig:
     confounder_strength: float = opt(
         0.8, help="training split: P(marker | positive) = (1+s)/2, P(marker | negative) = (1-s)/2; "
                   "in test the marker is independent of all labels at the training marker rate")
+    marker_size: float = opt(
+        17.0, help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
     workers: int = opt(0, help="render processes; 0 = one per CPU")
     overwrite: bool = opt(False, help="replace a phantom made with other settings in --out")
     figure: Optional[Path] = opt(None, help="also write a PNG grid of images with their boxes here")
@@ -138,6 +140,7 @@ class ImageSpec:
     breast_birads: int
     findings: tuple[FindingSpec, ...]
     marker: bool
+    marker_size: float = 17.0   # mean side in reference pixels (PhantomConfig.marker_size)
 
     def label(self, concept: str) -> int:
         return int(any(f.concept == concept for f in self.findings))
@@ -163,6 +166,8 @@ def validate(cfg: PhantomConfig) -> None:
         raise DataError(f"--n-images must be at least 2 (one patient: CC + MLO); got {cfg.n_images}")
     if not (64 <= cfg.height <= 8192 and 64 <= cfg.width <= 8192):
         raise DataError(f"--height/--width must be between 64 and 8192 pixels; got {cfg.height}x{cfg.width}")
+    if not 5.0 <= cfg.marker_size <= 60.0:   # larger tags no longer fit the background corners
+        raise DataError(f"--marker-size must be in [5, 60] reference pixels, got {cfg.marker_size}")
     for name in ("mass_prevalence", "calc_prevalence", "confounder_strength"):
         value = getattr(cfg, name)
         if not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
@@ -280,7 +285,7 @@ def _assign_markers(specs: list[ImageSpec], cfg: PhantomConfig, rng: np.random.G
         exact = rate * len(members)
         k = int(math.floor(exact)) + int(rng.random() < exact - math.floor(exact))
         marked |= set(int(i) for i in rng.permutation(np.asarray(members, dtype=np.int64))[:k])
-    return [dataclasses.replace(s, marker=s.index in marked) for s in specs]
+    return [dataclasses.replace(s, marker=s.index in marked, marker_size=cfg.marker_size) for s in specs]
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +531,7 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     marker_box = None
     marker_mask = None
     if spec.marker:
-        marker_box, marker_mask = _stamp_marker(rng, img, breast, scale, ceiling)
+        marker_box, marker_mask = _stamp_marker(rng, img, breast, scale, ceiling, spec.marker_size)
 
     if spec.laterality == "R":                                  # chest wall on the right
         img = img[:, ::-1]
@@ -544,14 +549,14 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
 
 
 def _stamp_marker(rng: np.random.Generator, img: np.ndarray, breast: np.ndarray,
-                  scale: float, vmax: float) -> tuple[Box, np.ndarray]:
+                  scale: float, vmax: float, marker_size: float) -> tuple[Box, np.ndarray]:
     """A bright square tag with a dark core in a background corner away from the chest wall.
 
     Its brightness stays below `vmax`, the image's ceiling, so the image maximum (and so a
     per-image min-max normalisation) does not depend on whether the marker is there.
     """
     h, w = img.shape
-    side = max(5, int(round(rng.uniform(14, 20) * scale)))
+    side = max(5, int(round(rng.uniform(marker_size - 3, marker_size + 3) * scale)))
     clearance = max(2, int(round(3 * scale)))
     corners = ["top", "bottom"]
     rng.shuffle(corners)

@@ -574,9 +574,37 @@ class ReportBuilder:
             if rows:
                 s.add(H.table(rows, ["model", "separation", "dominant", "flagged"],
                               headers=["model", "separation index", "most class-1-dominant latents",
-                                       "flagged (confounder / off-breast)"]))
+                                       "flagged (confounder / off-breast / associated)"]))
+            debias = self._debias_rows(label, results)
+            if debias:
+                data[label]["debias"] = debias
+                s.add(H.note("Associated latents: image-mean activation tells images with the attribute "
+                             "(the phantom's marker) from those without among concept-negative images "
+                             "(AUROC ≥ 0.8 by default, on the ranking split). Switching them all off, evaluation split: "
+                             "concept AUROC, and the shortcut (AUROC of the logit for the attribute among "
+                             "concept negatives; 0.5 = no shortcut)."))
+                s.add(H.table(debias, ["model", "n_associated", "in_top", "auroc_plain", "auroc_off",
+                                       "shortcut_plain", "shortcut_off"],
+                              headers=["model", "associated latents", "of the top 10", "concept AUROC (SAE)",
+                                       "… associated off", "shortcut AUROC (SAE)", "… associated off"]))
         self.data["separation"] = {k: v["models"] for k, v in data.items()}
+        self.data["debias"] = {k: v["debias"] for k, v in data.items() if v.get("debias")}
         self.separation_results = {k: v["results"] for k, v in data.items()}
+
+    def _debias_rows(self, concept: str, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = []
+        for variant, r in results.items():
+            path = self.analysis / "intervene" / f"{concept}-{variant}" / "associated-off" / "edit.json"
+            if not path.is_file():
+                continue
+            edit = read_json(path)
+            sc = edit.get("shortcut", {}).get("attribute_auroc_among_negatives", {})
+            rows.append({"model": variant, "n_associated": len(r.get("associated", [])),
+                         "in_top": r.get("associated_in_top"),
+                         "auroc_plain": _num(edit["plain_sae"].get("auroc")),
+                         "auroc_off": _num(edit["edited"].get("auroc")),
+                         "shortcut_plain": _num(sc.get("plain_sae")), "shortcut_off": _num(sc.get("edited"))})
+        return rows
 
     # ------------------------------------------------------------------ SAE training
     def section_sae(self, s: H.Section) -> None:
