@@ -215,3 +215,14 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
     meta = json.loads((tmp_path / "ddp" / "cfg.json").read_text())
     assert meta["training"]["world_size"] == 2
+
+
+def test_compiled_loss_trains_like_eager(tmp_path):
+    """`--compile` (torch.compile of the loss, custom relu-l1 backward included) gives the eager
+    run's weights: the fast path must not change the maths. ~20 s of compilation on CPU."""
+    pytest.importorskip("torch._inductor")
+    x = _data(400)
+    eager = train_sae(_cfg(tmp_path / "eager", epochs=2), TensorSource(x))
+    compiled = train_sae(_cfg(tmp_path / "compiled", epochs=2, compile=True), TensorSource(x))
+    for name, w in _weights(eager).items():
+        torch.testing.assert_close(_weights(compiled)[name], w, rtol=1e-4, atol=1e-5, msg=name)
