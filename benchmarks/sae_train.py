@@ -30,7 +30,8 @@ from torch import nn
 from mammo_sae.sae.train import TensorSource, TrainConfig, Trainer, measure_matmul_flops
 
 # d, h, batch. "tiny" does almost no arithmetic: its step time is the fixed per-step cost (Python,
-# kernel launches, synchronisations) that dominates small SAEs on a GPU.
+# kernel launches, synchronisations) that dominates small SAEs on a GPU; its MFU means nothing
+# (the reference matmul is itself overhead-bound) — read its µs/step.
 CONFIGS = {"tiny": (32, 128, 64), "small": (256, 2048, 4096), "mammo": (2048, 16384, 4096)}
 
 
@@ -76,10 +77,10 @@ def _time(step: Callable[[torch.Tensor], None], data: torch.Tensor, batch: int, 
 
 
 def bench_ours(d: int, h: int, batch: int, data: torch.Tensor, steps: int, warmup: int,
-               device: torch.device) -> float:
+               device: torch.device, compile: bool = False) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(out=Path(tmp), h=h, batch_size=batch, device=str(device), progress=False,
-                          measure_matmul=False, eval_patches=0)
+                          measure_matmul=False, eval_patches=0, compile=compile)
         trainer = Trainer(cfg, TensorSource(data[:batch]))
         return _time(lambda x: trainer._train_step(x, x.shape[0]), data, batch, steps, warmup, device)
 
@@ -134,6 +135,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--skip", default="", help="comma list of implementations to skip (naive, saelens)")
+    ap.add_argument("--compile", action="store_true", help="also time our step with --compile "
+                                                           "(torch.compile of the loss; warm-up compiles)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -152,14 +155,18 @@ def main() -> None:
         print(f"\n[{cfg_name}] d={d} h={h} batch={batch} steps={steps}; matmul rate "
               f"{rate / 1e9:.1f} GFLOP/s ({str(mm_dtype).removeprefix('torch.')})")
         results: dict[str, float | None] = {}
-        for impl, fn in (("ours", bench_ours), ("naive", bench_naive), ("saelens", bench_saelens)):
+        impls: list[tuple[str, Callable[..., float | None]]] = [("ours", bench_ours)]
+        if args.compile:
+            impls.append(("ours+compile", lambda *a: bench_ours(*a, compile=True)))
+        impls += [("naive", bench_naive), ("saelens", bench_saelens)]
+        for impl, fn in impls:
             if impl in skip:
                 continue
             pps = fn(d, h, batch, data, steps, args.warmup, device)
             results[impl] = pps
             if pps is not None:
                 mfu = 10 * d * h * pps / rate
-                print(f"  {impl:8s} {pps:12.1f} patches/s   MFU {100 * mfu:5.1f} %   "
+                print(f"  {impl:12s} {pps:12.1f} patches/s   MFU {100 * mfu:5.1f} %   "
                       f"{1e6 * batch / pps:9.1f} µs/step")
         ours = results.get("ours")
         for other in ("naive", "saelens"):
