@@ -125,6 +125,9 @@ def main() -> None:
     print(f"extract steady    : {steady:8.2f} images/s   overhead {100 * (1 - steady / bare):6.1f} %  "
           f"(target ≤ 10 %; images {n_half}→{n_all})")
     print(f"fixed cost per run: {fixed:8.2f} s (start-up, last shard's write)")
+    if seconds[n_all] <= 1.5 * seconds[n_half]:
+        print("note: the full run took under 1.5x the half run; the steady-state figure is noise-dominated "
+              "(use more --n-images)")
 
 
 if __name__ == "__main__":

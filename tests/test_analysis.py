@@ -323,7 +323,10 @@ def test_edit_reports_the_attribute_shortcut_and_its_removal() -> None:
     assert r["edited"]["auroc"] == pytest.approx(1.0)
     assert r["shortcut"]["n_negatives"] == n // 2
     assert "shortcut" not in edit_set(mean, y, v, c, [1], "off", n_boot=0)
-    assert "shortcut" not in edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=np.zeros(n, np.int64))
+    one_value = edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=np.zeros(n, np.int64))
+    assert "skipped" in one_value["shortcut"]
+    with pytest.raises(MammoSaeError, match="attribute has 3 values"):
+        edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=marker[:3])
 
 
 def test_readout_rejects_mismatched_head(synth: dict[str, Any]) -> None:
@@ -348,20 +351,37 @@ def _summaries_from(mean_nh: np.ndarray, conf_share: np.ndarray) -> LatentSummar
 
 def test_association_flags_latents_that_follow_the_attribute_among_negatives() -> None:
     """Latent 1 follows the marker on negatives (AUROC 1), latent 2 follows it inversely (0),
-    latent 3 follows only the concept: association is measured where the concept cannot explain it."""
-    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
-    marker = np.array([0, 1, 0, 1, 0, 1, 0, 1])
-    mean = np.array([[1, 0, 2, 0], [1, 3, 0, 0], [1, 0, 2, 0], [1, 3, 0, 0],
-                     [1, 3, 1, 5], [1, 3, 1, 5], [1, 3, 1, 5], [1, 3, 1, 5]], dtype=float)
+    latent 3 follows only the concept: association is measured where the concept cannot explain
+    it, and needs ≥ MIN_ATTRIBUTE_GROUP negatives on each side of the attribute."""
+    from mammo_sae.analysis.separation import MIN_ATTRIBUTE_GROUP
+
+    k = MIN_ATTRIBUTE_GROUP
+    y = np.array([0] * (2 * k) + [1] * 4)
+    marker = np.array([0, 1] * k + [0, 1, 0, 1])
+    neg_rows = [[1, 3 * m, 2 * (1 - m), 0] for m in marker[:2 * k]]
+    mean = np.array(neg_rows + [[1, 3, 0, 5]] * 4, dtype=float)
     s = _summaries_from(mean, conf_share=np.zeros(4))
-    r = model_separation(s, np.arange(8), y, FlagRule(top=4), attribute=marker)
+    r = model_separation(s, np.arange(len(y)), y, FlagRule(top=4), attribute=marker)
     assert r["associated"] == [1, 2]
     by_index = {e["index"]: e for e in r["class1_dominant"]}
     assert by_index[1]["attribute_auroc"] == pytest.approx(1.0) and "associated" in by_index[1]["flags"]
     assert by_index[3]["attribute_auroc"] == pytest.approx(0.5) and by_index[3]["flags"] == []
     assert r["associated_in_top"] == 1                       # latent 2 is not class-1 dominant
-    none = model_separation(s, np.arange(8), y, FlagRule(top=4))
+    none = model_separation(s, np.arange(len(y)), y, FlagRule(top=4))
     assert none["associated"] == [] and np.isnan(none["class1_dominant"][0]["attribute_auroc"])
+    few = marker.copy()
+    few[:2 * k] = 0
+    few[1] = 1                                               # one marked negative: chance territory
+    assert model_separation(s, np.arange(len(y)), y, FlagRule(top=4), attribute=few)["associated"] == []
+    with pytest.raises(MammoSaeError, match="association_auroc"):
+        FlagRule(association_auroc=0.4)
+
+
+def test_association_threshold_is_symmetric() -> None:
+    from mammo_sae.analysis.separation import _associated
+
+    rule = FlagRule()
+    assert list(_associated(np.array([0.8, 0.2, 0.79, 0.21, np.nan]), rule)) == [True, True, False, False, False]
 
 
 def test_separation_flags_the_confounder_latent() -> None:

@@ -296,3 +296,29 @@ def test_float16_overflow_is_refused_with_the_fix(data_dir: Path, tmp_path: Path
     store = ActivationStore(extract(_cfg(data_dir, tmp_path / "bf", max_images=2, dtype="bfloat16"),
                                     encoder=_Corrupting(scale=1e20), progress=False))
     assert np.isfinite(store.pooled_nd).all()
+
+
+class _FailsOnCall(torch.nn.Module):
+    """The phantom encoder that raises on its `fail_at`-th forward (a CUDA OOM, a crashed worker)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.inner, _ = load_encoder(ARCH, seed=0)
+        self.layer_info = self.inner.layer_info
+        self.calls, self.fail_at = 0, fail_at
+
+    def forward_features(self, x, layers):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("out of memory (simulated)")
+        return self.inner.forward_features(x, layers)
+
+
+def test_a_failing_forward_still_writes_the_batch_before_it(data_dir: Path, tmp_path: Path) -> None:
+    """Host work lags the forward by one batch; when the next forward fails, the finished batch
+    (here: all of shard 0) must still reach the store, so a rerun does not redo it."""
+    cfg = _cfg(data_dir, tmp_path / "oom", max_images=4)   # 2 shards of 2 images, batch 2
+    with pytest.raises(RuntimeError, match="simulated"):
+        extract(cfg, encoder=_FailsOnCall(fail_at=2), progress=False)
+    done = sorted(p.name for p in (tmp_path / "oom" / "shards").glob("*.json"))
+    assert done == [f"{store_format.shard_name(0)}.json"], done

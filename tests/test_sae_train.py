@@ -226,3 +226,17 @@ def test_compiled_loss_trains_like_eager(tmp_path):
     compiled = train_sae(_cfg(tmp_path / "compiled", epochs=2, compile=True), TensorSource(x))
     for name, w in _weights(eager).items():
         torch.testing.assert_close(_weights(compiled)[name], w, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_save_state_refuses_non_finite_weights_and_keeps_the_last_good_state(tmp_path):
+    """The backstop for a bad step the loss check cannot see (e.g. another DDP rank's batch)."""
+    x = _data(300)
+    tr = Trainer(_cfg(tmp_path / "b"), TensorSource(x))
+    tr.out.mkdir(parents=True)
+    tr.save_state()
+    good = (tmp_path / "b" / STATE_FILE).read_bytes()
+    with torch.no_grad():
+        tr.sae.W_dec[0, 0] = float("nan")
+    with pytest.raises(MammoSaeError, match="NaN/Inf.*not saving"):
+        tr.save_state()
+    assert (tmp_path / "b" / STATE_FILE).read_bytes() == good

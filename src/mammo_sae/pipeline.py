@@ -239,6 +239,8 @@ class Pipeline:
                 settings = {"options": getattr(c.analysis, name), "level": c.data.level}
                 if name == "localize":
                     settings["pointing"] = c.analysis.localize_pointing
+                if name == "separation":   # its debiasing edit runs with the intervene options
+                    settings["intervene_options"] = c.analysis.intervene
             add(Stage(name, getattr(self, f"stage_{name}"), settings,
                       deps=STAGE_DEPS[name], description=description))
 
@@ -528,13 +530,15 @@ class Pipeline:
         attribute = found["config"].get("attribute")
         for m in models:
             latents = found["models"].get(m.variant, {}).get("associated", [])
+            target = self._analysis("intervene") / m.name / "associated-off"
             if not latents:
+                shutil.rmtree(target, ignore_errors=True)   # an older run's edit would be stale
                 continue
             run_intervene(self._opts(
                 InterveneConfig, "intervene", "analysis.intervene",
                 store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
                 sae=str(self.sae_dir), classifier=m.classifier, concept=m.concept,
-                out=str(self._analysis("intervene") / m.name / "associated-off"),
+                out=str(target),
                 split=self.cfg.extract.eval_split, level=self.cfg.data.level,
                 latents=latents, mode="off", attribute=attribute, label=m.name))
 

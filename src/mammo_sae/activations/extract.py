@@ -446,6 +446,9 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
     from tqdm import tqdm
 
     device = _pick_device(cfg.device, dist.local_rank)
+    if device.type == "cuda":
+        # Pinned host memory, events and default streams belong to the current device.
+        torch.cuda.set_device(device)
     encoder = encoder.eval().to(device)
     if _channels_last(cfg, device):
         encoder = encoder.to(memory_format=torch.channels_last)
@@ -524,15 +527,28 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
     """
     autocast = cfg.autocast and device.type == "cuda"
     queued: tuple[list[dict[str, Any]], list[_MapOnDevice]] | None = None
-    for items, stacked in loader:
-        launched = []
-        for positions, x_b3hw in stacked:
-            x_b3hw = x_b3hw.to(device, non_blocking=True)
-            if _channels_last(cfg, device):
-                x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
-            launched.append(_MapOnDevice(map_bchw.float(), [items[p] for p in positions], cfg))
+    batches = iter(loader)
+    while True:
+        try:
+            loaded = next(batches, None)
+            if loaded is None:
+                break
+            items, stacked = loaded
+            launched = []
+            for positions, x_b3hw in stacked:
+                x_b3hw = x_b3hw.to(device, non_blocking=True)
+                if _channels_last(cfg, device):
+                    x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
+                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                    map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
+                launched.append(_MapOnDevice(map_bchw.float(), [items[p] for p in positions], cfg))
+        except BaseException:
+            # Loading or the forward of the next batch failed: hand over the finished one first,
+            # so a shard it completes is still written (and its own errors come first).
+            if queued is not None:
+                done, queued = queued, None
+                yield _finish_batch(*done)
+            raise
         if queued is not None:
             yield _finish_batch(*queued)
         queued = (items, launched)
@@ -576,23 +592,26 @@ class _MapOnDevice:
             src_cp = flat_bcp[j] if len(cl) == h * w else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
             kept_nd[offset: offset + len(cl)].copy_(src_cp.T)
             offset += len(cl)
-        self.on_host = [_to_host(t) for t in (kept_nd, pooled_bd, finite_b, max_abs)]
+        self.on_host: list[torch.Tensor] | None = [_to_host(t) for t in (kept_nd, pooled_bd, finite_b, max_abs)]
         self.ready = None
         if map_bchw.device.type == "cuda":
             self.ready = torch.cuda.Event()
-            self.ready.record()
+            self.ready.record(torch.cuda.current_stream(map_bchw.device))
 
     def finish(self) -> None:
         if self.ready is not None:
             self.ready.synchronize()
+        assert self.on_host is not None, "finish() called twice"
         kept_nd, pooled_bd, finite_b, max_abs = self.on_host
+        self.on_host = None   # the pinned blocks go back to the allocator's cache after this
         group, cfg = self.group, self.cfg
         if not bool(finite_b.all()):
             bad = [it["key"] for it, fin in zip(group, finite_b.tolist()) if not fin]
             raise StoreError(f"non-finite activations for image(s) {bad}; check the checkpoint")
         if cfg.dtype == "float16":
             _check_float16_range(float(max_abs))
-        # Out of pinned memory into ordinary arrays, so the pinned blocks are reused at once.
+        # Out of pinned memory into ordinary arrays: the items live until their shard is written,
+        # pinned blocks should not.
         disk_nd = store_format.to_disk(kept_nd, cfg.dtype)
         if self.ready is not None:
             disk_nd = disk_nd.copy()

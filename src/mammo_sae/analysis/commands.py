@@ -233,8 +233,9 @@ def run_intervene(cfg: InterveneConfig) -> int:
         print(f"{cfg.mode} {len(result['latents'])} latents: AUROC {result['plain_sae']['auroc']:.4f} -> "
               f"{result['edited']['auroc']:.4f}")
         if "shortcut" in result:
-            sc = result["shortcut"]["attribute_auroc_among_negatives"]
-            print(f"shortcut ({cfg.attribute} among negatives): AUROC {sc['plain_sae']:.4f} -> {sc['edited']:.4f}")
+            sc = result["shortcut"].get("attribute_auroc_among_negatives")
+            print(f"shortcut ({cfg.attribute} among negatives): " +
+                  (f"AUROC {sc['plain_sae']:.4f} -> {sc['edited']:.4f}" if sc else result["shortcut"]["skipped"]))
         return 0
     rankings, source = _rankings(cfg, concept)
     logits = None

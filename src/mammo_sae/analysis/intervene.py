@@ -216,9 +216,13 @@ def edit_set(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray
            "auroc_change": cells["auroc"][1] - cells["auroc"][0],
            "logit_shift_mean": float(np.mean(edited - plain))}
     if attribute is not None:
+        if np.shape(attribute) != np.shape(y):
+            raise MammoSaeError(f"attribute has {np.size(attribute)} values for {np.size(y)} images")
         neg = np.asarray(y) == 0
         a = np.asarray(attribute, dtype=np.int64)[neg]
-        if a.min() != a.max():
+        if len(a) == 0 or a.min() == a.max():
+            out["shortcut"] = {"skipped": "the concept's negatives all have the same attribute value"}
+        else:
             out["shortcut"] = {"attribute_auroc_among_negatives": {
                 "plain_sae": stats.auroc(a, plain[neg]), "edited": stats.auroc(a, edited[neg])},
                 "n_negatives": int(neg.sum()), "n_with_attribute": int(a.sum())}

@@ -54,6 +54,10 @@ class FlagRule:
     shared_ratio: float = 0.5
     association_auroc: float = 0.8
 
+    def __post_init__(self) -> None:
+        if not 0.5 < self.association_auroc <= 1.0:
+            raise MammoSaeError(f"association_auroc must be in (0.5, 1], got {self.association_auroc}")
+
 
 def separation_index(z0_h: np.ndarray, z1_h: np.ndarray) -> float:
     """Σ|z̄(1) − z̄(0)| / Σ(|z̄(0)| + |z̄(1)|) over all latents."""
@@ -80,15 +84,23 @@ def _share(num: float, den: float) -> float:
     return float(num) / float(den) if den else float("nan")
 
 
+# Fewer images on either side of the attribute and chance alone flags latents: with 3 vs 30
+# negatives, 11 % of random latents reach AUROC ≥ 0.8 or ≤ 0.2; with 10 vs 100, 0.08 %.
+MIN_ATTRIBUTE_GROUP = 10
+
+
 def attribute_association(mean_nh: Any, y: np.ndarray, attribute: np.ndarray | None) -> np.ndarray:
     """Per-latent AUROC for the attribute among the concept-negative images (NaN when the
-    attribute is absent or takes one value there)."""
+    attribute is absent, or fewer than MIN_ATTRIBUTE_GROUP negatives have or lack it)."""
     h = mean_nh.shape[1]
     if attribute is None:
         return np.full(h, np.nan)
+    attribute = np.asarray(attribute, dtype=np.int64)
+    if attribute.shape != np.shape(y):
+        raise MammoSaeError(f"attribute has {attribute.size} values for {np.size(y)} images")
     neg = np.flatnonzero(np.asarray(y) == 0)
-    a = np.asarray(attribute, dtype=np.int64)[neg]
-    if len(neg) == 0 or a.min() == a.max():
+    a = attribute[neg]
+    if min(int(a.sum()), int(len(a) - a.sum())) < MIN_ATTRIBUTE_GROUP:
         return np.full(h, np.nan)
     return latent_auroc(mean_nh[neg], a)
 
@@ -149,9 +161,10 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
 
 
 def _associated(auroc: Any, rule: FlagRule) -> Any:
-    """|AUROC − 0.5| ≥ association_auroc − 0.5 (NaN → False); scalar or array."""
+    """AUROC ≥ t or ≤ 1 − t (NaN → False); scalar or array."""
+    a = np.asarray(auroc, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return np.abs(np.asarray(auroc) - 0.5) >= rule.association_auroc - 0.5
+        return np.maximum(a, 1.0 - a) >= rule.association_auroc
 
 
 def compare(models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray, np.ndarray | None]],

@@ -77,6 +77,9 @@ GLAND_LEVEL = 0.26          # intensity added by fully dense fibroglandular tiss
 NIPPLE_LEVEL = 0.92
 
 
+DEFAULT_MARKER_SIZE = 17.0
+
+
 @dataclass
 class PhantomConfig:
     """Synthetic VinDr-layout dataset: breasts (L/R, CC+MLO per patient, density A-D) with
@@ -97,7 +100,7 @@ class PhantomConfig:
         0.8, help="training split: P(marker | positive) = (1+s)/2, P(marker | negative) = (1-s)/2; "
                   "in test the marker is independent of all labels at the training marker rate")
     marker_size: float = opt(
-        17.0, help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
+        DEFAULT_MARKER_SIZE, help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
     workers: int = opt(0, help="render processes; 0 = one per CPU")
     overwrite: bool = opt(False, help="replace a phantom made with other settings in --out")
     figure: Optional[Path] = opt(None, help="also write a PNG grid of images with their boxes here")
@@ -140,7 +143,7 @@ class ImageSpec:
     breast_birads: int
     findings: tuple[FindingSpec, ...]
     marker: bool
-    marker_size: float = 17.0   # mean side in reference pixels (PhantomConfig.marker_size)
+    marker_size: float = DEFAULT_MARKER_SIZE   # mean side in reference pixels
 
     def label(self, concept: str) -> int:
         return int(any(f.concept == concept for f in self.findings))
@@ -166,7 +169,8 @@ def validate(cfg: PhantomConfig) -> None:
         raise DataError(f"--n-images must be at least 2 (one patient: CC + MLO); got {cfg.n_images}")
     if not (64 <= cfg.height <= 8192 and 64 <= cfg.width <= 8192):
         raise DataError(f"--height/--width must be between 64 and 8192 pixels; got {cfg.height}x{cfg.width}")
-    if not 5.0 <= cfg.marker_size <= 60.0:   # larger tags no longer fit the background corners
+    if not (isinstance(cfg.marker_size, (int, float)) and 5.0 <= cfg.marker_size <= 60.0):
+        # larger tags no longer fit the background corners
         raise DataError(f"--marker-size must be in [5, 60] reference pixels, got {cfg.marker_size}")
     for name in ("mass_prevalence", "calc_prevalence", "confounder_strength"):
         value = getattr(cfg, name)
@@ -646,6 +650,9 @@ def _content_params(cfg: PhantomConfig) -> dict[str, Any]:
     params = to_dict(cfg)
     for name in _NON_CONTENT_FIELDS:
         params.pop(name, None)
+    if params.get("marker_size") == DEFAULT_MARKER_SIZE:
+        # Same files as before the option existed: keep phantom.json (and old folders) valid.
+        params.pop("marker_size")
     return params
 
 

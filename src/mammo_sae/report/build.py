@@ -576,6 +576,7 @@ class ReportBuilder:
                               headers=["model", "separation index", "most class-1-dominant latents",
                                        "flagged (confounder / off-breast / associated)"]))
             debias = self._debias_rows(label, results)
+            top = next((read_json(p).get("config", {}).get("top") for p in sorted(folder.glob("*.json"))), None)
             if debias:
                 data[label]["debias"] = debias
                 s.add(H.note("Associated latents: image-mean activation tells images with the attribute "
@@ -585,7 +586,7 @@ class ReportBuilder:
                              "concept negatives; 0.5 = no shortcut)."))
                 s.add(H.table(debias, ["model", "n_associated", "in_top", "auroc_plain", "auroc_off",
                                        "shortcut_plain", "shortcut_off"],
-                              headers=["model", "associated latents", "of the top 10", "concept AUROC (SAE)",
+                              headers=["model", "associated latents", f"of the top {top or 10}", "concept AUROC (SAE)",
                                        "… associated off", "shortcut AUROC (SAE)", "… associated off"]))
         self.data["separation"] = {k: v["models"] for k, v in data.items()}
         self.data["debias"] = {k: v["debias"] for k, v in data.items() if v.get("debias")}
@@ -598,6 +599,8 @@ class ReportBuilder:
             if not path.is_file():
                 continue
             edit = read_json(path)
+            if sorted(edit.get("latents", [])) != sorted(r.get("associated", [])):
+                continue   # an edit from another separation result
             sc = edit.get("shortcut", {}).get("attribute_auroc_among_negatives", {})
             rows.append({"model": variant, "n_associated": len(r.get("associated", [])),
                          "in_top": r.get("associated_in_top"),

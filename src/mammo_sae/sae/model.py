@@ -106,7 +106,9 @@ class _ReluL1Loss(torch.autograd.Function):
 
     With `mm_dtype` (bf16 on GPU) the (B, h) tensors — codes z and their gradient — live in bf16
     from the matmul that makes them to the matmul that consumes them: biases enter through the
-    GEMM epilogue (addmm), reductions accumulate in fp32, and nothing of size B×h is converted.
+    GEMM epilogue (addmm), the L1 and bias-gradient reductions accumulate in fp32, and nothing of
+    size B×h is converted (the d×h weight gradients are GEMM outputs rounded once to bf16, then
+    widened for the fp32 master weights).
     At d = 2048, h = 16384 those tensors are the step's memory traffic, not the weights.
     """
 
@@ -144,6 +146,8 @@ class _ReluL1Loss(torch.autograd.Function):
         n, h = z_bh.shape
         dxhat_bd = resid_bd * (g_total * 2.0 * recon_scale / n)
         # ∂z = ∂x̂·W_dec + λ/n: the constant enters as the GEMM's bias, then the ReLU mask.
+        # A contiguous 1-D bias lets addmm fuse it into the GEMM (cuBLASLt epilogue) instead of
+        # first filling a B×h output with a broadcast copy.
         dz_const_h = (g_total * (l1_coeff / n)).to(z_bh.dtype).expand(h).contiguous()
         dxhat_mm = dxhat_bd if mm_dtype is None else dxhat_bd.to(mm_dtype)
         dW_dec = (dxhat_mm.t() @ z_bh).to(W_enc.dtype)   # fp32 master weights
@@ -326,7 +330,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def remove_parallel_grads_(self) -> None:
         """Project out of each decoder column's gradient its component along the column:
-        g ← g − w·(g·w)/(w·w), with no unit-column copy (three passes over d×h: 2.5× faster on CPU)."""
+        g ← g − w·(g·w)/(w·w), with no unit-column copy (2.5× faster than that on CPU)."""
         g = self.W_dec.grad
         if g is None:
             return

@@ -321,6 +321,10 @@ class Trainer:
     def save_state(self) -> None:
         if not self.dist.main:
             return
+        # Backstop: never replace the last good state with non-finite weights.
+        if not all(bool(torch.isfinite(p).all()) for p in self.sae.parameters()):
+            raise MammoSaeError(f"the SAE's weights are NaN/Inf at step {self.step}; not saving: "
+                                f"{self.out / STATE_FILE} keeps the last good state")
         with atomic_path(self.out / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
         self._last_checkpoint_time = time.monotonic()
@@ -371,6 +375,7 @@ class Trainer:
         self._acc_n = 0
         self._acc_steps = 0
         self._acc_first_step = getattr(self, "step", 0)
+        self._acc_first_epoch = getattr(self, "epoch", 0)
         self._acc_fired_h: Optional[Tensor] = None
         self._acc_t0 = time.perf_counter()
 
@@ -408,13 +413,17 @@ class Trainer:
         self._reset_log_acc()
 
     def _nonfinite_since_log(self) -> bool:
-        """A NaN/Inf loss in any step since the last log line poisons the accumulated sum."""
+        """A NaN/Inf loss in any step since the last log line poisons the accumulated sum. Local
+        to this rank (ranks may reach checkpoints at different times, so no collective here);
+        under DDP another rank's bad step reaches these weights, which `save_state` checks."""
         return self._acc_steps > 0 and not math.isfinite(float(self._acc_stats[0]))
 
     def _raise_if_bad(self) -> None:
         if self._nonfinite_since_log():
+            epochs = (f"epoch {self._acc_first_epoch}" if self._acc_first_epoch == self.epoch
+                      else f"epochs {self._acc_first_epoch}–{self.epoch}")
             raise MammoSaeError(
-                f"non-finite loss in steps {self._acc_first_step}–{self.step - 1} (epoch {self.epoch}): "
+                f"non-finite loss in steps {self._acc_first_step}–{self.step - 1} ({epochs}): "
                 f"the batch or the model produced NaN/Inf "
                 f"(check the activation store for NaN/Inf vectors; the last good state is kept in "
                 f"{self.out / STATE_FILE} if one was saved)")
