@@ -297,6 +297,15 @@ class ReportBuilder:
                       headers=["model", "test AUROC (classifier)", "AUROC original (store)", "AUROC SAE",
                                "recovered", "best latent AP (top-10 ranked)", "that latent",
                                "best AP (pointing-chosen)", "separation index"]))
+        for concept, debias in self.data.get("debias", {}).items():
+            for r in debias:
+                if not r.get("in_top"):
+                    continue
+                s.add(H.note(
+                    f"Confounder check, {concept} {r['model']}: {r['n_associated']} latents follow the "
+                    f"attribute among negatives ({r['in_top']} of the top ones); switching them off moves "
+                    f"concept AUROC {H.fmt(r['auroc_plain'])} → {H.fmt(r['auroc_off'])} and the shortcut "
+                    f"{H.fmt(r['shortcut_plain'])} → {H.fmt(r['shortcut_off'])} (Figures 4/5 section)."))
 
     # ------------------------------------------------------------------ summary
     def section_summary(self, s: H.Section) -> None:

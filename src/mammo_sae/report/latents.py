@@ -296,6 +296,8 @@ class LatentPages:
                       "confounder score": info["confounder_score"]}))
         s.add(H.note("Off-breast: share of the latent's activation mass on cells with breast-tissue "
                      "fraction < 0.5. Confounder: share of its mass on marker-carrying images that lies "
-                     "inside the marker's box (phantom only; — where the data has no marker)."))
+                     "inside the marker's box (phantom only; — where the data has no marker). Flag "
+                     "'associated': its image-mean activation tells marked from unmarked concept-negative "
+                     "images (separation)."))
         if flags:
             s.add(f'<p class="flag">Flagged by the separation stage: {H.esc(", ".join(flags))}</p>')
