@@ -48,7 +48,10 @@ def attribute_values(images: Any, rows: np.ndarray, attribute: str, level: str) 
     labels = [images.at[int(r), column] for r in rows]
     if not attribute or not labels or any(attribute not in lab for lab in labels):
         return None
-    values = np.asarray([int(lab[attribute]) for lab in labels], dtype=np.int64)
+    try:
+        values = np.asarray([int(lab[attribute]) for lab in labels], dtype=np.int64)
+    except (TypeError, ValueError) as exc:
+        raise MammoSaeError(f"attribute {attribute!r} has a value that is not an integer label: {exc}") from exc
     if not set(np.unique(values)).issubset({0, 1}):
         raise MammoSaeError(f"attribute {attribute!r} is not binary (values {sorted(set(values.tolist()))})")
     return values

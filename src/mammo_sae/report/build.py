@@ -569,8 +569,11 @@ class ReportBuilder:
                                f"{label}: class-mean latent vectors z̄(1) (up) and z̄(0) (down); "
                                "dominant latents labelled, flagged latents marked", width=900))
             results: dict[str, dict[str, Any]] = {}
+            top = None
             for path in sorted(folder.glob("*.json")):
-                results.update(_named_results(read_json(path), "separation"))
+                doc = read_json(path)
+                results.update(_named_results(doc, "separation"))
+                top = top or (doc.get("config", {}) if isinstance(doc, dict) else {}).get("top")
             rows = []
             for name, r in results.items():
                 dominant = r.get("class1_dominant", []) or []
@@ -585,7 +588,6 @@ class ReportBuilder:
                               headers=["model", "separation index", "most class-1-dominant latents",
                                        "flagged (confounder / off-breast / associated)"]))
             debias = self._debias_rows(label, results)
-            top = next((read_json(p).get("config", {}).get("top") for p in sorted(folder.glob("*.json"))), None)
             if debias:
                 data[label]["debias"] = debias
                 s.add(H.note("Associated latents: image-mean activation tells images with the attribute "
