@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from mammo_sae.data.images import (MEAN, STD, RecordDataset, augment_mammo_clip, breast_mask,
-                                   read_dicom, read_image, scale_boxes, to_model_input)
+                                   expand_channels, read_dicom, read_image, scale_boxes,
+                                   to_model_input)
 from mammo_sae.data.records import Box, ImageRecord
 from mammo_sae.errors import DataError, MammoSaeError
 
@@ -148,6 +149,28 @@ def test_to_model_input_resize_and_constant_image() -> None:
     assert torch.all(x[:, :10] > 0) and torch.all(x[:, 10:] < 0)   # top half stays bright
     flat = to_model_input(np.full((8, 8), 7, np.uint8))
     assert torch.isfinite(flat).all() and float(flat.max()) == pytest.approx(-MEAN / STD)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_one_channel_input_expands_to_the_three_channel_one_bit_for_bit(
+        tmp_path: Path, ramp_u16: np.ndarray, memory_format: torch.memory_format) -> None:
+    arr = np.random.default_rng(2).integers(0, 4096, size=(40, 24)).astype(np.uint16)
+    x_3hw, x_1hw = to_model_input(arr, (30, 20)), to_model_input(arr, (30, 20), channels=1)
+    assert x_1hw.shape == (1, 30, 20)
+    x_b3hw = expand_channels(torch.stack([x_1hw, x_1hw]), memory_format)
+    assert torch.equal(x_b3hw, torch.stack([x_3hw, x_3hw]))
+    assert x_b3hw.is_contiguous(memory_format=memory_format)
+    cv2.imwrite(str(tmp_path / "ok.png"), ramp_u16)
+    for augment in (False, True):
+        torch.manual_seed(5)
+        one = RecordDataset([_record(tmp_path / "ok.png")], augment=augment, channels=1)[0][0]
+        torch.manual_seed(5)
+        three = RecordDataset([_record(tmp_path / "ok.png")], augment=augment)[0][0]
+        assert torch.equal(expand_channels(one[None])[0], three)
+    with pytest.raises(ValueError, match="channels must be 1 or 3"):
+        RecordDataset([_record(tmp_path / "ok.png")], channels=2)
+    with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
+        expand_channels(x_3hw[None])
 
 
 def test_scale_boxes() -> None:

@@ -186,7 +186,9 @@ class _ExtractionItems(torch.utils.data.Dataset):
                  seed: int) -> None:
         from ..data.images import RecordDataset
 
-        self.inner = RecordDataset(list(records), size_hw=size_hw, augment=augment)
+        # One channel through the workers' queue and pinned memory: the encoder's three are
+        # identical, so they are made on the device (a third of the bytes to move).
+        self.inner = RecordDataset(list(records), size_hw=size_hw, augment=augment, channels=1)
         self.records = records
         self.augment, self.seed = augment, seed
 
@@ -201,34 +203,36 @@ class _ExtractionItems(torch.utils.data.Dataset):
                 random.seed(s)
                 np.random.seed(s)
                 torch.manual_seed(s)
-            x_3hw, _ = self.inner[i]
-            return {"i": i, "key": key, "x": x_3hw, "mask": self._mask(x_3hw), "error": None}
+            x_1hw, _ = self.inner[i]
+            return {"i": i, "key": key, "x": x_1hw, "mask": self._mask(x_1hw), "error": None}
         except Exception as exc:  # noqa: BLE001 - reported with the image id, by policy
             return {"i": i, "key": key, "x": None, "mask": None,
                     "error": f"{type(exc).__name__}: {exc}"}
 
     @staticmethod
-    def _mask(x_3hw: torch.Tensor) -> torch.Tensor | None:
+    def _mask(x_1hw: torch.Tensor) -> torch.Tensor | None:
         """Breast mask on a ≥256-pixel subsampled copy: cell fractions need no more, and the
         full-resolution mask would cost a third of the worker's time per image."""
         try:
             from ..data.images import breast_mask
 
-            step = max(1, min(x_3hw.shape[-2:]) // 256)
-            small_hw = x_3hw[0, ::step, ::step].numpy()
+            step = max(1, min(x_1hw.shape[-2:]) // 256)
+            small_hw = x_1hw[0, ::step, ::step].numpy()
             return torch.from_numpy(np.asarray(breast_mask(small_hw), dtype=np.uint8))
         except Exception:  # noqa: BLE001 - tissue is optional provenance; NaN marks "unknown"
             return None
 
 
 def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[list[int], torch.Tensor]]]:
-    """(items without pixels, [(item positions, stacked x_b3hw)] per input shape). Stacking
-    here, in the worker, hands the main process one shared-memory tensor per batch."""
+    """(items without pixels, [(item positions, stacked x_b1hw)] per input shape). Stacking
+    here, in the worker, hands the main process one tensor per batch; default_collate stacks
+    straight into shared memory when it runs in a worker (torch.stack would need a second copy
+    into shared memory when the batch is sent)."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for pos, it in enumerate(items):
         if it["error"] is None:
             groups.setdefault(tuple(it["x"].shape), []).append(pos)
-    stacked = [(positions, torch.stack([items[p].pop("x") for p in positions]))
+    stacked = [(positions, torch.utils.data.default_collate([items[p].pop("x") for p in positions]))
                for positions in groups.values()]
     return items, stacked
 
@@ -525,7 +529,10 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
     runs after batch i+1's forward pass is queued, so on a GPU the forward passes run back to
     back instead of waiting for each batch's synchronisation and copy.
     """
+    from ..data.images import expand_channels
+
     autocast = cfg.autocast and device.type == "cuda"
+    memory_format = torch.channels_last if _channels_last(cfg, device) else torch.contiguous_format
     queued: tuple[list[dict[str, Any]], list[_MapOnDevice]] | None = None
     batches = iter(loader)
     while True:
@@ -535,10 +542,8 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
                 break
             items, stacked = loaded
             launched = []
-            for positions, x_b3hw in stacked:
-                x_b3hw = x_b3hw.to(device, non_blocking=True)
-                if _channels_last(cfg, device):
-                    x_b3hw = x_b3hw.contiguous(memory_format=torch.channels_last)
+            for positions, x_b1hw in stacked:
+                x_b3hw = expand_channels(x_b1hw.to(device, non_blocking=True), memory_format)
                 with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                     map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
                 launched.append(_MapOnDevice(map_bchw.float(), [items[p] for p in positions], cfg))

@@ -122,14 +122,34 @@ def minmax_01(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / span
 
 
-def to_model_input(arr_hw: np.ndarray, size_hw: tuple[int, int] | None = None) -> torch.Tensor:
-    """(3, H, W) float32 encoder input: 3 identical channels, min-max, (x - MEAN) / STD."""
+def to_model_input(arr_hw: np.ndarray, size_hw: tuple[int, int] | None = None,
+                   channels: int = 3) -> torch.Tensor:
+    """(3, H, W) float32 encoder input: 3 identical channels, min-max, (x - MEAN) / STD.
+
+    channels=1 returns the single channel: the caller expands it to 3 where the pixels are
+    consumed (`expand_channels`), so loaders move a third of the bytes.
+    """
     if arr_hw.ndim != 2:
         raise DataError(f"expected a 2-D grayscale image, got shape {arr_hw.shape}")
     if size_hw is not None and tuple(size_hw) != arr_hw.shape:
         arr_hw = resize_hw(arr_hw, (int(size_hw[0]), int(size_hw[1])))
     x_hw = minmax_01(torch.from_numpy(np.ascontiguousarray(arr_hw, dtype=np.float32)))
-    return ((x_hw - MEAN) / STD).unsqueeze(0).repeat(3, 1, 1)
+    return _with_channels(((x_hw - MEAN) / STD).unsqueeze(0), channels)
+
+
+def _with_channels(x_1hw: torch.Tensor, channels: int) -> torch.Tensor:
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return x_1hw if channels == 1 else x_1hw.repeat(3, 1, 1)
+
+
+def expand_channels(x_b1hw: torch.Tensor,
+                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """(B, 1, H, W) → (B, 3, H, W) identical channels in one copy, bit-equal to
+    `to_model_input`'s."""
+    if x_b1hw.dim() != 4 or x_b1hw.shape[1] != 1:
+        raise ValueError(f"expected a (B, 1, H, W) batch, got shape {tuple(x_b1hw.shape)}")
+    return x_b1hw.expand(-1, 3, -1, -1).contiguous(memory_format=memory_format)
 
 
 def scale_boxes(boxes: Sequence[Box], from_hw: tuple[int, int], to_hw: tuple[int, int]) -> tuple[Box, ...]:
@@ -228,7 +248,8 @@ def augment_mammo_clip(x_chw: torch.Tensor, generator: torch.Generator | None = 
 # ---------------------------------------------------------------------------- dataset
 
 class RecordDataset(Dataset):
-    """`records[i]` -> (x_3hw float32, i). `size_hw=None` keeps each image's own size.
+    """`records[i]` -> (x_3hw float32, i). `size_hw=None` keeps each image's own size;
+    `channels=1` gives x_1hw (see `expand_channels`).
 
     A missing or unreadable image raises DataError naming the image id and the file.
     With `augment=True` the Mammo-CLIP training augmentation is applied (torch RNG; DataLoader
@@ -236,10 +257,13 @@ class RecordDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[ImageRecord], size_hw: tuple[int, int] | None = None,
-                 augment: bool = False) -> None:
+                 augment: bool = False, channels: int = 3) -> None:
         self.records = list(records)
         self.size_hw = tuple(size_hw) if size_hw is not None else None
         self.augment = augment
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.channels = channels
         for r in self.records:
             if r.path is None:
                 raise DataError(f"image {r.image_id} has no file path")
@@ -254,9 +278,9 @@ class RecordDataset(Dataset):
         except DataError as exc:
             raise DataError(f"image {record.image_id}: {exc}") from exc
         if not self.augment:
-            return to_model_input(arr_hw, self.size_hw), i
+            return to_model_input(arr_hw, self.size_hw, self.channels), i
         if self.size_hw is not None and arr_hw.shape != self.size_hw:
             arr_hw = resize_hw(arr_hw, self.size_hw)
         x_1hw = minmax_01(torch.from_numpy(np.ascontiguousarray(arr_hw, dtype=np.float32)))[None]
         x_1hw = minmax_01(augment_mammo_clip(x_1hw))
-        return ((x_1hw - MEAN) / STD).repeat(3, 1, 1), i
+        return _with_channels((x_1hw - MEAN) / STD, self.channels), i

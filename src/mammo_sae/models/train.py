@@ -303,10 +303,21 @@ def _make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle:
                                        persistent_workers=False)
 
 
-def _to_device(x_b3hw: torch.Tensor, device: torch.device) -> torch.Tensor:
-    x_b3hw = x_b3hw.to(device, non_blocking=True)
-    # channels_last is measured faster for EfficientNet convolutions on CPU and GPU.
-    return x_b3hw.contiguous(memory_format=torch.channels_last)
+def _images(records: Sequence[Any], size_hw: tuple[int, int] | None,
+            augment: bool = False) -> torch.utils.data.Dataset:
+    """Single-channel images: the loader moves a third of the bytes; `_to_device` makes the
+    encoder's three identical channels."""
+    from ..data.images import RecordDataset
+
+    return RecordDataset(records, size_hw, augment=augment, channels=1)
+
+
+def _to_device(x_b1hw: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """(B, 1, H, W) from `_images` → the encoder's (B, 3, H, W), channels_last (measured faster
+    for EfficientNet convolutions on CPU and GPU), in one copy on the device."""
+    from ..data.images import expand_channels
+
+    return expand_channels(x_b1hw.to(device, non_blocking=True), torch.channels_last)
 
 
 @torch.inference_mode()
@@ -314,15 +325,13 @@ def pooled_features(encoder: nn.Module, records: Sequence[ImageRecord], *, size_
                     batch_size: int, device: torch.device, workers: int = 0, progress: bool = True,
                     desc: str = "features") -> torch.Tensor:
     """(N, C) spatial means of the encoder's final map, eval mode, no augmentation."""
-    from ..data.images import RecordDataset
-
     was_training = encoder.training
     encoder.eval()
     out: list[torch.Tensor] = []
-    loader = _make_loader(RecordDataset(records, size_hw), batch_size, shuffle=False, workers=workers)
-    for x_b3hw, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    loader = _make_loader(_images(records, size_hw), batch_size, shuffle=False, workers=workers)
+    for x_b1hw, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
         with _autocast(device, device.type == "cuda"):
-            fmap = encoder(_to_device(x_b3hw, device))
+            fmap = encoder(_to_device(x_b1hw, device))
         out.append(fmap.float().mean(dim=(2, 3)).cpu())
     encoder.train(was_training)
     return torch.cat(out)
@@ -519,7 +528,6 @@ def _pretext_targets(records: Sequence[ImageRecord], tasks: Sequence[str]) -> to
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     """Pretext pre-training (no finding labels) -> OUT/model, an image encoder in our format."""
-    from ..data.images import RecordDataset
     from ..data.vindr import load_records
 
     torch.set_flush_denormal(True)
@@ -538,7 +546,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     model = _PretextModel(load_init_encoder(cfg.arch), cfg.tasks).to(device)
     set_bn_momentum(model, cfg.bn_momentum)
     model = model.to(memory_format=torch.channels_last)
-    dataset = RecordDataset(train, size_hw, augment=False)
+    dataset = _images(train, size_hw, augment=False)
 
     def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         loader = _make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers,
@@ -549,7 +557,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         logits = model(x)
         return sum(F.cross_entropy(logits[t], y[:, j]) for j, t in enumerate(cfg.tasks))  # type: ignore[return-value]
 
-    val_loader = _make_loader(RecordDataset(val, size_hw), cfg.batch_size, shuffle=False, workers=cfg.workers)
+    val_loader = _make_loader(_images(val, size_hw), cfg.batch_size, shuffle=False, workers=cfg.workers)
 
     @torch.inference_mode()
     def validate() -> float:
@@ -622,7 +630,6 @@ TEST_SELECTION_WARNING = ("model selection on the TEST split (--select-on test) 
 
 def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     """Linear probe or finetune of a concept classifier; OUT/model is the selected epoch."""
-    from ..data.images import RecordDataset
     from ..data.vindr import load_records
     from .classifier import ConceptClassifier
 
@@ -703,7 +710,7 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
                 logits = model.head(feats_val.to(device)).float().cpu().numpy()
             return _binary_or_multiclass_metric(y_val, logits)
     else:
-        dataset = RecordDataset(train, size_hw, augment=cfg.augment)
+        dataset = _images(train, size_hw, augment=cfg.augment)
 
         def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
             loader = _make_loader(dataset, cfg.batch_size, shuffle=True, workers=cfg.workers,
@@ -746,8 +753,6 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
 def predict_logits(model: nn.Module, records: Sequence[ImageRecord], *, size_hw: tuple[int, int] | None,
                    batch_size: int, device: torch.device, workers: int = 0, progress: bool = True) -> np.ndarray:
     """(N, n_class) float64 logits, eval mode; each image file runs once even at row level."""
-    from ..data.images import RecordDataset
-
     first: dict[Any, int] = {}
     for i, r in enumerate(records):
         first.setdefault(r.path, i)
@@ -755,7 +760,7 @@ def predict_logits(model: nn.Module, records: Sequence[ImageRecord], *, size_hw:
     was_training = model.training
     model.eval()
     chunks = []
-    loader = _make_loader(RecordDataset(unique, size_hw), batch_size, shuffle=False, workers=workers)
+    loader = _make_loader(_images(unique, size_hw), batch_size, shuffle=False, workers=workers)
     for x, _ in tqdm(loader, desc="predict", disable=not progress, leave=False):
         with _autocast(device, device.type == "cuda"):
             chunks.append(model(_to_device(x, device)).float().cpu())
