@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mammo_sae.activations import store as store_format
 from mammo_sae.activations.extract import ExtractConfig, extract, load_encoder, subsample_cells
@@ -322,3 +324,14 @@ def test_a_failing_forward_still_writes_the_batch_before_it(data_dir: Path, tmp_
         extract(cfg, encoder=_FailsOnCall(fail_at=2), progress=False)
     done = sorted(p.name for p in (tmp_path / "oom" / "shards").glob("*.json"))
     assert done == [f"{store_format.shard_name(0)}.json"], done
+
+
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 3000), fraction=st.floats(1e-4, 1.0, allow_subnormal=False),
+       seed=st.integers(0, 2 ** 31), key=st.text(max_size=20))
+def test_subsample_cells_is_a_seeded_sorted_subset_of_the_recorded_size(n, fraction, seed, key):
+    cells = subsample_cells(n, fraction, seed, key)
+    expected = n if fraction >= 1.0 else min(n, max(1, round(fraction * n)))
+    assert len(cells) == expected                     # ≥ 1 kept: no image loses all its patches
+    assert np.all(np.diff(cells) > 0) and cells[0] >= 0 and cells[-1] < n
+    assert np.array_equal(cells, subsample_cells(n, fraction, seed, key))   # resume-safe

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import need_shared
 from mammo_sae.errors import MammoSaeError
@@ -49,6 +51,34 @@ def test_fused_relu_l1_matches_autograd_of_the_reference_math():
     for name, p in sae.named_parameters():
         assert torch.allclose(fused[name], p.grad, rtol=1e-9, atol=1e-12), name
     assert 0 < float(out.l0) < sae.h
+
+
+@settings(max_examples=50, deadline=None)
+@given(d=st.integers(1, 12), h=st.integers(1, 40), n=st.integers(1, 40),
+       l1=st.floats(0.0, 1.0, allow_subnormal=False), convention=st.sampled_from(["reference", "sum"]),
+       seed=st.integers(0, 2 ** 16))
+def test_fused_relu_l1_equals_autograd_for_any_shape(d, h, n, l1, convention, seed):
+    """The hand-written backward against autograd of the loss as written in the docs, for any
+    shape (single item, single latent, d = 1) and either λ convention; firing counts too."""
+    gen = torch.Generator().manual_seed(seed)
+    sae = SparseAutoencoder(SAEConfig(d=d, h=h, l1_coeff=l1, l1_convention=convention), seed=seed).double()
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1, generator=gen)
+        sae.b_enc.normal_(0, 0.1, generator=gen)
+    x = torch.randn(n, d, dtype=torch.float64, generator=gen)
+    out = sae.loss(x)
+    out.total.backward()
+    fused = {name: p.grad.clone() for name, p in sae.named_parameters()}
+    sae.zero_grad()
+    z = torch.relu((x - sae.b_dec) @ sae.W_enc.t() + sae.b_enc)
+    sq = (x - (z @ sae.W_dec.t() + sae.b_dec)).square()
+    per_item = sq.sum(1) if convention == "sum" else sq.mean(1)
+    ref = (per_item + l1 * z.sum(1)).mean()
+    ref.backward()
+    assert torch.allclose(out.total.detach(), ref.detach(), rtol=1e-10, atol=1e-14)
+    for name, p in sae.named_parameters():
+        assert torch.allclose(fused[name], p.grad, rtol=1e-8, atol=1e-12), name
+    assert torch.equal(out.fired_h.long(), (z > 0).sum(0))
 
 
 def test_bf16_relu_l1_path_tracks_the_fp32_gradients():

@@ -4,14 +4,18 @@ ranks), bounded memory. Stores are built from arrays with `write_store` (no enco
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mammo_sae.activations.store import ActivationStore, write_store
 from mammo_sae.data.records import Box, ImageRecord
@@ -187,3 +191,79 @@ def test_stream_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
     seen, grown_mib = res.stdout.split()
     assert int(seen) == 2 * n
     assert float(grown_mib) < 16, f"RSS grew by {grown_mib} MiB streaming a 48 MiB store"
+
+
+# --------------------------------------------------------------------------- properties
+
+@st.composite
+def _stream_case(draw: st.DrawFn) -> dict:
+    counts = draw(st.lists(st.integers(0, 7), min_size=1, max_size=12))   # 0: a skipped image
+    world = draw(st.integers(1, 3))
+    return dict(counts=counts, shard_images=draw(st.integers(1, 5)), world=world,
+                batch=draw(st.integers(1, 9)), buffer=draw(st.integers(1, 30)),
+                block=draw(st.integers(1, 10)), seed=draw(st.integers(0, 3)),
+                drop_last=draw(st.booleans()), start=draw(st.integers(0, 12)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_stream_case())
+def test_stream_partitions_any_store_and_resumes_anywhere(case: dict) -> None:
+    """Whatever the shapes (empty images, shards of one image, buffers smaller than a batch,
+    more ranks than patches): each rank's epoch is batches_per_epoch batches of full size
+    (the last may be short), the ranks' patches are disjoint and each patch comes once with
+    its own vector, and a stream started at any batch replays the tail exactly."""
+    counts = case["counts"]
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    acts = [np.stack([np.arange(offsets[i], offsets[i + 1], dtype=np.float32),
+                      np.full(counts[i], float(i), np.float32)], axis=1).reshape(counts[i], 2)
+            for i in range(len(counts))]
+    if sum(counts) == 0:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_store(Path(tmp) / "s", acts, shard_images=case["shard_images"])
+        assert store.n_patches == sum(counts)
+        image_of = np.repeat(np.arange(len(counts)), counts)
+        seen: set[int] = set()
+        for rank in range(case["world"]):
+            kw = dict(seed=case["seed"], epoch=1, rank=rank, world_size=case["world"],
+                      buffer_patches=case["buffer"], block_patches=case["block"],
+                      drop_last=case["drop_last"])
+            batches = list(store.stream(case["batch"], **kw))
+            assert len(batches) == store.batches_per_epoch(case["batch"], case["world"], case["drop_last"])
+            assert all(len(b) == case["batch"] for b in batches[:-1])
+            ids = _ids(batches) if batches else []
+            expected = store.patches_per_rank(case["world"])
+            if case["drop_last"]:
+                expected -= expected % case["batch"]
+            assert len(ids) == len(set(ids)) == expected
+            assert not seen & set(ids)
+            seen |= set(ids)
+            if batches:   # column 1 names the image: the vector travelled with its patch
+                both = torch.cat(batches).numpy()
+                assert np.array_equal(both[:, 1], image_of[both[:, 0].astype(int)])
+            start = min(case["start"], len(batches))
+            tail = list(store.stream(case["batch"], start_batch=start, **kw))
+            assert len(tail) == len(batches) - start
+            assert all(torch.equal(x, y) for x, y in zip(batches[start:], tail))
+        store.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(role=st.sampled_from(["acts", "patches", "images", "pooled"]), shard=st.integers(0, 2),
+       where=st.floats(0.0, 1.0, exclude_max=True, allow_subnormal=False), bit=st.integers(0, 7))
+def test_any_flipped_bit_in_a_shard_is_caught_and_named(role: str, shard: int, where: float,
+                                                        bit: int) -> None:
+    """Header or data, any shard file or store-level table: opening or verifying the store
+    fails and names the file (a silent wrong read is the failure this guards against)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_store(Path(tmp) / "s", _indexed_acts(7, 3), grids=[GRID] * 7, shard_images=3)
+        files = store.manifest["files"] if role in ("images", "pooled") else store.manifest["shards"][shard]["files"]
+        rel = files[role]
+        store.close()
+        del store
+        victim = Path(tmp) / "s" / rel
+        raw = bytearray(victim.read_bytes())
+        raw[int(where * len(raw))] ^= 1 << bit
+        victim.write_bytes(bytes(raw))
+        with pytest.raises(MammoSaeError, match=re.escape(Path(rel).name)):
+            ActivationStore(Path(tmp) / "s").verify()

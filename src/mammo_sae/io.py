@@ -78,8 +78,25 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise MammoSaeError(f"missing file: {path}")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MammoSaeError(f"corrupt JSON in {path}: {exc}") from exc
+
+
+def load_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:
+    """np.load without pickles; a missing or corrupt file is a MammoSaeError naming it. A damaged
+    header fails in many ways (ValueError, SyntaxError or tokenize errors from its parser), all
+    of which mean the same thing here."""
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise MammoSaeError(f"missing file: {path}")
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        raise MammoSaeError(f"corrupt array file {path}: {type(exc).__name__}: {exc}") from exc
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import MammoSaeError, StoreError
-from ..io import atomic_path, read_json, sha256_file, write_json
+from ..io import atomic_path, load_npy, read_json, sha256_file, write_json
 
 SCHEMA_VERSION = 1
 STORE_FORMAT = "mammo-sae-activation-store"
@@ -177,7 +177,7 @@ def finalise(root: Path, manifest: dict[str, Any], n_shards: int) -> dict[str, A
             row = dict(row, patch_offset=patch_offset, shard=record["index"])
             patch_offset += row["patch_count"]
             rows.append(row)
-        pooled_parts.append(np.load(root / record["files"]["pooled"], allow_pickle=False))
+        pooled_parts.append(load_npy(root / record["files"]["pooled"]))
         shards.append({
             "index": record["index"], "name": record["name"],
             "image_start": record["image_start"], "image_stop": record["image_stop"],
@@ -276,7 +276,8 @@ def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
     """Build a complete store from in-memory per-image arrays (tests, synthetic data, imports).
 
     `acts[i]` is image i's (p_i, d) patch matrix; by default its patches are the full grid
-    `grids[i]` (or 1 × p_i) in row-major order and `pooled_nd` is their mean.
+    `grids[i]` (or 1 × p_i) in row-major order and `pooled_nd` is their mean. An image with
+    no patches is stored like one extraction skipped (ok = false, pooled NaN).
     """
     from ..data.records import ImageRecord
 
@@ -298,8 +299,9 @@ def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
     if records is None:
         records = [ImageRecord(image_id=f"img{i:05d}", patient_id=f"p{i:05d}", split="training",
                                path=None, labels={}) for i in range(n)]
-    if pooled_nd is None:
-        pooled_nd = np.stack([a.astype(np.float64).mean(0) for a in acts]).astype(np.float32)
+    if pooled_nd is None:   # an image without patches has no mean: NaN, as a skipped image
+        pooled_nd = np.stack([a.astype(np.float64).mean(0) if len(a) else np.full(d, np.nan)
+                              for a in acts]).astype(np.float32)
     if len(records) != n or len(grids) != n or len(positions) != n or pooled_nd.shape != (n, d):
         raise StoreError("write_store: acts, grids, positions, records and pooled_nd disagree in length")
     base = {"model": {"arch": "synthetic", "source": None, "sha256": None}, "layer": "synthetic",
@@ -318,7 +320,9 @@ def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
             meta["image_index"], meta["row"], meta["col"] = i, rows, cols
             meta["tissue"] = np.nan
             metas.append(meta)
-        image_rows = [image_row(i, records[i], grid_hw=grids[i], patch_count=len(acts[i]))
+        image_rows = [image_row(i, records[i], grid_hw=grids[i], patch_count=len(acts[i]),
+                                ok=len(acts[i]) > 0,
+                                error=None if len(acts[i]) else "no patch vectors")
                       for i in range(lo, hi)]
         write_shard(root, k, to_disk(np.concatenate(acts[lo:hi]), dtype), np.concatenate(metas),
                     pooled_nd[lo:hi].astype(np.float32), image_rows, dtype=dtype, image_start=lo)
@@ -394,11 +398,11 @@ class ActivationStore:
             if not p.is_file():
                 raise StoreError(f"store {self.path}: shard file missing: {p}")
         try:
-            acts = np.load(acts_path, mmap_mode="r", allow_pickle=False)
-            patches = np.load(patches_path, mmap_mode="r", allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise StoreError(f"store {self.path}: shard file {acts_path.name} or "
-                             f"{patches_path.name} is corrupt: {exc}") from exc
+            acts, patches = load_npy(acts_path, mmap=True), load_npy(patches_path, mmap=True)
+        except MammoSaeError as exc:
+            raise StoreError(f"store {self.path}: {exc}; `mammo-sae extract` with the same "
+                             "arguments rewrites nothing of a complete store: re-extract into "
+                             "a new --out") from exc
         n = int(entry["n_patches"])
         if acts.dtype != DISK_DTYPE[self.dtype] or acts.shape != (n, self.d):
             raise StoreError(f"shard {acts_path}: holds {acts.dtype} {acts.shape}, the manifest says "
@@ -442,7 +446,7 @@ class ActivationStore:
 
     @cached_property
     def pooled_nd(self) -> np.ndarray:
-        pooled = np.load(self.path / POOLED, allow_pickle=False)
+        pooled = load_npy(self.path / POOLED)
         if pooled.shape != (self.n_images, self.d):
             raise StoreError(f"{self.path / POOLED}: shape {pooled.shape}, expected {(self.n_images, self.d)}")
         return pooled.astype(np.float32, copy=False)
@@ -562,7 +566,7 @@ class ActivationStore:
         total = min(self.patches_per_rank(world_size), n_batches * batch_size)
         skip = min(start_batch * batch_size, total)
         rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
-        capacity = max(buffer_patches, batch_size)
+        capacity = max(buffer_patches, batch_size, 2)   # a cycle serves half: ≥ 1 row
         disk_dtype = DISK_DTYPE[self.dtype]
 
         def convert(block: np.ndarray) -> Any:

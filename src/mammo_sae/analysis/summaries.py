@@ -158,8 +158,10 @@ def load_summaries(npz_path: Path, json_path: Path | None = None) -> LatentSumma
     try:
         with np.load(npz_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as exc:
-        raise MammoSaeError(f"corrupt latent summaries {npz_path}: {exc}") from exc
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, header and array errors all mean "corrupt"
+        raise MammoSaeError(f"corrupt latent summaries {npz_path}: {type(exc).__name__}: {exc}") from exc
     shape = (int(meta["n_images"]), int(meta["h"]))
     try:
         mats = {w: sp.csr_matrix((arrays[f"{w}_data"], arrays[f"{w}_indices"], arrays[f"{w}_indptr"]),
