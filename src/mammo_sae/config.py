@@ -101,7 +101,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
             continue
         conv, extra = _converter(tp)
         shown = _escape(",".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
-        # Help that already describes its default (e.g. "default: next to the SAE") gets no second one.
+        # Help that already describes its default (e.g. "default: summaries/ inside the SAE directory") gets no second one.
         says_default = "default" in help_text.lower()
         parser.add_argument(flag, dest=f.name, type=conv, default=default,
                             required=not has_default,

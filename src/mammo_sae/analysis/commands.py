@@ -20,6 +20,7 @@ from ..io import write_json, write_text_atomic
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
+CACHE_DIR_HELP = "summaries cache (default: summaries/ inside the SAE directory, or beside a .pt SAE)"
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -72,6 +73,7 @@ def _head_and_concept(classifier: Path, concept: Optional[str]) -> tuple[Any, st
 
 
 # --------------------------------------------------------------------------- summarize
+
 @dataclass
 class SummarizeConfig:
     """Encode every patch of a store with an SAE once and cache per-image mean/max latent vectors
@@ -80,7 +82,7 @@ class SummarizeConfig:
 
     store: Path = opt(help="activation store")
     sae: Path = opt(help="SAE checkpoint")
-    cache_dir: Optional[Path] = opt(None, help="where to cache (default: summaries/ next to the SAE)")
+    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
     out: Optional[Path] = opt(None, help="also write a summary JSON here")
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
@@ -120,7 +122,7 @@ class ProbeConfig:
     level: Level = opt("image", help="image (label = any row) or row (needs a row-level store)")
     scores: list[str] = opt(["mean", "centered", "auroc", "peak"], help="scores to rank by")
     top: int = opt(20, help="top latents per class listed in probe.json")
-    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -186,7 +188,7 @@ class InterveneConfig:
     n_boot: int = opt(1000, help="bootstrap resamples for the 95% CIs (0 = none)")
     seed: int = opt(0, help="bootstrap seed")
     label: Optional[str] = opt(None, help="curve label in the figure")
-    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -276,7 +278,7 @@ class FidelityConfig:
     level: Level = opt("image", help="image or row level")
     n_boot: int = opt(1000, help="bootstrap resamples (0 = none)")
     seed: int = opt(0, help="bootstrap seed")
-    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -343,7 +345,7 @@ class SeparationConfig:
                                             "among concept-negative images (skipped when the store lacks it)")
     association_auroc: float = opt(0.8, help="flag 'associated' when a latent's AUROC for the attribute "
                                              "is at least this (or at most 1 minus it)")
-    cache_dir: Optional[Path] = opt(None, help="summaries cache (default: next to the SAE)")
+    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")

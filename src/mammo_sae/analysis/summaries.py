@@ -12,7 +12,7 @@ fidelity, probing and every masked intervention need. Full patch-latent maps of 
 for heatmaps come from `mammo_sae.analysis.maps.latent_maps`.
 
 The summaries are cached as `<store sha[:16]>-<sae sha[:16]>.npz` (+ `.json`) in a
-`summaries/` folder next to the SAE (or a given folder) and reused while both are unchanged.
+`summaries/` folder inside the SAE directory (beside a `.pt` SAE; or a given folder) and reused while both are unchanged.
 If the store was extracted with subsample < 1 the means are over the stored patches only
 (`subsample_fraction` records it); run analyses on full stores.
 """
