@@ -81,3 +81,66 @@ def test_no_progress_is_accepted_by_commands_without_a_progress_option(tmp_path)
                                                  capture_output=True, text=True, check=True).stdout, cmd
     assert main(["phantom", "--out", str(tmp_path / "ph"), "--n-images", "4", "--height", "128",
                  "--width", "80", "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sae", "train", "--store", "s", "--out", "o", "--lr", "-1"], "--lr must be > 0.0, got -1.0"),
+    (["sae", "train", "--store", "s", "--out", "o", "--epochs", "0"], "--epochs must be ≥ 1, got 0"),
+    (["sae", "train", "--store", "s", "--out", "o", "--l1-coeff", "nan"], "--l1-coeff must be a number"),
+    (["classifier", "train", "--data", "d", "--concept", "Mass", "--out", "o", "--init", "x",
+      "--dropout", "1"], "--dropout must be < 1.0"),
+    (["extract", "--data", "d", "--model", "m", "--out", "o", "--max-images", "-3"], "--max-images must be ≥ 1"),
+    (["probe", "--store", "s", "--sae", "x", "--concept", "Mass", "--out", "o", "--top", "-5"], "--top must be ≥ 1"),
+    (["intervene", "--store", "s", "--sae", "x", "--classifier", "c", "--concept", "Mass",
+      "--rankings", "r", "--out", "o", "--n-boot", "-5"], "--n-boot must be ≥ 0"),
+    (["separation", "--sae", "x", "--concept", "Mass", "--stores", "a,b", "--out", "o",
+      "--confounder-threshold", "-2"], "--confounder-threshold must be ≥ 0.0"),
+])
+def test_out_of_range_options_fail_before_any_work(tmp_path, capsys, argv, message) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_of_range_config_values_are_named_by_their_key(tmp_path, capsys) -> None:
+    from pathlib import Path
+
+    base = Path("configs/phantom.yaml").read_text()
+    for i, (old, new, message) in enumerate([("  lr: 1.0e-3", "  lr: -1.0e-3", "sae.lr must be > 0.0"),
+                                             ("  epochs: 30", "  epochs: 0", "sae.epochs must be ≥ 1")]):
+        assert old in base
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(base.replace(old, new))
+        assert main(["run", str(path), "--out", str(tmp_path / f"r{i}"), "--dry-run"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_file_system_refusals_are_messages_not_tracebacks(tmp_path, capsys) -> None:
+    (tmp_path / "a_file").write_text("x")
+    assert main(["phantom", "--out", str(tmp_path / "a_file" / "ph"), "--n-images", "4",
+                 "--height", "64", "--width", "64", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "a_file" in err and "Traceback" not in err
+
+
+def test_atomic_writes_name_the_file_and_leave_no_temporary(tmp_path, monkeypatch) -> None:
+    from mammo_sae import io
+    from mammo_sae.errors import MammoSaeError
+
+    def failing_write(message: str) -> None:
+        with io.atomic_path(tmp_path / "out.bin") as tmp:
+            tmp.write_bytes(b"partial")
+            raise RuntimeError(message)
+
+    with pytest.raises(MammoSaeError, match=r"could not write .*out\.bin.*unexpected pos"):
+        failing_write("[enforce fail at inline_container.cc:672] . unexpected pos 7360 vs 7254")
+    with pytest.raises(RuntimeError, match="a bug"):      # plenty of disk: not a write failure
+        failing_write("a bug")
+    monkeypatch.setattr(io, "free_bytes", lambda folder: 1024)
+    with pytest.raises(MammoSaeError, match="0.0 MiB free"):   # nearly full: said so
+        failing_write("some library's own words")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "blocker").write_text("")
+    with pytest.raises(MammoSaeError, match=r"could not write .*blocker"):   # a file, not a folder
+        with io.atomic_path(tmp_path / "blocker" / "y"):
+            pass

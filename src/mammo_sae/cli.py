@@ -89,8 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     except MammoSaeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The file system refused (read-only, full, a file where a folder should be, ...):
+        # the user's environment, not a bug, so a message rather than a traceback.
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept and a rerun resumes", file=sys.stderr)
+        print("interrupted; finished work is kept (see this command's --help for how to resume)",
+              file=sys.stderr)
         return 130
     return int(result) if isinstance(result, int) else 0
 

@@ -30,8 +30,13 @@ def _escape(value: Any) -> str:
     return str(value).replace("%", "%%")
 
 
+BOUNDS = ("min", "gt", "max", "lt")   # opt(..., min=1): inclusive; gt/lt: exclusive
+
+
 def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """`field()` with help text; mutable defaults (lists) are wrapped in default_factory."""
+    """`field()` with help text; mutable defaults (lists) are wrapped in default_factory.
+    Numeric bounds (`min`, `gt`, `max`, `lt`) are checked for CLI and config-file values alike,
+    before any work starts."""
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kw})
@@ -109,9 +114,34 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
                             **extra)
 
 
+def bound_problem(metadata: Any, value: Any) -> str | None:
+    """Why `value` breaks the field's bounds (None if it does not, or has none)."""
+    if not any(b in metadata for b in BOUNDS) or value is None or isinstance(value, bool) \
+            or not isinstance(value, (int, float)):
+        return None
+    if value != value:
+        return "must be a number"
+    for key, broken, sign in (("min", lambda b: value < b, "≥"), ("gt", lambda b: value <= b, ">"),
+                              ("max", lambda b: value > b, "≤"), ("lt", lambda b: value >= b, "<")):
+        if key in metadata and broken(metadata[key]):
+            return f"must be {sign} {metadata[key]}"
+    return None
+
+
+def check_bounds(cls: type, values: dict[str, Any], label: Any) -> None:
+    """Raise MammoSaeError naming the first option (`label(name)`) outside its bounds."""
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in values:
+            problem = bound_problem(f.metadata, values[f.name])
+            if problem:
+                raise MammoSaeError(f"{label(f.name)} {problem}, got {values[f.name]}")
+
+
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    return cls(**{k: v for k, v in vars(ns).items() if k in names})
+    values = {k: v for k, v in vars(ns).items() if k in names}
+    check_bounds(cls, values, lambda name: "--" + name.replace("_", "-"))
+    return cls(**values)
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -165,6 +195,7 @@ def check_options(cls: type, data: dict[str, Any], *, where: str = "config") -> 
             kwargs[name] = _scalar_value(tp, value, f"{where}.{name}")
         else:
             kwargs[name] = value
+    check_bounds(cls, kwargs, lambda name: f"{where}.{name}")
     return kwargs
 
 

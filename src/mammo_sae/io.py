@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,10 +20,19 @@ from .errors import MammoSaeError
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    Write failures become MammoSaeError naming `path`: OSError (read-only or full disk, a file
+    where a folder should be) and the other errors libraries raise when a write fails
+    (torch.save's RuntimeError, safetensors' SafetensorError) when the disk is nearly full or
+    their message says so. The temporary file never outlives a failure.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise MammoSaeError(f"could not write {path}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -31,9 +41,39 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
         raise MammoSaeError(f"could not write {path}: {exc.strerror or exc}") from exc
+    except MammoSaeError:
+        tmp_path.unlink(missing_ok=True)
+        raise
+    except Exception as exc:
+        tmp_path.unlink(missing_ok=True)
+        free = free_bytes(path.parent)
+        if _says_write_failed(exc) or (free is not None and free < LOW_DISK_BYTES):
+            raise MammoSaeError(f"could not write {path}: {type(exc).__name__}: {exc} "
+                                f"({_mib(free)} free on its disk)") from exc
+        raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+LOW_DISK_BYTES = 64 << 20
+
+
+def free_bytes(folder: Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def _mib(n: int | None) -> str:
+    return "unknown space" if n is None else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _says_write_failed(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(k in text for k in ("no space", "write failed", "unexpected pos", "i/o error",
+                                   "disk quota", "read-only file system"))
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

@@ -59,12 +59,12 @@ class ExtractSection:
     options: dict[str, Any] = field(default_factory=dict)       # ExtractConfig overrides
     sae_source: str = "Suspicious_Calcification/finetuned"      # whose features train the SAE
     sae_split: str = "training"
-    sae_subsample: float = 1.0
-    sae_max_images: Optional[int] = None
+    sae_subsample: float = opt(1.0, gt=0.0, max=1.0)
+    sae_max_images: Optional[int] = opt(None, min=1)
     rank_split: str = "training"              # split the rankings are computed on
     # Share of each image's patches kept in the ranking stores (the reference ranked on its 25 %
     # SAE sample); the evaluation stores always keep every patch.
-    rank_subsample: float = 1.0
+    rank_subsample: float = opt(1.0, gt=0.0, max=1.0)
     eval_split: str = "test"                  # split every evaluation uses
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from ..config import opt
+from ..config import check_bounds, opt
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
 from ..io import read_json, sha256_json, write_json
 from . import store as store_format
@@ -56,16 +56,16 @@ class ExtractConfig:
     level: Literal["image", "row"] = opt("image", help="one entry per image, or per CSV row "
                                                         "(the reference's row-level duplicates)")
     dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", help="stored vector dtype")
-    subsample: float = opt(1.0, help="fraction of each image's patches kept (the reference: 0.25)")
+    subsample: float = opt(1.0, gt=0.0, max=1.0, help="fraction of each image's patches kept (the reference: 0.25)")
     seed: int = opt(0, help="seed of the per-image subsample, augmentation and random weights")
     augment: bool = opt(False, help="apply the training augmentation while extracting")
     image_size: str | None = opt(None, help="resize inputs to HxW or H,W (e.g. 512x320); default: as stored")
-    batch_size: int = opt(8, help="images per forward pass")
-    workers: int = opt(2, help="DataLoader worker processes decoding images")
-    shard_images: int = opt(256, help="images per shard (the unit of resumption)")
+    batch_size: int = opt(8, min=1, help="images per forward pass")
+    workers: int = opt(2, min=0, help="DataLoader worker processes decoding images")
+    shard_images: int = opt(256, min=1, help="images per shard (the unit of resumption)")
     on_error: Literal["stop", "skip"] = opt("stop", help="an image that fails to load: stop, or "
                                                          "skip it (kept in the table with ok=false)")
-    max_images: int | None = opt(None, help="extract only the first N records")
+    max_images: int | None = opt(None, min=1, help="extract only the first N records")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     autocast: bool = opt(False, help="bfloat16 autocast forward on CUDA (faster, not bit-faithful)")
 
@@ -296,13 +296,8 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
 
 
 def _validate(cfg: ExtractConfig) -> None:
-    if not 0.0 < cfg.subsample <= 1.0:
-        raise MammoSaeError(f"--subsample must be in (0, 1], got {cfg.subsample}")
-    for name in ("batch_size", "shard_images"):
-        if getattr(cfg, name) < 1:
-            raise MammoSaeError(f"--{name.replace('_', '-')} must be ≥ 1")
-    if cfg.workers < 0:
-        raise MammoSaeError("--workers must be ≥ 0")
+    """The CLI checks the same bounds; this covers configs built in Python."""
+    check_bounds(ExtractConfig, vars(cfg), lambda name: "--" + name.replace("_", "-"))
     if cfg.split not in SPLIT_CHOICES:
         raise MammoSaeError(choices_message("split", cfg.split, SPLIT_CHOICES))
     if cfg.dtype not in store_format.DTYPES:

@@ -29,7 +29,7 @@ class LocalizeConfig:
     ranking: Optional[Path] = opt(None, help="class-1 ranking JSON from `mammo-sae probe` "
                                              "(list of {rank, index, importance})")
     latents: list[int] = opt([], help="explicit latent indices (instead of --ranking)")
-    top: int = opt(10, help="how many top-ranked latents to score")
+    top: int = opt(10, min=1, help="how many top-ranked latents to score")
     select: Literal["ranking", "pointing"] = opt(
         "ranking", help="ranking: the top of --ranking (paper); pointing: the latents whose "
         "strongest cell most often overlaps a GT box on --select-split of --select-store "
@@ -37,10 +37,10 @@ class LocalizeConfig:
     select_store: Optional[Path] = opt(None, help="store holding --select-split with full grids "
                                                   "(default: --store)")
     select_split: str = opt("training", help="split the pointing selection is made on")
-    candidates: int = opt(0, help="pointing: consider only the top N of --ranking (0 = every latent)")
+    candidates: int = opt(0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)")
     threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
                                      "relmax:F = F x its max (released code: relmax:0.3); abs:X")
-    iou: float = opt(0.25, help="IoU at which a box counts as a hit")
+    iou: float = opt(0.25, gt=0.0, max=1.0, help="IoU at which a box counts as a hit")
     split: str = opt("test", help="split of the store to evaluate")
     images: Literal["positive", "all"] = opt("positive", help="positive: images with the concept "
                                              "(label 1); all: every image of the split")
@@ -48,9 +48,9 @@ class LocalizeConfig:
                                             "value inside the box")
     match: Literal["voc", "coco"] = opt("voc", help="voc: a box takes its best-IoU GT or is an FP "
                                         "(Mammo-CLIP); coco: best free GT (pycocotools)")
-    min_box_area: int = opt(10, help="drop boxes with width x height below this (px)")
-    figure_images: int = opt(4, help="images (columns) in figure3.png; 0 = no figure")
-    batch_rows: int = opt(8192, help="patch rows per SAE encode call")
+    min_box_area: int = opt(10, min=0, help="drop boxes with width x height below this (px)")
+    figure_images: int = opt(4, min=0, help="images (columns) in figure3.png; 0 = no figure")
+    batch_rows: int = opt(8192, min=1, help="patch rows per SAE encode call")
     device: str = opt("auto", help="where the SAE encodes: auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, help="show a progress bar")
     label: Optional[str] = opt(None, help="row name in table2.csv (default: the concept), "

@@ -51,9 +51,9 @@ class PreprocessConfig:
     csv: Path = opt(help="official finding_annotations.csv")
     out: Path = opt(help="output directory (images_png/ + vindr_detection_v1_folds.csv)")
     breast_csv: Optional[Path] = opt(None, help="official breast-level_annotations.csv: the image list")
-    height: int = opt(1520, help="output PNG height")
-    width: int = opt(912, help="output PNG width")
-    workers: int = opt(1, help="parallel worker processes")
+    height: int = opt(1520, min=32, help="output PNG height")
+    width: int = opt(912, min=32, help="output PNG width")
+    workers: int = opt(1, min=0, help="parallel worker processes")
     on_missing: Literal["error", "skip"] = opt("error", help="missing DICOM files: fail or skip them")
 
 

@@ -87,7 +87,7 @@ class PhantomConfig:
     correlated with one concept in the training split and independent of all labels in test."""
 
     out: Path = opt(help="output directory (gets vindr_detection_v1_folds.csv, images_png/, phantom.json)")
-    n_images: int = opt(200, help="number of images; two per patient (CC + MLO of one breast)")
+    n_images: int = opt(200, help="number of images; two per patient (CC + MLO of one breast; an odd count gives the last patient one view)")
     height: int = opt(512, help="image height in pixels")
     width: int = opt(320, help="image width in pixels")
     seed: int = opt(0, help="random seed; same arguments give byte-identical files")

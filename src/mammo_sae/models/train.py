@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..config import from_dict, opt, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..errors import DataError, MammoSaeError, choices_message
-from ..io import read_json, write_json, write_text_atomic
+from ..io import atomic_path, read_json, write_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 STATE_NAME = "trainer_state.pt"
@@ -75,20 +75,20 @@ class TrainConfig:
                          "or an architecture name for random weights (e.g. efficientnet-phantom)")
     mode: Literal["linear-probe", "finetune"] = opt("finetune", help="linear-probe: frozen encoder "
                                                     "incl. BatchNorm statistics; finetune: end to end")
-    epochs: int = opt(30, help="training epochs")
-    batch_size: int = opt(8, help="images per step")
-    lr: float = opt(5e-5, help="peak AdamW learning rate")
-    weight_decay: float = opt(1e-4, help="AdamW weight decay")
-    warmup_epochs: float = opt(1.0, help="linear warm-up length in epochs, then cosine decay to 0")
-    dropout: float = opt(0.4, help="dropout on the pooled features before the head (training only)")
-    bn_momentum: Optional[float] = opt(None, help="finetune: BatchNorm running-stat momentum while "
+    epochs: int = opt(30, min=1, help="training epochs")
+    batch_size: int = opt(8, min=1, help="images per step")
+    lr: float = opt(5e-5, gt=0.0, help="peak AdamW learning rate")
+    weight_decay: float = opt(1e-4, min=0.0, help="AdamW weight decay")
+    warmup_epochs: float = opt(1.0, min=0.0, help="linear warm-up length in epochs, then cosine decay to 0")
+    dropout: float = opt(0.4, min=0.0, lt=1.0, help="dropout on the pooled features before the head (training only)")
+    bn_momentum: Optional[float] = opt(None, gt=0.0, max=1.0, help="finetune: BatchNorm running-stat momentum while "
                                        "training; default keeps the encoder's (0.01, TF style), "
                                        "which needs thousands of steps to settle")
     augment: bool = opt(True, help="Mammo-CLIP training augmentation (flips, affine, elastic)")
     image_size: Optional[list[int]] = opt(None, help="resize inputs to H,W or HxW (e.g. 512x320); default: each image's own size")
     level: Literal["image", "row"] = opt("image", help="image: one sample per image (label = any "
                                          "row positive); row: one per CSV row, as the reference")
-    val_fraction: float = opt(0.2, help="share of training patients held out for model selection")
+    val_fraction: float = opt(0.2, gt=0.0, lt=1.0, help="share of training patients held out for model selection")
     val_fold: Optional[int] = opt(None, help="use this CSV fold of the training split as validation "
                                              "instead of a seeded patient sample")
     select_on: Literal["validation", "test"] = opt(
@@ -99,7 +99,7 @@ class TrainConfig:
     seed: int = opt(10, help="random seed (Mammo-CLIP uses 10)")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     amp: bool = opt(True, help="mixed precision (float16 autocast) on CUDA; ignored on CPU")
-    workers: int = opt(0, help="DataLoader worker processes")
+    workers: int = opt(0, min=0, help="DataLoader worker processes")
     resume: bool = opt(False, help="continue the run in --out from its last finished epoch")
     overwrite: bool = opt(False, help="delete an existing run in --out and start again")
     progress: bool = opt(True, help="show progress bars")
@@ -116,19 +116,19 @@ class PretrainConfig:
     out: Path = opt(help="run directory (model/ = the encoder)")
     arch: str = opt("efficientnet-phantom", help="architecture to build, or a checkpoint to start from")
     tasks: list[str] = opt(list(PRETEXT_TASKS), help="pretext heads: density, view, laterality")
-    epochs: int = opt(8, help="training epochs")
-    batch_size: int = opt(16, help="images per step")
-    lr: float = opt(2e-3, help="peak AdamW learning rate")
-    bn_momentum: Optional[float] = opt(0.1, help="BatchNorm running-stat momentum while training "
+    epochs: int = opt(8, min=1, help="training epochs")
+    batch_size: int = opt(16, min=1, help="images per step")
+    lr: float = opt(2e-3, gt=0.0, help="peak AdamW learning rate")
+    bn_momentum: Optional[float] = opt(0.1, gt=0.0, max=1.0, help="BatchNorm running-stat momentum while training "
                                        "(the encoder's own 0.01 is too slow for short runs)")
-    weight_decay: float = opt(1e-4, help="AdamW weight decay")
-    warmup_epochs: float = opt(1.0, help="linear warm-up length in epochs, then cosine decay to 0")
+    weight_decay: float = opt(1e-4, min=0.0, help="AdamW weight decay")
+    warmup_epochs: float = opt(1.0, min=0.0, help="linear warm-up length in epochs, then cosine decay to 0")
     image_size: Optional[list[int]] = opt(None, help="resize inputs to H,W or HxW (e.g. 512x320); default: each image's own size")
-    val_fraction: float = opt(0.2, help="share of training patients held out for model selection")
+    val_fraction: float = opt(0.2, gt=0.0, lt=1.0, help="share of training patients held out for model selection")
     seed: int = opt(0, help="random seed")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     amp: bool = opt(True, help="mixed precision on CUDA; ignored on CPU")
-    workers: int = opt(0, help="DataLoader worker processes")
+    workers: int = opt(0, min=0, help="DataLoader worker processes")
     resume: bool = opt(False, help="continue the run in --out from its last finished epoch")
     overwrite: bool = opt(False, help="delete an existing run in --out and start again")
     progress: bool = opt(True, help="show progress bars")
@@ -149,8 +149,8 @@ class EvalConfig:
                                          "eval_<concept>_<split>_<level>.json")
     predictions: bool = opt(True, help="also write the per-sample scores as CSV beside the JSON")
     image_size: Optional[list[int]] = opt(None, help="resize inputs to H,W or HxW (e.g. 512x320); default: each image's own size")
-    batch_size: int = opt(16, help="images per forward pass")
-    n_boot: int = opt(1000, help="bootstrap resamples for the CIs")
+    batch_size: int = opt(16, min=1, help="images per forward pass")
+    n_boot: int = opt(1000, min=0, help="bootstrap resamples for the CIs")
     seed: int = opt(0, help="bootstrap seed")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, help="show progress bars")
@@ -291,7 +291,11 @@ def _save_model_dir(model: nn.Module, final: Path, **meta: Any) -> None:
 
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, **meta)
+    try:
+        save_model(model, tmp, **meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # a failed write leaves nothing half-made
+        raise
     _replace_dir(tmp, final)
 
 
@@ -488,12 +492,17 @@ def _save_checkpoint(fit: _Fit, out: Path, optimizer: torch.optim.Optimizer, sch
     last = out / "checkpoints" / "last"
     tmp = last.with_name("last.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    fit.save_selected(tmp)     # the epoch's model in our format, loadable on its own
     state = {"module": fit.module.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "best_epoch": best_epoch, "best_metric": best_metric,
              "log": [json.dumps(e) for e in log]}
-    torch.save(state, tmp / STATE_NAME)
+    try:
+        fit.save_selected(tmp)     # the epoch's model in our format, loadable on its own
+        with atomic_path(tmp / STATE_NAME) as state_tmp:
+            torch.save(state, state_tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # the previous `last` stays as it was
+        raise
     _replace_dir(tmp, last)
 
 

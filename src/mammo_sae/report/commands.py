@@ -17,7 +17,7 @@ class ReportConfig:
 
     run: Path = opt(help="run directory of `mammo-sae run` / `mammo-sae demo`")
     out: Optional[Path] = opt(None, help="output folder (default: RUN/report)")
-    top_latents: int = opt(10, help="top latents per model that get their own page")
+    top_latents: int = opt(10, min=1, help="top latents per model that get their own page")
     latent_pages: bool = opt(True, help="write a page per top latent (opens the stores and the SAE)")
     strict: bool = opt(False, help="fail on the first unreadable part instead of noting it in the page")
     progress: bool = opt(True, help="show a progress bar")

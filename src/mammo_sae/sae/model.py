@@ -38,23 +38,23 @@ class SAEConfig:
     """Every hyper-parameter of an SAE (architecture and loss); recorded in its cfg.json."""
 
     architecture: Architecture = opt("relu-l1", help="relu-l1 (Mammo-SAE), topk or batchtopk")
-    d: int = opt(2048, help="input dimension (channels of the tapped layer)")
-    expansion: int = opt(8, help="latents per input dimension (h = expansion · d unless h is given)")
-    h: Optional[int] = opt(None, help="number of latents (overrides expansion)")
-    l1_coeff: float = opt(3e-5, help="λ of the L1 penalty (relu-l1), in the units of l1_convention")
+    d: int = opt(2048, min=1, help="input dimension (channels of the tapped layer)")
+    expansion: int = opt(8, min=1, help="latents per input dimension (h = expansion · d unless h is given)")
+    h: Optional[int] = opt(None, min=1, help="number of latents (overrides expansion)")
+    l1_coeff: float = opt(3e-5, min=0.0, help="λ of the L1 penalty (relu-l1), in the units of l1_convention")
     l1_convention: Literal["reference", "sum"] = opt(
         "reference", help="reconstruction term: reference = mean over d of (x−x̂)² (Mammo-SAE code); "
                           "sum = sum over d (paper notation, SAELens); λ_sum = d·λ_reference")
-    k: int = opt(32, help="active latents per patch (topk) or on average (batchtopk)")
-    aux_k: Optional[int] = opt(None, help="AuxK latents (default: d/2 rounded down to a power of two)")
-    aux_coeff: float = opt(1 / 32, help="weight of the AuxK loss (topk, batchtopk)")
+    k: int = opt(32, min=1, help="active latents per patch (topk) or on average (batchtopk)")
+    aux_k: Optional[int] = opt(None, min=1, help="AuxK latents (default: d/2 rounded down to a power of two)")
+    aux_coeff: float = opt(1 / 32, min=0.0, help="weight of the AuxK loss (topk, batchtopk)")
     normalisation: Literal["none", "centre", "centre-scale"] = opt(
         "none", help="input normalisation learnt from the data before training: none (Mammo-SAE), "
                      "centre (subtract the mean), centre-scale (also divide by s so that E‖x̃‖ = √d)")
     init: Literal["auto", "reference", "tied"] = opt(
         "auto", help="reference = Mammo-SAE's init (§6.2); tied = W_enc = W_decᵀ; auto: reference "
                      "for relu-l1, tied otherwise")
-    threshold_momentum: float = opt(0.01, help="batchtopk: EMA rate of the inference threshold θ")
+    threshold_momentum: float = opt(0.01, gt=0.0, max=1.0, help="batchtopk: EMA rate of the inference threshold θ")
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
