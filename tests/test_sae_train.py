@@ -72,9 +72,15 @@ def test_resume_refuses_changed_settings_and_corrupt_state(tmp_path):
         train_sae(_cfg(tmp_path / "r"), TensorSource(x))
     with pytest.raises(StoreError, match="d=8"):
         train_sae(_cfg(tmp_path / "r", resume=True), TensorSource(_data(300, d=8)))
+    with pytest.raises(CheckpointError, match="is a training state"):
+        load_sae(tmp_path / "r" / STATE_FILE)
+    train_sae(_cfg(tmp_path / "s", max_steps=3), TensorSource(x, manifest_sha256="a" * 64))
+    with pytest.raises(MammoSaeError, match="other training data"):   # e.g. another --store
+        train_sae(_cfg(tmp_path / "s", resume=True), TensorSource(x, manifest_sha256="b" * 64))
     (tmp_path / "r" / STATE_FILE).write_bytes(b"\x00garbage")
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match="corrupt") as err:
         train_sae(_cfg(tmp_path / "r", resume=True), TensorSource(x))
+    assert "weights_only=False" not in str(err.value)   # never advise unpickling untrusted code
     with pytest.raises(CheckpointError, match="no training state"):
         train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import MammoSaeError
+from .errors import CheckpointError, MammoSaeError
 
 
 @contextlib.contextmanager
@@ -154,3 +154,31 @@ def sha256_bytes(data: bytes) -> str:
 def sha256_json(obj: Any) -> str:
     """Content hash of a JSON-able object (keys sorted), for cache keys and provenance."""
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=_json_default).encode())
+
+
+def load_torch_weights(path: str | os.PathLike[str], what: str) -> Any:
+    """torch.load(weights_only=True) on CPU for tensors-and-containers files (our training
+    states, the released MammoSAE SAE). Any failure is a CheckpointError naming `what` and the
+    file, without torch's advice to retry with weights_only=False (that would run code from an
+    untrusted file)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+        raise CheckpointError(f"cannot read {path} as {what} (corrupt file or unsupported "
+                              f"content): {torch_load_reason(exc)}") from exc
+
+
+def torch_load_reason(exc: BaseException) -> str:
+    """The cause from torch.load's error, without its weights_only=False advice."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
+        return rest.split("\n\n")[0].strip()[:200] or type(exc).__name__
+    return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"

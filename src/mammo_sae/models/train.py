@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..config import from_dict, opt, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..errors import DataError, MammoSaeError, choices_message
-from ..io import atomic_path, read_json, write_json, write_text_atomic
+from ..io import atomic_path, load_torch_weights, read_json, write_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 STATE_NAME = "trainer_state.pt"
@@ -433,7 +433,7 @@ def _fit(fit: _Fit, *, out: Path, epochs: int, lr: float, weight_decay: float, w
     log_path = out / "train_log.jsonl"
     start_epoch, best_epoch, best_metric, log = 0, -1, -math.inf, []
     if resume:
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = load_torch_weights(state_path, "a classifier training state")
         fit.module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

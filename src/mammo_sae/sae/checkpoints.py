@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError, MammoSaeError
-from ..io import atomic_path, read_json, sha256_file, write_json
+from ..io import atomic_path, load_torch_weights, read_json, sha256_file, write_json
 from .model import SAEConfig, SparseAutoencoder
 
 NATIVE_FORMAT = "mammo-sae-sae"
@@ -150,24 +150,13 @@ def _build(cfg: SAEConfig, tensors: Mapping[str, Tensor], where: str) -> SparseA
     return sae
 
 
-def _torch_load_reason(exc: Exception) -> str:
-    """The cause from torch.load's error, without its advice to retry with weights_only=False
-    (which would run arbitrary code from an untrusted file)."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
-        return rest.split("\n\n")[0].strip()[:200] or type(exc).__name__
-    return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
-
-
 def load_mammosae_pt(path: str | os.PathLike[str]) -> SparseAutoencoder:
     """The released MammoSAE `sparse_autoencoder_final.pt` (or a file of its layout)."""
     p = Path(path)
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 — any unpickling failure means an unusable file
-        raise CheckpointError(f"cannot read {p} as a MammoSAE SAE checkpoint (corrupt file or "
-                              f"unsupported pickle content): {_torch_load_reason(exc)}") from exc
+    obj = load_torch_weights(p, "a MammoSAE SAE checkpoint")
+    if isinstance(obj, Mapping) and "train_config" in obj and "cursor" in obj:
+        raise CheckpointError(f"{p} is a training state (for `sae train --resume`), not an SAE; "
+                              f"the trained SAE is the directory holding it")
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{p}: expected a state dict, found {type(obj).__name__}")
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}

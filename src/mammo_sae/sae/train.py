@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..config import opt, to_dict
 from ..errors import CheckpointError, MammoSaeError, StoreError
-from ..io import atomic_path, write_json
+from ..io import atomic_path, load_torch_weights, write_json
 from .model import SAEConfig, SparseAutoencoder
 
 STATE_FILE = "train_state.pt"
@@ -314,6 +314,8 @@ class Trainer:
                        "n_latents_resampled": self.n_latents_resampled},
             "fired_since_resample_h": self.fired_since_resample_h.cpu(),
             "since_fired_h": self.since_fired_h.cpu(),
+            # The data's identity (the store's manifest hash): the path may move, the data may not.
+            "source_manifest_sha256": getattr(self.source, "manifest_sha256", None),
         }
 
     def save_state(self) -> None:
@@ -331,8 +333,8 @@ class Trainer:
         path = self.out / STATE_FILE
         if not path.is_file():
             raise CheckpointError(f"--resume: no training state at {path}")
+        state = load_torch_weights(path, "a training state")
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
             if state.get("version") != STATE_VERSION:
                 raise CheckpointError(f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}")
             saved_cfg = state["train_config"]
@@ -346,6 +348,12 @@ class Trainer:
                  if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != now[k]]
         if diffs:
             raise MammoSaeError(f"--resume with different settings than {path}: " + "; ".join(diffs))
+        saved_source = state.get("source_manifest_sha256")
+        source = getattr(self.source, "manifest_sha256", None)
+        if "source_manifest_sha256" in state and saved_source != source:
+            raise MammoSaeError(f"--resume with other training data than {path}: it was trained on the "
+                                f"store {saved_cfg.get('store')} (manifest sha256 {str(saved_source)[:16]}), "
+                                f"--store {self.cfg.store} has {str(source)[:16]}; use another --out")
         sd = state["sae"]
         if tuple(sd["W_enc"].shape) != (self.sae.h, self.sae.d):
             raise StoreError(f"store has d={self.source.d} but {path} holds an SAE with "
