@@ -300,6 +300,13 @@ def test_float16_overflow_is_refused_with_the_fix(data_dir: Path, tmp_path: Path
     assert np.isfinite(store.pooled_nd).all()
 
 
+def test_float16_underflow_is_refused_not_stored_as_zeros(data_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="float16 would store them as 0"):
+        extract(_cfg(data_dir, tmp_path / "tiny", max_images=2, dtype="float16"),
+                encoder=_Corrupting(scale=1e-20), progress=False)
+    assert not list((tmp_path / "tiny").glob("shards/*.npy"))
+
+
 class _FailsOnCall(torch.nn.Module):
     """The phantom encoder that raises on its `fail_at`-th forward (a CUDA OOM, a crashed worker)."""
 

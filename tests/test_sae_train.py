@@ -85,6 +85,11 @@ def test_resume_refuses_changed_settings_and_corrupt_state(tmp_path):
         train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
 
 
+def test_constant_training_data_is_refused(tmp_path):
+    with pytest.raises(MammoSaeError, match="are all equal"):
+        train_sae(_cfg(tmp_path / "z"), TensorSource(torch.zeros(300, 16)))
+
+
 def test_nan_batch_fails_clearly_and_keeps_the_last_good_state(tmp_path):
     x = _data(1000)
     x[700, 3] = float("nan")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -104,8 +105,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def _strict(obj: Any) -> Any:
+    """NaN/±Inf → null, also inside numpy values: the files stay valid JSON for every reader
+    (jq, browsers, other languages), not only Python's lenient one."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if type(obj).__module__ == "numpy" or hasattr(obj, "__dataclass_fields__"):
+        return _strict(_json_default(obj))
+    return obj
+
+
 def dumps_json(obj: Any) -> str:
-    return json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n"
+    """Indented, strict JSON (non-finite numbers become null; see `_strict`)."""
+    return json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

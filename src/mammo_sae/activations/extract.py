@@ -562,10 +562,17 @@ def _finish_batch(items: list[dict[str, Any]], launched: list["_MapOnDevice"]) -
     return items
 
 
+FLOAT16_SMALLEST_NORMAL = 6.104e-5
+
+
 def _check_float16_range(max_abs: float) -> None:
     if max_abs > 65504.0:
         raise StoreError(f"activations reach {max_abs:.3g}, beyond float16's range; "
                          "use --dtype bfloat16 or float32")
+    if 0.0 < max_abs < FLOAT16_SMALLEST_NORMAL:
+        raise StoreError(f"activations reach at most {max_abs:.3g}: float16 would store them as 0 or "
+                         "as subnormals with a few bits left; use --dtype bfloat16 or float32 (or "
+                         "check the checkpoint: a trained encoder's final map is of order 1)")
     if 0.0 < max_abs < 1e-3:
         # A fixed text, so Python shows it once per run rather than once per batch.
         warnings.warn("activations are tiny (max |x| < 1e-3); float16 rounds values below 6e-8 to "

@@ -391,6 +391,11 @@ class Trainer:
             return
         acc = dict(zip(self._STATS, self._acc_stats.tolist()))
         acc["steps"], n = self._acc_steps, self._acc_n
+        if acc["var"] == 0 and n > self._acc_steps:   # batches of > 1 vector, all equal
+            raise MammoSaeError(
+                f"the training vectors of steps {self._acc_first_step}–{self.step - 1} are all equal "
+                "(e.g. all zeros: activations below float16's range stored as 0); an SAE cannot "
+                "learn from them: check the store (`mammo-sae extract` with --dtype bfloat16)")
         dt = max(time.perf_counter() - self._acc_t0, 1e-9)
         patches_per_s = n * self.dist.world_size / dt
         fired = self._acc_fired_h.float() / n if self._acc_fired_h is not None else None
