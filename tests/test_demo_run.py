@@ -111,8 +111,8 @@ def test_marker_shortcut_is_found_and_switching_its_latents_off_reduces_it(demo_
                          / "separation.json").read_text())["models"]
     assert models["finetuned"]["associated_in_top"] >= 6, models["finetuned"]["flagged"]
     assert models["pretrained"]["associated_in_top"] == 0
-    edit = json.loads((demo_run / "analysis" / "intervene" / "Suspicious_Calcification-finetuned"
-                       / "associated-off" / "edit.json").read_text())
+    edit = json.loads((demo_run / "analysis" / "separation" / "Suspicious_Calcification"
+                       / "associated-off" / "finetuned" / "edit.json").read_text())
     shortcut = edit["shortcut"]["attribute_auroc_among_negatives"]
     assert shortcut["edited"] < shortcut["plain_sae"] - 0.04, shortcut
     assert edit["edited"]["auroc"] > edit["plain_sae"]["auroc"] - 0.02, (edit["plain_sae"], edit["edited"])

@@ -65,3 +65,45 @@ def test_only_from_and_dry_run(tmp_path: Path) -> None:
     assert calls == ["c", "d"]
     with pytest.raises(MammoSaeError, match="unknown stage"):
         _runner(tmp_path, calls, s).execute(only="nope")
+
+
+def _writing_runner(tmp_path: Path, calls: list[str]) -> Runner:
+    r = Runner(tmp_path, log=lambda s: None)
+
+    def writer(name: str):
+        def run() -> dict:
+            calls.append(name)
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "out.bin").write_bytes(name.encode() * 100)
+            return {}
+        return run
+
+    r.add(Stage("a", writer("a"), {}, outputs=("a",)))
+    r.add(Stage("b", writer("b"), {}, deps=("a",), outputs=("b",)))
+    r.add(Stage("c", writer("c"), {}, deps=("b",), outputs=("c",)))
+    return r
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
+def test_a_damaged_output_reruns_its_stage_and_what_follows(tmp_path: Path, damage: str) -> None:
+    calls: list[str] = []
+    _writing_runner(tmp_path, calls).execute()
+    assert calls == ["a", "b", "c"]
+    victim = tmp_path / "b" / "out.bin"
+    if damage == "delete":
+        victim.unlink()
+    elif damage == "truncate":
+        victim.write_bytes(victim.read_bytes()[:10])
+    else:   # same size, rewritten later
+        import os
+
+        st = victim.stat()
+        victim.write_bytes(b"x" * st.st_size)
+        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    calls.clear()
+    plan = _writing_runner(tmp_path, calls).execute()
+    assert calls == ["b", "c"]
+    assert [p.reason for p in plan][1] == "output missing or changed since it ran: b/out.bin"
+    calls.clear()
+    _writing_runner(tmp_path, calls).execute()
+    assert calls == []   # new files recorded: up to date again

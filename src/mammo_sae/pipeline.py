@@ -227,12 +227,13 @@ class Pipeline:
         c = self.cfg
         add = self.runner.add
         add(Stage("data", self.stage_data, {"data": to_dict(c.data), "seed": c.seed},
-                  description="dataset (phantom generation or VinDr checks)"))
+                  description="dataset (phantom generation or VinDr checks)", outputs=("data",)))
         add(Stage("models", self.stage_models, {"models": to_dict(c.models), "device": c.device},
-                  deps=("data",), description="pretrained/finetuned concept classifiers"))
+                  deps=("data",), description="pretrained/finetuned concept classifiers",
+                  outputs=("models",)))
         add(Stage("extract", self.stage_extract, {"extract": to_dict(c.extract),
                   "image_size": c.data.image_size, "level": c.data.level},
-                  deps=("models",), description="activation stores"))
+                  deps=("models",), description="activation stores", outputs=("stores",)))
         for name, description in STAGE_DESCRIPTIONS:
             settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
             if name in ANALYSIS_STAGES:
@@ -241,8 +242,9 @@ class Pipeline:
                     settings["pointing"] = c.analysis.localize_pointing
                 if name == "separation":   # its debiasing edit runs with the intervene options
                     settings["intervene_options"] = c.analysis.intervene
+            outputs = (f"analysis/{name}",) if name in ANALYSIS_STAGES else (name,)
             add(Stage(name, getattr(self, f"stage_{name}"), settings,
-                      deps=STAGE_DEPS[name], description=description))
+                      deps=STAGE_DEPS[name], description=description, outputs=outputs))
 
     # ---------------------------------------------------------------- data
     def stage_data(self) -> dict[str, Any]:
@@ -518,19 +520,21 @@ class Pipeline:
                 names=[m.variant for m in models], sae=str(self.sae_dir), concept=concept,
                 out=str(target), split=self.cfg.extract.rank_split, level=self.cfg.data.level))
             out[concept] = str(target)
-            self._debias_edits(target / "separation.json", models)
+            self._debias_edits(target, models)
         return out
 
-    def _debias_edits(self, separation_json: Path, models: list["ModelEntry"]) -> None:
+    def _debias_edits(self, separation_dir: Path, models: list["ModelEntry"]) -> None:
         """Switch off each model's attribute-associated latents (found on the ranking split) and
-        measure concept AUROC and the attribute shortcut on the evaluation split."""
+        measure concept AUROC and the attribute shortcut on the evaluation split; written under
+        the separation stage's own folder (`associated-off/<variant>/`), as every stage writes
+        only under its own outputs."""
         from .analysis.commands import InterveneConfig, run_intervene
 
-        found = read_json(separation_json)
+        found = read_json(separation_dir / "separation.json")
         attribute = found["config"].get("attribute")
         for m in models:
             latents = found["models"].get(m.variant, {}).get("associated", [])
-            target = self._analysis("intervene") / m.name / "associated-off"
+            target = separation_dir / "associated-off" / m.variant
             if not latents:
                 shutil.rmtree(target, ignore_errors=True)   # an older run's edit would be stale
                 continue

@@ -2,9 +2,11 @@
 
 A stage's *key* is the hash of its own settings plus the keys of the stages it depends on,
 so changing a setting reruns that stage and everything downstream, and nothing else.
-Each finished stage writes `RUN/stages/<name>.json` ({key, outputs, seconds}) atomically, after
-its outputs exist: a crash or Ctrl-C leaves the finished stages marked and the next run resumes
-at the first stage whose record is missing or stale.
+Each finished stage writes `RUN/stages/<name>.json` ({key, outputs, seconds, files}) atomically,
+after its outputs exist: a crash or Ctrl-C leaves the finished stages marked and the next run
+resumes at the first stage whose record is missing or stale. `files` lists every file under the
+stage's output folders with its size and modification time; a file deleted, truncated or
+replaced since makes the stage (and what follows) run again instead of being trusted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Stage:
     settings: dict[str, Any]                # everything that changes the stage's result
     deps: tuple[str, ...] = ()
     description: str = ""
+    outputs: tuple[str, ...] = ()           # folders/files under the run directory it writes
 
 
 @dataclass
@@ -91,6 +94,8 @@ class Runner:
                 action, reason = "run", "inputs or settings changed"
             elif any(d in rerun for d in stage.deps):
                 action, reason = "run", "upstream reran"
+            elif (changed := self._changed_output(record)) is not None:
+                action, reason = "run", f"output missing or changed since it ran: {changed}"
             else:
                 action, reason = "skip", "up to date"
             if action == "run":
@@ -114,9 +119,36 @@ class Runner:
             seconds = time.perf_counter() - t0
             write_json(self._record_path(item.stage.name), {
                 "schema_version": STAGE_SCHEMA_VERSION, "stage": item.stage.name,
-                "key": item.key, "seconds": round(seconds, 2), "outputs": outputs})
+                "key": item.key, "seconds": round(seconds, 2), "outputs": outputs,
+                "files": self._file_states(item.stage.outputs)})
             self.log(f"    {item.stage.name} done in {seconds:.1f} s")
         return plan
+
+    def _file_states(self, outputs: tuple[str, ...]) -> dict[str, list[int]]:
+        """{path relative to the run: [size, mtime_ns]} of every file under `outputs`."""
+        states: dict[str, list[int]] = {}
+        for rel in outputs:
+            root = self.run_dir / rel
+            paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+            for path in paths:
+                st = path.stat()
+                states[path.relative_to(self.run_dir).as_posix()] = [st.st_size, st.st_mtime_ns]
+        return states
+
+    def _changed_output(self, record: dict[str, Any]) -> str | None:
+        """The first recorded output file that is gone or differs, else None."""
+        files = record.get("files")
+        if not isinstance(files, dict):
+            return None   # a record from before outputs were listed
+        for rel, (size, mtime_ns) in files.items():
+            path = self.run_dir / rel
+            try:
+                st = path.stat()
+            except OSError:
+                return rel
+            if st.st_size != size or st.st_mtime_ns != mtime_ns:
+                return rel
+        return None
 
     def timings(self) -> dict[str, float]:
         out: dict[str, float] = {}

@@ -606,7 +606,7 @@ class ReportBuilder:
     def _debias_rows(self, concept: str, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         rows = []
         for variant, r in results.items():
-            path = self.analysis / "intervene" / f"{concept}-{variant}" / "associated-off" / "edit.json"
+            path = self.analysis / "separation" / concept / "associated-off" / variant / "edit.json"
             if not path.is_file():
                 continue
             edit = read_json(path)
