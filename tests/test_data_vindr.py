@@ -155,6 +155,9 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
         load_records(write_folds(tmp_path / "x", [folds_row("a", "p", Mass="yes")]))
     with pytest.raises(DataError, match="breast_birads"):
         load_records(write_folds(tmp_path / "y", [folds_row("a", "p", breast_birads="BI-RADS 7")]))
+    with pytest.raises(DataError, match=r"'resized_xmin' must hold numbers or be empty; row 0 has 'abc'"):
+        load_records(write_folds(tmp_path / "z", [folds_row("a", "p", resized_xmin="abc")]),
+                     on_missing="ignore")
 
 
 def test_unknown_split_and_concept_list_valid_ones(small: Path) -> None:

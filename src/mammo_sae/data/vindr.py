@@ -352,8 +352,18 @@ def _int_column(df: pd.DataFrame, name: str, path: Path, lo: int, hi: int) -> np
     return values.astype(np.int64)
 
 
-def _float_columns(df: pd.DataFrame, names: Sequence[str]) -> np.ndarray:
-    return np.stack([pd.to_numeric(df[n], errors="coerce").to_numpy(dtype=float) for n in names], axis=1)
+def _float_columns(df: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarray:
+    """Numeric columns; empty cells are NaN (rows without a box), text is an error."""
+    out = []
+    for n in names:
+        values = pd.to_numeric(df[n], errors="coerce")
+        text = values.isna() & df[n].notna() & (df[n].astype(str).str.strip() != "")
+        if text.any():
+            i = int(np.flatnonzero(text.to_numpy())[0])
+            raise DataError(f"{path}: column {n!r} must hold numbers or be empty; row {i} has "
+                            f"{df[n].iloc[i]!r} ({int(text.sum())} bad row(s))")
+        out.append(values.to_numpy(dtype=float))
+    return np.stack(out, axis=1)
 
 
 def _birads(df: pd.DataFrame, path: Path) -> np.ndarray:
@@ -397,7 +407,7 @@ def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | N
     if CONFOUNDER in df.columns:
         _require_columns(df, CONFOUNDER_BOX_COLUMNS, csv_path, "phantom CSV with a confounder")
         labels[CONFOUNDER] = _int_column(df, CONFOUNDER, csv_path, 0, 1)
-        confounder_xyxy = _float_columns(df, CONFOUNDER_BOX_COLUMNS)
+        confounder_xyxy = _float_columns(df, CONFOUNDER_BOX_COLUMNS, csv_path)
     labels["density"] = _int_column(df, "density", csv_path, 0, 3)
     labels["birads"] = _birads(df, csv_path)
     fold = (pd.to_numeric(df["fold"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
@@ -409,7 +419,7 @@ def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | N
         csv_path=csv_path, csv_format="folds", image_id=image_id, patient_id=patient_id,
         series_id=_optional_str(df, "series_id"), split=_nonempty(df, "split", csv_path),
         laterality=df["laterality"].to_numpy(dtype=object), view=df["view"].to_numpy(dtype=object),
-        fold=fold, labels=labels, box_xyxy=_float_columns(df, BOX_COLUMNS),
+        fold=fold, labels=labels, box_xyxy=_float_columns(df, BOX_COLUMNS, csv_path),
         frame_hw=np.tile(np.asarray(frame_hw, dtype=np.int64), (n, 1)), paths=paths,
         confounder_xyxy=confounder_xyxy,
     )
@@ -455,7 +465,7 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
         series_id=_optional_str(df, "series_id"), split=_nonempty(df, "split", csv_path),
         laterality=df["laterality"].to_numpy(dtype=object),
         view=df["view_position"].to_numpy(dtype=object), fold=np.full(n, -1, dtype=np.int64),
-        labels=labels, box_xyxy=_float_columns(df, ORIGINAL_BOX_COLUMNS), frame_hw=frame, paths=paths,
+        labels=labels, box_xyxy=_float_columns(df, ORIGINAL_BOX_COLUMNS, csv_path), frame_hw=frame, paths=paths,
     )
 
 
