@@ -134,6 +134,24 @@ def test_verify_names_the_corrupted_shard(tmp_path: Path) -> None:
         ActivationStore(tmp_path / "s").verify()
 
 
+def test_store_info_and_verify_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mammo_sae.cli import main
+
+    store = write_store(tmp_path / "s", _indexed_acts(6, 4), grids=[GRID] * 6, shard_images=4)
+    assert main(["store", "info", "--store", str(tmp_path / "s")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["n_images"], info["n_patches"], info["d"], info["n_shards"]) == (6, 72, 4, 2)
+    assert main(["store", "verify", "--store", str(tmp_path / "s"), "--no-progress"]) == 0
+    victim = tmp_path / "s" / store.manifest["shards"][0]["files"]["patches"]
+    raw = bytearray(victim.read_bytes())
+    raw[-1] ^= 0x01
+    victim.write_bytes(bytes(raw))
+    assert main(["store", "verify", "--store", str(tmp_path / "s"), "--no-progress"]) == 2
+    assert "checksum mismatch in shards/00000.patches.npy" in capsys.readouterr().err
+    assert main(["store", "info", "--store", str(tmp_path / "nothing")]) == 2
+    assert "activation store not found" in capsys.readouterr().err
+
+
 def test_dimension_and_dtype_mismatch_refused(tmp_path: Path) -> None:
     write_store(tmp_path / "s", _indexed_acts(6, 4), grids=[GRID] * 6, shard_images=3)
     manifest_path = tmp_path / "s" / "manifest.json"

@@ -1,12 +1,35 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli): `mammo-sae extract`."""
+"""CLI commands of this subpackage (registered by mammo_sae.cli): `mammo-sae extract`,
+`mammo-sae store info|verify`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
-from ..cli import add_command
+from ..cli import add_command, add_group
+from ..config import opt
+from ..io import dumps_json
 from .extract import ExtractConfig
+
+
+@dataclass
+class StoreInfoConfig:
+    """Prints a store's manifest summary as JSON (images, patches, d, dtype, grid, model, layer,
+    subsampling, skipped images, shards). Reads only the manifest: instant on any size."""
+
+    store: Path = opt(help="activation store directory")
+
+
+@dataclass
+class StoreVerifyConfig:
+    """Recomputes the SHA-256 of every file the manifest lists (shards, image table, pooled
+    vectors) and fails, naming the file, on the first mismatch. Reads the whole store once:
+    run it after copying a store or when a disk is suspect (training and analyses open stores
+    without hashing them)."""
+
+    store: Path = opt(help="activation store directory")
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True) -> int:
@@ -22,7 +45,38 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> int:
     return 0
 
 
+def run_store_info(cfg: StoreInfoConfig) -> int:
+    from .store import ActivationStore
+
+    store = ActivationStore(cfg.store)
+    m = store.manifest
+    print(dumps_json({
+        "path": str(store.path), "n_images": store.n_images, "n_patches": store.n_patches,
+        "d": store.d, "dtype": store.dtype, "grid": m.get("grid"), "layer": m.get("layer"),
+        "model": m.get("model"), "split": m.get("split"), "level": m.get("level"),
+        "subsample": m.get("subsample"), "augment": m.get("augment"),
+        "failed_images": m.get("failed_images"), "n_shards": len(m.get("shards", [])),
+        "manifest_sha256": store.manifest_sha256,
+        "package_version": m.get("package_version"), "schema_version": m.get("schema_version"),
+    }), end="")
+    return 0
+
+
+def run_store_verify(cfg: StoreVerifyConfig, progress: bool = True) -> int:
+    from .store import ActivationStore
+
+    store = ActivationStore(cfg.store)
+    store.verify(progress=progress)
+    print(f"{store.path}: every checksum matches ({len(store.manifest['shards'])} shards, "
+          f"{store.n_patches} patches)", file=sys.stderr)
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
     add_command(sub, "extract", ExtractConfig, run_extract,
                 help="encoder layer → activation store (resumable, torchrun-aware)")
+    group = add_group(sub, "store", "inspect and verify activation stores")
+    add_command(group, "info", StoreInfoConfig, run_store_info, "print a store's manifest summary (JSON)")
+    add_command(group, "verify", StoreVerifyConfig, run_store_verify,
+                "recompute every checksum of a store; name the first corrupted file")

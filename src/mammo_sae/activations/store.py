@@ -367,6 +367,8 @@ class ActivationStore:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
+        if not self.path.exists():
+            raise StoreError(f"activation store not found: {self.path}")
         if not manifest_path.is_file():
             raise StoreError(f"not an activation store (no {MANIFEST}): {self.path}")
         self.manifest: dict[str, Any] = read_json(manifest_path)
@@ -417,17 +419,22 @@ class ActivationStore:
     def manifest_sha256(self) -> str:
         return sha256_file(self.path / MANIFEST)
 
-    def verify(self) -> None:
+    def verify(self, progress: bool = False) -> None:
         """Recompute every checksum; raise StoreError naming the first corrupted file."""
+        from tqdm import tqdm
+
         expected = [(self.manifest["files"][k], v) for k, v in self.manifest["sha256"].items()]
         for s in self.manifest["shards"]:
             expected += [(s["files"][role], s["sha256"][role]) for role in ("acts", "patches")]
-        for rel, sha in expected:
-            path = self.path / rel
-            if not path.is_file():
-                raise StoreError(f"store {self.path}: file missing: {rel}")
-            if sha256_file(path) != sha:
-                raise StoreError(f"store {self.path}: checksum mismatch in {rel} (corrupted file)")
+        missing = [rel for rel, _ in expected if not (self.path / rel).is_file()]
+        if missing:
+            raise StoreError(f"store {self.path}: file missing: {missing[0]}")
+        total = sum((self.path / rel).stat().st_size for rel, _ in expected)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+            for rel, sha in expected:
+                if sha256_file(self.path / rel) != sha:
+                    raise StoreError(f"store {self.path}: checksum mismatch in {rel} (corrupted file)")
+                bar.update((self.path / rel).stat().st_size)
 
     @cached_property
     def _image_rows(self) -> list[dict[str, Any]]:
