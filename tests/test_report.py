@@ -244,7 +244,7 @@ def test_report_of_a_partial_run_notes_what_did_not_run(tmp_path: Path) -> None:
     assert "fidelity" in data["run"]["not_run"] and data["problems"] == {}
 
 
-def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path) -> None:
+def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     (run / "analysis" / "fidelity").mkdir(parents=True)
     (run / "analysis" / "fidelity" / "fidelity.json").write_text("{not json")
@@ -252,6 +252,10 @@ def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path) -> None:
     data = json.loads((run / "report" / "report.json").read_text())
     assert "corrupt JSON" in data["problems"]["table1"]
     assert "could not be built" in index.read_text()
+    from mammo_sae.cli import main
+
+    assert main(["report", "--run", str(run), "--no-progress"]) == 0
+    assert "warning: 1 part(s) of the run could not be read" in capsys.readouterr().err
     with pytest.raises(MammoSaeError, match="corrupt JSON"):
         build_report(run, strict=True, progress=False)
     with pytest.raises(MammoSaeError, match="run directory not found"):

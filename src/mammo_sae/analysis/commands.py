@@ -20,6 +20,7 @@ from ..io import write_json, write_text_atomic
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
+DEFAULT_ATTRIBUTE = "confounder"   # the phantom's planted marker label
 CACHE_DIR_HELP = "summaries cache (default: summaries/ inside the SAE directory, or beside a .pt SAE)"
 
 
@@ -170,7 +171,7 @@ class InterveneConfig:
     out: Path = opt(help="output directory")
     concept: Optional[str] = opt(None, help="label to score (default: the classifier's concept)")
     rankings: Optional[Path] = opt(None, help="probe output directory with ranking_class={0,1}_SCORE.json")
-    score: str = opt("centered", help="which ranking files to use (mean | centered | auroc | peak)")
+    score: Literal["mean", "centered", "auroc", "peak"] = opt("centered", help="which ranking files to use")
     rank_class0: Optional[Path] = opt(None, help="explicit class-0 ranking JSON (e.g. a released file)")
     rank_class1: Optional[Path] = opt(None, help="explicit class-1 ranking JSON")
     rank_store: Optional[Path] = opt(None, help="store to rank on when no rankings are given")
@@ -341,8 +342,9 @@ class SeparationConfig:
     confounder_threshold: float = opt(0.3, min=0.0, max=1.0, help="flag when the confounder score reaches this ...")
     off_breast_threshold: float = opt(0.75, min=0.0, max=1.0, help="flag when the off-breast score reaches this ...")
     min_enrichment: float = opt(3.0, min=0.0, help="... and is this many times the share of positions there")
-    attribute: str = opt("confounder", help="binary image label tested for association with each latent "
-                                            "among concept-negative images (skipped when the store lacks it)")
+    attribute: str = opt(DEFAULT_ATTRIBUTE, help="binary image label tested for association with each "
+                         "latent among concept-negative images (the default is skipped when the store "
+                         "lacks it; another name must be a label of the store)")
     association_auroc: float = opt(0.8, gt=0.5, max=1.0, help="flag 'associated' when a latent's AUROC for the attribute "
                                              "is at least this (or at most 1 minus it)")
     cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
@@ -361,6 +363,8 @@ def run_separation(cfg: SeparationConfig) -> int:
         name = cfg.names[j] if cfg.names else Path(store_path).name
         store, rows, y = _select(Path(store_path), cfg.concept, cfg.split, cfg.level)
         attribute = attribute_values(store.images, rows, cfg.attribute, cfg.level)
+        if attribute is None and cfg.attribute != DEFAULT_ATTRIBUTE:   # only the default may be absent
+            raise MammoSaeError(f"--attribute {cfg.attribute!r}: not a label of every image in {store_path}")
         models[name] = (_summaries(Path(store_path), cfg.sae, cfg), rows, y, attribute)
     rule = FlagRule(top=cfg.top, confounder_threshold=cfg.confounder_threshold,
                     off_breast_threshold=cfg.off_breast_threshold, min_enrichment=cfg.min_enrichment,
@@ -373,9 +377,11 @@ def run_separation(cfg: SeparationConfig) -> int:
     _write_csv(cfg.out / "separation.csv", latent_table(results))
     plot_separation(results, cfg.out / "separation.png", concept=cfg.concept)
     for name, r in results.items():
+        tested = models[name][3] is not None
         print(f"{name}: separation {r['separation']:.3f}; flagged "
-              f"{[(e['index'], e['flags']) for e in r['flagged']]}; {len(r['associated'])} latents "
-              f"associated with {cfg.attribute!r}")
+              f"{[(e['index'], e['flags']) for e in r['flagged']]}; "
+              + (f"{len(r['associated'])} latents associated with {cfg.attribute!r}" if tested
+                 else f"association not tested (the store has no {cfg.attribute!r} label)"))
     return 0
 
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from ..config import opt
+from ..io import read_json
 
 
 @dataclass
@@ -29,6 +31,12 @@ def run_report(cfg: ReportConfig) -> int:
     index = build_report(cfg.run, cfg.out, strict=cfg.strict, top_latents=cfg.top_latents,
                          latent_pages=cfg.latent_pages, progress=cfg.progress)
     print(f"report: {index}")
+    problems = read_json(Path(index).parent / "report.json").get("problems") or {}
+    if problems:   # parts the page shows as unreadable: say so here too, not only in the page
+        shown = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3])
+        print(f"warning: {len(problems)} part(s) of the run could not be read and are marked in "
+              f"the report ({shown}{' …' if len(problems) > 3 else ''}); --strict fails on them",
+              file=sys.stderr)
     return 0
 
 
