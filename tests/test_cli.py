@@ -144,3 +144,21 @@ def test_atomic_writes_name_the_file_and_leave_no_temporary(tmp_path, monkeypatc
     with pytest.raises(MammoSaeError, match=r"could not write .*blocker"):   # a file, not a folder
         with io.atomic_path(tmp_path / "blocker" / "y"):
             pass
+
+
+def test_device_names_are_checked_in_one_place() -> None:
+    import torch
+
+    from mammo_sae.devices import resolve_device
+    from mammo_sae.errors import MammoSaeError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "gpu0", "cuda:99"):
+        with pytest.raises(MammoSaeError, match=f"--device {bad}"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(MammoSaeError, match="no CUDA device is available"):
+            resolve_device("cuda")
+    else:
+        assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)

@@ -9,9 +9,7 @@ tests/fake_vindr.py. The run happens from the fake's root, where the config's re
 
 from __future__ import annotations
 
-import csv
 import json
-import math
 from pathlib import Path
 
 import pandas as pd

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 from .config import check_options, dump_yaml, from_dict, load_yaml, opt, to_dict
 from .errors import MammoSaeError
-from .io import read_json, sha256_file, sha256_json, write_json, write_text_atomic
+from .io import read_json, sha256_json, write_json, write_text_atomic
 from .runner import Runner, Stage
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..config import check_bounds, opt
+from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
 from ..io import read_json, sha256_json, write_json
 from . import store as store_format
@@ -289,12 +290,6 @@ class _Dist:
 # --------------------------------------------------------------------------- extraction
 
 
-def _pick_device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _validate(cfg: ExtractConfig) -> None:
     """The CLI checks the same bounds; this covers configs built in Python."""
     check_bounds(ExtractConfig, vars(cfg), lambda name: "--" + name.replace("_", "-"))
@@ -347,7 +342,7 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     model_info = dict(model_info or {"source": None, "kind": "given", "sha256": None,
                                      "init_seed": None, "arch": type(encoder).__name__})
     # The forward's precision changes the vectors, so it is part of the store's identity.
-    autocast = cfg.autocast and _pick_device(cfg.device, dist.local_rank).type == "cuda"
+    autocast = cfg.autocast and resolve_device(cfg.device, local_rank=dist.local_rank).type == "cuda"
     model_info["forward_dtype"] = "bfloat16-autocast" if autocast else "float32"
     stride, d = _layer_info(encoder, cfg.layer)
     settings = {
@@ -444,7 +439,7 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
                     d: int, dist: _Dist, progress: bool) -> None:
     from tqdm import tqdm
 
-    device = _pick_device(cfg.device, dist.local_rank)
+    device = resolve_device(cfg.device, local_rank=dist.local_rank)
     if device.type == "cuda":
         # Pinned host memory, events and default streams belong to the current device.
         torch.cuda.set_device(device)

@@ -71,16 +71,9 @@ def _open_sae(path: Path) -> Any:
 
 
 def _to_device(sae: Any, device: str) -> Any:
-    import torch
+    from ..devices import resolve_device
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        target = torch.device(device)
-    except RuntimeError as exc:
-        raise MammoSaeError(f"invalid --device {device!r}: {exc}") from exc
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise MammoSaeError(f"--device {device}: no CUDA device available")
+    target = resolve_device(device)
     return sae.to(target) if hasattr(sae, "to") else sae
 
 

@@ -358,16 +358,12 @@ def open_store(path: str | os.PathLike[str]) -> Any:
 
 
 def open_sae(path: str | os.PathLike[str], device: str = "cpu") -> Any:
-    import torch
-
+    from ..devices import resolve_device
     from ..sae.checkpoints import load_sae
 
+    target = resolve_device(device)
     sae = load_sae(path)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise MammoSaeError(f"--device {device}: no CUDA device available")
-    sae = sae.to(device) if hasattr(sae, "to") else sae
+    sae = sae.to(target) if hasattr(sae, "to") else sae
     return sae.eval() if hasattr(sae, "eval") else sae
 
 

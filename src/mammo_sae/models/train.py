@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 
 from ..config import from_dict, opt, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
+from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
 from ..io import atomic_path, load_torch_weights, read_json, write_json, write_text_atomic
 
@@ -157,18 +158,6 @@ class EvalConfig:
 
 
 # ============================================================================ small helpers
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise MammoSaeError(f"bad --device {name!r}: {exc}") from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MammoSaeError(f"--device {name} asked for, but no CUDA device is available")
-    return device
-
 
 def set_bn_momentum(module: nn.Module, momentum: float | None) -> None:
     """Change BatchNorm momentum (not saved in checkpoints, so it only affects this run)."""

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..config import opt, to_dict
+from ..devices import resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import atomic_path, load_torch_weights, write_json
 from .model import SAEConfig, SparseAutoencoder
@@ -159,17 +160,6 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size())
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        return torch.device("cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise MammoSaeError(f"device {name!r} requested but CUDA is not available")
-    return dev
-
-
 def measure_matmul_flops(d: int, h: int, batch: int, device: torch.device,
                          dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
     """FLOP/s of one (batch × d) @ (d × h) matmul on `device`: the denominator of MFU."""
@@ -232,7 +222,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, source: Optional[BatchSource] = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.dist = _init_distributed(self.device)
         self.source = source if source is not None else _open_source(cfg, self.device, self.dist)
         if cfg.batch_size < self.dist.world_size:

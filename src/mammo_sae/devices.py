@@ -1,0 +1,34 @@
+"""The one place a `--device` value becomes a torch.device."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import MammoSaeError
+
+
+def resolve_device(name: str, *, local_rank: int | None = None) -> Any:
+    """`auto` → this process's GPU when CUDA is available (LOCAL_RANK under torchrun), else the
+    CPU; `cuda` without an index → the same GPU; anything else is checked, so an unknown name, a
+    GPU index that does not exist or CUDA on a machine without it is a MammoSaeError naming it."""
+    import torch
+
+    rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+    if name == "auto":
+        return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as exc:
+        raise MammoSaeError(f"--device {name} is not a device name (cpu, cuda, cuda:N, auto)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MammoSaeError(f"--device {name}: no CUDA device is available here")
+        if device.index is None:
+            device = torch.device("cuda", rank)
+        if device.index >= torch.cuda.device_count():
+            raise MammoSaeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                                "device(s)")
+    elif device.type != "cpu":
+        raise MammoSaeError(f"--device {name}: only cpu and cuda are supported")
+    return device
