@@ -40,6 +40,10 @@ def test_image_sizes_read_the_same_in_every_command() -> None:
     from mammo_sae.models.train import EvalConfig
 
     assert parse_size("512x320") == parse_size("512,320") == (512, 320)
+    from mammo_sae.errors import MammoSaeError
+
+    with pytest.raises(MammoSaeError, match="at least 32x32"):   # smaller failed inside the encoder
+        parse_size("8x8")
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, EvalConfig)
     for text in ("512x320", "512,320"):

@@ -35,6 +35,7 @@ from ..io import read_json, sha256_json, write_json
 from . import store as store_format
 
 SPLIT_CHOICES = ("training", "test", "all")
+MIN_IMAGE_SIDE = 32
 
 
 @dataclass
@@ -81,8 +82,8 @@ def parse_size(text: str | None) -> tuple[int, int] | None:
         h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
     except ValueError:
         raise MammoSaeError(f"--image-size must look like 512x320 or 512,320 (HxW or H,W), got {text!r}") from None
-    if h < 1 or w < 1:
-        raise MammoSaeError(f"--image-size must be positive, got {text!r}")
+    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:   # the encoders downsample 32×
+        raise MammoSaeError(f"--image-size must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}, got {text!r}")
     return h, w
 
 
