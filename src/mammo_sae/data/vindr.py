@@ -593,9 +593,9 @@ def _check_files(records: list[ImageRecord], on_missing: OnMissing) -> tuple[lis
     if missing and on_missing == "error":
         shown = "\n  ".join(map(str, missing[:10]))
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise DataError(f"{len(missing)} image file(s) missing (to leave them out: `extract --on-error "
-                        f"skip`, `data summary --on-missing skip`, or on_missing='skip' in Python):"
-                        f"\n  {shown}{more}")
+        raise DataError(f"{len(missing)} image file(s) missing (`extract --on-error skip` and `data summary "
+                        f"--on-missing skip` can leave them out; classifier training and evaluation "
+                        f"need every image):\n  {shown}{more}")
     if missing:
         log.warning("skipped %d record(s) whose image file is missing, e.g. %s", len(records) - len(kept), missing[0])
     return kept, missing
