@@ -31,6 +31,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -789,6 +790,9 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
         raise MammoSaeError(f"AUROC of {cfg.concept!r} on split {cfg.split!r} ({cfg.level} level) needs "
                             f"both classes; all {len(y)} images are {int(y[0]) if len(y) else '-'}")
     trained_on = getattr(model, "concept", None)
+    if trained_on and trained_on != cfg.concept:   # allowed (transfer), but rarely meant
+        print(f"warning: {cfg.model} was trained for {trained_on!r}; evaluating it on {cfg.concept!r}",
+              file=sys.stderr)
     logits = predict_logits(model, records, size_hw=_size_hw(cfg.image_size), batch_size=cfg.batch_size,
                             device=device, progress=cfg.progress)
     result: dict[str, Any] = {

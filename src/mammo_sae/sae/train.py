@@ -435,8 +435,10 @@ class Trainer:
         x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
         n_local = x_bd.shape[0]
         if self.device.type == "cpu" and not bool(torch.isfinite(x_bd).all()):
+            hint = f"; `mammo-sae store verify --store {self.cfg.store}` checks the store" if self.cfg.store else ""
             raise MammoSaeError(f"batch {self.batch_in_epoch} of epoch {self.epoch} contains NaN or Inf "
-                                f"values; the last good state is kept in {self.out / STATE_FILE} if one was saved")
+                                f"values{hint}; the last good state is kept in {self.out / STATE_FILE} "
+                                "if one was saved")
         dead_h = None
         if self.sae_cfg.architecture != "relu-l1":
             dead_h = self.since_fired_h >= cfg.dead_window_patches
