@@ -2,7 +2,7 @@
 of a finished demo with other SAE seeds (data, classifiers and stores reused) and print the
 figures tests/test_demo_run.py makes claims about, one row per seed.
 
-    python benchmarks/demo_sae_seeds.py --run runs/demo [--seeds 1,2,3] [--work /tmp/demo-seeds]
+    python benchmarks/demo_sae_seeds.py [--run runs/demo] [--seeds 1,2,3] [--work /tmp/demo-seeds]
 
 About 1.5 min per seed on 2 CPU cores. Prints figures only; nothing is asserted.
 """
@@ -50,10 +50,13 @@ def figures(run: Path) -> dict[str, object]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run", type=Path, required=True, help="a finished demo run directory")
+    ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="a finished demo run directory")
     ap.add_argument("--seeds", default="1,2,3")
     ap.add_argument("--work", type=Path, default=Path("/tmp/demo-seeds"))
     args = ap.parse_args()
+    if not (args.run / "stages" / "report.json").is_file():
+        print(f"no finished demo run at {args.run}: run `make demo` first (or pass --run); skipped")
+        return
     config = (args.run / "config.yaml").read_text()
     rows = {"demo": figures(args.run)}
     for seed in [int(s) for s in args.seeds.split(",")]:
