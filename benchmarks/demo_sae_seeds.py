@@ -22,6 +22,11 @@ import pandas as pd
 CONCEPTS = ("Mass", "Suspicious_Calcification")
 
 
+def f3(value: object) -> str:
+    """Three decimals; JSON null (an undefined number) as a dash."""
+    return "–" if value is None else f"{float(value):.3f}"  # type: ignore[arg-type]
+
+
 def figures(run: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     for concept in CONCEPTS:
@@ -34,7 +39,7 @@ def figures(run: Path) -> dict[str, object]:
         out[f"{short} off min"] = round(float(off.min()), 3)
         out[f"{short} AP ranked"] = round(float(pd.read_csv(root / "localization.csv")["ap"].max()), 3)
         out[f"{short} AP pointing"] = round(float(pd.read_csv(root / "pointing" / "localization.csv")["ap"].max()), 3)
-        out[f"{short} sep FT/LP"] = f"{sep['finetuned']['separation']:.3f}/{sep['pretrained']['separation']:.3f}"
+        out[f"{short} sep FT/LP"] = f"{f3(sep['finetuned']['separation'])}/{f3(sep['pretrained']['separation'])}"
     calc = run / "analysis" / "separation" / "Suspicious_Calcification"
     models = json.loads((calc / "separation.json").read_text())["models"]
     out["assoc top-10 FT/LP"] = f"{models['finetuned']['associated_in_top']}/{models['pretrained']['associated_in_top']}"
@@ -43,8 +48,8 @@ def figures(run: Path) -> dict[str, object]:
     if edit_path.is_file():
         edit = json.loads(edit_path.read_text())
         sc = edit["shortcut"]["attribute_auroc_among_negatives"]
-        out["shortcut off"] = f"{sc['plain_sae']:.3f}->{sc['edited']:.3f}"
-        out["AUROC off"] = f"{edit['plain_sae']['auroc']:.3f}->{edit['edited']['auroc']:.3f}"
+        out["shortcut off"] = f"{f3(sc['plain_sae'])}->{f3(sc['edited'])}"
+        out["AUROC off"] = f"{f3(edit['plain_sae']['auroc'])}->{f3(edit['edited']['auroc'])}"
     return out
 
 

@@ -100,7 +100,8 @@ def test_no_progress_is_accepted_by_commands_without_a_progress_option(tmp_path)
     (["separation", "--sae", "x", "--concept", "Mass", "--stores", "a,b", "--out", "o",
       "--confounder-threshold", "-2"], "--confounder-threshold must be ≥ 0.0"),
 ])
-def test_out_of_range_options_fail_before_any_work(tmp_path, capsys, argv, message) -> None:
+def test_out_of_range_options_fail_before_any_work(tmp_path, capsys, monkeypatch, argv, message) -> None:
+    monkeypatch.chdir(tmp_path)          # the relative --out o would land here
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -283,3 +283,11 @@ def test_real_folds_boxes_inside_frame_with_clip_counts() -> None:
     # 12 boxes inverted by the reference's clamp bug; ~87 rows leave the frame (§6 of the metadata).
     assert s.box_rows == 2254 and s.dropped_degenerate == 12 and 80 <= s.clipped <= 120
     assert s.kept == len(boxes) == s.concept_boxes - s.dropped_degenerate - s.duplicates
+
+
+def test_missing_value_words_in_box_columns_mean_no_box(tmp_path: Path) -> None:
+    rows = [folds_row("a", "p", resized_xmin=word, resized_ymin=word, resized_xmax=word, resized_ymax=word)
+            for word in ("NaN", "nan", "NA", "None")]
+    rows = [dict(r, image_id=f"i{k}") for k, r in enumerate(rows)]
+    records = load_records(write_folds(tmp_path / "x", rows), on_missing="ignore")
+    assert len(records) == 4 and all(r.boxes == () for r in records)

@@ -73,18 +73,18 @@ def _writing_runner(tmp_path: Path, calls: list[str]) -> Runner:
     def writer(name: str):
         def run() -> dict:
             calls.append(name)
-            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name).mkdir(parents=True, exist_ok=True)
             (tmp_path / name / "out.bin").write_bytes(name.encode() * 100)
+            (tmp_path / name / "state.pt").write_bytes(b"resume-only")
             return {}
         return run
 
-    r.add(Stage("a", writer("a"), {}, outputs=("a",)))
-    r.add(Stage("b", writer("b"), {}, deps=("a",), outputs=("b",)))
-    r.add(Stage("c", writer("c"), {}, deps=("b",), outputs=("c",)))
+    for name, deps in (("a", ()), ("b", ("a",)), ("c", ("b",))):
+        r.add(Stage(name, writer(name), {}, deps=deps, outputs=(name,), transient=("*/state.pt",)))
     return r
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate", "replace"])
+@pytest.mark.parametrize("damage", ["delete", "truncate", "grow"])
 def test_a_damaged_output_reruns_its_stage_and_what_follows(tmp_path: Path, damage: str) -> None:
     calls: list[str] = []
     _writing_runner(tmp_path, calls).execute()
@@ -94,16 +94,27 @@ def test_a_damaged_output_reruns_its_stage_and_what_follows(tmp_path: Path, dama
         victim.unlink()
     elif damage == "truncate":
         victim.write_bytes(victim.read_bytes()[:10])
-    else:   # same size, rewritten later
-        import os
-
-        st = victim.stat()
-        victim.write_bytes(b"x" * st.st_size)
-        os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    else:
+        victim.write_bytes(victim.read_bytes() + b"x")
     calls.clear()
     plan = _writing_runner(tmp_path, calls).execute()
     assert calls == ["b", "c"]
-    assert [p.reason for p in plan][1] == "output missing or changed since it ran: b/out.bin"
+    assert [p.reason for p in plan][1] == "output missing or changed in size since it ran: b/out.bin"
     calls.clear()
     _writing_runner(tmp_path, calls).execute()
     assert calls == []   # new files recorded: up to date again
+
+
+def test_copies_without_file_times_and_deleted_resume_files_rerun_nothing(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    calls: list[str] = []
+    _writing_runner(tmp_path / "run", calls).execute()
+    shutil.copytree(tmp_path / "run", tmp_path / "copy", copy_function=shutil.copy)   # new mtimes
+    for name in "abc":
+        os.utime(tmp_path / "copy" / name / "out.bin", ns=(0, 0))
+    (tmp_path / "copy" / "b" / "state.pt").unlink()    # freeing disk after training
+    calls.clear()
+    _writing_runner(tmp_path / "copy", calls).execute()
+    assert calls == []

@@ -122,3 +122,26 @@ def test_interventions_rankings_localisation_and_report(paper_run: Path) -> None
 def _fidelity_rows(run: Path) -> dict[str, dict]:
     table = pd.read_csv(run / "analysis" / "fidelity" / "table1.csv")
     return {r["model"]: r for r in table.to_dict("records")}
+
+
+def test_a_damaged_store_is_rebuilt_on_the_next_run(paper_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """(Runs last: it changes the run.) A store shard cut short after the run: the next run sees
+    the extract stage's output changed, finds the store's checksums broken, extracts it again and
+    carries on; a plain rerun after that does nothing."""
+    from mammo_sae.activations.store import ActivationStore
+
+    root = paper_run.parent
+    store_dir = paper_run / "stores" / "sae-train"
+    victim = store_dir / ActivationStore(store_dir).manifest["shards"][0]["files"]["acts"]
+    victim.write_bytes(victim.read_bytes()[:200])
+    config = root / "vindr-mammoclip-b5.yaml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        capsys.readouterr()
+        run_pipeline(RunConfig(config=config, out=paper_run, progress=False))
+        out = capsys.readouterr().out
+        assert "output missing or changed in size since it ran: stores/sae-train/" in out
+        assert "store sae-train is damaged" in out
+        ActivationStore(store_dir).verify()
+        run_pipeline(RunConfig(config=config, out=paper_run, progress=False))
+        assert capsys.readouterr().out.count("up to date") == 11

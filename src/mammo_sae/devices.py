@@ -16,19 +16,22 @@ def resolve_device(name: str, *, local_rank: int | None = None) -> Any:
 
     rank = local_rank if local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
     if name == "auto":
-        return torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise MammoSaeError(f"--device {name} is not a device name (cpu, cuda, cuda:N, auto)") from exc
+        raise MammoSaeError(f"--device {name} is not a device name (cpu, cuda, cuda:N, mps, auto)") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MammoSaeError(f"--device {name}: no CUDA device is available here")
-        if device.index is None:
-            device = torch.device("cuda", rank)
-        if device.index >= torch.cuda.device_count():
-            raise MammoSaeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                                "device(s)")
+        count = torch.cuda.device_count()
+        if device.index is None:   # modulo: a launcher may show each rank only its own GPU
+            device = torch.device("cuda", rank % count)
+        if device.index >= count:
+            raise MammoSaeError(f"--device {name}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MammoSaeError(f"--device {name}: MPS is not available here")
     elif device.type != "cpu":
-        raise MammoSaeError(f"--device {name}: only cpu and cuda are supported")
+        raise MammoSaeError(f"--device {name}: only cpu, cuda and mps are supported")
     return device

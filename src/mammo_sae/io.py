@@ -124,6 +124,11 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(_strict(obj), indent=2, default=_json_default, allow_nan=False) + "\n"
 
 
+def dumps_json_line(obj: Any) -> str:
+    """One strict JSON line (for .jsonl logs)."""
+    return json.dumps(_strict(obj), default=_json_default, allow_nan=False) + "\n"
+
+
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     write_text_atomic(path, dumps_json(obj))
 

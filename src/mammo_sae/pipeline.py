@@ -230,7 +230,7 @@ class Pipeline:
                   description="dataset (phantom generation or VinDr checks)", outputs=("data",)))
         add(Stage("models", self.stage_models, {"models": to_dict(c.models), "device": c.device},
                   deps=("data",), description="pretrained/finetuned concept classifiers",
-                  outputs=("models",)))
+                  outputs=("models",), transient=TRANSIENT_FILES))
         add(Stage("extract", self.stage_extract, {"extract": to_dict(c.extract),
                   "image_size": c.data.image_size, "level": c.data.level},
                   deps=("models",), description="activation stores", outputs=("stores",)))
@@ -242,9 +242,12 @@ class Pipeline:
                     settings["pointing"] = c.analysis.localize_pointing
                 if name == "separation":   # its debiasing edit runs with the intervene options
                     settings["intervene_options"] = c.analysis.intervene
+            if name == "separation":   # v2: its debiasing edit moved under analysis/separation
+                settings["layout"] = 2
             outputs = (f"analysis/{name}",) if name in ANALYSIS_STAGES else (name,)
             add(Stage(name, getattr(self, f"stage_{name}"), settings,
-                      deps=STAGE_DEPS[name], description=description, outputs=outputs))
+                      deps=STAGE_DEPS[name], description=description, outputs=outputs,
+                      transient=TRANSIENT_FILES))
 
     # ---------------------------------------------------------------- data
     def stage_data(self) -> dict[str, Any]:
@@ -355,7 +358,9 @@ class Pipeline:
         from .activations.extract import ExtractConfig, extract
 
         done = []
+        damaged = self.runner.changed_outputs("extract")
         for item in self.store_plan():
+            self._drop_if_damaged(Path(item["out"]), damaged)
             fixed: dict[str, Any] = {"data": str(self.data_dir), "model": item["model"],
                                      "out": item["out"], "split": item["split"],
                                      "subsample": item["subsample"], "level": self.cfg.data.level,
@@ -371,6 +376,24 @@ class Pipeline:
             done.append(item)
         write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": done})
         return {"stores": [Path(d["out"]).name for d in done]}
+
+    def _drop_if_damaged(self, store_dir: Path, changed: list[str]) -> None:
+        """A complete store whose files changed since the extract stage recorded them is checked
+        against its checksums; a damaged one is deleted so that extraction rebuilds it (a
+        complete store is otherwise left as it is, damage included)."""
+        from .activations.store import ActivationStore
+
+        prefix = store_dir.relative_to(self.run).as_posix() + "/"
+        if not any(rel.startswith(prefix) for rel in changed) or not store_dir.exists():
+            return
+        manifest = store_dir / "manifest.json"
+        if manifest.is_file() and not read_json(manifest).get("complete"):
+            return   # unfinished: extraction resumes it (finished shards are kept)
+        try:
+            ActivationStore(store_dir).verify(progress=self.progress)
+        except MammoSaeError as exc:
+            print(f"    store {store_dir.name} is damaged ({exc}); extracting it again", flush=True)
+            shutil.rmtree(store_dir)
 
     # ---------------------------------------------------------------- sae
     def stage_sae(self) -> dict[str, Any]:
@@ -564,6 +587,8 @@ STAGE_DESCRIPTIONS = (
     ("separation", "pretrained vs finetuned latent separation"),
     ("report", "static HTML report"),
 )
+# Files a stage needs only to resume itself (deleting them to save disk must not rerun it).
+TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp")
 ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation")
 STAGE_DEPS: dict[str, tuple[str, ...]] = {
     "sae": ("extract",),

@@ -5,12 +5,15 @@ so changing a setting reruns that stage and everything downstream, and nothing e
 Each finished stage writes `RUN/stages/<name>.json` ({key, outputs, seconds, files}) atomically,
 after its outputs exist: a crash or Ctrl-C leaves the finished stages marked and the next run
 resumes at the first stage whose record is missing or stale. `files` lists every file under the
-stage's output folders with its size and modification time; a file deleted, truncated or
-replaced since makes the stage (and what follows) run again instead of being trusted.
+stage's output folders with its size (resume-only files such as training states excepted); a
+file deleted or changed in size since makes the stage (and what follows) run again instead of
+being trusted. Sizes, not times: a run directory copied without its file times stays valid;
+content the size check cannot see is the stages' own business (stores carry checksums).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +33,7 @@ class Stage:
     deps: tuple[str, ...] = ()
     description: str = ""
     outputs: tuple[str, ...] = ()           # folders/files under the run directory it writes
+    transient: tuple[str, ...] = ()         # globs (relative to the run) of resume-only files
 
 
 @dataclass
@@ -94,8 +98,8 @@ class Runner:
                 action, reason = "run", "inputs or settings changed"
             elif any(d in rerun for d in stage.deps):
                 action, reason = "run", "upstream reran"
-            elif (changed := self._changed_output(record)) is not None:
-                action, reason = "run", f"output missing or changed since it ran: {changed}"
+            elif changed := self.changed_outputs(stage.name):
+                action, reason = "run", f"output missing or changed in size since it ran: {changed[0]}"
             else:
                 action, reason = "skip", "up to date"
             if action == "run":
@@ -120,35 +124,36 @@ class Runner:
             write_json(self._record_path(item.stage.name), {
                 "schema_version": STAGE_SCHEMA_VERSION, "stage": item.stage.name,
                 "key": item.key, "seconds": round(seconds, 2), "outputs": outputs,
-                "files": self._file_states(item.stage.outputs)})
+                "files": self._file_states(item.stage)})
             self.log(f"    {item.stage.name} done in {seconds:.1f} s")
         return plan
 
-    def _file_states(self, outputs: tuple[str, ...]) -> dict[str, list[int]]:
-        """{path relative to the run: [size, mtime_ns]} of every file under `outputs`."""
-        states: dict[str, list[int]] = {}
-        for rel in outputs:
+    def _file_states(self, stage: Stage) -> dict[str, int]:
+        """{path relative to the run: size} of every file under the stage's outputs."""
+        states: dict[str, int] = {}
+        for rel in stage.outputs:
             root = self.run_dir / rel
             paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
             for path in paths:
-                st = path.stat()
-                states[path.relative_to(self.run_dir).as_posix()] = [st.st_size, st.st_mtime_ns]
+                name = path.relative_to(self.run_dir).as_posix()
+                if not any(fnmatch.fnmatch(name, pattern) for pattern in stage.transient):
+                    states[name] = path.stat().st_size
         return states
 
-    def _changed_output(self, record: dict[str, Any]) -> str | None:
-        """The first recorded output file that is gone or differs, else None."""
-        files = record.get("files")
+    def changed_outputs(self, name: str) -> list[str]:
+        """Recorded output files of stage `name` that are gone or changed in size."""
+        record = self._record(name)
+        files = record.get("files") if record else None
         if not isinstance(files, dict):
-            return None   # a record from before outputs were listed
-        for rel, (size, mtime_ns) in files.items():
-            path = self.run_dir / rel
+            return []   # never ran, or a record from before outputs were listed
+        changed = []
+        for rel, size in files.items():
             try:
-                st = path.stat()
+                if (self.run_dir / rel).stat().st_size != size:
+                    changed.append(rel)
             except OSError:
-                return rel
-            if st.st_size != size or st.st_mtime_ns != mtime_ns:
-                return rel
-        return None
+                changed.append(rel)
+        return changed
 
     def timings(self) -> dict[str, float]:
         out: dict[str, float] = {}

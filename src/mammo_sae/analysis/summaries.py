@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -308,12 +309,19 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         marked_mass_h=cpu["marked"], confounder_mass_h=cpu["conf"], meta=info)
 
 
-def _cache_valid(npz_path: Path, json_path: Path) -> bool:
-    """A complete entry written by this schema version (older entries are recomputed)."""
+def _cached(npz_path: Path, json_path: Path) -> LatentSummaries | None:
+    """The cache entry if it is complete, of this schema version and readable; None means
+    "recompute" (a damaged entry is a cache miss, said once on stderr, not a failure)."""
     if not (npz_path.is_file() and json_path.is_file()):
-        return False
-    meta = read_json(json_path)
-    return isinstance(meta, dict) and meta.get("schema_version") == SCHEMA_VERSION
+        return None
+    try:
+        meta = read_json(json_path)
+        if not (isinstance(meta, dict) and meta.get("schema_version") == SCHEMA_VERSION):
+            return None
+        return load_summaries(npz_path, json_path)
+    except MammoSaeError as exc:
+        print(f"warning: cached summaries unreadable ({exc}); recomputing them", file=sys.stderr)
+        return None
 
 
 def summarize(store: Any, sae: Any, *, store_sha: str, sae_sha: str, cache_dir: Path | None,
@@ -324,10 +332,10 @@ def summarize(store: Any, sae: Any, *, store_sha: str, sae_sha: str, cache_dir: 
         return compute_summaries(store, sae, batch_rows=batch_rows, progress=progress,
                                  meta={"store_sha256": store_sha, "sae_sha256": sae_sha})
     npz_path, json_path = cache_paths(Path(cache_dir), store_sha, sae_sha)
-    if not recompute and _cache_valid(npz_path, json_path):
-        cached = load_summaries(npz_path, json_path)
-        if cached.meta.get("store_sha256") == store_sha and cached.meta.get("sae_sha256") == sae_sha:
-            return cached
+    cached = None if recompute else _cached(npz_path, json_path)
+    if cached is not None and cached.meta.get("store_sha256") == store_sha \
+            and cached.meta.get("sae_sha256") == sae_sha:
+        return cached
     s = compute_summaries(store, sae, batch_rows=batch_rows, progress=progress,
                           meta={"store_sha256": store_sha, "sae_sha256": sae_sha})
     save_summaries(s, npz_path, json_path)
@@ -342,8 +350,9 @@ def summaries_for(store_path: str | os.PathLike[str], sae_path: str | os.PathLik
     sae_sha = sae_hash(sae_path)
     cache_dir = default_cache_dir(sae_path) if cache_dir is None else Path(cache_dir)
     npz_path, json_path = cache_paths(cache_dir, store.manifest_sha256, sae_sha)
-    if not recompute and _cache_valid(npz_path, json_path):
-        return load_summaries(npz_path, json_path)
+    cached = None if recompute else _cached(npz_path, json_path)
+    if cached is not None:
+        return cached
     sae = open_sae(sae_path, device)
     return summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_sha,
                      cache_dir=cache_dir, batch_rows=batch_rows, progress=progress,

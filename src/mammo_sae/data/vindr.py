@@ -352,12 +352,17 @@ def _int_column(df: pd.DataFrame, name: str, path: Path, lo: int, hi: int) -> np
     return values.astype(np.int64)
 
 
+MISSING_WORDS = ("", "nan", "na", "n/a", "none", "null", "#n/a", "-")
+
+
 def _float_columns(df: pd.DataFrame, names: Sequence[str], path: Path) -> np.ndarray:
-    """Numeric columns; empty cells are NaN (rows without a box), text is an error."""
+    """Numeric columns; empty cells and the usual missing-value words are NaN (rows without a
+    box), any other text is an error."""
     out = []
     for n in names:
         values = pd.to_numeric(df[n], errors="coerce")
-        text = values.isna() & df[n].notna() & (df[n].astype(str).str.strip() != "")
+        words = df[n].astype(str).str.strip().str.lower()
+        text = values.isna() & df[n].notna() & ~words.isin(MISSING_WORDS)
         if text.any():
             i = int(np.flatnonzero(text.to_numpy())[0])
             raise DataError(f"{path}: column {n!r} must hold numbers or be empty; row {i} has "

@@ -47,7 +47,7 @@ from ..config import from_dict, opt, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
-from ..io import atomic_path, load_torch_weights, read_json, write_json, write_text_atomic
+from ..io import atomic_path, dumps_json_line, load_torch_weights, read_json, write_json, write_text_atomic
 
 SCHEMA_VERSION = 1
 STATE_NAME = "trainer_state.pt"
@@ -465,7 +465,7 @@ def _fit(fit: _Fit, *, out: Path, epochs: int, lr: float, weight_decay: float, w
                  "train_s": train_s, "epoch_s": time.perf_counter() - t0, "selected": improved}
         log.append(entry)
         _save_checkpoint(fit, out, optimizer, scheduler, scaler, epoch, best_epoch, best_metric, log)
-        write_text_atomic(log_path, "".join(json.dumps(e) + "\n" for e in log))
+        write_text_atomic(log_path, "".join(dumps_json_line(e) for e in log))
         if progress:
             tqdm.write(f"epoch {epoch + 1}/{epochs}: loss {entry['loss']:.4f}  "
                        f"{fit.metric_name} {metric:.4f}{'  *' if improved else ''}")
@@ -485,7 +485,7 @@ def _save_checkpoint(fit: _Fit, out: Path, optimizer: torch.optim.Optimizer, sch
     state = {"module": fit.module.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
              "best_epoch": best_epoch, "best_metric": best_metric,
-             "log": [json.dumps(e) for e in log]}
+             "log": [dumps_json_line(e) for e in log]}
     try:
         fit.save_selected(tmp)     # the epoch's model in our format, loadable on its own
         with atomic_path(tmp / STATE_NAME) as state_tmp:

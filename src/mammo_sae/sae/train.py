@@ -12,7 +12,6 @@ order is a pure function of (seed, epoch, batch) and every random draw uses a se
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -28,7 +27,7 @@ from torch import Tensor
 from ..config import opt, to_dict
 from ..devices import resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
-from ..io import atomic_path, load_torch_weights, write_json
+from ..io import atomic_path, dumps_json_line, load_torch_weights, write_json
 from .model import SAEConfig, SparseAutoencoder
 
 STATE_FILE = "train_state.pt"
@@ -381,7 +380,9 @@ class Trainer:
             return
         acc = dict(zip(self._STATS, self._acc_stats.tolist()))
         acc["steps"], n = self._acc_steps, self._acc_n
-        if acc["var"] == 0 and n > self._acc_steps:   # batches of > 1 vector, all equal
+        # Batches of > 1 vector, all equal. Single process only: under DDP one rank raising
+        # alone would leave the others waiting in their all-reduce.
+        if acc["var"] == 0 and n > self._acc_steps and self.dist.world_size == 1:
             raise MammoSaeError(
                 f"the training vectors of steps {self._acc_first_step}–{self.step - 1} are all equal "
                 "(e.g. all zeros: activations below float16's range stored as 0); an SAE cannot "
@@ -407,7 +408,7 @@ class Trainer:
         self.last_log = rec
         if self.dist.main:
             with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.write(dumps_json_line(rec))
             if bar is not None:
                 bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
                                 dead=f"{rec['dead_fraction']:.2f}", pps=f"{patches_per_s:.3g}")
