@@ -219,8 +219,15 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
 
     n = 1001
     single = train_sae(_cfg(tmp_path / "single", epochs=3), TensorSource(_data(n)))
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / "ddp"), n), nprocs=2,
-                       start_method="spawn", join=True)
+    for attempt in range(3):   # the free port can be taken between finding and binding it
+        try:
+            mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / f"ddp{attempt}"), n),
+                               nprocs=2, start_method="spawn", join=True)
+            break
+        except mp.ProcessRaisedException as exc:
+            if "address already in use" not in str(exc).lower() or attempt == 2:
+                raise
+    (tmp_path / f"ddp{attempt}").rename(tmp_path / "ddp")
     a, b = _weights(single), _weights(tmp_path / "ddp")
     for k in a:
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
