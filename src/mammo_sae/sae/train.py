@@ -142,10 +142,23 @@ _RESUMABLE_CHANGES = {"resume", "max_steps", "progress", "log_every", "checkpoin
 class _Dist:
     rank: int = 0
     world_size: int = 1
+    owns_group: bool = False   # this trainer initialised the process group (torchrun CLI)
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def finish(self) -> None:
+        """After a successful run: wait for every rank, then tear down a group we made. Without
+        the barrier a rank could destroy its group while a peer's last collective is in flight
+        (seen as an occasional SIGABRT, 'terminate called without an active exception')."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        dist.barrier()
+        if self.owns_group:
+            dist.destroy_process_group()
 
 
 def _init_distributed(device: torch.device) -> _Dist:
@@ -154,9 +167,10 @@ def _init_distributed(device: torch.device) -> _Dist:
         return _Dist()
     import torch.distributed as dist
 
-    if not dist.is_initialized():
+    owns = not dist.is_initialized()
+    if owns:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size())
+    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
 
 
 def measure_matmul_flops(d: int, h: int, batch: int, device: torch.device,
@@ -647,7 +661,9 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        return self._finish(complete=self.epoch >= cfg.epochs)
+        out = self._finish(complete=self.epoch >= cfg.epochs)
+        self.dist.finish()
+        return out
 
     def _global_batches(self, stream: Iterator[Tensor]) -> Iterator[tuple[Tensor, int]]:
         """Pair each local batch with the global batch size (for the DDP gradient weights)."""
