@@ -148,7 +148,7 @@ class _Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def finish(self) -> None:
+    def finish(self, device: torch.device) -> None:
         """After a successful run: wait for every rank, then tear down a group we made. Without
         the barrier a rank could destroy its group while a peer's last collective is in flight
         (seen as an occasional SIGABRT, 'terminate called without an active exception')."""
@@ -156,7 +156,11 @@ class _Dist:
             return
         import torch.distributed as dist
 
-        dist.barrier()
+        # NCCL's barrier must be told this rank's GPU, or it picks GPU 0 for every rank.
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
         if self.owns_group:
             dist.destroy_process_group()
 
@@ -662,7 +666,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         out = self._finish(complete=self.epoch >= cfg.epochs)
-        self.dist.finish()
+        self.dist.finish(self.device)
         return out
 
     def _global_batches(self, stream: Iterator[Tensor]) -> Iterator[tuple[Tensor, int]]:
