@@ -386,10 +386,10 @@ class Pipeline:
         prefix = store_dir.relative_to(self.run).as_posix() + "/"
         if not any(rel.startswith(prefix) for rel in changed) or not store_dir.exists():
             return
-        manifest = store_dir / "manifest.json"
-        if manifest.is_file() and not read_json(manifest).get("complete"):
-            return   # unfinished: extraction resumes it (finished shards are kept)
         try:
+            manifest = store_dir / "manifest.json"
+            if manifest.is_file() and not read_json(manifest).get("complete"):
+                return   # unfinished: extraction resumes it (finished shards are kept)
             ActivationStore(store_dir).verify(progress=self.progress)
         except MammoSaeError as exc:
             print(f"    store {store_dir.name} is damaged ({exc}); extracting it again", flush=True)
@@ -588,7 +588,7 @@ STAGE_DESCRIPTIONS = (
     ("report", "static HTML report"),
 )
 # Files a stage needs only to resume itself (deleting them to save disk must not rerun it).
-TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp")
+TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp", "*.tmp/*")
 ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation")
 STAGE_DEPS: dict[str, tuple[str, ...]] = {
     "sae": ("extract",),

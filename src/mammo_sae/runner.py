@@ -98,7 +98,7 @@ class Runner:
                 action, reason = "run", "inputs or settings changed"
             elif any(d in rerun for d in stage.deps):
                 action, reason = "run", "upstream reran"
-            elif changed := self.changed_outputs(stage.name):
+            elif changed := self._changed_files(record):
                 action, reason = "run", f"output missing or changed in size since it ran: {changed[0]}"
             else:
                 action, reason = "skip", "up to date"
@@ -142,7 +142,9 @@ class Runner:
 
     def changed_outputs(self, name: str) -> list[str]:
         """Recorded output files of stage `name` that are gone or changed in size."""
-        record = self._record(name)
+        return self._changed_files(self._record(name))
+
+    def _changed_files(self, record: dict[str, Any] | None) -> list[str]:
         files = record.get("files") if record else None
         if not isinstance(files, dict):
             return []   # never ran, or a record from before outputs were listed

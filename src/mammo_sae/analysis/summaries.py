@@ -354,9 +354,9 @@ def summaries_for(store_path: str | os.PathLike[str], sae_path: str | os.PathLik
     if cached is not None:
         return cached
     sae = open_sae(sae_path, device)
+    # A miss was just established (the path is keyed by both hashes): compute without re-checking.
     return summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_sha,
-                     cache_dir=cache_dir, batch_rows=batch_rows, progress=progress,
-                     recompute=recompute)
+                     cache_dir=cache_dir, batch_rows=batch_rows, progress=progress, recompute=True)
 
 
 # --------------------------------------------------------------------------- opening inputs

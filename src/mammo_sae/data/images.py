@@ -137,10 +137,14 @@ def to_model_input(arr_hw: np.ndarray, size_hw: tuple[int, int] | None = None,
     return _with_channels(((x_hw - MEAN) / STD).unsqueeze(0), channels)
 
 
-def _with_channels(x_1hw: torch.Tensor, channels: int) -> torch.Tensor:
+def _check_channels(channels: int) -> int:
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    return x_1hw if channels == 1 else x_1hw.repeat(3, 1, 1)
+    return channels
+
+
+def _with_channels(x_1hw: torch.Tensor, channels: int) -> torch.Tensor:
+    return x_1hw if _check_channels(channels) == 1 else x_1hw.repeat(3, 1, 1)
 
 
 def expand_channels(x_b1hw: torch.Tensor,
@@ -261,9 +265,7 @@ class RecordDataset(Dataset):
         self.records = list(records)
         self.size_hw = tuple(size_hw) if size_hw is not None else None
         self.augment = augment
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.channels = channels
+        self.channels = _check_channels(channels)
         for r in self.records:
             if r.path is None:
                 raise DataError(f"image {r.image_id} has no file path")
