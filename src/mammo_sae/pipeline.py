@@ -86,6 +86,10 @@ class PipelineConfig:
     name: str = "run"
     seed: int = 0
     device: str = "auto"
+    # torch's intra-op threads for the whole run; None = torch's default (the core count). A
+    # float reduction split over another number of threads rounds differently, so a fixed count
+    # is what lets machines with other core counts reproduce a run (docs/determinism.md).
+    threads: Optional[int] = opt(None, min=1)
     data: DataSection = field(default_factory=DataSection)
     models: ModelsSection = field(default_factory=ModelsSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
@@ -630,6 +634,7 @@ class DemoConfig:
 def run_pipeline(cfg: RunConfig) -> Path:
     pcfg = load_pipeline_config(cfg.config)
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
+    _make_deterministic(pcfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
     pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
@@ -638,6 +643,18 @@ def run_pipeline(cfg: RunConfig) -> Path:
     if not cfg.dry_run:
         print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir
+
+
+def _make_deterministic(pcfg: PipelineConfig) -> None:
+    """Same config, same machine -> the same bytes: a fixed thread count where the config sets
+    one, and torch's deterministic kernels (on CPU they cost nothing measurable; CUDA needs
+    more, see docs/determinism.md, so it is left to the user there)."""
+    import torch
+
+    if pcfg.threads is not None:
+        torch.set_num_threads(pcfg.threads)
+    if pcfg.device in ("auto", "cpu") and not torch.cuda.is_available():
+        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def run_demo(cfg: DemoConfig) -> int:
