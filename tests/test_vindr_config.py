@@ -79,6 +79,8 @@ def test_shipped_config_is_the_paper_setup() -> None:
     assert len(set(paths)) == 4 and all(p.startswith("checkpoints/Downstream_evalualtion_b5_fold0/") for p in paths)
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_models_load_and_are_evaluated_on_test(paper_run: Path) -> None:
     models = json.loads((paper_run / "models" / "models.json").read_text())
     assert [m["name"] for m in models["models"]] == list(MODELS)
@@ -87,6 +89,8 @@ def test_models_load_and_are_evaluated_on_test(paper_run: Path) -> None:
         assert metrics["n"] == 16 and 0.0 <= metrics["auroc"]["value"] <= 1.0
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_sae_trained_on_subsampled_calcification_features(paper_run: Path) -> None:
     stores = json.loads((paper_run / "stores" / "stores.json").read_text())["stores"]
     sae_store = next(s for s in stores if s["role"] == "sae")
@@ -99,6 +103,8 @@ def test_sae_trained_on_subsampled_calcification_features(paper_run: Path) -> No
     assert any((paper_run / "sae").iterdir())
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_table1_fidelity_has_every_model(paper_run: Path) -> None:
     rows = _fidelity_rows(paper_run)
     assert sorted(rows) == sorted(MODELS)
@@ -107,6 +113,8 @@ def test_table1_fidelity_has_every_model(paper_run: Path) -> None:
             assert 0.0 <= row[key] <= 1.0, (key, row)
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_interventions_rankings_localisation_and_report(paper_run: Path) -> None:
     analysis = paper_run / "analysis"
     for name in MODELS:
@@ -124,6 +132,8 @@ def _fidelity_rows(run: Path) -> dict[str, dict]:
     return {r["model"]: r for r in table.to_dict("records")}
 
 
+@pytest.mark.slow
+@pytest.mark.shared
 def test_a_damaged_store_is_rebuilt_on_the_next_run(paper_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """(Runs last: it changes the run.) A store shard cut short after the run: the next run sees
     the extract stage's output changed, finds the store's checksums broken, extracts it again and
