@@ -31,7 +31,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from mammo_sae.models.checkpoints import safe_torch_load
+from mammo_sae.io import load_torch_weights
 
 FOLDS_CSV = "vindr_detection_v1_folds.csv"
 FRAME_HW = (1520, 912)                      # the frame of the CSV's `resized_*` boxes
@@ -124,7 +124,7 @@ def _perturbed(t: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Ten
 def write_checkpoints(archive_parent: Path, fixture: Path, seed: int = 0) -> dict[tuple[str, str], Path]:
     """The four downstream `.pth` files under `archive_parent/Downstream_evalualtion_b5_fold0/...`,
     in the real layout (`model` state dict, `predictions` ndarray, `epoch`, `auroc` numpy float)."""
-    base = safe_torch_load(fixture)
+    base = load_torch_weights(fixture, "a Mammo-CLIP classifier")
     gen = torch.Generator().manual_seed(seed)
     head_keys = [k for k in base["model"] if k.startswith("classifier.")]
     # A late encoder layer is enough to make the encoders differ without breaking calibration.

@@ -12,8 +12,14 @@ from conftest import need_shared
 
 from mammo_sae.cli import main
 from mammo_sae.errors import CheckpointError
-from mammo_sae.models.checkpoints import (checkpoint_sha256, convert, load_classifier, load_image_encoder,
-                                          safe_torch_load, save_model)
+from mammo_sae.io import load_torch_weights
+from mammo_sae.models.checkpoints import (
+    checkpoint_sha256,
+    convert,
+    load_classifier,
+    load_image_encoder,
+    save_model,
+)
 from mammo_sae.models.classifier import ConceptClassifier
 from mammo_sae.models.registry import create_encoder
 
@@ -238,6 +244,11 @@ def test_own_format_rejects_bad_config(tmp_path: Path) -> None:
         load_image_encoder(out)
     (out / "model.safetensors").write_bytes(b"garbage")
     (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="checksum differs"):
+        load_image_encoder(out)
+    # a config without a recorded hash (written by hand): the weights file itself is refused
+    unhashed = {k: v for k, v in cfg.items() if k != "weights_sha256"}
+    (out / "config.json").write_text(json.dumps(unhashed))
     with pytest.raises(CheckpointError, match="cannot read"):
         load_image_encoder(out)
 
@@ -260,5 +271,5 @@ def test_convert_cli_keeps_weights_bit_identical(tmp_path: Path, b2_classifier: 
 
 
 def test_safe_load_reads_numpy_predictions() -> None:
-    obj = safe_torch_load(fixture(CLASSIFIER))
+    obj = load_torch_weights(fixture(CLASSIFIER), "a classifier")
     assert isinstance(obj["predictions"], np.ndarray) and obj["predictions"].ndim >= 1

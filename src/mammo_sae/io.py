@@ -7,12 +7,18 @@ so an interrupted run or a full disk never leaves a half-written file under the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import struct
 import tempfile
+import threading
+import zipfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -177,29 +183,184 @@ def sha256_json(obj: Any) -> str:
     return sha256_bytes(json.dumps(obj, sort_keys=True, default=_json_default).encode())
 
 
+def verify_sha256(path: str | os.PathLike[str], expected: str | None, recorded_in: str) -> str:
+    """The sha256 of `path`; a CheckpointError naming both files when `expected` (the hash that
+    `recorded_in` records for it) is given and differs."""
+    actual = sha256_file(path)
+    if expected and actual != expected:
+        raise CheckpointError(f"{path}: checksum differs from {recorded_in} "
+                              "(corrupt or replaced file)")
+    return actual
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading torch files (docs/security.md). Every .pt/.pth/.tar a user hands us goes through
+# `load_torch_weights`: the file is sniffed first (a TorchScript archive or anything that is not
+# a torch zip, a legacy torch pickle or safetensors is refused before torch sees it), then read
+# with torch's weights-only unpickler plus the allow-list below. Nothing in a file can run code.
+
+
+class _Inert:
+    """Stand-in for a config object we never need: accepts any construction, keeps nothing."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+        return object.__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<inert {type(self).__name__}>"
+
+
+# The omegaconf / typing objects in Mammo-CLIP's pre-training config (we read only plain values).
+INERT_GLOBALS = ("omegaconf.listconfig.ListConfig", "omegaconf.dictconfig.DictConfig",
+                 "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
+                 "omegaconf.nodes.AnyNode", "typing.Any")
+
+
+def _plain_dict(*args: Any) -> dict[Any, Any]:
+    """Stand-in for collections.defaultdict: the weights-only unpickler fills only plain dicts."""
+    return {}
+
+
+@functools.lru_cache(maxsize=1)
+def pickle_allow_list() -> tuple[tuple[Any, str], ...]:
+    """(object, qualified name) for each pickle global we resolve beyond torch's weights-only set
+    (tensors, storages, OrderedDict, torch.Size, _codecs.encode, set, complex): what the
+    official Mammo-CLIP files name (numpy arrays and scalars written under numpy 1 or 2, the
+    omegaconf config as inert stand-ins, builtin containers as defaultdict factories)."""
+    import builtins
+
+    import numpy as np
+
+    try:  # numpy 2 moved numpy.core to numpy._core; files written with numpy 1 name the old path
+        from numpy._core import multiarray
+    except ImportError:  # pragma: no cover - numpy 1
+        from numpy.core import multiarray  # type: ignore[no-redef]
+
+    allowed: list[tuple[Any, str]] = [(type(name, (_Inert,), {}), name) for name in INERT_GLOBALS]
+    allowed.append((_plain_dict, "collections.defaultdict"))
+    for n in ("dict", "list", "tuple", "frozenset", "int", "float", "bool", "str", "bytes"):
+        allowed.append((getattr(builtins, n), f"builtins.{n}"))
+    allowed += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed += [(multiarray._reconstruct, f"{mod}._reconstruct"),
+                    (multiarray.scalar, f"{mod}.scalar")]
+    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                       "UInt8DType", "BoolDType"):  # the unpickler sets state only on listed types
+        if hasattr(np, "dtypes") and hasattr(np.dtypes, dtype_name):
+            allowed.append((getattr(np.dtypes, dtype_name), f"numpy.dtypes.{dtype_name}"))
+    return tuple(allowed)
+
+
+# torch's allow-list context is process-wide; one load at a time keeps enter/exit pairs intact.
+_ALLOW_LIST_LOCK = threading.Lock()
+
+
+def _torch_file_kind(f: Any, path: Path, what: str) -> str:
+    """The file's format from its first bytes and, for a zip, its member names: "zip", "pickle"
+    or "safetensors"; anything else (a TorchScript archive above all) is a CheckpointError."""
+    head = f.read(16)
+    f.seek(0)
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            names = zipfile.ZipFile(f).namelist()
+        except (zipfile.BadZipFile, OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read {path} as {what}: damaged zip archive "
+                                  f"({exc})") from None
+        finally:
+            f.seek(0)
+        inner = {n.split("/", 1)[1] for n in names if "/" in n}
+        if inner & {"constants.pkl", "bytecode.pkl"} or any(n.startswith("code/") for n in inner):
+            raise CheckpointError(f"refused to load {path} as {what}: it is a TorchScript archive "
+                                  "(torch.jit.save), whose code would run on loading; give a "
+                                  "state-dict checkpoint (torch.save) or a safetensors file")
+        if "data.pkl" not in inner:
+            raise CheckpointError(f"cannot read {path} as {what}: a zip archive but not a "
+                                  "torch.save checkpoint (no data.pkl)")
+        return "zip"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO 2..5 (legacy torch)
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (100 << 20):
+        return "safetensors"  # 8-byte little-endian header length, then the JSON header
+    raise CheckpointError(f"cannot read {path} as {what}: not a torch checkpoint (torch.save "
+                          "zip or pickle) nor a safetensors file (corrupt file? it starts with "
+                          f"{head[:8]!r})")
+
+
 def load_torch_weights(path: str | os.PathLike[str], what: str) -> Any:
-    """torch.load(weights_only=True) on CPU for tensors-and-containers files (our training
-    states, the released MammoSAE SAE). Any failure is a CheckpointError naming `what` and the
-    file, without torch's advice to retry with weights_only=False (that would run code from an
-    untrusted file)."""
+    """Read a torch checkpoint (or a safetensors file) on CPU without running any code from it.
+
+    The one loader for every torch file we are given: Mammo-CLIP checkpoints, the released
+    MammoSAE SAE, our training states. Refused, with a CheckpointError naming `what`, the file
+    and the reason: TorchScript archives, unknown formats, and pickles naming any global outside
+    torch's weights-only set and `pickle_allow_list()` (the message names the global and never
+    suggests weights_only=False)."""
     import torch
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            kind = _torch_file_kind(f, path, what)
+            if kind == "safetensors":
+                from safetensors.torch import load
+
+                return load(f.read())
+            with _ALLOW_LIST_LOCK, torch.serialization.safe_globals(list(pickle_allow_list())):
+                # weights_only=True: torch never falls back to full unpickling nor to torch.jit.load
+                return torch.load(f, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
     except MemoryError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means an unusable file
+    except pickle.UnpicklingError as exc:
+        refused = _refused_global(str(exc))
+        if refused:
+            raise CheckpointError(f"refused to load {path} as {what}: pickle global {refused} "
+                                  "is not on the allow-list (docs/security.md); nothing was "
+                                  "run") from None
+        raise CheckpointError(f"refused to load {path} as {what}: "
+                              f"{torch_load_reason(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - any other failure means a damaged file
         raise CheckpointError(f"cannot read {path} as {what} (corrupt file or unsupported "
-                              f"content): {torch_load_reason(exc)}") from exc
+                              f"content): {torch_load_reason(exc)}") from None
+
+
+def _refused_global(message: str) -> str | None:
+    """The global torch's weights-only unpickler refused, fully qualified (torch drops the
+    `builtins.` prefix from its message: `GLOBAL exec` is builtins.exec)."""
+    match = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", message)
+    if not match:
+        return None
+    name = match.group(1)
+    return name if "." in name else f"builtins.{name}"
+
+
+# Torch's advice around the cause (retry with weights_only=False, allow-list the global, read
+# the docs): never shown, it would invite running code from an untrusted file.
+_TORCH_ADVICE = re.compile(r"Weights only load failed\.|In PyTorch 2\.6,|Re-running `torch\.load`|"
+                           r"Please (?:use|file an issue)|Check the documentation|\(\d\) ")
 
 
 def torch_load_reason(exc: BaseException) -> str:
-    """The cause from torch.load's error, without its weights_only=False advice."""
-    text = str(exc)
-    if "WeightsUnpickler error:" in text:
-        rest = text.split("WeightsUnpickler error:", 1)[1].strip()
-        return rest.split("\n\n")[0].strip()[:200] or type(exc).__name__
-    return f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
+    """The cause from torch.load's error, without torch's advice (see _TORCH_ADVICE)."""
+    reason = ""
+    for line in str(exc).split("WeightsUnpickler error:")[-1].splitlines():
+        reason = _TORCH_ADVICE.split(line, maxsplit=1)[0].strip()
+        if reason:
+            break
+    match = re.fullmatch(r"Unsupported operand (\d+)", reason)
+    if match:  # e.g. FRAME: pickle protocol 4+, which torch's weights-only unpickler does not read
+        import pickletools
+
+        code = chr(int(match.group(1)))
+        name = next((op.name for op in pickletools.opcodes if op.code == code), match.group(1))
+        reason = (f"unsupported pickle opcode {name} (protocol 2 and 3 pickles are read; "
+                  "torch.save writes protocol 2 unless told otherwise)")
+    return f"{type(exc).__name__}: {reason[:300]}" if reason else type(exc).__name__

@@ -9,20 +9,16 @@ Accepted inputs (see docs/models.md):
   -> classifier (n_class from the head weight); its encoder for `load_image_encoder`.
 - Our own format: a directory with `config.json` (schema-versioned) + `model.safetensors`.
 
-Third-party pickles are opened with a restricted unpickler: only an allow-list of globals
-resolves (containers, tensor rebuilders, numpy array reconstructors); the omegaconf / typing
-objects in the Mammo-CLIP config become inert stand-ins; any other global is refused BEFORE
-anything is called, so a crafted file cannot run code. Nothing loads partially: keys and
-shapes are checked against the architecture and every problem is reported by name.
+Third-party files are read by `io.load_torch_weights` (docs/security.md): TorchScript archives
+are refused, pickles go through torch's weights-only unpickler with a small allow-list (numpy
+arrays, the omegaconf / typing objects of the Mammo-CLIP config as inert stand-ins), so a
+crafted file cannot run code. Our own format's weights are checked against the sha256 its
+config.json records. Nothing loads partially: keys and shapes are checked against the
+architecture and every problem is reported by name.
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import pickle
-import types
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -31,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, choices_message
-from ..io import atomic_path, read_json, sha256_file, write_json
+from ..io import atomic_path, load_torch_weights, read_json, sha256_file, verify_sha256, write_json
 from .classifier import ConceptClassifier
 from .efficientnet import EfficientNet
 from .registry import MAMMO_CLIP_NAMES, arch_params, create_encoder, list_archs
@@ -41,125 +37,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 ENCODER_PREFIX = "image_encoder."
 HEAD_PREFIX = "classifier.classification_head."
-
-# ---------------------------------------------------------------------------------------------
-# Restricted unpickler
-
-
-class _Inert:
-    """Stand-in for a config object we never need: accepts any construction, keeps nothing."""
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
-        return object.__new__(cls)
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        pass
-
-    def __repr__(self) -> str:
-        return f"<inert {type(self).__name__}>"
-
-
-_INERT_GLOBALS = {
-    ("omegaconf.listconfig", "ListConfig"),
-    ("omegaconf.dictconfig", "DictConfig"),
-    ("omegaconf.base", "ContainerMetadata"),
-    ("omegaconf.base", "Metadata"),
-    ("omegaconf.nodes", "AnyNode"),
-    ("typing", "Any"),
-}
-_inert_classes: dict[tuple[str, str], type] = {}
-
-
-def _inert(module: str, name: str) -> type:
-    key = (module, name)
-    if key not in _inert_classes:
-        _inert_classes[key] = type(f"{module}.{name}", (_Inert,), {})
-    return _inert_classes[key]
-
-
-def _allowed_globals() -> dict[tuple[str, str], Any]:
-    import _codecs
-
-    import numpy as np
-
-    try:  # numpy 2 moved numpy.core to numpy._core; files written with numpy 1 name the old path
-        from numpy._core import multiarray
-    except ImportError:  # pragma: no cover - numpy 1
-        from numpy.core import multiarray  # type: ignore[no-redef]
-
-    allowed: dict[tuple[str, str], Any] = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        # a defaultdict's factory is itself resolved through this allow-list
-        ("collections", "defaultdict"): collections.defaultdict,
-        ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-        ("torch", "Size"): torch.Size,
-        ("_codecs", "encode"): _codecs.encode,  # numpy scalars' raw bytes under protocol 2
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-    }
-    for builtin in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "bool", "str", "bytes",
-                    "complex", "slice"):
-        allowed[("builtins", builtin)] = getattr(__import__("builtins"), builtin)
-    allowed[("builtins", "long")] = int  # `__builtin__ long` in protocol-2 pickles
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-        allowed[(mod, "scalar")] = multiarray.scalar
-    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
-                       "UInt8DType", "BoolDType"):
-        if hasattr(np, "dtypes") and hasattr(np.dtypes, dtype_name):
-            allowed[("numpy.dtypes", dtype_name)] = getattr(np.dtypes, dtype_name)
-    return allowed
-
-
-class RefusedGlobal(pickle.UnpicklingError):
-    """A pickle global outside the allow-list (raised before anything is called)."""
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only allow-listed globals; everything else raises before it can be called."""
-
-    _allowed: dict[tuple[str, str], Any] | None = None
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "__builtin__":  # protocol-2 name; the default fix_imports mapping is bypassed
-            module = "builtins"
-        if (module, name) in _INERT_GLOBALS:
-            return _inert(module, name)
-        if RestrictedUnpickler._allowed is None:
-            RestrictedUnpickler._allowed = _allowed_globals()
-        try:
-            return RestrictedUnpickler._allowed[(module, name)]
-        except KeyError:
-            raise RefusedGlobal(f"refused pickle global {module}.{name} (not on the allow-list)") from None
-
-
-def _restricted_pickle_module() -> types.ModuleType:
-    """A `pickle_module` for torch.load whose Unpickler (and legacy-format load) is restricted."""
-    mod = types.ModuleType("mammo_sae_restricted_pickle")
-    mod.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
-    mod.load = lambda f, **kw: RestrictedUnpickler(f, **kw).load()  # type: ignore[attr-defined]
-    mod.loads = lambda b, **kw: RestrictedUnpickler(io.BytesIO(b), **kw).load()  # type: ignore[attr-defined]
-    mod.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
-    return mod
-
-
-def safe_torch_load(path: str | Path) -> Any:
-    """torch.load through the restricted unpickler, on CPU. Errors become CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module())
-    except RefusedGlobal as exc:
-        raise CheckpointError(f"refused to load {path}: {exc}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError, KeyError, TypeError,
-            AttributeError, IndexError) as exc:
-        raise CheckpointError(f"cannot read {path} as a torch checkpoint: {type(exc).__name__}: {exc}") from None
-
 
 # ---------------------------------------------------------------------------------------------
 # Layout detection
@@ -273,7 +150,7 @@ def _infer_arch(encoder_sd: Mapping[str, torch.Tensor]) -> str:
 
 
 def _parse_torch_checkpoint(path: Path) -> _Parsed:
-    obj = safe_torch_load(path)
+    obj = load_torch_weights(path, "a model checkpoint")
     sd = _state_dict_of(obj, path)
     keys = list(sd)
     encoder_sd = {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
@@ -328,6 +205,7 @@ def _parse_own_format(path: Path) -> _Parsed:
         raise CheckpointError(f"{config_path}: padding {config.get('padding')!r}; only static models are stored")
     arch = config.get("arch")
     arch_params(str(arch))  # raises naming the valid choices
+    sha256 = verify_sha256(weights_path, config.get("weights_sha256"), str(config_path))
     try:
         sd = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
@@ -344,8 +222,7 @@ def _parse_own_format(path: Path) -> _Parsed:
         raise CheckpointError(f"{path}: config says kind={kind} but the weights "
                               f"{'have' if head_sd else 'lack'} head.* tensors")
     meta = {k: v for k, v in config.items() if k not in ("weights",)}
-    return _Parsed("mammo-sae", str(arch), encoder_sd, head_sd, config.get("concept"), meta,
-                   sha256_file(weights_path))
+    return _Parsed("mammo-sae", str(arch), encoder_sd, head_sd, config.get("concept"), meta, sha256)
 
 
 def _parse(path: str | Path) -> _Parsed:

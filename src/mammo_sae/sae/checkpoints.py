@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..config import from_dict, to_dict
 from ..errors import CheckpointError, MammoSaeError
-from ..io import atomic_path, load_torch_weights, read_json, sha256_file, write_json
+from ..io import atomic_path, load_torch_weights, read_json, sha256_file, verify_sha256, write_json
 from .model import SAEConfig, SparseAutoencoder
 
 NATIVE_FORMAT = "mammo-sae-sae"
@@ -125,8 +125,8 @@ def _load_native(p: Path, meta: dict[str, Any]) -> SparseAutoencoder:
         raise CheckpointError(str(exc)) from exc
     expected = meta.get("weights_sha256")
     weights_path = p / WEIGHTS_FILE
-    if expected and weights_path.is_file() and sha256_file(weights_path) != expected:
-        raise CheckpointError(f"{weights_path}: checksum differs from {CFG_FILE} (corrupt or replaced file)")
+    if expected and weights_path.is_file():
+        verify_sha256(weights_path, expected, str(p / CFG_FILE))
     tensors = _read_safetensors(weights_path)
     return _build(cfg, tensors, str(weights_path))
 
