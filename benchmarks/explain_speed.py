@@ -1,6 +1,6 @@
 """`mammo-sae explain` throughput (images/s) at 512x320 for the phantom backbone + a small SAE.
 
-    python benchmarks/explain_speed.py                        # CPU, 16 images, with and without heatmaps
+    python benchmarks/explain_speed.py           # CPU, 16 images, with and without heatmaps
     python benchmarks/explain_speed.py --device cuda --images 64 --h 16384
 
 Measures `explain_images` end to end on PNGs written first (reading, Mammo-CLIP input, forward,
@@ -68,7 +68,8 @@ def main() -> None:
         save_sae(SparseAutoencoder(cfg, seed=0), root / "sae")
         (root / "png").mkdir()
         paths = make_inputs(root / "png", args.images, hw)  # type: ignore[arg-type]
-        ex = Explainer.load(root / "clf", root / "sae", size_hw=hw, device=device)  # type: ignore[arg-type]
+        ex = Explainer.load(root / "clf", root / "sae", size_hw=hw,  # type: ignore[arg-type]
+                            device=device)
         explain_images(ex, paths[:2], root / "warmup", top=args.top, progress=False)
         print(f"explain at {hw[0]}x{hw[1]}, efficientnet-phantom + SAE h={args.h}, "
               f"{args.images} images, batch {args.batch_size}, top {args.top}, device {device}, "

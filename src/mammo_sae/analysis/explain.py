@@ -375,6 +375,7 @@ def write_index(result: dict[str, Any], out: Path) -> Path:
         s.add(H.figure(img["thumbnail"], "model input", width=200))
         s.add(H.kpis({"score (probability)": img["score"], "logit": img["logit"],
                       "SAE logit": img["sae_logit"]}))
+        s.add(H.note("A model's view of this image, not a diagnosis."))
         for title, key in (("Top latents by contribution to the logit", "top_latents"),
                            ("Top latents by mean activation", "top_by_activation")):
             s.add(f"<h3>{H.esc(title)}</h3>")
