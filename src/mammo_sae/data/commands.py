@@ -1,4 +1,4 @@
-"""CLI commands of the data layer: `mammo-sae data summary` and `mammo-sae preprocess`."""
+"""CLI commands of the data layer: `mammo-sae data summary`, `preprocess` and `ingest`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,47 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
     return 0
 
 
+@dataclass
+class IngestConfig:
+    """From headers alone: laterality (ImageLaterality, else Laterality), view (ViewPosition,
+    else the view code sequence), size, manufacturer. Patient, study, series and image ids are
+    hashed (sha256 of 'mammo-sae-id:' + the id, 20 hex digits); no raw identifier or file path
+    is written. Pixels go through `preprocess`'s Mammo-CLIP steps (border crop, MONOCHROME1
+    inversion, min-max to uint8, breast crop, resize). Density and BI-RADS stay empty (unknown).
+    Finds .dcm, .dicom and extension-less DICOMs recursively. Resumable, parallel over images.
+
+    --labels CSV: key column `image` (path relative to DICOM_DIR, with or without suffix, or the
+    file name) or `sop_instance_uid`; 0/1 columns named as the findings (Mass,
+    Suspicious_Calcification, ...); optional xmin,ymin,xmax,ymax (original DICOM pixels), split,
+    finding_birads; one row per finding, every image at least one row."""
+
+    dicom_dir: Path = opt(help="folder of DICOMs (searched recursively)")
+    out: Path = opt(help="output data directory (images_png/ + vindr_detection_v1_folds.csv + "
+                         "ingest.json)")
+    labels: Optional[Path] = opt(None, help="CSV of concept labels (and boxes) per image")
+    height: int = opt(1520, min=32, help="output PNG height")
+    width: int = opt(912, min=32, help="output PNG width")
+    crop: bool = opt(True, help="breast crop as `preprocess` (--no-crop keeps the whole frame "
+                                "and warns)")
+    split: Optional[str] = opt(None, help="put every image in this split (e.g. test); default: "
+                                          "the labels CSV's split column, else a seeded hash of "
+                                          "the hashed patient id")
+    test_fraction: float = opt(0.2, min=0.0, max=1.0, help="share of patients in 'test' when "
+                                                            "splits are assigned by hash")
+    seed: int = opt(0, help="seed of the split assignment")
+    workers: int = opt(1, min=0, help="parallel worker processes")
+
+
+def run_ingest(cfg: IngestConfig, progress: bool = True) -> int:
+    from .ingest import ingest
+
+    result = ingest(cfg.dicom_dir, cfg.out, labels=cfg.labels, out_hw=(cfg.height, cfg.width),
+                    crop=cfg.crop, split=cfg.split, test_fraction=cfg.test_fraction,
+                    seed=cfg.seed, workers=max(1, cfg.workers), progress=progress)
+    sys.stdout.write(dumps_json(result.as_dict()))
+    return 0
+
+
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
     data = add_group(sub, "data", help="inspect datasets (VinDr folds CSV, official CSV, phantom)")
@@ -76,3 +117,5 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                 help="JSON counts per split: rows, images, patients, positives, boxes")
     add_command(sub, "preprocess", PreprocessConfig, run_preprocess,
                 help="VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV")
+    add_command(sub, "ingest", IngestConfig, run_ingest, positional=("dicom_dir",),
+                help="your own DICOM folder -> the tool's dataset layout (hashed ids, headers only)")

@@ -47,6 +47,22 @@ def _is_dicom(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def is_dicom(path: str | os.PathLike[str]) -> bool:
+    """A `.dcm` / `.dicom` file, or any file (extension-less included) with the `DICM` magic."""
+    return _is_dicom(Path(path))
+
+
+def find_dicom_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
+    """`folder/stem` as a DICOM: `stem.dicom`, `stem.dcm` or the extension-less `stem` (checked
+    for the DICOM magic); None when none exists."""
+    folder = Path(folder)
+    for name in (f"{stem}.dicom", f"{stem}.dcm"):
+        if (folder / name).is_file():
+            return folder / name
+    bare = folder / stem
+    return bare if bare.is_file() and _is_dicom(bare) else None
+
+
 def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True) -> tuple[np.ndarray, str]:
     """Stored pixels of a single-frame grayscale DICOM and its PhotometricInterpretation.
 

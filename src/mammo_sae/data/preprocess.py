@@ -24,7 +24,7 @@ import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import cv2
 import numpy as np
@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import DataError
 from ..io import write_bytes_atomic, write_json, write_text_atomic
-from .images import read_dicom
+from .images import find_dicom_file, read_dicom
 from .records import FINDING_CONCEPTS
 from .vindr import (FOLDS_CSV, IMAGES_DIR, OFFICIAL_REQUIRED, _density_letters, _read_csv,
                     _require_columns, parse_categories)
@@ -118,31 +118,45 @@ def breast_window(u8_hw: np.ndarray) -> tuple[int, int, int, int]:
     return r0, r1, c0, c1
 
 
-def dicom_to_png(dicom_path: Path, png_path: Path, image_id: str, out_hw: tuple[int, int]) -> CropGeometry:
-    """Steps 1-7 for one image; writes the PNG atomically and returns its crop geometry."""
-    raw, photometric = read_dicom(dicom_path, invert_monochrome1=False)
+def mammo_clip_u8(raw: np.ndarray, photometric: str, where: str | os.PathLike[str], *,
+                  crop: bool = True) -> tuple[np.ndarray, int, int]:
+    """Steps 2-5 on stored pixels: (uint8 image, r0, c0) with (r0, c0) the top-left corner of
+    the kept window in the border-cropped frame. `crop=False` keeps the whole border-cropped
+    frame (no breast crop)."""
     height, width = raw.shape
     if height <= 2 * BORDER + 1 or width <= 2 * BORDER + 1:
-        raise DataError(f"{dicom_path}: image {raw.shape} too small for the {BORDER}-px border crop")
+        raise DataError(f"{where}: image {raw.shape} too small for the {BORDER}-px border crop")
     x = raw[BORDER:-BORDER, BORDER:-BORDER].astype(np.float64)
     if photometric == "MONOCHROME1":
         x = x.max() - x
     x -= x.min()
     peak = x.max()
     if peak <= 0:
-        raise DataError(f"{dicom_path}: constant image, nothing to preprocess")
+        raise DataError(f"{where}: constant image, nothing to preprocess")
     u8 = (x / peak * 255).astype(np.uint8)       # truncation, as the reference
+    if not crop:
+        return u8, 0, 0
     try:
         r0, r1, c0, c1 = breast_window(u8)
     except DataError as exc:
-        raise DataError(f"{dicom_path}: {exc}") from exc
+        raise DataError(f"{where}: {exc}") from exc
+    return u8[r0:r1, c0:c1], r0, c0
+
+
+def dicom_to_png(dicom_path: Path, png_path: Path, image_id: str, out_hw: tuple[int, int], *,
+                 crop: bool = True) -> CropGeometry:
+    """Steps 1-7 for one image; writes the PNG atomically and returns its crop geometry."""
+    raw, photometric = read_dicom(dicom_path, invert_monochrome1=False)
+    height, width = raw.shape
+    u8, r0, c0 = mammo_clip_u8(raw, photometric, dicom_path, crop=crop)
     out_h, out_w = out_hw
-    png = cv2.resize(u8[r0:r1, c0:c1], (out_w, out_h), interpolation=cv2.INTER_AREA)
+    png = cv2.resize(u8, (out_w, out_h), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".png", png)
     if not ok:
         raise DataError(f"could not encode PNG for {dicom_path}")
     write_bytes_atomic(png_path, buf.tobytes())
-    return CropGeometry(image_id, int(height), int(width), photometric, r0, c0, r1 - r0, c1 - c0, out_h, out_w)
+    return CropGeometry(image_id, int(height), int(width), photometric, r0, c0, u8.shape[0],
+                        u8.shape[1], out_h, out_w)
 
 
 def _process_one(job: tuple[str, str, str, str, tuple[int, int]]) -> tuple[str, dict | None, str | None]:
@@ -159,12 +173,12 @@ def _process_one(job: tuple[str, str, str, str, tuple[int, int]]) -> tuple[str, 
 # ---------------------------------------------------------------------------- dataset
 
 def find_dicom(dicom_root: Path, study_id: str, image_id: str) -> Path | None:
-    """The image's DICOM under `dicom_root` (PhysioNet `images/` level or one level inside)."""
+    """The image's DICOM under `dicom_root` (PhysioNet `images/` level or one level inside):
+    `.dicom`, `.dcm` or extension-less."""
     for base in (dicom_root, dicom_root / "images"):
-        for suffix in (".dicom", ".dcm"):
-            p = base / study_id / f"{image_id}{suffix}"
-            if p.is_file():
-                return p
+        p = find_dicom_file(base / study_id, image_id)
+        if p is not None:
+            return p
     return None
 
 
@@ -268,12 +282,14 @@ def preprocess_vindr(
     return result
 
 
-def _run_jobs(jobs: list, workers: int) -> Iterable[tuple[str, dict | None, str | None]]:
+def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]
+              = _process_one) -> Iterable[tuple[str, dict | None, str | None]]:
+    """`fn` over the jobs, in this process or in `workers` processes (`fn` must be picklable)."""
     if workers <= 1 or len(jobs) <= 1:
-        yield from map(_process_one, jobs)
+        yield from map(fn, jobs)
         return
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(_process_one, job) for job in jobs]
+        futures = [pool.submit(fn, job) for job in jobs]
         for fut in as_completed(futures):
             yield fut.result()
 

@@ -45,6 +45,8 @@ IMAGES_DIR = "images_png"            # folds / phantom layout
 OFFICIAL_IMAGES_DIR = "images"       # PhysioNet layout: images/<study_id>/<image_id>.dicom
 PHANTOM_META = "phantom.json"          # written by the phantom generator: {"height", "width", ...}
 PREPROCESS_META = "preprocess.json"    # written by `mammo-sae preprocess`: {"height", "width", ...}
+INGEST_META = "ingest.json"            # written by `mammo-sae ingest`: {"height", "width", ...}
+UNKNOWN_LABEL = -1                     # density / BI-RADS of an empty cell (`ingest` leaves them empty)
 DEFAULT_FRAME_HW: tuple[int, int] = (1520, 912)
 SUMMARY_SCHEMA_VERSION = 1
 
@@ -262,7 +264,8 @@ def _summarize_subset(records: list[ImageRecord], is_row_level: bool) -> dict[st
     codes, unique_ids = pd.factorize(np.array([r.image_id for r in records], dtype=object))
     first = np.full(len(unique_ids), -1, dtype=np.int64)
     first[codes[::-1]] = np.arange(len(codes))[::-1]
-    labels_ik = np.zeros((len(unique_ids), len(keys)), dtype=np.int64)
+    # Every image has a row, so the start value never survives; not 0: an unknown (-1) stays -1.
+    labels_ik = np.full((len(unique_ids), len(keys)), UNKNOWN_LABEL, dtype=np.int64)
     np.maximum.at(labels_ik, codes, labels_rk)      # image label = any row positive
     images = [records[i] for i in first]
 
@@ -332,7 +335,7 @@ def _read_table(csv_path: Path, frame_hw: tuple[int, int] | None) -> _Table:
 
 def _frame_from_meta(data_dir: Path) -> tuple[int, int] | None:
     """The frame size a generator recorded beside its CSV, if any."""
-    meta = next((data_dir / n for n in (PHANTOM_META, PREPROCESS_META) if (data_dir / n).is_file()), None)
+    meta = next((data_dir / n for n in (PHANTOM_META, PREPROCESS_META, INGEST_META) if (data_dir / n).is_file()), None)
     if meta is None:
         return None
     try:
@@ -371,10 +374,12 @@ def _float_columns(df: pd.DataFrame, names: Sequence[str], path: Path) -> np.nda
     return np.stack(out, axis=1)
 
 
-def _birads(df: pd.DataFrame, path: Path) -> np.ndarray:
-    # "BI-RADS 4" in VinDr; a bare digit is accepted too.
-    digits = df["breast_birads"].str.extract(r"(\d)\s*$", expand=False)
-    bad = digits.isna().to_numpy() | ~digits.isin(list("12345")).to_numpy()
+def _birads(df: pd.DataFrame, path: Path, *, allow_empty: bool = False) -> np.ndarray:
+    # "BI-RADS 4" in VinDr; a bare digit is accepted too; empty = unknown where allowed.
+    empty = (df["breast_birads"].str.strip() == "").to_numpy() if allow_empty \
+        else np.zeros(len(df), dtype=bool)
+    digits = df["breast_birads"].str.extract(r"(\d)\s*$", expand=False).where(~empty, str(UNKNOWN_LABEL))
+    bad = ~empty & (digits.isna().to_numpy() | ~digits.isin(list("12345")).to_numpy())
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise DataError(f"{path}: column 'breast_birads' must be 'BI-RADS 1'..'BI-RADS 5'; row {i} "
@@ -413,8 +418,10 @@ def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | N
         _require_columns(df, CONFOUNDER_BOX_COLUMNS, csv_path, "phantom CSV with a confounder")
         labels[CONFOUNDER] = _int_column(df, CONFOUNDER, csv_path, 0, 1)
         confounder_xyxy = _float_columns(df, CONFOUNDER_BOX_COLUMNS, csv_path)
-    labels["density"] = _int_column(df, "density", csv_path, 0, 3)
-    labels["birads"] = _birads(df, csv_path)
+    # Empty density / BI-RADS cells (datasets made by `ingest`) read as UNKNOWN_LABEL.
+    density = df["density"].where(df["density"].str.strip() != "", str(UNKNOWN_LABEL))
+    labels["density"] = _int_column(df.assign(density=density), "density", csv_path, UNKNOWN_LABEL, 3)
+    labels["birads"] = _birads(df, csv_path, allow_empty=True)
     fold = (pd.to_numeric(df["fold"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
             if "fold" in df.columns else np.full(n, -1, dtype=np.int64))
     images_dir = csv_path.parent / IMAGES_DIR
@@ -461,7 +468,7 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
     study = _nonempty(df, "study_id", csv_path)
     image_id = _nonempty(df, "image_id", csv_path)
     images_dir = csv_path.parent / OFFICIAL_IMAGES_DIR
-    paths = np.array([os.path.join(images_dir, s, i + ".dicom") for s, i in zip(study, image_id)],
+    paths = np.array([_official_dicom(images_dir, s, i) for s, i in zip(study, image_id)],
                      dtype=object)
     frame = np.stack([_int_column(df, "height", csv_path, 1, 1 << 20),
                       _int_column(df, "width", csv_path, 1, 1 << 20)], axis=1)
@@ -472,6 +479,18 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
         view=df["view_position"].to_numpy(dtype=object), fold=np.full(n, -1, dtype=np.int64),
         labels=labels, box_xyxy=_float_columns(df, ORIGINAL_BOX_COLUMNS, csv_path), frame_hw=frame, paths=paths,
     )
+
+
+def _official_dicom(images_dir: Path, study: str, image_id: str) -> str:
+    """`images/<study>/<image>.dicom`, or the `.dcm` / extension-less file when only that exists
+    (no file at all: the `.dicom` name, for the missing-file report)."""
+    from .images import find_dicom_file  # not at import time: it pulls in torch and cv2
+
+    default = os.path.join(images_dir, study, image_id + ".dicom")
+    if os.path.isfile(default) or not images_dir.is_dir():
+        return default
+    found = find_dicom_file(images_dir / study, image_id)
+    return str(found) if found is not None else default
 
 
 def _split_mask(table: _Table, splits: Sequence[str] | None) -> np.ndarray:
@@ -576,7 +595,7 @@ def _build_records(table: _Table, keep: np.ndarray, level: Level) -> tuple[list[
     if level == "row":
         return [make(int(i), label_matrix[i], int(i), 1) for i in rows], stats
     # Image level: max over each image's rows (density/BI-RADS are per breast, so constant).
-    image_labels = np.zeros((n_images, label_matrix.shape[1]), dtype=np.int64)
+    image_labels = np.full((n_images, label_matrix.shape[1]), UNKNOWN_LABEL, dtype=np.int64)
     np.maximum.at(image_labels, codes, label_matrix)
     n_rows = np.bincount(codes, minlength=n_images)
     kept_codes = pd.unique(codes[rows])

@@ -199,6 +199,9 @@ def concept_targets(records: Sequence[ImageRecord], concept: str) -> np.ndarray:
     bad = (y < 0) | (y >= k)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
+        if records[i].labels[concept] < 0:   # an empty cell, e.g. a dataset made by `ingest`
+            raise DataError(f"concept {concept!r}: image {records[i].image_id} has no {concept} "
+                            f"label (empty in the CSV; {int(bad.sum())} image(s) without one)")
         raise DataError(f"concept {concept!r}: image {records[i].image_id} has label "
                         f"{records[i].labels[concept]}, outside the {k} classes")
     return y
