@@ -4,6 +4,8 @@ preprocessing, RecordDataset, breast mask and box scaling."""
 from __future__ import annotations
 
 import importlib.util
+import struct
+import zlib
 from pathlib import Path
 
 import cv2
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from mammo_sae.data import images
 from mammo_sae.data.images import (MEAN, STD, RecordDataset, augment_mammo_clip, breast_mask,
                                    expand_channels, read_dicom, read_image, scale_boxes,
                                    to_model_input)
@@ -124,6 +127,68 @@ def test_truncated_dicom_pixel_data(tmp_path: Path, ramp_u16: np.ndarray) -> Non
         read_image(path)
 
 
+# ------------------------------------------------------------------ image size limit
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def write_black_1bit_png(path: Path, height: int, width: int) -> Path:
+    """A valid all-black 1-bit grayscale PNG: tens of KB on disk, `height x width` pixels when
+    decoded. Compressed row by row, so the test never holds the raw image."""
+    row = bytes(1 + (width + 7) // 8)        # filter byte 0, then the packed bits
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)   # 1 bit, grayscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat)
+                     + _png_chunk(b"IEND", b""))
+    return path
+
+
+def test_huge_png_is_refused_from_its_header_before_decoding(tmp_path: Path) -> None:
+    # 12000 x 14000 = 168 Mpx, over the default 100 Mpx limit, in ~25 KB.
+    bomb = write_black_1bit_png(tmp_path / "bomb.png", 14000, 12000)
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(DataError, match=r"bomb\.png: image is 14000x12000 pixels \(168\.0 Mpx\), "
+                                        r"over the limit of 100 Mpx; not decoded"):
+        read_image(bomb)
+    # Over Pillow's own decompression-bomb cap (2 x 89.5 Mpx): the same kind of error.
+    bigger = write_black_1bit_png(tmp_path / "bigger.png", 20000, 20000)
+    with pytest.raises(DataError, match=r"bigger\.png: "):
+        read_image(bigger)
+    assert images.MAX_IMAGE_PIXELS == 100_000_000
+
+
+MAX_PIXELS_ENV = "MAMMO_SAE_MAX_IMAGE_PIXELS"
+
+
+def test_image_size_limit_option_env_and_dicom(tmp_path: Path, ramp_u16: np.ndarray,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    png = tmp_path / "small.png"
+    cv2.imwrite(str(png), ramp_u16)                      # 48 x 32 = 1536 px
+    assert read_image(png, max_pixels=1536).shape == (48, 32)
+    with pytest.raises(DataError, match=r"small\.png: image is 48x32 pixels .* limit"):
+        read_image(png, max_pixels=1535)
+    monkeypatch.setenv(MAX_PIXELS_ENV, "1000")     # reaches DataLoader workers too
+    with pytest.raises(DataError, match=MAX_PIXELS_ENV):
+        RecordDataset([_record(png, "img7")])[0]
+    monkeypatch.setenv(MAX_PIXELS_ENV, "lots")
+    with pytest.raises(DataError, match=rf"{MAX_PIXELS_ENV} must be a positive"):
+        read_image(png)
+    monkeypatch.delenv(MAX_PIXELS_ENV)
+    # DICOM: Rows x Columns from the header; the (absent) pixel data is never decoded.
+    import pydicom
+
+    dcm = write_dicom(tmp_path / "huge.dcm", ramp_u16)
+    ds = pydicom.dcmread(dcm)
+    ds.Rows, ds.Columns = 20000, 9000
+    ds.save_as(dcm)
+    with pytest.raises(DataError, match=r"huge\.dcm: image is 20000x9000 pixels \(180\.0 Mpx\)"):
+        read_image(dcm)
+    with pytest.raises(DataError, match=r"ok\.dcm: image is 48x32 pixels"):
+        read_dicom(write_dicom(tmp_path / "ok.dcm", ramp_u16), max_pixels=100)
+
+
 # ------------------------------------------------------------------ model input
 
 def test_to_model_input_matches_mammo_clip_formula() -> None:
@@ -209,6 +274,23 @@ def test_record_dataset_items_and_errors(tmp_path: Path, ramp_u16: np.ndarray) -
         ds[1]
     small = RecordDataset([_record(tmp_path / "ok.png")], size_hw=(24, 16))
     assert small[0][0].shape == (3, 24, 16)
+
+
+def test_batches_of_mixed_sizes_are_grouped_or_refused_by_name(tmp_path: Path,
+                                                              ramp_u16: np.ndarray) -> None:
+    cv2.imwrite(str(tmp_path / "big.png"), ramp_u16)
+    cv2.imwrite(str(tmp_path / "small.png"), ramp_u16[:24, :16])
+    ds = RecordDataset([_record(tmp_path / "big.png", "imgA"),
+                        _record(tmp_path / "small.png", "imgB"),
+                        _record(tmp_path / "big.png", "imgC")], channels=1)
+    items = [ds[i] for i in range(3)]
+    groups = ds.collate_by_size(items)
+    assert [(tuple(x.shape), idx.tolist()) for x, idx in groups] == [((2, 1, 48, 32), [0, 2]),
+                                                                     ((1, 1, 24, 16), [1])]
+    with pytest.raises(DataError, match=r"imgA is 48x32, imgB is 24x16; pass --image-size"):
+        ds.collate(items)
+    x, idx = ds.collate([items[0], items[2]])
+    assert x.shape == (2, 1, 48, 32) and idx.tolist() == [0, 2]
 
 
 def test_augmentation_shapes_range_and_seeding(tmp_path: Path, ramp_u16: np.ndarray) -> None:

@@ -4,6 +4,9 @@ resumability, MONOCHROME1/JPEG 2000 input, missing and corrupt DICOMs, real CBIS
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +158,52 @@ def test_cli_preprocess_and_bad_csv(dicom_tree: tuple[Path, Path, Path], tmp_pat
     args[4] = str(tmp_path / "renamed.csv")
     assert main(args) == 2
     assert "'view_position'" in capsys.readouterr().err
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("which, column, bad", [("findings", "image_id", "../../../../evil"),
+                                                ("breast", "study_id", "../x"),
+                                                ("findings", "study_id", "")])
+def test_ids_that_are_paths_are_refused_before_anything_is_written(
+        dicom_tree: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        which: str, column: str, bad: str) -> None:
+    root, findings_csv, breast_csv = dicom_tree
+    csv = findings_csv if which == "findings" else breast_csv
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df.loc[1, column] = bad
+    df.to_csv(csv, index=False)
+    # A DICOM where the traversing id points, so the unchecked code would convert it.
+    target = Path(os.path.normpath(root / "study1" / f"{bad}.dicom"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(root / "images" / "study1" / "img2.dicom", target)
+    out = tmp_path / "a" / "b" / "out"
+    before = _files(tmp_path)
+    rc = main(["preprocess", "--dicom-root", str(root), "--csv", str(findings_csv),
+               "--breast-csv", str(breast_csv), "--out", str(out),
+               "--height", str(OUT_HW[0]), "--width", str(OUT_HW[1])])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"column '{column}' row 1 has {bad!r}" in err and csv.name in err
+    assert _files(tmp_path) == before             # no PNG, JSON or CSV anywhere, in or out of --out
+
+
+def test_written_files_honour_the_umask(dicom_tree: tuple[Path, Path, Path],
+                                        tmp_path: Path) -> None:
+    root, findings_csv, breast_csv = dicom_tree
+    old = os.umask(0o022)
+    try:
+        preprocess_vindr(root, findings_csv, tmp_path / "out", out_hw=OUT_HW, progress=False)
+        os.umask(0o027)
+        preprocess_vindr(root, findings_csv, tmp_path / "private", out_hw=OUT_HW, progress=False)
+    finally:
+        os.umask(old)
+    for out, mode in ((tmp_path / "out", 0o644), (tmp_path / "private", 0o640)):
+        files = _files(out)
+        assert {p.suffix for p in files} == {".png", ".json", ".csv"}
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == \
+            {p.name: oct(mode) for p in files}
 
 
 def test_breast_window_longest_runs() -> None:

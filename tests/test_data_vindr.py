@@ -160,6 +160,33 @@ def test_bad_values_are_named(tmp_path: Path) -> None:
                      on_missing="ignore")
 
 
+@pytest.mark.parametrize("column, bad", [
+    ("image_id", "../../../evil"), ("image_id", ".."), ("patient_id", "/etc"),
+    ("patient_id", "a\\b"), ("image_id", "C:x"), ("patient_id", ""), ("image_id", "a\x1bb"),
+])
+def test_ids_that_are_paths_are_refused_naming_column_and_row(tmp_path: Path, column: str,
+                                                              bad: str) -> None:
+    rows = [folds_row("a", "p1"), folds_row("b", "p1"), folds_row("c", "p2")]
+    rows[1][column] = bad + (".png" if column == "image_id" else "")
+    write_folds(tmp_path, rows, images=False)
+    with pytest.raises(DataError, match=rf"column '{column}' row 1 has .*cannot be an id"):
+        load_records(tmp_path, on_missing="ignore")
+
+
+def test_official_csv_ids_are_checked_and_dotted_ids_are_fine(tmp_path: Path) -> None:
+    from test_data_preprocess import official_csvs
+
+    findings_csv, _ = official_csvs(tmp_path, {"1.2.840.5": None, "img2": None})
+    assert [r.image_id for r in load_records(findings_csv, on_missing="ignore")] == ["1.2.840.5",
+                                                                                    "img2"]
+    df = pd.read_csv(findings_csv, dtype=str, keep_default_na=False)
+    df.loc[1, "study_id"] = "../../elsewhere"
+    df.to_csv(findings_csv, index=False)
+    with pytest.raises(DataError, match=r"finding_annotations\.csv: column 'study_id' row 1 has "
+                                        r"'\.\./\.\./elsewhere'"):
+        load_records(findings_csv, on_missing="ignore")
+
+
 def test_unknown_split_and_concept_list_valid_ones(small: Path) -> None:
     with pytest.raises(DataError, match=r"unknown split 'val'; valid: test, training"):
         load_records(small, splits=["val"])

@@ -220,6 +220,47 @@ def test_failing_image_is_reported_by_id(data_dir: Path, tmp_path: Path) -> None
     assert np.isnan(store.pooled_nd[3]).all() and np.isfinite(store.pooled_nd[store.ok_mask]).all()
 
 
+def _with_image_id(data_dir: Path, out: Path, index: int, new_id: str) -> Path:
+    """A copy of the dataset whose `index`-th image has CSV image_id `new_id`, plus a PNG where
+    that id points (so an unchecked reader would open it)."""
+    import pandas as pd
+
+    shutil.copytree(data_dir, out)
+    victim = load_records(out)[index]
+    csv = out / "vindr_detection_v1_folds.csv"
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    df.loc[df["image_id"] == f"{victim.image_id}.png", "image_id"] = f"{new_id}.png"
+    df.to_csv(csv, index=False)
+    target = Path(os.path.normpath(out / "images_png" / victim.patient_id / f"{new_id}.png"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(victim.path, target)
+    return out
+
+
+def test_ids_that_are_paths_are_refused(data_dir: Path, tmp_path: Path) -> None:
+    data = _with_image_id(data_dir, tmp_path / "d1" / "data", 1, "../../../outside")
+    assert (tmp_path / "d1" / "outside.png").is_file()
+    with pytest.raises(DataError, match=r"column 'image_id' row \d+ has '\.\./\.\./\.\./outside'"):
+        extract(_cfg(data, tmp_path / "store"), progress=False)
+    assert not (tmp_path / "store").exists()
+
+
+def test_written_files_honour_the_umask(data_dir: Path, tmp_path: Path) -> None:
+    from mammo_sae.models.checkpoints import save_model
+
+    old = os.umask(0o022)
+    try:
+        store = extract(_cfg(data_dir, tmp_path / "store", max_images=2), progress=False)
+        encoder, _ = load_encoder(ARCH, seed=0)
+        model = save_model(encoder, tmp_path / "model")
+    finally:
+        os.umask(old)
+    files = [p for root in (store, model) for p in root.rglob("*") if p.is_file()]
+    assert {p.suffix for p in files} >= {".json", ".npy", ".safetensors"}
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in files}
+    assert modes == {str(p): "0o644" for p in files}
+
+
 def test_bad_arguments_are_refused(data_dir: Path, tmp_path: Path) -> None:
     from mammo_sae.errors import MammoSaeError
 

@@ -177,6 +177,79 @@ def test_bad_concept_lists_valid_ones(tiny_phantom: Path, tmp_path: Path, capsys
     assert rc == 2 and "efficientnet-phantom" in capsys.readouterr().err
 
 
+def _classifier(out: Path) -> Path:
+    """A random-weight Mass classifier (its final map is ~0: every image scores about the same)."""
+    from mammo_sae.models.checkpoints import save_model
+    from mammo_sae.models.classifier import ConceptClassifier
+    from mammo_sae.models.registry import create_encoder
+
+    torch.manual_seed(0)
+    return save_model(ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass"),
+                      out)
+
+
+def test_ids_that_are_paths_are_refused(tiny_phantom: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from test_extract import _with_image_id
+
+    data = _with_image_id(tiny_phantom, tmp_path / "d" / "data", 0, "../../../outside")
+    model = _classifier(tmp_path / "model")
+    for argv in (["classifier", "eval", "--model", str(model), "--split", "training"],
+                 ["classifier", "train", "--init", "efficientnet-phantom",
+                  "--out", str(tmp_path / "run")]):
+        rc = main([*argv, "--data", str(data), "--concept", "Mass", "--no-progress"])
+        assert rc == 2 and "column 'image_id' row" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_runs_images_of_mixed_sizes_and_training_names_them(
+        tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    import cv2
+
+    from mammo_sae.data.images import read_image, to_model_input
+    from mammo_sae.data.vindr import load_records
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_phantom, data)
+    records = load_records(data)
+    for i, r in enumerate(records):    # the phantom is 256x160: images at 128x80 and 64x40
+        hw = (128, 80) if i % 2 else (64, 40)
+        small = cv2.resize(read_image(r.path), hw[::-1], interpolation=cv2.INTER_AREA)
+        cv2.imwrite(str(r.path), small)
+    test = [r for r in records if r.split == "test"]
+    assert {read_image(r.path).shape for r in test} == {(128, 80), (64, 40)}
+    out = tmp_path / "eval.json"
+    model = _classifier(tmp_path / "model")
+    rc = main(["classifier", "eval", "--data", str(data), "--model", str(model),
+               "--concept", "Mass", "--split", "test", "--batch-size", "4", "--n-boot", "0",
+               "--out", str(out), "--no-progress"])
+    assert rc == 0 and json.loads(out.read_text())["n"] == len(test) == 10
+
+    # Each image runs at its own size and its output lands on its own row: a stand-in model
+    # whose logit is the input's mean, and an identity "encoder" for the pooled features.
+    class MeanLogit(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.double().mean(dim=(1, 2, 3))[:, None]
+
+    expected = np.array([to_model_input(read_image(r.path)).double().mean().item() for r in test])
+    cpu = torch.device("cpu")
+    logits = T.predict_logits(MeanLogit(), test, size_hw=None, batch_size=4, device=cpu,
+                              progress=False)
+    np.testing.assert_allclose(logits[:, 0], expected, rtol=1e-6)
+    pooled = T.pooled_features(torch.nn.Identity(), test, size_hw=None, batch_size=4, device=cpu,
+                               progress=False)
+    np.testing.assert_allclose(pooled.double().mean(dim=1).numpy(), expected, rtol=1e-5)
+
+    # Training batches must share one size: refused naming two images.
+    rc = main(["classifier", "train", "--data", str(data), "--concept", "Mass",
+               "--mode", "finetune", "--init", "efficientnet-phantom",
+               "--out", str(tmp_path / "run"), "--epochs", "1", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "images of different sizes in one batch" in err and "--image-size" in err
+
+
 def test_warmup_cosine_schedule() -> None:
     lrs = [T.warmup_cosine(s, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

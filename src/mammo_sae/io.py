@@ -7,6 +7,7 @@ so an interrupted run or a full disk never leaves a half-written file under the 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -14,9 +15,10 @@ import math
 import os
 import pickle
 import re
+import secrets
 import shutil
+import stat
 import struct
-import tempfile
 import threading
 import zipfile
 from pathlib import Path
@@ -37,13 +39,13 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp_path, mode = _new_temporary(path)
     except OSError as exc:
         raise MammoSaeError(f"could not write {path}: {exc.strerror or exc}") from exc
-    os.close(fd)
-    tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if stat.S_IMODE(os.stat(tmp_path).st_mode) != mode:
+            os.chmod(tmp_path, mode)   # a writer that made its own file (safetensors: 0600)
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -61,6 +63,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def _new_temporary(path: Path) -> tuple[Path, int]:
+    """A new empty file `.<name>.<random>.tmp` beside `path` and its permission bits: 0666 less
+    the umask, like any ordinary file (mkstemp's 0600 would hide every artefact from
+    collaborators on a shared volume)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
 LOW_DISK_BYTES = 64 << 20

@@ -3,6 +3,8 @@
 * `read_image`: PNG/JPEG/TIFF (8- or 16-bit grayscale) or DICOM (pydicom; JPEG 2000, JPEG-LS and
   RLE through the pylibjpeg/openjpeg plugins; MONOCHROME1 is inverted as x_max - x, like
   Mammo-CLIP; no VOI LUT or windowing).
+  Images over `max_image_pixels()` (default 100 Mpx, env `MAMMO_SAE_MAX_IMAGE_PIXELS`) are
+  refused from the header's size, before any pixel is decoded.
 * `to_model_input`: grayscale -> 3 identical channels, per-image min-max to [0, 1], then
   (x - MEAN) / STD. No resize when the image already has the requested size (the Mammo-CLIP
   evaluation path: PNGs are 1520x912 already). Another size is reached with area interpolation
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -23,7 +26,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from ..errors import DataError
 from .records import Box, ImageRecord
@@ -32,6 +35,39 @@ from .records import Box, ImageRecord
 MEAN = 0.3089279
 STD = 0.25053555408335154
 DICOM_SUFFIXES = (".dcm", ".dicom")
+
+# A few-KB file can declare a size that decodes to gigabytes. Mammograms are at most a few
+# tens of Mpx (VinDr PNGs 1520x912 = 1.4 Mpx, full-field DICOMs ~13 Mpx), so anything larger
+# is refused from the header. The environment variable reaches DataLoader worker processes.
+MAX_IMAGE_PIXELS = 100_000_000
+MAX_IMAGE_PIXELS_ENV = "MAMMO_SAE_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    """The largest image (height x width x frames) read: $MAMMO_SAE_MAX_IMAGE_PIXELS or 100 Mpx."""
+    text = os.environ.get(MAX_IMAGE_PIXELS_ENV, "").strip()
+    if not text:
+        return MAX_IMAGE_PIXELS
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise DataError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels, "
+                        f"got {text!r}")
+    return value
+
+
+def check_image_size(path: str | os.PathLike[str], height: int, width: int, *, frames: int = 1,
+                     max_pixels: int | None = None) -> None:
+    """Raise DataError naming the image when its header's size is over the limit."""
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    pixels = int(height) * int(width) * max(1, int(frames))
+    if pixels > limit:
+        shape = f"{height}x{width}" + (f"x{frames} frames" if frames > 1 else "")
+        raise DataError(f"{path}: image is {shape} pixels ({pixels / 1e6:.1f} Mpx), over the "
+                        f"limit of {limit / 1e6:g} Mpx; not decoded (a larger limit can be set "
+                        f"with {MAX_IMAGE_PIXELS_ENV})")
 
 
 # ---------------------------------------------------------------------------- reading
@@ -63,21 +99,31 @@ def find_dicom_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
     return bare if bare.is_file() and _is_dicom(bare) else None
 
 
-def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True) -> tuple[np.ndarray, str]:
+def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True,
+               max_pixels: int | None = None) -> tuple[np.ndarray, str]:
     """Stored pixels of a single-frame grayscale DICOM and its PhotometricInterpretation.
 
     With `invert_monochrome1`, MONOCHROME1 images (bright = low value) come back as max - x.
+    Rows x Columns (x frames) over `max_pixels` (default `max_image_pixels()`) is refused
+    before the pixel data is decoded.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
+    errors = (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, RuntimeError,
+              NotImplementedError, TypeError)
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path)   # reads the pixel data's bytes but does not decode them
         photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except errors as exc:
+        raise DataError(f"cannot read DICOM {path}: {type(exc).__name__}: {exc}") from exc
+    check_image_size(path, rows, columns, frames=frames, max_pixels=max_pixels)
+    try:
         arr = ds.pixel_array
-    except (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, RuntimeError,
-            NotImplementedError, TypeError) as exc:
+    except errors as exc:
         raise DataError(f"cannot read DICOM {path}: {type(exc).__name__}: {exc}") from exc
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DataError(f"{path}: PhotometricInterpretation {photometric!r} is not grayscale "
@@ -89,17 +135,27 @@ def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True)
     return arr, photometric
 
 
-def read_image(path: str | os.PathLike[str]) -> np.ndarray:
-    """(H, W) grayscale array of a PNG/JPEG/TIFF (uint8 or uint16) or DICOM (MONOCHROME1 inverted)."""
+def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -> np.ndarray:
+    """(H, W) grayscale array of a PNG/JPEG/TIFF (uint8 or uint16) or DICOM (MONOCHROME1 inverted).
+
+    Images over `max_pixels` (default `max_image_pixels()`) are refused from the header's size,
+    before decoding.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file not found: {path}")
     if _is_dicom(path):
-        return read_dicom(path)[0]
+        return read_dicom(path, max_pixels=max_pixels)[0]
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            # Our limit decides (just below); Pillow's own error over 2 x its
+            # MAX_IMAGE_PIXELS (179 Mpx) is reported below like ours.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_image_size(path, img.height, img.width, max_pixels=max_pixels)
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L"):
                 arr = np.asarray(img, dtype=np.uint16)
@@ -109,6 +165,10 @@ def read_image(path: str | os.PathLike[str]) -> np.ndarray:
                 arr = np.asarray(img.convert("L"))
             else:
                 raise DataError(f"{path}: unsupported image mode {img.mode!r}")
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"{path}: not decoded: {exc} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS; "
+                        f"ours is {max_image_pixels() if max_pixels is None else max_pixels} "
+                        "pixels)") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     if arr.ndim != 2 or arr.size == 0:
@@ -302,3 +362,29 @@ class RecordDataset(Dataset):
         x_1hw = minmax_01(torch.from_numpy(np.ascontiguousarray(arr_hw, dtype=np.float32)))[None]
         x_1hw = minmax_01(augment_mammo_clip(x_1hw))
         return _with_channels((x_1hw - MEAN) / STD, self.channels), i
+
+    def collate(self, items: Sequence[tuple[torch.Tensor, int]]) -> list[torch.Tensor]:
+        """[x_bchw, indices], torch's default collate; images of different sizes in one
+        batch are refused naming two of them (torch only says "stack expects each tensor to be
+        equal size"). For training batches, which must share a size."""
+        sizes: dict[tuple[int, ...], int] = {}   # size -> first image of that size
+        for x, i in items:
+            sizes.setdefault(tuple(x.shape[-2:]), i)
+        if len(sizes) > 1:
+            (a_hw, a), (b_hw, b) = list(sizes.items())[:2]
+            raise DataError(
+                f"images of different sizes in one batch: {self.records[a].image_id} is "
+                f"{a_hw[0]}x{a_hw[1]}, {self.records[b].image_id} is {b_hw[0]}x{b_hw[1]}; pass "
+                "--image-size HxW to resize every image to one size")
+        return default_collate(list(items))
+
+    @staticmethod
+    def collate_by_size(items: Sequence[tuple[torch.Tensor, int]]
+                        ) -> list[list[torch.Tensor]]:
+        """[[x_bchw, indices], ...], one batch per image size: for inference, where each image can
+        run at its own size, as `extract` does without --image-size."""
+        groups: dict[tuple[int, ...], list[tuple[torch.Tensor, int]]] = {}
+        for x, i in items:
+            groups.setdefault(tuple(x.shape), []).append((x, i))
+        # default_collate stacks straight into shared memory inside a worker (no second copy)
+        return [default_collate(g) for g in groups.values()]

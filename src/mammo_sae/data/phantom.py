@@ -37,7 +37,7 @@ from .. import __version__
 from ..config import opt, to_dict
 from ..errors import DataError
 from ..io import atomic_path, read_json, write_json, write_text_atomic
-from .records import FINDING_CONCEPTS, Box
+from .records import FINDING_CONCEPTS, Box, check_ids
 
 SCHEMA_VERSION = 1
 CSV_NAME = "vindr_detection_v1_folds.csv"
@@ -761,10 +761,14 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     import matplotlib.pyplot as plt
     import pandas as pd
     from matplotlib.patches import Rectangle
-    from PIL import Image
+
+    from .images import read_image
 
     data_dir = Path(data_dir)
-    frame = pd.read_csv(data_dir / CSV_NAME, dtype={"finding_birads": str})
+    frame = pd.read_csv(data_dir / CSV_NAME,
+                        dtype={"finding_birads": str, "patient_id": str, "image_id": str})
+    for column in ("patient_id", "image_id"):   # joined into the image paths below
+        check_ids(frame[column], column, data_dir / CSV_NAME)
     by_image = frame.groupby("image_id", sort=False)
     wanted = [  # one of each kind first, then fill
         lambda g: g["Mass"].any() and g["confounder"].iloc[0] == 1,
@@ -797,7 +801,7 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     for ax, image_id in zip(axes.flat, chosen):
         g = by_image.get_group(image_id)
         first = g.iloc[0]
-        pixels = np.asarray(Image.open(data_dir / IMAGE_DIR / first["patient_id"] / image_id))
+        pixels = read_image(data_dir / IMAGE_DIR / first["patient_id"] / image_id)
         ax.imshow(pixels, cmap="gray", vmin=0, vmax=255)
         for _, row in g.iterrows():
             for concept in ("Mass", "Suspicious_Calcification"):

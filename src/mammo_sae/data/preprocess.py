@@ -34,7 +34,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..io import write_bytes_atomic, write_json, write_text_atomic
 from .images import find_dicom_file, read_dicom
-from .records import FINDING_CONCEPTS
+from .records import FINDING_CONCEPTS, check_ids
 from .vindr import (FOLDS_CSV, IMAGES_DIR, OFFICIAL_REQUIRED, _density_letters, _read_csv,
                     _require_columns, parse_categories)
 
@@ -223,6 +223,7 @@ def preprocess_vindr(
         raise DataError(f"findings CSV not found: {findings_csv}")
     findings = _read_csv(findings_csv)
     _require_columns(findings, OFFICIAL_REQUIRED, findings_csv, "official finding_annotations.csv")
+    _check_id_columns(findings, findings_csv)
     images = findings.drop_duplicates("image_id")
     if breast_csv is not None:
         breast_csv = Path(breast_csv)
@@ -230,6 +231,7 @@ def preprocess_vindr(
             raise DataError(f"breast-level CSV not found: {breast_csv}")
         breast = _read_csv(breast_csv)
         _require_columns(breast, BREAST_REQUIRED, breast_csv, "official breast-level_annotations.csv")
+        _check_id_columns(breast, breast_csv)
         images = breast.drop_duplicates("image_id")
         findings = _add_no_finding_rows(findings, images)
     if images.empty:
@@ -280,6 +282,13 @@ def preprocess_vindr(
     write_json(out_dir / "preprocess.json", {"schema_version": SCHEMA_VERSION, **result.as_dict(),
                                              "height": out_hw[0], "width": out_hw[1], "border": BORDER})
     return result
+
+
+def _check_id_columns(df: pd.DataFrame, path: Path) -> None:
+    """Ids become output paths (`images_png/<study_id>/<image_id>.png`,
+    `.preprocess/<image_id>.json`): every row is checked before anything is written."""
+    for column in ("study_id", "image_id"):
+        check_ids(df[column], column, path)
 
 
 def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]

@@ -7,9 +7,12 @@ x = column, y = row, origin top-left); `frame_hw` says which frame that is.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterable, Literal
+
+from ..errors import DataError
 
 # The 11 finding columns of the Mammo-CLIP folds CSV, in file order.
 FINDING_CONCEPTS: tuple[str, ...] = (
@@ -24,6 +27,52 @@ CONFOUNDER = "confounder"
 SPLITS: tuple[str, ...] = ("training", "test")
 
 Level = Literal["image", "row"]
+
+# Unicode categories refused in ids: control, format (e.g. bidi overrides) and surrogate
+# characters, and line/paragraph separators.
+_BAD_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
+
+
+def id_problem(value: object) -> str | None:
+    """Why `value` cannot be an id (patient, study or image) that names a file, or None.
+
+    Ids come from CSVs and are joined into paths such as `images_png/<patient>/<image>.png`,
+    so an id must be a plain name: not empty, no path separator ('/' or '\\'), no ':' (a
+    drive or stream on Windows), not '.' or '..', no control characters.
+    """
+    if not isinstance(value, str):
+        return f"not text ({type(value).__name__})"
+    if not value:
+        return "it is empty"
+    if value in (".", ".."):
+        return f"{value!r} names a folder, not a file"
+    for sep in ("/", "\\", ":"):
+        if sep in value:
+            return f"it contains {sep!r} (a path, not a name)"
+    for ch in value:
+        if unicodedata.category(ch) in _BAD_ID_CATEGORIES:
+            return f"it contains the control character U+{ord(ch):04X}"
+    return None
+
+
+def check_ids(values: Iterable[object], column: str, source: object) -> None:
+    """Raise DataError naming the column and (0-based) row of the first id in `values` that
+    `id_problem` refuses; every row is checked, so nothing is written before bad input shows."""
+    problems: dict[object, str | None] = {}   # ids repeat (one per CSV row): check each once
+    first: tuple[int, object, str] | None = None
+    n_bad = 0
+    for i, value in enumerate(values):
+        if value not in problems:
+            problems[value] = id_problem(value)
+        problem = problems[value]
+        if problem is not None:
+            n_bad += 1
+            first = first or (i, value, problem)
+    if first is not None:
+        i, value, problem = first
+        raise DataError(f"{source}: column {column!r} row {i} has {value!r}, which cannot be an "
+                        f"id: {problem}; ids are names of files inside the data folder, not paths "
+                        f"({n_bad} bad row(s))")
 
 
 @dataclass(frozen=True)

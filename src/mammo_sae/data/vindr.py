@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError, choices_message
-from .records import CONFOUNDER, FINDING_CONCEPTS, Box, ImageRecord, Level
+from .records import CONFOUNDER, FINDING_CONCEPTS, Box, ImageRecord, Level, check_ids
 
 log = logging.getLogger(__name__)
 
@@ -404,14 +404,21 @@ def _nonempty(df: pd.DataFrame, name: str, path: Path) -> np.ndarray:
     return values
 
 
+def _ids(df: pd.DataFrame, name: str, path: Path) -> np.ndarray:
+    """An id column (joined into image paths), every row checked by `check_ids`."""
+    values = df[name].to_numpy(dtype=object)
+    check_ids(values, name, path)
+    return values
+
+
 def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | None) -> _Table:
     _require_columns(df, FOLDS_REQUIRED, csv_path, "folds CSV")
     n = len(df)
     if frame_hw is None:
         frame_hw = _frame_from_meta(csv_path.parent) or DEFAULT_FRAME_HW
     image_id = df["image_id"].str.replace(r"\.png$", "", regex=True).to_numpy(dtype=object)
-    patient_id = _nonempty(df, "patient_id", csv_path)
-    _nonempty(df, "image_id", csv_path)
+    patient_id = _ids(df, "patient_id", csv_path)
+    check_ids(image_id, "image_id", csv_path)   # as joined into the path: without ".png"
     labels = {c: _int_column(df, c, csv_path, 0, 1) for c in FINDING_CONCEPTS}
     confounder_xyxy = None
     if CONFOUNDER in df.columns:
@@ -465,8 +472,8 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
             labels[c][rows] = 1
     labels["density"] = _density_letters(df, csv_path)
     labels["birads"] = _birads(df, csv_path)
-    study = _nonempty(df, "study_id", csv_path)
-    image_id = _nonempty(df, "image_id", csv_path)
+    study = _ids(df, "study_id", csv_path)
+    image_id = _ids(df, "image_id", csv_path)
     images_dir = csv_path.parent / OFFICIAL_IMAGES_DIR
     paths = np.array([_official_dicom(images_dir, s, i) for s, i in zip(study, image_id)],
                      dtype=object)

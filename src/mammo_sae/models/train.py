@@ -35,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -293,11 +293,31 @@ def _save_model_dir(model: nn.Module, final: Path, **meta: Any) -> None:
 
 
 def _make_loader(dataset: torch.utils.data.Dataset, batch_size: int, *, shuffle: bool, workers: int,
-                 seed: int = 0) -> torch.utils.data.DataLoader:
+                 seed: int = 0, by_size: bool = False) -> torch.utils.data.DataLoader:
+    """Image datasets: batches that must share a size refuse mixed sizes by name; with
+    `by_size` (inference) each batch is a list of per-size batches (`_by_size`)."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
+    collate = getattr(dataset, "collate_by_size" if by_size else "collate", None)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
                                        num_workers=workers, generator=generator, drop_last=False,
-                                       persistent_workers=False)
+                                       persistent_workers=False, collate_fn=collate)
+
+
+def _by_size(loader: Iterable[list[list[torch.Tensor]]], progress: bool = False, desc: str = ""
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x_b1hw, indices) of a `by_size` loader, one per image size in each batch."""
+    for groups in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        for x, idx in groups:
+            yield x, idx
+
+
+def _in_order(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Rows of (indices, values) parts back in dataset order."""
+    idx = torch.cat([i for i, _ in parts])
+    values = torch.cat([v for _, v in parts])
+    out = torch.empty_like(values)
+    out[idx] = values
+    return out
 
 
 def _images(records: Sequence[Any], size_hw: tuple[int, int] | None,
@@ -324,14 +344,15 @@ def pooled_features(encoder: nn.Module, records: Sequence[ImageRecord], *, size_
     """(N, C) spatial means of the encoder's final map, eval mode, no augmentation."""
     was_training = encoder.training
     encoder.eval()
-    out: list[torch.Tensor] = []
-    loader = _make_loader(_images(records, size_hw), batch_size, shuffle=False, workers=workers)
-    for x_b1hw, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    loader = _make_loader(_images(records, size_hw), batch_size, shuffle=False, workers=workers,
+                          by_size=True)
+    for x_b1hw, idx in _by_size(loader, progress, desc):
         with _autocast(device, device.type == "cuda"):
             fmap = encoder(_to_device(x_b1hw, device))
-        out.append(fmap.float().mean(dim=(2, 3)).cpu())
+        out.append((idx, fmap.float().mean(dim=(2, 3)).cpu()))
     encoder.train(was_training)
-    return torch.cat(out)
+    return _in_order(out)
 
 
 def _autocast(device: torch.device, enabled: bool) -> Any:
@@ -559,13 +580,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         logits = model(x)
         return sum(F.cross_entropy(logits[t], y[:, j]) for j, t in enumerate(cfg.tasks))  # type: ignore[return-value]
 
-    val_loader = _make_loader(_images(val, size_hw), cfg.batch_size, shuffle=False, workers=cfg.workers)
+    val_loader = _make_loader(_images(val, size_hw), cfg.batch_size, shuffle=False,
+                              workers=cfg.workers, by_size=True)
 
     @torch.inference_mode()
     def validate() -> float:
         model.eval()
         correct = torch.zeros(len(cfg.tasks))
-        for x, idx in val_loader:
+        for x, idx in _by_size(val_loader):
             with _autocast(device, cfg.amp):
                 logits = model(_to_device(x, device))
             for j, t in enumerate(cfg.tasks):
@@ -762,12 +784,13 @@ def predict_logits(model: nn.Module, records: Sequence[ImageRecord], *, size_hw:
     was_training = model.training
     model.eval()
     chunks = []
-    loader = _make_loader(_images(unique, size_hw), batch_size, shuffle=False, workers=workers)
-    for x, _ in tqdm(loader, desc="predict", disable=not progress, leave=False):
+    loader = _make_loader(_images(unique, size_hw), batch_size, shuffle=False, workers=workers,
+                          by_size=True)
+    for x, idx in _by_size(loader, progress, "predict"):
         with _autocast(device, device.type == "cuda"):
-            chunks.append(model(_to_device(x, device)).float().cpu())
+            chunks.append((idx, model(_to_device(x, device)).float().cpu()))
     model.train(was_training)
-    logits_uk = torch.cat(chunks).double().numpy()
+    logits_uk = _in_order(chunks).double().numpy()
     row_of = {path: j for j, path in enumerate(first)}
     return logits_uk[[row_of[r.path] for r in records]]
 
