@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MammoSaeError
-from .io import read_json, sha256_json, write_json
+from .io import LOCK_NAME, read_json, sha256_json, write_json
 
 STAGE_SCHEMA_VERSION = 1
 
@@ -136,6 +136,8 @@ class Runner:
             paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
             for path in paths:
                 name = path.relative_to(self.run_dir).as_posix()
+                if path.name == LOCK_NAME:
+                    continue   # a writer lock's content changes with every writer
                 if not any(fnmatch.fnmatch(name, pattern) for pattern in stage.transient):
                     states[name] = path.stat().st_size
         return states
