@@ -1,4 +1,4 @@
-"""One writer per output directory (io.writer_lock), its temporaries, relocatable run directories."""
+"""One writer per output directory (io.writer_lock), its temporaries, relocatable runs."""
 
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def test_a_run_records_paths_relative_to_itself(tiny_run) -> None:
     stores = json.loads((run / "stores" / "stores.json").read_text())["stores"]
     assert {s["out"] for s in stores} >= {"stores/sae-train", "stores/pretrained-test"}
     assert json.loads((run / "stages" / "sae.json").read_text())["outputs"] == {"sae": "sae"}
-    assert json.loads((run / "sae" / "cfg.json").read_text())["source_store"] == "../stores/sae-train"
+    sae_record = json.loads((run / "sae" / "cfg.json").read_text())
+    assert sae_record["source_store"] == "../stores/sae-train"
     from mammo_sae.activations.store import ActivationStore
 
     store = ActivationStore(run / "stores" / "pretrained-test")
@@ -191,7 +192,8 @@ def test_a_run_is_used_from_another_directory_and_after_moving(tiny_run, tmp_pat
     assert main(["run", str(config), "--out", str(run), "--dry-run"]) == 0
     plan = _plan(capsys)
     assert [plan[s] for s in DONE] == ["skip"] * len(DONE), plan
-    assert main(["run", str(config), "--out", str(run), "--only", "intervene", "--no-progress"]) == 0
+    assert main(["run", str(config), "--out", str(run), "--only", "intervene",
+                 "--no-progress"]) == 0
     assert (run / "analysis" / "intervene" / "Mass-finetuned").is_dir()
     from mammo_sae.activations.store import ActivationStore
 

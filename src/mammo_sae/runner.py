@@ -7,8 +7,9 @@ after its outputs exist: a crash or Ctrl-C leaves the finished stages marked and
 resumes at the first stage whose record is missing or stale. `files` lists every file under the
 stage's output folders with its size (resume-only files such as training states, and writer
 lock files, excepted); a file deleted or changed in size since makes the stage (and what
-follows) run again instead of being trusted. Sizes, not times: a run directory copied without its file times stays valid;
-content the size check cannot see is the stages' own business (stores carry checksums).
+follows) run again instead of being trusted. Sizes, not times: a run directory copied without
+its file times stays valid; content the size check cannot see is the stages' own business
+(stores carry checksums).
 """
 
 from __future__ import annotations

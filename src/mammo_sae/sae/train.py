@@ -144,8 +144,8 @@ class TrainConfig:
 
 
 # Options that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "progress", "log_every", "checkpoint_every",
-                      "checkpoint_seconds", "measure_matmul", "eval_patches", "epochs", "store",
+_RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "progress", "log_every",
+                      "checkpoint_every", "checkpoint_seconds", "measure_matmul", "eval_patches", "epochs", "store",
                       "device", "data_in_memory", "compile", "out"}
 
 
