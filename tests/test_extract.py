@@ -27,6 +27,7 @@ from mammo_sae.activations.store import ActivationStore
 from mammo_sae.data.images import RecordDataset
 from mammo_sae.data.vindr import load_records
 from mammo_sae.errors import DataError, StoreError
+from mammo_sae.io import LOCK_NAME
 
 ARCH = "efficientnet-phantom"
 N_IMAGES = 8
@@ -60,9 +61,10 @@ def reference(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    """Shards, tables and manifests byte-identical (the settings carry no paths of `out`)."""
-    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    """Shards, tables and manifests byte-identical (the settings carry no paths of `out`); the
+    writer lock file (who wrote it last) is not part of the store."""
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file() and p.name != LOCK_NAME)
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file() and p.name != LOCK_NAME)
     assert files_a == files_b
     for rel in files_a:
         assert filecmp.cmp(a / rel, b / rel, shallow=False), f"{rel} differs"
@@ -136,9 +138,12 @@ def test_row_level_keeps_each_csv_row_with_image_labels(data_dir: Path, tmp_path
 
 
 def test_rerun_is_noop_and_other_settings_are_refused(reference: Path, data_dir: Path) -> None:
-    before = {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    def times() -> dict[Path, int]:
+        return {p: p.stat().st_mtime_ns for p in reference.rglob("*") if p.name != LOCK_NAME}
+
+    before = times()
     extract(_cfg(data_dir, reference), progress=False)
-    assert before == {p: p.stat().st_mtime_ns for p in reference.rglob("*")}
+    assert before == times()
     with pytest.raises(StoreError, match=r"dtype: store has 'float32', requested 'float16'"):
         extract(_cfg(data_dir, reference, dtype="float16"), progress=False)
     with pytest.raises(StoreError, match=r"layer: store has 'final', requested 'blocks.2'.*"):

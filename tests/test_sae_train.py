@@ -14,7 +14,7 @@ import torch
 from mammo_sae.cli import main
 from mammo_sae.errors import CheckpointError, MammoSaeError, StoreError
 from mammo_sae.sae.checkpoints import load_sae
-from mammo_sae.sae.train import STATE_FILE, TensorSource, TrainConfig, Trainer, train_sae
+from mammo_sae.sae.train import LOG_FILE, STATE_FILE, TensorSource, TrainConfig, Trainer, train_sae
 
 
 @pytest.fixture(autouse=True)
@@ -68,8 +68,6 @@ def test_resume_refuses_changed_settings_and_corrupt_state(tmp_path):
     train_sae(_cfg(tmp_path / "r", max_steps=3), TensorSource(x))
     with pytest.raises(MammoSaeError, match="lr"):
         train_sae(_cfg(tmp_path / "r", resume=True, lr=1e-2), TensorSource(x))
-    with pytest.raises(MammoSaeError, match="--resume"):
-        train_sae(_cfg(tmp_path / "r"), TensorSource(x))
     with pytest.raises(StoreError, match="d=8"):
         train_sae(_cfg(tmp_path / "r", resume=True), TensorSource(_data(300, d=8)))
     with pytest.raises(CheckpointError, match="is a training state"):
@@ -83,6 +81,35 @@ def test_resume_refuses_changed_settings_and_corrupt_state(tmp_path):
     assert "weights_only=False" not in str(err.value)   # never advise unpickling untrusted code
     with pytest.raises(CheckpointError, match="no training state"):
         train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
+
+
+def test_rerunning_the_same_command_resumes_and_other_settings_are_refused(tmp_path):
+    """After a crash, the same command again continues the saved state (== an uninterrupted
+    run) without --resume; a state of other settings is refused naming them; --overwrite
+    discards it; --resume insists on a state."""
+    x = _data(300)
+    full = train_sae(_cfg(tmp_path / "full"), TensorSource(x))
+    train_sae(_cfg(tmp_path / "r", max_steps=3), TensorSource(x))        # "crashed" at step 3
+    with pytest.raises(MammoSaeError, match=r"other settings|different settings") as err:
+        train_sae(_cfg(tmp_path / "r", lr=1e-2, l1_coeff=2e-3), TensorSource(x))
+    assert "lr: 0.003 → 0.01" in str(err.value) and "l1_coeff: 0.001 → 0.002" in str(err.value)
+    assert "--overwrite" in str(err.value)
+    resumed = train_sae(_cfg(tmp_path / "r"), TensorSource(x))           # the same command again
+    a, b = _weights(full), _weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train_sae(_cfg(tmp_path / "r"), TensorSource(x))                     # finished: a no-op rerun
+    assert _weights(tmp_path / "r").keys() == a.keys()
+    assert all(torch.equal(a[k], v) for k, v in _weights(tmp_path / "r").items())
+    train_sae(_cfg(tmp_path / "r", lr=1e-2, overwrite=True), TensorSource(x))
+    meta = json.loads((tmp_path / "r" / "cfg.json").read_text())
+    assert meta["training"]["config"]["lr"] == 1e-2 and meta["training"]["steps"] == 6 * 4
+    log = [json.loads(line) for line in (tmp_path / "r" / LOG_FILE).read_text().splitlines()]
+    assert log[0]["step"] == 4 and len(log) == 6                       # only the new run's lines
+    with pytest.raises(MammoSaeError, match="contradict"):
+        train_sae(_cfg(tmp_path / "r", resume=True, overwrite=True), TensorSource(x))
+    with pytest.raises(CheckpointError, match="no training state"):
+        train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
+    assert train_sae(_cfg(tmp_path / "fresh2"), TensorSource(x)).is_dir()   # no state: fresh
 
 
 def test_constant_training_data_is_refused(tmp_path):
@@ -191,6 +218,24 @@ def test_cli_trains_from_a_store_and_logs(tmp_path):
     a, b = _weights(tmp_path / "run"), _weights(tmp_path / "run2")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert main(["sae", "train", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
+    """A killed `sae train` leaves `.train_state.pt.<random>.tmp` (atomic_path's name); the next
+    run in that folder removes files of that pattern only."""
+    _tiny_store(tmp_path / "store")
+    run = tmp_path / "run"
+    (run / "keep").mkdir(parents=True)
+    orphans = [run / ".train_state.pt.k3j_4h5g.tmp", run / ".cfg.json.abcd1234.tmp",
+               run / "keep" / ".x.npy.0a1b2c3d.tmp"]
+    kept = [run / "notes.tmp", run / ".x.tmp", run / "train_state.pt.tmp", run / "keep" / "a.tmp"]
+    for path in orphans + kept:
+        path.write_bytes(b"\0" * 1000)
+    assert main(["sae", "train", "--store", str(tmp_path / "store"), "--out", str(run),
+                 "--expansion", "2", "--batch-size", "64", "--epochs", "1", "--no-progress",
+                 "--eval-patches", "64", "--no-measure-matmul"]) == 0
+    assert [p for p in orphans if p.exists()] == []
+    assert [p for p in kept if not p.exists()] == []
 
 
 # ---------------------------------------------------------------------------- DDP (gloo, CPU)

@@ -250,6 +250,30 @@ def test_eval_runs_images_of_mixed_sizes_and_training_names_them(
     assert rc == 2 and "images of different sizes in one batch" in err and "--image-size" in err
 
 
+def test_a_corrected_rerun_after_bad_input_is_not_refused(tiny_phantom: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Inputs are checked before OUT is written, and a config.json without a checkpoint or model
+    (a run that failed before its first epoch) is nothing to keep: neither blocks the fixed
+    command with "already holds a run"."""
+    out = tmp_path / "run"
+    args = ["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass", "--mode",
+            "linear-probe", "--out", str(out), "--epochs", "1", "--image-size", "128,80",
+            "--no-progress"]
+    assert main(args + ["--init", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    assert not (out / "config.json").exists()
+    assert main(args + ["--init", "efficientnet-phantom"]) == 0
+    assert (out / "model").is_dir()
+    failed = tmp_path / "failed"      # as left by a run that died on an unreadable image
+    failed.mkdir()
+    (failed / "config.json").write_text(json.dumps({"schema_version": 1, "config": {"lr": 5.0}}))
+    other = [str(failed) if a == str(out) else a for a in args]
+    assert main(other + ["--init", "efficientnet-phantom"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--init", "efficientnet-phantom", "--lr", "0.5"]) == 2   # a real run stays
+    assert "already holds a run" in capsys.readouterr().err
+
+
 def test_warmup_cosine_schedule() -> None:
     lrs = [T.warmup_cosine(s, 10, 100) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)

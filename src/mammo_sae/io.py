@@ -1,13 +1,16 @@
-"""Small file helpers shared by every stage: atomic writes, hashes, JSON.
+"""Small file helpers shared by every stage: atomic writes, hashes, JSON, writer locks.
 
 Every artefact is written to a temporary name in the same directory and renamed into place,
 so an interrupted run or a full disk never leaves a half-written file under the final name.
+A command that writes a directory holds its `writer_lock` for the whole write: a second writer
+fails at once instead of mixing its files with the first's (docs/security.md).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -19,7 +22,9 @@ import secrets
 import shutil
 import stat
 import struct
+import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -70,7 +75,7 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
     the umask, like any ordinary file (mkstemp's 0600 would hide every artefact from
     collaborators on a shared volume)."""
     for _ in range(100):
-        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{TMP_SUFFIX}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
@@ -83,6 +88,135 @@ def _new_temporary(path: Path) -> tuple[Path, int]:
 
 
 LOW_DISK_BYTES = 64 << 20
+TMP_SUFFIX = ".tmp"
+# `atomic_path`'s temporary names: "." + final name + "." + 8 random hex digits + ".tmp".
+_TMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def is_atomic_temporary(name: str) -> bool:
+    """True for a name `atomic_path` gives its temporary files (and nothing else)."""
+    return bool(_TMP_NAME.match(name))
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files killed writers left under `folder` (recursively); returns them.
+
+    Only names of `atomic_path`'s pattern are touched. Safe only while holding the folder's
+    `writer_lock`: then no live writer of ours can own one of them.
+    """
+    removed: list[Path] = []
+    for parent, dirs, files in os.walk(folder):
+        # A subfolder another process is writing (its own lock held) keeps its temporaries.
+        dirs[:] = [d for d in dirs if not _locked_by_other(Path(parent) / d)]
+        for name in files:
+            if is_atomic_temporary(name):
+                path = Path(parent) / name
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                    removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------- writer locks
+LOCK_NAME = ".mammo-sae.lock"
+# Folders whose lock this process holds, with their nesting depth: `run` holds its run
+# directory while its stages lock their own folders, and a stage may lock a folder again.
+# (A second flock on a new descriptor of the same file conflicts even within one process.)
+_HELD: dict[Path, tuple[int, int]] = {}      # resolved folder -> (fd, depth)
+
+
+def _holder(lock_file: Path) -> str:
+    try:
+        info = json.loads(lock_file.read_text(encoding="utf-8"))
+        return f"process {int(info['pid'])} since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"   # it has locked the file but not yet written its name
+
+
+def _busy(folder: Path, lock_file: Path) -> MammoSaeError:
+    return MammoSaeError(f"{folder} is being written by {_holder(lock_file)}; wait for it to "
+                         f"finish or use another output directory (lock file {lock_file})")
+
+
+def _locked_by_other(folder: Path) -> bool:
+    """Whether another process holds `folder`'s writer lock (a shared-lock attempt, released at
+    once; folders this process holds and folders without a lock file are free)."""
+    lock_file = folder / LOCK_NAME
+    if not lock_file.is_file() or folder.resolve() in _HELD:
+        return False
+    try:
+        fd = os.open(lock_file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        return exc.errno in (errno.EAGAIN, errno.EACCES)
+    finally:
+        os.close(fd)
+    return False
+
+
+def _probe_ancestors(folder: Path) -> None:
+    """Fail if a folder above `folder` is being written by another process (e.g. `sae train
+    --out RUN/sae` while `run` writes RUN)."""
+    for parent in folder.parents:
+        if _locked_by_other(parent):
+            raise _busy(parent, parent / LOCK_NAME)
+
+
+@contextlib.contextmanager
+def writer_lock(folder: str | os.PathLike[str], *, enabled: bool = True) -> Iterator[None]:
+    """Hold the exclusive right to write `folder` (created if missing) for the block.
+
+    `flock` on FOLDER/.mammo-sae.lock, non-blocking: a second writer gets a MammoSaeError
+    naming the holder's pid and start time. The OS releases the lock when its process ends, so
+    the file a killed process leaves behind blocks nobody. Nested use in one process (a stage
+    of `run`, a folder locked twice) is allowed. On taking the lock, the temporary files that
+    killed writers left in the folder are removed. `enabled=False` (DDP ranks other than 0,
+    which share rank 0's folder) makes this a no-op.
+    """
+    if not enabled:
+        yield
+        return
+    path = Path(folder)
+    key = path.resolve()
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+        try:
+            yield
+        finally:
+            _HELD[key] = (fd, depth)
+        return
+    _probe_ancestors(key)   # before creating anything inside a folder another process writes
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MammoSaeError(f"could not create {path}: {exc.strerror or exc}") from exc
+    lock_file = key / LOCK_NAME
+    try:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise MammoSaeError(f"could not create {lock_file}: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise _busy(path, lock_file) from None
+        raise MammoSaeError(f"could not lock {lock_file}: {exc.strerror or exc}") from exc
+    try:
+        since = time.strftime("%Y-%m-%d %H:%M:%S %z")
+        info = {"pid": os.getpid(), "since": since, "command": " ".join(sys.argv)[:500]}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode("utf-8"), 0)
+        _HELD[key] = (fd, 0)
+        remove_orphaned_temporaries(key)
+        yield
+    finally:
+        _HELD.pop(key, None)
+        os.close(fd)   # releases the lock; the file stays (deleting it would race a new holder)
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -166,6 +300,48 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MammoSaeError(f"corrupt JSON in {path}: {exc}") from exc
+
+
+def recorded_path(path: str | os.PathLike[str], base: str | os.PathLike[str]) -> str:
+    """How a record inside `base` (a run directory) stores `path`: relative to `base` when the
+    path is inside it, so the record stays valid when `base` moves or is used from another
+    working directory; absolute otherwise (a file outside moves on its own)."""
+    target, root = Path(path).resolve(), Path(base).resolve()
+    try:
+        return target.relative_to(root).as_posix()
+    except ValueError:
+        return str(target)
+
+
+def portable_path(path: str | os.PathLike[str], recorder: str | os.PathLike[str],
+                  max_up: int = 2) -> str:
+    """How a file written in folder `recorder` (a store, an SAE) records `path` as provenance:
+    relative to `recorder` when that climbs at most `max_up` folders (a run's RUN/stores/x →
+    ../../data, RUN/sae → ../stores/x: the pair moves together), absolute otherwise. Read it
+    back with `resolve_recorded(stored, recorder)`."""
+    target, start = Path(path).resolve(), Path(recorder).resolve()
+    rel = Path(os.path.relpath(target, start))
+    if rel.parts.count("..") <= max_up:   # relpath puts every ".." first
+        return rel.as_posix()
+    return str(target)
+
+
+def resolve_recorded(stored: str, base: str | os.PathLike[str]) -> Path:
+    """The file a record inside `base` names (see `recorded_path`). Records written before runs
+    were relocatable hold paths relative to the first run's working directory
+    (`runs/x/models/m`) or absolute ones into the run's old place: those are found by their
+    longest tail that exists under `base`. A path found nowhere comes back as recorded."""
+    root = Path(base)
+    path = Path(stored)
+    direct = path if path.is_absolute() else root / path
+    if direct.exists():
+        return direct
+    parts = path.parts
+    for i in range(1, len(parts)):
+        candidate = root.joinpath(*parts[i:])
+        if candidate.exists():
+            return candidate
+    return direct
 
 
 def load_npy(path: str | os.PathLike[str], *, mmap: bool = False) -> Any:

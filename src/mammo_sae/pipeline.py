@@ -23,7 +23,16 @@ from typing import Any, Callable, Optional
 
 from .config import check_options, dump_yaml, from_dict, load_yaml, opt, to_dict
 from .errors import MammoSaeError
-from .io import read_json, sha256_json, write_json, write_text_atomic
+from .io import (
+    LOCK_NAME,
+    read_json,
+    recorded_path,
+    resolve_recorded,
+    sha256_json,
+    write_json,
+    write_text_atomic,
+    writer_lock,
+)
 from .runner import Runner, Stage
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -95,6 +104,14 @@ class PipelineConfig:
     extract: ExtractSection = field(default_factory=ExtractSection)
     sae: dict[str, Any] = field(default_factory=dict)           # SAE train overrides
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
+
+
+def _empty_folder(folder: Path) -> None:
+    """Delete what `folder` holds except its writer lock file (held by this process)."""
+    for path in folder.iterdir():
+        if path.name == LOCK_NAME:
+            continue
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
 
 
 def _check_section_options(cfg: PipelineConfig, where: str) -> None:
@@ -192,7 +209,9 @@ class ModelEntry:
     name: str            # "<Concept>-<variant>"
     concept: str
     variant: str         # pretrained | finetuned
-    classifier: str      # path of the classifier (our dir or a Mammo-CLIP .pth)
+    # Path of the classifier (our dir or a Mammo-CLIP .pth); in models.json relative to the run
+    # when inside it (`recorded_path`), as returned by `Pipeline.models()` a usable path.
+    classifier: str
     encoder_key: str     # stores are shared by models with the same encoder
 
 
@@ -202,6 +221,7 @@ class Pipeline:
         self.run = Path(run_dir)
         self.progress = progress
         self.runner = Runner(self.run, log=lambda s: print(s, flush=True))
+        self._noted_old_paths = False
         self._declare()
 
     # ---------------------------------------------------------------- paths
@@ -216,8 +236,24 @@ class Pipeline:
     def sae_dir(self) -> Path:
         return self.run / "sae"
 
+    def rel(self, path: str | Path) -> str:
+        """`path` as the run's records store it: relative to the run directory when inside it."""
+        return recorded_path(path, self.run)
+
     def models(self) -> list[ModelEntry]:
-        return [ModelEntry(**m) for m in read_json(self.run / "models" / "models.json")["models"]]
+        """models.json's entries with usable classifier paths (from any working directory)."""
+        entries = []
+        for m in read_json(self.run / "models" / "models.json")["models"]:
+            entry = ModelEntry(**m)
+            found = resolve_recorded(entry.classifier, self.run)
+            if not self._noted_old_paths and found != self.run / entry.classifier and \
+                    not Path(entry.classifier).is_absolute():
+                # Written before runs were relocatable: relative to the first run's cwd.
+                print(f"    note: models.json names {entry.classifier!r} (a path from before run "
+                      f"directories were relocatable); using {found}", flush=True)
+                self._noted_old_paths = True
+            entries.append(dataclasses.replace(entry, classifier=str(found)))
+        return entries
 
     def encoders(self) -> dict[str, str]:
         """encoder_key -> a model path whose encoder gives those features."""
@@ -266,7 +302,7 @@ class Pipeline:
             generate(pcfg, progress=self.progress)
         summary = summarize(self.data_dir, on_missing="error")
         write_json(self.run / "data" / "summary.json", summary)
-        return {"data_dir": str(self.data_dir), "summary": str(self.run / "data" / "summary.json")}
+        return {"data_dir": self.rel(self.data_dir), "summary": "data/summary.json"}
 
     # ---------------------------------------------------------------- models
     def stage_models(self) -> dict[str, Any]:
@@ -287,9 +323,12 @@ class Pipeline:
                     entries.append(ModelEntry(f"{concept}-{variant}", concept, variant, str(path),
                                               encoder_key=f"{concept}-{variant}"))
         evals = self._evaluate_models(entries)
+        # Paths relative to the run (absolute outside it): the run can move or be used from
+        # another working directory.
+        records = [dataclasses.asdict(dataclasses.replace(e, classifier=self.rel(e.classifier)))
+                   for e in entries]
         write_json(self.run / "models" / "models.json",
-                   {"schema_version": 1, "models": [dataclasses.asdict(e) for e in entries],
-                    "test_metrics": evals})
+                   {"schema_version": 1, "models": records, "test_metrics": evals})
         return {"models": [e.name for e in entries], "test_metrics": evals}
 
     def _train_phantom_models(self) -> list[ModelEntry]:
@@ -378,7 +417,8 @@ class Pipeline:
             extract(build_options(ExtractConfig, self.cfg.extract.options, "extract.options", **fixed),
                     progress=self.progress)
             done.append(item)
-        write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": done})
+        write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": [
+            {**d, "model": self.rel(d["model"]), "out": self.rel(d["out"])} for d in done]})
         return {"stores": [Path(d["out"]).name for d in done]}
 
     def _drop_if_damaged(self, store_dir: Path, changed: list[str]) -> None:
@@ -397,7 +437,8 @@ class Pipeline:
             ActivationStore(store_dir).verify(progress=self.progress)
         except MammoSaeError as exc:
             print(f"    store {store_dir.name} is damaged ({exc}); extracting it again", flush=True)
-            shutil.rmtree(store_dir)
+            with writer_lock(store_dir):
+                _empty_folder(store_dir)
 
     # ---------------------------------------------------------------- sae
     def stage_sae(self) -> dict[str, Any]:
@@ -411,19 +452,21 @@ class Pipeline:
         cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(store), resume=False,
                             out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
         # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
-        # Anything else: the old SAE is stale, and the stage starts over.
-        settings = {k: v for k, v in to_dict(cfg).items() if k not in ("progress", "device", "resume")}
+        # Anything else: the old SAE is stale, and the stage starts over. The key leaves out the
+        # paths (the store is identified by its manifest): a moved run still resumes.
+        settings = {k: v for k, v in to_dict(cfg).items()
+                    if k not in ("progress", "device", "resume", "overwrite", "store", "out")}
         key = sha256_json({"settings": settings, "store": ActivationStore(store).manifest_sha256})
         marker = self.sae_dir / "pipeline_key.json"
-        if (self.sae_dir / STATE_FILE).exists():
-            same = marker.exists() and read_json(marker).get("key") == key
-            if not same:
-                shutil.rmtree(self.sae_dir)
-            cfg.resume = same
-        self.sae_dir.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"schema_version": 1, "key": key})
-        out = train_sae(cfg)
-        return {"sae": str(out)}
+        with writer_lock(self.sae_dir):   # a foreign `sae train` there must not lose its files
+            if (self.sae_dir / STATE_FILE).exists():
+                same = marker.exists() and read_json(marker).get("key") == key
+                if not same:
+                    _empty_folder(self.sae_dir)
+                cfg.resume = same
+            write_json(marker, {"schema_version": 1, "key": key})
+            train_sae(cfg)
+        return {"sae": self.rel(self.sae_dir)}
 
     # ---------------------------------------------------------------- analyses
     def _analysis(self, name: str) -> Path:
@@ -463,7 +506,7 @@ class Pipeline:
                                  store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
                                  sae=str(self.sae_dir), concept=m.concept, out=str(target),
                                  split=self.cfg.extract.rank_split, level=self.cfg.data.level))
-            out[m.name] = str(target)
+            out[m.name] = self.rel(target)
         return out
 
     def stage_intervene(self) -> dict[str, Any]:
@@ -478,7 +521,7 @@ class Pipeline:
                                      out=str(target), rankings=str(self._analysis("probe") / m.name),
                                      split=self.cfg.extract.eval_split, level=self.cfg.data.level,
                                      label=m.name))
-            out[m.name] = str(target)
+            out[m.name] = self.rel(target)
         return out
 
     def stage_fidelity(self) -> dict[str, Any]:
@@ -493,7 +536,7 @@ class Pipeline:
             concepts=[m.concept for m in models],
             sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.eval_split,
             level=self.cfg.data.level))
-        return {"fidelity": str(target)}
+        return {"fidelity": self.rel(target)}
 
     def stage_localize(self) -> dict[str, Any]:
         from .analysis.localize_commands import LocalizeConfig, run_localize
@@ -509,7 +552,7 @@ class Pipeline:
                                     sae=str(self.sae_dir), concept=m.concept, out=str(target),
                                     ranking=str(ranking), split=self.cfg.extract.eval_split,
                                     label=m.name))
-            out[m.name] = str(target)
+            out[m.name] = self.rel(target)
             if self._pointing_possible():
                 # The same, with latents chosen by the pointing game on the ranking split.
                 run_localize(self._opts(
@@ -546,7 +589,7 @@ class Pipeline:
                 stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)) for m in models],
                 names=[m.variant for m in models], sae=str(self.sae_dir), concept=concept,
                 out=str(target), split=self.cfg.extract.rank_split, level=self.cfg.data.level))
-            out[concept] = str(target)
+            out[concept] = self.rel(target)
             self._debias_edits(target, models)
         return out
 
@@ -577,7 +620,7 @@ class Pipeline:
         from .report.build import build_report
 
         index = build_report(self.run, progress=self.progress)
-        return {"report": str(index)}
+        return {"report": self.rel(index)}
 
 
 # Stage order after extraction, with dependencies and descriptions.
@@ -635,11 +678,11 @@ def run_pipeline(cfg: RunConfig) -> Path:
     pcfg = load_pipeline_config(cfg.config)
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
     _make_deterministic(pcfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
-    pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
-    t0 = time.perf_counter()
-    pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=cfg.dry_run)
+    with writer_lock(run_dir):   # one writer per run directory (docs/security.md)
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
+        pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
+        t0 = time.perf_counter()
+        pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=cfg.dry_run)
     if not cfg.dry_run:
         print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir

@@ -5,10 +5,11 @@ so changing a setting reruns that stage and everything downstream, and nothing e
 Each finished stage writes `RUN/stages/<name>.json` ({key, outputs, seconds, files}) atomically,
 after its outputs exist: a crash or Ctrl-C leaves the finished stages marked and the next run
 resumes at the first stage whose record is missing or stale. `files` lists every file under the
-stage's output folders with its size (resume-only files such as training states excepted); a
-file deleted or changed in size since makes the stage (and what follows) run again instead of
-being trusted. Sizes, not times: a run directory copied without its file times stays valid;
-content the size check cannot see is the stages' own business (stores carry checksums).
+stage's output folders with its size (resume-only files such as training states, and writer
+lock files, excepted); a file deleted or changed in size since makes the stage (and what
+follows) run again instead of being trusted. Sizes, not times: a run directory copied without
+its file times stays valid; content the size check cannot see is the stages' own business
+(stores carry checksums).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import MammoSaeError
-from .io import read_json, sha256_json, write_json
+from .io import LOCK_NAME, read_json, sha256_json, write_json
 
 STAGE_SCHEMA_VERSION = 1
 
@@ -136,6 +137,8 @@ class Runner:
             paths = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
             for path in paths:
                 name = path.relative_to(self.run_dir).as_posix()
+                if path.name == LOCK_NAME:
+                    continue   # a writer lock's content changes with every writer
                 if not any(fnmatch.fnmatch(name, pattern) for pattern in stage.transient):
                     states[name] = path.stat().st_size
         return states

@@ -13,6 +13,7 @@ thread, so neither disk nor decoding stalls the accelerator.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -31,7 +32,7 @@ import torch
 from ..config import check_bounds, opt
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
-from ..io import read_json, sha256_json, write_json
+from ..io import LOCK_NAME, portable_path, read_json, sha256_json, write_json, writer_lock
 from . import store as store_format
 
 SPLIT_CHOICES = ("training", "test", "all")
@@ -325,7 +326,16 @@ def extract(cfg: ExtractConfig, *, records: Sequence[Any] | None = None,
     torch.set_flush_denormal(True)  # denormals in SE/Swish slow CPU convolutions ~6×
     dist = _Dist.from_env()
     try:
-        return _extract(cfg, dist, records, encoder, model_info, progress)
+        with contextlib.ExitStack() as stack:
+            # Rank 0 holds the store's writer lock for all ranks; every rank learns if it failed.
+            problem = None
+            try:
+                stack.enter_context(writer_lock(cfg.out, enabled=dist.rank == 0))
+            except MammoSaeError as exc:
+                problem = exc
+            if not dist.all_ok(problem is None):
+                raise problem or StoreError(f"rank 0 could not lock {cfg.out}")
+            return _extract(cfg, dist, records, encoder, model_info, progress)
     finally:
         dist.close()
 
@@ -345,12 +355,14 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     # The forward's precision changes the vectors, so it is part of the store's identity.
     autocast = cfg.autocast and resolve_device(cfg.device, local_rank=dist.local_rank).type == "cuda"
     model_info["forward_dtype"] = "bfloat16-autocast" if autocast else "float32"
+    if model_info.get("source"):   # provenance that stays valid when a run directory moves
+        model_info["source"] = portable_path(model_info["source"], root)
     stride, d = _layer_info(encoder, cfg.layer)
     settings = {
         "model": model_info, "layer": cfg.layer, "preprocessing": _preprocessing(size_hw),
         "dtype": cfg.dtype, "subsample": {"fraction": cfg.subsample, "seed": cfg.seed},
         "augment": cfg.augment, "level": cfg.level, "split": cfg.split,
-        "data": {"source": str(cfg.data), "n_records": len(records),
+        "data": {"source": portable_path(cfg.data, root), "n_records": len(records),
                  "records_sha256": records_fingerprint(records)},
         "shard_images": cfg.shard_images,
     }
@@ -410,7 +422,7 @@ def _existing_state(root: Path, manifest: dict[str, Any]) -> str:
     """"new", "partial" or "complete"; refuses a folder or store that is not this extraction's."""
     manifest_path = root / store_format.MANIFEST
     if not manifest_path.is_file():
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
             raise StoreError(f"{root} exists, is not empty and has no {manifest_path.name}; "
                              "refusing to write a store into it")
         return "new"
@@ -475,7 +487,7 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
                     bar.write(f"skipped image {record.image_id}: {item['error']}")
                     buf.rows.append(store_format.image_row(
                         i, record, grid_hw=(0, 0), patch_count=0, image_labels=image_labels[i],
-                        ok=False, error=item["error"]))
+                        ok=False, error=item["error"], root=root))
                     buf.pooled.append(np.full((1, d), np.nan, np.float32))
                 else:
                     buf.acts.append(item["acts"])
@@ -483,7 +495,7 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
                     buf.pooled.append(item["pooled"][None])
                     buf.rows.append(store_format.image_row(
                         i, record, grid_hw=item["grid_hw"], patch_count=len(item["acts"]),
-                        image_labels=image_labels[i]))
+                        image_labels=image_labels[i], root=root))
                 buf.remaining -= 1
                 bar.update(1)
                 if buf.remaining == 0:

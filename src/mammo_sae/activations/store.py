@@ -31,7 +31,15 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import MammoSaeError, StoreError
-from ..io import atomic_path, load_npy, read_json, sha256_file, write_json
+from ..io import (
+    atomic_path,
+    load_npy,
+    portable_path,
+    read_json,
+    resolve_recorded,
+    sha256_file,
+    write_json,
+)
 
 SCHEMA_VERSION = 1
 STORE_FORMAT = "mammo-sae-activation-store"
@@ -250,12 +258,16 @@ def settings_diff(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]
 
 def image_row(image_index: int, record: Any, *, grid_hw: tuple[int, int], patch_count: int,
               image_labels: dict[str, int] | None = None, ok: bool = True,
-              error: str | None = None) -> dict[str, Any]:
-    """One image-table row (patch_offset and shard are filled in by `finalise`)."""
+              error: str | None = None, root: Path | None = None) -> dict[str, Any]:
+    """One image-table row (patch_offset and shard are filled in by `finalise`). With the
+    store's `root`, the image path is recorded by `portable_path` (relative to the store when
+    the data lies beside it, as in a run directory)."""
+    path = None if record.path is None else (
+        portable_path(record.path, root) if root is not None else str(record.path))
     return {
         "image_index": int(image_index), "image_id": record.image_id,
         "patient_id": record.patient_id, "split": record.split,
-        "path": str(record.path) if record.path is not None else None,
+        "path": path,
         "view": record.view, "laterality": record.laterality,
         "frame_hw": [int(v) for v in record.frame_hw], "series_id": record.series_id,
         "fold": record.fold, "row_index": record.row_index, "labels": dict(record.labels),
@@ -466,7 +478,8 @@ class ActivationStore:
         for row in self._image_rows:
             out.append(ImageRecord(
                 image_id=row["image_id"], patient_id=row["patient_id"], split=row["split"],
-                path=Path(row["path"]) if row["path"] else None, labels=dict(row["labels"]),
+                path=resolve_recorded(row["path"], self.path) if row["path"] else None,
+                labels=dict(row["labels"]),
                 boxes=tuple(Box(b[0], *map(float, b[1:5])) for b in row["boxes"]),
                 view=row["view"], laterality=row["laterality"], frame_hw=tuple(row["frame_hw"]),
                 series_id=row["series_id"], fold=row["fold"], row_index=row["row_index"],

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
-from ..io import write_json, write_text_atomic
+from ..io import write_json, write_text_atomic, writer_lock
 
 
 @dataclass
@@ -108,17 +108,18 @@ def run_localize(cfg: LocalizeConfig) -> int:
     if importances:
         result.table.insert(2, "importance", importances)
     out = Path(cfg.out)
-    payload = result.to_json()
-    payload["config"] = to_dict(cfg)
-    payload["selection"] = selection
-    write_json(out / "localization.json", payload)
-    write_text_atomic(out / "localization.csv", result.table.to_csv(index=False))
-    write_json(out / "detections.json", result.detections_json())
-    wide = table2({cfg.label or cfg.concept: result})
-    write_text_atomic(out / "table2.csv", wide.to_csv(index=False))
-    if cfg.figure_images > 0:
-        save_figure_grid(store, sae, result, out / "figure3.png", n_images=cfg.figure_images,
-                         batch_rows=cfg.batch_rows)
+    with writer_lock(out):
+        payload = result.to_json()
+        payload["config"] = to_dict(cfg)
+        payload["selection"] = selection
+        write_json(out / "localization.json", payload)
+        write_text_atomic(out / "localization.csv", result.table.to_csv(index=False))
+        write_json(out / "detections.json", result.detections_json())
+        wide = table2({cfg.label or cfg.concept: result})
+        write_text_atomic(out / "table2.csv", wide.to_csv(index=False))
+        if cfg.figure_images > 0:
+            save_figure_grid(store, sae, result, out / "figure3.png", n_images=cfg.figure_images,
+                             batch_rows=cfg.batch_rows)
     cols = ["rank", "latent", "ap", "n_pred", "n_gt", "best_f1"]
     print(result.table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"wrote {out}/localization.json, localization.csv, table2.csv, detections.json")

@@ -11,7 +11,7 @@ from typing import Literal, Optional
 from ..cli import add_command, add_group
 from ..config import opt
 from ..errors import DataError
-from ..io import dumps_json, write_json
+from ..io import dumps_json, write_json, writer_lock
 
 
 @dataclass
@@ -62,9 +62,10 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
 
     if cfg.height < 16 or cfg.width < 16:
         raise DataError(f"output size {cfg.height}x{cfg.width} is too small")
-    result = preprocess_vindr(cfg.dicom_root, cfg.csv, cfg.out, breast_csv=cfg.breast_csv,
-                              out_hw=(cfg.height, cfg.width), workers=max(1, cfg.workers),
-                              on_missing=cfg.on_missing, progress=progress)
+    with writer_lock(cfg.out):
+        result = preprocess_vindr(cfg.dicom_root, cfg.csv, cfg.out, breast_csv=cfg.breast_csv,
+                                  out_hw=(cfg.height, cfg.width), workers=max(1, cfg.workers),
+                                  on_missing=cfg.on_missing, progress=progress)
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
 

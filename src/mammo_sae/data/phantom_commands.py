@@ -6,13 +6,15 @@ import argparse
 import json
 
 from ..cli import add_command
+from ..io import writer_lock
 from .phantom import PhantomConfig
 
 
 def run_phantom(cfg: PhantomConfig, progress: bool = True) -> int:
     from .phantom import generate
 
-    summary = generate(cfg, progress=progress)
+    with writer_lock(cfg.out):
+        summary = generate(cfg, progress=progress)
     print(json.dumps({"out": str(cfg.out), **summary}, indent=2))
     return 0
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 from ..cli import add_command
 from ..config import opt
+from ..io import writer_lock
 
 
 @dataclass
@@ -26,7 +27,8 @@ class ConvertConfig:
 def run_convert(cfg: ConvertConfig) -> int:
     from .checkpoints import convert
 
-    config = convert(cfg.model, cfg.out, concept=cfg.concept)
+    with writer_lock(cfg.out):
+        config = convert(cfg.model, cfg.out, concept=cfg.concept)
     print(json.dumps({"out": str(cfg.out), **config}, indent=2))
     return 0
 

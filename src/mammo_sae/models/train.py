@@ -47,7 +47,15 @@ from ..config import from_dict, opt, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
-from ..io import atomic_path, dumps_json_line, load_torch_weights, read_json, write_json, write_text_atomic
+from ..io import (
+    atomic_path,
+    dumps_json_line,
+    load_torch_weights,
+    read_json,
+    write_json,
+    write_text_atomic,
+    writer_lock,
+)
 
 SCHEMA_VERSION = 1
 STATE_NAME = "trainer_state.pt"
@@ -419,7 +427,10 @@ def _check_run_dir(out: Path, cfg_dict: dict[str, Any], *, resume: bool, overwri
             shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     _recover_dir(out / "checkpoints" / "last")
     _recover_dir(out / "model")
-    has_run = config_path.exists()
+    # A config.json without a checkpoint or a model is a run that failed before its first
+    # epoch (e.g. on an unreadable image): nothing to lose, so it does not block a rerun.
+    has_run = config_path.exists() and ((out / "checkpoints" / "last" / STATE_NAME).exists()
+                                        or (out / "model").exists())
     if has_run and not resume:
         raise MammoSaeError(f"{out} already holds a run; pass --resume to continue it or "
                             "--overwrite to start again")
@@ -550,7 +561,13 @@ def _pretext_targets(records: Sequence[ImageRecord], tasks: Sequence[str]) -> to
 
 
 def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
-    """Pretext pre-training (no finding labels) -> OUT/model, an image encoder in our format."""
+    """Pretext pre-training (no finding labels) -> OUT/model, an image encoder in our format.
+    Holds --out's writer lock throughout."""
+    with writer_lock(cfg.out):
+        return _pretrain(cfg)
+
+
+def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     from ..data.vindr import load_records
 
     torch.set_flush_denormal(True)
@@ -558,7 +575,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     if bad or not cfg.tasks:
         raise MammoSaeError(choices_message("pretext task", bad[0] if bad else "", list(PRETEXT_TASKS)))
     out = Path(cfg.out)
-    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     device = resolve_device(cfg.device)
     size_hw = _size_hw(cfg.image_size)
     records = load_records(cfg.data, level="image", splits=["training"])
@@ -566,7 +582,10 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     y_train, y_val = _pretext_targets(train, cfg.tasks), _pretext_targets(val, cfg.tasks)
 
     torch.manual_seed(cfg.seed)
-    model = _PretextModel(load_init_encoder(cfg.arch), cfg.tasks).to(device)
+    encoder = load_init_encoder(cfg.arch)
+    # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
+    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+    model = _PretextModel(encoder, cfg.tasks).to(device)
     set_bn_momentum(model, cfg.bn_momentum)
     model = model.to(memory_format=torch.channels_last)
     dataset = _images(train, size_hw, augment=False)
@@ -653,7 +672,13 @@ TEST_SELECTION_WARNING = ("model selection on the TEST split (--select-on test) 
 
 
 def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
-    """Linear probe or finetune of a concept classifier; OUT/model is the selected epoch."""
+    """Linear probe or finetune of a concept classifier; OUT/model is the selected epoch.
+    Holds --out's writer lock throughout."""
+    with writer_lock(cfg.out):
+        return _train_classifier(cfg)
+
+
+def _train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     from ..data.vindr import load_records
     from .classifier import ConceptClassifier
 
@@ -672,10 +697,11 @@ def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     k = n_classes(cfg.concept)
     if k == 1 and (y_train.sum() == 0 or y_train.sum() == len(y_train)):
         raise DataError(f"concept {cfg.concept!r} has one class only in the training images")
-    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
 
     torch.manual_seed(cfg.seed)
     encoder = load_init_encoder(cfg.init)
+    # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
+    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     model = ConceptClassifier(encoder, k, concept=cfg.concept).to(device)
     model = model.to(memory_format=torch.channels_last)
     dropout = nn.Dropout(cfg.dropout)

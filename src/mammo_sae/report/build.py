@@ -22,7 +22,14 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ..errors import MammoSaeError
-from ..io import atomic_path, read_json, write_json, write_text_atomic
+from ..io import (
+    atomic_path,
+    read_json,
+    resolve_recorded,
+    write_json,
+    write_text_atomic,
+    writer_lock,
+)
 from . import html as H
 from .figures import MODES, Curve, nice_ks, plot_topk_grid, plot_training_curves
 
@@ -379,8 +386,11 @@ class ReportBuilder:
         for e in entries:
             if isinstance(e, Mapping) and "name" in e:
                 concept, variant = split_model_name(str(e["name"]))
+                # Recorded relative to the run (older runs: to the first run's cwd).
+                classifier = str(e.get("classifier", ""))
+                classifier = str(resolve_recorded(classifier, self.run)) if classifier else ""
                 self.models.append(ModelInfo(str(e["name"]), str(e.get("concept", concept)),
-                                             str(e.get("variant", variant)), str(e.get("classifier", "")),
+                                             str(e.get("variant", variant)), classifier,
                                              str(e.get("encoder_key", ""))))
         metrics = data.get("test_metrics", {}) if isinstance(data, Mapping) else {}
         self.model_metrics = metrics if isinstance(metrics, Mapping) else {}
@@ -741,8 +751,9 @@ def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False
         raise MammoSaeError(f"{run_dir} is not a mammo-sae run directory (none of {', '.join(markers)}); "
                             "pass the --out of `mammo-sae run`")
     out = Path(out) if out is not None else run_dir / "report"
-    return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,
-                         latent_pages=latent_pages, progress=progress).build()
+    with writer_lock(out):
+        return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,
+                             latent_pages=latent_pages, progress=progress).build()
 
 
 __all__ = ["ModelInfo", "ReportBuilder", "build_report", "read_jsonl", "split_model_name"]

@@ -6,8 +6,10 @@ renormalise decoder columns. relu-l1 follows Mammo-SAE exactly (docs/sae.md); to
 add AuxK on latents that have not fired for `dead_window_patches` patches.
 
 State (weights, Adam moments, RNG states, data cursor, latent counters) is saved atomically to
-OUT/train_state.pt; `resume=True` continues from it bit-identically on CPU, because the data
-order is a pure function of (seed, epoch, batch) and every random draw uses a seeded generator.
+OUT/train_state.pt; rerunning the same command continues from it bit-identically on CPU, because
+the data order is a pure function of (seed, epoch, batch) and every random draw uses a seeded
+generator. A state made with other settings or data is refused (naming them); `overwrite=True`
+discards it; `resume=True` insists on a state to continue.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from torch import Tensor
 from ..config import opt, to_dict
 from ..devices import resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
-from ..io import atomic_path, dumps_json_line, load_torch_weights, write_json
+from ..io import (
+    atomic_path,
+    dumps_json_line,
+    load_torch_weights,
+    portable_path,
+    write_json,
+    writer_lock,
+)
 from .model import SAEConfig, SparseAutoencoder
 
 STATE_FILE = "train_state.pt"
@@ -115,7 +124,10 @@ class TrainConfig:
     checkpoint_every: int = opt(0, min=0, help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)")
     checkpoint_seconds: float = opt(600.0, min=0.0, help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0")
     max_steps: Optional[int] = opt(None, min=1, help="stop (and save) after this many steps in total")
-    resume: bool = opt(False, help="continue from OUT/train_state.pt")
+    resume: bool = opt(False, help="require OUT/train_state.pt and continue it (a plain rerun "
+                                   "continues a state of the same settings anyway)")
+    overwrite: bool = opt(False, help="discard the training run in --out (state, log, SAE) and "
+                                      "start again")
     device: str = opt("auto", help="auto, cpu, cuda or cuda:N")
     bf16: bool = opt(True, help="bf16 matmul operands on GPU (weights and Adam stay fp32); ignored on CPU")
     compile: bool = opt(False, help="torch.compile the loss")
@@ -132,8 +144,8 @@ class TrainConfig:
 
 
 # Options that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "max_steps", "progress", "log_every", "checkpoint_every",
-                      "checkpoint_seconds", "measure_matmul", "eval_patches", "epochs", "store",
+_RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "progress", "log_every",
+                      "checkpoint_every", "checkpoint_seconds", "measure_matmul", "eval_patches", "epochs", "store",
                       "device", "data_in_memory", "compile", "out"}
 
 
@@ -339,7 +351,8 @@ class Trainer:
     def load_state(self) -> None:
         path = self.out / STATE_FILE
         if not path.is_file():
-            raise CheckpointError(f"--resume: no training state at {path}")
+            raise CheckpointError(f"--resume: no training state at {path} to continue; "
+                                  "run without --resume to start one")
         state = load_torch_weights(path, "a training state")
         try:
             if state.get("version") != STATE_VERSION:
@@ -354,13 +367,17 @@ class Trainer:
         diffs = [f"{k}: {saved_cfg.get(k)!r} → {now[k]!r}" for k in now
                  if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != now[k]]
         if diffs:
-            raise MammoSaeError(f"--resume with different settings than {path}: " + "; ".join(diffs))
+            raise MammoSaeError(f"{self.out} holds a training run with different settings "
+                                f"({'; '.join(diffs)}): rerun with its settings to continue it, "
+                                f"or pass --overwrite to discard it, or use another --out")
         saved_source = state.get("source_manifest_sha256")
         source = getattr(self.source, "manifest_sha256", None)
         if "source_manifest_sha256" in state and saved_source != source:
-            raise MammoSaeError(f"--resume with other training data than {path}: it was trained on the "
-                                f"store {saved_cfg.get('store')} (manifest sha256 {str(saved_source)[:16]}), "
-                                f"--store {self.cfg.store} has {str(source)[:16]}; use another --out")
+            raise MammoSaeError(f"{self.out} holds a training run on other training data: it was "
+                                f"trained on the store {saved_cfg.get('store')} (manifest sha256 "
+                                f"{str(saved_source)[:16]}), --store {self.cfg.store} has "
+                                f"{str(source)[:16]}; pass --overwrite to discard it, or use "
+                                "another --out")
         sd = state["sae"]
         if tuple(sd["W_enc"].shape) != (self.sae.h, self.sae.d):
             raise StoreError(f"store has d={self.source.d} but {path} holds an SAE with "
@@ -601,15 +618,26 @@ class Trainer:
                 "decoder_norm_max_deviation": float((sae.W_dec.norm(dim=0) - 1).abs().max())}
 
     # --------------------------------------------------------------- main loop
+    def _discard(self) -> None:
+        """--overwrite: remove the previous run's files (a crash before the new run finishes
+        must not leave its SAE looking finished)."""
+        from .checkpoints import CFG_FILE, WEIGHTS_FILE
+
+        if self.dist.main:
+            for name in (STATE_FILE, LOG_FILE, "train_config.json", CFG_FILE, WEIGHTS_FILE):
+                (self.out / name).unlink(missing_ok=True)
+
     def run(self) -> Path:
         cfg = self.cfg
+        if cfg.resume and cfg.overwrite:
+            raise MammoSaeError("--resume and --overwrite contradict each other; pass one")
         self.out.mkdir(parents=True, exist_ok=True)
-        if cfg.resume:
+        if cfg.overwrite:
+            self._discard()
+        # The same command after a crash continues (load_state refuses other settings or data).
+        if cfg.resume or (not cfg.overwrite and (self.out / STATE_FILE).exists()):
             self.load_state()
         else:
-            if (self.out / STATE_FILE).exists():
-                raise MammoSaeError(f"{self.out} already holds a training run; pass --resume to continue it "
-                                    "or choose another --out")
             self._fit_normalisation()
             if self.dist.main:
                 write_json(self.out / "train_config.json", {"schema_version": 1, **to_dict(cfg)})
@@ -688,7 +716,8 @@ class Trainer:
         if not self.dist.main:
             return self.out
         extra = {
-            "source_store": str(self.cfg.store) if self.cfg.store else None,
+            # Relative to this folder when the store lies beside it (a run), else absolute.
+            "source_store": portable_path(self.cfg.store, self.out) if self.cfg.store else None,
             "source_store_manifest_sha256": getattr(self.source, "manifest_sha256", None),
             "training": {"config": to_dict(self.cfg), "steps": self.step, "epochs_done": self.epoch,
                          "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
@@ -701,8 +730,10 @@ class Trainer:
 
 
 def train_sae(cfg: TrainConfig, source: Optional[BatchSource] = None) -> Path:
-    """Train (or resume) an SAE; returns the output directory, a native SAE checkpoint."""
-    return Trainer(cfg, source).run()
+    """Train (or resume) an SAE; returns the output directory, a native SAE checkpoint.
+    Holds --out's writer lock throughout (rank 0 for all ranks under torchrun)."""
+    with writer_lock(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0):
+        return Trainer(cfg, source).run()
 
 
 __all__ = ["TrainConfig", "Trainer", "train_sae", "BatchSource", "TensorSource",
