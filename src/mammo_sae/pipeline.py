@@ -1,7 +1,7 @@
 """`mammo-sae run CONFIG` and `mammo-sae demo`: every stage of the method, in order, cached.
 
     data → models → extract → sae → summaries → probe → intervene → fidelity → localize
-         → separation → report
+         → separation → atlas → report
 
 Each stage calls the same library function as its own CLI command, with the config section
 of the YAML as overrides of that command's options (so there is one way to set each option).
@@ -85,6 +85,7 @@ class AnalysisSection:
     fidelity: dict[str, Any] = field(default_factory=dict)
     localize: dict[str, Any] = field(default_factory=dict)
     separation: dict[str, Any] = field(default_factory=dict)
+    atlas: dict[str, Any] = field(default_factory=dict)
     # Also localise with latents chosen by the pointing game on the ranking split
     # (analysis/localize/<model>/pointing/); needs full-map ranking stores.
     localize_pointing: bool = True
@@ -118,6 +119,7 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
     """Type-check every command's options in the config now, so `--dry-run` catches a typo or a
     wrong value instead of the stage that would meet it hours later."""
     from .activations.extract import ExtractConfig
+    from .analysis.atlas_commands import AtlasConfig
     from .analysis.commands import (FidelityConfig, InterveneConfig, ProbeConfig, SeparationConfig,
                                     SummarizeConfig)
     from .analysis.localize_commands import LocalizeConfig
@@ -137,7 +139,7 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
     ]
     for stage, cls in (("summaries", SummarizeConfig), ("probe", ProbeConfig), ("intervene", InterveneConfig),
                        ("fidelity", FidelityConfig), ("localize", LocalizeConfig),
-                       ("separation", SeparationConfig)):
+                       ("separation", SeparationConfig), ("atlas", AtlasConfig)):
         checks.append((f"analysis.{stage}", cls, getattr(a, stage),
                        lambda v, stage=stage: setattr(a, stage, v)))
     for name, cls, options, store in checks:
@@ -616,6 +618,23 @@ class Pipeline:
                 split=self.cfg.extract.eval_split, level=self.cfg.data.level,
                 latents=latents, mode="off", attribute=attribute, label=m.name))
 
+    def stage_atlas(self) -> dict[str, Any]:
+        """The latent atlas of the SAE on its own model's store of the ranking split, with every
+        model's logit effect (v_j depends on the SAE and the head only, not on the store)."""
+        from .analysis.atlas_commands import AtlasConfig, run_atlas
+
+        models = self.models()
+        source = self.cfg.extract.sae_source.replace("/", "-")
+        home = next((m for m in models if m.name == source), models[0])
+        target = self._analysis("atlas")
+        run_atlas(self._opts(
+            AtlasConfig, "atlas", "analysis.atlas",
+            store=str(self.store_dir(home.encoder_key, self.cfg.extract.rank_split)),
+            sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.rank_split,
+            level=self.cfg.data.level, classifiers=[m.classifier for m in models],
+            names=[m.name for m in models]))
+        return {"atlas": str(target), "store": home.encoder_key}
+
     def stage_report(self) -> dict[str, Any]:
         from .report.build import build_report
 
@@ -632,11 +651,13 @@ STAGE_DESCRIPTIONS = (
     ("fidelity", "AUROC with original vs SAE-reconstructed features"),
     ("localize", "heatmaps, boxes, AP per latent"),
     ("separation", "pretrained vs finetuned latent separation"),
+    ("atlas", "every latent: associations, spatial profile, names, clusters"),
     ("report", "static HTML report"),
 )
 # Files a stage needs only to resume itself (deleting them to save disk must not rerun it).
 TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp", "*.tmp/*")
-ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation")
+ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation",
+                   "atlas")
 STAGE_DEPS: dict[str, tuple[str, ...]] = {
     "sae": ("extract",),
     "summaries": ("sae",),
@@ -645,7 +666,8 @@ STAGE_DEPS: dict[str, tuple[str, ...]] = {
     "fidelity": ("summaries",),
     "localize": ("probe",),
     "separation": ("probe",),
-    "report": ("intervene", "fidelity", "localize", "separation"),
+    "atlas": ("summaries",),
+    "report": ("intervene", "fidelity", "localize", "separation", "atlas"),
 }
 
 
@@ -660,7 +682,8 @@ class RunConfig:
     config: Path = opt(help="pipeline YAML (e.g. configs/phantom.yaml, configs/vindr-mammoclip-b5.yaml)")
     out: Optional[Path] = opt(None, help="run directory (default: runs/<config name>)")
     only: Optional[str] = opt(None, help="run only this stage: data, models, extract, sae, summaries, "
-                                         "probe, intervene, fidelity, localize, separation or report")
+                                         "probe, intervene, fidelity, localize, separation, atlas "
+                                         "or report")
     start: Optional[str] = opt(None, help="rerun from this stage on (same names as --only)")
     dry_run: bool = opt(False, help="print the plan and exit")
     progress: bool = opt(True, help="progress bars")

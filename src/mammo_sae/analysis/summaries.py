@@ -5,7 +5,9 @@ Eq. 2) and the per-latent max, both sparse (CSR; SAE codes are sparse, so most o
 n_images × h entries are exactly 0). Per image also: reconstruction error and L0 (for FVU and
 L0 on any split) and the mean patch vector. Per latent over the whole store: activation mass
 in total, outside the breast (cells with tissue fraction < 0.5) and inside the phantom's
-`confounder` box (cells overlapping it; for off-breast and confounder scores, `separation.py`).
+`confounder` box (cells overlapping it; for off-breast and confounder scores, `separation.py`),
+on the frame's outermost ring of cells, and weighted by each cell's breast-relative position
+(for the latent atlas's centre of mass, `atlas.py`).
 
 Through the pooled identity (docs/architecture.md) the per-image mean vectors are all that
 fidelity, probing and every masked intervention need. Full patch-latent maps of chosen latents
@@ -33,10 +35,11 @@ from ..data.records import CONFOUNDER
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4   # 4: border and centre-of-mass sums (latent atlas)
 OFF_BREAST_TISSUE = 0.5   # a cell with less breast-mask coverage than this is "outside the breast"
 _ARRAYS = ("n_positions_n", "n_cells_n", "ss_within_n", "sse_n", "l0_n", "x_mean_nd", "mass_h",
-           "tissue_known_mass_h", "off_breast_mass_h", "marked_mass_h", "confounder_mass_h")
+           "tissue_known_mass_h", "off_breast_mass_h", "marked_mass_h", "confounder_mass_h",
+           "border_mass_h", "across_mass_h", "down_mass_h")
 
 
 @dataclasses.dataclass
@@ -57,6 +60,10 @@ class LatentSummaries:
     marked_mass_h: np.ndarray       # Σ z over images that have a confounder box
     confounder_mass_h: np.ndarray   # Σ z over cells whose centre lies in that box
     meta: dict[str, Any]
+    # Spatial sums for the atlas (None = not computed: spatial profiles are then NaN).
+    border_mass_h: np.ndarray | None = None   # Σ z over cells of the grid's outermost ring
+    across_mass_h: np.ndarray | None = None   # Σ z·u, u = breast-relative position from the chest wall (0..1)
+    down_mass_h: np.ndarray | None = None     # Σ z·v, v = breast-relative position from the top (0..1)
 
     @property
     def n_images(self) -> int:
@@ -84,6 +91,20 @@ class LatentSummaries:
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.confounder_mass_h / self.marked_mass_h
         out[~(self.marked_mass_h > 0)] = np.nan
+        return out
+
+    def spatial_profile(self) -> dict[str, np.ndarray]:
+        """Per latent: centre of mass (u across from the chest wall, v down; 0..1 over the
+        breast's extent, or the frame where tissue is unknown) and the share of its mass on the
+        frame's border ring; NaN for never-active latents."""
+        active = self.mass_h > 0
+        nan = np.full(self.h, np.nan)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {key: (nan.copy() if sums is None else sums / self.mass_h) for key, sums in
+                   (("com_across", self.across_mass_h), ("com_down", self.down_mass_h),
+                    ("border_fraction", self.border_mass_h))}
+        for v in out.values():
+            v[~active] = np.nan
         return out
 
     def reconstruction_stats(self, rows: Sequence[int] | np.ndarray) -> dict[str, float]:
@@ -138,6 +159,9 @@ def default_cache_dir(sae_path: str | os.PathLike[str]) -> Path:
 
 def save_summaries(s: LatentSummaries, npz_path: Path, json_path: Path) -> None:
     arrays: dict[str, np.ndarray] = {name: getattr(s, name) for name in _ARRAYS}
+    for name, value in arrays.items():
+        if value is None:    # spatial sums not computed: stored as NaN (a NaN spatial profile)
+            arrays[name] = np.full(s.h, np.nan)
     for which in ("mean", "max"):
         m = getattr(s, f"{which}_nh").tocsr()
         arrays.update({f"{which}_data": m.data.astype(np.float32), f"{which}_indices": m.indices,
@@ -204,6 +228,22 @@ def _confounder_cells(record: Any, rows_p: np.ndarray, cols_p: np.ndarray,
     return inside
 
 
+def _cell_positions(rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int],
+                    tissue_p: np.ndarray, *, right: bool) -> tuple[np.ndarray, ...]:
+    """(border, u, v) per stored position: on the grid's outer ring; cell centre across from the
+    chest wall (mirrored for right breasts, whose chest wall is on the right) and down, both
+    relative to the extent of the breast cells (tissue ≥ OFF_BREAST_TISSUE) and clipped to
+    0..1; relative to the whole grid where tissue is unknown or no cell is breast."""
+    gh, gw = grid_hw
+    border = (rows_p == 0) | (cols_p == 0) | (rows_p == gh - 1) | (cols_p == gw - 1)
+    breast = np.nan_to_num(tissue_p, nan=0.0) >= OFF_BREAST_TISSUE
+    r0, r1, c0, c1 = (rows_p[breast].min(), rows_p[breast].max(), cols_p[breast].min(),
+                      cols_p[breast].max()) if breast.any() else (0, gh - 1, 0, gw - 1)
+    across = np.clip((cols_p - c0 + 0.5) / (c1 - c0 + 1), 0.0, 1.0)
+    down = np.clip((rows_p - r0 + 0.5) / (r1 - r0 + 1), 0.0, 1.0)
+    return border, (1.0 - across if right else across), down
+
+
 def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress: bool = True,
                       meta: dict[str, Any] | None = None) -> LatentSummaries:
     """Encode every stored patch once (images batched up to `batch_rows` rows per SAE call)."""
@@ -225,12 +265,13 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
     ss_within, sse, l0 = np.zeros(n), np.zeros(n), np.zeros(n)
     x_mean = np.zeros((n, d), np.float32)
     mass = {k: torch.zeros(h, dtype=torch.float64, device=device)
-            for k in ("all", "known", "off", "marked", "conf")}
+            for k in ("all", "known", "off", "marked", "conf", "border", "across", "down")}
     # Position counts: the share a latent spread evenly over positions would get.
     counts = {"tissue_known_positions": 0, "off_breast_positions": 0, "marked_positions": 0,
               "confounder_positions": 0}
 
-    def flush(batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]]) -> None:
+    def flush(batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
+                                tuple[np.ndarray, ...]]]) -> None:
         # Memory: one (rows, h) float32 code matrix; everything else is (rows,) or (h,). Masses
         # are weighted column sums computed as (rows,) @ (rows, h) products, so no row copies.
         x_md = torch.from_numpy(np.concatenate([b[1] for b in batch])).to(device)
@@ -243,8 +284,10 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         off_m = known_m & (np.nan_to_num(tissue_m, nan=1.0) < OFF_BREAST_TISSUE)
         inbox_m = np.concatenate([b[3] if b[3] is not None else np.zeros(len(b[1]), bool) for b in batch])
         marked_m = np.concatenate([np.full(len(b[1]), b[3] is not None) for b in batch])
+        border_m, across_m, down_m = (np.concatenate([b[4][k] for b in batch]) for k in range(3))
         for key, weight_m in (("all", np.ones(len(tissue_m), bool)), ("known", known_m), ("off", off_m),
-                              ("marked", marked_m), ("conf", inbox_m)):
+                              ("marked", marked_m), ("conf", inbox_m), ("border", border_m),
+                              ("across", across_m), ("down", down_m)):
             if weight_m.any():
                 w_m = torch.from_numpy(weight_m.astype(np.float32)).to(device)
                 mass[key] += (w_m @ z_mh).double()
@@ -253,7 +296,7 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         counts["marked_positions"] += int(marked_m.sum())
         counts["confounder_positions"] += int(inbox_m.sum())
         start = 0
-        for i, acts, _, _ in batch:
+        for i, acts, _, _, _ in batch:
             p = len(acts)
             sl = slice(start, start + p)
             start += p
@@ -268,7 +311,7 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
             ss_within[i] = float(((acts64 - mean_d) ** 2).sum())
             sse[i], l0[i] = err_m[sl].sum(), active_m[sl].sum()
 
-    batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None, tuple[np.ndarray, ...]]] = []
     n_rows = 0
     for i in tqdm(range(n), desc="encoding store", unit="img", disable=not progress):
         if "ok" in images and not bool(images.at[i, "ok"]):
@@ -286,7 +329,10 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         if batch and n_rows + len(acts_pd) > batch_rows:
             flush(batch)
             batch, n_rows = [], 0
-        batch.append((i, acts_pd, tissue_p, inbox))
+        where = _cell_positions(np.asarray(rows_p), np.asarray(cols_p),
+                                (int(grids[i, 0]), int(grids[i, 1])), tissue_p,
+                                right=records[i].laterality == "R")
+        batch.append((i, acts_pd, tissue_p, inbox, where))
         n_rows += len(acts_pd)
     if batch:
         flush(batch)
@@ -306,7 +352,8 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         mean_nh=to_csr(mean_parts), max_nh=to_csr(max_parts), n_positions_n=n_pos,
         n_cells_n=grids.prod(axis=1), ss_within_n=ss_within, sse_n=sse, l0_n=l0, x_mean_nd=x_mean,
         mass_h=cpu["all"], tissue_known_mass_h=cpu["known"], off_breast_mass_h=cpu["off"],
-        marked_mass_h=cpu["marked"], confounder_mass_h=cpu["conf"], meta=info)
+        marked_mass_h=cpu["marked"], confounder_mass_h=cpu["conf"], border_mass_h=cpu["border"],
+        across_mass_h=cpu["across"], down_mass_h=cpu["down"], meta=info)
 
 
 def _cached(npz_path: Path, json_path: Path) -> LatentSummaries | None:
@@ -377,14 +424,10 @@ def open_sae(path: str | os.PathLike[str], device: str = "cpu") -> Any:
 
 
 # --------------------------------------------------------------------------- label selection
-def labelled_rows(images: Any, concept: str, *, split: str | None, level: str = "image",
-                  store_level: str | None = "image") -> tuple[np.ndarray, np.ndarray]:
-    """Image-table rows of `split` with their binary `concept` label, at image or row level.
-
-    Image level: one entry per image id (label = any row positive, `image_labels`). Row level
-    needs a store extracted at row level (one entry per CSV row, the reference's protocol).
-    Skipped images (`ok` false) are left out.
-    """
+def selected_rows(images: Any, *, split: str | None, level: str = "image",
+                  store_level: str | None = "image") -> tuple[np.ndarray, str]:
+    """Image-table rows of `split` (None/"all": every split) at image or row level, skipped
+    images left out, and the table column that holds their labels at that level."""
     if level not in ("image", "row"):
         raise MammoSaeError(f"level must be 'image' or 'row', got {level!r}")
     if level == "row" and store_level != "row":
@@ -402,7 +445,19 @@ def labelled_rows(images: Any, concept: str, *, split: str | None, level: str = 
     column = "labels" if level == "row" or "image_labels" not in df else "image_labels"
     if level == "image" and store_level == "row":
         keep &= ~df["image_id"].duplicated().to_numpy()
-    rows = np.flatnonzero(keep)
+    return np.flatnonzero(keep), column
+
+
+def labelled_rows(images: Any, concept: str, *, split: str | None, level: str = "image",
+                  store_level: str | None = "image") -> tuple[np.ndarray, np.ndarray]:
+    """Image-table rows of `split` with their binary `concept` label, at image or row level.
+
+    Image level: one entry per image id (label = any row positive, `image_labels`). Row level
+    needs a store extracted at row level (one entry per CSV row, the reference's protocol).
+    Skipped images (`ok` false) are left out.
+    """
+    df = images
+    rows, column = selected_rows(images, split=split, level=level, store_level=store_level)
     labels = []
     for r in rows:
         lab = df.at[r, column]

@@ -2,7 +2,8 @@
 
 Reads only the run directory (layout: docs/architecture.md, "Run directory") and writes
 `RUN/report/`: `index.html`, `latents/<idx>.html`, `figures/*.png` (linked relatively) and
-`report.json` holding every number shown. No JavaScript, no network: the folder opens anywhere.
+`report.json` holding every number shown, and `atlas.html` (report/atlas.py). No network, and no
+JavaScript except the atlas page's inline script: the folder opens anywhere.
 
 Every section is built on its own: a stage that has not run gives a "not run" note, and a part
 whose files are unreadable gives a "could not be built" note naming the problem (or, with
@@ -254,6 +255,7 @@ class ReportBuilder:
                          self.section_separation),
             self.guarded("sae", H.Section("sae", "SAE training"), self.section_sae),
             self.guarded("latents", H.Section("latents", "Top latents"), self.section_latents),
+            self.guarded("atlas", H.Section("atlas", "Latent atlas"), self.section_atlas),
         ]
         headlines = self.guarded("headlines", H.Section("headlines", "Headline numbers"), self.section_headlines)
         sections.insert(0, headlines)
@@ -718,6 +720,12 @@ class ReportBuilder:
                      "activation histogram, class association, effect on the logit."))
         s.add(H.html_table(rows, ["latent", "rank in models", "off-breast score", "confounder score",
                                   "flags"], left=2))
+
+
+    def section_atlas(self, s: H.Section) -> None:
+        from .atlas import write_atlas_page
+
+        write_atlas_page(self, s)   # atlas.html (its own module) and a link here
 
 
 def _sweep_from(data: Any) -> dict[str, dict[str, np.ndarray]]:
