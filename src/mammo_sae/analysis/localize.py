@@ -3,8 +3,9 @@
 The paper's Table 2 (see docs/localization.md). For each chosen latent and each image of the
 evaluated set:
 
-1. heatmap = the latent's patch map upsampled bilinearly (`align_corners=False`) to the
-   model-input frame (`maps.upsample`);
+1. heatmap = the latent's patch map upsampled bilinearly to the model-input frame, each cell's
+   value at its receptive-field centre (`maps.upsample`; `align="even"`: the released code's
+   `align_corners=False`);
 2. mask = heatmap > threshold, the threshold being a percentile of that heatmap (`p95`, the
    paper) or a fraction of its maximum (`relmax:0.3`, the released code) or absolute (`abs:X`);
 3. one box per connected region of the mask (8-connected, holes filled: exactly OpenCV's

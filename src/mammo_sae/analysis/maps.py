@@ -1,5 +1,6 @@
 """Patch-latent maps: chosen SAE latents at every position of chosen images, and their
-upsampling to the model-input frame (the heatmaps of the paper's Figure 3).
+upsampling to the model-input frame (the heatmaps of the paper's Figure 3), each cell's value
+placed at the receptive-field centre of that cell for the store's encoder.
 
 A store keeps each image's final-layer vectors with their (row, col) cell; encoding them with
 the SAE and scattering the chosen latents back gives one `(n_latents, grid_h, grid_w)` map per
