@@ -228,7 +228,7 @@ def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -
         html = page.read_text(encoding="utf-8")
         assert not re.search(r"patient\d", html)
         assert len(info["logit_effect"]) == 2 and np.isfinite(info["logit_effect"][0]["v"])
-        for model, mine in info["models"].items():
+        for mine in info["models"].values():
             assert [r["concept"] for r in mine["association"]] == ["Mass", "confounder"]
             if mine.get("top_images"):
                 acts = [t["mean_activation"] for t in mine["top_images"]]
@@ -320,7 +320,7 @@ def test_every_table2_cell_links_to_its_latent_page(report_run: tuple[Path, Path
         assert (index.parent / href).is_file(), href
     # Baselines beside the latents, with the values the localize stage recorded.
     assert {"chance", "classifier map", "oracle (predicted size)"} <= set(parser.headers)
-    for label, entry in data["table2"].items():
+    for entry in data["table2"].values():
         assert "classifier_map" in entry["baselines"] and "oracle" in entry["baselines"]
     assert data["table2"]["Mass-pretrained"]["baselines"]["chance"]["draws"] == 3
     text = index.read_text(encoding="utf-8")
