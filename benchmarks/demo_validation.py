@@ -164,27 +164,35 @@ def _run(config: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_grid(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    cells: dict[str, dict[str, float]] = {}
+def _cell_name(run: Path) -> str:
+    threads, offset, sae_seed = (part[1:] for part in run.name.split("-"))
+    return f"threads {threads} / clf +{offset} / SAE {sae_seed}"
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    """Run every cell of the grid that is not finished in --work yet."""
     args.work.mkdir(parents=True, exist_ok=True)
     for threads in args.threads:
         for offset in args.classifier_seeds:
             base: Path | None = None
             for sae_seed in args.sae_seeds:
-                name = f"threads {threads} / clf +{offset} / SAE {sae_seed}"
                 run = args.work / f"t{threads}-c{offset}-s{sae_seed}"
-                done = (run / "stages" / "report.json").is_file()
-                if not done:
+                if not (run / "stages" / "report.json").is_file():
                     shutil.rmtree(run, ignore_errors=True)
                     if base is not None:   # reuse data, classifiers and stores: only the SAE differs
                         run.mkdir(parents=True)
                         for part in ("data", "models", "stores", "stages"):
                             shutil.copytree(base / part, run / part)
                     seconds = _run(_config(args.work, threads, offset, sae_seed), run)
-                    print(f"{name}: {seconds:.0f} s", flush=True)
-                cells[name] = figures(run)
+                    print(f"{_cell_name(run)}: {seconds:.0f} s", flush=True)
                 base = base or run
-    return cells
+
+
+def finished_cells(work: Path) -> dict[str, dict[str, float]]:
+    """Figures of every finished cell under `work` (also those of earlier invocations)."""
+    runs = [r for r in work.glob("t*-c*-s*") if (r / "stages" / "report.json").is_file()]
+    key = [tuple(int(p[1:]) for p in r.name.split("-")) for r in runs]
+    return {_cell_name(r): figures(r) for _, r in sorted(zip(key, runs))}
 
 
 def summarize(cells: dict[str, dict[str, float]]) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -209,15 +217,18 @@ def main() -> None:
                     help="where the runs go (finished cells are reused on a rerun)")
     ap.add_argument("--save", type=Path, default=None,
                     help="folder for cpu_demo_validation.txt/.json (e.g. benchmarks/results)")
+    ap.add_argument("--summary-only", action="store_true",
+                    help="run nothing: summarise the finished cells under --work")
     args = ap.parse_args()
-    cells = run_grid(args)
+    if not args.summary_only:
+        run_grid(args)
+    cells = finished_cells(args.work)
     spread, claims = summarize(cells)
     pd.set_option("display.width", 200)
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     header = (f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}; "
-              f"threads {args.threads} x classifier seeds +{args.classifier_seeds} x SAE seeds "
-              f"{args.sae_seeds} ({len(cells)} cells)\n"
+              f"{len(cells)} finished cells (threads / classifier seed offset / SAE seed)\n"
               f"# python benchmarks/demo_validation.py  (tests/test_demo_run.py asserts only "
               f"what holds by construction)")
     text = "\n\n".join([header, "## per cell", pd.DataFrame(cells).round(3).to_string(),

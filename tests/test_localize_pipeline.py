@@ -198,7 +198,9 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
                "--figure-images", "2", "--label", "Mass synthetic"])
     assert rc == 0
     wide = pd.read_csv(out / "table2.csv")
-    assert wide.columns.tolist() == ["setting", "rank_1", "rank_2", "rank_3", "latents"]
+    assert wide.columns.tolist() == ["setting", "rank_1", "rank_2", "rank_3", "latents", "chance",
+                                     "oracle"]
+    assert 0.0 <= wide.loc[0, "chance"] < 0.5 and wide.loc[0, "oracle"] == pytest.approx(1.0)
     assert wide.loc[0, "setting"] == "Mass synthetic" and wide.loc[0, "latents"] == "0,3,2"
     assert wide.loc[0, ["rank_1", "rank_2", "rank_3"]].tolist() == pytest.approx([1.0, 0.25, 0.0])
     table = pd.read_csv(out / "localization.csv")
@@ -283,3 +285,42 @@ def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) 
         assert main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
                      "--select", "pointing", "--candidates", "5", "--out", str(tmp_path / "bad"),
                      "--device", "cpu", "--no-progress"]) == 2   # --candidates needs --ranking
+
+
+def test_baselines_by_construction(store) -> None:
+    """Oracle boxes of the truth's size centred on it: AP 1; four times the size: AP 0 (IoU
+    1/16); the classifier map of a head reading the Mass channel is that channel's latent; chance
+    boxes have the findings' sizes, lie in the frame and score far below the oracle."""
+    from mammo_sae.analysis.intervene import LinearHead
+    from mammo_sae.analysis.localize import Detections, chance_boxes, oracle_ap, oracle_boxes
+
+    gt = [np.array([[32.0, 32.0, 96.0, 96.0]]), np.array([[0.0, 64.0, 32.0, 160.0]])]
+    fitted = [[Detections(g.copy(), np.ones(1), 1.0)] for g in gt]
+    assert oracle_ap(fitted, gt, 0.25, "voc")["ap"] == pytest.approx(1.0)
+    np.testing.assert_allclose(oracle_boxes(gt[0], (64.0, 64.0)), gt[0])
+    big = [[Detections(np.array([[0.0, 0.0, 256.0, 256.0]]), np.ones(1), 1.0)] for _ in gt]
+    res = oracle_ap(big, gt, 0.25, "voc")
+    assert res["ap"] == 0.0 and res["box_hw"] == [256.0, 256.0]
+    assert np.isnan(oracle_ap([[Detections(np.zeros((0, 4)), np.zeros(0), 0.0)]], gt[:1], 0.25,
+                              "voc")["ap"])
+
+    region = np.zeros(FRAME, dtype=bool)
+    region[100:120, 10:20] = True
+    boxes = chance_boxes(np.repeat(gt[1], 50, axis=0), region, np.random.default_rng(0))
+    np.testing.assert_allclose(boxes[:, 2] - boxes[:, 0], 32.0)
+    np.testing.assert_allclose(boxes[:, 3] - boxes[:, 1], 96.0)
+    assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= FRAME[1]).all()
+    centre_y = (boxes[:, 1] + boxes[:, 3]) / 2
+    assert ((centre_y >= 100) & (centre_y <= 121)).all()
+
+    head = LinearHead(w_d=np.eye(D)[ON_GT], b=0.0)
+    res = localize(store, TinySae(), "Mass", [ON_GT, NEVER], head=head, chance_draws=10,
+                   progress=False)
+    assert res.baselines["classifier_map"]["ap"] == pytest.approx(res.table["ap"][0])
+    assert res.baselines["oracle"]["ap"] == pytest.approx(1.0)
+    assert res.baselines["chance"]["draws"] == 10
+    assert res.baselines["chance"]["ap"] < 0.5 and res.baselines["chance"]["region"].startswith(
+        "breast (whole frame for 4")
+    assert res.settings["align"] == "receptive-field"
+    dets = res.detections_json()["images"]
+    assert len(dets["im0"]["classifier_map"]["pred_boxes"]) == 1

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mammo_sae.activations.store import write_store
+from mammo_sae.activations.store import ActivationStore, write_store
 from mammo_sae.analysis.fidelity import fidelity
 from mammo_sae.analysis.intervene import head_from_classifier, sae_readout, sweep
 from mammo_sae.analysis.localize import localize
@@ -96,9 +96,11 @@ def make_run(run: Path) -> Path:
     log = [{"step": s, "loss": 1.0 / s, "fvu": 0.5 / s, "l0": 10 + s, "dead_fraction": 0.01 * s,
             "patches_per_s": 1000.0 + s} for s in range(1, 21)]
     (run / "sae" / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
+    write_json(run / "sae" / "train_config.json", {"schema_version": 1, "dead_window_patches": 1000})
 
     torch.manual_seed(0)
     entries, metrics, results, fid = [], {}, {}, {}
+    ranked: dict[str, list[int]] = {}
     for (name, key), seed in zip(MODELS, (2, 3)):
         clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass")
         save_model(clf, run / "models" / name / "model")
@@ -118,10 +120,16 @@ def make_run(run: Path) -> Path:
         order = np.argsort(-mean1, kind="stable")
         write_json(run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
                    [{"rank": r, "index": int(j), "importance": float(mean1[j])} for r, j in enumerate(order)])
-        loc = localize(store, sae, "Mass", [int(j) for j in order[:3]], progress=False)
+        loc = localize(store, sae, "Mass", [int(j) for j in order[:3]], head=head, chance_draws=3,
+                       progress=False)
         out = run / "analysis" / "localize" / name
         write_json(out / "localization.json", loc.to_json())
         _tiny_png(out / "figure3.png")
+        ranked[name] = [int(j) for j in order[:3]]
+        if name == "Mass-finetuned":   # pointing-chosen: one of the other model's, one of its own
+            chosen = [ranked["Mass-pretrained"][0], int(order[5])]
+            loc = localize(store, sae, "Mass", chosen, head=head, progress=False)
+            write_json(out / "pointing" / "localization.json", loc.to_json())
         # intervene.json (`results` rows) for one model, intervene.csv alone for the other
         v_h, c = sae_readout(sae, head)
         res = sweep(sums.mean_rows(rows), y, v_h, c, [order[::-1], order], KS, n_boot=50)
@@ -220,12 +228,128 @@ def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -
         html = page.read_text(encoding="utf-8")
         assert not re.search(r"patient\d", html)
         assert len(info["logit_effect"]) == 2 and np.isfinite(info["logit_effect"][0]["v"])
-        assert [r["concept"] for r in info["association"]] == ["Mass", "confounder"]
-        if info.get("top_images"):
-            acts = [t["mean_activation"] for t in info["top_images"]]
-            assert acts == sorted(acts, reverse=True)
+        for mine in info["models"].values():
+            assert [r["concept"] for r in mine["association"]] == ["Mass", "confounder"]
+            if mine.get("top_images"):
+                acts = [t["mean_activation"] for t in mine["top_images"]]
+                assert acts == sorted(acts, reverse=True)
+            # Boxes drawn at the threshold the localize stage recorded, not a config's.
+            assert mine["threshold"] == "p95" and mine["from_localize"]
         for src in _links(page).srcs:
             assert (page.parent / src).is_file(), src
+
+
+def _model_mean_activations(run: Path, key: str, j: int) -> dict[str, float]:
+    """Per-image mean activation of latent j in the summaries of store `<key>-test`."""
+    from mammo_sae.analysis.summaries import summaries_for
+
+    sums = summaries_for(run / "stores" / f"{key}-test", run / "sae" / "model",
+                         cache_dir=run / "analysis" / "summaries", progress=False)
+    ids = [r.image_id for r in ActivationStore(run / "stores" / f"{key}-test").records()]
+    act = np.asarray(sums.mean_nh[:, j].toarray()).ravel()
+    return dict(zip(ids, act.tolist(), strict=True))
+
+
+def test_latent_pages_show_each_model_that_lists_the_latent(report_run: tuple[Path, Path]) -> None:
+    """A latent listed by both models (pretrained's #1, chosen by finetuned's pointing game)
+    gets a section per model, each through that model's own store; a latent only the finetuned
+    model lists is not shown through the pretrained one (the first model of the run)."""
+    run, _ = report_run
+    data = json.loads((run / "report" / "report.json").read_text())
+    lists = data["top_latents"]
+    assert set(lists) == {"Mass-pretrained", "Mass-finetuned", "Mass-finetuned/pointing"}
+    shared = lists["Mass-finetuned/pointing"][0]
+    assert shared == lists["Mass-pretrained"][0]
+    info = data["latents"][str(shared)]
+    assert set(info["models"]) == {"Mass-pretrained", "Mass-finetuned"}
+    assert info["listed_by"]["Mass-finetuned"]["Mass-finetuned/pointing"] == 1
+    html = (run / "report" / "latents" / f"{shared}.html").read_text(encoding="utf-8")
+    assert "Through Mass-pretrained" in html and "Through Mass-finetuned" in html
+    for model, key in MODELS:
+        own = _model_mean_activations(run, key, shared)
+        for t in info["models"][model]["top_images"]:
+            assert t["mean_activation"] == pytest.approx(own[t["image_id"]], rel=1e-5)
+    only_finetuned = [j for label, lats in lists.items() if label.startswith("Mass-finetuned")
+                      for j in lats if j not in lists["Mass-pretrained"]]
+    assert only_finetuned
+    for j in only_finetuned:
+        assert set(data["latents"][str(j)]["models"]) == {"Mass-finetuned"}
+        html = (run / "report" / "latents" / f"{j}.html").read_text(encoding="utf-8")
+        assert "Through Mass-pretrained" not in html
+
+
+class _Table2Cells(HTMLParser):
+    """Links inside the table cells of the report's localisation section."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.section: str | None = None
+        self.in_td = False
+        self.hrefs: list[str] = []
+        self.headers: list[str] = []
+        self.in_th = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section":
+            self.section = a.get("id")
+        self.in_td = self.in_td or tag == "td"
+        self.in_th = self.in_th or tag == "th"
+        if tag == "a" and self.in_td and self.section == "localize":
+            self.hrefs.append(a.get("href") or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        self.in_td = self.in_td and tag != "td"
+        self.in_th = self.in_th and tag != "th"
+
+    def handle_data(self, data: str) -> None:
+        if self.in_th and self.section == "localize":
+            self.headers.append(data)
+
+
+def test_every_table2_cell_links_to_its_latent_page(report_run: tuple[Path, Path]) -> None:
+    run, index = report_run
+    data = json.loads((run / "report" / "report.json").read_text())
+    parser = _Table2Cells()
+    parser.feed(index.read_text(encoding="utf-8"))
+    cells = {label: [r["latent"] for r in e["latents"]] for label, e in data["table2"].items()}
+    assert "Mass-finetuned/pointing" in cells
+    want = [f"latents/{j}.html" for lats in cells.values() for j in lats]
+    assert sorted(h for h in parser.hrefs if h.startswith("latents/")) == sorted(want)
+    for href in want:
+        assert (index.parent / href).is_file(), href
+    # Baselines beside the latents, with the values the localize stage recorded.
+    assert {"chance", "classifier map", "oracle (predicted size)"} <= set(parser.headers)
+    for entry in data["table2"].values():
+        assert "classifier_map" in entry["baselines"] and "oracle" in entry["baselines"]
+    assert data["table2"]["Mass-pretrained"]["baselines"]["chance"]["draws"] == 3
+    text = index.read_text(encoding="utf-8")
+    assert "ending in /pointing" in text and "<details" in text
+    # Each table says which run files it comes from, and the links resolve.
+    sources = [h for h in _links(index).hrefs if h.startswith("../")]
+    for name in ("fidelity/fidelity.json", "localize/Mass-finetuned/pointing/localization.json",
+                 "models/models.json", "separation/Mass/separation.json", "train_log.jsonl"):
+        assert any(h.endswith(name) for h in sources), name
+    for href in sources:
+        assert (index.parent / href).is_file(), href
+
+
+def test_recovered_is_shown_only_above_chance(report_run: tuple[Path, Path]) -> None:
+    from mammo_sae.report.build import recovered_shown
+
+    row = {"auroc_original": 0.52, "auroc_original_low": 0.45, "recovered": -0.7}
+    assert np.isnan(recovered_shown(row))
+    assert recovered_shown({**row, "auroc_original_low": 0.51}) == -0.7
+    assert recovered_shown({"auroc_original": 0.65, "recovered": 0.9}) == 0.9
+    assert np.isnan(recovered_shown({"auroc_original": 0.58, "recovered": 0.9}))
+    run, index = report_run
+    data = json.loads((run / "report" / "report.json").read_text())
+    for r in data["table1"]:
+        shown = r["recovered_shown"]
+        assert (shown == r["recovered"]) if r["auroc_original_low"] > 0.5 else shown is None or np.isnan(shown)
+    text = index.read_text(encoding="utf-8")
+    assert "lower end of its 95 % CI" in text and "linear probe" in text
+    assert "Separation index = the mean" in text and "dead_window_patches" in text
 
 
 def test_report_of_a_partial_run_notes_what_did_not_run(tmp_path: Path) -> None:
@@ -293,3 +417,14 @@ def test_report_renders_in_headless_chromium(report_run: tuple[Path, Path], tmp_
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (2000, 1280)
     assert pixels.std() > 10.0, "screenshot is blank"
+    # Follow a Table 2 cell's link (what a click does) and render the latent page it opens.
+    cells = _Table2Cells()
+    cells.feed(index.read_text(encoding="utf-8"))
+    target = (index.parent / cells.hrefs[0]).resolve()
+    assert target.is_file()
+    page_shot = tmp_path / "latent_page.png"
+    cmd[cmd.index(f"--screenshot={shot}")] = f"--screenshot={page_shot}"
+    cmd[-1] = target.as_uri()
+    subprocess.run(cmd, check=True, capture_output=True, timeout=60)
+    pixels = np.asarray(Image.open(page_shot).convert("L"), dtype=np.float64)
+    assert pixels.std() > 10.0, "the latent page renders blank"

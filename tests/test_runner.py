@@ -118,3 +118,22 @@ def test_copies_without_file_times_and_deleted_resume_files_rerun_nothing(tmp_pa
     calls.clear()
     _writing_runner(tmp_path / "copy", calls).execute()
     assert calls == []
+
+
+def test_pipeline_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`run --dry-run` only reads: no run directory appears, and an existing run keeps every file
+    byte for byte (its config.yaml above all: the report's boxes must match its Table 2)."""
+    from mammo_sae.cli import main
+
+    fresh = tmp_path / "fresh"
+    assert main(["run", "phantom.yaml", "--out", str(fresh), "--dry-run"]) == 0
+    assert not fresh.exists()
+    run = tmp_path / "run"
+    (run / "stages").mkdir(parents=True)
+    (run / "config.yaml").write_text("name: phantom\nanalysis:\n  localize: {threshold: p95}\n")
+    (run / "stages" / "data.json").write_text('{"schema_version": 1, "stage": "data", "key": "x"}')
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    assert main(["run", "phantom.yaml", "--out", str(run), "--dry-run"]) == 0
+    assert "[         run] data" in capsys.readouterr().out   # the plan is still printed
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    assert sorted(run.rglob("*")) == sorted([*before, run / "stages"])

@@ -282,6 +282,8 @@ class Pipeline:
                 settings = {"options": getattr(c.analysis, name), "level": c.data.level}
                 if name == "localize":
                     settings["pointing"] = c.analysis.localize_pointing
+                    # v2: receptive-field-centred heatmaps and the baselines (rerun old results)
+                    settings["layout"] = 2
                 if name == "separation":   # its debiasing edit runs with the intervene options
                     settings["intervene_options"] = c.analysis.intervene
             if name == "separation":   # v2: its debiasing edit moved under analysis/separation
@@ -553,7 +555,7 @@ class Pipeline:
                                     store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
                                     sae=str(self.sae_dir), concept=m.concept, out=str(target),
                                     ranking=str(ranking), split=self.cfg.extract.eval_split,
-                                    label=m.name))
+                                    classifier=m.classifier, label=m.name))
             out[m.name] = self.rel(target)
             if self._pointing_possible():
                 # The same, with latents chosen by the pointing game on the ranking split.
@@ -563,7 +565,8 @@ class Pipeline:
                     sae=str(self.sae_dir), concept=m.concept, out=str(target / "pointing"),
                     select="pointing", select_split=self.cfg.extract.rank_split,
                     select_store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
-                    split=self.cfg.extract.eval_split, label=f"{m.name}/pointing"))
+                    split=self.cfg.extract.eval_split, classifier=m.classifier,
+                    label=f"{m.name}/pointing"))
         return out
 
     def _pointing_possible(self) -> bool:
@@ -701,13 +704,16 @@ def run_pipeline(cfg: RunConfig) -> Path:
     pcfg = load_pipeline_config(cfg.config)
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
     _make_deterministic(pcfg)
+    if cfg.dry_run:   # a dry run only reads: the plan must not touch the run it describes
+        Pipeline(pcfg, run_dir, progress=cfg.progress).runner.execute(
+            only=cfg.only, start=cfg.start, dry_run=True)
+        return run_dir
     with writer_lock(run_dir):   # one writer per run directory (docs/security.md)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
         pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
         t0 = time.perf_counter()
-        pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=cfg.dry_run)
-    if not cfg.dry_run:
-        print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
+        pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=False)
+    print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir
 
 

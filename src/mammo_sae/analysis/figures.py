@@ -1,10 +1,13 @@
-"""Figure-3-style panels: mammogram, `jet` heatmap overlay, GT boxes red, predicted boxes yellow.
+"""Figure-3-style panels: mammogram, `jet` heatmap overlay, GT boxes white, predicted boxes cyan
+(solid when they hit a GT box, dashed when they miss); colours absent from `jet`, so a box stays
+visible on any heat.
 
 `LatentPanel` holds what one panel shows; `draw_panel` draws it on a matplotlib Axes and
 `save_panel_grid` lays panels out in a grid (rows × columns) and writes a PNG atomically.
 Matplotlib is used through `Figure` + Agg, never pyplot, so no global state or display is needed.
 As in the released code the heatmap is not normalised across panels: each panel's colour scale
-runs from 0 to that heatmap's maximum (the title gives the mean activation for comparison).
+runs from 0 to that heatmap's maximum (the title gives the mean activation for comparison); the
+grid's colour bar says so.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ class LatentPanel:
     gt_boxes: np.ndarray               # (m, 4) [x0, y0, x1, y1] frame pixels
     pred_boxes: np.ndarray             # (n, 4)
     title: str
+    hits: np.ndarray | None = None     # (n,) bool: predicted box matched a GT box; None = unknown
 
 
-def panel_title(latent: int, mean_activation: float, image_id: str | None = None) -> str:
-    """`latent 13867 · mean act 0.42`, preceded by the image id on a first line if given."""
+GT_COLOUR, PRED_COLOUR = "white", "cyan"   # neither is a `jet` colour
+
+
+def panel_title(latent: int | str, mean_activation: float, image_id: str | None = None, *,
+                hit: bool | None = None) -> str:
+    """`latent 13867 · mean act 0.42` (a string names another map, e.g. "classifier map"),
+    preceded by the image id on a first line if given, followed by HIT / miss when known."""
     if image_id and len(image_id) > 14:  # VinDr ids are 32 hex digits
         image_id = image_id[:12] + "…"
     head = f"{image_id}\n" if image_id else ""
-    return f"{head}latent {latent}\nmean act {mean_activation:.3g}"
+    name = f"latent {latent}" if isinstance(latent, (int, np.integer)) else str(latent)
+    mark = "" if hit is None else (" · HIT" if hit else " · miss")
+    return f"{head}{name}\nmean act {mean_activation:.3g}{mark}"
 
 
 def display_image(path: str | os.PathLike[str] | None, frame_hw: tuple[int, int]) -> np.ndarray | None:
@@ -86,10 +97,15 @@ def draw_panel(ax: Any, panel: LatentPanel, *, max_height: int = 400, alpha: flo
         ax.imshow(_shrink(panel.image_hw, scale), cmap="gray", vmin=0.0, vmax=1.0)
     heat = _shrink(panel.heat_hw, scale)
     ax.imshow(heat, cmap="jet", alpha=alpha, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
-    for boxes, colour in ((panel.gt_boxes, "red"), (panel.pred_boxes, "yellow")):
-        for x0, y0, x1, y1 in np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale:
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                                   edgecolor=colour, linewidth=1.5))
+    pred = np.asarray(panel.pred_boxes, dtype=np.float64).reshape(-1, 4)
+    hits = np.ones(len(pred), dtype=bool) if panel.hits is None else np.asarray(panel.hits, bool)
+    drawn = [(b, GT_COLOUR, "-", 2.0) for b in np.asarray(panel.gt_boxes, float).reshape(-1, 4)]
+    drawn += [(b, PRED_COLOUR, "-" if hit else "--", 1.5) for b, hit in zip(pred, hits, strict=True)]
+    for box, colour, style, width in drawn:
+        x0, y0, x1, y1 = box * scale
+        # Box edges are pixel edges; imshow puts pixel centres on integers.
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
+                               edgecolor=colour, linestyle=style, linewidth=width))
     ax.set_xlim(-0.5, W * scale - 0.5)
     ax.set_ylim(H * scale - 0.5, -0.5)
     ax.set_title(panel.title, fontsize=8)
@@ -98,8 +114,9 @@ def draw_panel(ax: Any, panel: LatentPanel, *, max_height: int = 400, alpha: flo
 
 def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.PathLike[str], *,
                     panel_inches: tuple[float, float] = (1.8, 3.0), dpi: int = 100,
-                    suptitle: str | None = None) -> Path:
-    """Write `panels[row][col]` as one PNG grid (rows may be ragged; empty cells stay blank)."""
+                    suptitle: str | None = None, colorbar: bool = True) -> Path:
+    """Write `panels[row][col]` as one PNG grid (rows may be ragged; empty cells stay blank),
+    with a colour bar (0 → each panel's own max) and a key to the boxes on the right."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -126,11 +143,27 @@ def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.Path
         height = fig.get_figheight()
         fig.suptitle("\n".join(lines), fontsize=9, y=1.0 - 0.05 / height, va="top")
         top = 1.0 - (0.1 + 0.17 * len(lines)) / height
-    fig.tight_layout(rect=(0.0, 0.0, 1.0, top))
+    right = 1.0 - (0.9 / fig.get_figwidth() if colorbar else 0.0)
+    fig.tight_layout(rect=(0.0, 0.0, right, top))
+    if colorbar:
+        _add_colorbar(fig, right, top)
     path = Path(path)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return path
+
+
+def _add_colorbar(fig: Any, left: float, top: float) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    width = fig.get_figwidth()
+    cax = fig.add_axes((left + 0.15 / width, 0.35 * top, 0.15 / width, 0.45 * top))
+    bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax, ticks=[0, 1])
+    bar.ax.set_yticklabels(["0", "panel\nmax"], fontsize=7)
+    cax.set_title("heat", fontsize=7)
+    fig.text(left + 0.05 / width, 0.3 * top, f"boxes:\nGT {GT_COLOUR}\npredicted\n{PRED_COLOUR}\n"
+             "(dashed:\nmiss)", fontsize=6, va="top")
 
 
 __all__ = ["LatentPanel", "display_image", "draw_panel", "panel_title", "save_panel_grid"]

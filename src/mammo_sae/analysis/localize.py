@@ -3,8 +3,9 @@
 The paper's Table 2 (see docs/localization.md). For each chosen latent and each image of the
 evaluated set:
 
-1. heatmap = the latent's patch map upsampled bilinearly (`align_corners=False`) to the
-   model-input frame (`maps.upsample`);
+1. heatmap = the latent's patch map upsampled bilinearly to the model-input frame, each cell's
+   value at its receptive-field centre (`maps.upsample`; `align="even"`: the released code's
+   `align_corners=False`);
 2. mask = heatmap > threshold, the threshold being a percentile of that heatmap (`p95`, the
    paper) or a fraction of its maximum (`relmax:0.3`, the released code) or absolute (`abs:X`);
 3. one box per connected region of the mask (8-connected, holes filled: exactly OpenCV's
@@ -341,7 +342,11 @@ class Detections:
 
 @dataclass
 class LocalizationResult:
-    """`table`: one row per latent (Table 2); `detections[i][j]`: image i, latent j."""
+    """`table`: one row per latent (Table 2); `detections[i][j]`: image i, latent j.
+
+    `baselines` (see `localize`): `classifier_map` (a row like a latent's, for the classifier's
+    own activation map; its boxes per image in `classifier_detections`), `chance` and `oracle`.
+    """
 
     table: pd.DataFrame
     latents: list[int]
@@ -350,20 +355,29 @@ class LocalizationResult:
     gt_boxes: list[np.ndarray]
     detections: list[list[Detections]]
     settings: dict[str, Any]
+    baselines: dict[str, Any] = field(default_factory=dict)
+    classifier_detections: list[Detections] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"schema_version": SCHEMA_VERSION, "settings": self.settings,
-                "latents": self.table.to_dict(orient="records")}
+                "latents": self.table.to_dict(orient="records"), "baselines": self.baselines}
 
     def detections_json(self) -> dict[str, Any]:
         """Per image and latent: GT boxes, predicted boxes, scores and mean activation."""
         images = {}
-        for image_id, gt, dets in zip(self.image_ids, self.gt_boxes, self.detections):
-            images[image_id] = {"gt_boxes": gt.tolist(), "latents": {
-                str(lat): {"pred_boxes": d.boxes.tolist(), "scores": d.scores.tolist(),
-                           "mean_act": d.mean_activation}
-                for lat, d in zip(self.latents, dets)}}
+        for k, (image_id, gt, dets) in enumerate(zip(self.image_ids, self.gt_boxes,
+                                                     self.detections, strict=True)):
+            entry: dict[str, Any] = {"gt_boxes": gt.tolist(), "latents": {
+                str(lat): _detection_json(d) for lat, d in zip(self.latents, dets, strict=True)}}
+            if self.classifier_detections is not None:
+                entry["classifier_map"] = _detection_json(self.classifier_detections[k])
+            images[image_id] = entry
         return {"schema_version": SCHEMA_VERSION, "images": images}
+
+
+def _detection_json(d: Detections) -> dict[str, Any]:
+    return {"pred_boxes": d.boxes.tolist(), "scores": d.scores.tolist(),
+            "mean_act": d.mean_activation}
 
 
 def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
@@ -404,114 +418,263 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     return chosen, [records[i] for i in chosen]
 
 
-def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
-             threshold: str | ThresholdRule = "p95", iou_threshold: float = 0.25,
-             split: str | None = "test", image_set: ImageSet = "positive",
-             box_score: BoxScore = "mean", min_box_area: float = 10, match: Match = "voc",
-             batch_rows: int = 8192, progress: bool = True) -> LocalizationResult:
-    """Localisation AP of each latent for a concept (the paper's Table 2 row; see module doc).
-
-    `store` is an `ActivationStore` (full patch grids), `sae` anything with `encode(x_nd)`.
-    Heatmaps are computed image by image and dropped after boxing, so memory stays at one
-    image's upsampled maps.
-    """
+def _detect(store: Any, encoder: Any, latents: Sequence[int], indices: Sequence[int],
+            records: Sequence[Any], rule: ThresholdRule, *, align: str, min_box_area: float,
+            box_score: BoxScore, batch_rows: int, progress: bool, desc: str
+            ) -> list[list[Detections]]:
+    """Heatmap → threshold → boxes of each map (latent, or the head's one) on each image."""
     from tqdm.auto import tqdm
 
-    from .maps import iter_latent_maps, upsample
+    from .maps import heatmap_centres, iter_latent_maps, upsample
 
-    rule = parse_threshold(threshold)
-    latents = [int(j) for j in latents]
-    if not latents:
-        raise MammoSaeError("no latents to localise; give a ranking or latent indices")
-    indices, records = select_images(store, concept, split, image_set)
-    gt_boxes = [unique_boxes(r.boxes_of(concept)) for r in records]
     detections: list[list[Detections]] = []
-    maps_iter = iter_latent_maps(store, sae, latents, indices, batch_rows=batch_rows)
-    for rec, maps_lhw in tqdm(zip(records, maps_iter), total=len(records), disable=not progress,
-                              desc=f"localise {concept}", unit="img"):
+    maps_iter = iter_latent_maps(store, encoder, latents, indices, batch_rows=batch_rows)
+    for rec, maps_lhw in tqdm(zip(records, maps_iter, strict=True), total=len(records),
+                              disable=not progress, desc=desc, unit="img"):
+        centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
         per_latent = []
         for map_hw in maps_lhw:
             if not (map_hw > 0).any():  # never fires on this image: no region, mean 0
                 per_latent.append(Detections(np.zeros((0, 4)), np.zeros(0), 0.0))
                 continue
-            heat = upsample(map_hw, rec.frame_hw)
+            heat = upsample(map_hw, rec.frame_hw, centres)
             boxes, scores = heatmap_boxes(heat, rule, min_area=min_box_area, box_score=box_score)
             per_latent.append(Detections(boxes, scores, float(heat.mean())))
         detections.append(per_latent)
+    return detections
 
-    rows = []
-    for j, latent in enumerate(latents):
-        res = average_precision([(d[j].boxes, d[j].scores) for d in detections], gt_boxes,
-                                iou_threshold, match)
-        f1, p, r = res.best_f1()
-        rows.append({"rank": j + 1, "latent": latent, "ap": res.ap, "n_images": res.n_images,
-                     "n_pred": res.n_pred, "n_gt": res.n_gt, "n_tp": res.n_tp,
-                     "best_f1": f1, "precision_at_best_f1": p, "recall_at_best_f1": r,
-                     "images_with_boxes": sum(len(d[j].boxes) > 0 for d in detections),
-                     "mean_activation": float(np.mean([d[j].mean_activation for d in detections]))})
+
+def _ap_row(dets: Sequence[Detections], gt_boxes: Sequence[np.ndarray], iou_threshold: float,
+            match: Match) -> dict[str, Any]:
+    """One Table-2 row's numbers for one detector's boxes on every evaluated image."""
+    res = average_precision([(d.boxes, d.scores) for d in dets], gt_boxes, iou_threshold, match)
+    f1, p, r = res.best_f1()
+    return {"ap": res.ap, "n_images": res.n_images, "n_pred": res.n_pred, "n_gt": res.n_gt,
+            "n_tp": res.n_tp, "best_f1": f1, "precision_at_best_f1": p, "recall_at_best_f1": r,
+            "images_with_boxes": sum(len(d.boxes) > 0 for d in dets),
+            "mean_activation": float(np.mean([d.mean_activation for d in dets]))}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def oracle_boxes(gt_m4: np.ndarray, size_hw: tuple[float, float]) -> np.ndarray:
+    """One box of `size_hw` (height, width) centred on each ground-truth box."""
+    gt = np.asarray(gt_m4, dtype=np.float64).reshape(-1, 4)
+    cy, cx = (gt[:, 1] + gt[:, 3]) / 2, (gt[:, 0] + gt[:, 2]) / 2
+    h, w = float(size_hw[0]), float(size_hw[1])
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+
+
+def chance_boxes(gt_m4: np.ndarray, region_hw: np.ndarray, rng: np.random.Generator
+                 ) -> np.ndarray:
+    """For each ground-truth box, a box of its size centred on a uniformly drawn pixel of
+    `region_hw` (the breast; the whole frame when it is empty), shifted into the frame."""
+    gt = np.asarray(gt_m4, dtype=np.float64).reshape(-1, 4)
+    H, W = region_hw.shape
+    ys, xs = np.nonzero(region_hw)
+    if len(ys) == 0:
+        ys, xs = np.divmod(np.arange(H * W), W)
+    pick = rng.integers(0, len(ys), size=len(gt))
+    w, h = gt[:, 2] - gt[:, 0], gt[:, 3] - gt[:, 1]
+    x0 = np.clip(xs[pick] + 0.5 - w / 2, 0, np.maximum(W - w, 0))
+    y0 = np.clip(ys[pick] + 0.5 - h / 2, 0, np.maximum(H - h, 0))
+    return np.stack([x0, y0, x0 + w, y0 + h], axis=1)
+
+
+def _breast_region(rec: Any) -> np.ndarray | None:
+    """The breast mask of a record's image in its frame; None when the file cannot be read."""
+    from ..data.images import breast_mask
+    from .figures import display_image
+
+    try:
+        image = display_image(rec.path, rec.frame_hw)
+    except (MammoSaeError, OSError):
+        return None
+    return None if image is None else breast_mask(image)
+
+
+def chance_ap(records: Sequence[Any], gt_boxes: Sequence[np.ndarray], iou_threshold: float,
+              match: Match, *, draws: int, seed: int = 0) -> dict[str, Any]:
+    """AP of random boxes of the findings' sizes inside the breast (random scores), averaged
+    over `draws` draws: where a latent's AP would sit by luck."""
+    regions = [_breast_region(r) for r in records]
+    n_frame = sum(m is None for m in regions)
+    regions = [np.ones(tuple(r.frame_hw), dtype=bool) if m is None else m
+               for r, m in zip(records, regions, strict=True)]
+    rng = np.random.default_rng(seed)
+    aps = []
+    for _ in range(draws):
+        preds = []
+        for gt, region in zip(gt_boxes, regions, strict=True):
+            boxes = chance_boxes(gt, region, rng)
+            preds.append((boxes, rng.random(len(boxes))))
+        aps.append(average_precision(preds, gt_boxes, iou_threshold, match).ap)
+    return {"ap": float(np.mean(aps)) if aps else math.nan,
+            "ap_std": float(np.std(aps)) if aps else math.nan, "draws": draws, "seed": seed,
+            "region": "breast" if n_frame == 0 else
+            f"breast (whole frame for {n_frame} image(s) without a readable file)"}
+
+
+def oracle_ap(detections: Sequence[Sequence[Detections]], gt_boxes: Sequence[np.ndarray],
+              iou_threshold: float, match: Match) -> dict[str, Any]:
+    """AP of one box per finding centred on its truth with the median size of the predicted
+    boxes: the best a detector whose boxes have that size can do (1.0 only if the size fits)."""
+    sizes = np.asarray([[b[3] - b[1], b[2] - b[0]] for dets in detections for d in dets
+                        for b in d.boxes], dtype=np.float64).reshape(-1, 2)
+    if not len(sizes):
+        return {"ap": math.nan, "box_hw": None, "note": "no predicted boxes"}
+    size = (float(np.median(sizes[:, 0])), float(np.median(sizes[:, 1])))
+    preds = [(oracle_boxes(gt, size), np.ones(len(gt))) for gt in gt_boxes]
+    return {"ap": average_precision(preds, gt_boxes, iou_threshold, match).ap,
+            "box_hw": list(size)}
+
+
+def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
+             threshold: str | ThresholdRule = "p95", iou_threshold: float = 0.25,
+             split: str | None = "test", image_set: ImageSet = "positive",
+             box_score: BoxScore = "mean", min_box_area: float = 10, match: Match = "voc",
+             align: str = "receptive-field", head: Any = None, chance_draws: int = 0,
+             seed: int = 0, batch_rows: int = 8192, progress: bool = True) -> LocalizationResult:
+    """Localisation AP of each latent for a concept (the paper's Table 2 row; see module doc).
+
+    `store` is an `ActivationStore` (full patch grids), `sae` anything with `encode(x_nd)`.
+    `align` places each cell's value at its receptive-field centre (default) or evenly over
+    the frame (`even`, the released code). Heatmaps are computed image by image and dropped
+    after boxing, so memory stays at one image's upsampled maps.
+
+    Baselines (in `.baselines`): `oracle` always; `classifier_map` when `head` (anything with
+    `w_d`, e.g. `intervene.LinearHead`) is given: its per-cell w · f map through the same
+    pipeline; `chance` when `chance_draws` > 0 (mean AP over that many draws, seeded).
+    """
+    from .maps import ALIGNMENTS, LinearMap
+
+    rule = parse_threshold(threshold)
+    if align not in ALIGNMENTS:
+        raise MammoSaeError(f"unknown cell alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    latents = [int(j) for j in latents]
+    if not latents:
+        raise MammoSaeError("no latents to localise; give a ranking or latent indices")
+    indices, records = select_images(store, concept, split, image_set)
+    gt_boxes = [unique_boxes(r.boxes_of(concept)) for r in records]
+    common = dict(align=align, min_box_area=min_box_area, box_score=box_score,
+                  batch_rows=batch_rows, progress=progress)
+    detections = _detect(store, sae, latents, indices, records, rule, desc=f"localise {concept}",
+                         **common)
+    rows = [{"rank": j + 1, "latent": latent,
+             **_ap_row([d[j] for d in detections], gt_boxes, iou_threshold, match)}
+            for j, latent in enumerate(latents)]
+    baselines: dict[str, Any] = {"oracle": oracle_ap(detections, gt_boxes, iou_threshold, match)}
+    classifier_detections = None
+    if head is not None:
+        cam = _detect(store, LinearMap(head.w_d), [0], indices, records, rule,
+                      desc="classifier map", **common)
+        classifier_detections = [d[0] for d in cam]
+        baselines["classifier_map"] = _ap_row(classifier_detections, gt_boxes, iou_threshold,
+                                              match)
+    if chance_draws > 0:
+        baselines["chance"] = chance_ap(records, gt_boxes, iou_threshold, match,
+                                        draws=chance_draws, seed=seed)
     settings = {"concept": concept, "threshold": rule.spec, "iou_threshold": iou_threshold,
                 "split": split, "image_set": image_set, "box_score": box_score,
                 "min_box_area": min_box_area, "match": match, "ap": "voc-all-point",
-                "n_images": len(indices), "n_gt": int(sum(len(g) for g in gt_boxes))}
+                "align": align, "n_images": len(indices),
+                "n_gt": int(sum(len(g) for g in gt_boxes))}
     return LocalizationResult(table=pd.DataFrame(rows), latents=latents, image_indices=indices,
                               image_ids=[r.image_id for r in records], gt_boxes=gt_boxes,
-                              detections=detections, settings=settings)
+                              detections=detections, settings=settings, baselines=baselines,
+                              classifier_detections=classifier_detections)
+
+
+BASELINES = ("chance", "classifier_map", "oracle")
 
 
 def table2(results: Mapping[str, LocalizationResult]) -> pd.DataFrame:
     """The paper's Table 2 layout: one row per setting (e.g. "Mass finetuned"), AP per rank in
-    columns `rank_1 … rank_k`, the latents behind the ranks in `latents` (comma separated)."""
+    columns `rank_1 … rank_k`, the latents behind the ranks in `latents` (comma separated),
+    then the AP of each baseline the result holds (`chance`, `classifier_map`, `oracle`)."""
     rows = []
     for setting, res in results.items():
         row: dict[str, Any] = {"setting": setting}
         row.update({f"rank_{int(r)}": float(ap) for r, ap in zip(res.table["rank"], res.table["ap"])})
         row["latents"] = ",".join(str(int(j)) for j in res.table["latent"])
+        row.update({name: res.baselines[name]["ap"] for name in BASELINES if name in res.baselines})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any, *,
-                     n_images: int = 4, batch_rows: int = 8192) -> Any:
-    """Figure 3: rows = the result's latents (rank order), columns = up to `n_images` evaluated
-    images (those with GT boxes first, in store order; the top row names them); heatmaps are
-    recomputed for these images only."""
+                     n_images: int = 4, head: Any = None, label: str | None = None,
+                     batch_rows: int = 8192) -> Any:
+    """Figure 3: rows = the classifier's own map (when `head` is given and the result holds its
+    boxes), then the result's latents (rank order); columns = up to `n_images` evaluated images
+    (those with GT boxes first, in store order; the top row names them). Each panel says
+    whether one of its boxes hits a GT box (the AP's own matching); heatmaps are recomputed
+    for these images only, with the result's threshold and alignment."""
     from .figures import LatentPanel, display_image, panel_title, save_panel_grid
-    from .maps import iter_latent_maps, upsample
+    from .maps import LinearMap, heatmap_centres, iter_latent_maps, upsample
 
     if n_images < 1:
         raise MammoSaeError(f"need at least one image for the figure, got {n_images}")
+    s = result.settings
+    align = s.get("align", "even")  # results from before the setting existed used `even`
+    with_cam = head is not None and result.classifier_detections is not None
     order = sorted(range(len(result.image_indices)), key=lambda k: len(result.gt_boxes[k]) == 0)
     chosen = order[:n_images]
+    indices = [result.image_indices[k] for k in chosen]
     records = list(store.records())
+    cams = (iter_latent_maps(store, LinearMap(head.w_d), [0], indices, batch_rows=batch_rows)
+            if with_cam else iter([None] * len(chosen)))
     columns: list[list[LatentPanel]] = []
-    maps_iter = iter_latent_maps(store, sae, result.latents,
-                                 [result.image_indices[k] for k in chosen], batch_rows=batch_rows)
-    for k, maps_lhw in zip(chosen, maps_iter):
+    maps_iter = iter_latent_maps(store, sae, result.latents, indices, batch_rows=batch_rows)
+    for k, maps_lhw, cam in zip(chosen, maps_iter, cams, strict=True):
         rec = records[result.image_indices[k]]
         image = display_image(rec.path, rec.frame_hw)
-        heats = upsample(maps_lhw, rec.frame_hw)
-        columns.append([LatentPanel(image, heat, result.gt_boxes[k], det.boxes,
-                                    panel_title(lat, det.mean_activation,
-                                                result.image_ids[k] if j == 0 else None))
-                        for j, (lat, heat, det)
-                        in enumerate(zip(result.latents, heats, result.detections[k]))])
-    rows = [[col[j] for col in columns] for j in range(len(result.latents))]
-    s = result.settings
-    title = (f"{s['concept']}: threshold {s['threshold']}, IoU {s['iou_threshold']:g} "
-             "(GT red, predicted yellow)")
+        centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
+        gt = result.gt_boxes[k]
+        named = [(f"latent {lat}", upsample(m, rec.frame_hw, centres), det)
+                 for lat, m, det in zip(result.latents, maps_lhw, result.detections[k],
+                                                strict=True)]
+        if cam is not None and result.classifier_detections is not None:
+            named.insert(0, ("classifier map", upsample(cam[0], rec.frame_hw, centres),
+                             result.classifier_detections[k]))
+        column = []
+        for j, (name, heat, det) in enumerate(named):
+            hits = match_image(det.boxes, det.scores, gt, s["iou_threshold"], s.get("match", "voc"))
+            title = panel_title(name, det.mean_activation, result.image_ids[k] if j == 0 else None,
+                                hit=bool(hits.any()) if len(gt) else None)
+            column.append(LatentPanel(image, heat, gt, det.boxes, title, hits=hits))
+        columns.append(column)
+    rows = [[col[j] for col in columns] for j in range(len(columns[0]))] if columns else []
+    title = (f"{label or s['concept']}: {s['concept']}, threshold {s['threshold']}, "
+             f"IoU {s['iou_threshold']:g}")
     return save_panel_grid(rows, path, suptitle=title)
 
 
+def _cell_spans(centres: np.ndarray | None, n_cells: int, frame_len: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel-edge extent [lo, hi) of each cell along one axis: a stride-wide window around the
+    pixel where its value sits (`centres`; None = cells laid evenly over the frame)."""
+    from .maps import cell_centres
+
+    c = cell_centres(n_cells, frame_len) if centres is None else np.asarray(centres, float)
+    step = float(np.mean(np.diff(c))) if n_cells > 1 else float(frame_len)
+    return c + 0.5 - step / 2, c + 0.5 + step / 2
+
+
 def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "training",
-                    latents: Sequence[int] | None = None, batch_rows: int = 8192,
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray, int]:
+                    latents: Sequence[int] | None = None, align: str = "receptive-field",
+                    batch_rows: int = 8192, progress: bool = True
+                    ) -> tuple[np.ndarray, np.ndarray, int]:
     """Pointing game per latent: the share of the split's positive images where the latent's
     strongest cell overlaps a ground-truth box of `concept` (an image where it never fires is a
-    miss). Returns (latent indices, scores, number of images). Meant for a split other than the
-    one Table 2 is measured on, so that choosing latents by it does not peek at the test boxes."""
+    miss). A cell is the stride-wide window around its receptive-field centre (`align`, as in
+    `localize`). Returns (latent indices, scores, number of images). Meant for a split other
+    than the one Table 2 is measured on, so that choosing latents by it does not peek at the
+    test boxes."""
     from tqdm.auto import tqdm
 
-    from .maps import iter_latent_maps
+    from .maps import heatmap_centres, iter_latent_maps
 
     lat = np.arange(int(sae.h)) if latents is None else np.asarray(list(latents), dtype=np.int64)
     indices, records = select_images(store, concept, split, "positive")
@@ -521,12 +684,14 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
                               desc=f"pointing {concept}", unit="img"):
         n_lat, gh, gw = maps_lhw.shape
         H, W = rec.frame_hw
+        centres = heatmap_centres(store, rec.frame_hw, (gh, gw), align)
+        y0, y1 = _cell_spans(None if centres is None else centres[0], gh, H)
+        x0, x1 = _cell_spans(None if centres is None else centres[1], gw, W)
         # Cells (as pixel rectangles) that overlap any GT box of the concept.
-        ys, xs = np.arange(gh) * H / gh, np.arange(gw) * W / gw
         on_box = np.zeros((gh, gw), dtype=bool)
         for b in unique_boxes(rec.boxes_of(concept)):
-            rows = (ys < b[3]) & (ys + H / gh > b[1])
-            cols = (xs < b[2]) & (xs + W / gw > b[0])
+            rows = (y0 < b[3]) & (y1 > b[1])
+            cols = (x0 < b[2]) & (x1 > b[0])
             on_box |= rows[:, None] & cols[None, :]
         flat = maps_lhw.reshape(n_lat, -1)
         best = flat.argmax(axis=1)
@@ -556,9 +721,9 @@ def read_ranking(path: Any, top: int) -> tuple[list[int], list[float]]:
 
 
 __all__ = [
-    "APResult", "Detections", "LocalizationResult", "ThresholdRule", "average_precision",
-    "box_areas", "box_iou", "coco_ap101", "heatmap_boxes", "localize", "mask_to_boxes",
-    "match_image", "parse_threshold", "pointing_scores", "read_ranking", "save_figure_grid", "score_boxes",
-    "select_images", "table2",
-    "threshold_mask", "unique_boxes", "voc_ap",
+    "APResult", "BASELINES", "Detections", "LocalizationResult", "ThresholdRule",
+    "average_precision", "box_areas", "box_iou", "chance_ap", "chance_boxes", "coco_ap101",
+    "heatmap_boxes", "localize", "mask_to_boxes", "match_image", "oracle_ap", "oracle_boxes",
+    "parse_threshold", "pointing_scores", "read_ranking", "save_figure_grid", "score_boxes",
+    "select_images", "table2", "threshold_mask", "unique_boxes", "voc_ap",
 ]

@@ -18,9 +18,10 @@ from ..io import write_json, write_text_atomic, writer_lock
 class LocalizeConfig:
     """Heatmap of each latent on each evaluated image (bilinear, model-input frame) → threshold →
     one box per connected region (w·h ≥ min-box-area) scored by its mean activation → VOC
-    all-point AP at the IoU threshold, pooled over images, per latent. Writes localization.json,
-    localization.csv (one row per latent), table2.csv (one row, AP per rank), detections.json
-    and figure3.png into --out. See docs/localization.md."""
+    all-point AP at the IoU threshold, pooled over images, per latent; baselines: chance boxes,
+    the classifier's own activation map (--classifier) and an oracle box. Writes
+    localization.json, localization.csv (one row per latent), table2.csv (one row, AP per rank
+    and per baseline), detections.json and figure3.png into --out. See docs/localization.md."""
 
     store: Path = opt(help="activation store with full patch grids (subsample 1.0)")
     sae: Path = opt(help="SAE checkpoint")
@@ -40,6 +41,14 @@ class LocalizeConfig:
     candidates: int = opt(0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)")
     threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
                                      "relmax:F = F x its max (released code: relmax:0.3); abs:X")
+    align: Literal["receptive-field", "even"] = opt(
+        "receptive-field", help="where a cell's value sits when the map is upsampled: at the "
+        "cell's receptive-field centre, or evenly laid over the frame (the released code)")
+    classifier: Optional[Path] = opt(None, help="the concept classifier whose features the store "
+                                                "holds: its activation map w·f is scored as a baseline")
+    chance_draws: int = opt(20, min=0, help="chance baseline: random boxes of the findings' sizes "
+                                            "in the breast, AP averaged over N draws (0 = none)")
+    seed: int = opt(0, help="seed of the chance baseline")
     iou: float = opt(0.25, gt=0.0, max=1.0, help="IoU at which a box counts as a hit")
     split: str = opt("test", help="split of the store to evaluate")
     images: Literal["positive", "all"] = opt("positive", help="positive: images with the concept "
@@ -78,9 +87,11 @@ def _to_device(sae: Any, device: str) -> Any:
 
 
 def run_localize(cfg: LocalizeConfig) -> int:
+    from .intervene import load_head
     from .localize import localize, pointing_scores, read_ranking, save_figure_grid, table2
 
     store, sae = _open_store(cfg.store), _to_device(_open_sae(cfg.sae), cfg.device)
+    head = load_head(cfg.classifier) if cfg.classifier is not None else None
     selection: dict[str, Any] = {"method": cfg.select}
     if cfg.select == "pointing":
         if cfg.latents:
@@ -90,7 +101,8 @@ def run_localize(cfg: LocalizeConfig) -> int:
         pool = read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
         sel_store = _open_store(cfg.select_store) if cfg.select_store else store
         lat, score, n = pointing_scores(sel_store, sae, cfg.concept, split=cfg.select_split,
-                                        latents=pool, batch_rows=cfg.batch_rows, progress=cfg.progress)
+                                        latents=pool, align=cfg.align, batch_rows=cfg.batch_rows,
+                                        progress=cfg.progress)
         order = np.lexsort((lat, -score))[:cfg.top]
         latents, importances = [int(lat[k]) for k in order], [float(score[k]) for k in order]
         selection.update(split=cfg.select_split, store=str(cfg.select_store or cfg.store), images=n,
@@ -104,6 +116,7 @@ def run_localize(cfg: LocalizeConfig) -> int:
     result = localize(store, sae, cfg.concept, latents, threshold=cfg.threshold,
                       iou_threshold=cfg.iou, split=cfg.split, image_set=cfg.images,
                       box_score=cfg.box_score, min_box_area=cfg.min_box_area, match=cfg.match,
+                      align=cfg.align, head=head, chance_draws=cfg.chance_draws, seed=cfg.seed,
                       batch_rows=cfg.batch_rows, progress=cfg.progress)
     if importances:
         result.table.insert(2, "importance", importances)
@@ -119,9 +132,10 @@ def run_localize(cfg: LocalizeConfig) -> int:
         write_text_atomic(out / "table2.csv", wide.to_csv(index=False))
         if cfg.figure_images > 0:
             save_figure_grid(store, sae, result, out / "figure3.png", n_images=cfg.figure_images,
-                             batch_rows=cfg.batch_rows)
+                             head=head, label=cfg.label, batch_rows=cfg.batch_rows)
     cols = ["rank", "latent", "ap", "n_pred", "n_gt", "best_f1"]
     print(result.table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("baselines: " + ", ".join(f"{name} AP {b['ap']:.3f}" for name, b in result.baselines.items()))
     print(f"wrote {out}/localization.json, localization.csv, table2.csv, detections.json")
     return 0
 

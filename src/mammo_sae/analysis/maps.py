@@ -1,5 +1,6 @@
 """Patch-latent maps: chosen SAE latents at every position of chosen images, and their
-upsampling to the model-input frame (the heatmaps of the paper's Figure 3).
+upsampling to the model-input frame (the heatmaps of the paper's Figure 3), each cell's value
+placed at the receptive-field centre of that cell for the store's encoder.
 
 A store keeps each image's final-layer vectors with their (row, col) cell; encoding them with
 the SAE and scattering the chosen latents back gives one `(n_latents, grid_h, grid_w)` map per
@@ -10,6 +11,7 @@ subsample 1.0; a store missing cells raises `StoreError`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -116,12 +118,30 @@ def latent_maps(store: Any, sae: Any, latents: Sequence[int], image_indices: Seq
     return list(iter_latent_maps(store, sae, latents, image_indices, batch_rows=batch_rows))
 
 
-def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
-    """Bilinear upsampling to the model-input frame with `align_corners=False` (as the reference).
+class LinearMap:
+    """A linear head on pooled features seen per cell: `encode` gives w · f of each vector, so
+    `latent_maps(store, LinearMap(w), [0], ...)` is the classifier's own activation map (its
+    logit is b + the mean of that map over the cells)."""
 
-    Accepts `(h, w)` or `(n, h, w)`. Cell i's value lands at pixel (i + 0.5)·H/h − 0.5, not at
-    the cell's receptive-field centre (32i + 7 for B5): an offset of up to ≈ 8 px on 1520×912
-    (see docs/localization.md).
+    h = 1
+
+    def __init__(self, w_d: np.ndarray) -> None:
+        self.w_d = torch.as_tensor(np.asarray(w_d, dtype=np.float64).reshape(-1))
+
+    def encode(self, x_nd: torch.Tensor) -> torch.Tensor:
+        return (x_nd.double() @ self.w_d.to(x_nd.device))[:, None]
+
+
+def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int],
+             centres: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """Bilinear upsampling of `(h, w)` or `(n, h, w)` maps to the model-input frame.
+
+    `centres` = (row, column) pixel coordinates where each cell's value belongs, normally its
+    receptive-field centre (`receptive_field_centres`): the map is interpolated linearly
+    between them, and held constant beyond the outer ones. Without them the cells are laid
+    evenly over the frame, i.e. torch's `align_corners=False` (the released code), which puts
+    cell i at (i + 0.5)·H/h − 0.5: 15.5 px before its receptive-field centre on the phantom's
+    encoder, up to ≈ 8 px off on B5 at 1520×912 (docs/localization.md).
     """
     arr = np.asarray(map_hw, dtype=np.float32)
     if arr.ndim not in (2, 3):
@@ -129,9 +149,32 @@ def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
     H, W = (int(v) for v in frame_hw)
     if H < 1 or W < 1:
         raise MammoSaeError(f"invalid frame size {frame_hw}")
+    if centres is not None:
+        rows_hh = _interpolation_matrix(centres[0], arr.shape[-2], H)
+        cols_ww = _interpolation_matrix(centres[1], arr.shape[-1], W)
+        return np.matmul(np.matmul(rows_hh, arr), cols_ww.T)   # (H, h) @ (.., h, w) @ (w, W)
     x = torch.from_numpy(np.ascontiguousarray(arr)).reshape(1, -1, *arr.shape[-2:])
     out = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
     return out.reshape(*arr.shape[:-2], H, W).numpy()
+
+
+def _interpolation_matrix(centres: np.ndarray, n_cells: int, n_pixels: int) -> np.ndarray:
+    """(n_pixels, n_cells) weights of linear interpolation between the cells' pixel positions."""
+    c = np.asarray(centres, dtype=np.float64).reshape(-1)
+    if len(c) != n_cells:
+        raise MammoSaeError(f"{len(c)} cell centres for a map axis of {n_cells} cells")
+    if n_cells > 1 and not (np.diff(c) > 0).all():
+        raise MammoSaeError("cell centres must increase")
+    out = np.zeros((n_pixels, n_cells), dtype=np.float32)
+    if n_cells == 1:
+        out[:, 0] = 1.0
+        return out
+    x = np.arange(n_pixels, dtype=np.float64)
+    k = np.clip(np.searchsorted(c, x, side="right") - 1, 0, n_cells - 2)
+    t = np.clip((x - c[k]) / (c[k + 1] - c[k]), 0.0, 1.0)
+    out[np.arange(n_pixels), k] = 1.0 - t
+    out[np.arange(n_pixels), k + 1] += t
+    return out
 
 
 def cell_centres(grid_len: int, frame_len: int) -> np.ndarray:
@@ -139,4 +182,51 @@ def cell_centres(grid_len: int, frame_len: int) -> np.ndarray:
     return (np.arange(grid_len) + 0.5) * frame_len / grid_len - 0.5
 
 
-__all__ = ["cell_centres", "iter_latent_maps", "latent_maps", "upsample"]
+@functools.lru_cache(maxsize=256)
+def _arch_centres(arch: str, layer: str, height: int, width: int
+                  ) -> tuple[np.ndarray, np.ndarray] | None:
+    from ..models.registry import ARCHS, create_encoder
+
+    if arch not in ARCHS:
+        return None
+    with torch.device("meta"):  # the geometry needs the pad table, not the weights
+        encoder = create_encoder(arch)
+    return encoder.receptive_field_centres(height, width, layer)
+
+
+def receptive_field_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int]
+                            ) -> tuple[np.ndarray, np.ndarray] | None:
+    """(rows, cols) receptive-field centres, in frame pixels, of a store image's map cells, from
+    the encoder architecture and layer in the store's manifest; None when the architecture is
+    not one of ours (e.g. a synthetic store), for which cells are laid evenly over the frame."""
+    manifest = getattr(store, "manifest", None) or {}
+    model = manifest.get("model") if isinstance(manifest, dict) else None
+    arch = model.get("arch") if isinstance(model, dict) else None
+    if not isinstance(arch, str):
+        return None
+    centres = _arch_centres(arch, str(manifest.get("layer", "final")), int(frame_hw[0]),
+                            int(frame_hw[1]))
+    if centres is None:
+        return None
+    if (len(centres[0]), len(centres[1])) != tuple(int(v) for v in grid_hw):
+        raise StoreError(f"{arch} maps a {frame_hw[0]}x{frame_hw[1]} input to a "
+                         f"{len(centres[0])}x{len(centres[1])} grid, but the store has "
+                         f"{grid_hw[0]}x{grid_hw[1]}: the record's frame is not the extracted one")
+    return centres
+
+
+ALIGNMENTS = ("receptive-field", "even")
+
+
+def heatmap_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int],
+                    align: str = "receptive-field") -> tuple[np.ndarray, np.ndarray] | None:
+    """The `centres` to give `upsample` for an alignment: `receptive-field` (each cell at its
+    receptive-field centre, evenly laid when the store's architecture is unknown) or `even`
+    (the released code's `align_corners=False`)."""
+    if align not in ALIGNMENTS:
+        raise MammoSaeError(f"unknown cell alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    return receptive_field_centres(store, frame_hw, grid_hw) if align == "receptive-field" else None
+
+
+__all__ = ["ALIGNMENTS", "LinearMap", "cell_centres", "heatmap_centres", "iter_latent_maps",
+           "latent_maps", "receptive_field_centres", "upsample"]

@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -297,6 +298,35 @@ class EfficientNet(nn.Module):
             probe = torch.zeros(1, 3, height, width)
         h, w = twin.forward_features(probe, [layer])[layer].shape[-2:]
         return int(h), int(w)
+
+    def receptive_field_centres(self, height: int, width: int, layer: str = "final"
+                                ) -> tuple[np.ndarray, np.ndarray]:
+        """Input-pixel coordinates of the receptive-field centre of each row and each column of
+        `layer`'s map for a `height × width` input (pixel r's centre is at r).
+
+        Walks the spatial convolutions in forward order: output index i of a convolution with
+        kernel k, stride s and leading pad p sees inputs i·s − p … i·s − p + k − 1, centred at
+        i·s − p + (k − 1)/2 (the pads are this model's static table, or per size if dynamic).
+        1×1 convolutions and the squeeze-excitation gate (a global mean) move nothing.
+        """
+        if layer not in self.layer_info:
+            raise MammoSaeError(choices_message("layer", layer, self.layer_names))
+        n_blocks = {"stem": 0, "final": len(self._blocks)}.get(layer)
+        if n_blocks is None:
+            n_blocks = int(layer.split(".")[1]) + 1
+        convs = [self._conv_stem] + [b._depthwise_conv for b in self._blocks[:n_blocks]]
+        out = []
+        for axis, size in ((0, int(height)), (1, int(width))):
+            scale, offset = 1, 0.0
+            for conv in convs:
+                k, s = conv.kernel_size[axis], conv.stride[axis]
+                before, after = (same_pads(size, k, s) if conv.dynamic
+                                 else conv.pads[2:] if axis == 0 else conv.pads[:2])
+                offset += scale * ((k - 1) / 2 - before)
+                scale *= s
+                size = (size + before + after - k) // s + 1
+            out.append(offset + scale * np.arange(size, dtype=np.float64))
+        return out[0], out[1]
 
 
 @contextlib.contextmanager

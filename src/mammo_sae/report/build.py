@@ -40,6 +40,8 @@ SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, Index
 STAGE_ORDER = ("data", "models", "extract", "sae", "summaries", "probe", "intervene", "fidelity",
                "localize", "separation", "report")
 PROBE_SCORES = ("centered", "mean", "auroc")
+BASELINE_COLUMNS = {"chance": "chance", "classifier_map": "classifier map",
+                    "oracle": "oracle (predicted size)"}
 
 
 @dataclass
@@ -118,6 +120,18 @@ def _metric(block: Any, name: str = "auroc") -> tuple[float, float, float]:
         return (_num(inner), _num(block.get(f"{name}_low", block.get(f"{name}_ci_low"))),
                 _num(block.get(f"{name}_high", block.get(f"{name}_ci_high"))))
     return _num(block), math.nan, math.nan
+
+
+RECOVERED_RULE = ("shown only where the original classifier is meaningfully above chance: the "
+                  "lower end of its 95 % CI for AUROC above 0.5 (AUROC > 0.6 where there is no "
+                  "CI); elsewhere (AUROC_orig − 0.5) is near 0 and the ratio means nothing")
+
+
+def recovered_shown(row: Mapping[str, Any]) -> float:
+    """`recovered` where `RECOVERED_RULE` allows it, else NaN (shown as —)."""
+    low, auroc = _num(row.get("auroc_original_low")), _num(row.get("auroc_original"))
+    meaningful = low > 0.5 if math.isfinite(low) else auroc > 0.6
+    return _num(row.get("recovered")) if meaningful else math.nan
 
 
 def ci_text(value: float, low: float, high: float, digits: int = 3) -> str:
@@ -292,7 +306,7 @@ class ReportBuilder:
             rows.append({"model": name, "auroc_test": test.get(name, {}).get("auroc", math.nan),
                          "auroc_original": fid.get(name, {}).get("auroc_original", math.nan),
                          "auroc_sae": fid.get(name, {}).get("auroc_sae", math.nan),
-                         "recovered": fid.get(name, {}).get("recovered", math.nan),
+                         "recovered": recovered_shown(fid[name]) if name in fid else math.nan,
                          "best_ap": _num(ap.get("ap")) if ap else math.nan,
                          "best_ap_latent": int(ap["latent"]) if ap else None,
                          "best_ap_pointing": _num(pointing[name].get("ap")) if name in pointing else math.nan,
@@ -306,6 +320,9 @@ class ReportBuilder:
                       headers=["model", "test AUROC (classifier)", "AUROC original (store)", "AUROC SAE",
                                "recovered", "best latent AP (top-10 ranked)", "that latent",
                                "best AP (pointing-chosen)", "separation index"]))
+        s.add(H.note("Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE
+                     + ". Separation index: see Figures 4/5. Every number here is in report.json."))
+        s.add(f'<p class="note">All numbers of this page: {H.link("report.json", "report.json")}</p>')
         for concept, debias in self.data.get("debias", {}).items():
             for r in debias:
                 if not r.get("in_top"):
@@ -409,10 +426,15 @@ class ReportBuilder:
         shown = [{**r, "auroc": ci_text(*(r[k] for k in ("auroc", "auroc_low", "auroc_high"))),
                   "auprc": ci_text(*(r[k] for k in ("auprc", "auprc_low", "auprc_high")))} for r in rows]
         s.add(H.note(f"Concept classifiers evaluated on the {self.eval_split} split "
-                     "(95 % bootstrap CIs)."))
+                     "(95 % bootstrap CIs). \"pretrained\" = a linear probe: a linear head trained "
+                     "on the frozen encoder of the pretext task (Mammo-CLIP's image encoder, or "
+                     "the phantom's self-supervised backbone), the encoder never seeing the "
+                     "concept's labels; \"finetuned\" = encoder and head trained end to end on "
+                     "the concept."))
         s.add(H.table(shown, ["model", "concept", "variant", "n", "n_pos", "auroc", "auprc"],
                       headers=["model", "concept", "variant", "images", "positives", "AUROC", "AUPRC"],
                       left=3))
+        s.add(self.sources_note([path]))
 
     # ------------------------------------------------------------------ Table 1
     def fidelity_rows(self) -> list[dict[str, Any]]:
@@ -453,19 +475,28 @@ class ReportBuilder:
         rows = self.fidelity_rows()
         if not rows:
             raise MammoSaeError("analysis/fidelity/ holds no per-model fidelity results")
+        for r in rows:
+            r["recovered_shown"] = recovered_shown(r)
         self.data["table1"] = rows
         shown = [{**r, "orig": ci_text(r["auroc_original"], r["auroc_original_low"], r["auroc_original_high"]),
-                  "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"])} for r in rows]
+                  "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"]),
+                  "recovered": r["recovered_shown"]} for r in rows]
         s.add(H.note(f"Concept AUROC ({self.eval_split} split, 95 % bootstrap CI) with the original "
                      "features and with the SAE reconstruction in their place (no error term). "
-                     "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5). FVU, L0 and dead fraction "
-                     "over the same images' patches."))
+                     "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE + ". "
+                     "FVU and L0 over the same images' patches; dead fraction = share of the SAE's "
+                     "latents that fire on none of these patches. (The SAE-training plot's dead "
+                     "fraction is another count: latents silent for the last dead-window of "
+                     "training patches, 0 by construction until that many patches have been seen; "
+                     "see the SAE training section.)"))
         s.add(H.table(shown, ["concept", "variant", "orig", "sae", "recovered", "fvu", "l0", "dead_fraction"],
                       headers=["concept", "model", "AUROC original", "AUROC SAE", "recovered", "FVU",
                                "L0", "dead fraction"], left=2))
         for r in rows:
             if r["warning"]:
                 s.add(H.note(f"{r['model']}: {r['warning']}"))
+        root = self.analysis / "fidelity"
+        s.add(self.sources_note(sorted([*root.rglob("*.json"), *root.rglob("*.csv")])))
 
     # ------------------------------------------------------------------ Figure 2
     def sweep_curves(self, folder: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -515,12 +546,25 @@ class ReportBuilder:
                                                  key=lambda k: int(k[2:]))
             s.add("<h3>AUROC at selected k</h3>")
             s.add(H.table(rows, columns, left=2))
+            s.add(self.sources_note(sorted(p for folder in dirs for p in
+                                           [*folder.glob("*.json"), *folder.glob("*.csv")])))
         else:  # nothing parseable: show the stage's own figures
             for folder in dirs:
                 for png in sorted(folder.glob("*.png")):
                     s.add(H.figure(self.copy_figure(png, f"figure2_{folder.name}_{png.name}"), folder.name))
 
     # ------------------------------------------------------------------ Figure 3 / Table 2
+    def source_link(self, path: Path, text: str | None = None) -> str:
+        """A link from the report page to a file of the run (relative, so the folder moves)."""
+        import os
+
+        href = Path(os.path.relpath(path, self.out)).as_posix()
+        return H.link(href, text or path.relative_to(self.run).as_posix())
+
+    def sources_note(self, paths: Iterable[Path]) -> str:
+        links = [self.source_link(p) for p in paths if p.is_file()]
+        return f'<p class="note">Data behind this table: {", ".join(links)}</p>' if links else ""
+
     def section_localize(self, s: H.Section) -> None:
         root = self.analysis / "localize"
         files = sorted(root.rglob("localization.json")) if root.is_dir() else []
@@ -529,36 +573,64 @@ class ReportBuilder:
             return
         order = {m.name: i for i, m in enumerate(self.models)}
         files.sort(key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p)))
-        wide, by_model = [], {}
+        by_model: dict[str, dict[str, Any]] = {}
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
             payload = read_json(path)
             latents = payload.get("latents", []) if isinstance(payload, Mapping) else []
             settings = payload.get("settings", {}) if isinstance(payload, Mapping) else {}
+            baselines = payload.get("baselines", {}) if isinstance(payload, Mapping) else {}
             rows = [dict(r) for r in latents if isinstance(r, Mapping) and "latent" in r]
             rows.sort(key=lambda r: _num(r.get("rank")))
-            by_model[label] = {"settings": settings, "latents": rows}
-            row: dict[str, Any] = {"setting": label}
-            for r in rows:
-                row[f"rank {int(_num(r.get('rank')))}"] = f"{_num(r.get('ap')):.3f} (#{r['latent']})"
-            wide.append(row)
+            by_model[label] = {"settings": settings, "latents": rows,
+                               "baselines": baselines if isinstance(baselines, Mapping) else {}}
         self.data["table2"] = by_model
+        ranks = sorted({int(_num(r.get("rank"))) for e in by_model.values() for r in e["latents"]})
+        base_names = [b for b in BASELINE_COLUMNS if any(b in e["baselines"] for e in by_model.values())]
+        table = []
+        for label, entry in by_model.items():
+            cells = {int(_num(r.get("rank"))): r for r in entry["latents"]}
+            row = [H.esc(label)]
+            for k in ranks:   # every cell links to its latent's page (all Table-2 latents get one)
+                r = cells.get(k)
+                row.append(H.link(f"latents/{int(r['latent'])}.html",
+                                  f"{_num(r.get('ap')):.3f} (#{int(r['latent'])})") if r else "")
+            row += [H.esc(H.fmt(_num(entry["baselines"].get(b, {}).get("ap")))) for b in base_names]
+            table.append(row)
         first = next(iter(by_model.values()))["settings"]
-        s.add(H.note(f"AP@IoU {first.get('iou_threshold', '?')} of each top-ranked latent's heatmap boxes "
-                     f"(threshold {first.get('threshold', '?')}, {first.get('split', '?')} split, "
-                     f"{first.get('image_set', '?')} images; VOC all-point AP). Cells: AP (#latent)."))
-        columns = ["setting"] + sorted({k for r in wide for k in r if k != "setting"},
-                                       key=lambda k: int(k.split()[1]))
+        s.add(H.note(
+            f"AP@IoU {first.get('iou_threshold', '?')} of each latent's heatmap boxes (threshold "
+            f"{first.get('threshold', '?')}, {first.get('split', '?')} split, "
+            f"{first.get('image_set', '?')} images, cells placed at their "
+            f"{first.get('align', 'even')} positions; VOC all-point AP). Cells: AP (#latent), "
+            "linked to the latent's page. A row named after a model scores the top latents of its "
+            "class-1 probe ranking (the paper's choice); a row ending in /pointing scores the "
+            "latents chosen by the pointing game instead: those whose strongest cell most often "
+            "falls on a ground-truth box of the ranking split's positive images (chosen without "
+            "the evaluated images)."))
+        s.add(H.note(
+            "Baselines, through the same threshold, boxes and AP: chance = random boxes of the "
+            "findings' own sizes centred in the breast (random scores, mean over draws); "
+            "classifier map = the classifier's own activation map (w · f per cell, whose mean is "
+            "its logit); oracle = one box per finding centred on the truth with the median size "
+            "of the latents' predicted boxes, the best any latent can do with boxes that size."))
+        headers = ["setting"] + [f"rank {k}" for k in ranks] + [BASELINE_COLUMNS[b] for b in base_names]
         s.add("<h3>Table 2 · AP per latent</h3>")
-        s.add(H.table(wide, columns, left=1))
+        s.add(H.html_table(table, headers, left=1))
+        s.add(self.sources_note([p for f in files for p in
+                                 (f, f.parent / "localization.csv", f.parent / "table2.csv")]))
         s.add("<h3>Figure 3 · Heatmaps of the top latents</h3>")
         shown = 0
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
             for png in sorted(path.parent.glob("*.png")):
                 safe = label.replace("/", "_")
-                s.add(H.figure(self.copy_figure(png, f"figure3_{safe}_{png.name}"),
-                               f"{label}: rows = latents by rank, GT boxes red, predicted yellow", width=620))
+                fig = H.figure(self.copy_figure(png, f"figure3_{safe}_{png.name}"),
+                               f"{label}: first row the classifier's own map (when scored), then "
+                               "the latents by rank; GT boxes white, predicted boxes cyan (solid: "
+                               "hit a GT box at the IoU threshold, dashed: miss); each panel's "
+                               "colours run from 0 to its own maximum.", width=620)
+                s.add(H.details(f"{label} · Figure 3 grid", fig, open_=shown == 0))
                 shown += 1
         if not shown:
             s.add(H.note("no Figure-3 grids were written (localize figure_images = 0?)"))
@@ -596,6 +668,12 @@ class ReportBuilder:
                                                   for e in flagged) or "none"})
             data[label] = {"models": rows, "results": results}
             if rows:
+                s.add(H.note(f"Separation index = the mean, over the {top or 10} latents most "
+                             "dominant in class 1, of (z̄(1) − z̄(0)) / (z̄(1) + z̄(0)), where z̄(c) is "
+                             "a latent's mean activation over the images of class c: 1 when those "
+                             "latents fire only on the concept's images, near 0 when they fire on "
+                             "both classes alike."))
+                s.add(self.sources_note(sorted(folder.glob("*.json"))))
                 s.add(H.table(rows, ["model", "separation", "dominant", "flagged"],
                               headers=["model", "separation index", "most class-1-dominant latents",
                                        "flagged (confounder / off-breast / associated)"]))
@@ -661,6 +739,19 @@ class ReportBuilder:
         drawn = plot_training_curves(rows, self.figure_path("sae_training.png"),
                                      title=f"SAE training ({logs[0].name}, {len(rows)} entries)")
         s.add(H.figure(self.made_figure("sae_training.png"), "SAE training curves: " + ", ".join(drawn)))
+        if "dead_fraction" in drawn:
+            window = next((read_json(p).get("dead_window_patches") for p in
+                           sorted(root.rglob("train_config.json"))), None)
+            seen = max((_num(r.get(k)) for r in rows for k in ("patches_seen", "n_seen", "tokens")
+                        if math.isfinite(_num(r.get(k)))), default=math.nan)
+            s.add(H.note(
+                "Dead fraction while training = share of latents that have not fired for the last "
+                f"{H.fmt(window) if isinstance(window, int) else 'dead-window'} training patches "
+                "(dead_window_patches); until that many patches have been seen it is 0 by "
+                "construction" + (f" (this run saw {H.fmt(int(seen))})" if math.isfinite(seen)
+                                  else "") + ". Table 1's dead fraction instead counts latents "
+                "that fire on none of the evaluation images' patches."))
+        s.add(self.sources_note([logs[0], *sorted(root.rglob("train_config.json"))]))
         last = rows[-1]
         final = {k: last[k] for k in last if isinstance(last[k], (int, float)) and not isinstance(last[k], bool)}
         self.data["sae"]["final_log_entry"] = final
@@ -668,18 +759,14 @@ class ReportBuilder:
         s.add(H.table([final]) if final else H.note("(no numeric fields)"))
 
     # ------------------------------------------------------------------ latents
-    def top_latents_by_model(self) -> dict[str, list[int]]:
-        """Each model's top latents: the localised ones (rank order), else its class-1 probe ranking."""
-        out: dict[str, list[int]] = {}
-        table2 = self.data.get("table2", {})
-        # A model's own concept folder first, then sub-settings (e.g. <model>/confounder).
-        for label in sorted(table2, key=lambda name: "/" in name):
-            lats = [int(r["latent"]) for r in table2[label]["latents"]][: self.top_latents]
-            model = label.split("/")[0]
-            if lats and model not in out:
-                out[model] = lats
+    def latent_lists(self) -> dict[str, list[int]]:
+        """Latent lists by label: every Table-2 row whole (each of its latents gets a page, linked
+        from its cell), then, for a model without a row, the top of its class-1 probe ranking."""
+        out: dict[str, list[int]] = {label: [int(r["latent"]) for r in entry["latents"]]
+                                     for label, entry in self.data.get("table2", {}).items()}
+        localised = {label.split("/")[0] for label in out}
         for folder in self.model_dirs("probe"):
-            if folder.name in out:
+            if folder.name in localised:
                 continue
             for score in PROBE_SCORES:
                 path = folder / f"ranking_class=1_{score}.json"
@@ -688,38 +775,33 @@ class ReportBuilder:
 
                     out[folder.name] = [int(j) for j in load_ranking(path)[: self.top_latents]]
                     break
-        return out
+        return {label: lats for label, lats in out.items() if lats}
 
     def section_latents(self, s: H.Section) -> None:
-        by_model = self.top_latents_by_model()
-        if not by_model:
+        lists = self.latent_lists()
+        if not lists:
             s.add(H.note("not run: no probe rankings or localisation results to pick latents from"))
             return
-        home: dict[int, str] = {}
-        for model, lats in by_model.items():
-            for j in lats:
-                home.setdefault(j, model)
-        self.data["top_latents"] = by_model
+        self.data["top_latents"] = lists
         pages: dict[int, dict[str, Any]] = {}
         if self.latent_pages:
             from .latents import LatentPages
 
-            builder = LatentPages(self, by_model, home)
-            pages = builder.write_all()
+            pages = LatentPages(self, lists).write_all()
         rows = []
-        for j, model in home.items():
-            ranks = [f"{m} #{lats.index(j) + 1}" for m, lats in by_model.items() if j in lats]
+        for j in dict.fromkeys(j for lats in lists.values() for j in lats):
+            ranks = [f"{label} #{lats.index(j) + 1}" for label, lats in lists.items() if j in lats]
             detail = pages.get(j, {})
             cell = H.link(f"latents/{j}.html", j) if detail.get("page") else H.esc(j)
-            rows.append([cell, H.esc(", ".join(ranks)),
-                         H.esc(H.fmt(_num(detail.get("off_breast_score")))),
-                         H.esc(H.fmt(_num(detail.get("confounder_score")))),
-                         H.esc(", ".join(detail.get("flags", [])) or "")])
-        s.add(H.note("Union of each model's top-ranked latents (localised latents, else the class-1 "
-                     "probe ranking). Each links to its page: top-activating images with heatmaps, "
-                     "activation histogram, class association, effect on the logit."))
-        s.add(H.html_table(rows, ["latent", "rank in models", "off-breast score", "confounder score",
-                                  "flags"], left=2))
+            flags = ", ".join(f"{f['flag']} ({f['model']})" for f in detail.get("flags", []))
+            rows.append([cell, H.esc(", ".join(ranks)), H.esc(flags)])
+        s.add(H.note("Every latent of Table 2 (ranked and pointing-chosen rows) and, for models "
+                     "without a Table-2 row, the top of the class-1 probe ranking. Each links to its "
+                     "page: one section per model that lists it (top-activating images with "
+                     "heatmaps, activation histogram, class association, off-breast and confounder "
+                     "scores, all through that model's features), and the effect on every logit. "
+                     "Flags name the model whose separation raised them."))
+        s.add(H.html_table(rows, ["latent", "listed by (rank)", "separation flags (model)"], left=2))
 
 
     def section_atlas(self, s: H.Section) -> None:

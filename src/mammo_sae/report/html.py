@@ -28,6 +28,7 @@ figcaption{font-size:12px;color:#57606a;max-width:640px}
 code{background:#f3f5f7;padding:1px 4px;border-radius:3px}
 pre{background:#f6f8fa;border:1px solid #e1e4e8;padding:8px;font-size:12px;overflow:auto;max-height:420px}
 .flag{color:#b31d28;font-weight:600}
+details{margin:6px 0}summary{cursor:pointer;font-weight:600;font-size:14px}
 """
 
 
@@ -74,6 +75,12 @@ def figure(src: str, caption: str = "", width: int | None = None) -> str:
 
 def link(href: str, text: Any) -> str:
     return f'<a href="{esc(href)}">{esc(text)}</a>'
+
+
+def details(summary: str, body_html: str, *, open_: bool = False) -> str:
+    """A collapsible block (no JavaScript): `summary` is plain text, `body_html` is HTML."""
+    return (f"<details{' open' if open_ else ''}><summary>{esc(summary)}</summary>"
+            f"{body_html}</details>")
 
 
 def note(text: Any) -> str:

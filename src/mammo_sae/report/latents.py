@@ -1,14 +1,19 @@
-"""A page per top latent (`report/latents/<idx>.html`) from the run's stores, SAE and classifiers.
+"""A page per listed latent (`report/latents/<idx>.html`) from the run's stores, SAE and classifiers.
 
-For latent j and its "home" model (the first model ranking it in its top list):
+A latent is listed by a model when it is in one of that model's Table-2 rows (ranked or
+pointing-chosen) or, for a model without one, in the top of its class-1 probe ranking. The page
+has one section per model that lists it, each seen through that model's own features:
 - top-activating images of the evaluation split (by per-image mean activation) with the latent's
-  heatmap, GT boxes (red) and boxes at the run's localisation threshold (yellow), drawn with `analysis.figures`;
+  heatmap, GT boxes (white) and boxes at the threshold and cell alignment the model's localize
+  stage recorded (cyan; solid = hit), drawn with `analysis.figures`;
 - the histogram of per-image mean activations by class;
 - class association for every concept of the run (class means, AUROC of the mean activation);
 - effect on each model's logit: v_j = w · W_dec[:, j] (the pooled identity: a unit of mean
   activation moves the logit by v_j), its rank by |v| and v_j × the mean activation on positives;
 - off-breast and confounder scores (share of its activation mass outside the breast / inside the
-  phantom's marker box) and any separation-stage flags.
+  phantom's marker box);
+and, for all models, the effect on each logit and the separation-stage flags, each naming the
+model whose separation raised it.
 Each part is built on its own; one that cannot be (e.g. no classifier checkpoint) gives a note.
 """
 
@@ -31,25 +36,45 @@ if TYPE_CHECKING:
 TOP_IMAGES = 6
 
 
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
 def _short(image_id: str) -> str:
     """VinDr ids are 32 hex digits: the first 12 identify an image well enough on a figure."""
     return image_id if len(image_id) <= 14 else image_id[:12] + "…"
 
 
+def list_model(label: str) -> str:
+    """The model of a latent list: Table-2 labels are `<model>` or `<model>/<selection>`."""
+    return label.split("/")[0]
+
+
 class LatentPages:
     """Lazily opens the SAE, stores, summaries and heads the pages need (each once)."""
 
-    def __init__(self, report: "ReportBuilder", by_model: dict[str, list[int]], home: dict[int, str]) -> None:
+    def __init__(self, report: "ReportBuilder", lists: dict[str, list[int]]) -> None:
         self.report = report
         self.run = report.run
-        self.by_model = by_model
-        self.home = home
-        self.split = report.eval_split
-        # Boxes drawn with the run's own localisation threshold (the paper's p95 by default).
-        analysis = report.config.get("analysis") if isinstance(report.config, dict) else None
-        localize = (analysis or {}).get("localize") or {}
-        self.threshold = str(localize.get("threshold", "p95"))
+        self.lists = lists
         self._cache: dict[tuple[str, str], Any] = {}
+
+    def listing(self, j: int) -> dict[str, dict[str, int]]:
+        """{model: {list label: 1-based rank}} of the lists holding latent j, in list order."""
+        out: dict[str, dict[str, int]] = {}
+        for label, lats in self.lists.items():
+            if j in lats:
+                out.setdefault(list_model(label), {})[label] = lats.index(j) + 1
+        return out
+
+    def localize_settings(self, model: str) -> dict[str, Any]:
+        """What the localize stage recorded for the model's own row (else any of its rows)."""
+        table2 = self.report.data.get("table2", {})
+        labels = [model] + [k for k in table2 if list_model(k) == model]
+        return next((dict(table2[k]["settings"]) for k in labels if k in table2), {})
+
+    def split_of(self, m: "ModelInfo") -> str:
+        return str(self.localize_settings(m.name).get("split") or self.report.eval_split)
 
     # ------------------------------------------------------------------ lazy inputs
     def _cached(self, key: tuple[str, str], make: Any) -> Any:
@@ -78,9 +103,11 @@ class LatentPages:
     def model(self, name: str) -> "ModelInfo":
         return self.report.model_info(name)
 
+    def _key(self, m: "ModelInfo") -> str:
+        return f"{m.encoder_key or m.name}-{self.split_of(m)}"
+
     def store_path(self, m: "ModelInfo") -> Path:
-        key = m.encoder_key or m.name
-        path = self.run / "stores" / f"{key}-{self.split}"
+        path = self.run / "stores" / self._key(m)
         if not path.is_dir():
             raise MammoSaeError(f"activation store not found: {path}")
         return path
@@ -88,10 +115,10 @@ class LatentPages:
     def store(self, m: "ModelInfo") -> Any:
         from ..analysis.summaries import open_store
 
-        return self._cached(("store", m.encoder_key or m.name), lambda: open_store(self.store_path(m)))
+        return self._cached(("store", self._key(m)), lambda: open_store(self.store_path(m)))
 
     def records(self, m: "ModelInfo") -> list[Any]:
-        return self._cached(("records", m.encoder_key or m.name), lambda: list(self.store(m).records()))
+        return self._cached(("records", self._key(m)), lambda: list(self.store(m).records()))
 
     def summaries(self, m: "ModelInfo") -> Any:
         """The summaries stage's cached summaries of this store (computed here if absent)."""
@@ -100,24 +127,23 @@ class LatentPages:
         def make() -> Any:
             # The summaries stage caches (store hash, SAE hash)-named files in analysis/summaries/
             # (or a per-store folder in it); summaries_for reuses them, else computes and caches.
-            key = m.encoder_key or m.name
             root = self.run / "analysis" / "summaries"
-            cache = root / f"{key}-{self.split}" if (root / f"{key}-{self.split}").is_dir() else root
+            cache = root / self._key(m) if (root / self._key(m)).is_dir() else root
             if cache.is_dir():
                 return summaries_for(self.store_path(m), self.sae_path(), cache_dir=cache, progress=False)
             store = self.store(m)
             return summarize(store, self.sae(), store_sha=store.manifest_sha256,
                              sae_sha=sae_hash(self.sae_path()), cache_dir=None, progress=False)
 
-        return self._cached(("summaries", m.encoder_key or m.name), make)
+        return self._cached(("summaries", self._key(m)), make)
 
     def labelled(self, m: "ModelInfo", concept: str) -> tuple[np.ndarray, np.ndarray]:
         from ..analysis.summaries import labelled_rows
 
         store = self.store(m)
         level = store.manifest.get("level", "image")
-        return self._cached(("labels", f"{m.encoder_key or m.name}/{concept}"),
-                            lambda: labelled_rows(store.images, concept, split=self.split,
+        return self._cached(("labels", f"{self._key(m)}/{concept}"),
+                            lambda: labelled_rows(store.images, concept, split=self.split_of(m),
                                                   store_level=level))
 
     def readout(self, m: "ModelInfo") -> np.ndarray:
@@ -135,8 +161,9 @@ class LatentPages:
     def write_all(self) -> dict[int, dict[str, Any]]:
         from tqdm.auto import tqdm
 
+        latents = list(dict.fromkeys(j for lats in self.lists.values() for j in lats))
         out: dict[int, dict[str, Any]] = {}
-        for j in tqdm(list(self.home), desc="latent pages", disable=not self.report.progress):
+        for j in tqdm(latents, desc="latent pages", disable=not self.report.progress):
             out[j] = self.write_page(j)
         self.report.data["latents"] = {str(j): v for j, v in out.items()}
         return out
@@ -152,27 +179,53 @@ class LatentPages:
             self.report.problems[f"latent {j}/{part}"] = f"{type(exc).__name__}: {exc}"
             section.add(H.note(f"not available: {exc}"))
 
+    def flags(self, j: int) -> list[dict[str, str]]:
+        """Separation-stage flags of latent j, each with the model whose separation raised it."""
+        known = {m.name for m in self.report.models}
+        out = []
+        for folder, results in self.report.separation_results.items():
+            for name, r in results.items():
+                model = name if name in known or folder == "all" else f"{folder}-{name}"
+                for e in r.get("flagged", []) or []:
+                    if isinstance(e, dict) and e.get("index") == j:
+                        out.extend({"flag": str(f), "model": model} for f in e.get("flags", []))
+        return out
+
     def write_page(self, j: int) -> dict[str, Any]:
-        m = self.model(self.home[j])
-        info: dict[str, Any] = {"latent": j, "home_model": m.name, "split": self.split,
-                                "ranks": {name: lats.index(j) + 1 for name, lats in self.by_model.items()
-                                          if j in lats}}
+        listing = self.listing(j)
+        info: dict[str, Any] = {"latent": j, "listed_by": listing, "models": {},
+                                "ranks": {label: r for ranks in listing.values()
+                                          for label, r in ranks.items()}}
+        info["flags"] = self.flags(j)
         overview = H.Section("overview", "Overview")
-        overview.add(H.note(f"Latent {j}; images and statistics from the {self.split} split through "
-                            f"{m.name}'s features. Rank among each model's top latents: "
-                            + ", ".join(f"{k} #{v}" for k, v in info["ranks"].items())))
-        images = H.Section("images", "Top-activating images")
-        hist = H.Section("histogram", "Activation histogram")
-        assoc = H.Section("association", "Class association")
+        overview.add(H.note(
+            f"Latent {j}. Listed by: " + "; ".join(
+                f"{model} ({', '.join(f'{label} #{r}' for label, r in ranks.items())})"
+                for model, ranks in listing.items())
+            + ". Each model's section shows the latent through that model's own features."))
+        if info["flags"]:
+            overview.add('<p class="flag">Flagged by the separation stage: ' + H.esc(", ".join(
+                f"{f['flag']} (raised by {f['model']})" for f in info["flags"])) + "</p>")
+            overview.add(H.note("'associated': in that model's separation, the latent's image-mean "
+                                "activation tells concept-negative images with the attribute (the "
+                                "phantom's marker) from those without."))
+        sections = [overview]
+        for n, model in enumerate(listing):
+            m = self.report.model_info(model)
+            section = H.Section(f"model-{n}", f"Through {m.name}")
+            mine: dict[str, Any] = {"ranks": listing[model], "split": self.split_of(m)}
+            info["models"][m.name] = mine
+            for part, fill in (("images", self.fill_images), ("histogram", self.fill_histogram),
+                               ("association", self.fill_association),
+                               ("scores", self.fill_scores)):
+                self.guarded(j, f"{m.name}/{part}", section,
+                             lambda s, fill=fill, m=m, mine=mine: fill(j, m, s, mine))
+            sections.append(section)
         logit = H.Section("logit", "Effect on the logit")
-        scores = H.Section("scores", "Off-breast and confounder scores")
-        self.guarded(j, "images", images, lambda s: self.fill_images(j, m, s, info))
-        self.guarded(j, "histogram", hist, lambda s: self.fill_histogram(j, m, s, info))
-        self.guarded(j, "association", assoc, lambda s: self.fill_association(j, m, s, info))
         self.guarded(j, "logit", logit, lambda s: self.fill_logit(j, s, info))
-        self.guarded(j, "scores", scores, lambda s: self.fill_scores(j, m, s, info))
-        html = H.page(f"Latent {j}", f"home model {m.name} · {self.split} split",
-                      [overview, images, hist, assoc, logit, scores], back=("../index.html", "← report"))
+        sections.append(logit)
+        html = H.page(f"Latent {j}", "listed by " + ", ".join(listing), sections,
+                      back=("../index.html", "← report"))
         write_text_atomic(self.report.out / "latents" / f"{j}.html", html)
         info["page"] = f"latents/{j}.html"
         return info
@@ -188,41 +241,58 @@ class LatentPages:
 
     def fill_images(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
         from ..analysis.figures import LatentPanel, display_image, save_panel_grid
-        from ..analysis.localize import heatmap_boxes, unique_boxes
-        from ..analysis.maps import iter_latent_maps, upsample
+        from ..analysis.localize import heatmap_boxes, match_image, unique_boxes
+        from ..analysis.maps import heatmap_centres, iter_latent_maps, upsample
 
+        split = self.split_of(m)
+        s.add("<h3>Top-activating images</h3>")
         rows, y, act = self.activations(j, m, m.concept)
         order = [int(k) for k in np.argsort(-act, kind="stable")[:TOP_IMAGES] if act[k] > 0]
         if not order:
-            s.add(H.note(f"latent {j} is never active on the {self.split} split"))
+            s.add(H.note(f"latent {j} is never active on the {split} split through {m.name}"))
             return
-        records = self.records(m)
+        # Boxes as the model's localize stage drew them: its recorded threshold, alignment, IoU
+        # (the paper's defaults where the stage has not run for this model).
+        loc = self.localize_settings(m.name)
+        threshold, align = str(loc.get("threshold", "p95")), str(loc.get("align", "even"))
+        iou, match = float(loc.get("iou_threshold", 0.25)), str(loc.get("match", "voc"))
+        info.update(threshold=threshold, align=align, from_localize=bool(loc))
+        records, store = self.records(m), self.store(m)
         indices = [int(rows[k]) for k in order]
         panels = []
-        for k, i, maps_lhw in zip(order, indices, iter_latent_maps(self.store(m), self.sae(), [j], indices)):
+        for k, i, maps_lhw in zip(order, indices, iter_latent_maps(store, self.sae(), [j], indices),
+                                  strict=True):
             rec = records[i]
-            heat = upsample(maps_lhw[0], rec.frame_hw)
-            pred, _ = heatmap_boxes(heat, self.threshold)
-            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}"   # y: the caption names it
-            panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat,
-                                      unique_boxes(rec.boxes_of(m.concept)), pred, title))
-        name = f"latent_{j}_top.png"
+            centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
+            heat = upsample(maps_lhw[0], rec.frame_hw, centres)
+            pred, scores = heatmap_boxes(heat, threshold)
+            gt = unique_boxes(rec.boxes_of(m.concept))
+            hits = match_image(pred, scores, gt, iou, match)  # type: ignore[arg-type]
+            mark = "" if not len(gt) else (" · HIT" if hits.any() else " · miss")
+            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}{mark}"
+            panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat, gt, pred, title,
+                                      hits=hits))
+        name = f"latent_{j}_{_safe(m.name)}_top.png"
         save_panel_grid([panels], self.report.figure_path(name),
-                        suptitle=f"latent {j}: top {len(panels)} {self.split} images ({m.name})")
+                        suptitle=f"latent {j} through {m.name}: top {len(panels)} {split} images")
         self.report.made_figure(name)
-        s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {self.split} images with the highest mean "
-                       f"activation of latent {j}; y = the image's {m.concept} label; GT boxes red, "
-                       f"{self.threshold} boxes yellow."))
+        where = "its localize stage's" if loc else "the default (localize has not run for it)"
+        s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {split} images with the highest mean "
+                       f"activation of latent {j} through {m.name}; y = the image's {m.concept} "
+                       f"label; GT boxes white, boxes at {where} threshold {threshold} cyan (solid: "
+                       f"hit at IoU {iou:g}, dashed: miss), cells at their {align} positions."))
         info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
                                "label": int(y[k])} for k, i in zip(order, indices)]
         s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
                       headers=["image id", m.concept, "mean activation"], digits=4))
 
     def fill_histogram(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        s.add("<h3>Activation histogram</h3>")
         _, y, act = self.activations(j, m, m.concept)
-        name = f"latent_{j}_hist.png"
+        name = f"latent_{j}_{_safe(m.name)}_hist.png"
         plot_activation_histogram({f"{m.concept} = 0": act[y == 0], f"{m.concept} = 1": act[y == 1]},
-                                  self.report.figure_path(name), title=f"latent {j} ({self.split})")
+                                  self.report.figure_path(name),
+                                  title=f"latent {j} through {m.name} ({self.split_of(m)})")
         self.report.made_figure(name)
         info["active_fraction"] = float((act > 0).mean()) if len(act) else math.nan
         s.add(H.figure(f"../figures/{name}", f"Per-image mean activation of latent {j}; "
@@ -233,6 +303,7 @@ class LatentPages:
 
         from ..data.records import CONFOUNDER
 
+        s.add("<h3>Class association</h3>")
         rows_out = []
         for concept in dict.fromkeys([m.concept] + [x.concept for x in self.report.models] + [CONFOUNDER]):
             try:
@@ -285,10 +356,7 @@ class LatentPages:
             s.add(H.note(p))
 
     def fill_scores(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
-        flags = sorted({f for results in self.report.separation_results.values()
-                        for r in results.values() for e in r.get("flagged", []) or []
-                        if isinstance(e, dict) and e.get("index") == j for f in e.get("flags", [])})
-        info["flags"] = flags
+        s.add("<h3>Off-breast and confounder scores</h3>")
         sums = self.summaries(m)
         info["off_breast_score"] = float(sums.off_breast_score()[j])
         info["confounder_score"] = float(sums.confounder_score()[j])
@@ -296,8 +364,4 @@ class LatentPages:
                       "confounder score": info["confounder_score"]}))
         s.add(H.note("Off-breast: share of the latent's activation mass on cells with breast-tissue "
                      "fraction < 0.5. Confounder: share of its mass on marker-carrying images that lies "
-                     "inside the marker's box (phantom only; — where the data has no marker). Flag "
-                     "'associated': its image-mean activation tells marked from unmarked concept-negative "
-                     "images (separation)."))
-        if flags:
-            s.add(f'<p class="flag">Flagged by the separation stage: {H.esc(", ".join(flags))}</p>')
+                     "inside the marker's box (phantom only; — where the data has no marker)."))
