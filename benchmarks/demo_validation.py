@@ -177,7 +177,12 @@ def run_grid(args: argparse.Namespace) -> None:
             base: Path | None = None
             for sae_seed in args.sae_seeds:
                 run = args.work / f"t{threads}-c{offset}-s{sae_seed}"
-                if not (run / "stages" / "report.json").is_file():
+                if args.refresh and (run / "stages" / "report.json").is_file():
+                    # A finished cell run again with this code: the runner redoes only the
+                    # stages whose code-level settings changed (e.g. a new localisation rule).
+                    seconds = _run(_config(args.work, threads, offset, sae_seed), run)
+                    print(f"{_cell_name(run)}: refreshed in {seconds:.0f} s", flush=True)
+                elif not (run / "stages" / "report.json").is_file():
                     shutil.rmtree(run, ignore_errors=True)
                     if base is not None:   # reuse data, classifiers and stores: only the SAE differs
                         run.mkdir(parents=True)
@@ -217,6 +222,9 @@ def main() -> None:
                     help="where the runs go (finished cells are reused on a rerun)")
     ap.add_argument("--save", type=Path, default=None,
                     help="folder for cpu_demo_validation.txt/.json (e.g. benchmarks/results)")
+    ap.add_argument("--refresh", action="store_true",
+                    help="also run finished cells again with this code (stages that are up to "
+                         "date are skipped)")
     ap.add_argument("--summary-only", action="store_true",
                     help="run nothing: summarise the finished cells under --work")
     args = ap.parse_args()

@@ -836,6 +836,8 @@ def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False
     if top_latents < 1:
         raise MammoSaeError(f"top_latents must be at least 1, got {top_latents}")
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():   # before the lock, which would create RUN/report/
+        raise MammoSaeError(f"run directory not found: {run_dir}")
     markers = ("config.yaml", "stages", "models", "sae", "analysis")
     if run_dir.is_dir() and not any((run_dir / m).exists() for m in markers):
         raise MammoSaeError(f"{run_dir} is not a mammo-sae run directory (none of {', '.join(markers)}); "
