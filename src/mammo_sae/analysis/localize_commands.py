@@ -41,7 +41,7 @@ class LocalizeConfig:
     threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
                                      "relmax:F = F x its max (released code: relmax:0.3); abs:X")
     iou: float = opt(0.25, gt=0.0, max=1.0, help="IoU at which a box counts as a hit")
-    split: str = opt("test", help="split of the store to evaluate")
+    split: str = opt("test", help="split of the store to evaluate (training | test | all)")
     images: Literal["positive", "all"] = opt("positive", help="positive: images with the concept "
                                              "(label 1); all: every image of the split")
     box_score: Literal["mean", "max"] = opt("mean", help="box confidence: mean or max heatmap "

@@ -234,6 +234,7 @@ def preprocess_vindr(
         findings = _add_no_finding_rows(findings, images)
     if images.empty:
         raise DataError(f"no images listed in {breast_csv or findings_csv}")
+    _check_values(findings, findings_csv)
 
     state_dir = out_dir / STATE_DIR
     geometry: dict[str, dict] = {}
@@ -280,6 +281,20 @@ def preprocess_vindr(
     write_json(out_dir / "preprocess.json", {"schema_version": SCHEMA_VERSION, **result.as_dict(),
                                              "height": out_hw[0], "width": out_hw[1], "border": BORDER})
     return result
+
+
+def _check_values(findings: pd.DataFrame, path: Path) -> None:
+    """The values `_folds_rows` parses after the images are converted (box coordinates, density),
+    checked for every row first: a bad last row must stop the run before any PNG is written."""
+    text = findings[["xmin", "ymin", "xmax", "ymax"]].apply(lambda col: col.str.strip())
+    numbers = text.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = text.ne("").to_numpy() & ~np.isfinite(numbers)
+    if bad.any():
+        i, j = (int(v[0]) for v in np.nonzero(bad))
+        column = text.columns[j]
+        raise DataError(f"{path}: row {i} has {column} = {text.iat[i, j]!r}, not a number "
+                        "(box coordinates are numbers or empty); nothing was written")
+    _density_letters(findings, path)
 
 
 def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]
