@@ -170,7 +170,8 @@ def _run_config(tmp: Path, data: Path, model: Path) -> str:
     config = tmp / "pipeline.yaml"
     config.write_text(f"name: evil\ndevice: cpu\ndata: {{kind: folds, path: {data}}}\n"
                       f"models:\n  kind: checkpoints\n  concepts: [Mass]\n  checkpoints:\n"
-                      f"    Mass: {{pretrained: {model}, finetuned: {model}}}\n")
+                      f"    Mass: {{pretrained: {model}, finetuned: {model}}}\n"
+                      "extract: {sae_source: Mass/finetuned}\n")
     return str(config)
 
 

@@ -487,6 +487,19 @@ def _torch_file_kind(f: Any, path: Path, what: str) -> str:
                           f"{head[:8]!r})")
 
 
+def torch_file_kind(path: str | os.PathLike[str], what: str) -> str:
+    """The container format `load_torch_weights` would read ("zip", "pickle" or "safetensors"),
+    from the first bytes and the zip's member names only: the same refusals, no weights read."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return _torch_file_kind(f, path, what)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path} as {what}: {exc.strerror or exc}") from None
+
+
 def load_torch_weights(path: str | os.PathLike[str], what: str) -> Any:
     """Read a torch checkpoint (or a safetensors file) on CPU without running any code from it.
 

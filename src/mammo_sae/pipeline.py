@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -58,7 +59,8 @@ class ModelsSection:
     pretrain: dict[str, Any] = field(default_factory=dict)      # PretrainConfig overrides
     linear_probe: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     finetune: dict[str, Any] = field(default_factory=dict)      # TrainConfig overrides
-    # checkpoints: {Concept: {pretrained: path, finetuned: path}} (Mammo-CLIP .pth or ours)
+    # checkpoints: {Concept: {variant: path, ...}} (Mammo-CLIP .pth or ours): any variants per
+    # concept, e.g. {finetuned: path} alone or the paper's {pretrained: ..., finetuned: ...}
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
     eval: dict[str, Any] = field(default_factory=dict)          # EvalConfig overrides
 
@@ -174,6 +176,12 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     cfg.models.checkpoints = {concept: {v: _expand(p) for v, p in variants.items()}
                               for concept, variants in cfg.models.checkpoints.items()}
     _check_section_options(cfg, str(path))
+    if cfg.models.kind == "checkpoints":
+        names = [f"{c}-{v}" for c, v, _ in checkpoint_paths(cfg.models, str(path))]
+        if cfg.extract.sae_source.replace("/", "-") not in names:
+            raise MammoSaeError(f"{path}: extract.sae_source {cfg.extract.sae_source!r} is not one "
+                                f"of the checkpoints; give one of "
+                                f"{', '.join(n.replace('-', '/', 1) for n in names)}")
     if cfg.models.kind == "train-phantom":
         # The phantom recipe lives in one place (models/train.py); the config's values override it,
         # and RUN/config.yaml shows what ran.
@@ -184,6 +192,28 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         m.linear_probe = {**PHANTOM_LINEAR_PROBE, **m.linear_probe}
         m.finetune = {**PHANTOM_FINETUNE, **m.finetune}
     return cfg
+
+
+def checkpoint_paths(models: ModelsSection, where: str = "config") -> list[tuple[str, str, Path]]:
+    """(concept, variant, path) of every checkpoint the config names, concepts in their order and
+    pretrained before finetuned before any other variant. Any non-empty set of variants per
+    concept is accepted (one finetuned model is the common case); nothing is read from disk."""
+    unknown = sorted(set(models.checkpoints) - set(models.concepts))
+    if unknown:
+        raise MammoSaeError(f"{where}: models.checkpoints names {unknown}, which models.concepts "
+                            f"({', '.join(models.concepts)}) does not list")
+    out = []
+    for concept in models.concepts:
+        paths = models.checkpoints.get(concept) or {}
+        if not paths:
+            raise MammoSaeError(f"{where}: models.checkpoints.{concept} is missing: give at least "
+                                "one checkpoint, e.g. {finetuned: path/to/model}")
+        for variant in sorted(paths, key=lambda v: (VARIANTS + (v,)).index(v)):
+            if not re.fullmatch(r"[A-Za-z0-9_.]+", variant):
+                raise MammoSaeError(f"{where}: models.checkpoints.{concept}.{variant}: a variant "
+                                    "name is letters, digits, '_' or '.' (it names folders)")
+            out.append((concept, variant, Path(paths[variant]).expanduser()))
+    return out
 
 
 def _expand(path: str) -> str:
@@ -215,6 +245,7 @@ class ModelEntry:
     # when inside it (`recorded_path`), as returned by `Pipeline.models()` a usable path.
     classifier: str
     encoder_key: str     # stores are shared by models with the same encoder
+    arch: str = ""       # the encoder architecture (read from the checkpoint when loaded)
 
 
 class Pipeline:
@@ -315,17 +346,7 @@ class Pipeline:
         if c.kind == "train-phantom":
             entries = self._train_phantom_models()
         else:
-            for concept in c.concepts:
-                paths = c.checkpoints.get(concept, {})
-                for variant in VARIANTS:
-                    if variant not in paths:
-                        raise MammoSaeError(f"models.checkpoints.{concept}.{variant} is missing")
-                    path = Path(paths[variant]).expanduser()
-                    if not path.exists():
-                        raise MammoSaeError(f"checkpoint not found: {path} "
-                                            f"(models.checkpoints.{concept}.{variant})")
-                    entries.append(ModelEntry(f"{concept}-{variant}", concept, variant, str(path),
-                                              encoder_key=f"{concept}-{variant}"))
+            entries = self._checkpoint_models()
         evals = self._evaluate_models(entries)
         # Paths relative to the run (absolute outside it): the run can move or be used from
         # another working directory.
@@ -334,6 +355,39 @@ class Pipeline:
         write_json(self.run / "models" / "models.json",
                    {"schema_version": 1, "models": records, "test_metrics": evals})
         return {"models": [e.name for e in entries], "test_metrics": evals}
+
+    def _checkpoint_models(self) -> list[ModelEntry]:
+        """The config's checkpoints; files with the same content share one encoder_key, so their
+        features are extracted (and stored) once."""
+        from .models.checkpoints import checkpoint_sha256
+
+        entries: list[ModelEntry] = []
+        key_of: dict[str, str] = {}   # content hash -> the first model's encoder_key
+        for concept, variant, path in checkpoint_paths(self.cfg.models):
+            if not path.exists():
+                raise MammoSaeError(f"checkpoint not found: {path} "
+                                    f"(models.checkpoints.{concept}.{variant})")
+            key = key_of.setdefault(checkpoint_sha256(path), f"{concept}-{variant}")
+            entries.append(ModelEntry(f"{concept}-{variant}", concept, variant, str(path),
+                                      encoder_key=key))
+        return entries
+
+    def check_checkpoints(self) -> None:
+        """`--dry-run` for a checkpoints run: every named checkpoint exists and its header reads
+        (our format's config.json, a torch file's container); no weights are loaded, nothing is
+        written."""
+        from .models.checkpoints import checkpoint_header
+
+        if self.cfg.models.kind != "checkpoints":
+            return
+        for concept, variant, path in checkpoint_paths(self.cfg.models):
+            where = f"models.checkpoints.{concept}.{variant}"
+            try:
+                header = checkpoint_header(path)
+            except MammoSaeError as exc:
+                raise MammoSaeError(f"{where}: {exc}") from None
+            facts = ", ".join(f"{k} {v}" for k, v in header.items() if v)
+            print(f"[    checked] {where}: {path} ({facts})", flush=True)
 
     def _train_phantom_models(self) -> list[ModelEntry]:
         from .models.train import PretrainConfig, TrainConfig, pretrain, train_classifier
@@ -359,7 +413,7 @@ class Pipeline:
                 # Linear probes share the frozen pretext backbone, hence one store for all.
                 key = "pretrained" if variant == "pretrained" else f"{concept}-finetuned"
                 entries.append(ModelEntry(f"{concept}-{variant}", concept, variant,
-                                          str(out / "model"), encoder_key=key))
+                                          str(out / "model"), encoder_key=key, arch=c.arch))
         return entries
 
     def _evaluate_models(self, entries: list[ModelEntry]) -> dict[str, Any]:
@@ -376,6 +430,7 @@ class Pipeline:
                 fixed["image_size"] = list(self.cfg.data.image_size)
             result = evaluate_classifier(build_options(EvalConfig, self.cfg.models.eval,
                                                        "models.eval", **fixed))
+            e.arch = result.get("arch") or e.arch
             out[e.name] = {"auroc": result.get("auroc"), "auprc": result.get("auprc"),
                            "n": result.get("n"), "n_pos": result.get("n_pos")}
         return out
@@ -705,16 +760,27 @@ def run_pipeline(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
     _make_deterministic(pcfg)
     if cfg.dry_run:   # a dry run only reads: the plan must not touch the run it describes
-        Pipeline(pcfg, run_dir, progress=cfg.progress).runner.execute(
-            only=cfg.only, start=cfg.start, dry_run=True)
+        pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
+        pipeline.check_checkpoints()
+        pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=True)
         return run_dir
     with writer_lock(run_dir):   # one writer per run directory (docs/security.md)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(to_dict(pcfg)))
+        write_text_atomic(run_dir / "config.yaml", dump_yaml(resolved_config(pcfg)))
         pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
         t0 = time.perf_counter()
         pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=False)
     print(f"run finished in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir
+
+
+def resolved_config(pcfg: PipelineConfig) -> dict[str, Any]:
+    """RUN/config.yaml. `models.arch` only builds the phantom's models: a run that loads
+    checkpoints takes each architecture from its file (recorded in models/models.json), so the
+    unused default is left out rather than shown as if it had run."""
+    out = to_dict(pcfg)
+    if pcfg.models.kind == "checkpoints":
+        out["models"].pop("arch", None)
+    return out
 
 
 def _make_deterministic(pcfg: PipelineConfig) -> None:

@@ -64,9 +64,11 @@ def _write_csv(path: Path, frame: Any) -> None:
 
 
 def _head_and_concept(classifier: Path, concept: Optional[str]) -> tuple[Any, str]:
+    from ..models.checkpoints import warn_assumed_concept
     from .intervene import load_head
 
     head = load_head(classifier)
+    warn_assumed_concept(classifier, head.concept, concept)
     name = concept or head.concept
     if not name:
         raise MammoSaeError(f"classifier {classifier} does not name its concept; pass --concept")

@@ -96,6 +96,11 @@ def run_explain(cfg: ExplainConfig) -> int:
                         device=resolve_device(cfg.device), frame_hw=frame or DEFAULT_FRAME_HW,
                         crop=cfg.crop, latent_names=names,
                         class_top=class_top)
+    if cfg.run is not None and not ex.concept and entry.get("concept"):
+        from ..models.checkpoints import warn_assumed_concept
+
+        warn_assumed_concept(model, ex.concept, entry["concept"])   # the run's concept for it
+        ex.concept = entry["concept"]
     meta.update(model=str(model), sae=str(sae))
     result = explain_images(ex, paths, cfg.out, top=cfg.top, batch_size=cfg.batch_size,
                             heatmaps=cfg.heatmaps, on_error=cfg.on_error, progress=cfg.progress,

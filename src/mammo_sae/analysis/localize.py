@@ -389,8 +389,8 @@ def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
 def select_images(store: Any, concept: str, split: str | None = "test",
                   image_set: ImageSet = "positive") -> tuple[list[int], list[Any]]:
     """Store image indices (and their records) to evaluate: the split's images with label 1
-    for the concept (`positive`), or all of the split's images (`all`). Images the store
-    skipped (failed to load) are left out."""
+    for the concept (`positive`), or all of the split's images (`all`); split None or "all"
+    takes every split. Images the store skipped (failed to load) are left out."""
     if image_set not in ("positive", "all"):
         raise MammoSaeError(f"unknown image set {image_set!r}; valid: positive, all")
     records = list(store.records())
@@ -405,15 +405,16 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     # row), positive if any of its rows is.
     first: dict[str, int] = {}
     positive: set[str] = set()
+    every = split in (None, "", "all")   # as `extract`, `probe` and `labelled_rows` read it
     for i, r in enumerate(records):
-        if ok[i] and (split is None or splits[i] == split):
+        if ok[i] and (every or splits[i] == split):
             first.setdefault(r.image_id, i)
             if r.labels.get(concept) == 1:
                 positive.add(r.image_id)
     chosen = [i for image_id, i in first.items() if image_set == "all" or image_id in positive]
     if not chosen:
         what = f"images with {concept} = 1" if image_set == "positive" else "images"
-        where = f"split {split!r}" if split else "the store"
+        where = "the store" if every else f"split {split!r}"
         raise DataError(f"no {what} in {where} (splits present: {sorted(set(splits))})")
     return chosen, [records[i] for i in chosen]
 

@@ -50,7 +50,7 @@ class LocalizeConfig:
                                             "in the breast, AP averaged over N draws (0 = none)")
     seed: int = opt(0, help="seed of the chance baseline")
     iou: float = opt(0.25, gt=0.0, max=1.0, help="IoU at which a box counts as a hit")
-    split: str = opt("test", help="split of the store to evaluate")
+    split: str = opt("test", help="split of the store to evaluate (training | test | all)")
     images: Literal["positive", "all"] = opt("positive", help="positive: images with the concept "
                                              "(label 1); all: every image of the split")
     box_score: Literal["mean", "max"] = opt("mean", help="box confidence: mean or max heatmap "

@@ -236,6 +236,7 @@ def preprocess_vindr(
         findings = _add_no_finding_rows(findings, images)
     if images.empty:
         raise DataError(f"no images listed in {breast_csv or findings_csv}")
+    _check_values(findings, findings_csv)
 
     state_dir = out_dir / STATE_DIR
     geometry: dict[str, dict] = {}
@@ -289,6 +290,20 @@ def _check_id_columns(df: pd.DataFrame, path: Path) -> None:
     `.preprocess/<image_id>.json`): every row is checked before anything is written."""
     for column in ("study_id", "image_id"):
         check_ids(df[column], column, path)
+
+
+def _check_values(findings: pd.DataFrame, path: Path) -> None:
+    """The values `_folds_rows` parses after the images are converted (box coordinates, density),
+    checked for every row first: a bad last row must stop the run before any PNG is written."""
+    text = findings[["xmin", "ymin", "xmax", "ymax"]].apply(lambda col: col.str.strip())
+    numbers = text.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    bad = text.ne("").to_numpy() & ~np.isfinite(numbers)
+    if bad.any():
+        i, j = (int(v[0]) for v in np.nonzero(bad))
+        column = text.columns[j]
+        raise DataError(f"{path}: row {i} has {column} = {text.iat[i, j]!r}, not a number "
+                        "(box coordinates are numbers or empty); nothing was written")
+    _density_letters(findings, path)
 
 
 def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]

@@ -19,6 +19,7 @@ architecture and every problem is reported by name.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,7 +28,15 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, choices_message
-from ..io import atomic_path, load_torch_weights, read_json, sha256_file, verify_sha256, write_json
+from ..io import (
+    atomic_path,
+    load_torch_weights,
+    read_json,
+    sha256_file,
+    torch_file_kind,
+    verify_sha256,
+    write_json,
+)
 from .classifier import ConceptClassifier
 from .efficientnet import EfficientNet
 from .registry import MAMMO_CLIP_NAMES, arch_params, create_encoder, list_archs
@@ -187,10 +196,8 @@ def _parse_torch_checkpoint(path: Path) -> _Parsed:
     return _Parsed(layout, arch, encoder_sd, head_sd, None, meta, sha256_file(path))
 
 
-def _parse_own_format(path: Path) -> _Parsed:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _own_config(path: Path) -> dict[str, Any]:
+    """Our format's config.json, checked (format, schema, padding, arch, kind); no weights read."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
         raise CheckpointError(f"{path} is a directory but not a mammo-sae model "
@@ -203,8 +210,34 @@ def _parse_own_format(path: Path) -> _Parsed:
                               f"(this version reads {SCHEMA_VERSION})")
     if config.get("padding", "static") != "static":
         raise CheckpointError(f"{config_path}: padding {config.get('padding')!r}; only static models are stored")
+    arch_params(str(config.get("arch")))  # raises naming the valid choices
+    if config.get("kind") not in ("encoder", "classifier"):
+        raise CheckpointError(f"{config_path}: " + choices_message("kind", config.get("kind"),
+                                                                   ["encoder", "classifier"]))
+    return config
+
+
+def checkpoint_header(path: str | Path) -> dict[str, Any]:
+    """What a checkpoint says about itself without its weights being read or a model built (the
+    pipeline's `--dry-run`): our format's checked config.json (kind, arch, concept), or a torch
+    file's container format after the same sniff `load_torch_weights` starts with."""
+    path = Path(path)
+    if path.is_file() and path.name == CONFIG_FILE:
+        path = path.parent
+    if path.is_dir():
+        config = _own_config(path)
+        return {"layout": "mammo-sae", "kind": config["kind"], "arch": config["arch"],
+                "concept": config.get("concept")}
+    return {"layout": "torch", "format": torch_file_kind(path, "a model checkpoint")}
+
+
+def _parse_own_format(path: Path) -> _Parsed:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
+    config = _own_config(path)
     arch = config.get("arch")
-    arch_params(str(arch))  # raises naming the valid choices
     sha256 = verify_sha256(weights_path, config.get("weights_sha256"), str(config_path))
     try:
         sd = load_file(str(weights_path))
@@ -216,8 +249,6 @@ def _parse_own_format(path: Path) -> _Parsed:
     if other:
         raise CheckpointError(f"{weights_path}: unexpected tensors {', '.join(other[:5])}")
     kind = config.get("kind")
-    if kind not in ("encoder", "classifier"):
-        raise CheckpointError(f"{config_path}: " + choices_message("kind", kind, ["encoder", "classifier"]))
     if (kind == "classifier") != (head_sd is not None):
         raise CheckpointError(f"{path}: config says kind={kind} but the weights "
                               f"{'have' if head_sd else 'lack'} head.* tensors")
@@ -308,6 +339,14 @@ def load_image_encoder(path: str | Path) -> EfficientNet:
 def load_classifier(path: str | Path) -> ConceptClassifier:
     """An eval-mode ConceptClassifier (encoder + linear head) from a classifier checkpoint."""
     return _classifier_from(_parse(path), path)
+
+
+def warn_assumed_concept(path: str | Path, recorded: str | None, assumed: str | None) -> None:
+    """Say so (stderr) when a checkpoint that records no concept (a Mammo-CLIP file never does)
+    is taken to predict `assumed`: a file for the wrong finding would otherwise pass unnoticed."""
+    if assumed and not recorded:
+        print(f"warning: {path} records no concept; assuming it predicts {assumed!r}",
+              file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -827,7 +827,7 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
 
     from ..analysis.stats import with_ci
     from ..data.vindr import load_records
-    from .checkpoints import load_classifier
+    from .checkpoints import load_classifier, warn_assumed_concept
 
     torch.set_flush_denormal(True)
     device = resolve_device(cfg.device)
@@ -838,21 +838,29 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
     if k != n_classes(cfg.concept):
         raise MammoSaeError(f"{cfg.model} has {k} output(s), but concept {cfg.concept!r} needs "
                             f"{n_classes(cfg.concept)}")
-    if k == 1 and len(np.unique(y)) < 2:   # say so before hours of forward passes
-        raise MammoSaeError(f"AUROC of {cfg.concept!r} on split {cfg.split!r} ({cfg.level} level) needs "
-                            f"both classes; all {len(y)} images are {int(y[0]) if len(y) else '-'}")
+    # One class only (e.g. a folder of negatives): the scores are still worth writing, AUROC is not.
+    no_auroc = None
+    if k == 1 and len(np.unique(y)) < 2:
+        no_auroc = (f"AUROC of {cfg.concept!r} on split {cfg.split!r} ({cfg.level} level) needs "
+                    f"both classes; all {len(y)} images are {int(y[0]) if len(y) else '-'}")
+        print(f"warning: {no_auroc}; writing the per-image scores only", file=sys.stderr)
     trained_on = getattr(model, "concept", None)
     if trained_on and trained_on != cfg.concept:   # allowed (transfer), but rarely meant
         print(f"warning: {cfg.model} was trained for {trained_on!r}; evaluating it on {cfg.concept!r}",
               file=sys.stderr)
+    warn_assumed_concept(cfg.model, trained_on, cfg.concept)
     logits = predict_logits(model, records, size_hw=_size_hw(cfg.image_size), batch_size=cfg.batch_size,
                             device=device, progress=cfg.progress)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "model": str(cfg.model), "data": str(cfg.data),
         "concept": cfg.concept, "model_concept": trained_on, "split": cfg.split, "level": cfg.level,
         "n": len(records), "n_boot": cfg.n_boot, "seed": cfg.seed,
+        "arch": getattr(getattr(model, "checkpoint_info", None), "arch", None),
     }
-    if k == 1:
+    if no_auroc:
+        scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
+        result.update(n_pos=int(y.sum()), auroc=None, auprc=None, auroc_null_reason=no_auroc)
+    elif k == 1:
         scores = 1.0 / (1.0 + np.exp(-logits[:, 0]))
         ci = with_ci(y, scores, n_boot=cfg.n_boot, seed=cfg.seed)
         result.update(n_pos=int(y.sum()), auroc=ci["auroc"].as_dict(), auprc=ci["auprc"].as_dict())
@@ -898,7 +906,10 @@ def _default_eval_path(model: Path, cfg: EvalConfig) -> Path:
 
 
 def _print_eval(result: dict[str, Any]) -> None:
-    if "auroc" in result:
+    if result.get("auroc_null_reason"):
+        print(f"{result['concept']} on {result['split']} (n={result['n']}): no AUROC "
+              f"({result['auroc_null_reason']}); scores in {result['predictions']}")
+    elif "auroc" in result:
         a, p = result["auroc"], result["auprc"]
         print(f"{result['concept']} on {result['split']} ({result['level']} level, n={result['n']}, "
               f"{result['n_pos']} positive): AUROC {a['value']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]  "

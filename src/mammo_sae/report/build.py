@@ -233,6 +233,17 @@ class ReportBuilder:
         concept, variant = split_model_name(name)
         return ModelInfo(name, concept, variant)
 
+    def skipped_comparisons(self) -> list[dict[str, str]]:
+        """Concepts with one model: the between-variant comparisons (pretrained vs finetuned in
+        Figures 2 and 4/5) need two, so they are skipped, and the report says so."""
+        by_concept: dict[str, list[str]] = {}
+        for m in self.models:
+            by_concept.setdefault(m.concept, []).append(m.name)
+        return [{"analysis": "comparison between variants (Figures 2, 4/5)", "concept": concept,
+                 "reason": f"{concept} has one model ({names[0]}); a comparison needs two, so "
+                           "its curves, separation index and flags are that model's alone"}
+                for concept, names in by_concept.items() if len(names) == 1]
+
     @property
     def eval_split(self) -> str:
         extract = self.config.get("extract") if isinstance(self.config, Mapping) else None
@@ -312,12 +323,16 @@ class ReportBuilder:
                          "best_ap_pointing": _num(pointing[name].get("ap")) if name in pointing else math.nan,
                          "separation": separation.get(name, math.nan)})
         self.data["headlines"] = rows
+        self.data["skipped"] = self.skipped_comparisons()
+        for skip in self.data["skipped"]:
+            s.add(H.note(f"Skipped: the {skip['analysis']} for {skip['reason']}."))
         if not rows:
             s.add(H.note("no model results yet"))
             return
         s.add(H.table(rows, ["model", "auroc_test", "auroc_original", "auroc_sae", "recovered", "best_ap",
                              "best_ap_latent", "best_ap_pointing", "separation"],
-                      headers=["model", "test AUROC (classifier)", "AUROC original (store)", "AUROC SAE",
+                      headers=["model", f"{self.eval_split} AUROC (classifier)",
+                               "AUROC original (store)", "AUROC SAE",
                                "recovered", "best latent AP (top-10 ranked)", "that latent",
                                "best AP (pointing-chosen)", "separation index"]))
         s.add(H.note("Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE
@@ -532,7 +547,8 @@ class ReportBuilder:
         if grid:
             plot_topk_grid(grid, self.figure_path("figure2_topk.png"))
             s.add(H.figure(self.made_figure("figure2_topk.png"),
-                           "Test AUROC when only the top-k class-0 ∪ class-1 latents are kept (activated) "
+                           f"{self.eval_split.capitalize()} AUROC when only the top-k class-0 ∪ "
+                           "class-1 latents are kept (activated) "
                            "or when they are zeroed (deactivated); bands: 95 % bootstrap CIs. "
                            "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the plain SAE."))
             points = (0, 1, 5, 10, 50, 100, 1000)
@@ -644,6 +660,8 @@ class ReportBuilder:
         if not folders:
             s.add(H.note("not run: analysis/separation/ is missing (separation stage)"))
             return
+        for skip in self.skipped_comparisons():
+            s.add(H.note(f"No pretrained-vs-finetuned comparison for {skip['reason']}."))
         data: dict[str, Any] = {}
         for folder in folders:
             label = folder.name if folder != root else "all"
@@ -838,10 +856,13 @@ def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False
     run_dir = Path(run_dir)
     if not run_dir.is_dir():   # before the lock, which would create RUN/report/
         raise MammoSaeError(f"run directory not found: {run_dir}")
-    markers = ("config.yaml", "stages", "models", "sae", "analysis")
+    markers = ("config.yaml", "stages", "models/models.json", "analysis")
     if run_dir.is_dir() and not any((run_dir / m).exists() for m in markers):
-        raise MammoSaeError(f"{run_dir} is not a mammo-sae run directory (none of {', '.join(markers)}); "
-                            "pass the --out of `mammo-sae run`")
+        # Outputs of the individual commands (extract, sae train, probe, ...): report those.
+        from .standalone import build_standalone_report
+
+        return build_standalone_report(run_dir, out, strict=strict, top_latents=top_latents,
+                                       latent_pages=latent_pages, progress=progress)
     out = Path(out) if out is not None else run_dir / "report"
     with writer_lock(out):
         return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,

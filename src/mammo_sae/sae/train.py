@@ -119,7 +119,9 @@ class TrainConfig:
     drop_last: bool = opt(False, help="drop the last partial batch of each epoch (the reference keeps it)")
     resample_every: int = opt(10, min=0, help="relu-l1: resample dead latents every N epochs (0 = never)")
     resample_inputs: int = opt(20000, min=1, help="relu-l1: inputs scored for resampling (rounded down to whole batches, ≥ 1)")
-    dead_window_patches: int = opt(10_000_000, min=1, help="a latent is dead after this many patches without firing (AuxK, dead fraction)")
+    dead_window_patches: int = opt(10_000_000, min=1, help="a latent is dead after this many "
+                                   "patches without firing (AuxK, dead fraction); at most one "
+                                   "epoch of patches")
     log_every: int = opt(50, min=1, help="log to JSONL and the progress bar every N steps")
     checkpoint_every: int = opt(0, min=0, help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)")
     checkpoint_seconds: float = opt(600.0, min=0.0, help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0")
@@ -263,6 +265,10 @@ class Trainer:
         self.n_batches = self.source.batches_per_epoch(self.stream_batch, self.dist.world_size, cfg.drop_last)
         if self.n_batches < 1:
             raise StoreError(f"training data has {self.source.n_patches} patches: not one batch of {cfg.batch_size}")
+        # Dead = no firing for the window, capped at one epoch of patches: on small data the 10 M
+        # default outlasts the whole run, and every latent would count as alive to the end.
+        self.dead_window = min(cfg.dead_window_patches,
+                               self.source.n_patches, self.n_batches * cfg.batch_size)
         self.sae_cfg = cfg.sae_config(self.source.d)
         self.sae = SparseAutoencoder(self.sae_cfg, seed=cfg.seed).to(self.device)
         self.sae.train()
@@ -433,7 +439,8 @@ class Trainer:
             "mse": acc["sq_err"] / (n * self.sae.d) * scale2,
             "fvu": acc["sq_err"] / acc["var"] if acc["var"] > 0 else float("nan"),
             "l0": acc["l0"] / acc["steps"],
-            "dead_fraction": float((self.since_fired_h >= self.cfg.dead_window_patches).float().mean()),
+            "dead_fraction": float((self.since_fired_h >= self.dead_window).float().mean()),
+            "dead_window_patches": self.dead_window,
             "dense_fraction": float((fired > DENSE_FREQUENCY).float().mean()) if fired is not None else float("nan"),
             "patches_per_s": patches_per_s,
             "mfu": (flops_per_patch(self.sae) * patches_per_s / (self.matmul_flops * self.dist.world_size)
@@ -467,7 +474,6 @@ class Trainer:
 
     # --------------------------------------------------------------- step
     def _train_step(self, x_bd: Tensor, n_global: int) -> None:
-        cfg = self.cfg
         x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
         n_local = x_bd.shape[0]
         if self.device.type == "cpu" and not bool(torch.isfinite(x_bd).all()):
@@ -477,7 +483,7 @@ class Trainer:
                                 "if one was saved")
         dead_h = None
         if self.sae_cfg.architecture != "relu-l1":
-            dead_h = self.since_fired_h >= cfg.dead_window_patches
+            dead_h = self.since_fired_h >= self.dead_window
             if not bool(dead_h.any()):   # decided outside the (possibly compiled) loss
                 dead_h = None
         self.opt.zero_grad(set_to_none=True)
@@ -642,6 +648,10 @@ class Trainer:
             if self.dist.main:
                 write_json(self.out / "train_config.json", {"schema_version": 1, **to_dict(cfg)})
         self._check_data()
+        if self.dead_window < cfg.dead_window_patches and self.dist.main:
+            print(f"dead latents: no firing for {self.dead_window:,} patches (one epoch; "
+                  f"--dead-window-patches {cfg.dead_window_patches:,} is longer than the data)",
+                  flush=True)
         if cfg.measure_matmul:
             dt = self.sae.mm_dtype or torch.float32
             self.matmul_flops = measure_matmul_flops(self.sae.d, self.sae.h, min(cfg.batch_size, 2048),
@@ -721,6 +731,7 @@ class Trainer:
             "source_store_manifest_sha256": getattr(self.source, "manifest_sha256", None),
             "training": {"config": to_dict(self.cfg), "steps": self.step, "epochs_done": self.epoch,
                          "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
+                         "dead_window_patches": self.dead_window,
                          "n_latents_resampled": self.n_latents_resampled, "complete": complete, "world_size": self.dist.world_size,
                          "device": str(self.device), "bf16_matmuls": self.sae.mm_dtype is not None},
             "final_metrics": metrics,
