@@ -55,7 +55,8 @@ def holder():
 
 def _commands(out: Path) -> dict[str, list[str]]:
     return {
-        "run": ["run", str(PACKAGE_CONFIGS / "phantom.yaml"), "--out", str(out), "--dry-run"],
+        # (A dry run writes nothing and takes no lock: the cheapest stage stands in.)
+        "run": ["run", str(PACKAGE_CONFIGS / "phantom.yaml"), "--out", str(out), "--only", "data"],
         "sae train": ["sae", "train", "--store", "no-store", "--out", str(out)],
         "extract": ["extract", "--data", "no-data", "--model", "efficientnet-phantom",
                     "--out", str(out)],

@@ -190,6 +190,7 @@ def writer_lock(folder: str | os.PathLike[str], *, enabled: bool = True) -> Iter
             _HELD[key] = (fd, depth)
         return
     _probe_ancestors(key)   # before creating anything inside a folder another process writes
+    created = [p for p in (key, *key.parents) if not p.exists()]   # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -216,7 +217,15 @@ def writer_lock(folder: str | os.PathLike[str], *, enabled: bool = True) -> Iter
         yield
     finally:
         _HELD.pop(key, None)
-        os.close(fd)   # releases the lock; the file stays (deleting it would race a new holder)
+        if created and [p.name for p in key.iterdir()] == [LOCK_NAME]:
+            # Refused before writing anything (bad input): leave no trace of the attempt. Safe
+            # while we still hold the lock; a folder that existed keeps its lock file, since
+            # deleting it could race a new holder.
+            lock_file.unlink(missing_ok=True)
+            for folder_created in created:
+                with contextlib.suppress(OSError):
+                    folder_created.rmdir()
+        os.close(fd)   # releases the lock
 
 
 def free_bytes(folder: Path) -> int | None:
