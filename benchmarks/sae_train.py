@@ -97,7 +97,8 @@ def make_ours(d: int, h: int, batch: int, data: torch.Tensor, device: torch.devi
     """Our trainer's step. bf16 None: the trainer's default rule; True/False: forced."""
     cfg = TrainConfig(out=Path(tmp) / architecture, h=h, batch_size=batch, device=str(device),
                       progress=False, measure_matmul=False, eval_patches=0, compile=compile,
-                      architecture=architecture, k=32, bf16=bf16 is not False)  # type: ignore[arg-type]
+                      architecture=architecture, k=32,  # type: ignore[arg-type]
+                      bf16=bf16 is not False)
     trainer = Trainer(cfg, TensorSource(data[:batch]))
     if bf16:
         trainer.sae.mm_dtype = torch.bfloat16
@@ -163,8 +164,10 @@ def main() -> None:
     ap.add_argument("--impls", default="ours,ours-fp32,topk,naive,saelens",
                     help="comma list of: " + ", ".join(IMPLS) + " (and ours+compile)")
     ap.add_argument("--steps", type=int, default=0,
-                    help="timed steps per round (0: 1 for mammo on CPU, 10 small, 100 tiny; 50 on GPU)")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (the median is reported)")
+                    help="timed steps per round (0: 1 for mammo on CPU, 10 small, 100 tiny; "
+                         "50 on GPU)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds (the median is reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args()
@@ -181,7 +184,8 @@ def main() -> None:
     table = []
     for cfg_name in args.configs.split(","):
         d, h, batch = CONFIGS[cfg_name]
-        steps = args.steps or (50 if device.type == "cuda" else {"tiny": 100, "small": 10}.get(cfg_name, 1))
+        cpu_steps = {"tiny": 100, "small": 10}.get(cfg_name, 1)
+        steps = args.steps or (50 if device.type == "cuda" else cpu_steps)
         rate = measure_matmul_flops(d, h, min(batch, 2048), device, torch.float32)
         rate_bf16 = measure_matmul_flops(d, h, min(batch, 2048), device, torch.bfloat16)
         data = torch.randn(batch * 2, d, device=device).relu()
@@ -191,7 +195,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             steppers: dict[str, Step] = {}
             for impl in names:
-                make = (lambda *a: make_ours(*a, compile=True)) if impl == "ours+compile" else IMPLS[impl]
+                make = ((lambda *a: make_ours(*a, compile=True)) if impl == "ours+compile"
+                        else IMPLS[impl])
                 step = make(d, h, batch, data, device, tmp)
                 if step is not None:
                     step(data[:batch])   # warm-up (allocations, compilation)
@@ -205,14 +210,16 @@ def main() -> None:
         for impl, v in pps.items():
             med = _median(v)
             print(f"  {impl:12s} {med:12.1f} patches/s (min {min(v):.1f}, max {max(v):.1f})   "
-                  f"MFU(fp32) {100 * 10 * d * h * med / rate:5.1f} %   {1e6 * batch / med:11.1f} µs/step")
+                  f"MFU(fp32) {100 * 10 * d * h * med / rate:5.1f} %   "
+                  f"{1e6 * batch / med:11.1f} µs/step")
         ratios = {}
         for base in ("naive", "saelens", "ours-fp32"):
             for impl in pps:
                 if impl != base and base in pps:
                     rs = [a / b for a, b in zip(pps[impl], pps[base], strict=True)]
                     ratios[(impl, base)] = rs
-                    print(f"  {impl} / {base}: {_median(rs):.2f}× (rounds {min(rs):.2f}–{max(rs):.2f})")
+                    print(f"  {impl} / {base}: {_median(rs):.2f}× "
+                          f"(rounds {min(rs):.2f}–{max(rs):.2f})")
         table.append((cfg_name, pps, ratios))
     print("\n| config | implementation | patches/s (median, min–max) | vs naive | vs saelens |")
     print("| --- | --- | --- | --- | --- |")

@@ -237,7 +237,8 @@ def test_sparse_topk_step_equals_the_dense_step(d, h, n, k, arch, with_dead, see
     tolerance, for any shape, k (up to h) and with or without AuxK on dead latents."""
     k = min(k, h)
     gen = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(architecture=arch, d=d, h=h, k=k, aux_k=max(1, h // 3)), seed=seed)
+    cfg = SAEConfig(architecture=arch, d=d, h=h, k=k, aux_k=max(1, h // 3))
+    sae = SparseAutoencoder(cfg, seed=seed)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1, generator=gen)
         sae.b_enc.normal_(0, 0.1, generator=gen)

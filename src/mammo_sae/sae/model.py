@@ -201,8 +201,8 @@ class _Pattern:
 
     def coo_t(self, values: Tensor) -> Tensor:
         """The transposed (h, n) matrix, for products Zᵀ @ dense."""
-        return torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), values, (self.h, self.n),
-                                       check_invariants=False)
+        return torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), values,
+                                       (self.h, self.n), check_invariants=False)
 
 
 def _row_pattern(idx_nk: Tensor, h: int) -> _Pattern:
@@ -430,7 +430,8 @@ class SparseAutoencoder(nn.Module):
             else:
                 keep = min(n * h, cfg.k * n)
                 pat = _flat_pattern(pre_nh.relu().flatten().topk(keep, sorted=False).indices, n, h)
-        vals_j = _GatheredPreActs.apply(pre_nh, xc_nd, self.W_enc, self.b_enc, self.b_dec, pat).relu()
+        params = (self.W_enc, self.b_enc, self.b_dec)
+        vals_j = _GatheredPreActs.apply(pre_nh, xc_nd, *params, pat).relu()
         if cfg.architecture == "batchtopk":
             self._update_threshold(vals_j)
         resid_nd = _SparseDecode.apply(vals_j, self.W_dec, pat) + self.b_dec - xn_nd
@@ -440,15 +441,14 @@ class SparseAutoencoder(nn.Module):
         if dead_h is not None and bool(dead_h.any()):
             k_aux = min(int(cfg.aux_k or 1), int(dead_h.sum()))
             with torch.no_grad():
-                idx = pre_nh.masked_fill(~dead_h, float("-inf")).topk(k_aux, dim=-1, sorted=False).indices
-                aux_pat = _row_pattern(idx, h)
-            aux_vals = _GatheredPreActs.apply(pre_nh, xc_nd, self.W_enc, self.b_enc, self.b_dec,
-                                              aux_pat).relu()
+                masked = pre_nh.masked_fill(~dead_h, float("-inf"))
+                aux_pat = _row_pattern(masked.topk(k_aux, dim=-1, sorted=False).indices, h)
+            aux_vals = _GatheredPreActs.apply(pre_nh, xc_nd, *params, aux_pat).relu()
             err_nd = _SparseDecode.apply(aux_vals, self.W_dec, aux_pat) + resid_nd.detach()
             aux_t = cfg.aux_coeff * err_nd.square().sum() * (cfg.recon_scale / n)
         fired_h = torch.bincount(pat.cols[vals_j.detach() > 0], minlength=h)
-        return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(), sq_err_t.detach(),
-                          (fired_h.sum() / n).float(), fired_h)
+        return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(),
+                          sq_err_t.detach(), (fired_h.sum() / n).float(), fired_h)
 
     def _auxk_loss(self, pre_nh: Tensor, resid_nd: Tensor, dead_h: Tensor) -> Tensor:
         """Reconstruct the residual from the top aux_k dead latents (Gao et al. 2024)."""
