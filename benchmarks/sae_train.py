@@ -1,28 +1,38 @@
 """SAE training throughput: patches/s and MFU of mammo-sae's trainer step vs alternatives.
 
 Compared on the same random data, same shapes, same device:
-  ours      mammo_sae Trainer step (fused relu-l1 backward, parallel-gradient removal, Adam,
-            decoder renormalisation, on-device counters); bf16 matmul operands on GPU
-  naive     a straightforward PyTorch module of the same math: autograd, a gradient hook for the
-            projection, torch.optim.Adam defaults, renormalisation after the step (fp32; on GPU
-            with torch.autocast(bf16) so the comparison is about the implementation)
-  saelens   SAELens StandardTrainingSAE.training_forward_pass + backward + Adam (its "standard"
-            L1 SAE: norm-weighted L1, no column constraint; same FLOP class)
+  ours          mammo_sae Trainer step, relu-l1, default settings (fused relu-l1 backward,
+                parallel-gradient removal, Adam, decoder renormalisation, on-device counters;
+                bf16 matmul operands on GPU, and on a CPU with bf16 instructions for d·h ≥ 2^22)
+  ours-fp32     the same with --no-bf16
+  ours-bf16     the same with bf16 matmul operands forced (any size, any CPU)
+  topk          our TopK step (k 32): on CPU the sparse decoder/backward, same matmul dtype as ours
+  batchtopk     our BatchTopK step (k 32), likewise
+  naive         a straightforward PyTorch module of the relu-l1 math: autograd, a gradient hook for
+                the projection, torch.optim.Adam defaults, renormalisation after the step (fp32;
+                on GPU with torch.autocast(bf16) so the comparison is about the implementation)
+  saelens       SAELens StandardTrainingSAE.training_forward_pass + backward + Adam (its "standard"
+                L1 SAE: norm-weighted L1, no column constraint; same FLOP class); optional
 
-MFU = 10·d·h FLOPs per patch × patches/s ÷ the rate of one (B × d) @ (d × h) matmul measured
-at start-up in the training dtype. Figures are printed, never asserted.
+Repetitions are interleaved (round r times every implementation once, `--steps` steps each, after
+one untimed warm-up step each), so load from other processes hits all of them alike; the table
+gives the median patches/s over rounds with the min–max spread, and each ratio is the median of
+the per-round ratios (min–max). MFU = 10·d·h FLOPs per patch × patches/s ÷ the rate of one
+(B × d) @ (d × h) fp32 matmul measured at start-up (so a bf16 step can exceed 100 %).
+Figures are printed, never asserted.
 
-    python benchmarks/sae_train.py                   # small + Mammo-SAE-sized configs, few steps
-    python benchmarks/sae_train.py --configs small --steps 50
+    python benchmarks/sae_train.py --threads 2                        # small + mammo configs
+    python benchmarks/sae_train.py --configs mammo --rounds 3 --impls ours,ours-fp32,topk,naive
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -63,30 +73,40 @@ def _sync(device: torch.device) -> None:
 
 
 def _time(step: Callable[[torch.Tensor], None], data: torch.Tensor, batch: int, steps: int,
-          warmup: int, device: torch.device) -> float:
-    """Patches per second over `steps` timed steps after `warmup` untimed ones."""
+          offset: int, device: torch.device) -> float:
+    """Patches per second over `steps` steps, batches taken from `offset` on."""
     n = data.shape[0]
-    for i in range(warmup):
-        step(data[(i * batch) % (n - batch + 1):][:batch])
     _sync(device)
     t0 = time.perf_counter()
-    for i in range(steps):
+    for i in range(offset, offset + steps):
         step(data[(i * batch) % (n - batch + 1):][:batch])
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
 
-def bench_ours(d: int, h: int, batch: int, data: torch.Tensor, steps: int, warmup: int,
-               device: torch.device, compile: bool = False) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(out=Path(tmp), h=h, batch_size=batch, device=str(device), progress=False,
-                          measure_matmul=False, eval_patches=0, compile=compile)
-        trainer = Trainer(cfg, TensorSource(data[:batch]))
-        return _time(lambda x: trainer._train_step(x, x.shape[0]), data, batch, steps, warmup, device)
+def _median(v: list[float]) -> float:
+    return statistics.median(v)
 
 
-def bench_naive(d: int, h: int, batch: int, data: torch.Tensor, steps: int, warmup: int,
-                device: torch.device) -> float:
+Step = Callable[[torch.Tensor], None]
+
+
+def make_ours(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device, tmp: str,
+              architecture: str = "relu-l1", bf16: Optional[bool] = None,
+              compile: bool = False) -> Step:
+    """Our trainer's step. bf16 None: the trainer's default rule; True/False: forced."""
+    cfg = TrainConfig(out=Path(tmp) / architecture, h=h, batch_size=batch, device=str(device),
+                      progress=False, measure_matmul=False, eval_patches=0, compile=compile,
+                      architecture=architecture, k=32,  # type: ignore[arg-type]
+                      bf16=bf16 is not False)
+    trainer = Trainer(cfg, TensorSource(data[:batch]))
+    if bf16:
+        trainer.sae.mm_dtype = torch.bfloat16
+    return lambda x: trainer._train_step(x, x.shape[0])
+
+
+def make_naive(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device,
+               tmp: str) -> Step:
     sae = NaiveSAE(d, h).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
 
@@ -99,11 +119,11 @@ def bench_naive(d: int, h: int, batch: int, data: torch.Tensor, steps: int, warm
         with torch.no_grad():
             sae.W_dec.div_(sae.W_dec.norm(dim=0, keepdim=True))
 
-    return _time(step, data, batch, steps, warmup, device)
+    return step
 
 
-def bench_saelens(d: int, h: int, batch: int, data: torch.Tensor, steps: int, warmup: int,
-                  device: torch.device) -> float | None:
+def make_saelens(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device,
+                 tmp: str) -> Step | None:
     try:
         from sae_lens.saes.sae import TrainStepInput
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
@@ -124,62 +144,93 @@ def bench_saelens(d: int, h: int, batch: int, data: torch.Tensor, steps: int, wa
         out.loss.backward()
         opt.step()
 
-    return _time(step, data, batch, steps, warmup, device)
+    return step
+
+
+IMPLS: dict[str, Callable[..., Step | None]] = {
+    "ours": make_ours,
+    "ours-fp32": lambda *a: make_ours(*a, bf16=False),
+    "ours-bf16": lambda *a: make_ours(*a, bf16=True),
+    "topk": lambda *a: make_ours(*a, architecture="topk"),
+    "batchtopk": lambda *a: make_ours(*a, architecture="batchtopk"),
+    "naive": make_naive,
+    "saelens": make_saelens,
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="small,mammo", help="comma list of: " + ", ".join(CONFIGS))
-    ap.add_argument("--steps", type=int, default=0, help="timed steps (0: 20 small / 2 mammo on CPU, 50 on GPU)")
-    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--impls", default="ours,ours-fp32,topk,naive,saelens",
+                    help="comma list of: " + ", ".join(IMPLS) + " (and ours+compile)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="timed steps per round (0: 1 for mammo on CPU, 10 small, 100 tiny; "
+                         "50 on GPU)")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="interleaved rounds (the median is reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--skip", default="", help="comma list of implementations to skip (naive, saelens)")
-    ap.add_argument("--compile", action="store_true", help="also time our step with --compile "
-                                                           "(torch.compile of the loss; warm-up compiles)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
-    skip = set(filter(None, args.skip.split(",")))
+    names = [i for i in args.impls.split(",") if i]
+    unknown = set(names) - set(IMPLS) - {"ours+compile"}
+    if unknown:
+        ap.error(f"unknown --impls {sorted(unknown)}; valid: {', '.join(IMPLS)}, ours+compile")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}")
-    rows = []
+    print(f"device: {name}; torch {torch.__version__}; rounds {args.rounds}, interleaved")
+    table = []
     for cfg_name in args.configs.split(","):
         d, h, batch = CONFIGS[cfg_name]
-        steps = args.steps or (50 if device.type == "cuda" else {"tiny": 200, "small": 20}.get(cfg_name, 2))
-        mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        rate = measure_matmul_flops(d, h, min(batch, 2048), device, mm_dtype)
+        cpu_steps = {"tiny": 100, "small": 10}.get(cfg_name, 1)
+        steps = args.steps or (50 if device.type == "cuda" else cpu_steps)
+        rate = measure_matmul_flops(d, h, min(batch, 2048), device, torch.float32)
+        rate_bf16 = measure_matmul_flops(d, h, min(batch, 2048), device, torch.bfloat16)
         data = torch.randn(batch * 2, d, device=device).relu()
-        print(f"\n[{cfg_name}] d={d} h={h} batch={batch} steps={steps}; matmul rate "
-              f"{rate / 1e9:.1f} GFLOP/s ({str(mm_dtype).removeprefix('torch.')})")
-        results: dict[str, float | None] = {}
-        impls: list[tuple[str, Callable[..., float | None]]] = [("ours", bench_ours)]
-        if args.compile:
-            impls.append(("ours+compile", lambda *a: bench_ours(*a, compile=True)))
-        impls += [("naive", bench_naive), ("saelens", bench_saelens)]
-        for impl, fn in impls:
-            if impl in skip:
-                continue
-            pps = fn(d, h, batch, data, steps, args.warmup, device)
-            results[impl] = pps
-            if pps is not None:
-                mfu = 10 * d * h * pps / rate
-                print(f"  {impl:12s} {pps:12.1f} patches/s   MFU {100 * mfu:5.1f} %   "
-                      f"{1e6 * batch / pps:9.1f} µs/step")
-        ours = results.get("ours")
-        for other in ("naive", "saelens"):
-            if ours and results.get(other):
-                print(f"  ours / {other}: {ours / results[other]:.2f}×")
-        rows.append((cfg_name, results))
-    print("\n| config | ours patches/s | naive | saelens | ours/naive | ours/saelens |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for cfg_name, r in rows:
-        fmt = lambda v: f"{v:.0f}" if v else "–"  # noqa: E731
-        ratio = lambda o: f"{r['ours'] / r[o]:.2f}" if r.get("ours") and r.get(o) else "–"  # noqa: E731
-        print(f"| {cfg_name} | {fmt(r.get('ours'))} | {fmt(r.get('naive'))} | {fmt(r.get('saelens'))} "
-              f"| {ratio('naive')} | {ratio('saelens')} |")
+        print(f"\n[{cfg_name}] d={d} h={h} batch={batch} steps/round={steps}; one matmul: "
+              f"{rate / 1e9:.1f} GFLOP/s fp32, {rate_bf16 / 1e9:.1f} bf16")
+        pps: dict[str, list[float]] = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            steppers: dict[str, Step] = {}
+            for impl in names:
+                make = ((lambda *a: make_ours(*a, compile=True)) if impl == "ours+compile"
+                        else IMPLS[impl])
+                step = make(d, h, batch, data, device, tmp)
+                if step is not None:
+                    step(data[:batch])   # warm-up (allocations, compilation)
+                    steppers[impl] = step
+                    pps[impl] = []
+            for r in range(args.rounds):
+                for impl, step in steppers.items():
+                    pps[impl].append(_time(step, data, batch, steps, r * steps, device))
+                print(f"  round {r + 1}: " + ", ".join(f"{i} {v[-1]:.0f}" for i, v in pps.items()),
+                      flush=True)
+        for impl, v in pps.items():
+            med = _median(v)
+            print(f"  {impl:12s} {med:12.1f} patches/s (min {min(v):.1f}, max {max(v):.1f})   "
+                  f"MFU(fp32) {100 * 10 * d * h * med / rate:5.1f} %   "
+                  f"{1e6 * batch / med:11.1f} µs/step")
+        ratios = {}
+        for base in ("naive", "saelens", "ours-fp32"):
+            for impl in pps:
+                if impl != base and base in pps:
+                    rs = [a / b for a, b in zip(pps[impl], pps[base], strict=True)]
+                    ratios[(impl, base)] = rs
+                    print(f"  {impl} / {base}: {_median(rs):.2f}× "
+                          f"(rounds {min(rs):.2f}–{max(rs):.2f})")
+        table.append((cfg_name, pps, ratios))
+    print("\n| config | implementation | patches/s (median, min–max) | vs naive | vs saelens |")
+    print("| --- | --- | --- | --- | --- |")
+    for cfg_name, pps, ratios in table:
+        for impl, v in pps.items():
+            cells = []
+            for base in ("naive", "saelens"):
+                rs = ratios.get((impl, base))
+                cells.append(f"{_median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})" if rs else "–")
+            print(f"| {cfg_name} | {impl} | {_median(v):.0f} ({min(v):.0f}–{max(v):.0f}) | "
+                  + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ the paper's notation and SAELens); λ is read in that convention: λ_sum = d · 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
@@ -104,11 +106,11 @@ class _ReluL1Loss(torch.autograd.Function):
     the tied bias; here that sum is taken first, (Σ_b ∂π_b)·W_enc, so a step costs 10·d·h FLOPs
     per patch instead of 12, and only x̄, z and the residual are kept for the backward.
 
-    With `mm_dtype` (bf16 on GPU) the (B, h) tensors — codes z and their gradient — live in bf16
-    from the matmul that makes them to the matmul that consumes them: biases enter through the
-    GEMM epilogue (addmm), the L1 and bias-gradient reductions accumulate in fp32, and nothing of
-    size B×h is converted (the d×h weight gradients are GEMM outputs rounded once to bf16, then
-    widened for the fp32 master weights).
+    With `mm_dtype` (bf16 on GPU, and on CPUs with bf16 instructions) the (B, h) tensors — codes
+    z and their gradient — live in bf16 from the matmul that makes them to the matmul that
+    consumes them: biases enter through the GEMM epilogue (addmm), the L1 and bias-gradient
+    reductions accumulate in fp32, and nothing of size B×h is converted (the d×h weight gradients
+    are GEMM outputs rounded once to bf16, then widened for the fp32 master weights).
     At d = 2048, h = 16384 those tensors are the step's memory traffic, not the weights.
     """
 
@@ -128,8 +130,16 @@ class _ReluL1Loss(torch.autograd.Function):
             xc_lo, W_dec_lo = xc_bd.to(mm_dtype), W_dec.to(mm_dtype)
             z_bh = torch.addmm(b_enc.to(mm_dtype), xc_lo, W_enc.to(mm_dtype).t()).relu_()
             resid_bd = (z_bh @ W_dec_lo.t()).to(x_bd.dtype).add_(b_dec).sub_(x_bd)
-            l1 = z_bh.sum(dtype=x_bd.dtype)
-            fired_h = torch.count_nonzero(z_bh, dim=0)
+            if z_bh.is_cuda:
+                l1 = z_bh.sum(dtype=x_bd.dtype)
+                fired_h = torch.count_nonzero(z_bh, dim=0)
+            else:
+                # On CPU a reduction of a bf16 (B, h) tensor costs a quarter of a GEMM and
+                # count_nonzero over dim 0 more than half; as GEMVs (fp32 accumulation, per-latent
+                # sums rounded once to bf16; counts exact in int8 × int8 → int32) they are ~free.
+                l1 = (z_bh.new_ones(1, n) @ z_bh).sum(dtype=x_bd.dtype)
+                fired_h = torch._int_mm(z_bh.new_ones(1, n, dtype=torch.int8),
+                                        (z_bh > 0).view(torch.int8)).view(-1).long()
             saved_xc, saved_W_dec = xc_lo, W_dec_lo
         sq_err = resid_bd.square().sum()
         recon = sq_err * (recon_scale / n)
@@ -157,7 +167,10 @@ class _ReluL1Loss(torch.autograd.Function):
             db_enc = dpre_bh.new_ones(n) @ dpre_bh
             db_dec = dxhat_bd.new_ones(n) @ dxhat_bd - db_enc @ W_enc
         else:
-            db_enc = dpre_bh.sum(0, dtype=W_enc.dtype)
+            if dpre_bh.is_cuda:
+                db_enc = dpre_bh.sum(0, dtype=W_enc.dtype)
+            else:   # a GEMV, as in the forward: a dim-0 bf16 reduction is slow on CPU
+                db_enc = (dpre_bh.new_ones(1, n) @ dpre_bh).view(-1).to(W_enc.dtype)
             db_dec = dxhat_bd.sum(0) - db_enc @ W_enc
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
 
@@ -167,6 +180,99 @@ def _mm(a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     if dtype is None:
         return a @ b
     return (a.to(dtype) @ b.to(dtype)).float()
+
+
+# ---------------------------------------------------------------------------- sparse codes
+# TopK/BatchTopK codes have k non-zeros per row. Held as (rows, cols) sorted row-major, the
+# decoder and every backward product touch only those: ~4·nnz·d FLOPs instead of 3 dense
+# (B × h × d) matmuls, leaving the encoder's forward GEMM as the step's cost.
+@dataclass
+class _Pattern:
+    rows: Tensor      # (nnz,) int64, non-decreasing
+    cols: Tensor      # (nnz,) int64 latent index
+    n: int
+    h: int
+
+    @property
+    def offsets(self) -> Tensor:
+        """Start of each row's entries (embedding_bag offsets; empty rows allowed)."""
+        counts = torch.bincount(self.rows, minlength=self.n)
+        return torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+
+    def coo_t(self, values: Tensor) -> Tensor:
+        """The transposed (h, n) matrix, for products Zᵀ @ dense."""
+        return torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), values,
+                                       (self.h, self.n), check_invariants=False)
+
+
+def _row_pattern(idx_nk: Tensor, h: int) -> _Pattern:
+    """The pattern of a per-row selection idx (n, k), columns sorted within each row."""
+    n, k = idx_nk.shape
+    rows = torch.arange(n, device=idx_nk.device).repeat_interleave(k)
+    return _Pattern(rows, idx_nk.sort(dim=1).values.reshape(-1), n, h)
+
+
+def _flat_pattern(flat_idx: Tensor, n: int, h: int) -> _Pattern:
+    """The pattern of a selection over the flattened (n, h) matrix (BatchTopK)."""
+    flat = flat_idx.sort().values
+    return _Pattern(flat // h, flat % h, n, h)
+
+
+class _GatheredPreActs(torch.autograd.Function):
+    """π at the pattern's entries, π_j = W_enc[c_j]·(x̃_{r_j} − b_dec) + b_enc[c_j], read from the
+    dense π (computed without autograd); the backward scatters into W_enc's selected rows
+    (a sparse (h × n) @ (n × d) product), b_enc and b_dec only."""
+
+    @staticmethod
+    def forward(ctx, pre_nh: Tensor, xc_nd: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
+                pat: _Pattern) -> Tensor:
+        ctx.save_for_backward(xc_nd, W_enc)
+        ctx.pat = pat
+        return pre_nh[pat.rows, pat.cols]
+
+    @staticmethod
+    def backward(ctx, g_j: Tensor):
+        xc_nd, W_enc = ctx.saved_tensors
+        pat: _Pattern = ctx.pat
+        with _quiet_sparse():
+            dW_enc = torch.sparse.mm(pat.coo_t(g_j), xc_nd)
+        db_enc = g_j.new_zeros(pat.h).index_add_(0, pat.cols, g_j)
+        return None, None, dW_enc, db_enc, -(db_enc @ W_enc), None
+
+
+class _SparseDecode(torch.autograd.Function):
+    """W_dec z for a sparse z (values `vals_j` at the pattern): row r = Σ_{j: r_j = r} vals_j ·
+    W_dec[:, c_j], as an embedding_bag over the atoms. Backward: ∂vals_j = ∂x̂_{r_j}·W_dec[:, c_j]
+    (a sampled matmul over the pattern only) and ∂W_dec = (Zᵀ @ ∂x̂)ᵀ (sparse × dense)."""
+
+    @staticmethod
+    def forward(ctx, vals_j: Tensor, W_dec: Tensor, pat: _Pattern) -> Tensor:
+        atoms_hd = W_dec.t().contiguous()
+        offsets = pat.offsets
+        ctx.save_for_backward(vals_j, atoms_hd, offsets)
+        ctx.pat = pat
+        return nn.functional.embedding_bag(pat.cols, atoms_hd, offsets[:-1], mode="sum",
+                                           per_sample_weights=vals_j)
+
+    @staticmethod
+    def backward(ctx, g_nd: Tensor):
+        vals_j, atoms_hd, offsets = ctx.saved_tensors
+        pat: _Pattern = ctx.pat
+        g_nd = g_nd.contiguous()
+        with _quiet_sparse():
+            pattern = torch.sparse_csr_tensor(offsets, pat.cols, torch.zeros_like(vals_j),
+                                              (pat.n, pat.h), check_invariants=False)
+            d_vals = torch.sparse.sampled_addmm(pattern, g_nd, atoms_hd.t(), beta=0.0).values()
+            dW_dec = torch.sparse.mm(pat.coo_t(vals_j), g_nd).t()
+        return d_vals, dW_dec, None
+
+
+@contextlib.contextmanager
+def _quiet_sparse() -> Iterator[None]:
+    """Silence torch's 'sparse CSR support is in beta' notice (the ops used here are tested)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
 
 
 class SparseAutoencoder(nn.Module):
@@ -186,6 +292,9 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("threshold", torch.zeros(()))
         self.mm_dtype: Optional[torch.dtype] = None   # bf16 matmuls on GPU (set by the trainer)
         self.fused: bool = True                        # hand-written relu-l1 backward
+        # topk/batchtopk training on CPU: decoder and backward over the k active latents only
+        # (`_sparse_loss`); False, or another device, takes the dense path.
+        self.sparse: bool = True
         self.reset_parameters(seed)
 
     # ------------------------------------------------------------------ properties
@@ -290,6 +399,8 @@ class SparseAutoencoder(nn.Module):
             l0 = fired_h.sum() / n
             return LossOutput(total, recon, sparsity, zero, sq_err, l0.float(), fired_h)
 
+        if self.sparse and self.training and xn_nd.device.type == "cpu":
+            return self._sparse_loss(xn_nd, dead_h)
         pre_nh = self.pre_acts(xn_nd)
         z_nh = self.activate(pre_nh)
         if cfg.architecture == "batchtopk" and self.training:
@@ -304,6 +415,41 @@ class SparseAutoencoder(nn.Module):
         return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(), sq_err_t.detach(),
                           (fired_h.sum() / n).float(), fired_h)
 
+    def _sparse_loss(self, xn_nd: Tensor, dead_h: Optional[Tensor]) -> LossOutput:
+        """The topk/batchtopk training loss with sparse codes: the same selections, values and
+        gradients as the dense path (up to summation order), at ~2·d·h FLOPs per patch (the
+        encoder GEMM) instead of ~6·d·h."""
+        cfg = self.cfg
+        n, h = xn_nd.shape[0], self.h
+        zero = xn_nd.new_zeros(())
+        xc_nd = xn_nd - self.b_dec.detach()
+        with torch.no_grad():
+            pre_nh = _mm(xc_nd, self.W_enc.t(), self.mm_dtype) + self.b_enc
+            if cfg.architecture == "topk":
+                pat = _row_pattern(pre_nh.topk(cfg.k, dim=-1, sorted=False).indices, h)
+            else:
+                keep = min(n * h, cfg.k * n)
+                pat = _flat_pattern(pre_nh.relu().flatten().topk(keep, sorted=False).indices, n, h)
+        params = (self.W_enc, self.b_enc, self.b_dec)
+        vals_j = _GatheredPreActs.apply(pre_nh, xc_nd, *params, pat).relu()
+        if cfg.architecture == "batchtopk":
+            self._update_threshold(vals_j)
+        resid_nd = _SparseDecode.apply(vals_j, self.W_dec, pat) + self.b_dec - xn_nd
+        sq_err_t = resid_nd.square().sum()
+        recon_t = sq_err_t * (cfg.recon_scale / n)
+        aux_t = zero
+        if dead_h is not None and bool(dead_h.any()):
+            k_aux = min(int(cfg.aux_k or 1), int(dead_h.sum()))
+            with torch.no_grad():
+                masked = pre_nh.masked_fill(~dead_h, float("-inf"))
+                aux_pat = _row_pattern(masked.topk(k_aux, dim=-1, sorted=False).indices, h)
+            aux_vals = _GatheredPreActs.apply(pre_nh, xc_nd, *params, aux_pat).relu()
+            err_nd = _SparseDecode.apply(aux_vals, self.W_dec, aux_pat) + resid_nd.detach()
+            aux_t = cfg.aux_coeff * err_nd.square().sum() * (cfg.recon_scale / n)
+        fired_h = torch.bincount(pat.cols[vals_j.detach() > 0], minlength=h)
+        return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(),
+                          sq_err_t.detach(), (fired_h.sum() / n).float(), fired_h)
+
     def _auxk_loss(self, pre_nh: Tensor, resid_nd: Tensor, dead_h: Tensor) -> Tensor:
         """Reconstruct the residual from the top aux_k dead latents (Gao et al. 2024)."""
         n_dead = int(dead_h.sum())
@@ -316,9 +462,10 @@ class SparseAutoencoder(nn.Module):
         return err_nd.square().sum() * (self.cfg.recon_scale / pre_nh.shape[0])
 
     @torch.no_grad()
-    def _update_threshold(self, z_nh: Tensor) -> None:
-        """EMA of the smallest kept activation: the JumpReLU θ used at inference."""
-        kept = z_nh[z_nh > 0]
+    def _update_threshold(self, z: Tensor) -> None:
+        """EMA of the smallest kept activation: the JumpReLU θ used at inference (z: the dense
+        codes or the sparse path's values)."""
+        kept = z[z > 0]
         if kept.numel() == 0:
             return
         smallest = kept.min()
