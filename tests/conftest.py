@@ -47,3 +47,20 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny_phantom")
     generate(PhantomConfig(out=out, n_images=40, height=256, width=160, seed=0, workers=1), progress=False)
     return out
+
+
+def save_he_encoder(folder: Path) -> Path:
+    """A phantom encoder with He-initialised convolutions saved in our format. Torch's default
+    init collapses the final map to ~1e-13, so every image would get the same features."""
+    import torch
+
+    from mammo_sae.models.checkpoints import save_model
+    from mammo_sae.models.registry import create_encoder
+
+    torch.manual_seed(0)
+    encoder = create_encoder("efficientnet-phantom")
+    for m in encoder.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    save_model(encoder, folder)
+    return folder

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
+from conftest import save_he_encoder
 
 from mammo_sae.cli import main
 from mammo_sae.errors import MammoSaeError
@@ -29,16 +29,8 @@ CONCEPTS = ("Mass", "Suspicious_Calcification")
 def classifier(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Mass linear probe on a He-initialised phantom encoder (torch's default init would give
     every image the same features), in our model format."""
-    from mammo_sae.models.checkpoints import save_model
-    from mammo_sae.models.registry import create_encoder
-
     root = tmp_path_factory.mktemp("one_model_ckpt")
-    torch.manual_seed(0)
-    encoder = create_encoder("efficientnet-phantom")
-    for m in encoder.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    save_model(encoder, root / "encoder")
+    save_he_encoder(root / "encoder")
     assert main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass",
                  "--init", str(root / "encoder"), "--mode", "linear-probe", "--epochs", "2",
                  "--image-size", "128x80",

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import save_he_encoder
 from test_data_images import write_dicom
 from test_data_preprocess import synthetic_mammogram
 
@@ -35,16 +36,8 @@ def trained(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
     The encoder is random but He-initialised: torch's default init shrinks the signal to
     ~1e-13 by the last block, which would give every image the same score."""
-    from mammo_sae.models.checkpoints import save_model
-    from mammo_sae.models.registry import create_encoder
-
     root = tmp_path_factory.mktemp("explain")
-    torch.manual_seed(0)
-    encoder = create_encoder("efficientnet-phantom")
-    for m in encoder.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    save_model(encoder, root / "encoder")
+    save_he_encoder(root / "encoder")
     assert main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass",
                  "--init", str(root / "encoder"), "--mode", "linear-probe", "--epochs", "20",
                  "--lr", "1e-2", "--out", str(root / "clf"), "--device", "cpu",

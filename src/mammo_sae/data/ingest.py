@@ -39,7 +39,7 @@ from .preprocess import (
     FOLDS_COLUMNS,
     CropGeometry,
     _fmt,
-    _run_jobs,
+    convert_all,
     dicom_to_png,
     patient_fold,
 )
@@ -306,18 +306,7 @@ def ingest(
             except json.JSONDecodeError:
                 pass    # half-written by an older crash: redo the image
         jobs.append((h.image_id, str(path), str(png), str(state), tuple(out_hw), crop))
-    failures = []
-    bar = tqdm(total=len(jobs), desc="ingest", unit="img", disable=not progress)
-    for image_id, geom, error in _run_jobs(jobs, workers, _ingest_one):
-        bar.update()
-        if error is not None:
-            failures.append(error)
-        else:
-            geometry[image_id] = geom   # type: ignore[assignment]
-    bar.close()
-    if failures:
-        raise DataError(f"{len(failures)} image(s) could not be converted (finished ones are kept; "
-                        "a rerun resumes):\n  " + "\n  ".join(failures[:10]))
+    geometry.update(convert_all(jobs, workers, _ingest_one, desc="ingest", progress=progress))
 
     table = _folds_rows(headers, geometry, label_rows, split=split, test_fraction=test_fraction,
                         seed=seed)

@@ -262,18 +262,7 @@ def preprocess_vindr(
         raise DataError(f"{len(missing)} DICOM file(s) missing under {dicom_root} "
                         f"(--on-missing skip drops them):\n  {shown}")
 
-    failures = []
-    bar = tqdm(total=len(jobs), desc="preprocess", unit="img", disable=not progress)
-    for image_id, geom, error in _run_jobs(jobs, workers):
-        bar.update()
-        if error is not None:
-            failures.append(error)
-        else:
-            geometry[image_id] = geom  # type: ignore[assignment]
-    bar.close()
-    if failures:
-        raise DataError(f"{len(failures)} image(s) could not be preprocessed (finished ones are kept; "
-                        "a rerun resumes):\n  " + "\n  ".join(failures[:10]))
+    geometry.update(convert_all(jobs, workers, _process_one, desc="preprocess", progress=progress))
 
     table = _folds_rows(findings, geometry, findings_csv)
     csv_path = out_dir / FOLDS_CSV
@@ -306,8 +295,29 @@ def _check_values(findings: pd.DataFrame, path: Path) -> None:
     _density_letters(findings, path)
 
 
+def convert_all(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]],
+                *, desc: str, progress: bool) -> dict[str, dict]:
+    """Run the image conversions `fn(job) -> (image_id, geometry, error)` with a progress bar;
+    {image_id: geometry}. Any failure stops with every message, after the others finished (their
+    PNGs are kept, so a rerun resumes)."""
+    geometry: dict[str, dict] = {}
+    failures = []
+    bar = tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress)
+    for image_id, geom, error in _run_jobs(jobs, workers, fn):
+        bar.update()
+        if error is not None:
+            failures.append(error)
+        else:
+            geometry[image_id] = geom  # type: ignore[assignment]
+    bar.close()
+    if failures:
+        raise DataError(f"{len(failures)} image(s) could not be converted (finished ones are kept; "
+                        "a rerun resumes):\n  " + "\n  ".join(failures[:10]))
+    return geometry
+
+
 def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]
-              = _process_one) -> Iterable[tuple[str, dict | None, str | None]]:
+              ) -> Iterable[tuple[str, dict | None, str | None]]:
     """`fn` over the jobs, in this process or in `workers` processes (`fn` must be picklable)."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
