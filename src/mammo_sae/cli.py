@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "mammo_sae.analysis.localize_commands",
     "mammo_sae.analysis.explain_commands",
     "mammo_sae.analysis.atlas_commands",
+    "mammo_sae.analysis.retrieve_commands",
     "mammo_sae.report.commands",
     "mammo_sae.pipeline",
 )
