@@ -210,7 +210,7 @@ def _heatmap(ex: Explainer, display_hw: np.ndarray, map_hw: np.ndarray, entry: d
     save_panel_grid([[panel]], path, panel_inches=(2.2, 3.4))
 
 
-def _write_thumbnail(display_hw: np.ndarray, path: Path) -> None:
+def write_thumbnail(display_hw: np.ndarray, path: Path) -> None:
     import cv2
 
     from ..io import write_bytes_atomic
@@ -285,7 +285,7 @@ def _one(ex: Explainer, path: Path, kind: str, x_3hw: torch.Tensor, logit: float
     detail = {int(j): _latent_entry(ex, int(j), res, float(off[i]), float(z_max[i]))
               for i, j in enumerate(chosen)}
     thumb = folder / "input.png"
-    _write_thumbnail(display, thumb)
+    write_thumbnail(display, thumb)
     if heatmaps:
         for i, j in enumerate(chosen):
             target = folder / f"latent_{int(j)}.png"

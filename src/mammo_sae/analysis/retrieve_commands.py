@@ -233,7 +233,7 @@ class _Thumbs:
         self.done: dict[int, str | None] = {}
 
     def __call__(self, index: int) -> str | None:
-        from .explain import _write_thumbnail
+        from .explain import write_thumbnail
         from .figures import _shrink, display_image
 
         if index not in self.done:
@@ -242,7 +242,7 @@ class _Thumbs:
             rel = None
             if arr is not None:
                 rel = f"thumbs/{index}.png"
-                _write_thumbnail(_shrink(arr, THUMB_HEIGHT / arr.shape[0]), self.out / rel)
+                write_thumbnail(_shrink(arr, THUMB_HEIGHT / arr.shape[0]), self.out / rel)
             self.done[index] = rel
         return self.done[index]
 
@@ -262,7 +262,7 @@ def write_index(body: dict[str, Any], store: Any, out: Path, binary: list[str], 
     from tqdm.auto import tqdm
 
     from ..report import html as H
-    from ..report.latents import _short
+    from ..report.latents import short_id
 
     thumbs = _Thumbs(store, out)
     ids = store.images["image_id"].astype(str).tolist()
@@ -289,15 +289,15 @@ def write_index(body: dict[str, Any], store: Any, out: Path, binary: list[str], 
         sections.append(s)
 
     def caption(image_id: str, score: float, rank: int, extra: str = "") -> str:
-        return f"#{rank} {_short(image_id)} · {score:.3g}{extra}"
+        return f"#{rank} {short_id(image_id)} · {score:.3g}{extra}"
 
     if q["mode"] == "query":
         shown = [(j, [(m, r[j]) for m, r in results.items()])
                  for j in range(min(max_queries, q["n_queries"]))]
         for j, per in tqdm(shown, desc="thumbnails", unit="query", disable=not progress):
             qid = per[0][1]["query_id"]
-            s = H.Section(f"q{j}", f"Query {_short(qid)}")
-            s.add(_tile(thumbs(index_of[qid]), f"query {_short(qid)}"))
+            s = H.Section(f"q{j}", f"Query {short_id(qid)}")
+            s.add(_tile(thumbs(index_of[qid]), f"query {short_id(qid)}"))
             for method, entry in per:
                 s.add(f"<h3>{H.esc(method)}</h3>")
                 s.add("".join(_tile(thumbs(index_of[nb["image_id"]]),
@@ -308,7 +308,7 @@ def write_index(body: dict[str, Any], store: Any, out: Path, binary: list[str], 
     else:
         s = H.Section("results", "Results")
         if q["mode"] == "image":
-            s.add(_tile(thumbs(q["image_index"]), f"query {_short(q['image_id'])} · "
+            s.add(_tile(thumbs(q["image_index"]), f"query {short_id(q['image_id'])} · "
                         + (_positives(q["labels"], binary) or "no positive label")))
         for method, entries in tqdm(results.items(), desc="thumbnails", unit="method",
                                     disable=not progress):

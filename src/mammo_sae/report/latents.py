@@ -40,7 +40,7 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-def _short(image_id: str) -> str:
+def short_id(image_id: str) -> str:
     """VinDr ids are 32 hex digits: the first 12 identify an image well enough on a figure."""
     return image_id if len(image_id) <= 14 else image_id[:12] + "…"
 
@@ -269,7 +269,7 @@ class LatentPages:
             gt = unique_boxes(rec.boxes_of(m.concept))
             hits = match_image(pred, scores, gt, iou, match)  # type: ignore[arg-type]
             mark = "" if not len(gt) else (" · HIT" if hits.any() else " · miss")
-            title = f"{_short(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}{mark}"
+            title = f"{short_id(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}{mark}"
             panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat, gt, pred, title,
                                       hits=hits))
         name = f"latent_{j}_{_safe(m.name)}_top.png"
