@@ -29,11 +29,11 @@ class SummaryConfig:
 
 
 def run_summary(cfg: SummaryConfig) -> int:
-    from .vindr import summarize
+    from .vindr import summarize_dataset
 
     if (cfg.data is None) == (cfg.csv is None):
         raise DataError("give exactly one of --data DIR or --csv FILE")
-    summary = summarize(cfg.data or cfg.csv, splits=cfg.splits or None,  # type: ignore[arg-type]
+    summary = summarize_dataset(cfg.data or cfg.csv, splits=cfg.splits or None,  # type: ignore[arg-type]
                         on_missing=cfg.on_missing)
     if cfg.out is not None:
         write_json(cfg.out, summary)
