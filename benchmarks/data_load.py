@@ -39,7 +39,8 @@ def main() -> None:
             for level in ("image", "row"):
                 t = best_of(lambda: load_records(vindr / name, level=level, on_missing="ignore"))
                 print(f"load_records {name:32s} level={level:5s}: {t:6.3f} s (target < 2 s)")
-        print(f"summarize folds CSV (both levels): {best_of(lambda: summarize_dataset(vindr)):6.3f} s")
+        seconds = best_of(lambda: summarize_dataset(vindr))
+        print(f"summarize folds CSV (both levels): {seconds:6.3f} s")
     else:
         print(f"skipping CSV timings: {vindr} not found")
 

@@ -169,7 +169,8 @@ def _add_colorbar(fig: Any, left: float, top: float) -> None:
 
 
 # --------------------------------------------------------------------------- plain figures
-def new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1,
+               **kw: Any) -> tuple[Any, Any]:
     """A pyplot-free Agg figure and its (rows × cols) axes array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -231,5 +232,5 @@ def plot_topk_grid(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: Pa
     return save_figure(fig, path)
 
 
-__all__ = ["MODES", "Curve", "LatentPanel", "display_image", "draw_panel", "new_figure", "panel_title",
-           "plot_topk_grid", "save_figure", "save_panel_grid"]
+__all__ = ["MODES", "Curve", "LatentPanel", "display_image", "draw_panel", "new_figure",
+           "panel_title", "plot_topk_grid", "save_figure", "save_panel_grid"]

@@ -121,14 +121,16 @@ def read_ranking(path: str | Path, top: int | None = None) -> tuple[list[int], l
     if isinstance(data, dict):
         data = data.get("ranking")
     if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
-        raise MammoSaeError(f"{path}: expected a non-empty JSON list of {{rank, index, importance}}")
+        raise MammoSaeError(f"{path}: expected a non-empty JSON list of "
+                            "{rank, index, importance}")
     try:
         if all("rank" in e for e in data):
             data = sorted(data, key=lambda e: int(e["rank"]))
         idx = [int(e["index"]) for e in data]
         importance = [float(e.get("importance", math.nan)) for e in data]
     except (KeyError, TypeError, ValueError) as exc:
-        raise MammoSaeError(f"{path}: ranking entries need integer 'rank' and 'index' ({exc})") from exc
+        raise MammoSaeError(f"{path}: ranking entries need integer 'rank' and 'index' "
+                            f"({exc})") from exc
     if min(idx) < 0 or len(set(idx)) != len(idx):
         raise MammoSaeError(f"{path}: latent indices must be distinct and non-negative")
     if top is not None and top < 1:

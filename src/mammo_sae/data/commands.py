@@ -33,8 +33,9 @@ def run_summary(cfg: SummaryConfig) -> int:
 
     if (cfg.data is None) == (cfg.csv is None):
         raise DataError("give exactly one of --data DIR or --csv FILE")
-    summary = summarize_dataset(cfg.data or cfg.csv, splits=cfg.splits or None,  # type: ignore[arg-type]
-                        on_missing=cfg.on_missing)
+    summary = summarize_dataset(cfg.data or cfg.csv,  # type: ignore[arg-type]
+                                splits=cfg.splits or None,
+                                on_missing=cfg.on_missing)
     if cfg.out is not None:
         write_json(cfg.out, summary)
     sys.stdout.write(dumps_json(summary))
