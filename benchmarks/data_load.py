@@ -17,7 +17,7 @@ import numpy as np
 
 from mammo_sae.data.images import breast_mask, read_image, to_model_input
 from mammo_sae.data.preprocess import dicom_to_png
-from mammo_sae.data.vindr import load_records, summarize
+from mammo_sae.data.vindr import load_records, summarize_dataset
 
 
 def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
@@ -39,7 +39,8 @@ def main() -> None:
             for level in ("image", "row"):
                 t = best_of(lambda: load_records(vindr / name, level=level, on_missing="ignore"))
                 print(f"load_records {name:32s} level={level:5s}: {t:6.3f} s (target < 2 s)")
-        print(f"summarize folds CSV (both levels): {best_of(lambda: summarize(vindr)):6.3f} s")
+        seconds = best_of(lambda: summarize_dataset(vindr))
+        print(f"summarize folds CSV (both levels): {seconds:6.3f} s")
     else:
         print(f"skipping CSV timings: {vindr} not found")
 

@@ -50,7 +50,7 @@ def _read_json(path: Path) -> dict:
 
 def figures(run: Path) -> dict[str, float]:
     """Every figure a README claim rests on, from one finished run directory."""
-    from mammo_sae.analysis.stats import auroc
+    from mammo_sae.metrics import auroc
 
     out: dict[str, float] = {}
     metrics = _read_json(run / "models" / "models.json")["test_metrics"]

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from mammo_sae.activations.extract import ExtractConfig, extract, load_encoder, parse_size
+from mammo_sae.activations.extract import ExtractConfig, extract, parse_size
 from mammo_sae.data.images import RecordDataset
 from mammo_sae.data.vindr import load_records
+from mammo_sae.models.checkpoints import load_encoder
 
 
 class PoolEncoder(torch.nn.Module):

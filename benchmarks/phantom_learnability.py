@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from mammo_sae.analysis.stats import auroc
 from mammo_sae.data.phantom import CSV_NAME, IMAGE_DIR, PhantomConfig, generate
+from mammo_sae.metrics import auroc
 
 CONCEPTS = ("Mass", "Suspicious_Calcification")
 

@@ -13,12 +13,12 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mammo_sae.activations.store import write_store
-from mammo_sae.analysis import stats
+from mammo_sae import metrics
 from mammo_sae.analysis.intervene import (LinearHead, edit_set, entry_rank, exact_decode_logits,
                                           masked_logits, normalise_ks, sae_readout, sweep,
                                           union_masks)
-from mammo_sae.analysis.probe import (latent_auroc, load_ranking, probe, ranking_entries,
-                                      ranking_order)
+from mammo_sae.analysis.probe import (latent_auroc, probe, ranking_entries, ranking_order,
+                                      read_ranking)
 from mammo_sae.analysis.separation import FlagRule, model_separation, separation_index
 from mammo_sae.analysis.summaries import (LatentSummaries, compute_summaries, labelled_rows,
                                           load_summaries, summarize)
@@ -74,13 +74,13 @@ def test_batched_curves_equal_sklearn_and_with_ci_including_ties() -> None:
     rng = np.random.default_rng(1)
     y = (rng.random(200) < 0.25).astype(int)
     s = np.round(rng.normal(size=200) + y, 1)                 # many ties
-    counts = stats.bootstrap_counts(200, 6, seed=5)
-    roc, pr = stats.weighted_auroc_auprc(y, s, counts.astype(np.float32))
-    for b, idx in enumerate(stats.bootstrap_indices(200, 6, seed=5)):
+    counts = metrics.bootstrap_counts(200, 6, seed=5)
+    roc, pr = metrics.weighted_auroc_auprc(y, s, counts.astype(np.float32))
+    for b, idx in enumerate(metrics.bootstrap_indices(200, 6, seed=5)):
         assert roc[b] == pytest.approx(roc_auc_score(y[idx], s[idx]), abs=1e-9)
         assert pr[b] == pytest.approx(average_precision_score(y[idx], s[idx]), abs=1e-6)
-    curves = stats.curves_with_ci(y, np.stack([s, np.zeros(200)]), n_boot=300, seed=2)
-    ref = stats.with_ci(y, s, n_boot=300, seed=2)
+    curves = metrics.curves_with_ci(y, np.stack([s, np.zeros(200)]), n_boot=300, seed=2)
+    ref = metrics.with_ci(y, s, n_boot=300, seed=2)
     assert curves["auroc"][0] == pytest.approx(ref["auroc"].value, abs=1e-12)
     assert curves["auroc_low"][0] == pytest.approx(ref["auroc"].low, abs=1e-9)
     assert curves["auprc_high"][0] == pytest.approx(ref["auprc"].high, abs=1e-6)
@@ -89,7 +89,7 @@ def test_batched_curves_equal_sklearn_and_with_ci_including_ties() -> None:
 
 def test_batched_curves_reject_nan_scores() -> None:
     with pytest.raises(MammoSaeError, match="NaN"):
-        stats.curves_with_ci([0, 1, 0], np.array([[0.1, np.nan, 0.2]]), n_boot=0)
+        metrics.curves_with_ci([0, 1, 0], np.array([[0.1, np.nan, 0.2]]), n_boot=0)
 
 
 # --------------------------------------------------------------------------- summaries
@@ -233,13 +233,13 @@ def test_ranking_roundtrip_and_bad_files(tmp_path: Path) -> None:
     assert [e["index"] for e in entries] == [1, 3, 0, 2, 4]
     assert [e["rank"] for e in entries] == [0, 1, 2, 3, 4]
     write_json(tmp_path / "r.json", entries[::-1])            # order restored from "rank"
-    assert list(load_ranking(tmp_path / "r.json")) == [1, 3, 0, 2, 4]
+    assert read_ranking(tmp_path / "r.json")[0] == [1, 3, 0, 2, 4]
     write_json(tmp_path / "bad.json", {"index": 3})
     with pytest.raises(MammoSaeError, match="list"):
-        load_ranking(tmp_path / "bad.json")
+        read_ranking(tmp_path / "bad.json")
     write_json(tmp_path / "dup.json", [{"rank": 0, "index": 1}, {"rank": 1, "index": 1}])
     with pytest.raises(MammoSaeError, match="distinct"):
-        load_ranking(tmp_path / "dup.json")
+        read_ranking(tmp_path / "dup.json")
 
 
 # --------------------------------------------------------------------------- interventions

@@ -15,7 +15,7 @@ from conftest import need_shared
 from mammo_sae.cli import main
 from mammo_sae.data.records import CONFOUNDER, FINDING_CONCEPTS
 from mammo_sae.data.vindr import (FOLDS_CSV, box_stats, load_records, load_records_with_stats,
-                                  parse_categories, summarize, validate_concepts)
+                                  parse_categories, summarize_dataset, validate_concepts)
 from mammo_sae.errors import DataError
 
 FOLDS_HEADER = [
@@ -258,7 +258,7 @@ EXPECTED_BIRADS = {"training": ([10724, 3742, 781, 806, 338], [10724, 3742, 744,
 @pytest.mark.parametrize("csv_name", ["vindr_detection_v1_folds.csv", "finding_annotations.csv"])
 def test_real_csv_summary_reproduces_metadata_counts(csv_name: str) -> None:
     csv = need_shared("data", "vindr", csv_name)
-    summary = summarize(csv)
+    summary = summarize_dataset(csv)
     for s, split in enumerate(("training", "test")):
         got = summary["splits"][split]
         assert (got["rows"], got["images"], got["patients"], got["series"]) == EXPECTED_TOTALS[split]

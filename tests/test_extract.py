@@ -22,12 +22,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mammo_sae.activations import store as store_format
-from mammo_sae.activations.extract import ExtractConfig, extract, load_encoder, subsample_cells
+from mammo_sae.activations.extract import ExtractConfig, extract, subsample_cells
 from mammo_sae.activations.store import ActivationStore
 from mammo_sae.data.images import RecordDataset
 from mammo_sae.data.vindr import load_records
 from mammo_sae.errors import DataError, StoreError
 from mammo_sae.io import LOCK_NAME
+from mammo_sae.models.checkpoints import load_encoder
 
 ARCH = "efficientnet-phantom"
 N_IMAGES = 8

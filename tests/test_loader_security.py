@@ -114,10 +114,10 @@ def _load_head(p: Path, tmp: Path) -> Any:
     return load_head(p)
 
 
-def _load_init_encoder(p: Path, tmp: Path) -> Any:
-    from mammo_sae.models.train import load_init_encoder
+def _load_encoder(p: Path, tmp: Path) -> Any:
+    from mammo_sae.models.checkpoints import load_encoder
 
-    return load_init_encoder(str(p))
+    return load_encoder(str(p), flag="--init")[0]
 
 
 def _load_sae(p: Path, tmp: Path) -> Any:
@@ -137,7 +137,7 @@ LIBRARY: dict[str, Callable[[Path, Path], Any]] = {
     "load_classifier": lambda p, tmp: load_classifier(p),
     "convert": lambda p, tmp: convert(p, tmp / "converted"),
     "intervene.load_head": _load_head,
-    "train.load_init_encoder": _load_init_encoder,
+    "checkpoints.load_encoder": _load_encoder,
     "load_sae": _load_sae,
     "load_mammosae_pt": _load_mammosae_pt,
     "load_torch_weights": lambda p, tmp: load_torch_weights(p, "a checkpoint"),

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from mammo_sae.activations.store import write_store
-from mammo_sae.analysis import localize_commands
-from mammo_sae.analysis.localize import localize, read_ranking
+from mammo_sae.analysis import summaries
+from mammo_sae.analysis.localize import localize
 from mammo_sae.analysis.maps import latent_maps
+from mammo_sae.analysis.probe import read_ranking
 from mammo_sae.cli import main
 from mammo_sae.data.records import Box, ImageRecord
 from mammo_sae.errors import MammoSaeError
@@ -221,7 +222,7 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
 
 def test_localize_command_errors_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     _make_store(tmp_path)
-    monkeypatch.setattr(localize_commands, "_open_sae", lambda path: TinySae())
+    monkeypatch.setattr(summaries, "open_sae", lambda path, device="cpu": TinySae())
     base = ["localize", "--store", str(tmp_path / "store"), "--sae", "x", "--out", str(tmp_path / "o")]
     assert main(base + ["--concept", "Mass"]) == 2
     assert "exactly one of --ranking" in capsys.readouterr().err
@@ -273,7 +274,7 @@ def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) 
     import json
     from unittest import mock
 
-    with mock.patch("mammo_sae.analysis.localize_commands._open_sae", return_value=TinySae()):
+    with mock.patch("mammo_sae.analysis.summaries.open_sae", return_value=TinySae()):
         rc = main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
                    "--select", "pointing", "--top", "2", "--out", str(tmp_path / "out"),
                    "--figure-images", "0", "--device", "cpu", "--no-progress"])
@@ -281,7 +282,7 @@ def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) 
     result = json.loads((tmp_path / "out" / "localization.json").read_text())
     assert result["selection"]["split"] == "training" and result["selection"]["images"] == 1
     assert list(result["selection"]["scores"])[0] == "0"
-    with mock.patch("mammo_sae.analysis.localize_commands._open_sae", return_value=TinySae()):
+    with mock.patch("mammo_sae.analysis.summaries.open_sae", return_value=TinySae()):
         assert main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
                      "--select", "pointing", "--candidates", "5", "--out", str(tmp_path / "bad"),
                      "--device", "cpu", "--no-progress"]) == 2   # --candidates needs --ranking

@@ -11,12 +11,13 @@ import torch
 from conftest import need_shared
 
 from mammo_sae.cli import main
-from mammo_sae.errors import CheckpointError
+from mammo_sae.errors import CheckpointError, MammoSaeError
 from mammo_sae.io import load_torch_weights
 from mammo_sae.models.checkpoints import (
     checkpoint_sha256,
     convert,
     load_classifier,
+    load_encoder,
     load_image_encoder,
     save_model,
 )
@@ -225,6 +226,35 @@ def test_own_format_round_trip(tmp_path: Path) -> None:
     save_model(clf.encoder, tmp_path / "e")
     with pytest.raises(CheckpointError, match="no concept head"):
         load_classifier(tmp_path / "e")
+
+
+def test_load_encoder_takes_a_checkpoint_or_an_arch(tmp_path: Path) -> None:
+    """The one "checkpoint or arch -> encoder" loader of extract --model, train --init and
+    pretrain --arch: provenance for checkpoints, seeded init that leaves the global RNG alone."""
+    torch.manual_seed(0)
+    clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass").eval()
+    save_model(clf, tmp_path / "clf")
+    save_model(clf.encoder, tmp_path / "enc")
+    for name, kind in (("clf", "classifier"), ("enc", "image_encoder")):
+        enc, info = load_encoder(tmp_path / name)
+        assert info["kind"] == kind and info["arch"] == "efficientnet-phantom"
+        assert info["sha256"] == checkpoint_sha256(tmp_path / name)
+        for k, v in clf.encoder.state_dict().items():
+            torch.testing.assert_close(enc.state_dict()[k], v, rtol=0, atol=0)
+
+    state = torch.get_rng_state()
+    a, info = load_encoder("efficientnet-phantom", seed=5)
+    b, _ = load_encoder("efficientnet-phantom", seed=5)
+    assert torch.equal(torch.get_rng_state(), state) and info["init_seed"] == 5
+    assert info["kind"] == "random_init" and info["sha256"] is None
+    torch.testing.assert_close(list(a.parameters()), list(b.parameters()), rtol=0, atol=0)
+    torch.manual_seed(3)
+    c, _ = load_encoder("efficientnet-phantom")      # seed None: the caller's seeded global RNG
+    torch.manual_seed(3)
+    fresh = create_encoder("efficientnet-phantom")
+    torch.testing.assert_close(list(c.parameters()), list(fresh.parameters()), rtol=0, atol=0)
+    with pytest.raises(MammoSaeError, match=r"--arch: no such file, and unknown arch 'nope'"):
+        load_encoder("nope", flag="--arch")
 
 
 def test_own_format_rejects_bad_config(tmp_path: Path) -> None:

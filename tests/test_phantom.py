@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mammo_sae.analysis.stats import auroc
+from mammo_sae.metrics import auroc
 from mammo_sae.cli import main
 from mammo_sae.data.phantom import (
     CALC, MASS, PhantomConfig, generate, plan, render_image,

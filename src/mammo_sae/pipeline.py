@@ -326,7 +326,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- data
     def stage_data(self) -> dict[str, Any]:
-        from .data.vindr import summarize
+        from .data.vindr import summarize_dataset
 
         if self.cfg.data.kind == "phantom":
             from .data.phantom import PhantomConfig, generate
@@ -335,7 +335,7 @@ class Pipeline:
                                  out=str(self.data_dir), overwrite=True,
                                  figure=str(self.run / "data" / "phantom.png"))
             generate(pcfg, progress=self.progress)
-        summary = summarize(self.data_dir, on_missing="error")
+        summary = summarize_dataset(self.data_dir, on_missing="error")
         write_json(self.run / "data" / "summary.json", summary)
         return {"data_dir": self.rel(self.data_dir), "summary": "data/summary.json"}
 

@@ -136,33 +136,6 @@ def records_fingerprint(records: Sequence[Any]) -> str:
                          Path(r.path).name if r.path is not None else None] for r in records])
 
 
-def load_encoder(model: str, seed: int) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A checkpoint path (classifier first, then image encoder) or an arch name (seeded init)."""
-    path = Path(model)
-    if path.exists():
-        from ..models import checkpoints
-
-        try:
-            encoder, kind = checkpoints.load_classifier(path).encoder, "classifier"
-        except MammoSaeError:
-            encoder, kind = checkpoints.load_image_encoder(path), "image_encoder"
-        info = {"source": str(path), "kind": kind, "sha256": checkpoints.checkpoint_sha256(path),
-                "init_seed": None}
-    else:
-        from ..models.registry import create_encoder, list_archs
-
-        archs = list(list_archs())
-        if model not in archs:
-            raise MammoSaeError(f"--model: no such file, and {choices_message('arch', model, archs)}")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            encoder, kind = create_encoder(model), "random_init"
-        info = {"source": None, "kind": kind, "sha256": None, "init_seed": seed}
-    arch = getattr(encoder, "arch", None) or getattr(getattr(encoder, "config", None), "arch", None)
-    info["arch"] = str(arch if arch is not None else (model if kind == "random_init" else type(encoder).__name__))
-    return encoder, info
-
-
 def _layer_info(encoder: torch.nn.Module, layer: str) -> tuple[int, int]:
     infos = getattr(encoder, "layer_info", None)
     if not infos or layer not in infos:
@@ -349,7 +322,9 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     image_labels = _image_level_labels(records)
     stored_records = [_scale_record(r, size_hw) for r in records]
     if encoder is None:
-        encoder, model_info = load_encoder(cfg.model, cfg.seed)
+        from ..models.checkpoints import load_encoder
+
+        encoder, model_info = load_encoder(cfg.model, seed=cfg.seed)
     model_info = dict(model_info or {"source": None, "kind": "given", "sha256": None,
                                      "init_seed": None, "arch": type(encoder).__name__})
     # The forward's precision changes the vectors, so it is part of the store's identity.

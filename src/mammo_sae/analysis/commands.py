@@ -17,6 +17,7 @@ from ..cli import add_command
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
+from . import DEFAULT_KS
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
@@ -180,8 +181,7 @@ class InterveneConfig:
     rank_split: str = opt("training", help="split to rank on when no rankings are given")
     split: str = opt("test", help="evaluation split")
     level: Level = opt("image", help="image or row level (row needs a row-level store)")
-    ks: list[int] = opt(list((0, 1, 5, 10, 50, 100, 250, 500, 1000, 5000, 10000, 16384)),
-                        help="k values (clipped to h, deduplicated)")
+    ks: list[int] = opt(list(DEFAULT_KS), help="k values (clipped to h, deduplicated)")
     latents: list[int] = opt([], help="targeted edit: these latents (e.g. 13867,15699)")
     mode: Literal["on", "off"] = opt("off", help="targeted edit: keep only (on) or zero (off) --latents")
     attribute: Optional[str] = opt(None, help="targeted edit: also report how well the logit tells this "
@@ -198,14 +198,17 @@ class InterveneConfig:
 
 
 def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str]:
-    from .probe import load_ranking, probe, ranking_file_name, ranking_order
+    from .probe import probe, ranking_file_name, ranking_order, read_ranking
+
+    def load(path: Path) -> np.ndarray:
+        return np.asarray(read_ranking(path)[0], dtype=np.int64)
 
     if cfg.rank_class0 or cfg.rank_class1:
         if not (cfg.rank_class0 and cfg.rank_class1):
             raise MammoSaeError("give both --rank-class0 and --rank-class1")
-        return [load_ranking(cfg.rank_class0), load_ranking(cfg.rank_class1)], "given files"
+        return [load(cfg.rank_class0), load(cfg.rank_class1)], "given files"
     if cfg.rankings:
-        return [load_ranking(cfg.rankings / ranking_file_name(c, cfg.score)) for c in (0, 1)], \
+        return [load(cfg.rankings / ranking_file_name(c, cfg.score)) for c in (0, 1)], \
             f"{cfg.rankings} ({cfg.score})"
     rank_store = cfg.rank_store or cfg.store
     _, rows, y = _select(rank_store, concept, cfg.rank_split, cfg.level)
@@ -216,7 +219,8 @@ def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str
 
 
 def run_intervene(cfg: InterveneConfig) -> int:
-    from .intervene import edit_set, exact_decode_logits, normalise_ks, plot_sweep, sae_readout, \
+    from .figures import Curve, plot_topk_grid
+    from .intervene import edit_set, exact_decode_logits, normalise_ks, sae_readout, \
         sweep, entry_rank, union_masks
     from .summaries import open_sae
 
@@ -259,7 +263,10 @@ def run_intervene(cfg: InterveneConfig) -> int:
     write_json(cfg.out / "intervene.json", {**base, "rankings": source, "n": res.n, "n_pos": res.n_pos,
                                             "path": "exact-decode" if cfg.exact_decode else "pooled-identity",
                                             "results": res.rows()})
-    plot_sweep({cfg.label or concept: res}, cfg.out / "intervene.png", title=f"{concept} ({cfg.split})")
+    ks_x = np.asarray(res.ks, dtype=float)
+    panels = {mode: [Curve(cfg.label or concept, ks_x, m["auroc"], m["auroc_low"], m["auroc_high"])]
+              for mode, m in res.metrics.items()}
+    plot_topk_grid({f"{concept} ({cfg.split})": panels}, cfg.out / "intervene.png")
     print(table[["mode", "k", "union_size", "auroc"]].to_string(index=False))
     return 0
 

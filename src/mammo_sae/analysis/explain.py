@@ -306,7 +306,7 @@ def run_model(run: Path, model_name: str
     """(classifier, SAE, class top-10 latents, facts) of a `mammo-sae run` directory's model."""
     from ..io import read_json
     from ..report.build import PROBE_SCORES
-    from .probe import load_ranking
+    from .probe import read_ranking
 
     models_json = run / "models" / "models.json"
     if not models_json.is_file():
@@ -325,7 +325,7 @@ def run_model(run: Path, model_name: str
     for score in PROBE_SCORES:
         files = {cls: probe / f"ranking_class={cls}_{score}.json" for cls in ("0", "1")}
         if all(f.is_file() for f in files.values()):
-            class_top = {cls: [int(j) for j in load_ranking(f)[:10]] for cls, f in files.items()}
+            class_top = {cls: read_ranking(f)[0][:10] for cls, f in files.items()}
             break
     return Path(models[model_name]["classifier"]), sae_dirs[0], class_top, models[model_name]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import metrics
 from ..errors import MammoSaeError
-from . import stats
 from .intervene import LinearHead, sae_readout
 from .summaries import LatentSummaries
 
@@ -32,7 +32,7 @@ def fidelity(summaries: LatentSummaries, pooled_nd: np.ndarray, rows: np.ndarray
     v_h, c = sae_readout(sae, head)
     orig_n = pooled @ head.w_d + head.b
     sae_n = np.asarray(summaries.mean_rows(rows).astype(np.float64) @ v_h).ravel() + c
-    m = stats.curves_with_ci(y, np.stack([orig_n, sae_n]), n_boot=n_boot, seed=seed)
+    m = metrics.curves_with_ci(y, np.stack([orig_n, sae_n]), n_boot=n_boot, seed=seed)
     pick = {key: (float(val[0]), float(val[1])) for key, val in m.items()}
     out: dict[str, Any] = {"n": int(len(y)), "n_pos": int(np.sum(y))}
     for j, name in enumerate(("original", "sae")):

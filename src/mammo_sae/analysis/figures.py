@@ -8,6 +8,8 @@ Matplotlib is used through `Figure` + Agg, never pyplot, so no global state or d
 As in the released code the heatmap is not normalised across panels: each panel's colour scale
 runs from 0 to that heatmap's maximum (the title gives the mean activation for comparison); the
 grid's colour bar says so.
+
+`plot_topk_grid` draws top-k sweep curves (the report's Figure 2 and `intervene`'s figure).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -166,4 +168,69 @@ def _add_colorbar(fig: Any, left: float, top: float) -> None:
              "(dashed:\nmiss)", fontsize=6, va="top")
 
 
-__all__ = ["LatentPanel", "display_image", "draw_panel", "panel_title", "save_panel_grid"]
+# --------------------------------------------------------------------------- plain figures
+def new_figure(width: float, height: float, rows: int = 1, cols: int = 1,
+               **kw: Any) -> tuple[Any, Any]:
+    """A pyplot-free Agg figure and its (rows × cols) axes array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, **kw)
+    return fig, axes
+
+
+def save_figure(fig: Any, path: Path, dpi: int = 110) -> Path:
+    """tight_layout, then an atomic PNG write."""
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+# --------------------------------------------------------------------------- top-k sweep (Figure 2)
+@dataclass
+class Curve:
+    """One top-k sweep curve: AUROC (and its CI) against k."""
+
+    label: str
+    ks: np.ndarray
+    auroc: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+
+
+MODES = (("on", "top-k activated"), ("off", "top-k deactivated"))
+
+
+def plot_topk_grid(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: Path) -> Path:
+    """Figure 2: rows = concepts, columns = activated / deactivated; one line (95 % CI band) per
+    model; symlog x so that k = 0 shows. `curves[concept][mode]` lists that panel's curves."""
+    concepts = list(curves)
+    if not concepts:
+        raise MammoSaeError("no top-k curves to draw")
+    fig, axes = new_figure(11, 3.6 * len(concepts), len(concepts), 2, sharey=True)
+    for r, concept in enumerate(concepts):
+        for c, (mode, name) in enumerate(MODES):
+            ax = axes[r][c]
+            for curve in curves[concept].get(mode, []):
+                line, = ax.plot(curve.ks, curve.auroc, marker="o", ms=3, label=curve.label)
+                band = np.isfinite(curve.low) & np.isfinite(curve.high)
+                if band.any():
+                    ax.fill_between(curve.ks[band], curve.low[band], curve.high[band],
+                                    color=line.get_color(), alpha=0.2)
+            ax.set_xscale("symlog", linthresh=1)
+            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
+            ax.set_title(f"{concept}: {name}", fontsize=10)
+            ax.set_xlabel("k (top-k latents per class, log scale)", fontsize=8)
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        axes[r][0].set_ylabel("AUROC (95 % CI)")
+    return save_figure(fig, path)
+
+
+__all__ = ["MODES", "Curve", "LatentPanel", "display_image", "draw_panel", "new_figure",
+           "panel_title", "plot_topk_grid", "save_figure", "save_panel_grid"]

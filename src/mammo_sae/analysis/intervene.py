@@ -24,10 +24,10 @@ from typing import Any, Iterable, Literal, Sequence
 import numpy as np
 import scipy.sparse as sp
 
+from .. import metrics
 from ..errors import MammoSaeError
-from . import stats
+from . import DEFAULT_KS
 
-DEFAULT_KS = (0, 1, 5, 10, 50, 100, 250, 500, 1000, 5000, 10000, 16384)
 Mode = Literal["on", "off"]
 
 
@@ -183,9 +183,9 @@ def sweep(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray, c
     masks = union_masks(entry, ks)
     on_kn, off_kn = logits if logits is not None else masked_logits(mean_nh, v_h, c, masks)
     by_mode = {"on": on_kn, "off": off_kn}
-    metrics = {mode: stats.curves_with_ci(y, by_mode[mode], n_boot=n_boot, seed=seed)
-               for mode in modes}
-    return SweepResult(ks=ks, union_size=[int((entry < k).sum()) for k in ks], metrics=metrics,
+    curves = {mode: metrics.curves_with_ci(y, by_mode[mode], n_boot=n_boot, seed=seed)
+              for mode in modes}
+    return SweepResult(ks=ks, union_size=[int((entry < k).sum()) for k in ks], metrics=curves,
                        n=len(y), n_pos=int(np.sum(y)))
 
 
@@ -208,7 +208,7 @@ def edit_set(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray
     on_kn, off_kn = masked_logits(mean_nh, v_h, c, mask)
     edited = on_kn[0] if mode == "on" else off_kn[0]
     plain = off_kn[1]           # dropping nothing = the plain SAE
-    m = stats.curves_with_ci(y, np.stack([plain, edited]), n_boot=n_boot, seed=seed)
+    m = metrics.curves_with_ci(y, np.stack([plain, edited]), n_boot=n_boot, seed=seed)
     cells = {key: [float(v) for v in val] for key, val in m.items()}
     out = {"latents": lat.tolist(), "mode": mode, "n": int(len(y)), "n_pos": int(np.sum(y)),
            "plain_sae": {k: v[0] for k, v in cells.items()},
@@ -224,39 +224,6 @@ def edit_set(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, v_h: np.ndarray
             out["shortcut"] = {"skipped": "the concept's negatives all have the same attribute value"}
         else:
             out["shortcut"] = {"attribute_auroc_among_negatives": {
-                "plain_sae": stats.auroc(a, plain[neg]), "edited": stats.auroc(a, edited[neg])},
+                "plain_sae": metrics.auroc(a, plain[neg]), "edited": metrics.auroc(a, edited[neg])},
                 "n_negatives": int(neg.sum()), "n_with_attribute": int(a.sum())}
     return out
-
-
-def plot_sweep(results: dict[str, SweepResult], path: Path, *, title: str = "") -> None:
-    """AUROC vs k (symlog x so k = 0 shows), 95% CI bands, one line per (model, mode)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_path
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, mode, name in zip(axes, ("on", "off"), ("top-k activated", "top-k deactivated")):
-        for label, res in results.items():
-            if mode not in res.metrics:
-                continue
-            m = res.metrics[mode]
-            x = np.asarray(res.ks, dtype=float)
-            line, = ax.plot(x, m["auroc"], marker="o", ms=3, label=label)
-            ax.fill_between(x, m["auroc_low"], m["auroc_high"], color=line.get_color(), alpha=0.2)
-        ax.set_xscale("symlog", linthresh=1)
-        ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-        ax.set_xlabel("k (top-k latents per class; union of classes 0 and 1)")
-        ax.set_title(name)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("AUROC (test)")
-    axes[0].legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)

@@ -700,31 +700,10 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
     return lat, hits / max(len(records), 1), len(records)
 
 
-def read_ranking(path: Any, top: int) -> tuple[list[int], list[float]]:
-    """Top `top` latent indices (and importances) of a `mammo-sae probe` / released ranking JSON:
-    a list of `{rank, index, importance}` (or a mapping holding it under `ranking`)."""
-    from ..io import read_json
-
-    data = read_json(path)
-    if isinstance(data, dict):
-        data = data.get("ranking")
-    if not isinstance(data, list) or not data:
-        raise MammoSaeError(f"{path}: expected a non-empty JSON list of {{rank, index, importance}}")
-    try:
-        entries = sorted(((int(e["rank"]), int(e["index"]), float(e.get("importance", math.nan)))
-                          for e in data), key=lambda t: t[0])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise MammoSaeError(f"{path}: ranking entries need integer 'rank' and 'index' ({exc})") from exc
-    if top < 1:
-        raise MammoSaeError(f"--top must be at least 1, got {top}")
-    chosen = entries[:top]
-    return [e[1] for e in chosen], [e[2] for e in chosen]
-
-
 __all__ = [
     "APResult", "BASELINES", "Detections", "LocalizationResult", "ThresholdRule",
     "average_precision", "box_areas", "box_iou", "chance_ap", "chance_boxes", "coco_ap101",
     "heatmap_boxes", "localize", "mask_to_boxes", "match_image", "oracle_ap", "oracle_boxes",
-    "parse_threshold", "pointing_scores", "read_ranking", "save_figure_grid", "score_boxes",
+    "parse_threshold", "pointing_scores", "save_figure_grid", "score_boxes",
     "select_images", "table2", "threshold_mask", "unique_boxes", "voc_ap",
 ]

@@ -66,31 +66,13 @@ class LocalizeConfig:
                                           "e.g. 'Mass finetuned'")
 
 
-def _open_store(path: Path) -> Any:
-    from ..activations.store import ActivationStore
-
-    return ActivationStore(path)
-
-
-def _open_sae(path: Path) -> Any:
-    from ..sae.checkpoints import load_sae
-
-    sae = load_sae(path)
-    return sae.eval() if hasattr(sae, "eval") else sae
-
-
-def _to_device(sae: Any, device: str) -> Any:
-    from ..devices import resolve_device
-
-    target = resolve_device(device)
-    return sae.to(target) if hasattr(sae, "to") else sae
-
-
 def run_localize(cfg: LocalizeConfig) -> int:
     from .intervene import load_head
-    from .localize import localize, pointing_scores, read_ranking, save_figure_grid, table2
+    from .localize import localize, pointing_scores, save_figure_grid, table2
+    from .probe import read_ranking
+    from .summaries import open_sae, open_store
 
-    store, sae = _open_store(cfg.store), _to_device(_open_sae(cfg.sae), cfg.device)
+    store, sae = open_store(cfg.store), open_sae(cfg.sae, cfg.device)
     head = load_head(cfg.classifier) if cfg.classifier is not None else None
     selection: dict[str, Any] = {"method": cfg.select}
     if cfg.select == "pointing":
@@ -99,7 +81,7 @@ def run_localize(cfg: LocalizeConfig) -> int:
         if cfg.candidates and cfg.ranking is None:
             raise MammoSaeError("--candidates N takes the top N of --ranking: give --ranking FILE")
         pool = read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
-        sel_store = _open_store(cfg.select_store) if cfg.select_store else store
+        sel_store = open_store(cfg.select_store) if cfg.select_store else store
         lat, score, n = pointing_scores(sel_store, sae, cfg.concept, split=cfg.select_split,
                                         latents=pool, align=cfg.align, batch_rows=cfg.batch_rows,
                                         progress=cfg.progress)

@@ -17,15 +17,16 @@ importance}, sorted by importance, descending (ties by index).
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import scipy.sparse as sp
 
+from .. import metrics
 from ..errors import MammoSaeError
 from ..io import read_json
-from . import stats
 
 # mean: paper Eq. 2; centered: the released rankings; auroc: discriminative; peak: class mean of
 # each image's *maximum* activation minus the global one — favours latents that fire strongly in
@@ -66,7 +67,7 @@ def latent_auroc(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, block: i
     for lo in range(0, len(active), block):
         cols = active[lo:lo + block]
         vals_bn = m[:, cols].toarray().T.astype(np.float64)
-        out[cols] = stats._auroc_rows(np.broadcast_to(y, vals_bn.shape), vals_bn)
+        out[cols] = metrics._auroc_rows(np.broadcast_to(y, vals_bn.shape), vals_bn)
     return out
 
 
@@ -112,21 +113,29 @@ def ranking_entries(importance_h: np.ndarray) -> list[dict[str, Any]]:
             for r, j in enumerate(order)]
 
 
-def load_ranking(path: str | Path) -> np.ndarray:
-    """Latent indices in rank order from a ranking JSON (ours or the released MammoSAE files)."""
+def read_ranking(path: str | Path, top: int | None = None) -> tuple[list[int], list[float]]:
+    """Latent indices and importances (NaN where absent) in rank order, the first `top` of them
+    (None: all), from a ranking JSON: ours, the released MammoSAE files, or a mapping holding
+    such a list under `ranking`. Entries are sorted by `rank` when every entry has one."""
     data = read_json(path)
-    if not isinstance(data, list) or not data or not all(
-            isinstance(e, dict) and "index" in e for e in data):
-        raise MammoSaeError(f"{path}: expected a JSON list of {{rank, index, importance}} entries")
+    if isinstance(data, dict):
+        data = data.get("ranking")
+    if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
+        raise MammoSaeError(f"{path}: expected a non-empty JSON list of "
+                            "{rank, index, importance}")
     try:
         if all("rank" in e for e in data):
             data = sorted(data, key=lambda e: int(e["rank"]))
-        idx = np.array([int(e["index"]) for e in data], dtype=np.int64)
-    except (TypeError, ValueError) as exc:
-        raise MammoSaeError(f"{path}: non-integer rank or index: {exc}") from exc
-    if (idx < 0).any() or len(np.unique(idx)) != len(idx):
+        idx = [int(e["index"]) for e in data]
+        importance = [float(e.get("importance", math.nan)) for e in data]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MammoSaeError(f"{path}: ranking entries need integer 'rank' and 'index' "
+                            f"({exc})") from exc
+    if min(idx) < 0 or len(set(idx)) != len(idx):
         raise MammoSaeError(f"{path}: latent indices must be distinct and non-negative")
-    return idx
+    if top is not None and top < 1:
+        raise MammoSaeError(f"--top must be at least 1, got {top}")
+    return idx[:top], importance[:top]
 
 
 def ranking_file_name(cls: int, score: str) -> str:

@@ -29,12 +29,13 @@ class SummaryConfig:
 
 
 def run_summary(cfg: SummaryConfig) -> int:
-    from .vindr import summarize
+    from .vindr import summarize_dataset
 
     if (cfg.data is None) == (cfg.csv is None):
         raise DataError("give exactly one of --data DIR or --csv FILE")
-    summary = summarize(cfg.data or cfg.csv, splits=cfg.splits or None,  # type: ignore[arg-type]
-                        on_missing=cfg.on_missing)
+    summary = summarize_dataset(cfg.data or cfg.csv,  # type: ignore[arg-type]
+                                splits=cfg.splits or None,
+                                on_missing=cfg.on_missing)
     if cfg.out is not None:
         write_json(cfg.out, summary)
     sys.stdout.write(dumps_json(summary))

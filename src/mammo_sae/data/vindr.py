@@ -212,7 +212,7 @@ def filter_splits(records: Sequence[ImageRecord], splits: Sequence[str]) -> list
 
 # ---------------------------------------------------------------------------- summary
 
-def summarize(
+def summarize_dataset(
     records_or_source: Sequence[ImageRecord] | str | os.PathLike[str],
     *,
     splits: Sequence[str] | None = None,

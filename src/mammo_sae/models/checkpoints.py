@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, choices_message
+from ..errors import CheckpointError, MammoSaeError, choices_message
 from ..io import (
     atomic_path,
     load_torch_weights,
@@ -339,6 +339,34 @@ def load_image_encoder(path: str | Path) -> EfficientNet:
 def load_classifier(path: str | Path) -> ConceptClassifier:
     """An eval-mode ConceptClassifier (encoder + linear head) from a classifier checkpoint."""
     return _classifier_from(_parse(path), path)
+
+
+def load_encoder(model: str | Path, *, seed: int | None = None,
+                 flag: str = "--model") -> tuple[EfficientNet, dict[str, Any]]:
+    """An encoder from a checkpoint path (a classifier's encoder first, else an image encoder)
+    or, for an arch name, a fresh one (initialised under `seed` without touching the global RNG;
+    seed None draws from it). Also returns what it loaded: source, kind, sha256, init_seed, arch.
+    `flag` names the option the value came from, for the error message."""
+    path = Path(model)
+    if path.exists():
+        parsed = _parse(path)
+        try:
+            encoder, kind = _classifier_from(parsed, path).encoder, "classifier"
+        except MammoSaeError:
+            encoder, kind = _encoder_from(parsed, path), "image_encoder"
+        return encoder, {"source": str(path), "kind": kind, "sha256": parsed.sha256,
+                         "init_seed": None, "arch": str(encoder.arch)}
+    archs = list(list_archs())
+    if str(model) not in archs:
+        raise MammoSaeError(f"{flag}: no such file, and {choices_message('arch', model, archs)}")
+    if seed is None:
+        encoder = create_encoder(str(model))
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            encoder = create_encoder(str(model))
+    return encoder, {"source": None, "kind": "random_init", "sha256": None, "init_seed": seed,
+                     "arch": str(encoder.arch)}
 
 
 def warn_assumed_concept(path: str | Path, recorded: str | None, assumed: str | None) -> None:

@@ -369,7 +369,7 @@ def _autocast(device: torch.device, enabled: bool) -> Any:
 
 def _binary_or_multiclass_metric(y: np.ndarray, logits_nk: np.ndarray) -> float:
     """Validation metric: AUROC (binary) or mean one-vs-rest AUROC over present classes."""
-    from ..analysis.stats import auroc
+    from ..metrics import auroc
 
     if logits_nk.shape[1] == 1:
         if y.min() == y.max():
@@ -383,20 +383,6 @@ def _binary_or_multiclass_metric(y: np.ndarray, logits_nk: np.ndarray) -> float:
     if not scores:
         raise DataError("the validation split has one class only")
     return float(np.mean(scores))
-
-
-def load_init_encoder(init: str) -> nn.Module:
-    """An encoder from a checkpoint path, or a freshly initialised one from an arch name."""
-    from .checkpoints import load_image_encoder
-    from .registry import create_encoder, list_archs
-
-    if Path(init).exists():
-        return load_image_encoder(init)
-    archs = list(list_archs())
-    if init in archs:
-        return create_encoder(init)
-    raise MammoSaeError(f"--init {init!r} is neither an existing checkpoint nor an architecture; "
-                        f"architectures: {', '.join(archs)}")
 
 
 # ============================================================================ the epoch loop
@@ -581,8 +567,10 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     train, val = split_train_val(records, val_fraction=cfg.val_fraction, seed=cfg.seed)
     y_train, y_val = _pretext_targets(train, cfg.tasks), _pretext_targets(val, cfg.tasks)
 
+    from .checkpoints import load_encoder
+
     torch.manual_seed(cfg.seed)
-    encoder = load_init_encoder(cfg.arch)
+    encoder = load_encoder(cfg.arch, flag="--arch")[0]
     # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
     resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     model = _PretextModel(encoder, cfg.tasks).to(device)
@@ -698,8 +686,10 @@ def _train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     if k == 1 and (y_train.sum() == 0 or y_train.sum() == len(y_train)):
         raise DataError(f"concept {cfg.concept!r} has one class only in the training images")
 
+    from .checkpoints import load_encoder
+
     torch.manual_seed(cfg.seed)
-    encoder = load_init_encoder(cfg.init)
+    encoder = load_encoder(cfg.init, flag="--init")[0]
     # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
     resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
     model = ConceptClassifier(encoder, k, concept=cfg.concept).to(device)
@@ -825,8 +815,8 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
     """Metrics with bootstrap CIs on one split; writes JSON (+ predictions CSV) and returns it."""
     import pandas as pd
 
-    from ..analysis.stats import with_ci
     from ..data.vindr import load_records
+    from ..metrics import with_ci
     from .checkpoints import load_classifier, warn_assumed_concept
 
     torch.set_flush_denormal(True)

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from ..analysis.figures import MODES, Curve, plot_topk_grid
 from ..errors import MammoSaeError
 from ..io import (
     atomic_path,
@@ -32,7 +33,7 @@ from ..io import (
     writer_lock,
 )
 from . import html as H
-from .figures import MODES, Curve, nice_ks, plot_topk_grid, plot_training_curves
+from .figures import nice_ks, plot_training_curves
 
 SCHEMA_VERSION = 1
 # Problems with a run's files that make one section fail without stopping the report.
@@ -789,9 +790,9 @@ class ReportBuilder:
             for score in PROBE_SCORES:
                 path = folder / f"ranking_class=1_{score}.json"
                 if path.is_file():
-                    from ..analysis.probe import load_ranking
+                    from ..analysis.probe import read_ranking
 
-                    out[folder.name] = [int(j) for j in load_ranking(path)[: self.top_latents]]
+                    out[folder.name] = read_ranking(path)[0][: self.top_latents]
                     break
         return {label: lats for label, lats in out.items() if lats}
 

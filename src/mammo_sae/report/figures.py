@@ -1,20 +1,19 @@
-"""Report-only figures: SAE training curves, Figure 2 on one grid, per-latent histograms.
+"""Report-only figures: SAE training curves, per-latent histograms.
 
 Drawn with matplotlib's object API (`Figure` + Agg canvas, never pyplot), so nothing global is
-touched and no display is needed; every PNG is written atomically. Heatmap panels reuse
-`mammo_sae.analysis.figures`.
+touched and no display is needed; every PNG is written atomically. Heatmap panels and
+Figure 2 (`plot_topk_grid`, also `intervene`'s figure) live in `mammo_sae.analysis.figures`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..analysis.figures import new_figure, save_figure
 from ..errors import MammoSaeError
-from ..io import atomic_path
 
 # Canonical training-log quantity -> (keys an SAE trainer may use for it, axis label, log scale).
 TRAINING_SERIES: dict[str, tuple[tuple[str, ...], str, bool]] = {
@@ -27,24 +26,6 @@ TRAINING_SERIES: dict[str, tuple[tuple[str, ...], str, bool]] = {
 }
 # Keys giving the x axis of the training curves, in order of preference.
 STEP_KEYS = ("step", "steps", "tokens", "patches_seen", "n_seen", "epoch", "iteration")
-
-
-def _new_figure(width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False, **kw)
-    return fig, axes
-
-
-def _save(fig: Any, path: Path, dpi: int = 110) -> Path:
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=dpi)
-    return path
 
 
 def _finite(values: Sequence[Any]) -> np.ndarray:
@@ -76,7 +57,7 @@ def plot_training_curves(log_rows: Sequence[Mapping[str, Any]], path: Path, *, t
     x_label, x, series = training_series(log_rows)
     if not series:
         raise MammoSaeError("the SAE training log has none of: " + ", ".join(TRAINING_SERIES))
-    fig, axes = _new_figure(3.2 * len(series), 2.8, 1, len(series))
+    fig, axes = new_figure(3.2 * len(series), 2.8, 1, len(series))
     for ax, (name, values) in zip(axes[0], series.items()):
         _, label, log_scale = TRAINING_SERIES.get(name, ((), name, False))
         ok = np.isfinite(values) & np.isfinite(x)
@@ -88,49 +69,8 @@ def plot_training_curves(log_rows: Sequence[Mapping[str, Any]], path: Path, *, t
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
     return list(series)
-
-
-@dataclass
-class Curve:
-    """One top-k sweep curve: AUROC (and its CI) against k."""
-
-    label: str
-    ks: np.ndarray
-    auroc: np.ndarray
-    low: np.ndarray
-    high: np.ndarray
-
-
-MODES = (("on", "top-k activated"), ("off", "top-k deactivated"))
-
-
-def plot_topk_grid(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: Path) -> Path:
-    """Figure 2: rows = concepts, columns = activated / deactivated; one line (95 % CI band) per
-    model; symlog x so that k = 0 shows. `curves[concept][mode]` lists that panel's curves."""
-    concepts = list(curves)
-    if not concepts:
-        raise MammoSaeError("no top-k curves to draw")
-    fig, axes = _new_figure(11, 3.6 * len(concepts), len(concepts), 2, sharey=True)
-    for r, concept in enumerate(concepts):
-        for c, (mode, name) in enumerate(MODES):
-            ax = axes[r][c]
-            for curve in curves[concept].get(mode, []):
-                line, = ax.plot(curve.ks, curve.auroc, marker="o", ms=3, label=curve.label)
-                band = np.isfinite(curve.low) & np.isfinite(curve.high)
-                if band.any():
-                    ax.fill_between(curve.ks[band], curve.low[band], curve.high[band],
-                                    color=line.get_color(), alpha=0.2)
-            ax.set_xscale("symlog", linthresh=1)
-            ax.axhline(0.5, color="grey", lw=0.8, ls=":")
-            ax.set_title(f"{concept}: {name}", fontsize=10)
-            ax.set_xlabel("k (top-k latents per class, log scale)", fontsize=8)
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-        axes[r][0].set_ylabel("AUROC (95 % CI)")
-    return _save(fig, path)
 
 
 def plot_activation_histogram(values_by_class: Mapping[str, np.ndarray], path: Path, *,
@@ -142,7 +82,7 @@ def plot_activation_histogram(values_by_class: Mapping[str, np.ndarray], path: P
     everything = np.concatenate(list(arrays.values()))
     hi = float(everything.max()) if everything.size else 1.0
     bins = np.linspace(0.0, hi if hi > 0 else 1.0, 25)
-    fig, axes = _new_figure(4.6, 2.8)
+    fig, axes = new_figure(4.6, 2.8)
     ax = axes[0][0]
     for label, values in arrays.items():
         ax.hist(values, bins=bins, alpha=0.55, label=f"{label} (n={len(values)})")
@@ -151,7 +91,7 @@ def plot_activation_histogram(values_by_class: Mapping[str, np.ndarray], path: P
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def nice_ks(ks: Sequence[float]) -> np.ndarray:

@@ -299,7 +299,7 @@ class LatentPages:
                        f"active on {info['active_fraction']:.1%} of the images."))
 
     def fill_association(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
-        from ..analysis.stats import auroc
+        from ..metrics import auroc
 
         from ..data.records import CONFOUNDER
 
