@@ -101,7 +101,7 @@ def make_run(run: Path) -> Path:
     torch.manual_seed(0)
     entries, metrics, results, fid = [], {}, {}, {}
     ranked: dict[str, list[int]] = {}
-    for (name, key), seed in zip(MODELS, (2, 3)):
+    for (name, key), seed in zip(MODELS, (2, 3), strict=True):
         clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass")
         save_model(clf, run / "models" / name / "model")
         entries.append({"name": name, "concept": "Mass", "variant": name.split("-")[1],
@@ -276,6 +276,108 @@ def test_latent_pages_show_each_model_that_lists_the_latent(report_run: tuple[Pa
         assert set(data["latents"][str(j)]["models"]) == {"Mass-finetuned"}
         html = (run / "report" / "latents" / f"{j}.html").read_text(encoding="utf-8")
         assert "Through Mass-pretrained" not in html
+
+
+class _Layout(HTMLParser):
+    """Section ids, the index's anchors, figure images and the links around them, and the
+    patch-crop strips of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sections: list[str] = []
+        self.index: list[str] = []
+        self.figure_imgs: list[tuple[str, str | None]] = []   # (img src, enclosing link href)
+        self.strips: list[list[str]] = []
+        self.stack: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "section" and a.get("id"):
+            self.sections.append(a["id"] or "")
+        in_index = any(t == "nav" and "toc" in (b.get("class") or "") for t, b in self.stack)
+        if tag == "a" and in_index:
+            self.index.append(a.get("href") or "")
+        if tag == "div" and a.get("class") == "crops":
+            self.strips.append([])
+        if tag == "img" and any(t == "figure" for t, _ in self.stack):
+            href = next((b.get("href") for t, b in reversed(self.stack) if t == "a"), None)
+            self.figure_imgs.append((a.get("src") or "", href))
+            if any(t == "div" and b.get("class") == "crops" for t, b in self.stack):
+                self.strips[-1].append(a.get("src") or "")
+        if tag not in ("img", "meta", "br", "link"):
+            self.stack.append((tag, a))
+
+    def handle_endtag(self, tag: str) -> None:
+        while self.stack:
+            if self.stack.pop()[0] == tag:
+                break
+
+
+def _layout(page: Path) -> _Layout:
+    parser = _Layout()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser
+
+
+def test_pages_have_a_section_index_and_full_size_figure_links(
+        report_run: tuple[Path, Path]) -> None:
+    run, index = report_run
+    pages = [index, *sorted((run / "report" / "latents").glob("*.html"))]
+    for page in pages:
+        layout = _layout(page)
+        assert layout.sections and len(set(layout.sections)) == len(layout.sections), page
+        # The sticky index links every section of the page, in order, and nothing else local.
+        assert [h[1:] for h in layout.index if h.startswith("#")] == layout.sections, page
+        assert layout.figure_imgs, page
+        for src, href in layout.figure_imgs:   # a click opens the PNG itself, full size
+            assert href == src and (page.parent / src).is_file(), (page, src)
+    # Figures take the page's width (no fixed-width figures on the report page).
+    text = index.read_text(encoding="utf-8")
+    assert "position:sticky" in text and '<figure style="width' not in text
+    # Every per-model figure grid folds: Figure 3 grids, separation figures, latent images.
+    for name in ("figure3_Mass-pretrained_figure3.png", "separation_Mass_figure4.png"):
+        at = text.index(f"figures/{name}")
+        assert text.rfind("<details", 0, at) > text.rfind("</details>", 0, at), name
+
+
+def test_latent_pages_show_top_patch_crops(report_run: tuple[Path, Path]) -> None:
+    from mammo_sae.report.latents import TOP_PATCHES, crop_window
+
+    assert crop_window(5.0, 64, 128) == (0, 64) and crop_window(120.0, 64, 128) == (64, 128)
+    assert crop_window(60.0, 64, 128) == (28, 92) and crop_window(10.0, 64, 40) == (0, 40)
+    run, _ = report_run
+    data = json.loads((run / "report" / "report.json").read_text())
+    for j, info in data["latents"].items():
+        page = run / "report" / "latents" / f"{j}.html"
+        strips = _layout(page).strips
+        assert len(strips) == len(info["models"]), j   # one strip per model section
+        for strip, (model, mine) in zip(strips, info["models"].items(), strict=True):
+            patches = mine["top_patches"]
+            peak = _model_max_activations(run, dict(MODELS)[model], int(j))
+            active = sum(peak[f"hash{i:03d}"] > 0 for i in range(N_TEST))  # the test split's
+            assert len(strip) == len(patches) == min(TOP_PATCHES, active) > 0
+            for src in strip:
+                crop = page.parent / src
+                assert crop.is_file(), src
+                with Image.open(crop) as im:   # two cell strides of the 128x96 frame's 4x3 grid
+                    assert im.size == (2 * FRAME[1] // GRID[1], 2 * FRAME[0] // GRID[0])
+            acts = [p["activation"] for p in patches]
+            assert acts == sorted(acts, reverse=True) and acts[0] > 0
+            for p in patches:   # the crop's cell is the image's strongest: its summary max
+                assert p["activation"] == pytest.approx(peak[p["image_id"]], rel=1e-4)
+                r, c = p["cell"]   # synthetic store: no architecture, cells laid evenly
+                assert p["centre_yx"] == pytest.approx(
+                    [(r + 0.5) * FRAME[0] / GRID[0] - 0.5, (c + 0.5) * FRAME[1] / GRID[1] - 0.5])
+            assert f"{acts[0]:.3g}" in page.read_text(encoding="utf-8")
+
+
+def _model_max_activations(run: Path, key: str, j: int) -> dict[str, float]:
+    from mammo_sae.analysis.summaries import summaries_for
+
+    sums = summaries_for(run / "stores" / f"{key}-test", run / "sae" / "model",
+                         cache_dir=run / "analysis" / "summaries", progress=False)
+    ids = [r.image_id for r in ActivationStore(run / "stores" / f"{key}-test").records()]
+    return dict(zip(ids, np.asarray(sums.max_nh[:, j].toarray()).ravel().tolist(), strict=True))
 
 
 class _Table2Cells(HTMLParser):

@@ -547,17 +547,21 @@ class ReportBuilder:
         self.data["figure2"] = data
         if grid:
             plot_topk_grid(grid, self.figure_path("figure2_topk.png"))
-            s.add(H.figure(self.made_figure("figure2_topk.png"),
+            fig = H.figure(self.made_figure("figure2_topk.png"),
                            f"{self.eval_split.capitalize()} AUROC when only the top-k class-0 ∪ "
                            "class-1 latents are kept (activated) "
                            "or when they are zeroed (deactivated); bands: 95 % bootstrap CIs. "
-                           "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the plain SAE."))
+                           "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the "
+                           "plain SAE.")
+            s.add(H.details("Figure 2 grid (a row per concept, a curve per model)", fig,
+                            open_=True))
             points = (0, 1, 5, 10, 50, 100, 1000)
             rows = []
             for name, curves in data.items():
                 for mode, c in curves.items():
                     row: dict[str, Any] = {"model": name, "mode": dict(MODES).get(mode, mode)}
-                    row.update({f"k={int(k)}": a for k, a in zip(c["ks"], c["auroc"]) if k in points})
+                    row.update({f"k={int(k)}": a for k, a in zip(c["ks"], c["auroc"], strict=True)
+                                if k in points})
                     rows.append(row)
             columns = ["model", "mode"] + sorted({k for r in rows for k in r if k.startswith("k=")},
                                                  key=lambda k: int(k[2:]))
@@ -568,7 +572,9 @@ class ReportBuilder:
         else:  # nothing parseable: show the stage's own figures
             for folder in dirs:
                 for png in sorted(folder.glob("*.png")):
-                    s.add(H.figure(self.copy_figure(png, f"figure2_{folder.name}_{png.name}"), folder.name))
+                    fig = H.figure(self.copy_figure(png, f"figure2_{folder.name}_{png.name}"),
+                                   folder.name)
+                    s.add(H.details(f"{folder.name} · {png.name}", fig, open_=True))
 
     # ------------------------------------------------------------------ Figure 3 / Table 2
     def source_link(self, path: Path, text: str | None = None) -> str:
@@ -646,7 +652,7 @@ class ReportBuilder:
                                f"{label}: first row the classifier's own map (when scored), then "
                                "the latents by rank; GT boxes white, predicted boxes cyan (solid: "
                                "hit a GT box at the IoU threshold, dashed: miss); each panel's "
-                               "colours run from 0 to its own maximum.", width=620)
+                               "colours run from 0 to its own maximum.")
                 s.add(H.details(f"{label} · Figure 3 grid", fig, open_=shown == 0))
                 shown += 1
         if not shown:
@@ -668,9 +674,10 @@ class ReportBuilder:
             label = folder.name if folder != root else "all"
             s.add(f"<h3>{H.esc(label)}</h3>")
             for png in sorted(folder.glob("*.png")):
-                s.add(H.figure(self.copy_figure(png, f"separation_{label}_{png.name}"),
+                fig = H.figure(self.copy_figure(png, f"separation_{label}_{png.name}"),
                                f"{label}: class-mean latent vectors z̄(1) (up) and z̄(0) (down); "
-                               "dominant latents labelled, flagged latents marked", width=900))
+                               "dominant latents labelled, flagged latents marked")
+                s.add(H.details(f"{label} · {png.name}", fig, open_=True))
             results: dict[str, dict[str, Any]] = {}
             top = None
             for path in sorted(folder.glob("*.json")):

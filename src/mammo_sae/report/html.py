@@ -14,16 +14,27 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1f24;background:#fafafa}
 header{background:#12263a;color:#fff;padding:18px 32px}header h1{margin:0;font-size:22px}
 header p{margin:4px 0 0;color:#c9d6e3;font-size:14px}
-nav{padding:8px 32px;background:#e8eef4;font-size:14px}nav a{margin-right:14px;color:#12263a}
-main{padding:8px 32px 40px;max-width:1280px}
-section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:8px 20px 16px;margin:18px 0;overflow-x:auto}
+.layout{display:flex;align-items:flex-start}
+nav.toc{position:sticky;top:0;flex:0 0 210px;max-height:100vh;overflow-y:auto;box-sizing:border-box;
+padding:12px 14px;background:#e8eef4;font-size:13px;border-right:1px solid #d0d7de}
+nav.toc a{display:block;padding:3px 0;color:#12263a;text-decoration:none}
+nav.toc a:hover{text-decoration:underline}
+nav.toc b{display:block;margin-bottom:4px;font-size:12px;color:#57606a;text-transform:uppercase}
+main{flex:1 1 auto;min-width:0;padding:8px 32px 40px}
+@media (max-width:900px){.layout{display:block}nav.toc{flex:none;max-height:none;border-right:0;
+z-index:1;border-bottom:1px solid #d0d7de}nav.toc a{display:inline-block;margin-right:14px}}
+section{background:#fff;border:1px solid #e1e4e8;border-radius:6px;padding:8px 20px 16px;
+margin:18px 0;overflow-x:auto;scroll-margin-top:8px}
 h2{font-size:18px;border-bottom:1px solid #eee;padding-bottom:6px}h3{font-size:15px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:right}th{background:#f3f5f7}
 td.l,th.l{text-align:left}.note{color:#57606a;font-size:13px}
-figure{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
-figure img{max-width:100%;border:1px solid #ddd;background:#fff}
-figcaption{font-size:12px;color:#57606a;max-width:640px}
+figure{display:block;margin:10px 0}
+figure img{max-width:100%;height:auto;border:1px solid #ddd;background:#fff}
+figure.thumb{display:inline-block;margin:8px 12px 8px 0;vertical-align:top}
+figcaption{font-size:12px;color:#57606a;max-width:960px}
+.crops{display:flex;flex-wrap:wrap;gap:8px;margin:8px 0}.crops figure{margin:0;text-align:center}
+.crops img{width:112px;height:auto;image-rendering:pixelated}.crops figcaption{font-size:11px}
 .kpi{display:inline-block;margin:6px 18px 6px 0}.kpi b{display:block;font-size:20px}
 code{background:#f3f5f7;padding:1px 4px;border-radius:3px}
 pre{background:#f6f8fa;border:1px solid #e1e4e8;padding:8px;font-size:12px;overflow:auto;max-height:420px}
@@ -68,9 +79,18 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, 
 
 
 def figure(src: str, caption: str = "", width: int | None = None) -> str:
-    style = f' style="width:{width}px"' if width else ""
-    return (f'<figure{style}><img src="{esc(src)}" alt="{esc(caption or src)}" loading="eager">'
+    """A figure as wide as the page allows (a `width` in px makes it an inline thumbnail); the
+    image links to its PNG, so a click opens it full size (no JavaScript)."""
+    attrs = f' class="thumb" style="width:{width}px"' if width else ""
+    return (f'<figure{attrs}><a href="{esc(src)}"><img src="{esc(src)}" '
+            f'alt="{esc(caption or src)}" loading="eager"></a>'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
+
+
+def strip(items: Sequence[tuple[str, str]]) -> str:
+    """A row of small linked images, each (src, caption): e.g. a latent's top patch crops."""
+    crops = "".join(figure(src, caption) for src, caption in items)
+    return f'<div class="crops">{crops}</div>'
 
 
 def link(href: str, text: Any) -> str:
@@ -121,12 +141,17 @@ class Section:
 
 def page(title: str, subtitle: str, sections: Sequence[Section], *, nav: bool = True,
          back: tuple[str, str] | None = None) -> str:
-    """The whole document; `back` = (href, text) puts a link first in the navigation bar."""
+    """The whole document: a section index (`nav`: a sticky side column linking every section's
+    anchor, on top on narrow screens), then the sections; `back` = (href, text) puts a link
+    first in the index."""
     links = "".join(f'<a href="#{esc(s.anchor)}">{esc(s.title)}</a>' for s in sections) if nav else ""
+    if links:
+        links = "<b>Sections</b>" + links
     if back:
         links = link(*back) + links
+    index = f'<nav class="toc">{links}</nav>' if links else ""
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
             f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
             f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-            f"{'<nav>' + links + '</nav>' if links else ''}<main>{''.join(s.render() for s in sections)}"
-            f"</main></body></html>\n")
+            f'<div class="layout">{index}<main>'
+            f"{''.join(s.render() for s in sections)}</main></div></body></html>\n")

@@ -6,6 +6,9 @@ has one section per model that lists it, each seen through that model's own feat
 - top-activating images of the evaluation split (by per-image mean activation) with the latent's
   heatmap, GT boxes (white) and boxes at the threshold and cell alignment the model's localize
   stage recorded (cyan; solid = hit), drawn with `analysis.figures`;
+- top-activating patches: the strongest cell of each of the `TOP_PATCHES` images with the highest
+  per-image max activation, cropped from the image around the cell's receptive-field centre
+  (evenly laid cells when the store's architecture is unknown), with its activation;
 - the histogram of per-image mean activations by class;
 - class association for every concept of the run (class means, AUROC of the mean activation);
 - effect on each model's logit: v_j = w · W_dec[:, j] (the pooled identity: a unit of mean
@@ -34,6 +37,17 @@ if TYPE_CHECKING:
     from .build import ModelInfo, ReportBuilder
 
 TOP_IMAGES = 6
+TOP_PATCHES = 8
+CROP_CELLS = 2   # a patch crop spans this many cell strides on each axis
+
+
+def crop_window(centre: float, size: int, length: int) -> tuple[int, int]:
+    """[start, stop) of a `size`-pixel window centred on `centre`, shifted to lie inside
+    [0, length) (the whole axis when it is shorter than the window)."""
+    size = min(size, length)
+    start = int(round(centre - size / 2))
+    start = min(max(start, 0), length - size)
+    return start, start + size
 
 
 def _safe(name: str) -> str:
@@ -122,7 +136,7 @@ class LatentPages:
 
     def summaries(self, m: "ModelInfo") -> Any:
         """The summaries stage's cached summaries of this store (computed here if absent)."""
-        from ..analysis.summaries import sae_hash, summarize, summaries_for
+        from ..analysis.summaries import sae_hash, summaries_for, summarize
 
         def make() -> Any:
             # The summaries stage caches (store hash, SAE hash)-named files in analysis/summaries/
@@ -215,7 +229,8 @@ class LatentPages:
             section = H.Section(f"model-{n}", f"Through {m.name}")
             mine: dict[str, Any] = {"ranks": listing[model], "split": self.split_of(m)}
             info["models"][m.name] = mine
-            for part, fill in (("images", self.fill_images), ("histogram", self.fill_histogram),
+            for part, fill in (("images", self.fill_images), ("patches", self.fill_patches),
+                               ("histogram", self.fill_histogram),
                                ("association", self.fill_association),
                                ("scores", self.fill_scores)):
                 self.guarded(j, f"{m.name}/{part}", section,
@@ -277,14 +292,65 @@ class LatentPages:
                         suptitle=f"latent {j} through {m.name}: top {len(panels)} {split} images")
         self.report.made_figure(name)
         where = "its localize stage's" if loc else "the default (localize has not run for it)"
-        s.add(H.figure(f"../figures/{name}", f"The {len(panels)} {split} images with the highest mean "
-                       f"activation of latent {j} through {m.name}; y = the image's {m.concept} "
-                       f"label; GT boxes white, boxes at {where} threshold {threshold} cyan (solid: "
-                       f"hit at IoU {iou:g}, dashed: miss), cells at their {align} positions."))
+        fig = H.figure(f"../figures/{name}", f"The {len(panels)} {split} images with the highest "
+                       f"mean activation of latent {j} through {m.name}; y = the image's "
+                       f"{m.concept} label; GT boxes white, boxes at {where} threshold "
+                       f"{threshold} cyan (solid: hit at IoU {iou:g}, dashed: miss), cells at their {align} positions.")
+        s.add(H.details(f"Top {len(panels)} images through {m.name}", fig, open_=True))
         info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
-                               "label": int(y[k])} for k, i in zip(order, indices)]
+                               "label": int(y[k])} for k, i in zip(order, indices, strict=True)]
         s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
                       headers=["image id", m.concept, "mean activation"], digits=4))
+
+    def fill_patches(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+        """A strip of crops around the latent's strongest cells: one per image, from the images
+        with the highest per-image max activation (the summaries' max, so only these few images
+        are encoded)."""
+        from ..analysis.explain import write_thumbnail
+        from ..analysis.figures import display_image
+        from ..analysis.maps import cell_centres, iter_latent_maps, receptive_field_centres
+
+        s.add("<h3>Top-activating patches</h3>")
+        rows, _, _ = self.activations(j, m, m.concept)  # also checks that j is in range
+        peak = np.asarray(self.summaries(m).max_nh[rows][:, j].toarray(), dtype=np.float64).ravel()
+        order = [int(k) for k in np.argsort(-peak, kind="stable")[:TOP_PATCHES] if peak[k] > 0]
+        if not order:
+            s.add(H.note(f"latent {j} is never active on the {self.split_of(m)} split "
+                         f"through {m.name}"))
+            return
+        records, store = self.records(m), self.store(m)
+        indices = [int(rows[k]) for k in order]
+        items, crops, layouts = [], [], set()
+        maps = iter_latent_maps(store, self.sae(), [j], indices)
+        for n, (i, maps_lhw) in enumerate(zip(indices, maps, strict=True)):
+            rec = records[i]
+            (gh, gw), (fh, fw) = maps_lhw.shape[-2:], rec.frame_hw
+            r, c = np.unravel_index(int(np.argmax(maps_lhw[0])), (gh, gw))
+            centres = receptive_field_centres(store, rec.frame_hw, (gh, gw))
+            layouts.add("receptive-field" if centres is not None else "even")
+            if centres is None:  # architecture unknown: cells laid evenly over the frame
+                centres = (cell_centres(gh, fh), cell_centres(gw, fw))
+            cy, cx = float(centres[0][r]), float(centres[1][c])
+            entry = {"image_id": rec.image_id, "activation": float(maps_lhw[0, r, c]),
+                     "cell": [int(r), int(c)], "centre_yx": [cy, cx]}
+            image = display_image(rec.path, rec.frame_hw)
+            if image is not None:
+                y0, y1 = crop_window(cy, max(8, round(CROP_CELLS * fh / gh)), image.shape[0])
+                x0, x1 = crop_window(cx, max(8, round(CROP_CELLS * fw / gw)), image.shape[1])
+                name = f"latent_{j}_{_safe(m.name)}_patch{n}.png"
+                write_thumbnail(image[y0:y1, x0:x1], self.report.figure_path(name))
+                self.report.made_figure(name)
+                entry["crop"] = f"figures/{name}"
+                items.append((f"../figures/{name}",
+                              f"{entry['activation']:.3g} · {short_id(rec.image_id)}"))
+            crops.append(entry)
+        info["top_patches"] = crops
+        s.add(H.strip(items) if items else H.note("no image files to crop the patches from"))
+        s.add(H.note(f"The strongest cell of latent {j} in each of the {len(crops)} "
+                     f"{self.split_of(m)} images where its largest activation is highest, cropped "
+                     f"{CROP_CELLS} cell strides wide around the cell's "
+                     f"{' / '.join(sorted(layouts))} centre (even: the store's architecture is "
+                     "unknown, so cells are laid evenly); under each: its activation · image id."))
 
     def fill_histogram(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
         s.add("<h3>Activation histogram</h3>")
@@ -299,9 +365,8 @@ class LatentPages:
                        f"active on {info['active_fraction']:.1%} of the images."))
 
     def fill_association(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
-        from ..metrics import auroc
-
         from ..data.records import CONFOUNDER
+        from ..metrics import auroc
 
         s.add("<h3>Class association</h3>")
         rows_out = []
