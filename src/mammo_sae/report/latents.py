@@ -295,7 +295,8 @@ class LatentPages:
         fig = H.figure(f"../figures/{name}", f"The {len(panels)} {split} images with the highest "
                        f"mean activation of latent {j} through {m.name}; y = the image's "
                        f"{m.concept} label; GT boxes white, boxes at {where} threshold "
-                       f"{threshold} cyan (solid: hit at IoU {iou:g}, dashed: miss), cells at their {align} positions.")
+                       f"{threshold} cyan (solid: hit at IoU {iou:g}, dashed: miss), cells at "
+                       f"their {align} positions.")
         s.add(H.details(f"Top {len(panels)} images through {m.name}", fig, open_=True))
         info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
                                "label": int(y[k])} for k, i in zip(order, indices, strict=True)]
