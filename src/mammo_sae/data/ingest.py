@@ -306,7 +306,8 @@ def ingest(
             except json.JSONDecodeError:
                 pass    # half-written by an older crash: redo the image
         jobs.append((h.image_id, str(path), str(png), str(state), tuple(out_hw), crop))
-    geometry.update(convert_all(jobs, workers, _ingest_one, desc="ingest", progress=progress))
+    geometry.update(convert_all(jobs, workers, _ingest_one, desc="ingest",
+                                verb="converted", progress=progress))
 
     table = _folds_rows(headers, geometry, label_rows, split=split, test_fraction=test_fraction,
                         seed=seed)

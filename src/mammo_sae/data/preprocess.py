@@ -262,7 +262,8 @@ def preprocess_vindr(
         raise DataError(f"{len(missing)} DICOM file(s) missing under {dicom_root} "
                         f"(--on-missing skip drops them):\n  {shown}")
 
-    geometry.update(convert_all(jobs, workers, _process_one, desc="preprocess", progress=progress))
+    geometry.update(convert_all(jobs, workers, _process_one, desc="preprocess",
+                                verb="preprocessed", progress=progress))
 
     table = _folds_rows(findings, geometry, findings_csv)
     csv_path = out_dir / FOLDS_CSV
@@ -296,7 +297,7 @@ def _check_values(findings: pd.DataFrame, path: Path) -> None:
 
 
 def convert_all(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]],
-                *, desc: str, progress: bool) -> dict[str, dict]:
+                *, desc: str, verb: str, progress: bool) -> dict[str, dict]:
     """Run the image conversions `fn(job) -> (image_id, geometry, error)` with a progress bar;
     {image_id: geometry}. Any failure stops with every message, after the others finished (their
     PNGs are kept, so a rerun resumes)."""
@@ -311,7 +312,7 @@ def convert_all(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | 
             geometry[image_id] = geom  # type: ignore[assignment]
     bar.close()
     if failures:
-        raise DataError(f"{len(failures)} image(s) could not be converted (finished ones are kept; "
+        raise DataError(f"{len(failures)} image(s) could not be {verb} (finished ones are kept; "
                         "a rerun resumes):\n  " + "\n  ".join(failures[:10]))
     return geometry
 
