@@ -95,7 +95,8 @@ def test_classifier_and_phantom_keys_equal_the_old_hand_lists(tmp_path):
 
 
 # ------------------------------------------------------------------ image size
-@pytest.mark.parametrize("value", [[128, 80], (128, 80), "128x80", "128X80", "128,80", " 128 x 80 "])
+@pytest.mark.parametrize("value", [[128, 80], (128, 80), "128x80", "128X80", "128,80",
+                                   " 128 x 80 "])
 def test_image_size_forms(value):
     assert parse_image_size(value) == (128, 80)
 
