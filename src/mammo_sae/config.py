@@ -7,6 +7,11 @@ Each stage defines a frozen-ish `@dataclass` whose fields carry their help text 
 
 Supported field types: int, float, str, bool (`--flag/--no-flag`), Path, Optional[...] of
 those, Literal[...] (choices), and list/tuple of int/float/str (comma separated).
+
+Whether an option changes a result is declared once, on the field: `opt(..., affects_result=False)`
+(progress bars, output paths, worker counts) or `opt(..., resumable=True)` (it changes the result
+but may change when a run is continued, e.g. the number of epochs). Every cache, resume and
+"same run?" key is built from `result_settings` / `changed_settings`, never from a hand list.
 """
 
 from __future__ import annotations
@@ -36,7 +41,10 @@ BOUNDS = ("min", "gt", "max", "lt")   # opt(..., min=1): inclusive; gt/lt: exclu
 def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     """`field()` with help text; mutable defaults (lists) are wrapped in default_factory.
     Numeric bounds (`min`, `gt`, `max`, `lt`) are checked for CLI and config-file values alike,
-    before any work starts."""
+    before any work starts. Keys read by `result_settings`: `affects_result=False` (the option
+    never changes a result), `resumable=True` (it does, but a continued run may change it) and
+    `keyed_when_changed=True` (an option added after keys were recorded: left out of them while
+    at its default, so older runs keep their keys)."""
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kw})
@@ -144,19 +152,21 @@ def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
     return cls(**values)
 
 
-def to_dict(cfg: Any) -> dict[str, Any]:
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if dataclasses.is_dataclass(v):
-            return to_dict(v)
-        return v
+def _plain(v: Any) -> Any:
+    """A value as JSON/YAML holds it."""
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if dataclasses.is_dataclass(v):
+        return to_dict(v)
+    return v
 
-    return {f.name: plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
 
 
 def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "config") -> T:
@@ -188,7 +198,11 @@ def check_options(cls: type, data: dict[str, Any], *, where: str = "config") -> 
         elif tp is Path:
             kwargs[name] = Path(value)
         elif get_origin(tp) in (list, tuple) and isinstance(value, str):
-            kwargs[name] = _converter(tp)[0](value)
+            try:
+                kwargs[name] = _converter(tp)[0](value)
+            except (ValueError, argparse.ArgumentTypeError):
+                raise MammoSaeError(f"{where}.{name}: expected comma-separated values "
+                                    f"(or HxW for a size), got {value!r}") from None
         elif get_origin(tp) is Literal and value not in get_args(tp):
             raise MammoSaeError(f"{where}.{name}: {value!r} is not one of {list(get_args(tp))}")
         elif tp in (int, float, bool):
@@ -214,6 +228,72 @@ def _scalar_value(tp: type, value: Any, where: str) -> Any:
     if tp is int and isinstance(value, float) and value.is_integer():
         return int(value)
     raise MammoSaeError(f"{where}: expected {tp.__name__}, got {value!r}")
+
+
+def result_settings(cfg: Any, *, resuming: bool = False) -> dict[str, Any]:
+    """`to_dict(cfg)` restricted to the options that change the result: the one source of every
+    cache key, resume check and "same run?" test. `resuming=True` also leaves out the options a
+    continued run may change (`resumable=True`)."""
+    values = to_dict(cfg)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not _is_result_field(f, resuming):
+            continue
+        if f.metadata.get("keyed_when_changed") and values[f.name] == _plain_default(f):
+            continue
+        out[f.name] = values[f.name]
+    return out
+
+
+def changed_settings(cfg: Any, saved: dict[str, Any], *, resuming: bool = False) -> list[str]:
+    """Names of the result options (`result_settings`) whose value in `saved` (a `to_dict` of an
+    earlier config, e.g. read back from JSON) differs from `cfg`'s, sorted. A saved key that is no
+    longer an option counts as a difference; a `keyed_when_changed` option missing from `saved`
+    (recorded before it existed) reads as its default."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    now = to_dict(cfg)
+    differ = {k for k in saved if k not in fields}
+    for name, f in fields.items():
+        if not _is_result_field(f, resuming):
+            continue
+        old = saved.get(name, _plain_default(f)) if f.metadata.get("keyed_when_changed") \
+            else saved.get(name)
+        if old != now[name]:
+            differ.add(name)
+    return sorted(differ)
+
+
+def _is_result_field(f: dataclasses.Field[Any], resuming: bool) -> bool:
+    return f.metadata.get("affects_result", True) and not (resuming and f.metadata.get("resumable"))
+
+
+def _plain_default(f: dataclasses.Field[Any]) -> Any:
+    """A field's default as `to_dict` writes it."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return _plain(default)
+
+
+MIN_IMAGE_SIDE = 16
+
+
+def parse_image_size(value: Any, *, flag: str = "--image-size",
+                     min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int] | None:
+    """The one reader of an image size: `[H, W]` (YAML/JSON, or the list the CLI parses), `"HxW"`
+    or `"H,W"` → (H, W); None or empty → None (each image's own size)."""
+    if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
+        return None
+    try:
+        parts = (value.lower().replace("x", ",").split(",") if isinstance(value, str)
+                 else list(value))
+        if len(parts) != 2 or any(isinstance(p, (bool, float)) for p in parts):
+            raise ValueError
+        h, w = (int(p) for p in parts)
+    except (ValueError, TypeError):
+        raise MammoSaeError(f"{flag} must look like 512x320 or 512,320 (HxW or H,W), "
+                            f"got {value!r}") from None
+    if h < min_side or w < min_side:
+        raise MammoSaeError(f"{flag} must be at least {min_side}x{min_side}, got {value!r}")
+    return h, w
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .config import check_options, dump_yaml, from_dict, load_yaml, opt, to_dict
+from .config import (
+    check_options,
+    dump_yaml,
+    from_dict,
+    load_yaml,
+    opt,
+    parse_image_size,
+    result_settings,
+    to_dict,
+)
 from .errors import MammoSaeError
 from .io import (
     LOCK_NAME,
@@ -163,6 +172,9 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         value = getattr(cfg, section)
         if isinstance(value, dict):
             setattr(cfg, section, from_dict(cls, value, where=f"{path}:{section}"))
+    # Checked now (HxW, H,W or [H, W]) so that a bad size fails before the first stage.
+    size_hw = parse_image_size(cfg.data.image_size, flag=f"{path}: data.image_size")
+    cfg.data.image_size = list(size_hw) if size_hw else None
     if cfg.data.kind not in ("phantom", "folds"):
         raise MammoSaeError(f"{path}: data.kind must be phantom or folds, got {cfg.data.kind!r}")
     if cfg.models.kind not in ("train-phantom", "checkpoints"):
@@ -396,7 +408,7 @@ class Pipeline:
         common = {"data": str(self.data_dir), "device": self.cfg.device, "overwrite": True,
                   "progress": self.progress}
         if self.cfg.data.image_size:
-            common["image_size"] = list(self.cfg.data.image_size)
+            common["image_size"] = self.cfg.data.image_size
         pcfg = build_options(PretrainConfig, c.pretrain, "models.pretrain", out=str(root / "pretrained"),
                              arch=c.arch, **common)
         pretrain(pcfg)
@@ -427,7 +439,7 @@ class Pipeline:
                                      "out": str(self.run / "models" / f"eval-{e.name}.json"),
                                      "progress": self.progress}
             if self.cfg.data.image_size:
-                fixed["image_size"] = list(self.cfg.data.image_size)
+                fixed["image_size"] = self.cfg.data.image_size
             result = evaluate_classifier(build_options(EvalConfig, self.cfg.models.eval,
                                                        "models.eval", **fixed))
             e.arch = result.get("arch") or e.arch
@@ -470,7 +482,7 @@ class Pipeline:
             if item["max_images"]:
                 fixed["max_images"] = item["max_images"]
             if self.cfg.data.image_size:
-                fixed["image_size"] = "x".join(map(str, self.cfg.data.image_size))
+                fixed["image_size"] = self.cfg.data.image_size
             print(f"    store {Path(item['out']).name}: {item['split']} split of {item['encoder_key']}",
                   flush=True)
             extract(build_options(ExtractConfig, self.cfg.extract.options, "extract.options", **fixed),
@@ -500,22 +512,27 @@ class Pipeline:
                 _empty_folder(store_dir)
 
     # ---------------------------------------------------------------- sae
+    def sae_train_config(self) -> Any:
+        """`sae train`'s config: the `sae:` section over the pipeline's fixed values."""
+        from .sae.train import TrainConfig as SaeTrainConfig
+
+        # `resume` is the pipeline's to decide (stage_sae): a user value is refused as "set by
+        # the pipeline".
+        return build_options(SaeTrainConfig, self.cfg.sae, "sae",
+                             store=str(self.run / "stores" / "sae-train"), resume=False,
+                             out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
+
     def stage_sae(self) -> dict[str, Any]:
-        from .sae.train import TrainConfig as SaeTrainConfig, train_sae
-
         from .activations.store import ActivationStore
-        from .sae.train import STATE_FILE
+        from .sae.train import STATE_FILE, train_sae
 
-        store = self.run / "stores" / "sae-train"
-        # `resume` is the pipeline's to decide (below): a user value is refused as "set by the pipeline".
-        cfg = build_options(SaeTrainConfig, self.cfg.sae, "sae", store=str(store), resume=False,
-                            out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
+        cfg = self.sae_train_config()
+        store = Path(str(cfg.store))
         # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
         # Anything else: the old SAE is stale, and the stage starts over. The key leaves out the
         # paths (the store is identified by its manifest): a moved run still resumes.
-        settings = {k: v for k, v in to_dict(cfg).items()
-                    if k not in ("progress", "device", "resume", "overwrite", "store", "out")}
-        key = sha256_json({"settings": settings, "store": ActivationStore(store).manifest_sha256})
+        key = sha256_json({"settings": result_settings(cfg),
+                           "store": ActivationStore(store).manifest_sha256})
         marker = self.sae_dir / "pipeline_key.json"
         with writer_lock(self.sae_dir):   # a foreign `sae train` there must not lose its files
             if (self.sae_dir / STATE_FILE).exists():

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Literal, Sequence
 import numpy as np
 import torch
 
-from ..config import check_bounds, opt
+from ..config import check_bounds, opt, parse_image_size
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
 from ..io import LOCK_NAME, portable_path, read_json, sha256_json, write_json, writer_lock
@@ -62,7 +62,8 @@ class ExtractConfig:
     subsample: float = opt(1.0, gt=0.0, max=1.0, help="fraction of each image's patches kept (the reference: 0.25)")
     seed: int = opt(0, help="seed of the per-image subsample, augmentation and random weights")
     augment: bool = opt(False, help="apply the training augmentation while extracting")
-    image_size: str | None = opt(None, help="resize inputs to HxW or H,W (e.g. 512x320); default: as stored")
+    image_size: list[int] | None = opt(None, help="resize inputs to HxW or H,W (e.g. 512x320); "
+                                        "default: as stored")
     batch_size: int = opt(8, min=1, help="images per forward pass")
     workers: int = opt(2, min=0, help="DataLoader worker processes decoding images")
     shard_images: int = opt(256, min=1, help="images per shard (the unit of resumption)")
@@ -76,16 +77,9 @@ class ExtractConfig:
 # --------------------------------------------------------------------------- helpers
 
 
-def parse_size(text: str | None) -> tuple[int, int] | None:
-    if text is None or text == "":
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().replace(",", "x").split("x"))
-    except ValueError:
-        raise MammoSaeError(f"--image-size must look like 512x320 or 512,320 (HxW or H,W), got {text!r}") from None
-    if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:   # the encoders downsample 32×
-        raise MammoSaeError(f"--image-size must be at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE}, got {text!r}")
-    return h, w
+def parse_size(value: Any) -> tuple[int, int] | None:
+    """--image-size as (H, W), at least MIN_IMAGE_SIDE a side (the encoders downsample 32×)."""
+    return parse_image_size(value, min_side=MIN_IMAGE_SIDE)
 
 
 def subsample_cells(n_cells: int, fraction: float, seed: int, key: str) -> np.ndarray:

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Literal, Optional, Sequence
 import numpy as np
 
 from .. import __version__
-from ..config import opt, to_dict
+from ..config import opt, result_settings
 from ..errors import DataError
 from ..io import atomic_path, read_json, write_json, write_text_atomic
 from .records import FINDING_CONCEPTS, Box, check_ids
@@ -86,7 +86,8 @@ class PhantomConfig:
     planted masses and calcification clusters (exact boxes) and a background marker that is
     correlated with one concept in the training split and independent of all labels in test."""
 
-    out: Path = opt(help="output directory (gets vindr_detection_v1_folds.csv, images_png/, phantom.json)")
+    out: Path = opt(affects_result=False,
+                    help="output directory (gets vindr_detection_v1_folds.csv, images_png/, phantom.json)")
     n_images: int = opt(200, help="number of images; two per patient (CC + MLO of one breast; an odd count gives the last patient one view)")
     height: int = opt(512, help="image height in pixels")
     width: int = opt(320, help="image width in pixels")
@@ -99,15 +100,16 @@ class PhantomConfig:
     confounder_strength: float = opt(
         0.8, help="training split: P(marker | positive) = (1+s)/2, P(marker | negative) = (1-s)/2; "
                   "in test the marker is independent of all labels at the training marker rate")
+    # keyed_when_changed: same files as before the option existed keep phantom.json valid.
     marker_size: float = opt(
-        DEFAULT_MARKER_SIZE, help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
-    workers: int = opt(0, help="render processes; 0 = one per CPU")
-    overwrite: bool = opt(False, help="replace a phantom made with other settings in --out")
-    figure: Optional[Path] = opt(None, help="also write a PNG grid of images with their boxes here")
-
-
-# Fields that do not change the files (kept out of phantom.json so it is byte-identical).
-_NON_CONTENT_FIELDS = ("out", "workers", "overwrite", "figure")
+        DEFAULT_MARKER_SIZE, keyed_when_changed=True,
+        help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
+    # affects_result=False: kept out of phantom.json, which stays byte-identical.
+    workers: int = opt(0, affects_result=False, help="render processes; 0 = one per CPU")
+    overwrite: bool = opt(False, affects_result=False,
+                          help="replace a phantom made with other settings in --out")
+    figure: Optional[Path] = opt(None, affects_result=False,
+                                 help="also write a PNG grid of images with their boxes here")
 
 
 @dataclass(frozen=True)
@@ -647,13 +649,7 @@ def _csv_rows(spec: ImageSpec, h: int, w: int, boxes: list[Box], marker: Box | N
 
 
 def _content_params(cfg: PhantomConfig) -> dict[str, Any]:
-    params = to_dict(cfg)
-    for name in _NON_CONTENT_FIELDS:
-        params.pop(name, None)
-    if params.get("marker_size") == DEFAULT_MARKER_SIZE:
-        # Same files as before the option existed: keep phantom.json (and old folders) valid.
-        params.pop("marker_size")
-    return params
+    return result_settings(cfg)
 
 
 def _check_out_dir(cfg: PhantomConfig, params: dict[str, Any]) -> bool:

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import from_dict, opt, to_dict
+from ..config import changed_settings, from_dict, opt, parse_image_size, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
@@ -62,8 +62,6 @@ STATE_NAME = "trainer_state.pt"
 PRETEXT_TASKS: dict[str, int] = {"density": 4, "view": 2, "laterality": 2}
 _VIEW = {"CC": 0, "MLO": 1}
 _LATERALITY = {"L": 0, "R": 1}
-# Options that may differ between a run and its --resume without changing the result.
-_RESUME_FREE = ("resume", "overwrite", "progress", "workers")
 
 
 # ============================================================================ configs
@@ -109,10 +107,12 @@ class TrainConfig:
     seed: int = opt(10, help="random seed (Mammo-CLIP uses 10)")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     amp: bool = opt(True, help="mixed precision (float16 autocast) on CUDA; ignored on CPU")
-    workers: int = opt(0, min=0, help="DataLoader worker processes")
-    resume: bool = opt(False, help="continue the run in --out from its last finished epoch")
-    overwrite: bool = opt(False, help="delete an existing run in --out and start again")
-    progress: bool = opt(True, help="show progress bars")
+    workers: int = opt(0, affects_result=False, min=0, help="DataLoader worker processes")
+    resume: bool = opt(False, affects_result=False,
+                       help="continue the run in --out from its last finished epoch")
+    overwrite: bool = opt(False, affects_result=False,
+                          help="delete an existing run in --out and start again")
+    progress: bool = opt(True, affects_result=False, help="show progress bars")
 
 
 @dataclass
@@ -138,10 +138,12 @@ class PretrainConfig:
     seed: int = opt(0, help="random seed")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     amp: bool = opt(True, help="mixed precision on CUDA; ignored on CPU")
-    workers: int = opt(0, min=0, help="DataLoader worker processes")
-    resume: bool = opt(False, help="continue the run in --out from its last finished epoch")
-    overwrite: bool = opt(False, help="delete an existing run in --out and start again")
-    progress: bool = opt(True, help="show progress bars")
+    workers: int = opt(0, affects_result=False, min=0, help="DataLoader worker processes")
+    resume: bool = opt(False, affects_result=False,
+                       help="continue the run in --out from its last finished epoch")
+    overwrite: bool = opt(False, affects_result=False,
+                          help="delete an existing run in --out and start again")
+    progress: bool = opt(True, affects_result=False, help="show progress bars")
 
 
 @dataclass
@@ -163,7 +165,7 @@ class EvalConfig:
     n_boot: int = opt(1000, min=0, help="bootstrap resamples for the CIs")
     seed: int = opt(0, help="bootstrap seed")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = opt(True, affects_result=False, help="show progress bars")
 
 
 # ============================================================================ small helpers
@@ -177,14 +179,6 @@ def set_bn_momentum(module: nn.Module, momentum: float | None) -> None:
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = momentum
-
-
-def _size_hw(size: Optional[Sequence[int]]) -> tuple[int, int] | None:
-    if not size:
-        return None
-    if len(size) != 2 or min(size) < 16:
-        raise MammoSaeError(f"--image-size must be H,W with both >= 16; got {list(size)}")
-    return int(size[0]), int(size[1])
 
 
 def n_classes(concept: str) -> int:
@@ -403,10 +397,10 @@ class _Fit:
     metric_name: str
 
 
-def _check_run_dir(out: Path, cfg_dict: dict[str, Any], *, resume: bool, overwrite: bool) -> bool:
+def _check_run_dir(out: Path, cfg: Any) -> bool:
     """Prepare OUT; True when a previous run's last checkpoint is to be continued."""
-    config_path = out / "config.json"
-    if overwrite and out.exists():
+    config_path, resume = out / "config.json", cfg.resume
+    if cfg.overwrite and out.exists():
         for name in ("checkpoints", "model", "model.tmp", "model.old", "train_log.jsonl",
                      "summary.json", "config.json"):
             p = out / name
@@ -421,13 +415,11 @@ def _check_run_dir(out: Path, cfg_dict: dict[str, Any], *, resume: bool, overwri
         raise MammoSaeError(f"{out} already holds a run; pass --resume to continue it or "
                             "--overwrite to start again")
     if has_run:
-        old = read_json(config_path).get("config", {})
-        differ = sorted(k for k in set(old) | set(cfg_dict)
-                        if k not in _RESUME_FREE and old.get(k) != cfg_dict.get(k))
+        differ = changed_settings(cfg, read_json(config_path).get("config", {}))
         if differ:
             raise MammoSaeError(f"--resume: options differ from the run in {out}: {differ}; "
                                 "use the same options or --overwrite")
-    write_json(config_path, {"schema_version": SCHEMA_VERSION, "config": cfg_dict})
+    write_json(config_path, {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg)})
     return has_run and (out / "checkpoints" / "last" / STATE_NAME).exists()
 
 
@@ -562,7 +554,7 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         raise MammoSaeError(choices_message("pretext task", bad[0] if bad else "", list(PRETEXT_TASKS)))
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    size_hw = _size_hw(cfg.image_size)
+    size_hw = parse_image_size(cfg.image_size)
     records = load_records(cfg.data, level="image", splits=["training"])
     train, val = split_train_val(records, val_fraction=cfg.val_fraction, seed=cfg.seed)
     y_train, y_val = _pretext_targets(train, cfg.tasks), _pretext_targets(val, cfg.tasks)
@@ -572,7 +564,7 @@ def _pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg.arch, flag="--arch")[0]
     # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
-    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+    resume = _check_run_dir(out, cfg)
     model = _PretextModel(encoder, cfg.tasks).to(device)
     set_bn_momentum(model, cfg.bn_momentum)
     model = model.to(memory_format=torch.channels_last)
@@ -673,7 +665,7 @@ def _train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     torch.set_flush_denormal(True)
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
-    size_hw = _size_hw(cfg.image_size)
+    size_hw = parse_image_size(cfg.image_size)
     splits = ["training", "test"] if cfg.select_on == "test" else ["training"]
     records = load_records(cfg.data, level=cfg.level, splits=splits)
     check_concept(records, cfg.concept)
@@ -691,7 +683,7 @@ def _train_classifier(cfg: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     encoder = load_encoder(cfg.init, flag="--init")[0]
     # Inputs checked, then OUT is written: a fixed rerun after bad input is not "a run".
-    resume = _check_run_dir(out, to_dict(cfg), resume=cfg.resume, overwrite=cfg.overwrite)
+    resume = _check_run_dir(out, cfg)
     model = ConceptClassifier(encoder, k, concept=cfg.concept).to(device)
     model = model.to(memory_format=torch.channels_last)
     dropout = nn.Dropout(cfg.dropout)
@@ -839,7 +831,8 @@ def evaluate_classifier(cfg: EvalConfig) -> dict[str, Any]:
         print(f"warning: {cfg.model} was trained for {trained_on!r}; evaluating it on {cfg.concept!r}",
               file=sys.stderr)
     warn_assumed_concept(cfg.model, trained_on, cfg.concept)
-    logits = predict_logits(model, records, size_hw=_size_hw(cfg.image_size), batch_size=cfg.batch_size,
+    logits = predict_logits(model, records, size_hw=parse_image_size(cfg.image_size),
+                            batch_size=cfg.batch_size,
                             device=device, progress=cfg.progress)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION, "model": str(cfg.model), "data": str(cfg.data),
@@ -978,7 +971,5 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     path = run_dir / "config.json"
     if not path.exists():
         return False
-    old = read_json(path).get("config", {})
-    new = to_dict(cfg)
-    return all(old.get(k) == new.get(k) for k in set(old) | set(new) if k not in _RESUME_FREE)
+    return not changed_settings(cfg, read_json(path).get("config", {}))
 

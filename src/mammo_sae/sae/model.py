@@ -36,11 +36,12 @@ Architecture = Literal["relu-l1", "topk", "batchtopk"]
 
 
 @dataclass
-class SAEConfig:
-    """Every hyper-parameter of an SAE (architecture and loss); recorded in its cfg.json."""
+class SAEHyperParams:
+    """An SAE's hyper-parameters (architecture and loss), declared once: `SAEConfig` adds the
+    input dimension d, and `sae train`'s TrainConfig inherits them as its options (CLI flags and
+    the pipeline's `sae:` keys), so a new one reaches the trainer without being copied."""
 
     architecture: Architecture = opt("relu-l1", help="relu-l1 (Mammo-SAE), topk or batchtopk")
-    d: int = opt(2048, min=1, help="input dimension (channels of the tapped layer)")
     expansion: int = opt(8, min=1, help="latents per input dimension (h = expansion · d unless h is given)")
     h: Optional[int] = opt(None, min=1, help="number of latents (overrides expansion)")
     l1_coeff: float = opt(3e-5, min=0.0, help="λ of the L1 penalty (relu-l1), in the units of l1_convention")
@@ -56,7 +57,16 @@ class SAEConfig:
     init: Literal["auto", "reference", "tied"] = opt(
         "auto", help="reference = Mammo-SAE's init (§6.2); tied = W_enc = W_decᵀ; auto: reference "
                      "for relu-l1, tied otherwise")
-    threshold_momentum: float = opt(0.01, gt=0.0, max=1.0, help="batchtopk: EMA rate of the inference threshold θ")
+    # keyed_when_changed: the option came after runs were keyed on these settings.
+    threshold_momentum: float = opt(0.01, gt=0.0, max=1.0, keyed_when_changed=True,
+                                    help="batchtopk: EMA rate of the inference threshold θ")
+
+
+@dataclass
+class SAEConfig(SAEHyperParams):
+    """Every hyper-parameter of an SAE (architecture and loss); recorded in its cfg.json."""
+
+    d: int = opt(2048, min=1, help="input dimension (channels of the tapped layer)")
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:

@@ -19,7 +19,7 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Literal, Optional, Protocol, runtime_checkable
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import opt, to_dict
+from ..config import changed_settings, opt, to_dict
 from ..devices import cpu_has_native_bf16, resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import (
@@ -38,7 +38,7 @@ from ..io import (
     write_json,
     writer_lock,
 )
-from .model import SAEConfig, SparseAutoencoder
+from .model import SAEConfig, SAEHyperParams, SparseAutoencoder
 
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
@@ -97,25 +97,20 @@ class TensorSource:
 
 # ---------------------------------------------------------------------------- config
 @dataclass
-class TrainConfig:
+class TrainConfig(SAEHyperParams):
     """Train an SAE on an activation store. Defaults reproduce Mammo-SAE (relu-l1, expansion 8,
     λ 3e-5 in the reference convention, batch 4096, 200 epochs, Adam, resampling every 10 epochs;
-    lr 3e-4 as on the paper's page — the released code used 5e-4)."""
+    lr 3e-4 as on the paper's page — the released code used 5e-4). The SAE's own
+    hyper-parameters come from `SAEHyperParams`. `affects_result=False`: left out of the
+    pipeline's key and of the resume check (the store is checked by its manifest hash instead);
+    `resumable=True`: changes the result, but may change when a run is continued."""
 
-    store: Optional[Path] = opt(None, help="activation store directory (mammo-sae extract)")
-    out: Path = opt(Path("sae_run"), help="output directory (final SAE, train_state.pt, train_log.jsonl)")
-    architecture: Literal["relu-l1", "topk", "batchtopk"] = opt("relu-l1", help="SAE architecture")
-    expansion: int = opt(8, min=1, help="latents per input dimension")
-    h: Optional[int] = opt(None, min=1, help="number of latents (overrides --expansion)")
-    l1_coeff: float = opt(3e-5, min=0.0, help="λ (relu-l1), in the units of --l1-convention")
-    l1_convention: Literal["reference", "sum"] = opt("reference", help="reference = mean-over-d MSE (Mammo-SAE code); sum = sum over d (paper); λ_sum = d·λ_reference")
-    k: int = opt(32, min=1, help="topk/batchtopk: active latents per patch")
-    aux_k: Optional[int] = opt(None, min=1, help="AuxK latents (default d/2 rounded down to a power of two)")
-    aux_coeff: float = opt(1 / 32, min=0.0, help="AuxK loss weight")
-    normalisation: Literal["none", "centre", "centre-scale"] = opt("none", help="input normalisation estimated from the data (folded into the weights at export)")
-    init: Literal["auto", "reference", "tied"] = opt("auto", help="weight init (auto: reference for relu-l1, tied otherwise)")
+    store: Optional[Path] = opt(None, affects_result=False,
+                                help="activation store directory (mammo-sae extract)")
+    out: Path = opt(Path("sae_run"), affects_result=False,
+                    help="output directory (final SAE, train_state.pt, train_log.jsonl)")
     batch_size: int = opt(4096, min=1, help="global batch size (split across DDP ranks)")
-    epochs: int = opt(200, min=1, help="passes over the data")
+    epochs: int = opt(200, resumable=True, min=1, help="passes over the data")
     lr: float = opt(3e-4, gt=0.0, help="Adam learning rate (constant)")
     beta1: float = opt(0.9, min=0.0, lt=1.0, help="Adam β1")
     beta2: float = opt(0.999, min=0.0, lt=1.0, help="Adam β2")
@@ -127,35 +122,36 @@ class TrainConfig:
     dead_window_patches: int = opt(10_000_000, min=1, help="a latent is dead after this many "
                                    "patches without firing (AuxK, dead fraction); at most one "
                                    "epoch of patches")
-    log_every: int = opt(50, min=1, help="log to JSONL and the progress bar every N steps")
-    checkpoint_every: int = opt(0, min=0, help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)")
-    checkpoint_seconds: float = opt(600.0, min=0.0, help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0")
-    max_steps: Optional[int] = opt(None, min=1, help="stop (and save) after this many steps in total")
-    resume: bool = opt(False, help="require OUT/train_state.pt and continue it (a plain rerun "
+    log_every: int = opt(50, resumable=True, min=1,
+                         help="log to JSONL and the progress bar every N steps")
+    checkpoint_every: int = opt(0, resumable=True, min=0,
+                                help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)")
+    checkpoint_seconds: float = opt(600.0, resumable=True, min=0.0,
+                                    help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0")
+    max_steps: Optional[int] = opt(None, resumable=True, min=1,
+                                   help="stop (and save) after this many steps in total")
+    resume: bool = opt(False, affects_result=False,
+                       help="require OUT/train_state.pt and continue it (a plain rerun "
                                    "continues a state of the same settings anyway)")
-    overwrite: bool = opt(False, help="discard the training run in --out (state, log, SAE) and "
+    overwrite: bool = opt(False, affects_result=False,
+                          help="discard the training run in --out (state, log, SAE) and "
                                       "start again")
-    device: str = opt("auto", help="auto, cpu, cuda or cuda:N")
+    device: str = opt("auto", affects_result=False, help="auto, cpu, cuda or cuda:N")
     bf16: bool = opt(True, help="bf16 matmul operands (weights, accumulation and Adam stay fp32) "
                                 "on GPU, and on a CPU with bf16 instructions (AVX512-BF16/AMX) for "
                                 "SAEs of d·h ≥ 2^22 weights, where it is faster; --no-bf16: fp32")
-    compile: bool = opt(False, help="torch.compile the loss")
-    data_in_memory: Literal["auto", "yes", "no"] = opt("auto", help="load the whole store onto the device when it fits (auto) or stream it")
-    measure_matmul: bool = opt(True, help="time a matmul at start-up for the MFU figure")
-    eval_patches: int = opt(65536, min=0, help="patches for the final metrics in cfg.json (0 = skip)")
-    progress: bool = opt(True, help="show a progress bar")
+    compile: bool = opt(False, resumable=True, help="torch.compile the loss")
+    data_in_memory: Literal["auto", "yes", "no"] = opt("auto", resumable=True,
+                                                       help="load the whole store onto the device when it fits (auto) or stream it")
+    measure_matmul: bool = opt(True, resumable=True,
+                               help="time a matmul at start-up for the MFU figure")
+    eval_patches: int = opt(65536, resumable=True, min=0,
+                            help="patches for the final metrics in cfg.json (0 = skip)")
+    progress: bool = opt(True, affects_result=False, help="show a progress bar")
 
     def sae_config(self, d: int) -> SAEConfig:
-        return SAEConfig(architecture=self.architecture, d=d, expansion=self.expansion, h=self.h,
-                         l1_coeff=self.l1_coeff, l1_convention=self.l1_convention, k=self.k,
-                         aux_k=self.aux_k, aux_coeff=self.aux_coeff, normalisation=self.normalisation,
-                         init=self.init)
-
-
-# Options that may change between an interrupted run and its resumption.
-_RESUMABLE_CHANGES = {"resume", "overwrite", "max_steps", "progress", "log_every",
-                      "checkpoint_every", "checkpoint_seconds", "measure_matmul", "eval_patches", "epochs", "store",
-                      "device", "data_in_memory", "compile", "out"}
+        """The SAE's config: every inherited hyper-parameter, with the store's d."""
+        return SAEConfig(d=d, **{f.name: getattr(self, f.name) for f in fields(SAEHyperParams)})
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -400,8 +396,8 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 — any read failure is a corrupt file
             raise CheckpointError(f"corrupt training state {path}: {exc}") from exc
         now = to_dict(self.cfg)
-        diffs = [f"{k}: {saved_cfg.get(k)!r} → {now[k]!r}" for k in now
-                 if k not in _RESUMABLE_CHANGES and saved_cfg.get(k) != now[k]]
+        diffs = [f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}"
+                 for k in changed_settings(self.cfg, saved_cfg, resuming=True)]
         if diffs:
             raise MammoSaeError(f"{self.out} holds a training run with different settings "
                                 f"({'; '.join(diffs)}): rerun with its settings to continue it, "
