@@ -66,7 +66,8 @@ def test_whole_cell_rules_reproduce_the_box_exactly(rule: BoxRule) -> None:
 
 def test_nearest_keeps_whole_cells_where_bilinear_shrinks_the_box() -> None:
     rule = BoxRule(parse_threshold("relmax:0.8"))
-    _, near, _ = map_boxes(_blob_map(1, 1), FRAME, None, BoxRule(rule.threshold, upsample="nearest"))
+    nearest = BoxRule(rule.threshold, upsample="nearest")
+    _, near, _ = map_boxes(_blob_map(1, 1), FRAME, None, nearest)
     _, bil, _ = map_boxes(_blob_map(1, 1), FRAME, None, rule)
     np.testing.assert_array_equal(near, _cell_box(1, 1))
     # Bilinear falls from 1 to 0 over the 32 px from an edge cell's centre (47.5) to the next
