@@ -65,7 +65,11 @@ FAMILIES: dict[str, list[BoxRule]] = {
     "grid percentile": _rules("grid", "bilinear", ["p80", "p90", "p95", "p97.5"]),
     "grid relmax": _rules("grid", "bilinear", RELS),
     "grid relmax + min-mass": _rules("grid", "bilinear", RELS[::2], (0.2, 0.5)),
+    # Diagnostic, not a localize option: each relmax box replaced by one of the training
+    # split's median GT size, centred where the region's box was centred.
+    "relmax, GT-size box*": _rules("frame", "bilinear", RELS),
 }
+RESIZED = "relmax, GT-size box*"
 
 
 @dataclass
@@ -77,9 +81,21 @@ class Split:
     centres: list[Any]
     gts: list[np.ndarray]
 
-    def detections(self, rule: BoxRule) -> list[list[Detections]]:
-        return [image_detections(m, f, c, g, rule)
+    def detections(self, rule: BoxRule, size_hw: tuple[float, float] | None = None
+                   ) -> list[list[Detections]]:
+        dets = [image_detections(m, f, c, g, rule)
                 for m, f, c, g in zip(self.maps, self.frames, self.centres, self.gts, strict=True)]
+        if size_hw is not None:
+            for per_image in dets:
+                for d in per_image:
+                    d.boxes = _resize(d.boxes, size_hw)
+        return dets
+
+
+def _resize(boxes: np.ndarray, size_hw: tuple[float, float]) -> np.ndarray:
+    cy, cx = (boxes[:, 1] + boxes[:, 3]) / 2, (boxes[:, 0] + boxes[:, 2]) / 2
+    h, w = size_hw
+    return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
 
 
 def load_split(store: ActivationStore, sae: Any, concept: str, split: str, cand: list[int]
@@ -120,14 +136,18 @@ def study_model(run: Path, sae: Any, model: dict[str, Any], iou: float, n_boot: 
                   "pointing": [cand.index(j) for j in pointing]}
     tr = load_split(train, sae, concept, "training", cand)
     te = load_split(test, sae, concept, "test", cand)
+    gt_train = np.concatenate(tr.gts)
+    size_hw = (float(np.median(gt_train[:, 3] - gt_train[:, 1])),
+               float(np.median(gt_train[:, 2] - gt_train[:, 0])))
     rows = []
     for family, rules in FAMILIES.items():
+        size = size_hw if family == RESIZED else None
         train_ap = np.zeros((len(rules), len(cand)))
         test_dets = []
         for r, rule in enumerate(rules):
-            dets = tr.detections(rule)
+            dets = tr.detections(rule, size)
             train_ap[r] = [ap_of(dets, j, tr.gts, iou) for j in range(len(cand))]
-            test_dets.append(te.detections(rule))
+            test_dets.append(te.detections(rule, size))
         for sel, cols in selections.items():
             sub = train_ap[:, cols]
             r, c = np.unravel_index(int(np.argmax(sub)), sub.shape)   # first best: stable
@@ -156,7 +176,7 @@ def format_table(rows: list[dict[str, Any]], runs: list[str]) -> str:
     for sel in ("ranking", "pointing"):
         out.append(f"\nlatent selection: {sel} (top {TOP}; latent + parameter chosen on training)")
         models = list(dict.fromkeys(r["model"] for r in rows))
-        out.append(f"{'family':<24}" + "".join(f"{m[:26]:>28}" for m in models) + f"{'mean':>7}")
+        out.append(f"{'family':<24}" + "".join(f"{m[:33]:>35}" for m in models) + f"{'mean':>7}")
         for family in FAMILIES:
             cells, means = [], []
             for m in models:
@@ -166,11 +186,11 @@ def format_table(rows: list[dict[str, Any]], runs: list[str]) -> str:
                 means.append(ap)
                 if len(got) == 1:
                     g = got[0]
-                    cells.append(f"{ap:.2f} [{g['ci_lo']:.2f},{g['ci_hi']:.2f}] {g['param']:>9}")
+                    cells.append(f"{ap:.2f} [{g['ci_lo']:.2f},{g['ci_hi']:.2f}] {g['param']:>17}")
                 else:   # several runs: mean and range over the seeds
                     aps = [r["test_ap"] for r in got]
                     cells.append(f"{ap:.2f} ({min(aps):.2f}-{max(aps):.2f}) n={len(got)}")
-            out.append(f"{family:<24}" + "".join(f"{c:>28}" for c in cells)
+            out.append(f"{family:<24}" + "".join(f"{c:>35}" for c in cells)
                        + f"{np.mean(means):>7.2f}")
     out.append("\npointing game (share of positive images whose strongest cell is on a GT box) "
                "of the latent chosen at fixed p99, training -> test:")
@@ -182,6 +202,8 @@ def format_table(rows: list[dict[str, Any]], runs: list[str]) -> str:
     out.append(f"\nruns: {', '.join(runs)}; cells: test AP@IoU of the training-chosen latent "
                "[95% bootstrap CI over test images] and the chosen parameter (mm = min mass);")
     out.append("with several runs: mean (min-max) over runs. 'mean': over the four models.")
+    out.append(f"* {RESIZED}: a diagnostic (not a localize option): every relmax box replaced by "
+               "one of the training split's median GT size, same centre.")
     return "\n".join(out)
 
 
