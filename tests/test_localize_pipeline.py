@@ -325,3 +325,34 @@ def test_baselines_by_construction(store) -> None:
     assert res.settings["align"] == "receptive-field"
     dets = res.detections_json()["images"]
     assert len(dets["im0"]["classifier_map"]["pred_boxes"]) == 1
+
+
+def test_table_reports_pointing_and_ap_at_three_ious(store) -> None:
+    res = localize(store, TinySae(), "Mass", [ON_GT, ON_MARKER, NEVER, HALF], threshold="p50",
+                   threshold_on="grid", upsample="nearest", progress=False)
+    t = res.table.set_index("latent")
+    assert t["pointing"].tolist() == [1.0, 0.0, 0.0, 0.5]        # HALF: on the GT in 2 of 4
+    # On the grid the planted 2x2 block becomes exactly its GT box: AP 1 at every IoU.
+    assert t.loc[ON_GT, ["ap_iou_0.1", "ap_iou_0.25", "ap_iou_0.5"]].tolist() == [1.0] * 3
+    assert t.loc[ON_GT, "ap"] == t.loc[ON_GT, "ap_iou_0.25"]
+    assert res.settings["threshold_on"] == "grid" and res.settings["upsample"] == "nearest"
+    assert res.settings["min_mass"] == 0.0
+
+
+def test_localize_command_records_the_box_rule(tmp_path: Path) -> None:
+    pytest.importorskip("mammo_sae.sae.checkpoints")
+    _make_store(tmp_path)
+    sae_dir = _save_identity_sae(tmp_path / "sae")
+    out = tmp_path / "out"
+    rc = main(["localize", "--store", str(tmp_path / "store"), "--sae", str(sae_dir),
+               "--device", "cpu", "--concept", "Mass", "--latents", "0,3", "--out", str(out),
+               "--figure-images", "0", "--threshold", "relmax:0.5", "--threshold-on", "grid",
+               "--upsample", "nearest", "--min-mass", "0.2", "--no-progress"])
+    assert rc == 0
+    s = json.loads((out / "localization.json").read_text())["settings"]
+    assert {k: s[k] for k in ("threshold", "threshold_on", "upsample", "min_mass")} == {
+        "threshold": "relmax:0.5", "threshold_on": "grid", "upsample": "nearest", "min_mass": 0.2}
+    table = pd.read_csv(out / "localization.csv")
+    assert {"pointing", "ap_iou_0.1", "ap_iou_0.25", "ap_iou_0.5"} <= set(table.columns)
+    dets = json.loads((out / "detections.json").read_text())["images"]
+    assert dets["im0"]["latents"]["0"]["pointing_hit"] is True

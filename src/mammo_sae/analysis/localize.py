@@ -3,13 +3,16 @@
 The paper's Table 2 (see docs/localization.md). For each chosen latent and each image of the
 evaluated set:
 
-1. heatmap = the latent's patch map upsampled bilinearly to the model-input frame, each cell's
-   value at its receptive-field centre (`maps.upsample`; `align="even"`: the released code's
-   `align_corners=False`);
+1. heatmap = the latent's patch map upsampled bilinearly (or `upsample="nearest"`) to the
+   model-input frame, each cell's value at its receptive-field centre (`maps.upsample`;
+   `align="even"`: the released code's `align_corners=False`);
 2. mask = heatmap > threshold, the threshold being a percentile of that heatmap (`p95`, the
    paper) or a fraction of its maximum (`relmax:0.3`, the released code) or absolute (`abs:X`);
+   `threshold_on="grid"` thresholds the native cell map instead, before upsampling;
 3. one box per connected region of the mask (8-connected, holes filled: exactly OpenCV's
-   external contours + `boundingRect`), kept if w·h ≥ `min_box_area` px;
+   external contours + `boundingRect`; on the grid, the span of the region's cells), kept if
+   w·h ≥ `min_box_area` px and, with `min_mass`, if it holds that share of the mask's heat
+   (`BoxRule` gathers these settings);
 4. each box scored by the mean (or max) heatmap value inside it;
 5. all boxes of all images pooled per latent and scored against the concept's ground-truth boxes
    with VOC all-point AP at IoU ≥ `iou_threshold` (Mammo-CLIP's detector evaluation).
@@ -115,13 +118,16 @@ def threshold_mask(heat_hw: np.ndarray, rule: ThresholdRule | str) -> np.ndarray
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def mask_to_boxes(mask_hw: np.ndarray, min_area: float = 10) -> np.ndarray:
+def mask_to_boxes(mask_hw: np.ndarray, min_area: float = 10, *,
+                  heat_hw: np.ndarray | None = None, min_mass: float = 0.0) -> np.ndarray:
     """One box per connected region of the mask, `[x0, y0, x1, y1]` with exclusive ends.
 
     Equals OpenCV `findContours(RETR_EXTERNAL)` + `boundingRect` (what the released code does):
     foreground 8-connected, and regions lying inside another region's hole belong to that
-    region (filled first). Boxes with width × height < `min_area` are dropped. Sorted by
-    (y0, x0, x1, y1) so the order is deterministic.
+    region (filled first). Boxes with width × height < `min_area` are dropped, and with
+    `heat_hw`, regions holding less than `min_mass` of the mask's summed heat (a stray speck
+    next to the blob that carries the map). Sorted by (y0, x0, x1, y1) so the order is
+    deterministic.
     """
     mask_hw = np.asarray(mask_hw, dtype=bool)
     if mask_hw.ndim != 2:
@@ -134,11 +140,16 @@ def mask_to_boxes(mask_hw: np.ndarray, min_area: float = 10) -> np.ndarray:
     cols = np.flatnonzero(mask_hw.any(axis=0))
     r0, c0 = rows[0], cols[0]
     crop = mask_hw[r0:rows[-1] + 1, c0:cols[-1] + 1]
-    labels, _ = ndimage.label(_fill_holes(crop), structure=_EIGHT_CONNECTED)
+    labels, n = ndimage.label(_fill_holes(crop), structure=_EIGHT_CONNECTED)
     boxes = [(sx.start + c0, sy.start + r0, sx.stop + c0, sy.stop + r0)
              for sy, sx in ndimage.find_objects(labels)]
     out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    out = out[box_areas(out) >= min_area]
+    keep = box_areas(out) >= min_area
+    if heat_hw is not None and min_mass > 0:
+        heat = np.where(crop, np.asarray(heat_hw)[r0:rows[-1] + 1, c0:cols[-1] + 1], 0.0)
+        mass = np.asarray(ndimage.sum(heat, labels, np.arange(1, n + 1)), dtype=np.float64)
+        keep &= mass >= min_mass * max(float(mass.sum()), np.finfo(np.float64).tiny)
+    out = out[keep]
     return out[np.lexsort((out[:, 3], out[:, 2], out[:, 0], out[:, 1]))]
 
 
@@ -177,6 +188,92 @@ def heatmap_boxes(heat_hw: np.ndarray, rule: ThresholdRule | str, *, min_area: f
     """Threshold → connected regions → boxes and their scores, for one heatmap."""
     boxes = mask_to_boxes(threshold_mask(heat_hw, rule), min_area)
     return boxes, score_boxes(heat_hw, boxes, box_score)
+
+
+ThresholdOn = Literal["frame", "grid"]
+THRESHOLD_ON = ("frame", "grid")
+
+
+@dataclass(frozen=True)
+class BoxRule:
+    """Everything that turns one latent's cell map into scored boxes (docs/localization.md).
+
+    `threshold` is applied to the upsampled heatmap (`threshold_on="frame"`, the paper) or to
+    the native cell grid (`"grid"`: a region is a set of 8-connected cells and its box spans
+    their stride-wide windows). `upsample` is how cells become pixels (`bilinear`, the paper,
+    or `nearest`); `min_mass` drops regions with less than that share of the mask's summed
+    heat; `min_area` drops boxes under w·h px; `box_score` ranks the boxes.
+    """
+
+    threshold: ThresholdRule = ThresholdRule("percentile", 95.0)
+    threshold_on: ThresholdOn = "frame"
+    upsample: str = "bilinear"
+    min_mass: float = 0.0
+    min_area: float = 10
+    box_score: BoxScore = "mean"
+
+    def __post_init__(self) -> None:
+        from .maps import UPSAMPLINGS
+
+        object.__setattr__(self, "threshold", parse_threshold(self.threshold))
+        if self.threshold_on not in THRESHOLD_ON:
+            raise MammoSaeError(f"unknown threshold target {self.threshold_on!r}; valid: "
+                                f"{', '.join(THRESHOLD_ON)}")
+        if self.upsample not in UPSAMPLINGS:
+            raise MammoSaeError(f"unknown upsampling {self.upsample!r}; valid: "
+                                f"{', '.join(UPSAMPLINGS)}")
+        if not 0.0 <= self.min_mass < 1.0:
+            raise MammoSaeError(f"min mass must be a fraction in [0, 1), got {self.min_mass}")
+        if self.box_score not in ("mean", "max"):
+            raise MammoSaeError(f"unknown box score {self.box_score!r}; valid: mean, max")
+
+    def settings(self) -> dict[str, Any]:
+        return {"threshold": self.threshold.spec, "threshold_on": self.threshold_on,
+                "upsample": self.upsample, "min_mass": self.min_mass,
+                "min_box_area": self.min_area, "box_score": self.box_score}
+
+    @classmethod
+    def from_settings(cls, s: Mapping[str, Any]) -> "BoxRule":
+        """The rule a localization.json `settings` records (older files: the paper's rule with
+        their threshold, area and score)."""
+        return cls(parse_threshold(str(s.get("threshold", "p95"))),
+                   s.get("threshold_on", "frame"), s.get("upsample", "bilinear"),
+                   float(s.get("min_mass", 0.0)), float(s.get("min_box_area", 10)),
+                   s.get("box_score", "mean"))
+
+
+def map_boxes(map_hw: np.ndarray, frame_hw: tuple[int, int],
+              centres: tuple[np.ndarray, np.ndarray] | None, rule: BoxRule
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One cell map → (heatmap in the frame, boxes, their scores) under a box rule."""
+    from .maps import upsample
+
+    heat = upsample(map_hw, frame_hw, centres, rule.upsample)
+    if rule.threshold_on == "frame":
+        boxes = mask_to_boxes(threshold_mask(heat, rule.threshold), rule.min_area, heat_hw=heat,
+                              min_mass=rule.min_mass)
+    else:
+        cells = mask_to_boxes(threshold_mask(map_hw, rule.threshold), 0, heat_hw=map_hw,
+                              min_mass=rule.min_mass).astype(np.int64)
+        boxes = _cell_boxes_to_pixels(cells, np.shape(map_hw), frame_hw, centres)
+        boxes = boxes[box_areas(boxes) >= rule.min_area]
+    return heat, boxes, score_boxes(heat, boxes, rule.box_score)
+
+
+def _cell_boxes_to_pixels(cells_n4: np.ndarray, grid_hw: tuple[int, ...],
+                          frame_hw: tuple[int, int],
+                          centres: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """Boxes in cell indices (exclusive ends) → pixel boxes spanning those cells' windows,
+    rounded to whole pixels and clipped to the frame."""
+    H, W = (int(v) for v in frame_hw)
+    y_lo, y_hi = _cell_spans(None if centres is None else centres[0], int(grid_hw[0]), H)
+    x_lo, x_hi = _cell_spans(None if centres is None else centres[1], int(grid_hw[1]), W)
+    c = np.asarray(cells_n4, dtype=np.int64).reshape(-1, 4)
+    out = np.stack([x_lo[c[:, 0]], y_lo[c[:, 1]], x_hi[c[:, 2] - 1], y_hi[c[:, 3] - 1]], axis=1)
+    out = np.floor(out + 0.5)   # half-pixel edges round up, the same way on both sides
+    out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, W)
+    out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, H)
+    return out
 
 
 # --------------------------------------------------------------------------- AP
@@ -338,6 +435,7 @@ class Detections:
     boxes: np.ndarray
     scores: np.ndarray
     mean_activation: float
+    pointing_hit: bool | None = None   # strongest cell on a GT box; None: image without GT
 
 
 @dataclass
@@ -377,7 +475,7 @@ class LocalizationResult:
 
 def _detection_json(d: Detections) -> dict[str, Any]:
     return {"pred_boxes": d.boxes.tolist(), "scores": d.scores.tolist(),
-            "mean_act": d.mean_activation}
+            "mean_act": d.mean_activation, "pointing_hit": d.pointing_hit}
 
 
 def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
@@ -419,41 +517,61 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     return chosen, [records[i] for i in chosen]
 
 
+def image_detections(maps_lhw: np.ndarray, frame_hw: tuple[int, int],
+                     centres: tuple[np.ndarray, np.ndarray] | None, gt_m4: np.ndarray,
+                     rule: BoxRule) -> list[Detections]:
+    """Boxes (and pointing-game hit) of each latent's map on one image."""
+    on_box = _cells_on_boxes(maps_lhw.shape[-2:], frame_hw, centres, gt_m4) if len(gt_m4) else None
+    out = []
+    for map_hw in maps_lhw:
+        hit = None if on_box is None else bool(map_hw.max() > 0 and
+                                                on_box.reshape(-1)[int(np.argmax(map_hw))])
+        if not (map_hw > 0).any():  # never fires on this image: no region, mean 0
+            out.append(Detections(np.zeros((0, 4)), np.zeros(0), 0.0, hit))
+            continue
+        heat, boxes, scores = map_boxes(map_hw, frame_hw, centres, rule)
+        out.append(Detections(boxes, scores, float(heat.mean()), hit))
+    return out
+
+
 def _detect(store: Any, encoder: Any, latents: Sequence[int], indices: Sequence[int],
-            records: Sequence[Any], rule: ThresholdRule, *, align: str, min_box_area: float,
-            box_score: BoxScore, batch_rows: int, progress: bool, desc: str
-            ) -> list[list[Detections]]:
+            records: Sequence[Any], gt_boxes: Sequence[np.ndarray], rule: BoxRule, *,
+            align: str, batch_rows: int, progress: bool, desc: str) -> list[list[Detections]]:
     """Heatmap → threshold → boxes of each map (latent, or the head's one) on each image."""
     from tqdm.auto import tqdm
 
-    from .maps import heatmap_centres, iter_latent_maps, upsample
+    from .maps import heatmap_centres, iter_latent_maps
 
     detections: list[list[Detections]] = []
     maps_iter = iter_latent_maps(store, encoder, latents, indices, batch_rows=batch_rows)
-    for rec, maps_lhw in tqdm(zip(records, maps_iter, strict=True), total=len(records),
-                              disable=not progress, desc=desc, unit="img"):
+    for rec, gt, maps_lhw in tqdm(zip(records, gt_boxes, maps_iter, strict=True),
+                                  total=len(records), disable=not progress, desc=desc, unit="img"):
         centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
-        per_latent = []
-        for map_hw in maps_lhw:
-            if not (map_hw > 0).any():  # never fires on this image: no region, mean 0
-                per_latent.append(Detections(np.zeros((0, 4)), np.zeros(0), 0.0))
-                continue
-            heat = upsample(map_hw, rec.frame_hw, centres)
-            boxes, scores = heatmap_boxes(heat, rule, min_area=min_box_area, box_score=box_score)
-            per_latent.append(Detections(boxes, scores, float(heat.mean())))
-        detections.append(per_latent)
+        detections.append(image_detections(maps_lhw, rec.frame_hw, centres, gt, rule))
     return detections
+
+
+REPORTED_IOUS = (0.1, 0.25, 0.5)
 
 
 def _ap_row(dets: Sequence[Detections], gt_boxes: Sequence[np.ndarray], iou_threshold: float,
             match: Match) -> dict[str, Any]:
-    """One Table-2 row's numbers for one detector's boxes on every evaluated image."""
-    res = average_precision([(d.boxes, d.scores) for d in dets], gt_boxes, iou_threshold, match)
+    """One Table-2 row's numbers for one detector's boxes on every evaluated image: AP at the
+    chosen IoU (`ap`) and at each of `REPORTED_IOUS`, and the pointing-game accuracy over the
+    images with a GT box."""
+    preds = [(d.boxes, d.scores) for d in dets]
+    res = average_precision(preds, gt_boxes, iou_threshold, match)
     f1, p, r = res.best_f1()
-    return {"ap": res.ap, "n_images": res.n_images, "n_pred": res.n_pred, "n_gt": res.n_gt,
-            "n_tp": res.n_tp, "best_f1": f1, "precision_at_best_f1": p, "recall_at_best_f1": r,
-            "images_with_boxes": sum(len(d.boxes) > 0 for d in dets),
-            "mean_activation": float(np.mean([d.mean_activation for d in dets]))}
+    hits = [d.pointing_hit for d in dets if d.pointing_hit is not None]
+    row = {"ap": res.ap, "n_images": res.n_images, "n_pred": res.n_pred, "n_gt": res.n_gt,
+           "n_tp": res.n_tp, "best_f1": f1, "precision_at_best_f1": p, "recall_at_best_f1": r,
+           "images_with_boxes": sum(len(d.boxes) > 0 for d in dets),
+           "mean_activation": float(np.mean([d.mean_activation for d in dets]))}
+    for iou in REPORTED_IOUS:
+        row[f"ap_iou_{iou:g}"] = (res.ap if iou == iou_threshold else
+                                  average_precision(preds, gt_boxes, iou, match).ap)
+    row["pointing"] = float(np.mean(hits)) if hits else math.nan
+    return row
 
 
 # --------------------------------------------------------------------------- baselines
@@ -535,13 +653,16 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
              threshold: str | ThresholdRule = "p95", iou_threshold: float = 0.25,
              split: str | None = "test", image_set: ImageSet = "positive",
              box_score: BoxScore = "mean", min_box_area: float = 10, match: Match = "voc",
-             align: str = "receptive-field", head: Any = None, chance_draws: int = 0,
+             align: str = "receptive-field", threshold_on: ThresholdOn = "frame",
+             upsample: str = "bilinear", min_mass: float = 0.0, head: Any = None,
+             chance_draws: int = 0,
              seed: int = 0, batch_rows: int = 8192, progress: bool = True) -> LocalizationResult:
     """Localisation AP of each latent for a concept (the paper's Table 2 row; see module doc).
 
     `store` is an `ActivationStore` (full patch grids), `sae` anything with `encode(x_nd)`.
     `align` places each cell's value at its receptive-field centre (default) or evenly over
-    the frame (`even`, the released code). Heatmaps are computed image by image and dropped
+    the frame (`even`, the released code); `threshold`, `threshold_on`, `upsample`,
+    `min_mass`, `min_box_area` and `box_score` make the `BoxRule`. Heatmaps are computed image by image and dropped
     after boxing, so memory stays at one image's upsampled maps.
 
     Baselines (in `.baselines`): `oracle` always; `classifier_map` when `head` (anything with
@@ -550,7 +671,8 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
     """
     from .maps import ALIGNMENTS, LinearMap
 
-    rule = parse_threshold(threshold)
+    rule = BoxRule(parse_threshold(threshold), threshold_on, upsample, min_mass, min_box_area,
+                   box_score)
     if align not in ALIGNMENTS:
         raise MammoSaeError(f"unknown cell alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
     latents = [int(j) for j in latents]
@@ -558,17 +680,16 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
         raise MammoSaeError("no latents to localise; give a ranking or latent indices")
     indices, records = select_images(store, concept, split, image_set)
     gt_boxes = [unique_boxes(r.boxes_of(concept)) for r in records]
-    common = dict(align=align, min_box_area=min_box_area, box_score=box_score,
-                  batch_rows=batch_rows, progress=progress)
-    detections = _detect(store, sae, latents, indices, records, rule, desc=f"localise {concept}",
-                         **common)
+    common = dict(align=align, batch_rows=batch_rows, progress=progress)
+    detections = _detect(store, sae, latents, indices, records, gt_boxes, rule,
+                         desc=f"localise {concept}", **common)
     rows = [{"rank": j + 1, "latent": latent,
              **_ap_row([d[j] for d in detections], gt_boxes, iou_threshold, match)}
             for j, latent in enumerate(latents)]
     baselines: dict[str, Any] = {"oracle": oracle_ap(detections, gt_boxes, iou_threshold, match)}
     classifier_detections = None
     if head is not None:
-        cam = _detect(store, LinearMap(head.w_d), [0], indices, records, rule,
+        cam = _detect(store, LinearMap(head.w_d), [0], indices, records, gt_boxes, rule,
                       desc="classifier map", **common)
         classifier_detections = [d[0] for d in cam]
         baselines["classifier_map"] = _ap_row(classifier_detections, gt_boxes, iou_threshold,
@@ -576,9 +697,8 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
     if chance_draws > 0:
         baselines["chance"] = chance_ap(records, gt_boxes, iou_threshold, match,
                                         draws=chance_draws, seed=seed)
-    settings = {"concept": concept, "threshold": rule.spec, "iou_threshold": iou_threshold,
-                "split": split, "image_set": image_set, "box_score": box_score,
-                "min_box_area": min_box_area, "match": match, "ap": "voc-all-point",
+    settings = {"concept": concept, **rule.settings(), "iou_threshold": iou_threshold,
+                "split": split, "image_set": image_set, "match": match, "ap": "voc-all-point",
                 "align": align, "n_images": len(indices),
                 "n_gt": int(sum(len(g) for g in gt_boxes))}
     return LocalizationResult(table=pd.DataFrame(rows), latents=latents, image_indices=indices,
@@ -619,6 +739,7 @@ def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any
         raise MammoSaeError(f"need at least one image for the figure, got {n_images}")
     s = result.settings
     align = s.get("align", "even")  # results from before the setting existed used `even`
+    mode = BoxRule.from_settings(s).upsample
     with_cam = head is not None and result.classifier_detections is not None
     order = sorted(range(len(result.image_indices)), key=lambda k: len(result.gt_boxes[k]) == 0)
     chosen = order[:n_images]
@@ -633,11 +754,11 @@ def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any
         image = display_image(rec.path, rec.frame_hw)
         centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
         gt = result.gt_boxes[k]
-        named = [(f"latent {lat}", upsample(m, rec.frame_hw, centres), det)
+        named = [(f"latent {lat}", upsample(m, rec.frame_hw, centres, mode), det)
                  for lat, m, det in zip(result.latents, maps_lhw, result.detections[k],
                                                 strict=True)]
         if cam is not None and result.classifier_detections is not None:
-            named.insert(0, ("classifier map", upsample(cam[0], rec.frame_hw, centres),
+            named.insert(0, ("classifier map", upsample(cam[0], rec.frame_hw, centres, mode),
                              result.classifier_detections[k]))
         column = []
         for j, (name, heat, det) in enumerate(named):
@@ -663,6 +784,20 @@ def _cell_spans(centres: np.ndarray | None, n_cells: int, frame_len: int
     return c + 0.5 - step / 2, c + 0.5 + step / 2
 
 
+def _cells_on_boxes(grid_hw: tuple[int, ...], frame_hw: tuple[int, int],
+                    centres: tuple[np.ndarray, np.ndarray] | None, gt_m4: np.ndarray
+                    ) -> np.ndarray:
+    """(gh, gw) cells whose stride-wide window (around where `upsample` puts the cell's value)
+    overlaps any of the boxes: where a pointing-game hit may land."""
+    gh, gw = int(grid_hw[0]), int(grid_hw[1])
+    y0, y1 = _cell_spans(None if centres is None else centres[0], gh, int(frame_hw[0]))
+    x0, x1 = _cell_spans(None if centres is None else centres[1], gw, int(frame_hw[1]))
+    on_box = np.zeros((gh, gw), dtype=bool)
+    for b in np.asarray(gt_m4, dtype=np.float64).reshape(-1, 4):
+        on_box |= ((y0 < b[3]) & (y1 > b[1]))[:, None] & ((x0 < b[2]) & (x1 > b[0]))[None, :]
+    return on_box
+
+
 def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "training",
                     latents: Sequence[int] | None = None, align: str = "receptive-field",
                     batch_rows: int = 8192, progress: bool = True
@@ -683,17 +818,10 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
     maps = iter_latent_maps(store, sae, lat, indices, batch_rows=batch_rows)
     for rec, maps_lhw in tqdm(zip(records, maps), total=len(records), disable=not progress,
                               desc=f"pointing {concept}", unit="img"):
-        n_lat, gh, gw = maps_lhw.shape
-        H, W = rec.frame_hw
-        centres = heatmap_centres(store, rec.frame_hw, (gh, gw), align)
-        y0, y1 = _cell_spans(None if centres is None else centres[0], gh, H)
-        x0, x1 = _cell_spans(None if centres is None else centres[1], gw, W)
-        # Cells (as pixel rectangles) that overlap any GT box of the concept.
-        on_box = np.zeros((gh, gw), dtype=bool)
-        for b in unique_boxes(rec.boxes_of(concept)):
-            rows = (y0 < b[3]) & (y1 > b[1])
-            cols = (x0 < b[2]) & (x1 > b[0])
-            on_box |= rows[:, None] & cols[None, :]
+        n_lat = maps_lhw.shape[0]
+        centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
+        on_box = _cells_on_boxes(maps_lhw.shape[-2:], rec.frame_hw, centres,
+                                 unique_boxes(rec.boxes_of(concept)))
         flat = maps_lhw.reshape(n_lat, -1)
         best = flat.argmax(axis=1)
         hits += on_box.reshape(-1)[best] & (flat.max(axis=1) > 0)
@@ -701,9 +829,11 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
 
 
 __all__ = [
-    "APResult", "BASELINES", "Detections", "LocalizationResult", "ThresholdRule",
+    "APResult", "BASELINES", "BoxRule", "Detections", "REPORTED_IOUS", "THRESHOLD_ON",
+    "LocalizationResult", "ThresholdRule",
     "average_precision", "box_areas", "box_iou", "chance_ap", "chance_boxes", "coco_ap101",
-    "heatmap_boxes", "localize", "mask_to_boxes", "match_image", "oracle_ap", "oracle_boxes",
-    "parse_threshold", "pointing_scores", "save_figure_grid", "score_boxes",
+    "heatmap_boxes", "image_detections", "localize", "map_boxes", "mask_to_boxes", "match_image",
+    "oracle_ap", "oracle_boxes", "parse_threshold", "pointing_scores", "save_figure_grid",
+    "score_boxes",
     "select_images", "table2", "threshold_mask", "unique_boxes", "voc_ap",
 ]

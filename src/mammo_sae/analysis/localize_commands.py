@@ -16,9 +16,11 @@ from ..io import write_json, write_text_atomic, writer_lock
 
 @dataclass
 class LocalizeConfig:
-    """Heatmap of each latent on each evaluated image (bilinear, model-input frame) → threshold →
-    one box per connected region (w·h ≥ min-box-area) scored by its mean activation → VOC
-    all-point AP at the IoU threshold, pooled over images, per latent; baselines: chance boxes,
+    """Heatmap of each latent on each evaluated image (bilinear or nearest, model-input frame) →
+    threshold (of the heatmap or of the native cell grid) → one box per connected region
+    (w·h ≥ min-box-area, ≥ min-mass of the heat) scored by its mean activation → VOC
+    all-point AP at the IoU threshold (and at 0.1 / 0.25 / 0.5) and pointing-game accuracy,
+    pooled over images, per latent; baselines: chance boxes,
     the classifier's own activation map (--classifier) and an oracle box. Writes
     localization.json, localization.csv (one row per latent), table2.csv (one row, AP per rank
     and per baseline), detections.json and figure3.png into --out. See docs/localization.md."""
@@ -41,6 +43,13 @@ class LocalizeConfig:
     candidates: int = opt(0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)")
     threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
                                      "relmax:F = F x its max (released code: relmax:0.3); abs:X")
+    threshold_on: Literal["frame", "grid"] = opt(
+        "frame", help="frame: threshold the upsampled heatmap (paper); grid: threshold the "
+        "native cell map, a box spanning each connected group of cells")
+    upsample: Literal["bilinear", "nearest"] = opt(
+        "bilinear", help="how cells become heatmap pixels: bilinear (paper) or nearest cell")
+    min_mass: float = opt(0.0, min=0.0, lt=1.0, help="drop connected regions holding less than "
+                          "this share of the mask's summed heat (0 = keep all)")
     align: Literal["receptive-field", "even"] = opt(
         "receptive-field", help="where a cell's value sits when the map is upsampled: at the "
         "cell's receptive-field centre, or evenly laid over the frame (the released code)")
@@ -68,7 +77,7 @@ class LocalizeConfig:
 
 def run_localize(cfg: LocalizeConfig) -> int:
     from .intervene import load_head
-    from .localize import localize, pointing_scores, save_figure_grid, table2
+    from .localize import REPORTED_IOUS, localize, pointing_scores, save_figure_grid, table2
     from .probe import read_ranking
     from .summaries import open_sae, open_store
 
@@ -98,7 +107,8 @@ def run_localize(cfg: LocalizeConfig) -> int:
     result = localize(store, sae, cfg.concept, latents, threshold=cfg.threshold,
                       iou_threshold=cfg.iou, split=cfg.split, image_set=cfg.images,
                       box_score=cfg.box_score, min_box_area=cfg.min_box_area, match=cfg.match,
-                      align=cfg.align, head=head, chance_draws=cfg.chance_draws, seed=cfg.seed,
+                      align=cfg.align, threshold_on=cfg.threshold_on, upsample=cfg.upsample,
+                      min_mass=cfg.min_mass, head=head, chance_draws=cfg.chance_draws, seed=cfg.seed,
                       batch_rows=cfg.batch_rows, progress=cfg.progress)
     if importances:
         result.table.insert(2, "importance", importances)
@@ -115,7 +125,8 @@ def run_localize(cfg: LocalizeConfig) -> int:
         if cfg.figure_images > 0:
             save_figure_grid(store, sae, result, out / "figure3.png", n_images=cfg.figure_images,
                              head=head, label=cfg.label, batch_rows=cfg.batch_rows)
-    cols = ["rank", "latent", "ap", "n_pred", "n_gt", "best_f1"]
+    cols = ["rank", "latent", "ap", *(f"ap_iou_{v:g}" for v in REPORTED_IOUS), "pointing",
+            "n_pred", "n_gt"]
     print(result.table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("baselines: " + ", ".join(f"{name} AP {b['ap']:.3f}" for name, b in result.baselines.items()))
     print(f"wrote {out}/localization.json, localization.csv, table2.csv, detections.json")

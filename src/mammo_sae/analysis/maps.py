@@ -132,9 +132,13 @@ class LinearMap:
         return (x_nd.double() @ self.w_d.to(x_nd.device))[:, None]
 
 
+UPSAMPLINGS = ("bilinear", "nearest")
+
+
 def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int],
-             centres: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-    """Bilinear upsampling of `(h, w)` or `(n, h, w)` maps to the model-input frame.
+             centres: tuple[np.ndarray, np.ndarray] | None = None,
+             mode: str = "bilinear") -> np.ndarray:
+    """Bilinear (or nearest-cell) upsampling of `(h, w)` or `(n, h, w)` maps to the frame.
 
     `centres` = (row, column) pixel coordinates where each cell's value belongs, normally its
     receptive-field centre (`receptive_field_centres`): the map is interpolated linearly
@@ -142,24 +146,33 @@ def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int],
     evenly over the frame, i.e. torch's `align_corners=False` (the released code), which puts
     cell i at (i + 0.5)·H/h − 0.5: 15.5 px before its receptive-field centre on the phantom's
     encoder, up to ≈ 8 px off on B5 at 1520×912 (docs/localization.md).
+
+    `mode="nearest"` gives each pixel the value of the cell whose centre is nearest (ties: the
+    earlier cell), so the heatmap is piecewise constant and a threshold keeps whole cells.
     """
+    if mode not in UPSAMPLINGS:
+        raise MammoSaeError(f"unknown upsampling {mode!r}; valid: {', '.join(UPSAMPLINGS)}")
     arr = np.asarray(map_hw, dtype=np.float32)
     if arr.ndim not in (2, 3):
         raise MammoSaeError(f"map must be (h, w) or (n, h, w), got shape {arr.shape}")
     H, W = (int(v) for v in frame_hw)
     if H < 1 or W < 1:
         raise MammoSaeError(f"invalid frame size {frame_hw}")
+    if mode == "nearest" and centres is None:  # the even layout's cell positions
+        centres = (cell_centres(arr.shape[-2], H), cell_centres(arr.shape[-1], W))
     if centres is not None:
-        rows_hh = _interpolation_matrix(centres[0], arr.shape[-2], H)
-        cols_ww = _interpolation_matrix(centres[1], arr.shape[-1], W)
+        rows_hh = _interpolation_matrix(centres[0], arr.shape[-2], H, mode)
+        cols_ww = _interpolation_matrix(centres[1], arr.shape[-1], W, mode)
         return np.matmul(np.matmul(rows_hh, arr), cols_ww.T)   # (H, h) @ (.., h, w) @ (w, W)
     x = torch.from_numpy(np.ascontiguousarray(arr)).reshape(1, -1, *arr.shape[-2:])
     out = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
     return out.reshape(*arr.shape[:-2], H, W).numpy()
 
 
-def _interpolation_matrix(centres: np.ndarray, n_cells: int, n_pixels: int) -> np.ndarray:
-    """(n_pixels, n_cells) weights of linear interpolation between the cells' pixel positions."""
+def _interpolation_matrix(centres: np.ndarray, n_cells: int, n_pixels: int,
+                          mode: str = "bilinear") -> np.ndarray:
+    """(n_pixels, n_cells) weights of linear (or nearest-cell) interpolation between the cells'
+    pixel positions."""
     c = np.asarray(centres, dtype=np.float64).reshape(-1)
     if len(c) != n_cells:
         raise MammoSaeError(f"{len(c)} cell centres for a map axis of {n_cells} cells")
@@ -172,6 +185,8 @@ def _interpolation_matrix(centres: np.ndarray, n_cells: int, n_pixels: int) -> n
     x = np.arange(n_pixels, dtype=np.float64)
     k = np.clip(np.searchsorted(c, x, side="right") - 1, 0, n_cells - 2)
     t = np.clip((x - c[k]) / (c[k + 1] - c[k]), 0.0, 1.0)
+    if mode == "nearest":
+        t = (t > 0.5).astype(np.float64)
     out[np.arange(n_pixels), k] = 1.0 - t
     out[np.arange(n_pixels), k + 1] += t
     return out
@@ -228,5 +243,5 @@ def heatmap_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, i
     return receptive_field_centres(store, frame_hw, grid_hw) if align == "receptive-field" else None
 
 
-__all__ = ["ALIGNMENTS", "LinearMap", "cell_centres", "heatmap_centres", "iter_latent_maps",
+__all__ = ["ALIGNMENTS", "UPSAMPLINGS", "LinearMap", "cell_centres", "heatmap_centres", "iter_latent_maps",
            "latent_maps", "receptive_field_centres", "upsample"]

@@ -256,8 +256,8 @@ class LatentPages:
 
     def fill_images(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
         from ..analysis.figures import LatentPanel, display_image, save_panel_grid
-        from ..analysis.localize import heatmap_boxes, match_image, unique_boxes
-        from ..analysis.maps import heatmap_centres, iter_latent_maps, upsample
+        from ..analysis.localize import BoxRule, map_boxes, match_image, unique_boxes
+        from ..analysis.maps import heatmap_centres, iter_latent_maps
 
         split = self.split_of(m)
         s.add("<h3>Top-activating images</h3>")
@@ -269,7 +269,8 @@ class LatentPages:
         # Boxes as the model's localize stage drew them: its recorded threshold, alignment, IoU
         # (the paper's defaults where the stage has not run for this model).
         loc = self.localize_settings(m.name)
-        threshold, align = str(loc.get("threshold", "p95")), str(loc.get("align", "even"))
+        rule = BoxRule.from_settings(loc)
+        threshold, align = rule.threshold.spec, str(loc.get("align", "even"))
         iou, match = float(loc.get("iou_threshold", 0.25)), str(loc.get("match", "voc"))
         info.update(threshold=threshold, align=align, from_localize=bool(loc))
         records, store = self.records(m), self.store(m)
@@ -279,8 +280,7 @@ class LatentPages:
                                   strict=True):
             rec = records[i]
             centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
-            heat = upsample(maps_lhw[0], rec.frame_hw, centres)
-            pred, scores = heatmap_boxes(heat, threshold)
+            heat, pred, scores = map_boxes(maps_lhw[0], rec.frame_hw, centres, rule)
             gt = unique_boxes(rec.boxes_of(m.concept))
             hits = match_image(pred, scores, gt, iou, match)  # type: ignore[arg-type]
             mark = "" if not len(gt) else (" · HIT" if hits.any() else " · miss")
