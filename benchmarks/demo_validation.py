@@ -44,6 +44,7 @@ DEMO_CONFIG = Path(__file__).resolve().parents[1] / "src" / "mammo_sae" / "confi
 
 # ----------------------------------------------------------------------------- figures
 
+
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
@@ -59,7 +60,9 @@ def figures(run: Path) -> dict[str, float]:
         s = SHORT[concept]
         out[f"{s} AUROC LP"] = metrics[f"{concept}-pretrained"]["auroc"]["value"]
         out[f"{s} AUROC FT"] = metrics[f"{concept}-finetuned"]["auroc"]["value"]
-        sweep = pd.read_csv(run / "analysis" / "intervene" / f"{concept}-finetuned" / "intervene.csv")
+        sweep = pd.read_csv(
+            run / "analysis" / "intervene" / f"{concept}-finetuned" / "intervene.csv"
+        )
         off = sweep[(sweep["mode"] == "off") & (sweep["k"] > 0) & (sweep["k"] <= 1000)]
         out[f"{s} off-curve min (k<=1000)"] = float(off["auroc"].min())
         on = sweep[(sweep["mode"] == "on") & (sweep["k"] == 1)]
@@ -78,12 +81,16 @@ def figures(run: Path) -> dict[str, float]:
     out["own SAE recovered"] = float(own["recovered"])
 
     frame = pd.read_csv(run / "data" / "vindr_detection_v1_folds.csv")
-    marked = (frame.assign(image_id=frame["image_id"].astype(str).str.removesuffix(".png"))
-              .groupby("image_id")["confounder"].max())
+    marked = (
+        frame.assign(image_id=frame["image_id"].astype(str).str.removesuffix(".png"))
+        .groupby("image_id")["confounder"]
+        .max()
+    )
     scores = pd.read_csv(run / "models" / "eval-Suspicious_Calcification-finetuned.csv")
     neg = scores[scores["label"] == 0]
-    out["classifier shortcut AUROC"] = auroc(neg["image_id"].map(marked).to_numpy(),
-                                             neg["score"].to_numpy())
+    out["classifier shortcut AUROC"] = auroc(
+        neg["image_id"].map(marked).to_numpy(), neg["score"].to_numpy()
+    )
     calc = run / "analysis" / "separation" / "Suspicious_Calcification"
     models = _read_json(calc / "separation.json")["models"]
     out["marker-assoc. in top-10 FT"] = models["finetuned"]["associated_in_top"]
@@ -103,35 +110,71 @@ def figures(run: Path) -> dict[str, float]:
 Claim = tuple[str, Callable[[dict[str, float]], bool]]
 
 CLAIMS: list[Claim] = [
-    *[(f"{SHORT[c]}: finetuned AUROC > 0.8", lambda f, s=SHORT[c]: f[f"{s} AUROC FT"] > 0.8)
-      for c in CONCEPTS],
-    *[(f"{SHORT[c]}: finetuned > linear probe + 0.2",
-       lambda f, s=SHORT[c]: f[f"{s} AUROC FT"] > f[f"{s} AUROC LP"] + 0.2) for c in CONCEPTS],
-    ("own SAE: FVU < 0.1 and recovered > 0.9",
-     lambda f: f["own SAE FVU"] < 0.1 and f["own SAE recovered"] > 0.9),
-    *[(f"{SHORT[c]}: switching top-k off reaches < 0.65 for some k <= 1000",
-       lambda f, s=SHORT[c]: f[f"{s} off-curve min (k<=1000)"] < 0.65) for c in CONCEPTS],
-    *[(f"{SHORT[c]}: separation FT > LP + 0.3",
-       lambda f, s=SHORT[c]: f[f"{s} separation FT"] > f[f"{s} separation LP"] + 0.3)
-      for c in CONCEPTS],
-    *[(f"{SHORT[c]}: pointing-chosen AP > ranked top-10 AP + 0.03",
-       lambda f, s=SHORT[c]: f[f"{s} pointing gain"] > 0.03) for c in CONCEPTS],
-    ("mean pointing gain > 0.06",
-     lambda f: (f["Mass pointing gain"] + f["Calc pointing gain"]) / 2 > 0.06),
-    ("classifier took the marker shortcut (AUROC > 0.8)",
-     lambda f: f["classifier shortcut AUROC"] > 0.8),
-    ("marker-associated latents: >= 6 of the finetuned top-10",
-     lambda f: f["marker-assoc. in top-10 FT"] >= 6),
-    ("marker-associated latents: none of the linear probe's top-10",
-     lambda f: f["marker-assoc. in top-10 LP"] == 0),
-    ("switching them off lowers the shortcut by > 0.04",
-     lambda f: f["SAE shortcut, assoc. off"] < f["SAE shortcut AUROC"] - 0.04),
-    ("... and costs < 0.02 concept AUROC",
-     lambda f: f["Calc AUROC, assoc. off"] > f["Calc AUROC SAE"] - 0.02),
+    *[
+        (f"{SHORT[c]}: finetuned AUROC > 0.8", lambda f, s=SHORT[c]: f[f"{s} AUROC FT"] > 0.8)
+        for c in CONCEPTS
+    ],
+    *[
+        (
+            f"{SHORT[c]}: finetuned > linear probe + 0.2",
+            lambda f, s=SHORT[c]: f[f"{s} AUROC FT"] > f[f"{s} AUROC LP"] + 0.2,
+        )
+        for c in CONCEPTS
+    ],
+    (
+        "own SAE: FVU < 0.1 and recovered > 0.9",
+        lambda f: f["own SAE FVU"] < 0.1 and f["own SAE recovered"] > 0.9,
+    ),
+    *[
+        (
+            f"{SHORT[c]}: switching top-k off reaches < 0.65 for some k <= 1000",
+            lambda f, s=SHORT[c]: f[f"{s} off-curve min (k<=1000)"] < 0.65,
+        )
+        for c in CONCEPTS
+    ],
+    *[
+        (
+            f"{SHORT[c]}: separation FT > LP + 0.3",
+            lambda f, s=SHORT[c]: f[f"{s} separation FT"] > f[f"{s} separation LP"] + 0.3,
+        )
+        for c in CONCEPTS
+    ],
+    *[
+        (
+            f"{SHORT[c]}: pointing-chosen AP > ranked top-10 AP + 0.03",
+            lambda f, s=SHORT[c]: f[f"{s} pointing gain"] > 0.03,
+        )
+        for c in CONCEPTS
+    ],
+    (
+        "mean pointing gain > 0.06",
+        lambda f: (f["Mass pointing gain"] + f["Calc pointing gain"]) / 2 > 0.06,
+    ),
+    (
+        "classifier took the marker shortcut (AUROC > 0.8)",
+        lambda f: f["classifier shortcut AUROC"] > 0.8,
+    ),
+    (
+        "marker-associated latents: >= 6 of the finetuned top-10",
+        lambda f: f["marker-assoc. in top-10 FT"] >= 6,
+    ),
+    (
+        "marker-associated latents: none of the linear probe's top-10",
+        lambda f: f["marker-assoc. in top-10 LP"] == 0,
+    ),
+    (
+        "switching them off lowers the shortcut by > 0.04",
+        lambda f: f["SAE shortcut, assoc. off"] < f["SAE shortcut AUROC"] - 0.04,
+    ),
+    (
+        "... and costs < 0.02 concept AUROC",
+        lambda f: f["Calc AUROC, assoc. off"] > f["Calc AUROC SAE"] - 0.02,
+    ),
 ]
 
 
 # ----------------------------------------------------------------------------- the grid
+
 
 def _classifier_seeds(offset: int) -> dict[str, dict[str, int]]:
     """models.{pretrain,linear_probe,finetune}.seed = the recipe's default + offset."""
@@ -140,9 +183,11 @@ def _classifier_seeds(offset: int) -> dict[str, dict[str, int]]:
     def default(cls: type) -> int:
         return next(f.default for f in dataclasses.fields(cls) if f.name == "seed")
 
-    return {"pretrain": {"seed": default(PretrainConfig) + offset},
-            "linear_probe": {"seed": default(TrainConfig) + offset},
-            "finetune": {"seed": default(TrainConfig) + offset}}
+    return {
+        "pretrain": {"seed": default(PretrainConfig) + offset},
+        "linear_probe": {"seed": default(TrainConfig) + offset},
+        "finetune": {"seed": default(TrainConfig) + offset},
+    }
 
 
 def _config(work: Path, threads: int, offset: int, sae_seed: int) -> Path:
@@ -159,8 +204,11 @@ def _config(work: Path, threads: int, offset: int, sae_seed: int) -> Path:
 
 def _run(config: Path, out: Path) -> float:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "mammo_sae", "run", str(config), "--out", str(out),
-                    "--no-progress"], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-m", "mammo_sae", "run", str(config), "--out", str(out), "--no-progress"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return time.perf_counter() - t0
 
 
@@ -184,7 +232,7 @@ def run_grid(args: argparse.Namespace) -> None:
                     print(f"{_cell_name(run)}: refreshed in {seconds:.0f} s", flush=True)
                 elif not (run / "stages" / "report.json").is_file():
                     shutil.rmtree(run, ignore_errors=True)
-                    if base is not None:   # reuse data, classifiers and stores: only the SAE differs
+                    if base is not None:  # reuse data, classifiers and stores: only the SAE differs
                         run.mkdir(parents=True)
                         for part in ("data", "models", "stores", "stages"):
                             shutil.copytree(base / part, run / part)
@@ -204,13 +252,18 @@ def summarize(cells: dict[str, dict[str, float]]) -> tuple[pd.DataFrame, pd.Data
     per_cell = pd.DataFrame(cells)
     spread = pd.DataFrame({"min": per_cell.min(axis=1), "max": per_cell.max(axis=1)})
     claims = pd.DataFrame(
-        [{"claim": text, "held": sum(bool(test(f)) for f in cells.values()), "of": len(cells)}
-         for text, test in CLAIMS]).set_index("claim")
+        [
+            {"claim": text, "held": sum(bool(test(f)) for f in cells.values()), "of": len(cells)}
+            for text, test in CLAIMS
+        ]
+    ).set_index("claim")
     return spread, claims
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
 
     def ints(text: str) -> list[int]:
         return [int(s) for s in text.split(",") if s.strip()]
@@ -218,36 +271,74 @@ def main() -> None:
     ap.add_argument("--threads", type=ints, default=[1, 2])
     ap.add_argument("--classifier-seeds", type=ints, default=[0, 1])
     ap.add_argument("--sae-seeds", type=ints, default=[49, 1, 2, 3, 4])
-    ap.add_argument("--work", type=Path, default=Path("/tmp/demo-validation"),
-                    help="where the runs go (finished cells are reused on a rerun)")
-    ap.add_argument("--save", type=Path, default=None,
-                    help="folder for cpu_demo_validation.txt/.json (e.g. benchmarks/results)")
-    ap.add_argument("--refresh", action="store_true",
-                    help="also run finished cells again with this code (stages that are up to "
-                         "date are skipped)")
-    ap.add_argument("--summary-only", action="store_true",
-                    help="run nothing: summarise the finished cells under --work")
+    ap.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/demo-validation"),
+        help="where the runs go (finished cells are reused on a rerun)",
+    )
+    ap.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="folder for cpu_demo_validation.txt/.json (e.g. benchmarks/results)",
+    )
+    ap.add_argument(
+        "--refresh",
+        action="store_true",
+        help="also run finished cells again with this code (stages that are up to "
+        "date are skipped)",
+    )
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: summarise the finished cells under --work",
+    )
     args = ap.parse_args()
     if not args.summary_only:
         run_grid(args)
     cells = finished_cells(args.work)
     spread, claims = summarize(cells)
     pd.set_option("display.width", 200)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    header = (f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}; "
-              f"{len(cells)} finished cells (threads / classifier seed offset / SAE seed)\n"
-              f"# python benchmarks/demo_validation.py  (tests/test_demo_run.py asserts only "
-              f"what holds by construction)")
-    text = "\n\n".join([header, "## per cell", pd.DataFrame(cells).round(3).to_string(),
-                        "## spread over the cells", spread.round(3).to_string(),
-                        "## claims (cells where it held / cells)", claims.to_string()])
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    header = (
+        f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu}; "
+        f"{len(cells)} finished cells (threads / classifier seed offset / SAE seed)\n"
+        f"# python benchmarks/demo_validation.py  (tests/test_demo_run.py asserts only "
+        f"what holds by construction)"
+    )
+    text = "\n\n".join(
+        [
+            header,
+            "## per cell",
+            pd.DataFrame(cells).round(3).to_string(),
+            "## spread over the cells",
+            spread.round(3).to_string(),
+            "## claims (cells where it held / cells)",
+            claims.to_string(),
+        ]
+    )
     print(text)
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         (args.save / "cpu_demo_validation.txt").write_text(text + "\n")
-        (args.save / "cpu_demo_validation.json").write_text(json.dumps(
-            {"cells": cells, "claims": claims.reset_index().to_dict(orient="records")}, indent=1) + "\n")
+        (args.save / "cpu_demo_validation.json").write_text(
+            json.dumps(
+                {"cells": cells, "claims": claims.reset_index().to_dict(orient="records")}, indent=1
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

@@ -36,8 +36,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(arch: str, hw: tuple[int, int], batch: int, variant: str, device: torch.device,
-            warmup: int, iters: int) -> float:
+def measure(
+    arch: str,
+    hw: tuple[int, int],
+    batch: int,
+    variant: str,
+    device: torch.device,
+    warmup: int,
+    iters: int,
+) -> float:
     """Images per second for one (arch, size, variant)."""
     torch.manual_seed(0)
     torch.set_flush_denormal(variant != "fp32-denormals")
@@ -47,8 +54,11 @@ def measure(arch: str, hw: tuple[int, int], batch: int, variant: str, device: to
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if variant.startswith("bf16")
-                else nullcontext())
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if variant.startswith("bf16")
+        else nullcontext()
+    )
 
     if variant == "train":
         model.train()
@@ -77,18 +87,28 @@ def measure(arch: str, hw: tuple[int, int], batch: int, variant: str, device: to
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--cases", default="b5,b2,phantom", help=f"comma list of {', '.join(CASES)}")
-    p.add_argument("--variants", default="fp32,fp32-cl", help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument(
+        "--variants", default="fp32,fp32-cl", help=f"comma list of {', '.join(VARIANTS)}"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=2)
-    p.add_argument("--phantom-train", action=argparse.BooleanOptionalAction, default=True,
-                   help="also time a phantom forward+backward+AdamW step (batch 16)")
+    p.add_argument(
+        "--phantom-train",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time a phantom forward+backward+AdamW step (batch 16)",
+    )
     args = p.parse_args()
     device = torch.device(args.device)
-    print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
-          f"cpu_count={os.cpu_count()} loadavg_before={os.getloadavg()[0]:.1f}")
+    print(
+        f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"cpu_count={os.cpu_count()} loadavg_before={os.getloadavg()[0]:.1f}"
+    )
     if device.type == "cuda":
         print(f"gpu={torch.cuda.get_device_name(device)}")
     for case in args.cases.split(","):
@@ -100,8 +120,11 @@ def main() -> None:
         for variant in variants:
             ips = measure(arch, (h, w), batch, variant, device, args.warmup, args.iters)
             base = base or ips
-            print(f"{arch:22s} {h}x{w} batch {batch:2d} {variant:15s} {ips:9.2f} images/s "
-                  f"({ips / base:5.2f}x {variants[0]})  loadavg={os.getloadavg()[0]:.1f}", flush=True)
+            print(
+                f"{arch:22s} {h}x{w} batch {batch:2d} {variant:15s} {ips:9.2f} images/s "
+                f"({ips / base:5.2f}x {variants[0]})  loadavg={os.getloadavg()[0]:.1f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -68,20 +68,35 @@ def main() -> None:
         save_sae(SparseAutoencoder(cfg, seed=0), root / "sae")
         (root / "png").mkdir()
         paths = make_inputs(root / "png", args.images, hw)  # type: ignore[arg-type]
-        ex = Explainer.load(root / "clf", root / "sae", size_hw=hw,  # type: ignore[arg-type]
-                            device=device)
+        ex = Explainer.load(
+            root / "clf",
+            root / "sae",
+            size_hw=hw,  # type: ignore[arg-type]
+            device=device,
+        )
         explain_images(ex, paths[:2], root / "warmup", top=args.top, progress=False)
-        print(f"explain at {hw[0]}x{hw[1]}, efficientnet-phantom + SAE h={args.h}, "
-              f"{args.images} images, batch {args.batch_size}, top {args.top}, device {device}, "
-              f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")
+        print(
+            f"explain at {hw[0]}x{hw[1]}, efficientnet-phantom + SAE h={args.h}, "
+            f"{args.images} images, batch {args.batch_size}, top {args.top}, device {device}, "
+            f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}"
+        )
         for heatmaps in (False, True):
             t0 = time.perf_counter()
-            explain_images(ex, paths, root / f"out{int(heatmaps)}", top=args.top,
-                           batch_size=args.batch_size, heatmaps=heatmaps, progress=False)
+            explain_images(
+                ex,
+                paths,
+                root / f"out{int(heatmaps)}",
+                top=args.top,
+                batch_size=args.batch_size,
+                heatmaps=heatmaps,
+                progress=False,
+            )
             dt = time.perf_counter() - t0
             n_png = len(list((root / f"out{int(heatmaps)}").rglob("latent_*.png")))
-            print(f"  heatmaps={heatmaps!s:5}  {args.images / dt:6.2f} images/s  "
-                  f"({dt:.1f} s, {n_png} heatmap PNGs)")
+            print(
+                f"  heatmaps={heatmaps!s:5}  {args.images / dt:6.2f} images/s  "
+                f"({dt:.1f} s, {n_png} heatmap PNGs)"
+            )
 
 
 if __name__ == "__main__":

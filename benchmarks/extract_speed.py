@@ -46,13 +46,19 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward_rate(encoder: torch.nn.Module, xs: list[torch.Tensor], batch_size: int,
-                      layer: str, device: torch.device, autocast: bool) -> float:
+def bare_forward_rate(
+    encoder: torch.nn.Module,
+    xs: list[torch.Tensor],
+    batch_size: int,
+    layer: str,
+    device: torch.device,
+    autocast: bool,
+) -> float:
     encoder = encoder.eval().to(device)
-    channels_last = device.type == "cuda" and autocast   # as extract() does
+    channels_last = device.type == "cuda" and autocast  # as extract() does
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    batches = [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
+    batches = [torch.stack(xs[i : i + batch_size]) for i in range(0, len(xs), batch_size)]
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
         encoder.forward_features(batches[0].to(device), [layer])  # warm-up
         _sync(device)
@@ -67,7 +73,9 @@ def bare_forward_rate(encoder: torch.nn.Module, xs: list[torch.Tensor], batch_si
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--arch", default="efficientnet-phantom")
     ap.add_argument("--layer", default="final")
     ap.add_argument("--image-size", default="256x160")
@@ -79,12 +87,18 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--autocast", action="store_true")
     ap.add_argument("--data", type=Path, default=None)
-    ap.add_argument("--pipeline-only", type=int, default=0, metavar="D",
-                    help="use a near-free D-channel stand-in encoder: the pipeline's ceiling")
+    ap.add_argument(
+        "--pipeline-only",
+        type=int,
+        default=0,
+        metavar="D",
+        help="use a near-free D-channel stand-in encoder: the pipeline's ceiling",
+    )
     args = ap.parse_args()
     torch.set_flush_denormal(True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
-                          else args.device)
+    device = torch.device(
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     size_hw = parse_size(args.image_size)
     with tempfile.TemporaryDirectory(prefix="extract_speed_") as tmp:
         data = args.data
@@ -92,24 +106,49 @@ def main() -> None:
             from mammo_sae.data.phantom import PhantomConfig, generate
 
             data = Path(tmp) / "phantom"
-            generate(PhantomConfig(out=data, n_images=args.n_images, height=size_hw[0],
-                                   width=size_hw[1], seed=0, workers=max(1, args.workers)), progress=False)
+            generate(
+                PhantomConfig(
+                    out=data,
+                    n_images=args.n_images,
+                    height=size_hw[0],
+                    width=size_hw[1],
+                    seed=0,
+                    workers=max(1, args.workers),
+                ),
+                progress=False,
+            )
         records = load_records(data)[: args.n_images]
         xs = [RecordDataset(records, size_hw=size_hw)[i][0] for i in range(len(records))]
         if args.pipeline_only:
             encoder = PoolEncoder(args.pipeline_only)
-            info = {"source": None, "kind": "given", "sha256": None, "init_seed": None,
-                    "arch": f"pool-{args.pipeline_only}"}
+            info = {
+                "source": None,
+                "kind": "given",
+                "sha256": None,
+                "init_seed": None,
+                "arch": f"pool-{args.pipeline_only}",
+            }
         else:
             encoder, info = load_encoder(args.arch, seed=0)
         bare = bare_forward_rate(encoder, xs, args.batch_size, args.layer, device, args.autocast)
         seconds = {}
         for n in (len(records) // 2, len(records)):
-            cfg = ExtractConfig(data=data, model=args.arch, out=Path(tmp) / f"store{n}", layer=args.layer,
-                                split="all", dtype=args.dtype, subsample=args.subsample,
-                                image_size=args.image_size, batch_size=args.batch_size,
-                                workers=args.workers, shard_images=max(args.batch_size * 4, 32),
-                                max_images=n, device=str(device), autocast=args.autocast)
+            cfg = ExtractConfig(
+                data=data,
+                model=args.arch,
+                out=Path(tmp) / f"store{n}",
+                layer=args.layer,
+                split="all",
+                dtype=args.dtype,
+                subsample=args.subsample,
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                shard_images=max(args.batch_size * 4, 32),
+                max_images=n,
+                device=str(device),
+                autocast=args.autocast,
+            )
             t0 = time.perf_counter()
             extract(cfg, records=records[:n], encoder=encoder, model_info=info, progress=False)
             seconds[n] = time.perf_counter() - t0
@@ -118,17 +157,23 @@ def main() -> None:
         steady = (n_all - n_half) / max(seconds[n_all] - seconds[n_half], 1e-9)
         fixed = seconds[n_all] - n_all / steady
     arch = f"pipeline-only stand-in d={args.pipeline_only}" if args.pipeline_only else args.arch
-    print(f"device={device} ({torch.get_num_threads()} threads) arch={arch} layer={args.layer} "
-          f"input={args.image_size} images={len(records)} batch={args.batch_size} "
-          f"workers={args.workers} dtype={args.dtype} subsample={args.subsample}")
+    print(
+        f"device={device} ({torch.get_num_threads()} threads) arch={arch} layer={args.layer} "
+        f"input={args.image_size} images={len(records)} batch={args.batch_size} "
+        f"workers={args.workers} dtype={args.dtype} subsample={args.subsample}"
+    )
     print(f"bare forward      : {bare:8.2f} images/s")
     print(f"extract end to end: {full:8.2f} images/s   overhead {100 * (1 - full / bare):6.1f} %")
-    print(f"extract steady    : {steady:8.2f} images/s   overhead {100 * (1 - steady / bare):6.1f} %  "
-          f"(target ≤ 10 %; images {n_half}→{n_all})")
+    print(
+        f"extract steady    : {steady:8.2f} images/s   overhead {100 * (1 - steady / bare):6.1f} %  "
+        f"(target ≤ 10 %; images {n_half}→{n_all})"
+    )
     print(f"fixed cost per run: {fixed:8.2f} s (start-up, last shard's write)")
     if seconds[n_all] <= 1.5 * seconds[n_half]:
-        print("note: the full run took under 1.5x the half run; the steady-state figure is noise-dominated "
-              "(use more --n-images)")
+        print(
+            "note: the full run took under 1.5x the half run; the steady-state figure is noise-dominated "
+            "(use more --n-images)"
+        )
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def _peak(heat: np.ndarray) -> tuple[float, float]:
     return float(rows.mean()), float(cols.mean())
 
 
-def _offset(peak: tuple[float, float], gt: np.ndarray, laterality: str) -> tuple[float, float, float]:
+def _offset(
+    peak: tuple[float, float], gt: np.ndarray, laterality: str
+) -> tuple[float, float, float]:
     """(dy, dx, dx toward the nipple) from the nearest GT box centre, in pixel-centre units."""
     cy, cx = (gt[:, 1] + gt[:, 3]) / 2 - 0.5, (gt[:, 0] + gt[:, 2]) / 2 - 0.5
     k = int(np.argmin((cy - peak[0]) ** 2 + (cx - peak[1]) ** 2))
@@ -62,7 +64,9 @@ def measure(run: Path, model: dict[str, Any], split: str, top: int, out: Path) -
     offsets: dict[str, list[tuple[float, float, float]]] = {}
     row_above, shown = 0, False
     cams = iter_latent_maps(store, LinearMap(head.w_d), [0], indices)
-    lats = iter_latent_maps(store, sae, latents, indices) if latents else iter([None] * len(indices))
+    lats = (
+        iter_latent_maps(store, sae, latents, indices) if latents else iter([None] * len(indices))
+    )
     for rec, cam, lat in zip(records, cams, lats, strict=True):
         gt = unique_boxes(rec.boxes_of(model["concept"]))
         if not len(gt):
@@ -72,12 +76,14 @@ def measure(run: Path, model: dict[str, Any], split: str, top: int, out: Path) -
             centres = heatmap_centres(store, rec.frame_hw, grid, align)
             heat = upsample(cam[0], rec.frame_hw, centres)
             offsets.setdefault(f"classifier map ({align})", []).append(
-                _offset(_peak(heat), gt, rec.laterality))
+                _offset(_peak(heat), gt, rec.laterality)
+            )
             if lat is not None:
                 for m in upsample(lat, rec.frame_hw, centres):
                     if m.max() > 0:
                         offsets.setdefault(f"top-{len(latents)} latents ({align})", []).append(
-                            _offset(_peak(m), gt, rec.laterality))
+                            _offset(_peak(m), gt, rec.laterality)
+                        )
         rf = receptive_field_centres(store, rec.frame_hw, grid)
         if rf is not None:
             best_row = int(np.unravel_index(np.argmax(cam[0]), grid)[0])
@@ -86,16 +92,27 @@ def measure(run: Path, model: dict[str, Any], split: str, top: int, out: Path) -
             if not shown:
                 _figure(rec, cam[0], rf, gt, out / f"heatmap_offset_{model['name']}.png")
                 shown = True
-    summary = {name: {"n": len(v), "median_dy": float(np.median([o[0] for o in v])),
-                      "median_dx": float(np.median([o[1] for o in v])),
-                      "median_dx_toward_nipple": float(np.median([o[2] for o in v]))}
-               for name, v in offsets.items()}
-    return {"model": model["name"], "concept": model["concept"], "images": len(indices),
-            "classifier_peak_row_above_lesion_cell": row_above, "offsets": summary}
+    summary = {
+        name: {
+            "n": len(v),
+            "median_dy": float(np.median([o[0] for o in v])),
+            "median_dx": float(np.median([o[1] for o in v])),
+            "median_dx_toward_nipple": float(np.median([o[2] for o in v])),
+        }
+        for name, v in offsets.items()
+    }
+    return {
+        "model": model["name"],
+        "concept": model["concept"],
+        "images": len(indices),
+        "classifier_peak_row_above_lesion_cell": row_above,
+        "offsets": summary,
+    }
 
 
-def _figure(rec: Any, cam: np.ndarray, rf: tuple[np.ndarray, np.ndarray], gt: np.ndarray,
-            path: Path) -> None:
+def _figure(
+    rec: Any, cam: np.ndarray, rf: tuple[np.ndarray, np.ndarray], gt: np.ndarray, path: Path
+) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
@@ -104,8 +121,9 @@ def _figure(rec: Any, cam: np.ndarray, rf: tuple[np.ndarray, np.ndarray], gt: np
 
     fig = Figure(figsize=(7, 5))
     FigureCanvasAgg(fig)
-    for ax, (name, centres) in zip(fig.subplots(1, 2),
-                                   (("receptive-field", rf), ("even", None)), strict=True):
+    for ax, (name, centres) in zip(
+        fig.subplots(1, 2), (("receptive-field", rf), ("even", None)), strict=True
+    ):
         heat = upsample(cam, rec.frame_hw, centres)
         image = display_image(rec.path, rec.frame_hw)
         if image is not None:
@@ -114,8 +132,11 @@ def _figure(rec: Any, cam: np.ndarray, rf: tuple[np.ndarray, np.ndarray], gt: np
         ys, xs = np.meshgrid(rf[0], rf[1], indexing="ij")
         ax.plot(xs.ravel(), ys.ravel(), "w.", ms=3, label="receptive-field centres")
         for x0, y0, x1, y1 in gt:
-            ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                                   edgecolor="white", lw=1.5))
+            ax.add_patch(
+                Rectangle(
+                    (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="white", lw=1.5
+                )
+            )
         py, px = _peak(heat)
         ax.plot([px], [py], "m+", ms=12, mew=2, label="map peak")
         ax.set_title(f"{name} alignment", fontsize=9)
@@ -130,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run", nargs="?", type=Path, default=Path("runs/demo"))
     parser.add_argument("--top", type=int, default=5, help="top localised latents per model")
-    parser.add_argument("--out", type=Path, default=None, help="figures + JSON (default RUN/heatmap_offset)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="figures + JSON (default RUN/heatmap_offset)"
+    )
     args = parser.parse_args(argv)
     models_json = args.run / "models" / "models.json"
     if not models_json.is_file() or not (args.run / "sae").is_dir():
@@ -141,11 +164,15 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or args.run / "heatmap_offset"
     results = [measure(args.run, m, split, args.top, out) for m in read_json(models_json)["models"]]
     for r in results:
-        print(f"{r['model']} ({r['images']} positive {split} images; classifier map peaks in the "
-              f"row above the lesion's cell in {r['classifier_peak_row_above_lesion_cell']})")
+        print(
+            f"{r['model']} ({r['images']} positive {split} images; classifier map peaks in the "
+            f"row above the lesion's cell in {r['classifier_peak_row_above_lesion_cell']})"
+        )
         for name, o in r["offsets"].items():
-            print(f"  {name:<36} n={o['n']:4d}  median dy {o['median_dy']:+6.1f} px  "
-                  f"dx {o['median_dx']:+6.1f} px  (toward nipple {o['median_dx_toward_nipple']:+6.1f})")
+            print(
+                f"  {name:<36} n={o['n']:4d}  median dy {o['median_dy']:+6.1f} px  "
+                f"dx {o['median_dx']:+6.1f} px  (toward nipple {o['median_dx_toward_nipple']:+6.1f})"
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "heatmap_offset.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out}/heatmap_offset.json and heatmap_offset_<model>.png")

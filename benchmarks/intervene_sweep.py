@@ -21,8 +21,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from mammo_sae.analysis.intervene import (DEFAULT_KS, LinearHead, entry_rank, exact_decode_logits,
-                                          normalise_ks, sae_readout, sweep, union_masks)
+from mammo_sae.analysis.intervene import (
+    DEFAULT_KS,
+    LinearHead,
+    entry_rank,
+    exact_decode_logits,
+    normalise_ks,
+    sae_readout,
+    sweep,
+    union_masks,
+)
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
 
@@ -36,7 +44,9 @@ class _MemStore:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--images", type=int, default=4000)
     ap.add_argument("--h", type=int, default=16384)
     ap.add_argument("--d", type=int, default=2048)
@@ -44,7 +54,9 @@ def main() -> None:
     ap.add_argument("--models", type=int, default=4)
     ap.add_argument("--n-boot", type=int, default=1000)
     ap.add_argument("--exact-images", type=int, default=2)
-    ap.add_argument("--exact-patches", type=int, default=64, help="patches per image in the exact sample")
+    ap.add_argument(
+        "--exact-patches", type=int, default=64, help="patches per image in the exact sample"
+    )
     ap.add_argument("--patches-per-image", type=int, default=1392, help="for the extrapolation")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -56,7 +68,9 @@ def main() -> None:
     v_sample = None
     fast_times = []
     for m in range(args.models):
-        mean_nh = sp.random(n, h, density=args.density, format="csr", random_state=m, dtype=np.float32)
+        mean_nh = sp.random(
+            n, h, density=args.density, format="csr", random_state=m, dtype=np.float32
+        )
         y = (rng.random(n) < 0.05).astype(int)
         head = LinearHead(w_d=rng.normal(size=d), b=0.0)
         rankings = [rng.permutation(h), rng.permutation(h)]
@@ -70,8 +84,10 @@ def main() -> None:
     # Exact path on a small sample, extrapolated.
     head, rankings = v_sample
     masks = union_masks(entry_rank(rankings, h), ks)
-    acts = [np.abs(rng.normal(size=(args.exact_patches, d))).astype(np.float32)
-            for _ in range(args.exact_images)]
+    acts = [
+        np.abs(rng.normal(size=(args.exact_patches, d))).astype(np.float32)
+        for _ in range(args.exact_images)
+    ]
     t0 = time.perf_counter()
     exact_decode_logits(_MemStore(acts), sae, head, range(args.exact_images), masks)
     t_exact = time.perf_counter() - t0
@@ -80,15 +96,21 @@ def main() -> None:
 
     total_fast = sum(fast_times)
     print(f"torch threads {torch.get_num_threads()}; shared CPU: timings are noisy")
-    print(f"fast sweep (pooled identity), {n} images × h={h}, {2 * len(ks)} curves, "
-          f"{args.n_boot} bootstrap resamples:")
+    print(
+        f"fast sweep (pooled identity), {n} images × h={h}, {2 * len(ks)} curves, "
+        f"{args.n_boot} bootstrap resamples:"
+    )
     for m, t in enumerate(fast_times):
         print(f"  model {m}: {t:.2f} s")
     print(f"  {args.models} models: {total_fast:.2f} s (target < 5 s)")
-    print(f"exact decode: {t_exact:.2f} s for {args.exact_images} images × {args.exact_patches} patches "
-          f"({per_patch * 1e3:.1f} ms/patch for {2 * len(ks)} masked decodes)")
-    print(f"  extrapolated to {n} images × {args.patches_per_image} patches: "
-          f"{extrapolated:.0f} s = {extrapolated / 3600:.1f} h per model (metrics excluded)")
+    print(
+        f"exact decode: {t_exact:.2f} s for {args.exact_images} images × {args.exact_patches} patches "
+        f"({per_patch * 1e3:.1f} ms/patch for {2 * len(ks)} masked decodes)"
+    )
+    print(
+        f"  extrapolated to {n} images × {args.patches_per_image} patches: "
+        f"{extrapolated:.0f} s = {extrapolated / 3600:.1f} h per model (metrics excluded)"
+    )
     print(f"speedup per model: {extrapolated / (total_fast / args.models):.0f}×")
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mammo_sae.data.phantom import PhantomConfig, generate, plan, render_image
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n-images", type=int, default=1000)
@@ -21,7 +22,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=320)
     args = parser.parse_args()
 
-    print(f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f} (other users distort timings)")
+    print(
+        f"cpus: {os.cpu_count()}, load average: {os.getloadavg()[0]:.2f} (other users distort timings)"
+    )
     cfg = PhantomConfig(out=Path("unused"), n_images=64, height=args.height, width=args.width)
     specs = plan(cfg)
     t0 = time.perf_counter()
@@ -33,14 +36,21 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     for workers in sorted({1, cpus}):
         with tempfile.TemporaryDirectory() as tmp:
-            run = PhantomConfig(out=Path(tmp) / "ph", n_images=args.n_images, height=args.height,
-                                width=args.width, workers=workers)
+            run = PhantomConfig(
+                out=Path(tmp) / "ph",
+                n_images=args.n_images,
+                height=args.height,
+                width=args.width,
+                workers=workers,
+            )
             t0 = time.perf_counter()
             generate(run, progress=False)
             seconds = time.perf_counter() - t0
         rate = args.n_images / seconds
-        print(f"generate {args.n_images} images, {workers} worker(s): {seconds:.1f} s = {rate:.0f} images/s; "
-              f"1,000 images would take {1000 / rate:.0f} s (target < 60 s, ratio {1000 / rate / 60:.2f})")
+        print(
+            f"generate {args.n_images} images, {workers} worker(s): {seconds:.1f} s = {rate:.0f} images/s; "
+            f"1,000 images would take {1000 / rate:.0f} s (target < 60 s, ratio {1000 / rate / 60:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from mammo_sae.cli import main as cli
 
 LABELS = ("Mass", "Suspicious_Calcification", "confounder")
-CONTROLS = ("laterality", "view")   # global layout: does retrieval work at all on these features?
+CONTROLS = ("laterality", "view")  # global layout: does retrieval work at all on these features?
 METHODS = ("sparse_cosine", "sparse_overlap", "dense_cosine")
 
 
@@ -53,14 +53,31 @@ def small_inputs(root: Path, n_images: int) -> tuple[list[Path], Path, None]:
     return [chain["store_finetuned_training"], chain["store_finetuned_test"]], chain["sae"], None
 
 
-VARIANTS = {"centred": [], "centred, other patients": ["--exclude-same-patient"],
-            "raw": ["--no-center"]}
+VARIANTS = {
+    "centred": [],
+    "centred, other patients": ["--exclude-same-patient"],
+    "raw": ["--no-center"],
+}
 
 
-def measure(store: Path, sae: Path, cache: Path | None, label: str, extra: list[str],
-            out: Path) -> dict:
-    args = ["retrieve", "--store", str(store), "--sae", str(sae), "--out", str(out),
-            "--query", label, "--ks", "1,5,10", "--no-html", "--no-progress"]
+def measure(
+    store: Path, sae: Path, cache: Path | None, label: str, extra: list[str], out: Path
+) -> dict:
+    args = [
+        "retrieve",
+        "--store",
+        str(store),
+        "--sae",
+        str(sae),
+        "--out",
+        str(out),
+        "--query",
+        label,
+        "--ks",
+        "1,5,10",
+        "--no-html",
+        "--no-progress",
+    ]
     args += ["--cache-dir", str(cache)] if cache else []
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
@@ -71,8 +88,9 @@ def measure(store: Path, sae: Path, cache: Path | None, label: str, extra: list[
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--run", type=Path, default=Path("runs/demo"), help="finished demo run")
     ap.add_argument("--make-small", action="store_true", help="build and use a small chain")
     ap.add_argument("--root", type=Path, default=Path("runs/retrieval_small"))
@@ -85,15 +103,20 @@ def main() -> None:
     else:
         found = demo_inputs(args.run)
         if found is None:
-            print(f"no finished demo run at {args.run} (needs stages/atlas.json and sae/): "
-                  "run `mammo-sae demo`, pass --run, or use --make-small")
+            print(
+                f"no finished demo run at {args.run} (needs stages/atlas.json and sae/): "
+                "run `mammo-sae demo`, pass --run, or use --make-small"
+            )
             return
         stores, sae, cache = found
         source = f"demo run {args.run}"
     t1 = time.perf_counter()
     print(f"# {source}; setup {t1 - t0:.0f} s")
-    print(f"{'store':26s} {'label':25s} {'vectors':24s} {'pos/n':>7s} "
-          + " ".join(f"{m:>14s}" for m in METHODS) + f" {'chance':>7s}")
+    print(
+        f"{'store':26s} {'label':25s} {'vectors':24s} {'pos/n':>7s} "
+        + " ".join(f"{m:>14s}" for m in METHODS)
+        + f" {'chance':>7s}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for store in stores:
             for label in LABELS + CONTROLS:
@@ -105,10 +128,12 @@ def main() -> None:
                         break
                     q = body["query"]
                     p10 = next(r for r in body["precision"] if r["k"] == 10)
-                    print(f"{store.name:26s} {label:25s} {variant:24s} "
-                          f"{q['n_queries']:>3d}/{q['n_candidates']:<3d} "
-                          + " ".join(f"{p10[m]:14.3f}" for m in METHODS)
-                          + f" {p10['chance']:7.3f}")
+                    print(
+                        f"{store.name:26s} {label:25s} {variant:24s} "
+                        f"{q['n_queries']:>3d}/{q['n_candidates']:<3d} "
+                        + " ".join(f"{p10[m]:14.3f}" for m in METHODS)
+                        + f" {p10['chance']:7.3f}"
+                    )
     print(f"precision@10; retrieval {time.perf_counter() - t1:.1f} s")
 
 

@@ -19,8 +19,11 @@ from pathlib import Path
 from typing import Any
 
 # Keys whose values are timings or speeds: they differ run to run by design.
-TIMING_KEY = re.compile(r"(^|_)(s|seconds|sec|secs|time|elapsed|per_s|per_sec|throughput|"
-                        r"patches_per_s|images_per_s|mfu|flops|date|started|finished)$|_s_", re.I)
+TIMING_KEY = re.compile(
+    r"(^|_)(s|seconds|sec|secs|time|elapsed|per_s|per_sec|throughput|"
+    r"patches_per_s|images_per_s|mfu|flops|date|started|finished)$|_s_",
+    re.I,
+)
 
 
 def _normalise(value: Any, run: str) -> Any:
@@ -60,8 +63,9 @@ def compare(run_a: Path, run_b: Path) -> dict[str, dict[str, list[str]]]:
     """{top folder: {"same": [...], "different": [...], "only": [...]}}."""
     files_a = {p.relative_to(run_a).as_posix() for p in run_a.rglob("*") if p.is_file()}
     files_b = {p.relative_to(run_b).as_posix() for p in run_b.rglob("*") if p.is_file()}
-    out: dict[str, dict[str, list[str]]] = defaultdict(lambda: {"same": [], "different": [],
-                                                                 "only": []})
+    out: dict[str, dict[str, list[str]]] = defaultdict(
+        lambda: {"same": [], "different": [], "only": []}
+    )
     for rel in sorted(files_a | files_b):
         group = out[rel.split("/")[0] if "/" in rel else "."]
         if rel not in files_a or rel not in files_b:
@@ -85,7 +89,9 @@ def compare(run_a: Path, run_b: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("run_a", type=Path)
     ap.add_argument("run_b", type=Path)
     args = ap.parse_args()
@@ -93,9 +99,11 @@ def main() -> None:
     print(f"{'folder':<12} {'files':>6} {'same':>6} {'differ':>6} {'only one':>8}")
     for group, parts in result.items():
         n = sum(len(v) for v in parts.values())
-        print(f"{group:<12} {n:>6} {len(parts['same']):>6} {len(parts['different']):>6} "
-              f"{len(parts['only']):>8}")
-    for group, parts in result.items():
+        print(
+            f"{group:<12} {n:>6} {len(parts['same']):>6} {len(parts['different']):>6} "
+            f"{len(parts['only']):>8}"
+        )
+    for parts in result.values():
         for rel in parts["different"]:
             print(f"  differs: {rel}")
         for rel in parts["only"]:

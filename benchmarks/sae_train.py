@@ -31,8 +31,8 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -72,14 +72,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step: Callable[[torch.Tensor], None], data: torch.Tensor, batch: int, steps: int,
-          offset: int, device: torch.device) -> float:
+def _time(
+    step: Callable[[torch.Tensor], None],
+    data: torch.Tensor,
+    batch: int,
+    steps: int,
+    offset: int,
+    device: torch.device,
+) -> float:
     """Patches per second over `steps` steps, batches taken from `offset` on."""
     n = data.shape[0]
     _sync(device)
     t0 = time.perf_counter()
     for i in range(offset, offset + steps):
-        step(data[(i * batch) % (n - batch + 1):][:batch])
+        step(data[(i * batch) % (n - batch + 1) :][:batch])
     _sync(device)
     return steps * batch / (time.perf_counter() - t0)
 
@@ -91,22 +97,40 @@ def _median(v: list[float]) -> float:
 Step = Callable[[torch.Tensor], None]
 
 
-def make_ours(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device, tmp: str,
-              architecture: str = "relu-l1", bf16: Optional[bool] = None,
-              compile: bool = False) -> Step:
+def make_ours(
+    d: int,
+    h: int,
+    batch: int,
+    data: torch.Tensor,
+    device: torch.device,
+    tmp: str,
+    architecture: str = "relu-l1",
+    bf16: bool | None = None,
+    compile: bool = False,
+) -> Step:
     """Our trainer's step. bf16 None: the trainer's default rule; True/False: forced."""
-    cfg = TrainConfig(out=Path(tmp) / architecture, h=h, batch_size=batch, device=str(device),
-                      progress=False, measure_matmul=False, eval_patches=0, compile=compile,
-                      architecture=architecture, k=32,  # type: ignore[arg-type]
-                      bf16=bf16 is not False)
+    cfg = TrainConfig(
+        out=Path(tmp) / architecture,
+        h=h,
+        batch_size=batch,
+        device=str(device),
+        progress=False,
+        measure_matmul=False,
+        eval_patches=0,
+        compile=compile,
+        architecture=architecture,
+        k=32,  # type: ignore[arg-type]
+        bf16=bf16 is not False,
+    )
     trainer = Trainer(cfg, TensorSource(data[:batch]))
     if bf16:
         trainer.sae.mm_dtype = torch.bfloat16
     return lambda x: trainer._train_step(x, x.shape[0])
 
 
-def make_naive(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device,
-               tmp: str) -> Step:
+def make_naive(
+    d: int, h: int, batch: int, data: torch.Tensor, device: torch.device, tmp: str
+) -> Step:
     sae = NaiveSAE(d, h).to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
 
@@ -122,25 +146,33 @@ def make_naive(d: int, h: int, batch: int, data: torch.Tensor, device: torch.dev
     return step
 
 
-def make_saelens(d: int, h: int, batch: int, data: torch.Tensor, device: torch.device,
-                 tmp: str) -> Step | None:
+def make_saelens(
+    d: int, h: int, batch: int, data: torch.Tensor, device: torch.device, tmp: str
+) -> Step | None:
     try:
         from sae_lens.saes.sae import TrainStepInput
         from sae_lens.saes.standard_sae import StandardTrainingSAE, StandardTrainingSAEConfig
     except Exception as exc:  # noqa: BLE001 — optional comparison
         print(f"  saelens: not available ({exc})")
         return None
-    sae = StandardTrainingSAE(StandardTrainingSAEConfig(d_in=d, d_sae=h, l1_coefficient=0.06,
-                                                        device=str(device)))
+    sae = StandardTrainingSAE(
+        StandardTrainingSAEConfig(d_in=d, d_sae=h, l1_coefficient=0.06, device=str(device))
+    )
     sae.to(device)
     opt = torch.optim.Adam(sae.parameters(), lr=3e-4)
 
     def step(x: torch.Tensor) -> None:
         opt.zero_grad()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = sae.training_forward_pass(TrainStepInput(sae_in=x, coefficients={"l1": 0.06},
-                                                           dead_neuron_mask=None, n_training_steps=0,
-                                                           is_logging_step=False))
+            out = sae.training_forward_pass(
+                TrainStepInput(
+                    sae_in=x,
+                    coefficients={"l1": 0.06},
+                    dead_neuron_mask=None,
+                    n_training_steps=0,
+                    is_logging_step=False,
+                )
+            )
         out.loss.backward()
         opt.step()
 
@@ -159,15 +191,24 @@ IMPLS: dict[str, Callable[..., Step | None]] = {
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--configs", default="small,mammo", help="comma list of: " + ", ".join(CONFIGS))
-    ap.add_argument("--impls", default="ours,ours-fp32,topk,naive,saelens",
-                    help="comma list of: " + ", ".join(IMPLS) + " (and ours+compile)")
-    ap.add_argument("--steps", type=int, default=0,
-                    help="timed steps per round (0: 1 for mammo on CPU, 10 small, 100 tiny; "
-                         "50 on GPU)")
-    ap.add_argument("--rounds", type=int, default=3,
-                    help="interleaved rounds (the median is reported)")
+    ap.add_argument(
+        "--impls",
+        default="ours,ours-fp32,topk,naive,saelens",
+        help="comma list of: " + ", ".join(IMPLS) + " (and ours+compile)",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="timed steps per round (0: 1 for mammo on CPU, 10 small, 100 tiny; 50 on GPU)",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds (the median is reported)"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     args = ap.parse_args()
@@ -179,7 +220,11 @@ def main() -> None:
     unknown = set(names) - set(IMPLS) - {"ours+compile"}
     if unknown:
         ap.error(f"unknown --impls {sorted(unknown)}; valid: {', '.join(IMPLS)}, ours+compile")
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)"
+    )
     print(f"device: {name}; torch {torch.__version__}; rounds {args.rounds}, interleaved")
     table = []
     for cfg_name in args.configs.split(","):
@@ -189,37 +234,48 @@ def main() -> None:
         rate = measure_matmul_flops(d, h, min(batch, 2048), device, torch.float32)
         rate_bf16 = measure_matmul_flops(d, h, min(batch, 2048), device, torch.bfloat16)
         data = torch.randn(batch * 2, d, device=device).relu()
-        print(f"\n[{cfg_name}] d={d} h={h} batch={batch} steps/round={steps}; one matmul: "
-              f"{rate / 1e9:.1f} GFLOP/s fp32, {rate_bf16 / 1e9:.1f} bf16")
+        print(
+            f"\n[{cfg_name}] d={d} h={h} batch={batch} steps/round={steps}; one matmul: "
+            f"{rate / 1e9:.1f} GFLOP/s fp32, {rate_bf16 / 1e9:.1f} bf16"
+        )
         pps: dict[str, list[float]] = {}
         with tempfile.TemporaryDirectory() as tmp:
             steppers: dict[str, Step] = {}
             for impl in names:
-                make = ((lambda *a: make_ours(*a, compile=True)) if impl == "ours+compile"
-                        else IMPLS[impl])
+                make = (
+                    (lambda *a: make_ours(*a, compile=True))
+                    if impl == "ours+compile"
+                    else IMPLS[impl]
+                )
                 step = make(d, h, batch, data, device, tmp)
                 if step is not None:
-                    step(data[:batch])   # warm-up (allocations, compilation)
+                    step(data[:batch])  # warm-up (allocations, compilation)
                     steppers[impl] = step
                     pps[impl] = []
             for r in range(args.rounds):
                 for impl, step in steppers.items():
                     pps[impl].append(_time(step, data, batch, steps, r * steps, device))
-                print(f"  round {r + 1}: " + ", ".join(f"{i} {v[-1]:.0f}" for i, v in pps.items()),
-                      flush=True)
+                print(
+                    f"  round {r + 1}: " + ", ".join(f"{i} {v[-1]:.0f}" for i, v in pps.items()),
+                    flush=True,
+                )
         for impl, v in pps.items():
             med = _median(v)
-            print(f"  {impl:12s} {med:12.1f} patches/s (min {min(v):.1f}, max {max(v):.1f})   "
-                  f"MFU(fp32) {100 * 10 * d * h * med / rate:5.1f} %   "
-                  f"{1e6 * batch / med:11.1f} µs/step")
+            print(
+                f"  {impl:12s} {med:12.1f} patches/s (min {min(v):.1f}, max {max(v):.1f})   "
+                f"MFU(fp32) {100 * 10 * d * h * med / rate:5.1f} %   "
+                f"{1e6 * batch / med:11.1f} µs/step"
+            )
         ratios = {}
         for base in ("naive", "saelens", "ours-fp32"):
             for impl in pps:
                 if impl != base and base in pps:
                     rs = [a / b for a, b in zip(pps[impl], pps[base], strict=True)]
                     ratios[(impl, base)] = rs
-                    print(f"  {impl} / {base}: {_median(rs):.2f}× "
-                          f"(rounds {min(rs):.2f}–{max(rs):.2f})")
+                    print(
+                        f"  {impl} / {base}: {_median(rs):.2f}× "
+                        f"(rounds {min(rs):.2f}–{max(rs):.2f})"
+                    )
         table.append((cfg_name, pps, ratios))
     print("\n| config | implementation | patches/s (median, min–max) | vs naive | vs saelens |")
     print("| --- | --- | --- | --- | --- |")
@@ -229,8 +285,11 @@ def main() -> None:
             for base in ("naive", "saelens"):
                 rs = ratios.get((impl, base))
                 cells.append(f"{_median(rs):.2f}× ({min(rs):.2f}–{max(rs):.2f})" if rs else "–")
-            print(f"| {cfg_name} | {impl} | {_median(v):.0f} ({min(v):.0f}–{max(v):.0f}) | "
-                  + " | ".join(cells) + " |")
+            print(
+                f"| {cfg_name} | {impl} | {_median(v):.0f} ({min(v):.0f}–{max(v):.0f}) | "
+                + " | ".join(cells)
+                + " |"
+            )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,10 @@ def tiny_phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mammo_sae.data.phantom import PhantomConfig, generate
 
     out = tmp_path_factory.mktemp("tiny_phantom")
-    generate(PhantomConfig(out=out, n_images=40, height=256, width=160, seed=0, workers=1), progress=False)
+    generate(
+        PhantomConfig(out=out, n_images=40, height=256, width=160, seed=0, workers=1),
+        progress=False,
+    )
     return out
 
 

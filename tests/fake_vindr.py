@@ -34,37 +34,63 @@ from PIL import Image
 from mammo_sae.io import load_torch_weights
 
 FOLDS_CSV = "vindr_detection_v1_folds.csv"
-FRAME_HW = (1520, 912)                      # the frame of the CSV's `resized_*` boxes
+FRAME_HW = (1520, 912)  # the frame of the CSV's `resized_*` boxes
 ARCHIVE = "Downstream_evalualtion_b5_fold0"  # sic, as released (Mammo-CLIP issue #31)
 CLASSIFIER_DIR = Path("classification/Models/Classifier")
 # (variant folder, label folder) -> file name, per the released archive (reference §5.2).
 CHECKPOINT_FILES = {
-    ("linear_probe", "mass"): "upmc_breast_clip_det_b5_period_n_lp_seed_10_fold0_best_aucroc_ver084.pth",
-    ("linear_probe", "calcification"): "upmc_breast_clip_det_b5_period_n_lp_seed_10_fold0_best_aucroc_ver084.pth",
+    (
+        "linear_probe",
+        "mass",
+    ): "upmc_breast_clip_det_b5_period_n_lp_seed_10_fold0_best_aucroc_ver084.pth",
+    (
+        "linear_probe",
+        "calcification",
+    ): "upmc_breast_clip_det_b5_period_n_lp_seed_10_fold0_best_aucroc_ver084.pth",
     # sic: a binary label under a density-style name in the release.
-    ("fine_tune", "mass"): "upmc_breast_clip_det_b5_period_n_ft_seed_10_fold0_best_acc_cancer_ver084.pth",
-    ("fine_tune", "calcification"): "upmc_breast_clip_det_b5_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth",
+    (
+        "fine_tune",
+        "mass",
+    ): "upmc_breast_clip_det_b5_period_n_ft_seed_10_fold0_best_acc_cancer_ver084.pth",
+    (
+        "fine_tune",
+        "calcification",
+    ): "upmc_breast_clip_det_b5_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth",
 }
 # Images per (split, has Mass, has calcification): both splits, both concepts, some with both.
 IMAGES_PER_GROUP = {
-    ("training", 1, 0): 6, ("training", 0, 1): 5, ("training", 1, 1): 2, ("training", 0, 0): 11,
-    ("test", 1, 0): 4, ("test", 0, 1): 3, ("test", 1, 1): 1, ("test", 0, 0): 8,
+    ("training", 1, 0): 6,
+    ("training", 0, 1): 5,
+    ("training", 1, 1): 2,
+    ("training", 0, 0): 11,
+    ("test", 1, 0): 4,
+    ("test", 0, 1): 3,
+    ("test", 1, 1): 1,
+    ("test", 0, 0): 8,
 }
 
 
 def select_rows(source_csv: Path, seed: int = 0) -> pd.DataFrame:
     """All rows of a seeded choice of images covering every (split, Mass, calcification) group."""
-    df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)   # verbatim strings
-    per_image = df.assign(mass=df["Mass"].astype(int), calc=df["Suspicious_Calcification"].astype(int))
-    per_image = per_image.groupby("image_id").agg(split=("split", "first"), mass=("mass", "max"),
-                                                  calc=("calc", "max"))
+    df = pd.read_csv(source_csv, dtype=str, keep_default_na=False)  # verbatim strings
+    per_image = df.assign(
+        mass=df["Mass"].astype(int), calc=df["Suspicious_Calcification"].astype(int)
+    )
+    per_image = per_image.groupby("image_id").agg(
+        split=("split", "first"), mass=("mass", "max"), calc=("calc", "max")
+    )
     rng = np.random.default_rng(seed)
     chosen: list[str] = []
     for (split, mass, calc), n in IMAGES_PER_GROUP.items():
-        ids = sorted(per_image.index[(per_image.split == split) & (per_image.mass == mass)
-                                     & (per_image.calc == calc)])
+        ids = sorted(
+            per_image.index[
+                (per_image.split == split) & (per_image.mass == mass) & (per_image.calc == calc)
+            ]
+        )
         if len(ids) < n:
-            raise ValueError(f"{source_csv}: only {len(ids)} images for {split} Mass={mass} calc={calc}")
+            raise ValueError(
+                f"{source_csv}: only {len(ids)} images for {split} Mass={mass} calc={calc}"
+            )
         chosen.extend(rng.choice(ids, size=n, replace=False).tolist())
     return df[df["image_id"].isin(set(chosen))].reset_index(drop=True)
 
@@ -79,7 +105,7 @@ def render_image(rows: pd.DataFrame, size_hw: tuple[int, int]) -> np.ndarray:
     h, w = size_hw
     rng = _image_rng(str(rows["image_id"].iloc[0]))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    left = rows["laterality"].iloc[0] == "R"        # chest wall on the image's left for R
+    left = rows["laterality"].iloc[0] == "R"  # chest wall on the image's left for R
     cx = 0.0 if left else w - 1.0
     breast = ((xx - cx) / (0.95 * w)) ** 2 + ((yy - h / 2) / (0.48 * h)) ** 2 <= 1.0
     img = np.where(breast, 90 + 40 * rng.random((h, w)), 0.0).astype(np.float32)
@@ -87,7 +113,7 @@ def render_image(rows: pd.DataFrame, size_hw: tuple[int, int]) -> np.ndarray:
     for _, row in rows.iterrows():
         try:
             x0, y0, x1, y1 = (float(row[f"resized_{k}"]) for k in ("xmin", "ymin", "xmax", "ymax"))
-        except ValueError:                           # rows without a box
+        except ValueError:  # rows without a box
             continue
         if not np.isfinite([x0, y0, x1, y1]).all():
             continue
@@ -100,28 +126,34 @@ def render_image(rows: pd.DataFrame, size_hw: tuple[int, int]) -> np.ndarray:
             for _ in range(6):
                 px = int(np.clip(rng.uniform(bx0, bx1), 0, w - 1))
                 py = int(np.clip(rng.uniform(by0, by1), 0, h - 1))
-                img[max(0, py - 1):py + 1, max(0, px - 1):px + 1] = 255
+                img[max(0, py - 1) : py + 1, max(0, px - 1) : px + 1] = 255
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_data(root: Path, source_csv: Path, size_hw: tuple[int, int] = (256, 160), seed: int = 0) -> Path:
+def write_data(
+    root: Path, source_csv: Path, size_hw: tuple[int, int] = (256, 160), seed: int = 0
+) -> Path:
     """`root` gets the folds CSV (real rows) and `images_png/<patient_id>/<image_id>.png`."""
     rows = select_rows(source_csv, seed)
     root.mkdir(parents=True, exist_ok=True)
     rows.to_csv(root / FOLDS_CSV, index=False)
     for image_id, image_rows in rows.groupby("image_id", sort=False):
-        path = root / "images_png" / image_rows["patient_id"].iloc[0] / str(image_id)  # id ends in .png
+        path = (
+            root / "images_png" / image_rows["patient_id"].iloc[0] / str(image_id)
+        )  # id ends in .png
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(render_image(image_rows, size_hw)).save(path)
     return root
 
 
 def _perturbed(t: torch.Tensor, gen: torch.Generator, scale: float) -> torch.Tensor:
-    spread = t.std() if t.numel() > 1 else t.abs().mean() + 0.1   # a 1-element bias has no std
+    spread = t.std() if t.numel() > 1 else t.abs().mean() + 0.1  # a 1-element bias has no std
     return t + scale * spread * torch.randn(t.shape, generator=gen, dtype=t.dtype)
 
 
-def write_checkpoints(archive_parent: Path, fixture: Path, seed: int = 0) -> dict[tuple[str, str], Path]:
+def write_checkpoints(
+    archive_parent: Path, fixture: Path, seed: int = 0
+) -> dict[tuple[str, str], Path]:
     """The four downstream `.pth` files under `archive_parent/Downstream_evalualtion_b5_fold0/...`,
     in the real layout (`model` state dict, `predictions` ndarray, `epoch`, `auroc` numpy float)."""
     base = load_torch_weights(fixture, "a Mammo-CLIP classifier")
@@ -132,23 +164,39 @@ def write_checkpoints(archive_parent: Path, fixture: Path, seed: int = 0) -> dic
     pretrained_encoder = {k: _perturbed(base["model"][k], gen, 0.1) for k in encoder_keys}
     out: dict[tuple[str, str], Path] = {}
     for (variant, label), name in CHECKPOINT_FILES.items():
-        sd = dict(base["model"])                               # same key order as the release
-        encoder = pretrained_encoder if variant == "linear_probe" else {
-            k: _perturbed(base["model"][k], gen, 0.2) for k in encoder_keys}
+        sd = dict(base["model"])  # same key order as the release
+        encoder = (
+            pretrained_encoder
+            if variant == "linear_probe"
+            else {k: _perturbed(base["model"][k], gen, 0.2) for k in encoder_keys}
+        )
         sd.update(encoder)
         sd.update({k: _perturbed(base["model"][k], gen, 0.5) for k in head_keys})
         state = type(base["model"])(sd)
         predictions = np.asarray(base["predictions"]).copy()
         path = archive_parent / ARCHIVE / CLASSIFIER_DIR / variant / label / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": state, "predictions": predictions, "epoch": int(base["epoch"]),
-                    "auroc": np.float64(base["auroc"])}, path)
+        torch.save(
+            {
+                "model": state,
+                "predictions": predictions,
+                "epoch": int(base["epoch"]),
+                "auroc": np.float64(base["auroc"]),
+            },
+            path,
+        )
         out[(variant, label)] = path
     return out
 
 
-def build_fake_vindr(root: Path, source_csv: Path, fixture: Path, *,
-                     size_hw: tuple[int, int] = (256, 160), seed: int = 0) -> Path:
+def build_fake_vindr(
+    root: Path,
+    source_csv: Path,
+    fixture: Path,
+    *,
+    size_hw: tuple[int, int] = (256, 160),
+    seed: int = 0,
+) -> Path:
     """`root/data/vindr` and `root/checkpoints/Downstream_evalualtion_b5_fold0`: the layout the
     paper config's relative paths expect when run from `root`."""
     write_data(root / "data" / "vindr", source_csv, size_hw, seed)

@@ -38,8 +38,17 @@ def _store(path: Path, strength: float, seed: int) -> Path:
         if i % 3 == 1:
             a[0] += (3.0 * marker).astype(np.float32)
             boxes = (Box("confounder", 0.0, 0.0, 30.0, 30.0),)
-        records.append(ImageRecord(f"img{i:03d}", f"p{i:03d}", "training" if i < N // 2 else "test",
-                                   None, {"Mass": y}, boxes=boxes, frame_hw=FRAME))
+        records.append(
+            ImageRecord(
+                f"img{i:03d}",
+                f"p{i:03d}",
+                "training" if i < N // 2 else "test",
+                None,
+                {"Mass": y},
+                boxes=boxes,
+                frame_hw=FRAME,
+            )
+        )
         acts.append(a)
     write_store(path, acts, grids=[GRID] * N, records=records)
     return path
@@ -60,8 +69,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         clf.head.weight.copy_(torch.from_numpy(u / np.linalg.norm(u)).float()[None])
         clf.head.bias.fill_(-1.0)
     save_model(clf, root / "clf")
-    return {"root": root, "sae": root / "sae", "clf": root / "clf",
-            "ft": _store(root / "store_ft", 2.0, 0), "lp": _store(root / "store_lp", 0.3, 1)}
+    return {
+        "root": root,
+        "sae": root / "sae",
+        "clf": root / "clf",
+        "ft": _store(root / "store_ft", 2.0, 0),
+        "lp": _store(root / "store_lp", 0.3, 1),
+    }
 
 
 def _run(*args: Any) -> int:
@@ -73,7 +87,7 @@ def test_commands_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixtu
     assert _run("summarize", "--store", ft, "--sae", sae, "--out", root / "summ.json") == 0
     summ = json.loads((root / "summ.json").read_text())
     assert summ["n_images"] == N and summ["h"] == H and 0 <= summ["dead_fraction"] <= 1
-    assert len(list((sae / "summaries").glob("*.npz"))) == 1          # cached next to the SAE
+    assert len(list((sae / "summaries").glob("*.npz"))) == 1  # cached next to the SAE
 
     probe_dir = root / "probe"
     assert _run("probe", "--store", ft, "--sae", sae, "--concept", "Mass", "--out", probe_dir) == 0
@@ -84,11 +98,29 @@ def test_commands_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixtu
             imps = [e["importance"] for e in entries]
             assert imps == sorted(imps, reverse=True)
     table = pd.read_csv(probe_dir / "probe.csv")
-    assert len(table) == H and {"mean_class1", "centered_class1", "auroc_class1"} <= set(table.columns)
+    assert len(table) == H and {"mean_class1", "centered_class1", "auroc_class1"} <= set(
+        table.columns
+    )
 
     out = root / "intervene"
-    assert _run("intervene", "--store", ft, "--sae", sae, "--classifier", clf, "--rankings", probe_dir,
-                "--out", out, "--n-boot", 50) == 0
+    assert (
+        _run(
+            "intervene",
+            "--store",
+            ft,
+            "--sae",
+            sae,
+            "--classifier",
+            clf,
+            "--rankings",
+            probe_dir,
+            "--out",
+            out,
+            "--n-boot",
+            50,
+        )
+        == 0
+    )
     res = json.loads((out / "intervene.json").read_text())["results"]
     assert (out / "intervene.png").stat().st_size > 0 and (out / "intervene.csv").is_file()
     on = {r["k"]: r for r in res if r["mode"] == "on"}
@@ -97,8 +129,27 @@ def test_commands_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixtu
     assert on[H]["auroc"] == pytest.approx(off[0]["auroc"]) and on[H]["union_size"] == H
 
     exact = root / "intervene_exact"
-    assert _run("intervene", "--store", ft, "--sae", sae, "--classifier", clf, "--rankings", probe_dir,
-                "--out", exact, "--n-boot", 0, "--ks", "0,1,5,96", "--exact-decode") == 0
+    assert (
+        _run(
+            "intervene",
+            "--store",
+            ft,
+            "--sae",
+            sae,
+            "--classifier",
+            clf,
+            "--rankings",
+            probe_dir,
+            "--out",
+            exact,
+            "--n-boot",
+            0,
+            "--ks",
+            "0,1,5,96",
+            "--exact-decode",
+        )
+        == 0
+    )
     res_exact = json.loads((exact / "intervene.json").read_text())["results"]
     for r in res_exact:
         ref = (on if r["mode"] == "on" else off)[r["k"]]
@@ -106,46 +157,165 @@ def test_commands_end_to_end(setup: dict[str, Path], capsys: pytest.CaptureFixtu
 
     # No --rankings: ranked on the training split of the same store, same answer.
     auto = root / "intervene_auto"
-    assert _run("intervene", "--store", ft, "--sae", sae, "--classifier", clf, "--out", auto,
-                "--n-boot", 0, "--ks", "0,1,5,96") == 0
+    assert (
+        _run(
+            "intervene",
+            "--store",
+            ft,
+            "--sae",
+            sae,
+            "--classifier",
+            clf,
+            "--out",
+            auto,
+            "--n-boot",
+            0,
+            "--ks",
+            "0,1,5,96",
+        )
+        == 0
+    )
     res_auto = json.loads((auto / "intervene.json").read_text())["results"]
-    assert [r["auroc"] for r in res_auto] == pytest.approx([r["auroc"] for r in res_exact], abs=1e-9)
+    assert [r["auroc"] for r in res_auto] == pytest.approx(
+        [r["auroc"] for r in res_exact], abs=1e-9
+    )
 
     top = json.loads((probe_dir / "ranking_class=1_centered.json").read_text())[0]["index"]
     edit = root / "edit"
-    assert _run("intervene", "--store", ft, "--sae", sae, "--classifier", clf, "--out", edit,
-                "--latents", f"{top}", "--mode", "off", "--n-boot", 20) == 0
+    assert (
+        _run(
+            "intervene",
+            "--store",
+            ft,
+            "--sae",
+            sae,
+            "--classifier",
+            clf,
+            "--out",
+            edit,
+            "--latents",
+            f"{top}",
+            "--mode",
+            "off",
+            "--n-boot",
+            20,
+        )
+        == 0
+    )
     e = json.loads((edit / "edit.json").read_text())
     assert e["latents"] == [top] and "auroc_change" in e
 
     fid = root / "fidelity"
-    assert _run("fidelity", "--stores", f"{ft},{setup['lp']}", "--classifiers", f"{clf},{clf}",
-                "--names", "ft,lp", "--sae", sae, "--out", fid, "--n-boot", 30) == 0
+    assert (
+        _run(
+            "fidelity",
+            "--stores",
+            f"{ft},{setup['lp']}",
+            "--classifiers",
+            f"{clf},{clf}",
+            "--names",
+            "ft,lp",
+            "--sae",
+            sae,
+            "--out",
+            fid,
+            "--n-boot",
+            30,
+        )
+        == 0
+    )
     t1 = pd.read_csv(fid / "table1.csv")
     assert list(t1["model"]) == ["ft", "lp"]
-    assert t1.loc[0, "auroc_original"] > 0.9                      # planted direction = head weight
+    assert t1.loc[0, "auroc_original"] > 0.9  # planted direction = head weight
     assert np.isfinite(t1["recovered"]).all() and (t1["fvu"] >= 0).all()
 
     sep = root / "separation"
-    assert _run("separation", "--stores", f"{ft},{setup['lp']}", "--names", "ft,lp", "--sae", sae,
-                "--concept", "Mass", "--out", sep) == 0
+    assert (
+        _run(
+            "separation",
+            "--stores",
+            f"{ft},{setup['lp']}",
+            "--names",
+            "ft,lp",
+            "--sae",
+            sae,
+            "--concept",
+            "Mass",
+            "--out",
+            sep,
+        )
+        == 0
+    )
     js = json.loads((sep / "separation.json").read_text())["models"]
-    assert js["ft"]["separation"] > js["lp"]["separation"]      # stronger planted signal separates more
+    assert js["ft"]["separation"] > js["lp"]["separation"]  # stronger planted signal separates more
     assert (sep / "separation.png").stat().st_size > 0 and (sep / "separation.csv").is_file()
     capsys.readouterr()
 
 
-def test_bad_input_exits_2(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert _run("probe", "--store", setup["ft"], "--sae", setup["sae"], "--concept", "Calcification",
-                "--out", tmp_path) == 2
+def test_bad_input_exits_2(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        _run(
+            "probe",
+            "--store",
+            setup["ft"],
+            "--sae",
+            setup["sae"],
+            "--concept",
+            "Calcification",
+            "--out",
+            tmp_path,
+        )
+        == 2
+    )
     assert "Calcification" in capsys.readouterr().err
-    assert _run("probe", "--store", tmp_path / "nope", "--sae", setup["sae"], "--concept", "Mass",
-                "--out", tmp_path) == 2
-    assert _run("fidelity", "--stores", setup["ft"], "--classifiers", f"{setup['clf']},{setup['clf']}",
-                "--sae", setup["sae"], "--out", tmp_path) == 2
+    assert (
+        _run(
+            "probe",
+            "--store",
+            tmp_path / "nope",
+            "--sae",
+            setup["sae"],
+            "--concept",
+            "Mass",
+            "--out",
+            tmp_path,
+        )
+        == 2
+    )
+    assert (
+        _run(
+            "fidelity",
+            "--stores",
+            setup["ft"],
+            "--classifiers",
+            f"{setup['clf']},{setup['clf']}",
+            "--sae",
+            setup["sae"],
+            "--out",
+            tmp_path,
+        )
+        == 2
+    )
     assert "pair" in capsys.readouterr().err
     (tmp_path / "r.json").write_text("{not json")
-    assert _run("intervene", "--store", setup["ft"], "--sae", setup["sae"], "--classifier", setup["clf"],
-                "--out", tmp_path, "--rank-class0", tmp_path / "r.json", "--rank-class1",
-                tmp_path / "r.json") == 2
+    assert (
+        _run(
+            "intervene",
+            "--store",
+            setup["ft"],
+            "--sae",
+            setup["sae"],
+            "--classifier",
+            setup["clf"],
+            "--out",
+            tmp_path,
+            "--rank-class0",
+            tmp_path / "r.json",
+            "--rank-class1",
+            tmp_path / "r.json",
+        )
+        == 2
+    )
     assert "corrupt JSON" in capsys.readouterr().err

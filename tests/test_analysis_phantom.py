@@ -21,10 +21,20 @@ import pytest
 CONCEPT = "Mass"
 
 
-def build_chain(root: Path, *, n_images: int = 64, hw: tuple[int, int] = (256, 160), seed: int = 0,
-                pretrain_epochs: int = 4, finetune_epochs: int = 4, probe_epochs: int = 20,
-                sae_epochs: int = 10, expansion: int = 4, sae_k: int = 16,
-                progress: bool = False) -> dict[str, Path]:
+def build_chain(
+    root: Path,
+    *,
+    n_images: int = 64,
+    hw: tuple[int, int] = (256, 160),
+    seed: int = 0,
+    pretrain_epochs: int = 4,
+    finetune_epochs: int = 4,
+    probe_epochs: int = 20,
+    sae_epochs: int = 10,
+    expansion: int = 4,
+    sae_k: int = 16,
+    progress: bool = False,
+) -> dict[str, Path]:
     """Run (or reuse) every upstream stage; returns the paths the analyses need."""
     from mammo_sae.activations.extract import ExtractConfig, extract
     from mammo_sae.data.phantom import PhantomConfig, generate
@@ -33,31 +43,61 @@ def build_chain(root: Path, *, n_images: int = 64, hw: tuple[int, int] = (256, 1
     from mammo_sae.sae.train import train_sae
 
     data = root / "phantom"
-    generate(PhantomConfig(out=data, n_images=n_images, height=hw[0], width=hw[1], seed=seed,
-                           workers=1), progress=progress)
+    generate(
+        PhantomConfig(out=data, n_images=n_images, height=hw[0], width=hw[1], seed=seed, workers=1),
+        progress=progress,
+    )
     models = train_phantom_models(
-        data, root / "models", (CONCEPT,), evaluate_split=None, progress=progress,
+        data,
+        root / "models",
+        (CONCEPT,),
+        evaluate_split=None,
+        progress=progress,
         pretrain_overrides={"epochs": pretrain_epochs, "device": "cpu"},
         linear_probe_overrides={"epochs": probe_epochs, "device": "cpu"},
-        finetune_overrides={"epochs": finetune_epochs, "device": "cpu"})
+        finetune_overrides={"epochs": finetune_epochs, "device": "cpu"},
+    )
     out: dict[str, Path] = {"data": data}
     for variant in ("pretrained", "finetuned"):
         out[f"clf_{variant}"] = models[f"{CONCEPT}/{variant}"]
         for split in ("training", "test"):
             store = root / f"store_{variant}_{split}"
             # A no-op on a finished store; refuses one made from a different checkpoint.
-            extract(ExtractConfig(data=data, model=str(models[f"{CONCEPT}/{variant}"]), out=store,
-                                  split=split, dtype="float32", batch_size=16, workers=0,
-                                  device="cpu"), progress=progress)
+            extract(
+                ExtractConfig(
+                    data=data,
+                    model=str(models[f"{CONCEPT}/{variant}"]),
+                    out=store,
+                    split=split,
+                    dtype="float32",
+                    batch_size=16,
+                    workers=0,
+                    device="cpu",
+                ),
+                progress=progress,
+            )
             out[f"store_{variant}_{split}"] = store
     sae_dir = root / "sae"
     if not (sae_dir / "cfg.json").exists():
         # TopK with centre-scale normalisation: the phantom features are tiny (‖x‖² ≈ 0.4 over
         # 640 channels), so a relu-l1 λ would need tuning per run; TopK fixes L0 instead.
-        train_sae(SaeTrainConfig(store=out["store_finetuned_training"], out=sae_dir, architecture="topk",
-                                 k=sae_k, normalisation="centre-scale", expansion=expansion,
-                                 epochs=sae_epochs, batch_size=256, lr=1e-3, device="cpu",
-                                 progress=progress, measure_matmul=False, eval_patches=0))
+        train_sae(
+            SaeTrainConfig(
+                store=out["store_finetuned_training"],
+                out=sae_dir,
+                architecture="topk",
+                k=sae_k,
+                normalisation="centre-scale",
+                expansion=expansion,
+                epochs=sae_epochs,
+                batch_size=256,
+                lr=1e-3,
+                device="cpu",
+                progress=progress,
+                measure_matmul=False,
+                eval_patches=0,
+            )
+        )
     out["sae"] = sae_dir
     return out
 
@@ -83,19 +123,30 @@ def measure(chain: dict[str, Path], *, n_boot: int = 200, top: int = 10) -> dict
         v, c = sae_readout(sae, head)
         pr = probe(s_train.mean_rows(rows_tr), y_tr, scores=["centered"])
         rankings = [ranking_order(pr.scores["centered"][k]) for k in (0, 1)]
-        res["fidelity"][variant] = fidelity(s_test, test_store.pooled_nd, rows_te, y_te, sae, head,
-                                            n_boot=n_boot)
-        res["sweep"][variant] = sweep(s_test.mean_rows(rows_te), y_te, v, c, rankings, n_boot=n_boot)
+        res["fidelity"][variant] = fidelity(
+            s_test, test_store.pooled_nd, rows_te, y_te, sae, head, n_boot=n_boot
+        )
+        res["sweep"][variant] = sweep(
+            s_test.mean_rows(rows_te), y_te, v, c, rankings, n_boot=n_boot
+        )
         sep = model_separation(s_train, rows_tr, y_tr, FlagRule(top=top))
         res["separation"][variant] = sep
         res["top10"][variant] = [int(j) for j in rankings[1][:top]]
         conf = s_train.confounder_score()
-        marker = [j for j in rankings[1][:top] if np.isfinite(conf[j]) and
-                  any(e["index"] == j and "confounder" in e["flags"] for e in sep["flagged"])]
-        res["edit"][variant] = (edit_set(s_test.mean_rows(rows_te), y_te, v, c, marker, "off", n_boot=n_boot)
-                                if marker else None)
+        marker = [
+            j
+            for j in rankings[1][:top]
+            if np.isfinite(conf[j])
+            and any(e["index"] == j and "confounder" in e["flags"] for e in sep["flagged"])
+        ]
+        res["edit"][variant] = (
+            edit_set(s_test.mean_rows(rows_te), y_te, v, c, marker, "off", n_boot=n_boot)
+            if marker
+            else None
+        )
         res.setdefault("confounder_scores", {})[variant] = {
-            int(j): float(conf[j]) for j in rankings[1][:top]}
+            int(j): float(conf[j]) for j in rankings[1][:top]
+        }
     return res
 
 
@@ -116,7 +167,7 @@ def test_sae_reconstructs_its_source_model(phantom_results: dict[str, Any]) -> N
     # Measured (64 images, TopK k=16, 10 epochs): FVU 0.009 on the finetuned test features.
     fid = phantom_results["fidelity"]["finetuned"]
     assert fid["fvu"] < 0.1
-    assert fid["l0"] == pytest.approx(16.0)          # TopK: exactly k active latents per patch
+    assert fid["l0"] == pytest.approx(16.0)  # TopK: exactly k active latents per patch
     assert 0.0 <= fid["dead_fraction"] < 1.0
 
 

@@ -409,11 +409,11 @@ def test_cell_positions_are_breast_relative_and_mirrored_for_right_breasts() -> 
     the chest wall (left edge for L, right edge for R); the border ring is the grid's edge."""
     from mammo_sae.analysis.summaries import _cell_positions
 
-    rows, cols = np.divmod(np.arange(12), 3)               # a 4 × 3 grid, row-major
+    rows, cols = np.divmod(np.arange(12), 3)  # a 4 × 3 grid, row-major
     tissue = np.where((rows >= 1) & (rows <= 2) & (cols <= 1), 1.0, 0.0).astype(np.float32)
     border, across, down = _cell_positions(rows, cols, (4, 3), tissue, right=False)
     assert border.sum() == 10 and not border[4] and not border[7]
-    assert across[[3, 4]] == pytest.approx([0.25, 0.75]) and across[5] == 1.0   # clipped
+    assert across[[3, 4]] == pytest.approx([0.25, 0.75]) and across[5] == 1.0  # clipped
     assert down[[3, 6]] == pytest.approx([0.25, 0.75]) and down[0] == 0.0
     _, across_r, _ = _cell_positions(rows, cols, (4, 3), tissue, right=True)
     assert across_r == pytest.approx(1.0 - across)

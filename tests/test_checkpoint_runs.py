@@ -31,25 +31,64 @@ def classifier(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     every image the same features), in our model format."""
     root = tmp_path_factory.mktemp("one_model_ckpt")
     save_he_encoder(root / "encoder")
-    assert main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass",
-                 "--init", str(root / "encoder"), "--mode", "linear-probe", "--epochs", "2",
-                 "--image-size", "128x80",
-                 "--lr", "1e-2", "--out", str(root / "clf"), "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "classifier",
+                "train",
+                "--data",
+                str(tiny_phantom),
+                "--concept",
+                "Mass",
+                "--init",
+                str(root / "encoder"),
+                "--mode",
+                "linear-probe",
+                "--epochs",
+                "2",
+                "--image-size",
+                "128x80",
+                "--lr",
+                "1e-2",
+                "--out",
+                str(root / "clf"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return root / "clf" / "model"
 
 
 def write_config(path: Path, data: Path, checkpoints: dict, **extra: object) -> Path:
     cfg = {
-        "name": "one-model", "device": "cpu",
+        "name": "one-model",
+        "device": "cpu",
         "data": {"kind": "folds", "path": str(data), "image_size": [128, 80]},
-        "models": {"kind": "checkpoints", "concepts": list(checkpoints),
-                   "checkpoints": checkpoints, "eval": {"n_boot": 10}},
+        "models": {
+            "kind": "checkpoints",
+            "concepts": list(checkpoints),
+            "checkpoints": checkpoints,
+            "eval": {"n_boot": 10},
+        },
         "extract": {"options": {"workers": 0}, "sae_source": "Mass/finetuned"},
-        "sae": {"expansion": 1, "epochs": 2, "batch_size": 256, "resample_every": 0,
-                "eval_patches": 256, "measure_matmul": False, "log_every": 1},
-        "analysis": {"intervene": {"n_boot": 10, "ks": [0, 1, 5]}, "fidelity": {"n_boot": 10},
-                     "localize": {"figure_images": 1, "top": 3}, "localize_pointing": False},
+        "sae": {
+            "expansion": 1,
+            "epochs": 2,
+            "batch_size": 256,
+            "resample_every": 0,
+            "eval_patches": 256,
+            "measure_matmul": False,
+            "log_every": 1,
+        },
+        "analysis": {
+            "intervene": {"n_boot": 10, "ks": [0, 1, 5]},
+            "fidelity": {"n_boot": 10},
+            "localize": {"figure_images": 1, "top": 3},
+            "localize_pointing": False,
+        },
         **extra,
     }
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -57,27 +96,34 @@ def write_config(path: Path, data: Path, checkpoints: dict, **extra: object) -> 
 
 
 @pytest.fixture(scope="module")
-def one_model_run(classifier: Path, tiny_phantom: Path,
-                  tmp_path_factory: pytest.TempPathFactory) -> Path:
+def one_model_run(
+    classifier: Path, tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     root = tmp_path_factory.mktemp("one_model_run")
     copy = root / "calc_copy"
-    shutil.copytree(classifier, copy)          # another path, the same bytes
-    config = write_config(root / "one.yaml", tiny_phantom,
-                          {"Mass": {"finetuned": str(classifier)},
-                           "Suspicious_Calcification": {"finetuned": str(copy)}})
+    shutil.copytree(classifier, copy)  # another path, the same bytes
+    config = write_config(
+        root / "one.yaml",
+        tiny_phantom,
+        {
+            "Mass": {"finetuned": str(classifier)},
+            "Suspicious_Calcification": {"finetuned": str(copy)},
+        },
+    )
     return run_pipeline(RunConfig(config=config, out=root / "run", progress=False))
 
 
 def test_one_finetuned_model_per_concept_runs_end_to_end(one_model_run: Path) -> None:
     models = json.loads((one_model_run / "models" / "models.json").read_text())
     assert [m["name"] for m in models["models"]] == [f"{c}-finetuned" for c in CONCEPTS]
-    assert all(m["arch"] == "efficientnet-phantom" for m in models["models"])   # from the file
+    assert all(m["arch"] == "efficientnet-phantom" for m in models["models"])  # from the file
     for stage in ("probe", "intervene", "localize"):
         for concept in CONCEPTS:
             assert any((one_model_run / "analysis" / stage / f"{concept}-finetuned").iterdir())
     for concept in CONCEPTS:
-        sep = json.loads((one_model_run / "analysis" / "separation" / concept /
-                          "separation.json").read_text())
+        sep = json.loads(
+            (one_model_run / "analysis" / "separation" / concept / "separation.json").read_text()
+        )
         assert list(sep["models"]) == ["finetuned"]
     assert (one_model_run / "report" / "index.html").is_file()
 
@@ -108,8 +154,7 @@ def test_resolved_config_shows_no_phantom_arch(one_model_run: Path) -> None:
 def test_config_errors_name_the_checkpoint(tiny_phantom: Path, tmp_path: Path) -> None:
     ckpt = {"Mass": {"finetuned": "a.pth"}}
     with pytest.raises(MammoSaeError, match=r"models.checkpoints.Mass is missing"):
-        load_pipeline_config(write_config(tmp_path / "a.yaml", tiny_phantom,
-                                          {"Mass": {}}))
+        load_pipeline_config(write_config(tmp_path / "a.yaml", tiny_phantom, {"Mass": {}}))
     with pytest.raises(MammoSaeError, match=r"names \['Calc'\], which models.concepts"):
         cfg = write_config(tmp_path / "b.yaml", tiny_phantom, ckpt)
         data = yaml.safe_load(cfg.read_text())
@@ -124,50 +169,149 @@ def test_config_errors_name_the_checkpoint(tiny_phantom: Path, tmp_path: Path) -
         load_pipeline_config(cfg)
 
 
-def test_dry_run_checks_every_checkpoint_header(classifier: Path, tiny_phantom: Path,
-                                                tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
-    good = write_config(tmp_path / "good.yaml", tiny_phantom,
-                        {"Mass": {"finetuned": str(classifier)}})
+def test_dry_run_checks_every_checkpoint_header(
+    classifier: Path, tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = write_config(
+        tmp_path / "good.yaml", tiny_phantom, {"Mass": {"finetuned": str(classifier)}}
+    )
     run_pipeline(RunConfig(config=good, out=tmp_path / "run", dry_run=True, progress=False))
     out = capsys.readouterr().out
     assert "checked] models.checkpoints.Mass.finetuned" in out
     assert "arch efficientnet-phantom" in out
-    assert not (tmp_path / "run" / "models").exists()           # nothing was run
+    assert not (tmp_path / "run" / "models").exists()  # nothing was run
     junk = tmp_path / "junk.pth"
     junk.write_text("not a checkpoint")
-    for path, message in ((tmp_path / "absent.pth", "a model checkpoint not found"),
-                          (junk, "not a torch checkpoint")):
+    for path, message in (
+        (tmp_path / "absent.pth", "a model checkpoint not found"),
+        (junk, "not a torch checkpoint"),
+    ):
         cfg = write_config(tmp_path / "bad.yaml", tiny_phantom, {"Mass": {"finetuned": str(path)}})
         with pytest.raises(MammoSaeError, match=f"models.checkpoints.Mass.finetuned: .*{message}"):
-            run_pipeline(RunConfig(config=cfg, out=tmp_path / "run2", dry_run=True,
-                                   progress=False))
+            run_pipeline(RunConfig(config=cfg, out=tmp_path / "run2", dry_run=True, progress=False))
 
 
 # ------------------------------------------------------------------ stand-alone outputs
 
+
 @pytest.fixture(scope="module")
-def standalone(classifier: Path, tiny_phantom: Path,
-               tmp_path_factory: pytest.TempPathFactory) -> Path:
+def standalone(
+    classifier: Path, tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """What a user gets from the individual commands, each with its own --out under one folder."""
     d = tmp_path_factory.mktemp("standalone") / "mine"
     common = ["--device", "cpu", "--no-progress"]
-    assert main(["extract", "--data", str(tiny_phantom), "--model", str(classifier), "--split",
-                 "all", "--image-size", "128x80", "--workers", "0", "--out", str(d / "store"),
-                 "--device", "cpu"]) == 0
-    assert main(["sae", "train", "--store", str(d / "store"), "--out", str(d / "sae"),
-                 "--expansion", "1", "--epochs", "2", "--batch-size", "256", "--resample-every",
-                 "0", "--eval-patches", "256", "--no-measure-matmul", *common]) == 0
-    assert main(["probe", "--store", str(d / "store"), "--sae", str(d / "sae"), "--concept",
-                 "Mass", "--split", "training", "--out", str(d / "probe"), *common]) == 0
-    assert main(["localize", "--store", str(d / "store"), "--sae", str(d / "sae"), "--concept",
-                 "Mass", "--ranking", str(d / "probe" / "ranking_class=1_centered.json"),
-                 "--top", "3", "--split", "test", "--figure-images", "1",
-                 "--out", str(d / "localize"), *common]) == 0
+    assert (
+        main(
+            [
+                "extract",
+                "--data",
+                str(tiny_phantom),
+                "--model",
+                str(classifier),
+                "--split",
+                "all",
+                "--image-size",
+                "128x80",
+                "--workers",
+                "0",
+                "--out",
+                str(d / "store"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                "--store",
+                str(d / "store"),
+                "--out",
+                str(d / "sae"),
+                "--expansion",
+                "1",
+                "--epochs",
+                "2",
+                "--batch-size",
+                "256",
+                "--resample-every",
+                "0",
+                "--eval-patches",
+                "256",
+                "--no-measure-matmul",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "probe",
+                "--store",
+                str(d / "store"),
+                "--sae",
+                str(d / "sae"),
+                "--concept",
+                "Mass",
+                "--split",
+                "training",
+                "--out",
+                str(d / "probe"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "localize",
+                "--store",
+                str(d / "store"),
+                "--sae",
+                str(d / "sae"),
+                "--concept",
+                "Mass",
+                "--ranking",
+                str(d / "probe" / "ranking_class=1_centered.json"),
+                "--top",
+                "3",
+                "--split",
+                "test",
+                "--figure-images",
+                "1",
+                "--out",
+                str(d / "localize"),
+                *common,
+            ]
+        )
+        == 0
+    )
     image = sorted((tiny_phantom / "images_png").rglob("*.png"))[0]
-    assert main(["explain", "--model", str(classifier), "--sae", str(d / "sae"), "--image-size",
-                 "128x80", "--no-heatmaps", str(image), "--out", str(d / "explain"),
-                 *common]) == 0
+    assert (
+        main(
+            [
+                "explain",
+                "--model",
+                str(classifier),
+                "--sae",
+                str(d / "sae"),
+                "--image-size",
+                "128x80",
+                "--no-heatmaps",
+                str(image),
+                "--out",
+                str(d / "explain"),
+                *common,
+            ]
+        )
+        == 0
+    )
     return d
 
 
@@ -175,13 +319,22 @@ def test_report_of_standalone_outputs_builds_what_it_can(standalone: Path) -> No
     assert main(["report", "--run", str(standalone), "--no-progress"]) == 0
     report = json.loads((standalone / "report" / "report.json").read_text())
     found = {(r["output"], r["path"], r["shown"]) for r in report["standalone"]["found"]}
-    assert found == {("store", "store", "yes"), ("sae", "sae", "yes"), ("probe", "probe", "yes"),
-                     ("localize", "localize", "yes"), ("explain", "explain", "yes")}
-    assert [m["output"] for m in report["standalone"]["missing"]] == \
-        ["eval", "intervene", "fidelity", "separation"]
+    assert found == {
+        ("store", "store", "yes"),
+        ("sae", "sae", "yes"),
+        ("probe", "probe", "yes"),
+        ("localize", "localize", "yes"),
+        ("explain", "explain", "yes"),
+    }
+    assert [m["output"] for m in report["standalone"]["missing"]] == [
+        "eval",
+        "intervene",
+        "fidelity",
+        "separation",
+    ]
     assert report["standalone"]["eval_split"] == "test"
     assert [r["rank"] for r in report["table2"]["Mass"]["latents"]] == [1, 2, 3]
-    assert len(report["top_latents"]["Mass"]) == 3            # latent pages from store + SAE
+    assert len(report["top_latents"]["Mass"]) == 3  # latent pages from store + SAE
     assert report["sae"]["final_log_entry"]["epoch"] >= 1
     assert report["problems"] == {}
     text = (standalone / "report" / "index.html").read_text(encoding="utf-8")
@@ -193,10 +346,31 @@ def test_report_of_standalone_outputs_builds_what_it_can(standalone: Path) -> No
 def test_localize_accepts_split_all(standalone: Path) -> None:
     """`--split all` evaluates every split's positives, as `extract` and `probe` read `all`."""
     out = standalone.parent / "loc_all"
-    assert main(["localize", "--store", str(standalone / "store"), "--sae",
-                 str(standalone / "sae"), "--concept", "Mass", "--latents", "0,1", "--split",
-                 "all", "--figure-images", "0", "--out", str(out), "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "localize",
+                "--store",
+                str(standalone / "store"),
+                "--sae",
+                str(standalone / "sae"),
+                "--concept",
+                "Mass",
+                "--latents",
+                "0,1",
+                "--split",
+                "all",
+                "--figure-images",
+                "0",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     settings = json.loads((out / "localization.json").read_text())["settings"]
     test_only = json.loads((standalone / "localize" / "localization.json").read_text())["settings"]
     assert settings["split"] == "all" and settings["n_images"] > test_only["n_images"]
@@ -204,15 +378,39 @@ def test_localize_accepts_split_all(standalone: Path) -> None:
 
 # ------------------------------------------------------------------ consistency fixes
 
-def test_classifier_eval_on_one_class_still_writes_scores(classifier: Path, tiny_phantom: Path,
-                                                          tmp_path: Path) -> None:
+
+def test_classifier_eval_on_one_class_still_writes_scores(
+    classifier: Path, tiny_phantom: Path, tmp_path: Path
+) -> None:
     """No phantom image has an architectural distortion: AUROC is null (with the reason), the
     per-image scores are written all the same."""
     out = tmp_path / "eval.json"
-    assert main(["classifier", "eval", "--data", str(tiny_phantom), "--model", str(classifier),
-                 "--concept", "Architectural_Distortion", "--split", "test", "--image-size",
-                 "128x80", "--n-boot", "0", "--out", str(out), "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "classifier",
+                "eval",
+                "--data",
+                str(tiny_phantom),
+                "--model",
+                str(classifier),
+                "--concept",
+                "Architectural_Distortion",
+                "--split",
+                "test",
+                "--image-size",
+                "128x80",
+                "--n-boot",
+                "0",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["auroc"] is None and result["n_pos"] == 0
     assert "needs both classes; all 10 images are 0" in result["auroc_null_reason"]
@@ -220,16 +418,38 @@ def test_classifier_eval_on_one_class_still_writes_scores(classifier: Path, tiny
     assert len(scores) == result["n"] == 10 and scores["score"].between(0, 1).all()
 
 
-def test_a_checkpoint_without_a_concept_gets_a_warning(classifier: Path, tiny_phantom: Path,
-                                                       tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_checkpoint_without_a_concept_gets_a_warning(
+    classifier: Path, tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from mammo_sae.models.checkpoints import load_classifier, save_model
 
     model = load_classifier(classifier)
-    model.concept = None                                      # as a Mammo-CLIP .pth
+    model.concept = None  # as a Mammo-CLIP .pth
     save_model(model, tmp_path / "anonymous")
-    assert main(["classifier", "eval", "--data", str(tiny_phantom), "--model",
-                 str(tmp_path / "anonymous"), "--concept", "Mass", "--split", "test",
-                 "--image-size", "128x80", "--n-boot", "0", "--out", str(tmp_path / "e.json"),
-                 "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "classifier",
+                "eval",
+                "--data",
+                str(tiny_phantom),
+                "--model",
+                str(tmp_path / "anonymous"),
+                "--concept",
+                "Mass",
+                "--split",
+                "test",
+                "--image-size",
+                "128x80",
+                "--n-boot",
+                "0",
+                "--out",
+                str(tmp_path / "e.json"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "records no concept; assuming it predicts 'Mass'" in capsys.readouterr().err

@@ -12,13 +12,17 @@ def _commands() -> list[list[str]]:
     for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
         for name, sub in action.choices.items():
             out.append([name])
-            for inner in getattr(sub, "_subparsers", None)._group_actions if sub._subparsers else []:
+            for inner in (
+                getattr(sub, "_subparsers", None)._group_actions if sub._subparsers else []
+            ):
                 out.extend([name, n] for n in inner.choices)
     return out
 
 
 def test_top_level_help_lists_commands() -> None:
-    proc = subprocess.run([sys.executable, "-m", "mammo_sae.cli", "--help"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mammo_sae.cli", "--help"], capture_output=True, text=True
+    )
     assert proc.returncode == 0
     assert "mammo-sae" in proc.stdout
 
@@ -42,12 +46,14 @@ def test_image_sizes_read_the_same_in_every_command() -> None:
     assert parse_size("512x320") == parse_size("512,320") == (512, 320)
     from mammo_sae.errors import MammoSaeError
 
-    with pytest.raises(MammoSaeError, match="at least 32x32"):   # smaller failed inside the encoder
+    with pytest.raises(MammoSaeError, match="at least 32x32"):  # smaller failed inside the encoder
         parse_size("8x8")
     parser = argparse.ArgumentParser()
     add_dataclass_args(parser, EvalConfig)
     for text in ("512x320", "512,320"):
-        ns = parser.parse_args(["--data", "d", "--model", "m", "--concept", "Mass", "--image-size", text])
+        ns = parser.parse_args(
+            ["--data", "d", "--model", "m", "--concept", "Mass", "--image-size", text]
+        )
         assert ns.image_size == [512, 320]
 
 
@@ -60,14 +66,18 @@ def test_config_values_are_typed_and_typos_fail_at_dry_run(tmp_path, capsys) -> 
     from mammo_sae.errors import MammoSaeError
     from mammo_sae.sae.train import TrainConfig
 
-    cfg = from_dict(TrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0})
+    cfg = from_dict(
+        TrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0}
+    )
     assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.batch_size) == (1e-3, 10, False, 1024)
     with pytest.raises(MammoSaeError, match="epochs: expected int, got 'ten'"):
         from_dict(TrainConfig, {"epochs": "ten"})
     base = Path("configs/phantom.yaml").read_text()
-    cases = [(base.replace("  expansion: 4", "  expansoin: 4"), "unknown key(s) ['expansoin']"),
-             (base.replace("  lr: 1.0e-3", "  lr: fast"), "sae.lr: expected float, got 'fast'"),
-             (base.replace("    n_images: 480", "    n_imagse: 480"), "data.phantom: unknown key(s)")]
+    cases = [
+        (base.replace("  expansion: 4", "  expansoin: 4"), "unknown key(s) ['expansoin']"),
+        (base.replace("  lr: 1.0e-3", "  lr: fast"), "sae.lr: expected float, got 'fast'"),
+        (base.replace("    n_images: 480", "    n_imagse: 480"), "data.phantom: unknown key(s)"),
+    ]
     for i, (text, message) in enumerate(cases):
         assert text != base
         path = tmp_path / f"c{i}.yaml"
@@ -81,27 +91,128 @@ def test_config_values_are_typed_and_typos_fail_at_dry_run(tmp_path, capsys) -> 
 
 def test_no_progress_is_accepted_by_commands_without_a_progress_option(tmp_path) -> None:
     for cmd in (["extract"], ["phantom"], ["preprocess"]):
-        assert "--no-progress" in subprocess.run([sys.executable, "-m", "mammo_sae", *cmd, "--help"],
-                                                 capture_output=True, text=True, check=True).stdout, cmd
-    assert main(["phantom", "--out", str(tmp_path / "ph"), "--n-images", "4", "--height", "128",
-                 "--width", "80", "--no-progress"]) == 0
+        assert (
+            "--no-progress"
+            in subprocess.run(
+                [sys.executable, "-m", "mammo_sae", *cmd, "--help"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        ), cmd
+    assert (
+        main(
+            [
+                "phantom",
+                "--out",
+                str(tmp_path / "ph"),
+                "--n-images",
+                "4",
+                "--height",
+                "128",
+                "--width",
+                "80",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["sae", "train", "--store", "s", "--out", "o", "--lr", "-1"], "--lr must be > 0.0, got -1.0"),
-    (["sae", "train", "--store", "s", "--out", "o", "--epochs", "0"], "--epochs must be ≥ 1, got 0"),
-    (["sae", "train", "--store", "s", "--out", "o", "--l1-coeff", "nan"], "--l1-coeff must be a number"),
-    (["classifier", "train", "--data", "d", "--concept", "Mass", "--out", "o", "--init", "x",
-      "--dropout", "1"], "--dropout must be < 1.0"),
-    (["extract", "--data", "d", "--model", "m", "--out", "o", "--max-images", "-3"], "--max-images must be ≥ 1"),
-    (["probe", "--store", "s", "--sae", "x", "--concept", "Mass", "--out", "o", "--top", "-5"], "--top must be ≥ 1"),
-    (["intervene", "--store", "s", "--sae", "x", "--classifier", "c", "--concept", "Mass",
-      "--rankings", "r", "--out", "o", "--n-boot", "-5"], "--n-boot must be ≥ 0"),
-    (["separation", "--sae", "x", "--concept", "Mass", "--stores", "a,b", "--out", "o",
-      "--confounder-threshold", "-2"], "--confounder-threshold must be ≥ 0.0"),
-])
-def test_out_of_range_options_fail_before_any_work(tmp_path, capsys, monkeypatch, argv, message) -> None:
-    monkeypatch.chdir(tmp_path)          # the relative --out o would land here
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["sae", "train", "--store", "s", "--out", "o", "--lr", "-1"],
+            "--lr must be > 0.0, got -1.0",
+        ),
+        (
+            ["sae", "train", "--store", "s", "--out", "o", "--epochs", "0"],
+            "--epochs must be ≥ 1, got 0",
+        ),
+        (
+            ["sae", "train", "--store", "s", "--out", "o", "--l1-coeff", "nan"],
+            "--l1-coeff must be a number",
+        ),
+        (
+            [
+                "classifier",
+                "train",
+                "--data",
+                "d",
+                "--concept",
+                "Mass",
+                "--out",
+                "o",
+                "--init",
+                "x",
+                "--dropout",
+                "1",
+            ],
+            "--dropout must be < 1.0",
+        ),
+        (
+            ["extract", "--data", "d", "--model", "m", "--out", "o", "--max-images", "-3"],
+            "--max-images must be ≥ 1",
+        ),
+        (
+            [
+                "probe",
+                "--store",
+                "s",
+                "--sae",
+                "x",
+                "--concept",
+                "Mass",
+                "--out",
+                "o",
+                "--top",
+                "-5",
+            ],
+            "--top must be ≥ 1",
+        ),
+        (
+            [
+                "intervene",
+                "--store",
+                "s",
+                "--sae",
+                "x",
+                "--classifier",
+                "c",
+                "--concept",
+                "Mass",
+                "--rankings",
+                "r",
+                "--out",
+                "o",
+                "--n-boot",
+                "-5",
+            ],
+            "--n-boot must be ≥ 0",
+        ),
+        (
+            [
+                "separation",
+                "--sae",
+                "x",
+                "--concept",
+                "Mass",
+                "--stores",
+                "a,b",
+                "--out",
+                "o",
+                "--confounder-threshold",
+                "-2",
+            ],
+            "--confounder-threshold must be ≥ 0.0",
+        ),
+    ],
+)
+def test_out_of_range_options_fail_before_any_work(
+    tmp_path, capsys, monkeypatch, argv, message
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the relative --out o would land here
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -111,8 +222,12 @@ def test_out_of_range_config_values_are_named_by_their_key(tmp_path, capsys) -> 
     from pathlib import Path
 
     base = Path("configs/phantom.yaml").read_text()
-    for i, (old, new, message) in enumerate([("  lr: 1.0e-3", "  lr: -1.0e-3", "sae.lr must be > 0.0"),
-                                             ("  epochs: 30", "  epochs: 0", "sae.epochs must be ≥ 1")]):
+    for i, (old, new, message) in enumerate(
+        [
+            ("  lr: 1.0e-3", "  lr: -1.0e-3", "sae.lr must be > 0.0"),
+            ("  epochs: 30", "  epochs: 0", "sae.epochs must be ≥ 1"),
+        ]
+    ):
         assert old in base
         path = tmp_path / f"c{i}.yaml"
         path.write_text(base.replace(old, new))
@@ -122,8 +237,23 @@ def test_out_of_range_config_values_are_named_by_their_key(tmp_path, capsys) -> 
 
 def test_file_system_refusals_are_messages_not_tracebacks(tmp_path, capsys) -> None:
     (tmp_path / "a_file").write_text("x")
-    assert main(["phantom", "--out", str(tmp_path / "a_file" / "ph"), "--n-images", "4",
-                 "--height", "64", "--width", "64", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "phantom",
+                "--out",
+                str(tmp_path / "a_file" / "ph"),
+                "--n-images",
+                "4",
+                "--height",
+                "64",
+                "--width",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "a_file" in err and "Traceback" not in err
 
@@ -139,14 +269,14 @@ def test_atomic_writes_name_the_file_and_leave_no_temporary(tmp_path, monkeypatc
 
     with pytest.raises(MammoSaeError, match=r"could not write .*out\.bin.*unexpected pos"):
         failing_write("[enforce fail at inline_container.cc:672] . unexpected pos 7360 vs 7254")
-    with pytest.raises(RuntimeError, match="a bug"):      # plenty of disk: not a write failure
+    with pytest.raises(RuntimeError, match="a bug"):  # plenty of disk: not a write failure
         failing_write("a bug")
     monkeypatch.setattr(io, "free_bytes", lambda folder: 1024)
-    with pytest.raises(MammoSaeError, match="0.0 MiB free"):   # nearly full: said so
+    with pytest.raises(MammoSaeError, match="0.0 MiB free"):  # nearly full: said so
         failing_write("some library's own words")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     (tmp_path / "blocker").write_text("")
-    with pytest.raises(MammoSaeError, match=r"could not write .*blocker"):   # a file, not a folder
+    with pytest.raises(MammoSaeError, match=r"could not write .*blocker"):  # a file, not a folder
         with io.atomic_path(tmp_path / "blocker" / "y"):
             pass
 

@@ -65,13 +65,23 @@ def test_pointing_selection_never_sees_the_test_split(demo_run: Path) -> None:
 
 def test_separation_and_marker_records_are_complete(demo_run: Path) -> None:
     for concept in CONCEPTS:
-        models = json.loads((demo_run / "analysis" / "separation" / concept
-                             / "separation.json").read_text())["models"]
+        models = json.loads(
+            (demo_run / "analysis" / "separation" / concept / "separation.json").read_text()
+        )["models"]
         for variant in ("pretrained", "finetuned"):
             assert 0 <= models[variant]["associated_in_top"] <= 10
             assert models[variant]["separation"] is not None
-    edit = json.loads((demo_run / "analysis" / "separation" / "Suspicious_Calcification"
-                       / "associated-off" / "finetuned" / "edit.json").read_text())
+    edit = json.loads(
+        (
+            demo_run
+            / "analysis"
+            / "separation"
+            / "Suspicious_Calcification"
+            / "associated-off"
+            / "finetuned"
+            / "edit.json"
+        ).read_text()
+    )
     assert set(edit["shortcut"]["attribute_auroc_among_negatives"]) >= {"plain_sae", "edited"}
 
 

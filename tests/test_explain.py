@@ -26,7 +26,7 @@ from mammo_sae.io import write_json
 from mammo_sae.sae.checkpoints import save_sae
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
-SIZE = (256, 160)     # the tiny phantom's own frame: no resize on either path
+SIZE = (256, 160)  # the tiny phantom's own frame: no resize on either path
 H_LATENTS = 64
 
 
@@ -38,35 +38,93 @@ def trained(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     ~1e-13 by the last block, which would give every image the same score."""
     root = tmp_path_factory.mktemp("explain")
     save_he_encoder(root / "encoder")
-    assert main(["classifier", "train", "--data", str(tiny_phantom), "--concept", "Mass",
-                 "--init", str(root / "encoder"), "--mode", "linear-probe", "--epochs", "20",
-                 "--lr", "1e-2", "--out", str(root / "clf"), "--device", "cpu",
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "classifier",
+                "train",
+                "--data",
+                str(tiny_phantom),
+                "--concept",
+                "Mass",
+                "--init",
+                str(root / "encoder"),
+                "--mode",
+                "linear-probe",
+                "--epochs",
+                "20",
+                "--lr",
+                "1e-2",
+                "--out",
+                str(root / "clf"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     cfg = SAEConfig(architecture="relu-l1", d=640, h=H_LATENTS, init="tied")
     save_sae(SparseAutoencoder(cfg, seed=0).eval(), root / "sae")
-    return {"root": root, "model": root / "clf" / "model", "sae": root / "sae",
-            "data": tiny_phantom}
+    return {
+        "root": root,
+        "model": root / "clf" / "model",
+        "sae": root / "sae",
+        "data": tiny_phantom,
+    }
 
 
 def _explain(out: Path, *args: object) -> dict:
-    assert main(["explain", "--out", str(out), "--device", "cpu", "--no-progress",
-                 *map(str, args)]) == 0
+    assert (
+        main(["explain", "--out", str(out), "--device", "cpu", "--no-progress", *map(str, args)])
+        == 0
+    )
     return json.loads((out / "explain.json").read_text())
 
 
 def test_scores_equal_classifier_eval(trained: dict[str, Path], tmp_path: Path) -> None:
     test = load_records(trained["data"], splits=["test"])
-    assert main(["classifier", "eval", "--data", str(trained["data"]), "--model",
-                 str(trained["model"]), "--concept", "Mass", "--split", "test", "--n-boot", "0",
-                 "--out",
-                 str(tmp_path / "eval.json"), "--device", "cpu", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "classifier",
+                "eval",
+                "--data",
+                str(trained["data"]),
+                "--model",
+                str(trained["model"]),
+                "--concept",
+                "Mass",
+                "--split",
+                "test",
+                "--n-boot",
+                "0",
+                "--out",
+                str(tmp_path / "eval.json"),
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     ref = pd.read_csv(tmp_path / "eval.csv").set_index("image_id")["score"]
-    res = _explain(tmp_path / "ex", "--model", trained["model"], "--sae", trained["sae"],
-                   "--image-size", "256x160", "--no-heatmaps", "--batch-size", "3",
-                   *[r.path for r in test])
+    res = _explain(
+        tmp_path / "ex",
+        "--model",
+        trained["model"],
+        "--sae",
+        trained["sae"],
+        "--image-size",
+        "256x160",
+        "--no-heatmaps",
+        "--batch-size",
+        "3",
+        *[r.path for r in test],
+    )
     got = {Path(e["image"]).stem: e for e in res["images"]}
     assert len(got) == len(test) == len(ref)
-    assert ref.std() > 1e-3      # images differ in score, so a mix-up would show
+    assert ref.std() > 1e-3  # images differ in score, so a mix-up would show
     for image_id, score in ref.items():
         e = got[image_id]
         assert e["score"] == pytest.approx(score, abs=1e-6)
@@ -97,14 +155,26 @@ def test_contributions_sum_to_the_sae_logit(trained: dict[str, Path], tmp_path: 
         contrib = ex.v_h * mean_h
         n_active += int((mean_h > 0).sum())
         assert contrib.sum() + ex.c == pytest.approx(float(exact), abs=1e-4)
-    assert n_active > 10     # the check is not about an all-zero code
+    assert n_active > 10  # the check is not about an all-zero code
     # The JSON's sae_logit is that sum, and its contributions are v_j · activation_j.
-    res = _explain(tmp_path / "ex", "--model", trained["model"], "--sae", trained["sae"],
-                   "--image-size", "256x160", "--no-heatmaps", "--top", str(H_LATENTS), *paths)
+    res = _explain(
+        tmp_path / "ex",
+        "--model",
+        trained["model"],
+        "--sae",
+        trained["sae"],
+        "--image-size",
+        "256x160",
+        "--no-heatmaps",
+        "--top",
+        str(H_LATENTS),
+        *paths,
+    )
     for e, exact in zip(res["images"], sae_logits, strict=True):
         assert e["sae_logit"] == pytest.approx(float(exact), abs=1e-4)
-        assert sum(t["contribution"] for t in e["top_latents"]) + res["constant"] == \
-            pytest.approx(float(exact), abs=1e-4)
+        assert sum(t["contribution"] for t in e["top_latents"]) + res["constant"] == pytest.approx(
+            float(exact), abs=1e-4
+        )
         for t in e["top_latents"]:
             expected = ex.v_h[t["latent"]] * t["activation"]
             assert t["contribution"] == pytest.approx(expected, rel=1e-9)
@@ -113,13 +183,25 @@ def test_contributions_sum_to_the_sae_logit(trained: dict[str, Path], tmp_path: 
 def test_dicom_is_explained_as_its_ingested_png(trained: dict[str, Path], tmp_path: Path) -> None:
     img = synthetic_mammogram()
     dicoms = tmp_path / "dicoms"
-    write_dicom(dicoms / "case" / "scan", img, bits_stored=12)                 # extension-less
-    write_dicom(dicoms / "case" / "inv.dcm", (4095 - img).astype(np.uint16),
-                photometric="MONOCHROME1", transfer="jpeg2000", bits_stored=12)
+    write_dicom(dicoms / "case" / "scan", img, bits_stored=12)  # extension-less
+    write_dicom(
+        dicoms / "case" / "inv.dcm",
+        (4095 - img).astype(np.uint16),
+        photometric="MONOCHROME1",
+        transfer="jpeg2000",
+        bits_stored=12,
+    )
     ingest(dicoms, tmp_path / "data", out_hw=SIZE, progress=False)
     pngs = sorted((tmp_path / "data" / "images_png").rglob("*.png"))
-    common = ("--model", trained["model"], "--sae", trained["sae"], "--image-size", "256x160",
-              "--no-heatmaps")
+    common = (
+        "--model",
+        trained["model"],
+        "--sae",
+        trained["sae"],
+        "--image-size",
+        "256x160",
+        "--no-heatmaps",
+    )
     from_dicom = _explain(tmp_path / "a", *common, "--dicom-frame", "256x160", dicoms)
     from_png = _explain(tmp_path / "b", *common, *pngs)
     assert [e["kind"] for e in from_dicom["images"]] == ["dicom", "dicom"]
@@ -132,16 +214,29 @@ def _fake_run(run: Path, trained: dict[str, Path]) -> list[int]:
     """A run directory with the trained classifier as Mass-finetuned, the SAE and a probe
     ranking whose class-1 top-10 is the 10 highest-numbered latents."""
     shutil.copytree(trained["sae"], run / "sae")
-    write_json(run / "models" / "models.json", {"schema_version": 1, "models": [
-        {"name": "Mass-finetuned", "concept": "Mass", "variant": "finetuned",
-         "classifier": str(trained["model"]), "encoder_key": "Mass-finetuned"}]})
+    write_json(
+        run / "models" / "models.json",
+        {
+            "schema_version": 1,
+            "models": [
+                {
+                    "name": "Mass-finetuned",
+                    "concept": "Mass",
+                    "variant": "finetuned",
+                    "classifier": str(trained["model"]),
+                    "encoder_key": "Mass-finetuned",
+                }
+            ],
+        },
+    )
     (run / "config.yaml").write_text("data:\n  kind: phantom\n  image_size: [256, 160]\n")
     order = list(range(H_LATENTS))[::-1]
     probe = run / "analysis" / "probe" / "Mass-finetuned"
     for cls, ranking in (("1", order), ("0", order[::-1])):
-        write_json(probe / f"ranking_class={cls}_centered.json",
-                   [{"rank": r, "index": j, "importance": float(-r)}
-                    for r, j in enumerate(ranking)])
+        write_json(
+            probe / f"ranking_class={cls}_centered.json",
+            [{"rank": r, "index": j, "importance": float(-r)} for r, j in enumerate(ranking)],
+        )
     return order[:10]
 
 
@@ -152,15 +247,26 @@ def test_run_directory_mode_names_and_html(trained: dict[str, Path], tmp_path: P
     (tmp_path / "names.csv").write_text("latent,name\n" + names)
     images = sorted((trained["data"] / "images_png").rglob("*.png"))[:2]
     out = tmp_path / "ex"
-    res = _explain(out, "--run", tmp_path / "run", "--model-name", "Mass-finetuned",
-                   "--latent-names", tmp_path / "names.csv", "--top", "3", *images)
+    res = _explain(
+        out,
+        "--run",
+        tmp_path / "run",
+        "--model-name",
+        "Mass-finetuned",
+        "--latent-names",
+        tmp_path / "names.csv",
+        "--top",
+        "3",
+        *images,
+    )
     assert res["model_name"] == "Mass-finetuned" and res["image_size"] == [256, 160]
     assert res["class_top10"]["1"] == top1
     for e in res["images"]:
         for t in e["top_latents"] + e["top_by_activation"]:
             assert t["name"] == f"name-{t['latent']}"
-            assert t["class_top10"] == [c for c, lats in (("0", top0), ("1", top1))
-                                        if t["latent"] in lats]
+            assert t["class_top10"] == [
+                c for c, lats in (("0", top0), ("1", top1)) if t["latent"] in lats
+            ]
             assert (out / t["heatmap"]).stat().st_size > 0
             assert t["off_breast"] is None or 0.0 <= t["off_breast"] <= 1.0
     html = (out / "index.html").read_text()
@@ -169,12 +275,49 @@ def test_run_directory_mode_names_and_html(trained: dict[str, Path], tmp_path: P
     assert heat_srcs and all((out / s).is_file() for s in heat_srcs)
 
     # Bad input: exit 2 with a message.
-    assert main(["explain", "--out", str(tmp_path / "x"), "--run", str(tmp_path / "run"),
-                 "--model-name", "Calc-finetuned", str(images[0])]) == 2
-    assert main(["explain", "--out", str(tmp_path / "x"), "--run", str(tmp_path / "run"),
-                 str(images[0])]) == 2
-    assert main(["explain", "--out", str(tmp_path / "x"), "--model", str(trained["model"]),
-                 "--sae", str(trained["sae"]), str(tmp_path / "absent.png")]) == 2
+    assert (
+        main(
+            [
+                "explain",
+                "--out",
+                str(tmp_path / "x"),
+                "--run",
+                str(tmp_path / "run"),
+                "--model-name",
+                "Calc-finetuned",
+                str(images[0]),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "explain",
+                "--out",
+                str(tmp_path / "x"),
+                "--run",
+                str(tmp_path / "run"),
+                str(images[0]),
+            ]
+        )
+        == 2
+    )
+    assert (
+        main(
+            [
+                "explain",
+                "--out",
+                str(tmp_path / "x"),
+                "--model",
+                str(trained["model"]),
+                "--sae",
+                str(trained["sae"]),
+                str(tmp_path / "absent.png"),
+            ]
+        )
+        == 2
+    )
 
 
 def test_unreadable_images_skip_or_fail(trained: dict[str, Path], tmp_path: Path) -> None:
@@ -183,10 +326,19 @@ def test_unreadable_images_skip_or_fail(trained: dict[str, Path], tmp_path: Path
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     good = sorted((trained["data"] / "images_png").rglob("*.png"))[0]
     shutil.copy(good, tmp_path / "imgs" / "good.png")
-    common = ["--model", trained["model"], "--sae", trained["sae"], "--image-size", "256x160",
-              "--no-heatmaps"]
-    assert main(["explain", "--out", str(tmp_path / "x"), *map(str, common),
-                 str(tmp_path / "imgs")]) == 2
+    common = [
+        "--model",
+        trained["model"],
+        "--sae",
+        trained["sae"],
+        "--image-size",
+        "256x160",
+        "--no-heatmaps",
+    ]
+    assert (
+        main(["explain", "--out", str(tmp_path / "x"), *map(str, common), str(tmp_path / "imgs")])
+        == 2
+    )
     res = _explain(tmp_path / "y", *common, "--on-error", "skip", tmp_path / "imgs")
     assert [Path(e["image"]).name for e in res["images"]] == ["good.png"]
     assert [Path(e["image"]).name for e in res["errors"]] == ["bad.png"]
@@ -198,16 +350,34 @@ def test_index_html_renders_in_headless_chromium(trained: dict[str, Path], tmp_p
         pytest.skip("chromium is not installed (`command -v chromium` finds nothing)")
     images = sorted((trained["data"] / "images_png").rglob("*.png"))[:1]
     out = tmp_path / "ex"
-    _explain(out, "--model", trained["model"], "--sae", trained["sae"], "--image-size", "256x160",
-             "--top", "2", *images)
+    _explain(
+        out,
+        "--model",
+        trained["model"],
+        "--sae",
+        trained["sae"],
+        "--image-size",
+        "256x160",
+        "--top",
+        "2",
+        *images,
+    )
     page = (out / "index.html").resolve().as_uri()
     shot = tmp_path / "shot.png"
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-             "--window-size=1280,2000"]
-    subprocess.run([*flags, f"--screenshot={shot}", page], check=True, timeout=120,
-                   capture_output=True)
+    flags = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--hide-scrollbars",
+        "--window-size=1280,2000",
+    ]
+    subprocess.run(
+        [*flags, f"--screenshot={shot}", page], check=True, timeout=120, capture_output=True
+    )
     assert shot.stat().st_size > 1000
-    dom = subprocess.run([*flags, "--dump-dom", page], check=True, timeout=120, capture_output=True,
-                         text=True).stdout
+    dom = subprocess.run(
+        [*flags, "--dump-dom", page], check=True, timeout=120, capture_output=True, text=True
+    ).stdout
     srcs = re.findall(r'<img src="(images/[^"]+/latent_\d+\.png)"', dom)
     assert len(srcs) >= 2 and all((out / s).is_file() for s in srcs)

@@ -49,8 +49,19 @@ def data_dir(tiny_phantom: Path) -> Path:
 
 
 def _cfg(data: Path, out: Path, **kw) -> ExtractConfig:
-    base = dict(data=data, model=ARCH, out=out, split="all", image_size="128x80", dtype="float32",
-                shard_images=2, batch_size=2, workers=0, max_images=N_IMAGES, seed=0)
+    base = dict(
+        data=data,
+        model=ARCH,
+        out=out,
+        split="all",
+        image_size="128x80",
+        dtype="float32",
+        shard_images=2,
+        batch_size=2,
+        workers=0,
+        max_images=N_IMAGES,
+        seed=0,
+    )
     base.update(kw)
     return ExtractConfig(**base)
 
@@ -88,16 +99,21 @@ def test_store_holds_the_encoders_map(reference: Path, data_dir: Path) -> None:
         np.testing.assert_allclose(acts, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
         assert rows.tolist() == np.repeat(np.arange(h), w).tolist()
         pooled = map_bchw[j].mean((1, 2)).numpy()
-        np.testing.assert_allclose(store.pooled_nd[i], pooled, rtol=1e-4, atol=1e-4 * np.abs(pooled).max())
+        np.testing.assert_allclose(
+            store.pooled_nd[i], pooled, rtol=1e-4, atol=1e-4 * np.abs(pooled).max()
+        )
     assert [r.image_id for r in store.records()] == [r.image_id for r in records]
     tissue = store.patch_tissue()
     assert np.all((tissue >= 0) & (tissue <= 1)) and 0 < tissue.mean() < 1
     assert store.manifest["model"]["kind"] == "random_init" and store.manifest["complete"]
 
 
-def test_subsample_is_per_image_seeded_and_pooled_stays_full(reference: Path, data_dir: Path,
-                                                              tmp_path: Path) -> None:
-    path = extract(_cfg(data_dir, tmp_path / "sub", subsample=0.25, dtype="bfloat16"), progress=False)
+def test_subsample_is_per_image_seeded_and_pooled_stays_full(
+    reference: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    path = extract(
+        _cfg(data_dir, tmp_path / "sub", subsample=0.25, dtype="bfloat16"), progress=False
+    )
     sub, full = ActivationStore(path), ActivationStore(reference)
     h, w = full.manifest["grid"]
     assert sub.manifest["subsample"] == {"fraction": 0.25, "seed": 0}
@@ -113,14 +129,26 @@ def test_subsample_is_per_image_seeded_and_pooled_stays_full(reference: Path, da
 
 
 def test_augmentation_is_seeded_per_image(reference: Path, data_dir: Path, tmp_path: Path) -> None:
-    a = ActivationStore(extract(_cfg(data_dir, tmp_path / "a", augment=True, max_images=4), progress=False))
-    b = ActivationStore(extract(_cfg(data_dir, tmp_path / "b", augment=True, max_images=4,
-                                     shard_images=3, batch_size=1), progress=False))
+    a = ActivationStore(
+        extract(_cfg(data_dir, tmp_path / "a", augment=True, max_images=4), progress=False)
+    )
+    b = ActivationStore(
+        extract(
+            _cfg(
+                data_dir, tmp_path / "b", augment=True, max_images=4, shard_images=3, batch_size=1
+            ),
+            progress=False,
+        )
+    )
     plain = ActivationStore(reference)
     scale = np.abs(plain.pooled_nd).max()  # random weights give tiny maps: compare relatively
-    np.testing.assert_allclose(a.pooled_nd, b.pooled_nd, rtol=1e-4, atol=1e-4 * scale)  # other batching
-    changed = [np.abs(a.image_patches(i)[0] - plain.image_patches(i)[0]).max() > 1e-2 * scale
-               for i in range(4)]
+    np.testing.assert_allclose(
+        a.pooled_nd, b.pooled_nd, rtol=1e-4, atol=1e-4 * scale
+    )  # other batching
+    changed = [
+        np.abs(a.image_patches(i)[0] - plain.image_patches(i)[0]).max() > 1e-2 * scale
+        for i in range(4)
+    ]
     assert any(changed) and a.manifest["augment"] is True
 
 
@@ -128,9 +156,20 @@ def test_row_level_keeps_each_csv_row_with_image_labels(data_dir: Path, tmp_path
     rows = load_records(data_dir, level="row")
     assert len(rows) > len(load_records(data_dir))  # the fixture has multi-row images
     n = len(rows)
-    store = ActivationStore(extract(_cfg(data_dir, tmp_path / "rows", level="row", max_images=n,
-                                         subsample=0.1, shard_images=16, batch_size=8),
-                                    progress=False))
+    store = ActivationStore(
+        extract(
+            _cfg(
+                data_dir,
+                tmp_path / "rows",
+                level="row",
+                max_images=n,
+                subsample=0.1,
+                shard_images=16,
+                batch_size=8,
+            ),
+            progress=False,
+        )
+    )
     table = store.images
     assert store.n_images == n and table.row_index.tolist() == [r.row_index for r in rows]
     for image_id, group in table.groupby("image_id"):
@@ -174,14 +213,21 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def test_killed_extraction_resumes_to_an_identical_store(reference: Path, data_dir: Path,
-                                                         tmp_path: Path) -> None:
+def test_killed_extraction_resumes_to_an_identical_store(
+    reference: Path, data_dir: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER, str(data_dir), str(out)],
-                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(data_dir), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == -9, proc.stderr
     assert not json.loads((out / "manifest.json").read_text())["complete"]
-    assert (out / "shards" / "00001.json").is_file() and not (out / "shards" / "00002.json").exists()
+    assert (out / "shards" / "00001.json").is_file() and not (
+        out / "shards" / "00002.json"
+    ).exists()
     with pytest.raises(StoreError, match="incomplete"):
         ActivationStore(out)
     extract(_cfg(data_dir, out), progress=False)
@@ -189,9 +235,9 @@ def test_killed_extraction_resumes_to_an_identical_store(reference: Path, data_d
     assert_same_store(reference, out)
 
 
-def test_disk_full_gives_a_clean_error_and_a_resumable_store(reference: Path, data_dir: Path,
-                                                             tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_disk_full_gives_a_clean_error_and_a_resumable_store(
+    reference: Path, data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_array = np.lib.format.write_array
 
     def fill_disk(f, array, **kw):
@@ -204,7 +250,7 @@ def test_disk_full_gives_a_clean_error_and_a_resumable_store(reference: Path, da
     out = tmp_path / "full"
     with pytest.raises(StoreError, match=r"shard 00001.*No space left on device.*rerun to resume"):
         extract(_cfg(data_dir, out), progress=False)
-    assert not list(out.rglob("*.tmp"))                       # no half-written file left behind
+    assert not list(out.rglob("*.tmp"))  # no half-written file left behind
     assert not (out / "shards" / "00001.patches.npy").exists()
     assert not (out / "shards" / "00001.json").exists()
     monkeypatch.setattr(np.lib.format, "write_array", write_array)
@@ -270,8 +316,12 @@ def test_written_files_honour_the_umask(data_dir: Path, tmp_path: Path) -> None:
 def test_bad_arguments_are_refused(data_dir: Path, tmp_path: Path) -> None:
     from mammo_sae.errors import MammoSaeError
 
-    for kw, msg in [({"subsample": 0.0}, "subsample"), ({"image_size": "12by8"}, "HxW"),
-                    ({"model": "resnet50"}, "efficientnet-phantom"), ({"layer": "head"}, "layer")]:
+    for kw, msg in [
+        ({"subsample": 0.0}, "subsample"),
+        ({"image_size": "12by8"}, "HxW"),
+        ({"model": "resnet50"}, "efficientnet-phantom"),
+        ({"layer": "head"}, "layer"),
+    ]:
         with pytest.raises(MammoSaeError, match=msg):
             extract(_cfg(data_dir, tmp_path / "x", **kw), progress=False)
     (tmp_path / "busy").mkdir()
@@ -293,8 +343,9 @@ def test_cli_extract(data_dir: Path, tmp_path: Path) -> None:
     assert main(argv[:-2] + ["--max-images", "3"]) == 2  # other settings → exit 2
 
 
-def test_checkpoint_model_uses_the_classifiers_encoder(reference: Path, data_dir: Path,
-                                                       tmp_path: Path) -> None:
+def test_checkpoint_model_uses_the_classifiers_encoder(
+    reference: Path, data_dir: Path, tmp_path: Path
+) -> None:
     from mammo_sae.models.checkpoints import checkpoint_sha256, save_model
     from mammo_sae.models.classifier import ConceptClassifier
 
@@ -302,13 +353,16 @@ def test_checkpoint_model_uses_the_classifiers_encoder(reference: Path, data_dir
     clf_dir = save_model(ConceptClassifier(encoder, 1), tmp_path / "clf")
     enc_dir = save_model(encoder, tmp_path / "enc")
     for ckpt, kind in ((clf_dir, "classifier"), (enc_dir, "image_encoder")):
-        store = ActivationStore(extract(_cfg(data_dir, tmp_path / kind, model=str(ckpt), max_images=2),
-                                        progress=False))
+        store = ActivationStore(
+            extract(_cfg(data_dir, tmp_path / kind, model=str(ckpt), max_images=2), progress=False)
+        )
         assert store.manifest["model"]["kind"] == kind
         assert store.manifest["model"]["sha256"] == checkpoint_sha256(ckpt)
         # Same weights, same images; only float summation order may differ (batch composition).
         expected = ActivationStore(reference).pooled_nd[:2]
-        np.testing.assert_allclose(store.pooled_nd, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+        np.testing.assert_allclose(
+            store.pooled_nd, expected, rtol=0, atol=1e-5 * np.abs(expected).max()
+        )
 
 
 class _Corrupting(torch.nn.Module):
@@ -334,23 +388,36 @@ def test_non_finite_activations_name_the_images(data_dir: Path, tmp_path: Path) 
     cfg = _cfg(data_dir, tmp_path / "nan", max_images=4)
     with pytest.raises(StoreError, match=r"non-finite activations for image\(s\) \['[^,\]]+'\]"):
         extract(cfg, encoder=_Corrupting(nan_first=True), progress=False)
-    assert not list((tmp_path / "nan").glob("shards/*.npy")), "no shard written from a poisoned batch"
+    assert not list((tmp_path / "nan").glob("shards/*.npy")), (
+        "no shard written from a poisoned batch"
+    )
 
 
 def test_float16_overflow_is_refused_with_the_fix(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="beyond float16's range; use --dtype bfloat16"):
-        extract(_cfg(data_dir, tmp_path / "big", max_images=2, dtype="float16"),
-                encoder=_Corrupting(scale=1e20), progress=False)
+        extract(
+            _cfg(data_dir, tmp_path / "big", max_images=2, dtype="float16"),
+            encoder=_Corrupting(scale=1e20),
+            progress=False,
+        )
     # The same maps fit bfloat16.
-    store = ActivationStore(extract(_cfg(data_dir, tmp_path / "bf", max_images=2, dtype="bfloat16"),
-                                    encoder=_Corrupting(scale=1e20), progress=False))
+    store = ActivationStore(
+        extract(
+            _cfg(data_dir, tmp_path / "bf", max_images=2, dtype="bfloat16"),
+            encoder=_Corrupting(scale=1e20),
+            progress=False,
+        )
+    )
     assert np.isfinite(store.pooled_nd).all()
 
 
 def test_float16_underflow_is_refused_not_stored_as_zeros(data_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="float16 would store them as 0"):
-        extract(_cfg(data_dir, tmp_path / "tiny", max_images=2, dtype="float16"),
-                encoder=_Corrupting(scale=1e-20), progress=False)
+        extract(
+            _cfg(data_dir, tmp_path / "tiny", max_images=2, dtype="float16"),
+            encoder=_Corrupting(scale=1e-20),
+            progress=False,
+        )
     assert not list((tmp_path / "tiny").glob("shards/*.npy"))
 
 
@@ -373,7 +440,7 @@ class _FailsOnCall(torch.nn.Module):
 def test_a_failing_forward_still_writes_the_batch_before_it(data_dir: Path, tmp_path: Path) -> None:
     """Host work lags the forward by one batch; when the next forward fails, the finished batch
     (here: all of shard 0) must still reach the store, so a rerun does not redo it."""
-    cfg = _cfg(data_dir, tmp_path / "oom", max_images=4)   # 2 shards of 2 images, batch 2
+    cfg = _cfg(data_dir, tmp_path / "oom", max_images=4)  # 2 shards of 2 images, batch 2
     with pytest.raises(RuntimeError, match="simulated"):
         extract(cfg, encoder=_FailsOnCall(fail_at=2), progress=False)
     done = sorted(p.name for p in (tmp_path / "oom" / "shards").glob("*.json"))
@@ -381,11 +448,15 @@ def test_a_failing_forward_still_writes_the_batch_before_it(data_dir: Path, tmp_
 
 
 @settings(max_examples=100, deadline=None)
-@given(n=st.integers(1, 3000), fraction=st.floats(1e-4, 1.0, allow_subnormal=False),
-       seed=st.integers(0, 2 ** 31), key=st.text(max_size=20))
+@given(
+    n=st.integers(1, 3000),
+    fraction=st.floats(1e-4, 1.0, allow_subnormal=False),
+    seed=st.integers(0, 2**31),
+    key=st.text(max_size=20),
+)
 def test_subsample_cells_is_a_seeded_sorted_subset_of_the_recorded_size(n, fraction, seed, key):
     cells = subsample_cells(n, fraction, seed, key)
     expected = n if fraction >= 1.0 else min(n, max(1, round(fraction * n)))
-    assert len(cells) == expected                     # ≥ 1 kept: no image loses all its patches
+    assert len(cells) == expected  # ≥ 1 kept: no image loses all its patches
     assert np.all(np.diff(cells) > 0) and cells[0] >= 0 and cells[-1] < n
-    assert np.array_equal(cells, subsample_cells(n, fraction, seed, key))   # resume-safe
+    assert np.array_equal(cells, subsample_cells(n, fraction, seed, key))  # resume-safe

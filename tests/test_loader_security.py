@@ -8,8 +8,9 @@ import dataclasses
 import os
 import shutil
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Tuple
+from typing import Any
 
 import pytest
 import torch
@@ -35,11 +36,11 @@ class _Evil(torch.nn.Module):
         return x
 
     @torch.jit.export
-    def __getstate__(self) -> Tuple[str, torch.Tensor, bool]:
+    def __getstate__(self) -> tuple[str, torch.Tensor, bool]:
         return (self.target, self.probe, self.training)
 
     @torch.jit.export
-    def __setstate__(self, state: Tuple[str, torch.Tensor, bool]) -> None:
+    def __setstate__(self, state: tuple[str, torch.Tensor, bool]) -> None:
         self.target = state[0]
         self.training = state[2]
         self.probe = torch.from_file(self.target, shared=True, size=1)
@@ -76,8 +77,11 @@ def write_payload(kind: str, path: Path, target: Path) -> Path:
         sd = {"image_encoder._conv_stem.weight": torch.zeros(1)}
         torch.save({"model": sd, "x": _Exec(target)}, path)
     else:
-        torch.save({"W_enc": torch.zeros(1), "x": _System(target)}, path,
-                   _use_new_zipfile_serialization=False)
+        torch.save(
+            {"W_enc": torch.zeros(1), "x": _System(target)},
+            path,
+            _use_new_zipfile_serialization=False,
+        )
     return path
 
 
@@ -107,6 +111,7 @@ def test_payloads_are_live(tmp_path: Path, kind: str) -> None:
 
 
 # --- library entry points ----------------------------------------------------------------------
+
 
 def _load_head(p: Path, tmp: Path) -> Any:
     from mammo_sae.analysis.intervene import load_head
@@ -145,8 +150,9 @@ LIBRARY: dict[str, Callable[[Path, Path], Any]] = {
 
 
 @pytest.mark.parametrize("entry", list(LIBRARY))
-def test_library_loaders_refuse_payloads(tmp_path: Path, payload: tuple[Path, Path, str],
-                                         entry: str) -> None:
+def test_library_loaders_refuse_payloads(
+    tmp_path: Path, payload: tuple[Path, Path, str], entry: str
+) -> None:
     path, target, names = payload
     with pytest.raises(CheckpointError) as err:
         LIBRARY[entry](path, tmp_path)
@@ -157,51 +163,110 @@ def test_library_loaders_refuse_payloads(tmp_path: Path, payload: tuple[Path, Pa
 
 # --- CLI entry points (exit 2, message on stderr) ----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_sae(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mammo_sae.sae.checkpoints import save_sae
     from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
-    return save_sae(SparseAutoencoder(SAEConfig(architecture="relu-l1", d=8, h=16), seed=0),
-                    tmp_path_factory.mktemp("sae") / "sae")
+    return save_sae(
+        SparseAutoencoder(SAEConfig(architecture="relu-l1", d=8, h=16), seed=0),
+        tmp_path_factory.mktemp("sae") / "sae",
+    )
 
 
 def _run_config(tmp: Path, data: Path, model: Path) -> str:
     config = tmp / "pipeline.yaml"
-    config.write_text(f"name: evil\ndevice: cpu\ndata: {{kind: folds, path: {data}}}\n"
-                      f"models:\n  kind: checkpoints\n  concepts: [Mass]\n  checkpoints:\n"
-                      f"    Mass: {{pretrained: {model}, finetuned: {model}}}\n"
-                      "extract: {sae_source: Mass/finetuned}\n")
+    config.write_text(
+        f"name: evil\ndevice: cpu\ndata: {{kind: folds, path: {data}}}\n"
+        f"models:\n  kind: checkpoints\n  concepts: [Mass]\n  checkpoints:\n"
+        f"    Mass: {{pretrained: {model}, finetuned: {model}}}\n"
+        "extract: {sae_source: Mass/finetuned}\n"
+    )
     return str(config)
 
 
 # (model, data, sae, tmp) -> argv
 CLI: dict[str, Callable[[Path, Path, Path, Path], list[str]]] = {
     "convert": lambda m, d, s, t: ["convert", "--model", str(m), "--out", str(t / "out")],
-    "extract": lambda m, d, s, t: ["extract", "--data", str(d), "--model", str(m),
-                                   "--out", str(t / "out"), "--no-progress"],
-    "classifier eval": lambda m, d, s, t: ["classifier", "eval", "--data", str(d),
-                                           "--model", str(m), "--concept", "Mass",
-                                           "--out", str(t / "e.json")],
-    "classifier train --init": lambda m, d, s, t: ["classifier", "train", "--data", str(d),
-                                                   "--init", str(m), "--concept", "Mass",
-                                                   "--out", str(t / "out"), "--no-progress"],
-    "intervene": lambda m, d, s, t: ["intervene", "--store", str(t / "store"), "--sae", str(s),
-                                     "--classifier", str(m), "--out", str(t / "out")],
-    "fidelity": lambda m, d, s, t: ["fidelity", "--stores", str(t / "store"),
-                                    "--classifiers", str(m), "--sae", str(s),
-                                    "--out", str(t / "out")],
+    "extract": lambda m, d, s, t: [
+        "extract",
+        "--data",
+        str(d),
+        "--model",
+        str(m),
+        "--out",
+        str(t / "out"),
+        "--no-progress",
+    ],
+    "classifier eval": lambda m, d, s, t: [
+        "classifier",
+        "eval",
+        "--data",
+        str(d),
+        "--model",
+        str(m),
+        "--concept",
+        "Mass",
+        "--out",
+        str(t / "e.json"),
+    ],
+    "classifier train --init": lambda m, d, s, t: [
+        "classifier",
+        "train",
+        "--data",
+        str(d),
+        "--init",
+        str(m),
+        "--concept",
+        "Mass",
+        "--out",
+        str(t / "out"),
+        "--no-progress",
+    ],
+    "intervene": lambda m, d, s, t: [
+        "intervene",
+        "--store",
+        str(t / "store"),
+        "--sae",
+        str(s),
+        "--classifier",
+        str(m),
+        "--out",
+        str(t / "out"),
+    ],
+    "fidelity": lambda m, d, s, t: [
+        "fidelity",
+        "--stores",
+        str(t / "store"),
+        "--classifiers",
+        str(m),
+        "--sae",
+        str(s),
+        "--out",
+        str(t / "out"),
+    ],
     "sae import": lambda m, d, s, t: ["sae", "import", "--src", str(m), "--out", str(t / "out")],
     "sae info": lambda m, d, s, t: ["sae", "info", "--sae", str(m)],
-    "run (models.kind: checkpoints)": lambda m, d, s, t: ["run", _run_config(t, d, m),
-                                                          "--out", str(t / "out"), "--no-progress"],
+    "run (models.kind: checkpoints)": lambda m, d, s, t: [
+        "run",
+        _run_config(t, d, m),
+        "--out",
+        str(t / "out"),
+        "--no-progress",
+    ],
 }
 
 
 @pytest.mark.parametrize("command", list(CLI))
-def test_cli_refuses_payloads(tmp_path: Path, payload: tuple[Path, Path, str], command: str,
-                              tiny_phantom: Path, tiny_sae: Path,
-                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_refuses_payloads(
+    tmp_path: Path,
+    payload: tuple[Path, Path, str],
+    command: str,
+    tiny_phantom: Path,
+    tiny_sae: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     path, target, names = payload
     assert main(CLI[command](path, tiny_phantom, tiny_sae, tmp_path)) == 2
     assert not target.exists()
@@ -210,26 +275,48 @@ def test_cli_refuses_payloads(tmp_path: Path, payload: tuple[Path, Path, str], c
 
 # --- training states (sae train --resume, classifier train --resume) ----------------------------
 
+
 @pytest.fixture(scope="module")
 def sae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from mammo_sae.sae.train import TensorSource, TrainConfig, train_sae
 
     out = tmp_path_factory.mktemp("sae_run") / "run"
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).relu() + 0.1
-    train_sae(TrainConfig(out=out, expansion=2, batch_size=50, epochs=1, max_steps=2,
-                          progress=False, measure_matmul=False, eval_patches=64), TensorSource(x))
+    train_sae(
+        TrainConfig(
+            out=out,
+            expansion=2,
+            batch_size=50,
+            epochs=1,
+            max_steps=2,
+            progress=False,
+            measure_matmul=False,
+            eval_patches=64,
+        ),
+        TensorSource(x),
+    )
     return out
 
 
-def test_sae_training_state_refuses_payloads(tmp_path: Path, payload: tuple[Path, Path, str],
-                                             sae_run: Path) -> None:
+def test_sae_training_state_refuses_payloads(
+    tmp_path: Path, payload: tuple[Path, Path, str], sae_run: Path
+) -> None:
     from mammo_sae.sae.train import STATE_FILE, TensorSource, TrainConfig, train_sae
 
     path, target, names = payload
     run = shutil.copytree(sae_run, tmp_path / "run")
     shutil.copyfile(path, run / STATE_FILE)
-    cfg = TrainConfig(out=run, expansion=2, batch_size=50, epochs=1, max_steps=2, progress=False,
-                      measure_matmul=False, eval_patches=64, resume=True)
+    cfg = TrainConfig(
+        out=run,
+        expansion=2,
+        batch_size=50,
+        epochs=1,
+        max_steps=2,
+        progress=False,
+        measure_matmul=False,
+        eval_patches=64,
+        resume=True,
+    )
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).relu() + 0.1
     with pytest.raises(CheckpointError) as err:
         train_sae(cfg, TensorSource(x))
@@ -241,16 +328,25 @@ def test_sae_training_state_refuses_payloads(tmp_path: Path, payload: tuple[Path
 def classifier_run(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from mammo_sae.models import train as T
 
-    cfg = T.TrainConfig(data=tiny_phantom, concept="Mass",
-                        out=tmp_path_factory.mktemp("clf") / "run", init="efficientnet-phantom",
-                        epochs=1, batch_size=8, image_size=[128, 80],
-                        progress=False, val_fraction=0.3, seed=1)
+    cfg = T.TrainConfig(
+        data=tiny_phantom,
+        concept="Mass",
+        out=tmp_path_factory.mktemp("clf") / "run",
+        init="efficientnet-phantom",
+        epochs=1,
+        batch_size=8,
+        image_size=[128, 80],
+        progress=False,
+        val_fraction=0.3,
+        seed=1,
+    )
     T.train_classifier(cfg)
     return cfg
 
 
-def test_classifier_training_state_refuses_payloads(payload: tuple[Path, Path, str],
-                                                    classifier_run: Any) -> None:
+def test_classifier_training_state_refuses_payloads(
+    payload: tuple[Path, Path, str], classifier_run: Any
+) -> None:
     from mammo_sae.models import train as T
 
     path, target, names = payload
@@ -265,6 +361,7 @@ def test_classifier_training_state_refuses_payloads(payload: tuple[Path, Path, s
 
 
 # --- other refusals before torch sees the file -------------------------------------------------
+
 
 def test_non_checkpoint_files_are_refused_by_name(tmp_path: Path) -> None:
     archive = tmp_path / "notes.zip"
@@ -289,6 +386,7 @@ def test_safetensors_file_loads_as_a_state_dict(tmp_path: Path) -> None:
 
 # --- integrity of our own files ----------------------------------------------------------------
 
+
 def test_own_format_flipped_weight_byte_is_refused(tmp_path: Path) -> None:
     from mammo_sae.models.classifier import ConceptClassifier
     from mammo_sae.models.registry import create_encoder
@@ -301,8 +399,9 @@ def test_own_format_flipped_weight_byte_is_refused(tmp_path: Path) -> None:
     raw[-5] ^= 0x01  # inside the tensor data: safetensors itself still reads the file
     weights.write_bytes(bytes(raw))
     for load in (load_classifier, load_image_encoder):
-        with pytest.raises(CheckpointError,
-                           match=r"model\.safetensors: checksum differs from .*config\.json"):
+        with pytest.raises(
+            CheckpointError, match=r"model\.safetensors: checksum differs from .*config\.json"
+        ):
             load(out)
     assert main(["convert", "--model", str(out), "--out", str(tmp_path / "copy")]) == 2
     assert not (tmp_path / "copy").exists()

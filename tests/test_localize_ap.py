@@ -11,7 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mammo_sae.analysis.localize import (
-    average_precision, box_iou, coco_ap101, match_image, voc_ap,
+    average_precision,
+    box_iou,
+    coco_ap101,
+    match_image,
+    voc_ap,
 )
 from mammo_sae.errors import MammoSaeError
 
@@ -26,8 +30,9 @@ def test_box_iou_hand_values() -> None:
 def test_hand_computed_ap_with_a_false_positive_between_hits() -> None:
     # Ranked: TP (0.9), FP (0.8), TP (0.7) against 2 GT boxes.
     # precision 1, 1/2, 2/3; recall 1/2, 1/2, 1 → envelope 1, 2/3, 2/3 → AP = .5·1 + .5·2/3.
-    preds = [(np.array([[0, 0, 10, 10], [30, 30, 40, 40], [50, 50, 70, 70]]),
-              np.array([0.9, 0.8, 0.7]))]
+    preds = [
+        (np.array([[0, 0, 10, 10], [30, 30, 40, 40], [50, 50, 70, 70]]), np.array([0.9, 0.8, 0.7]))
+    ]
     res = average_precision(preds, [GT], iou_threshold=0.25)
     assert res.ap == pytest.approx(0.5 + 0.5 * 2 / 3)
     assert (res.n_pred, res.n_gt, res.n_tp) == (3, 2, 2)
@@ -71,8 +76,8 @@ def test_voc_and_coco_matching_differ_when_best_box_is_taken() -> None:
 
 def test_edge_cases() -> None:
     empty = (np.zeros((0, 4)), np.zeros(0))
-    assert average_precision([empty], [GT]).ap == 0.0                       # no detections
-    res = average_precision([(GT, np.ones(2))], [np.zeros((0, 4))])         # no GT at all
+    assert average_precision([empty], [GT]).ap == 0.0  # no detections
+    res = average_precision([(GT, np.ones(2))], [np.zeros((0, 4))])  # no GT at all
     assert (res.ap, res.n_gt, res.n_pred) == (0.0, 0, 2)
     assert average_precision([], []).n_images == 0
     with pytest.raises(MammoSaeError, match="scores"):
@@ -108,11 +113,22 @@ def box(draw: st.DrawFn) -> list[float]:
 @st.composite
 def case(draw: st.DrawFn) -> tuple[list, list]:
     n_img = draw(st.integers(1, 4))
-    gts = [np.array(draw(st.lists(box(), max_size=3)), dtype=float).reshape(-1, 4) for _ in range(n_img)]
+    gts = [
+        np.array(draw(st.lists(box(), max_size=3)), dtype=float).reshape(-1, 4)
+        for _ in range(n_img)
+    ]
     preds = []
     for _ in range(n_img):
         boxes = np.array(draw(st.lists(box(), max_size=5)), dtype=float).reshape(-1, 4)
-        scores = np.array(draw(st.lists(st.integers(0, 1000).map(lambda v: v / 1000), min_size=len(boxes), max_size=len(boxes))))
+        scores = np.array(
+            draw(
+                st.lists(
+                    st.integers(0, 1000).map(lambda v: v / 1000),
+                    min_size=len(boxes),
+                    max_size=len(boxes),
+                )
+            )
+        )
         preds.append((boxes, scores))
     return preds, gts
 
@@ -142,13 +158,15 @@ def test_invariant_to_image_order_and_monotone_score_changes(c: tuple[list, list
     preds, gts = c
     # Distinct scores so that tie-breaking cannot depend on image order.
     k = 0
-    for boxes, scores in preds:
+    for _boxes, scores in preds:
         scores[:] = np.arange(k, k + len(scores))[::-1] / 100.0 + 0.001
         k += len(scores)
     base = average_precision(preds, gts).ap
     perm = list(range(len(gts)))
     rnd.shuffle(perm)
-    assert average_precision([preds[i] for i in perm], [gts[i] for i in perm]).ap == pytest.approx(base)
+    assert average_precision([preds[i] for i in perm], [gts[i] for i in perm]).ap == pytest.approx(
+        base
+    )
     squashed = [(b, np.exp(3 * s) - 7) for b, s in preds]
     assert average_precision(squashed, gts).ap == pytest.approx(base)
 
@@ -166,6 +184,7 @@ def test_a_lowest_scored_false_positive_changes_nothing(c: tuple[list, list]) ->
 
 # --------------------------------------------------------------------------- pycocotools
 
+
 def _coco_ap(preds: list, gts: list, iou: float) -> float:
     """AP from pycocotools for one category at one IoU threshold (boxes as xywh)."""
     from pycocotools.coco import COCO
@@ -174,15 +193,29 @@ def _coco_ap(preds: list, gts: list, iou: float) -> float:
     def xywh(b: np.ndarray) -> list[float]:
         return [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]
 
-    anns = [{"id": k + 1, "image_id": i + 1, "category_id": 1, "bbox": xywh(b),
-             "area": float((b[2] - b[0]) * (b[3] - b[1])), "iscrowd": 0}
-            for k, (i, b) in enumerate((i, b) for i, g in enumerate(gts) for b in g)]
-    dets = [{"image_id": i + 1, "category_id": 1, "bbox": xywh(b), "score": float(s)}
-            for i, (boxes, scores) in enumerate(preds) for b, s in zip(boxes, scores)]
+    anns = [
+        {
+            "id": k + 1,
+            "image_id": i + 1,
+            "category_id": 1,
+            "bbox": xywh(b),
+            "area": float((b[2] - b[0]) * (b[3] - b[1])),
+            "iscrowd": 0,
+        }
+        for k, (i, b) in enumerate((i, b) for i, g in enumerate(gts) for b in g)
+    ]
+    dets = [
+        {"image_id": i + 1, "category_id": 1, "bbox": xywh(b), "score": float(s)}
+        for i, (boxes, scores) in enumerate(preds)
+        for b, s in zip(boxes, scores)
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
-        coco_gt.dataset = {"images": [{"id": i + 1, "width": 200, "height": 200} for i in range(len(gts))],
-                           "annotations": anns, "categories": [{"id": 1, "name": "c"}]}
+        coco_gt.dataset = {
+            "images": [{"id": i + 1, "width": 200, "height": 200} for i in range(len(gts))],
+            "annotations": anns,
+            "categories": [{"id": 1, "name": "c"}],
+        }
         coco_gt.createIndex()
         coco_dt = coco_gt.loadRes(dets) if dets else COCO()
         ev = COCOeval(coco_gt, coco_dt, "bbox")
@@ -233,7 +266,10 @@ def test_voc_ap_equals_pycocotools_where_interpolation_cannot_matter(kind: str) 
     so precision is 1/2 at every hit and recall reaches 1 (0.5). Both matching rules agree here
     (each detection overlaps at most one GT box)."""
     pytest.importorskip("pycocotools")
-    gts = [np.array([[10, 10, 30, 30], [80, 80, 120, 110]], float), np.array([[40, 40, 60, 70]], float)]
+    gts = [
+        np.array([[10, 10, 30, 30], [80, 80, 120, 110]], float),
+        np.array([[40, 40, 60, 70]], float),
+    ]
     far = lambda k: np.array([[150 + k, 150, 160 + k, 160]], float)  # noqa: E731
     if kind == "perfect":
         preds = [(gts[0] + 1, np.array([0.9, 0.4])), (gts[1] - 1, np.array([0.6]))]
@@ -242,8 +278,10 @@ def test_voc_ap_equals_pycocotools_where_interpolation_cannot_matter(kind: str) 
         preds = [(far(0), np.array([0.9])), (np.vstack([far(1), far(2)]), np.array([0.5, 0.3]))]
         expected = 0.0
     else:  # scores: miss .9, hit .8, miss .7, hit .6, miss .5, hit .4
-        preds = [(np.vstack([far(0), gts[0][0], far(1), gts[0][1]]), np.array([0.9, 0.8, 0.7, 0.6])),
-                 (np.vstack([far(2), gts[1][0]]), np.array([0.5, 0.4]))]
+        preds = [
+            (np.vstack([far(0), gts[0][0], far(1), gts[0][1]]), np.array([0.9, 0.8, 0.7, 0.6])),
+            (np.vstack([far(2), gts[1][0]]), np.array([0.5, 0.4])),
+        ]
         expected = 0.5
     coco = _coco_ap(preds, gts, 0.25)
     for match in ("voc", "coco"):

@@ -9,7 +9,11 @@ import torch
 from scipy import ndimage
 
 from mammo_sae.analysis.localize import (
-    heatmap_boxes, mask_to_boxes, parse_threshold, score_boxes, threshold_mask,
+    heatmap_boxes,
+    mask_to_boxes,
+    parse_threshold,
+    score_boxes,
+    threshold_mask,
 )
 from mammo_sae.analysis.maps import cell_centres, upsample
 from mammo_sae.errors import MammoSaeError
@@ -28,12 +32,12 @@ def test_parse_threshold_specs() -> None:
 
 def test_threshold_rules_select_the_expected_pixels() -> None:
     heat = np.arange(100, dtype=np.float32).reshape(10, 10)
-    assert threshold_mask(heat, "p95").sum() == 5          # values 95..99 >= 94.05
-    assert threshold_mask(heat, "relmax:0.3").sum() == 70   # values > 29.7
+    assert threshold_mask(heat, "p95").sum() == 5  # values 95..99 >= 94.05
+    assert threshold_mask(heat, "relmax:0.3").sum() == 70  # values > 29.7
     assert threshold_mask(heat, "abs:89.5").sum() == 10
     # Ties: relmax is strict (released code), percentile keeps a plateau at the cutoff.
     plateau = np.zeros((10, 10))
-    plateau[:, :4] = 1.0                                     # 40 % of the map at the max
+    plateau[:, :4] = 1.0  # 40 % of the map at the max
     assert threshold_mask(plateau, "p95").sum() == 40
     assert threshold_mask(plateau, "relmax:0.3").sum() == 40
     assert threshold_mask(np.ones((3, 3)), "relmax:0.99").all()
@@ -46,7 +50,9 @@ def test_threshold_rules_select_the_expected_pixels() -> None:
 
 def _opencv_boxes(mask: np.ndarray, min_area: float) -> list[tuple[float, ...]]:
     """The released code's rule: external contours → boundingRect → [x, y, x+w, y+h], w·h ≥ 10."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    contours, _ = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE
+    )
     out = []
     for c in contours:
         x, y, w, h = cv2.boundingRect(c)
@@ -64,7 +70,7 @@ def test_boxes_equal_opencv_external_contours(seed: int) -> None:
     ring = np.zeros((20, 20), bool)
     ring[3:17, 3:17] = True
     ring[6:14, 6:14] = False
-    ring[9:11, 9:11] = True        # an island inside the hole: OpenCV's RETR_EXTERNAL drops it
+    ring[9:11, 9:11] = True  # an island inside the hole: OpenCV's RETR_EXTERNAL drops it
     mask[:20, :20] = ring
     for min_area in (0, 10):
         ours = [tuple(float(v) for v in b) for b in mask_to_boxes(mask, min_area)]
@@ -73,8 +79,8 @@ def test_boxes_equal_opencv_external_contours(seed: int) -> None:
 
 def test_box_ends_are_exclusive_and_tiny_boxes_are_dropped() -> None:
     mask = np.zeros((20, 20), bool)
-    mask[2:5, 3:7] = True          # 4 wide x 3 high = 12 px → kept
-    mask[10:13, 10:13] = True      # 3 x 3 = 9 px → dropped at min_area 10
+    mask[2:5, 3:7] = True  # 4 wide x 3 high = 12 px → kept
+    mask[10:13, 10:13] = True  # 3 x 3 = 9 px → dropped at min_area 10
     np.testing.assert_array_equal(mask_to_boxes(mask, 10), [[3, 2, 7, 5]])
     assert len(mask_to_boxes(mask, 0)) == 2
     assert mask_to_boxes(np.zeros((5, 5), bool)).shape == (0, 4)
@@ -96,7 +102,9 @@ def test_box_scores_mean_and_max() -> None:
 def _bilinear_reference(map_hw: np.ndarray, frame_hw: tuple[int, int]) -> np.ndarray:
     """Separable linear interpolation between cell centres, constant beyond the outer ones."""
     (h, w), (H, W) = map_hw.shape, frame_hw
-    rows = np.stack([np.interp(np.arange(H), cell_centres(h, H), map_hw[:, j]) for j in range(w)], 1)
+    rows = np.stack(
+        [np.interp(np.arange(H), cell_centres(h, H), map_hw[:, j]) for j in range(w)], 1
+    )
     return np.stack([np.interp(np.arange(W), cell_centres(w, W), rows[i]) for i in range(H)], 0)
 
 
@@ -109,8 +117,9 @@ def test_upsample_is_bilinear_align_corners_false() -> None:
     # Batched maps give the same as one at a time; matches torch's interpolate directly.
     maps = rng.random((3, 6, 4)).astype(np.float32)
     np.testing.assert_allclose(upsample(maps, (96, 64))[1], upsample(maps[1], (96, 64)))
-    torch_up = torch.nn.functional.interpolate(torch.from_numpy(map_hw)[None, None], size=(96, 64),
-                                               mode="bilinear", align_corners=False)[0, 0].numpy()
+    torch_up = torch.nn.functional.interpolate(
+        torch.from_numpy(map_hw)[None, None], size=(96, 64), mode="bilinear", align_corners=False
+    )[0, 0].numpy()
     np.testing.assert_array_equal(up, torch_up)
 
 

@@ -19,7 +19,7 @@ from mammo_sae.errors import MammoSaeError
 GRID, FRAME, CELL = (8, 5), (256, 160), 32
 
 RULES = [
-    BoxRule(parse_threshold("p95")),                                   # the paper
+    BoxRule(parse_threshold("p95")),  # the paper
     BoxRule(parse_threshold("p99")),
     BoxRule(parse_threshold("relmax:0.5")),
     BoxRule(parse_threshold("relmax:0.5"), upsample="nearest"),
@@ -27,14 +27,13 @@ RULES = [
     BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid"),
     BoxRule(parse_threshold("p90"), threshold_on="grid"),
     BoxRule(parse_threshold("relmax:0.3"), min_mass=0.3),
-    BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid", min_mass=0.3,
-            upsample="nearest"),
+    BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid", min_mass=0.3, upsample="nearest"),
 ]
 
 
 def _blob_map(r: int, c: int, value: float = 1.0, size: int = 2) -> np.ndarray:
     m = np.zeros(GRID, np.float32)
-    m[r:r + size, c:c + size] = value
+    m[r : r + size, c : c + size] = value
     return m
 
 
@@ -56,9 +55,14 @@ def test_a_blob_exactly_on_the_box_scores_ap_one_under_every_rule(rule: BoxRule)
         assert average_precision(preds, gts, iou).ap == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("rule", [BoxRule(parse_threshold("relmax:0.5"), upsample="nearest"),
-                                  BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid"),
-                                  BoxRule(parse_threshold("p50"), threshold_on="grid")])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        BoxRule(parse_threshold("relmax:0.5"), upsample="nearest"),
+        BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid"),
+        BoxRule(parse_threshold("p50"), threshold_on="grid"),
+    ],
+)
 def test_whole_cell_rules_reproduce_the_box_exactly(rule: BoxRule) -> None:
     _, boxes, _ = map_boxes(_blob_map(1, 1), FRAME, None, rule)
     np.testing.assert_array_equal(boxes, _cell_box(1, 1))
@@ -82,7 +86,7 @@ def test_nearest_is_piecewise_constant_and_bilinear_interpolates() -> None:
     near = upsample(m, FRAME, mode="nearest")
     bil = upsample(m, FRAME, mode="bilinear")
     assert set(np.unique(near)) == {0.0, 1.0}
-    np.testing.assert_array_equal(near[96:128, 64:96], 1.0)            # exactly the cell
+    np.testing.assert_array_equal(near[96:128, 64:96], 1.0)  # exactly the cell
     assert near.sum() == CELL * CELL
     assert len(np.unique(bil)) > 10 and 0 < bil[100, 60] < 1 and bil[111, 79] == bil.max()
     # With receptive-field centres, nearest switches halfway between neighbouring centres.
@@ -97,15 +101,16 @@ def test_nearest_is_piecewise_constant_and_bilinear_interpolates() -> None:
 
 def test_grid_boxes_span_the_cells_windows_around_their_centres() -> None:
     centres = (np.arange(8) * 32.0 + 10, np.arange(5) * 32.0 + 10)
-    _, boxes, _ = map_boxes(_blob_map(0, 1), FRAME, centres,
-                            BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid"))
+    _, boxes, _ = map_boxes(
+        _blob_map(0, 1), FRAME, centres, BoxRule(parse_threshold("relmax:0.5"), threshold_on="grid")
+    )
     # Windows [c + 0.5 - 16, c + 0.5 + 16): shifted 5.5 px up-left, clipped at the frame.
     np.testing.assert_array_equal(boxes, [[27, 0, 91, 59]])
 
 
 def test_min_mass_drops_a_weak_speck_but_keeps_the_blob() -> None:
     m = _blob_map(1, 1, 1.0)
-    m[6, 4] = 0.9                                  # a single strong-enough but small cell
+    m[6, 4] = 0.9  # a single strong-enough but small cell
     rule = BoxRule(parse_threshold("relmax:0.3"), upsample="nearest")
     _, both, _ = map_boxes(m, FRAME, None, rule)
     assert len(both) == 2
@@ -117,12 +122,17 @@ def test_min_mass_drops_a_weak_speck_but_keeps_the_blob() -> None:
 
 def test_box_rule_validation_and_settings_round_trip() -> None:
     rule = BoxRule(parse_threshold("relmax:0.4"), "grid", "nearest", 0.2, 16, "max")
-    assert rule.settings() == {"threshold": "relmax:0.4", "threshold_on": "grid",
-                               "upsample": "nearest", "min_mass": 0.2, "min_box_area": 16,
-                               "box_score": "max"}
+    assert rule.settings() == {
+        "threshold": "relmax:0.4",
+        "threshold_on": "grid",
+        "upsample": "nearest",
+        "min_mass": 0.2,
+        "min_box_area": 16,
+        "box_score": "max",
+    }
     assert BoxRule.from_settings(rule.settings()) == rule
     old = BoxRule.from_settings({"threshold": "p99", "min_box_area": 10, "box_score": "mean"})
-    assert old == BoxRule(parse_threshold("p99"))                 # files from before the rules
+    assert old == BoxRule(parse_threshold("p99"))  # files from before the rules
     with pytest.raises(MammoSaeError, match="threshold target"):
         BoxRule(threshold_on="cells")  # type: ignore[arg-type]
     with pytest.raises(MammoSaeError, match="upsampling"):
@@ -132,8 +142,9 @@ def test_box_rule_validation_and_settings_round_trip() -> None:
 
 
 def test_a_map_that_never_fires_has_no_box_and_misses_the_pointing_game() -> None:
-    (det,) = image_detections(np.zeros((1, *GRID), np.float32), FRAME, None, _cell_box(1, 1),
-                              BoxRule())
+    (det,) = image_detections(
+        np.zeros((1, *GRID), np.float32), FRAME, None, _cell_box(1, 1), BoxRule()
+    )
     assert len(det.boxes) == 0 and det.pointing_hit is False
     (det,) = image_detections(_blob_map(1, 1)[None], FRAME, None, np.zeros((0, 4)), BoxRule())
-    assert det.pointing_hit is None                               # no GT: not counted
+    assert det.pointing_hit is None  # no GT: not counted

@@ -21,9 +21,9 @@ from mammo_sae.data.records import Box, ImageRecord
 from mammo_sae.errors import MammoSaeError
 
 GRID = (8, 5)
-FRAME = (256, 160)       # 32 px per cell
+FRAME = (256, 160)  # 32 px per cell
 CELL = 32
-D = 4                    # latent j reads channel j (identity SAE)
+D = 4  # latent j reads channel j (identity SAE)
 ON_GT, ON_MARKER, NEVER, HALF = 0, 1, 2, 3
 
 
@@ -57,16 +57,23 @@ def _make_store(tmp_path: Path, png: Path | None = None):
         boxes = [Box("confounder", *_cell_box(6, 3))]
         if cell is not None:
             r, c = cell
-            a[r:r + 2, c:c + 2, ON_GT] = 1.0 + i
+            a[r : r + 2, c : c + 2, ON_GT] = 1.0 + i
             if i % 2 == 0:
-                a[r:r + 2, c:c + 2, HALF] = 1.0
+                a[r : r + 2, c : c + 2, HALF] = 1.0
             else:
                 a[0, 4, HALF] = 3.0
             boxes.append(Box("Mass", *_cell_box(r, c)))
-        records.append(ImageRecord(
-            image_id=f"im{i}", patient_id=f"p{i}", split="training" if i == 6 else "test",
-            path=png if i == 0 else None, labels={"Mass": int(cell is not None), "confounder": 1},
-            boxes=tuple(boxes), frame_hw=FRAME))
+        records.append(
+            ImageRecord(
+                image_id=f"im{i}",
+                patient_id=f"p{i}",
+                split="training" if i == 6 else "test",
+                path=png if i == 0 else None,
+                labels={"Mass": int(cell is not None), "confounder": 1},
+                boxes=tuple(boxes),
+                frame_hw=FRAME,
+            )
+        )
         acts.append(a.reshape(-1, D))
     return write_store(tmp_path / "store", acts, grids=[GRID] * len(acts), records=records)
 
@@ -86,7 +93,7 @@ def test_latent_maps_equal_direct_encoding_with_any_batching(store) -> None:
         m = np.zeros((len(lat), *GRID), np.float32)
         m[:, rows, cols] = z[:, lat].T
         expected.append(m)
-    for batch_rows in (1, 45, 10_000):   # one image per call, partial batches, all at once
+    for batch_rows in (1, 45, 10_000):  # one image per call, partial batches, all at once
         got = latent_maps(store, sae, lat, [5, 0, 2], batch_rows=batch_rows)
         assert [g.shape for g in got] == [(3, *GRID)] * 3
         for g, e in zip(got, expected):
@@ -103,8 +110,12 @@ def test_latent_maps_handle_different_grids_and_reject_bad_input(tmp_path: Path)
         latent_maps(st, TinySae(2), [2], [0])
     with pytest.raises(MammoSaeError, match="out of range"):
         latent_maps(st, TinySae(2), [0], [2])
-    partial = write_store(tmp_path / "p", [np.ones((2, 2), np.float32)], grids=[(2, 3)],
-                          positions=[(np.array([0, 1]), np.array([0, 2]))])
+    partial = write_store(
+        tmp_path / "p",
+        [np.ones((2, 2), np.float32)],
+        grids=[(2, 3)],
+        positions=[(np.array([0, 1]), np.array([0, 2]))],
+    )
     with pytest.raises(MammoSaeError, match="subsample 1.0"):
         latent_maps(partial, TinySae(2), [0], [0])
 
@@ -112,7 +123,9 @@ def test_latent_maps_handle_different_grids_and_reject_bad_input(tmp_path: Path)
 def test_localize_scores_planted_latents(store) -> None:
     res = localize(store, TinySae(), "Mass", [ON_GT, ON_MARKER, NEVER, HALF], progress=False)
     t = res.table.set_index("latent")
-    assert res.settings["n_images"] == 4 and res.settings["n_gt"] == 4   # positives of the test split
+    assert (
+        res.settings["n_images"] == 4 and res.settings["n_gt"] == 4
+    )  # positives of the test split
     assert t.loc[ON_GT, "ap"] == pytest.approx(1.0)
     assert t.loc[ON_MARKER, "ap"] == 0.0 and t.loc[ON_MARKER, "n_pred"] == 4
     assert t.loc[NEVER, "ap"] == 0.0 and t.loc[NEVER, "n_pred"] == 0
@@ -130,7 +143,7 @@ def test_localize_scores_planted_latents(store) -> None:
 def test_localize_all_images_threshold_rules_and_confounder(store) -> None:
     every = localize(store, TinySae(), "Mass", [ON_GT, HALF], image_set="all", progress=False)
     assert every.settings["n_images"] == 6 and every.settings["n_gt"] == 4
-    assert every.table.loc[0, "ap"] == pytest.approx(1.0)          # no activation on negatives
+    assert every.table.loc[0, "ap"] == pytest.approx(1.0)  # no activation on negatives
     released = localize(store, TinySae(), "Mass", [ON_GT], threshold="relmax:0.3", progress=False)
     assert released.settings["threshold"] == "relmax:0.3"
     assert released.table.loc[0, "ap"] == pytest.approx(1.0)
@@ -155,9 +168,15 @@ def test_localize_rejects_bad_requests(store) -> None:
 
 def test_read_ranking(tmp_path: Path) -> None:
     path = tmp_path / "r.json"
-    path.write_text(json.dumps([{"rank": 2, "index": 7, "importance": 0.5},
-                                {"rank": 1, "index": 3, "importance": 0.9},
-                                {"rank": 3, "index": 1, "importance": 0.1}]))
+    path.write_text(
+        json.dumps(
+            [
+                {"rank": 2, "index": 7, "importance": 0.5},
+                {"rank": 1, "index": 3, "importance": 0.9},
+                {"rank": 3, "index": 1, "importance": 0.1},
+            ]
+        )
+    )
     assert read_ranking(path, 2) == ([3, 7], [0.9, 0.5])
     path.write_text(json.dumps({"ranking": [{"rank": 1, "index": 4, "importance": 1.0}]}))
     assert read_ranking(path, 10)[0] == [4]
@@ -191,16 +210,49 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
     _make_store(tmp_path, png=png)
     sae_dir = _save_identity_sae(tmp_path / "sae")
     ranking = tmp_path / "ranking.json"
-    ranking.write_text(json.dumps([{"rank": k + 1, "index": j, "importance": 1.0 - k / 10}
-                                   for k, j in enumerate([ON_GT, HALF, NEVER, ON_MARKER])]))
+    ranking.write_text(
+        json.dumps(
+            [
+                {"rank": k + 1, "index": j, "importance": 1.0 - k / 10}
+                for k, j in enumerate([ON_GT, HALF, NEVER, ON_MARKER])
+            ]
+        )
+    )
     out = tmp_path / "out"
-    rc = main(["localize", "--store", str(tmp_path / "store"), "--sae", str(sae_dir), "--device", "cpu",
-               "--concept", "Mass", "--ranking", str(ranking), "--top", "3", "--out", str(out),
-               "--figure-images", "2", "--label", "Mass synthetic"])
+    rc = main(
+        [
+            "localize",
+            "--store",
+            str(tmp_path / "store"),
+            "--sae",
+            str(sae_dir),
+            "--device",
+            "cpu",
+            "--concept",
+            "Mass",
+            "--ranking",
+            str(ranking),
+            "--top",
+            "3",
+            "--out",
+            str(out),
+            "--figure-images",
+            "2",
+            "--label",
+            "Mass synthetic",
+        ]
+    )
     assert rc == 0
     wide = pd.read_csv(out / "table2.csv")
-    assert wide.columns.tolist() == ["setting", "rank_1", "rank_2", "rank_3", "latents", "chance",
-                                     "oracle"]
+    assert wide.columns.tolist() == [
+        "setting",
+        "rank_1",
+        "rank_2",
+        "rank_3",
+        "latents",
+        "chance",
+        "oracle",
+    ]
     assert 0.0 <= wide.loc[0, "chance"] < 0.5 and wide.loc[0, "oracle"] == pytest.approx(1.0)
     assert wide.loc[0, "setting"] == "Mass synthetic" and wide.loc[0, "latents"] == "0,3,2"
     assert wide.loc[0, ["rank_1", "rank_2", "rank_3"]].tolist() == pytest.approx([1.0, 0.25, 0.0])
@@ -217,13 +269,21 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
     assert len(dets["im0"]["latents"][str(ON_GT)]["pred_boxes"]) == 1
     with Image.open(out / "figure3.png") as im:
         w, h = im.size
-    assert h > w > 100                       # 3 latent rows × 2 image columns of tall panels
+    assert h > w > 100  # 3 latent rows × 2 image columns of tall panels
 
 
 def test_localize_command_errors_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     _make_store(tmp_path)
     monkeypatch.setattr(summaries, "open_sae", lambda path, device="cpu": TinySae())
-    base = ["localize", "--store", str(tmp_path / "store"), "--sae", "x", "--out", str(tmp_path / "o")]
+    base = [
+        "localize",
+        "--store",
+        str(tmp_path / "store"),
+        "--sae",
+        "x",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(base + ["--concept", "Mass"]) == 2
     assert "exactly one of --ranking" in capsys.readouterr().err
     assert main(base + ["--concept", "Nope", "--latents", "0"]) == 2
@@ -263,8 +323,9 @@ def test_pointing_scores_follow_the_planted_maps(store) -> None:
     lat, score, n = pointing_scores(store, TinySae(), "Mass", split="test", progress=False)
     assert n == 4 and list(lat) == [0, 1, 2, 3]
     np.testing.assert_allclose(score, [1.0, 0.0, 0.0, 0.5])
-    lat, score, _ = pointing_scores(store, TinySae(), "confounder", split="test", latents=[1, 0],
-                                    progress=False)
+    lat, score, _ = pointing_scores(
+        store, TinySae(), "confounder", split="test", latents=[1, 0], progress=False
+    )
     assert list(lat) == [1, 0] and score[0] == 1.0
 
 
@@ -275,17 +336,56 @@ def test_cli_pointing_selection_is_made_on_another_split(store, tmp_path: Path) 
     from unittest import mock
 
     with mock.patch("mammo_sae.analysis.summaries.open_sae", return_value=TinySae()):
-        rc = main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
-                   "--select", "pointing", "--top", "2", "--out", str(tmp_path / "out"),
-                   "--figure-images", "0", "--device", "cpu", "--no-progress"])
+        rc = main(
+            [
+                "localize",
+                "--store",
+                str(store.path),
+                "--sae",
+                "unused",
+                "--concept",
+                "Mass",
+                "--select",
+                "pointing",
+                "--top",
+                "2",
+                "--out",
+                str(tmp_path / "out"),
+                "--figure-images",
+                "0",
+                "--device",
+                "cpu",
+                "--no-progress",
+            ]
+        )
     assert rc == 0
     result = json.loads((tmp_path / "out" / "localization.json").read_text())
     assert result["selection"]["split"] == "training" and result["selection"]["images"] == 1
     assert list(result["selection"]["scores"])[0] == "0"
     with mock.patch("mammo_sae.analysis.summaries.open_sae", return_value=TinySae()):
-        assert main(["localize", "--store", str(store.path), "--sae", "unused", "--concept", "Mass",
-                     "--select", "pointing", "--candidates", "5", "--out", str(tmp_path / "bad"),
-                     "--device", "cpu", "--no-progress"]) == 2   # --candidates needs --ranking
+        assert (
+            main(
+                [
+                    "localize",
+                    "--store",
+                    str(store.path),
+                    "--sae",
+                    "unused",
+                    "--concept",
+                    "Mass",
+                    "--select",
+                    "pointing",
+                    "--candidates",
+                    "5",
+                    "--out",
+                    str(tmp_path / "bad"),
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 2
+        )  # --candidates needs --ranking
 
 
 def test_baselines_by_construction(store) -> None:
@@ -302,8 +402,9 @@ def test_baselines_by_construction(store) -> None:
     big = [[Detections(np.array([[0.0, 0.0, 256.0, 256.0]]), np.ones(1), 1.0)] for _ in gt]
     res = oracle_ap(big, gt, 0.25, "voc")
     assert res["ap"] == 0.0 and res["box_hw"] == [256.0, 256.0]
-    assert np.isnan(oracle_ap([[Detections(np.zeros((0, 4)), np.zeros(0), 0.0)]], gt[:1], 0.25,
-                              "voc")["ap"])
+    assert np.isnan(
+        oracle_ap([[Detections(np.zeros((0, 4)), np.zeros(0), 0.0)]], gt[:1], 0.25, "voc")["ap"]
+    )
 
     region = np.zeros(FRAME, dtype=bool)
     region[100:120, 10:20] = True
@@ -315,23 +416,33 @@ def test_baselines_by_construction(store) -> None:
     assert ((centre_y >= 100) & (centre_y <= 121)).all()
 
     head = LinearHead(w_d=np.eye(D)[ON_GT], b=0.0)
-    res = localize(store, TinySae(), "Mass", [ON_GT, NEVER], head=head, chance_draws=10,
-                   progress=False)
+    res = localize(
+        store, TinySae(), "Mass", [ON_GT, NEVER], head=head, chance_draws=10, progress=False
+    )
     assert res.baselines["classifier_map"]["ap"] == pytest.approx(res.table["ap"][0])
     assert res.baselines["oracle"]["ap"] == pytest.approx(1.0)
     assert res.baselines["chance"]["draws"] == 10
     assert res.baselines["chance"]["ap"] < 0.5 and res.baselines["chance"]["region"].startswith(
-        "breast (whole frame for 4")
+        "breast (whole frame for 4"
+    )
     assert res.settings["align"] == "receptive-field"
     dets = res.detections_json()["images"]
     assert len(dets["im0"]["classifier_map"]["pred_boxes"]) == 1
 
 
 def test_table_reports_pointing_and_ap_at_three_ious(store) -> None:
-    res = localize(store, TinySae(), "Mass", [ON_GT, ON_MARKER, NEVER, HALF], threshold="p50",
-                   threshold_on="grid", upsample="nearest", progress=False)
+    res = localize(
+        store,
+        TinySae(),
+        "Mass",
+        [ON_GT, ON_MARKER, NEVER, HALF],
+        threshold="p50",
+        threshold_on="grid",
+        upsample="nearest",
+        progress=False,
+    )
     t = res.table.set_index("latent")
-    assert t["pointing"].tolist() == [1.0, 0.0, 0.0, 0.5]        # HALF: on the GT in 2 of 4
+    assert t["pointing"].tolist() == [1.0, 0.0, 0.0, 0.5]  # HALF: on the GT in 2 of 4
     # On the grid the planted 2x2 block becomes exactly its GT box: AP 1 at every IoU.
     assert t.loc[ON_GT, ["ap_iou_0.1", "ap_iou_0.25", "ap_iou_0.5"]].tolist() == [1.0] * 3
     assert t.loc[ON_GT, "ap"] == t.loc[ON_GT, "ap_iou_0.25"]
@@ -344,14 +455,42 @@ def test_localize_command_records_the_box_rule(tmp_path: Path) -> None:
     _make_store(tmp_path)
     sae_dir = _save_identity_sae(tmp_path / "sae")
     out = tmp_path / "out"
-    rc = main(["localize", "--store", str(tmp_path / "store"), "--sae", str(sae_dir),
-               "--device", "cpu", "--concept", "Mass", "--latents", "0,3", "--out", str(out),
-               "--figure-images", "0", "--threshold", "relmax:0.5", "--threshold-on", "grid",
-               "--upsample", "nearest", "--min-mass", "0.2", "--no-progress"])
+    rc = main(
+        [
+            "localize",
+            "--store",
+            str(tmp_path / "store"),
+            "--sae",
+            str(sae_dir),
+            "--device",
+            "cpu",
+            "--concept",
+            "Mass",
+            "--latents",
+            "0,3",
+            "--out",
+            str(out),
+            "--figure-images",
+            "0",
+            "--threshold",
+            "relmax:0.5",
+            "--threshold-on",
+            "grid",
+            "--upsample",
+            "nearest",
+            "--min-mass",
+            "0.2",
+            "--no-progress",
+        ]
+    )
     assert rc == 0
     s = json.loads((out / "localization.json").read_text())["settings"]
     assert {k: s[k] for k in ("threshold", "threshold_on", "upsample", "min_mass")} == {
-        "threshold": "relmax:0.5", "threshold_on": "grid", "upsample": "nearest", "min_mass": 0.2}
+        "threshold": "relmax:0.5",
+        "threshold_on": "grid",
+        "upsample": "nearest",
+        "min_mass": 0.2,
+    }
     table = pd.read_csv(out / "localization.csv")
     assert {"pointing", "ap_iou_0.1", "ap_iou_0.25", "ap_iou_0.5"} <= set(table.columns)
     dets = json.loads((out / "detections.json").read_text())["images"]

@@ -63,7 +63,9 @@ def test_pretrain_tar_parity(b2_encoder: torch.nn.Module, refs: dict[str, np.nda
     assert rel_err(raw.mean(dim=(2, 3)), refs["clip_pooled"]) < TOL
 
 
-def test_dynamic_padding_fails_the_same_comparison(b2_encoder: torch.nn.Module, refs: dict[str, np.ndarray]) -> None:
+def test_dynamic_padding_fails_the_same_comparison(
+    b2_encoder: torch.nn.Module, refs: dict[str, np.ndarray]
+) -> None:
     dynamic = create_encoder("efficientnet-b2", padding="dynamic")
     dynamic.load_state_dict(b2_encoder.state_dict())
     with torch.inference_mode():
@@ -72,14 +74,22 @@ def test_dynamic_padding_fails_the_same_comparison(b2_encoder: torch.nn.Module, 
     assert rel_err(raw, refs["clip_raw"]) > 100 * TOL
 
 
-def test_classifier_pth_parity(b2_classifier: ConceptClassifier, refs: dict[str, np.ndarray]) -> None:
+def test_classifier_pth_parity(
+    b2_classifier: ConceptClassifier, refs: dict[str, np.ndarray]
+) -> None:
     clf = b2_classifier
     assert clf.n_class == 1 and clf.checkpoint_info.layout == "mammo-clip-classifier"
     meta = clf.checkpoint_info.meta  # numpy scalars from the restricted unpickler arrive as numbers
-    assert isinstance(meta["auroc"], float) and 0.0 <= meta["auroc"] <= 1.0 and isinstance(meta["epoch"], int)
+    assert (
+        isinstance(meta["auroc"], float)
+        and 0.0 <= meta["auroc"] <= 1.0
+        and isinstance(meta["epoch"], int)
+    )
     x = torch.from_numpy(refs["x"])
     with torch.inference_mode():
-        raw = clf.features(x)  # one forward; clf(x) == head(mean_hw(features)) is tested on the phantom arch
+        raw = clf.features(
+            x
+        )  # one forward; clf(x) == head(mean_hw(features)) is tested on the phantom arch
         pooled, logit = raw.mean(dim=(2, 3)), clf.logits_from_map(raw)
     assert rel_err(raw, refs["clf_raw"]) < TOL
     assert rel_err(pooled, refs["clf_pooled"]) < TOL
@@ -96,6 +106,7 @@ def test_pretrain_tar_has_no_head() -> None:
 
 
 # --- malicious pickles -------------------------------------------------------------------------
+
 
 def _make_file(path: str) -> None:
     Path(path).write_text("pwned")
@@ -119,11 +130,19 @@ class _FunctionPayload:
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
 @pytest.mark.parametrize("payload_cls", [_OpenPayload, _FunctionPayload])
-def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path, payload_cls: type, zip_format: bool) -> None:
+def test_malicious_checkpoint_is_refused_without_running(
+    tmp_path: Path, payload_cls: type, zip_format: bool
+) -> None:
     target = tmp_path / "created_by_pickle"
     ckpt = tmp_path / "evil.pth"
-    torch.save({"model": {"image_encoder._conv_stem.weight": torch.zeros(1)}, "extra": payload_cls(target)}, ckpt,
-               _use_new_zipfile_serialization=zip_format)
+    torch.save(
+        {
+            "model": {"image_encoder._conv_stem.weight": torch.zeros(1)},
+            "extra": payload_cls(target),
+        },
+        ckpt,
+        _use_new_zipfile_serialization=zip_format,
+    )
     with pytest.raises(CheckpointError, match="refused"):
         load_image_encoder(ckpt)
     with pytest.raises(CheckpointError, match="refused"):
@@ -136,10 +155,14 @@ def test_malicious_checkpoint_is_refused_without_running(tmp_path: Path, payload
 
 # --- bad inputs, each named --------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def phantom_sd() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {f"image_encoder.{k}": v for k, v in create_encoder("efficientnet-phantom").state_dict().items()}
+    return {
+        f"image_encoder.{k}": v
+        for k, v in create_encoder("efficientnet-phantom").state_dict().items()
+    }
 
 
 def _save(tmp_path: Path, sd: dict[str, torch.Tensor], name: str = "ckpt.pth") -> Path:
@@ -158,7 +181,9 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path: Path, phantom
         load_image_encoder(_save(tmp_path, sd))
     sd = dict(phantom_sd)
     sd["image_encoder._blocks.1._se_reduce.bias"] = torch.zeros(99)
-    with pytest.raises(CheckpointError, match=r"mis-shaped keys: _blocks\.1\._se_reduce\.bias \(99,\)"):
+    with pytest.raises(
+        CheckpointError, match=r"mis-shaped keys: _blocks\.1\._se_reduce\.bias \(99,\)"
+    ):
         load_image_encoder(_save(tmp_path, sd))
     sd = dict(phantom_sd)
     sd["image_encoder._bn1.weight"] = torch.full_like(sd["image_encoder._bn1.weight"], float("nan"))
@@ -167,21 +192,31 @@ def test_missing_unexpected_and_misshaped_keys_are_named(tmp_path: Path, phantom
 
 
 def test_good_phantom_checkpoint_loads(tmp_path: Path, phantom_sd: dict) -> None:
-    sd = dict(phantom_sd, **{"classifier.classification_head.weight": torch.ones(1, 640),
-                             "classifier.classification_head.bias": torch.zeros(1)})
+    sd = dict(
+        phantom_sd,
+        **{
+            "classifier.classification_head.weight": torch.ones(1, 640),
+            "classifier.classification_head.bias": torch.zeros(1),
+        },
+    )
     clf = load_classifier(_save(tmp_path, sd))
     assert clf.arch == "efficientnet-phantom" and clf.n_class == 1
     assert torch.equal(clf.encoder._conv_stem.weight, phantom_sd["image_encoder._conv_stem.weight"])
     ddp = load_classifier(_save(tmp_path, {f"module.{k}": v for k, v in sd.items()}, "ddp.pth"))
     assert torch.equal(ddp.head.weight, clf.head.weight)
     sd["classifier.mlp.0.weight"] = torch.zeros(4, 640)
-    with pytest.raises(CheckpointError, match=r"unexpected classifier keys classifier\.mlp\.0\.weight"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected classifier keys classifier\.mlp\.0\.weight"
+    ):
         load_classifier(_save(tmp_path, sd, "mlp.pth"))
 
 
 def test_foreign_layouts_are_named(tmp_path: Path) -> None:
-    timm = {"conv_stem.weight": torch.zeros(48, 3, 3, 3), "bn1.weight": torch.zeros(48),
-            "blocks.0.0.conv_dw.weight": torch.zeros(48, 1, 3, 3)}
+    timm = {
+        "conv_stem.weight": torch.zeros(48, 3, 3, 3),
+        "bn1.weight": torch.zeros(48),
+        "blocks.0.0.conv_dw.weight": torch.zeros(48, 1, 3, 3),
+    }
     with pytest.raises(CheckpointError, match="timm-style"):
         load_image_encoder(_save(tmp_path, timm))
     with pytest.raises(CheckpointError, match="sparse-autoencoder"):
@@ -207,6 +242,7 @@ def test_unreadable_files(tmp_path: Path) -> None:
 
 # --- own format ---------------------------------------------------------------------------------
 
+
 def test_own_format_round_trip(tmp_path: Path) -> None:
     torch.manual_seed(0)
     clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass").eval()
@@ -219,8 +255,12 @@ def test_own_format_round_trip(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(x), clf(x), rtol=0, atol=0)
     enc = load_image_encoder(out)  # a classifier directory also yields its encoder
     assert enc.arch == "efficientnet-phantom"
-    tensors = list(enc.parameters()) + list(enc.buffers())  # filled by assignment from a meta-built model
-    assert all(t.device.type == "cpu" for t in tensors) and all(p.requires_grad for p in enc.parameters())
+    tensors = list(enc.parameters()) + list(
+        enc.buffers()
+    )  # filled by assignment from a meta-built model
+    assert all(t.device.type == "cpu" for t in tensors) and all(
+        p.requires_grad for p in enc.parameters()
+    )
     assert checkpoint_sha256(out) == loaded.checkpoint_info.sha256
 
     save_model(clf.encoder, tmp_path / "e")
@@ -249,7 +289,7 @@ def test_load_encoder_takes_a_checkpoint_or_an_arch(tmp_path: Path) -> None:
     assert info["kind"] == "random_init" and info["sha256"] is None
     torch.testing.assert_close(list(a.parameters()), list(b.parameters()), rtol=0, atol=0)
     torch.manual_seed(3)
-    c, _ = load_encoder("efficientnet-phantom")      # seed None: the caller's seeded global RNG
+    c, _ = load_encoder("efficientnet-phantom")  # seed None: the caller's seeded global RNG
     torch.manual_seed(3)
     fresh = create_encoder("efficientnet-phantom")
     torch.testing.assert_close(list(c.parameters()), list(fresh.parameters()), rtol=0, atol=0)
@@ -283,13 +323,29 @@ def test_own_format_rejects_bad_config(tmp_path: Path) -> None:
         load_image_encoder(out)
 
 
-def test_convert_cli_keeps_weights_bit_identical(tmp_path: Path, b2_classifier: ConceptClassifier) -> None:
-    assert main(["convert", "--model", str(fixture(CLASSIFIER)), "--out", str(tmp_path / "c"),
-                 "--concept", "Suspicious_Calcification"]) == 0
+def test_convert_cli_keeps_weights_bit_identical(
+    tmp_path: Path, b2_classifier: ConceptClassifier
+) -> None:
+    assert (
+        main(
+            [
+                "convert",
+                "--model",
+                str(fixture(CLASSIFIER)),
+                "--out",
+                str(tmp_path / "c"),
+                "--concept",
+                "Suspicious_Calcification",
+            ]
+        )
+        == 0
+    )
     converted = load_classifier(tmp_path / "c")
     original = b2_classifier
     assert converted.concept == "Suspicious_Calcification"
-    assert converted.checkpoint_info.meta["source"]["sha256"] == checkpoint_sha256(fixture(CLASSIFIER))
+    assert converted.checkpoint_info.meta["source"]["sha256"] == checkpoint_sha256(
+        fixture(CLASSIFIER)
+    )
     original_sd = original.state_dict()
     for k, v in converted.state_dict().items():
         assert torch.equal(v, original_sd[k]), k
@@ -297,7 +353,10 @@ def test_convert_cli_keeps_weights_bit_identical(tmp_path: Path, b2_classifier: 
     config = convert(fixture(PRETRAIN), tmp_path / "e")
     assert config["kind"] == "encoder" and config["arch"] == "efficientnet-b2"
     assert config["preprocess"]["mean"] == pytest.approx(0.3089279)
-    assert main(["convert", "--model", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["convert", "--model", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")])
+        == 2
+    )
 
 
 def test_safe_load_reads_numpy_predictions() -> None:

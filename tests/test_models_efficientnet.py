@@ -17,12 +17,16 @@ def meta_encoder(arch: str) -> EfficientNet:
         return create_encoder(arch)
 
 
-@pytest.mark.parametrize("arch, n_keys, n_params, channels, n_blocks", [
-    ("efficientnet-b5", 852, 28_340_784, 2048, 39),
-    ("efficientnet-b2", 506, 7_700_994, 1408, 23),
-])
-def test_mammo_clip_encoders_match_reference_counts(arch: str, n_keys: int, n_params: int, channels: int,
-                                                    n_blocks: int) -> None:
+@pytest.mark.parametrize(
+    "arch, n_keys, n_params, channels, n_blocks",
+    [
+        ("efficientnet-b5", 852, 28_340_784, 2048, 39),
+        ("efficientnet-b2", 506, 7_700_994, 1408, 23),
+    ],
+)
+def test_mammo_clip_encoders_match_reference_counts(
+    arch: str, n_keys: int, n_params: int, channels: int, n_blocks: int
+) -> None:
     enc = meta_encoder(arch)
     sd = enc.state_dict()
     assert len(sd) == n_keys
@@ -30,19 +34,32 @@ def test_mammo_clip_encoders_match_reference_counts(arch: str, n_keys: int, n_pa
     assert enc.out_channels == channels and len(enc._blocks) == n_blocks
     assert not any(k.startswith("_fc") for k in sd)
     assert "_blocks.0._expand_conv.weight" not in sd  # e = 1 stage has no expansion
-    assert sd["_blocks.3._expand_conv.weight"].shape[1] == sd["_blocks.2._project_conv.weight"].shape[0]
+    assert (
+        sd["_blocks.3._expand_conv.weight"].shape[1]
+        == sd["_blocks.2._project_conv.weight"].shape[0]
+    )
 
 
 # Stride-2 convolutions' (left, right, top, bottom) pads, reference §2.5.
-B5_STRIDE2_PADS = {"_conv_stem": (0, 1, 0, 1), "_blocks.3._depthwise_conv": (0, 1, 0, 1),
-                   "_blocks.8._depthwise_conv": (1, 2, 1, 2), "_blocks.13._depthwise_conv": (1, 1, 1, 1),
-                   "_blocks.27._depthwise_conv": (2, 2, 2, 2)}
-B2_STRIDE2_PADS = {"_conv_stem": (0, 1, 0, 1), "_blocks.2._depthwise_conv": (0, 1, 0, 1),
-                   "_blocks.5._depthwise_conv": (2, 2, 2, 2), "_blocks.8._depthwise_conv": (1, 1, 1, 1),
-                   "_blocks.16._depthwise_conv": (2, 2, 2, 2)}
+B5_STRIDE2_PADS = {
+    "_conv_stem": (0, 1, 0, 1),
+    "_blocks.3._depthwise_conv": (0, 1, 0, 1),
+    "_blocks.8._depthwise_conv": (1, 2, 1, 2),
+    "_blocks.13._depthwise_conv": (1, 1, 1, 1),
+    "_blocks.27._depthwise_conv": (2, 2, 2, 2),
+}
+B2_STRIDE2_PADS = {
+    "_conv_stem": (0, 1, 0, 1),
+    "_blocks.2._depthwise_conv": (0, 1, 0, 1),
+    "_blocks.5._depthwise_conv": (2, 2, 2, 2),
+    "_blocks.8._depthwise_conv": (1, 1, 1, 1),
+    "_blocks.16._depthwise_conv": (2, 2, 2, 2),
+}
 
 
-@pytest.mark.parametrize("arch, table", [("efficientnet-b5", B5_STRIDE2_PADS), ("efficientnet-b2", B2_STRIDE2_PADS)])
+@pytest.mark.parametrize(
+    "arch, table", [("efficientnet-b5", B5_STRIDE2_PADS), ("efficientnet-b2", B2_STRIDE2_PADS)]
+)
 def test_static_pad_table(arch: str, table: dict[str, tuple[int, int, int, int]]) -> None:
     enc = meta_encoder(arch)
     pads = enc.static_pads()
@@ -104,7 +121,10 @@ def test_forward_features_names_shapes_and_final(phantom: EfficientNet) -> None:
 
 def test_forward_features_stops_after_last_requested(phantom: EfficientNet) -> None:
     calls: list[int] = []
-    hooks = [b.register_forward_hook(lambda m, i, o, n=n: calls.append(n)) for n, b in enumerate(phantom._blocks)]
+    hooks = [
+        b.register_forward_hook(lambda m, i, o, n=n: calls.append(n))
+        for n, b in enumerate(phantom._blocks)
+    ]
     try:
         with torch.inference_mode():
             out = phantom.forward_features(torch.randn(1, 3, 64, 64), ["stem", "blocks.1"])
@@ -161,7 +181,9 @@ def test_channels_last_gives_same_features(phantom: EfficientNet) -> None:
     x = torch.randn(1, 3, 96, 64)
     with inference_settings():
         ref = phantom(x)
-        cl = phantom.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
+        cl = phantom.to(memory_format=torch.channels_last)(
+            x.contiguous(memory_format=torch.channels_last)
+        )
     phantom.to(memory_format=torch.contiguous_format)
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
 
@@ -180,7 +202,9 @@ def test_b5_runs_at_512x320() -> None:
     with inference_settings():
         out = enc.forward_features(torch.randn(1, 3, 512, 320), ["blocks.13", "final"])
     assert out["final"].shape == (1, 2048, 16, 10)
-    assert out["blocks.13"].shape == (1, 128, 32, 20) and enc.layer_info["blocks.13"] == LayerInfo(16, 128)
+    assert out["blocks.13"].shape == (1, 128, 32, 20) and enc.layer_info["blocks.13"] == LayerInfo(
+        16, 128
+    )
 
 
 def test_swish_training_path_matches_reference_formula() -> None:

@@ -11,23 +11,61 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from mammo_sae.metrics import auroc
 from mammo_sae.cli import main
 from mammo_sae.data.phantom import (
-    CALC, MASS, PhantomConfig, generate, plan, render_image,
+    CALC,
+    MASS,
+    PhantomConfig,
+    generate,
+    plan,
+    render_image,
 )
 from mammo_sae.errors import DataError
+from mammo_sae.metrics import auroc
 
 # Written out from the reference (vindr-mammo-metadata.md §3.1), not imported from the module.
 FOLDS_33 = [
-    "patient_id", "series_id", "image_id", "laterality", "view", "height", "width",
-    "breast_birads", "breast_density", "finding_categories", "finding_birads",
-    "xmin", "ymin", "xmax", "ymax", "split", "resized_xmin", "resized_ymin", "resized_xmax",
-    "resized_ymax", "fold", "Architectural_Distortion", "Asymmetry", "Focal_Asymmetry",
-    "Global_Asymmetry", "Mass", "Nipple_Retraction", "No_Finding", "Skin_Retraction",
-    "Skin_Thickening", "Suspicious_Calcification", "Suspicious_Lymph_Node", "density",
+    "patient_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+    "resized_xmin",
+    "resized_ymin",
+    "resized_xmax",
+    "resized_ymax",
+    "fold",
+    "Architectural_Distortion",
+    "Asymmetry",
+    "Focal_Asymmetry",
+    "Global_Asymmetry",
+    "Mass",
+    "Nipple_Retraction",
+    "No_Finding",
+    "Skin_Retraction",
+    "Skin_Thickening",
+    "Suspicious_Calcification",
+    "Suspicious_Lymph_Node",
+    "density",
 ]
-MARKER_COLUMNS = ["confounder", "confounder_xmin", "confounder_ymin", "confounder_xmax", "confounder_ymax"]
+MARKER_COLUMNS = [
+    "confounder",
+    "confounder_xmin",
+    "confounder_ymin",
+    "confounder_xmax",
+    "confounder_ymax",
+]
 
 
 def _csv(data_dir: Path) -> pd.DataFrame:
@@ -52,12 +90,21 @@ def test_csv_columns_and_rows(tiny_phantom: Path) -> None:
     assert (clean["finding_categories"] == "['No Finding']").all()
     boxed = frame[frame["No_Finding"] == 0]
     assert (boxed[["Mass", "Suspicious_Calcification"]].sum(axis=1) == 1).all()
-    assert (boxed[["xmin", "ymin", "xmax", "ymax"]].to_numpy()
-            == boxed[["resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax"]].to_numpy()).all()
-    for col in ["Architectural_Distortion", "Asymmetry", "Skin_Thickening", "Suspicious_Lymph_Node"]:
+    assert (
+        boxed[["xmin", "ymin", "xmax", "ymax"]].to_numpy()
+        == boxed[["resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax"]].to_numpy()
+    ).all()
+    for col in [
+        "Architectural_Distortion",
+        "Asymmetry",
+        "Skin_Thickening",
+        "Suspicious_Lymph_Node",
+    ]:
         assert (frame[col] == 0).all()
     assert set(frame["density"]) <= {0, 1, 2, 3}
-    assert (frame["breast_density"] == frame["density"].map(dict(enumerate("ABCD"))).radd("DENSITY ")).all()
+    assert (
+        frame["breast_density"] == frame["density"].map(dict(enumerate("ABCD"))).radd("DENSITY ")
+    ).all()
     assert (frame["height"] == 256).all() and (frame["width"] == 160).all()
 
 
@@ -99,12 +146,21 @@ def test_deterministic_and_parallel_identical(tmp_path: Path) -> None:
         assert (a.out / rel).read_bytes() == (b.out / rel).read_bytes(), rel
     c = _cfg(tmp_path, out=tmp_path / "c", seed=4)
     generate(c, progress=False)
-    assert (c.out / "vindr_detection_v1_folds.csv").read_bytes() != (a.out / "vindr_detection_v1_folds.csv").read_bytes()
+    assert (c.out / "vindr_detection_v1_folds.csv").read_bytes() != (
+        a.out / "vindr_detection_v1_folds.csv"
+    ).read_bytes()
 
 
 def test_every_box_covers_its_finding_and_marker_is_outside_breast(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, n_images=24, height=256, width=160, mass_prevalence=1.0, calc_prevalence=1.0,
-               confounder_concept="none")
+    cfg = _cfg(
+        tmp_path,
+        n_images=24,
+        height=256,
+        width=160,
+        mass_prevalence=1.0,
+        calc_prevalence=1.0,
+        confounder_concept="none",
+    )
     n_findings = n_markers = 0
     for spec in plan(cfg):
         out = render_image(spec, cfg.height, cfg.width, cfg.seed, return_masks=True)
@@ -113,7 +169,12 @@ def test_every_box_covers_its_finding_and_marker_is_outside_breast(tmp_path: Pat
             assert box.concept == finding.concept
             rows, cols = np.nonzero(mask)
             # Tight: pixel-edge box equals the extent of the changed pixels.
-            assert (box.x0, box.y0, box.x1, box.y1) == (cols.min(), rows.min(), cols.max() + 1, rows.max() + 1)
+            assert (box.x0, box.y0, box.x1, box.y1) == (
+                cols.min(),
+                rows.min(),
+                cols.max() + 1,
+                rows.max() + 1,
+            )
             assert 0 <= box.x0 < box.x1 <= cfg.width and 0 <= box.y0 < box.y1 <= cfg.height
             assert out.breast_mask_hw[mask].all()
             n_findings += 1
@@ -132,34 +193,45 @@ def test_findings_change_only_pixels_inside_their_boxes(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, n_images=6, mass_prevalence=1.0, calc_prevalence=1.0)
     for spec in plan(cfg):
         with_findings = render_image(spec, cfg.height, cfg.width, cfg.seed).pixels_hw.astype(int)
-        clean = render_image(dataclasses.replace(spec, findings=()), cfg.height, cfg.width, cfg.seed)
+        clean = render_image(
+            dataclasses.replace(spec, findings=()), cfg.height, cfg.width, cfg.seed
+        )
         changed = with_findings != clean.pixels_hw
         inside = np.zeros_like(changed)
         for box in render_image(spec, cfg.height, cfg.width, cfg.seed).finding_boxes:
-            inside[int(box.y0):int(box.y1), int(box.x0):int(box.x1)] = True
+            inside[int(box.y0) : int(box.y1), int(box.x0) : int(box.x1)] = True
         assert changed.any() and not (changed & ~inside).any()
 
 
 def test_findings_and_marker_leave_min_and_max_unchanged(tmp_path: Path) -> None:
     """Per-image min-max normalisation must not become a global cue for findings or marker."""
-    cfg = _cfg(tmp_path, n_images=12, mass_prevalence=1.0, calc_prevalence=1.0, confounder_concept="none")
+    cfg = _cfg(
+        tmp_path, n_images=12, mass_prevalence=1.0, calc_prevalence=1.0, confounder_concept="none"
+    )
     for spec in plan(cfg):
         full = render_image(spec, cfg.height, cfg.width, cfg.seed).pixels_hw
-        bare = render_image(dataclasses.replace(spec, findings=(), marker=False), cfg.height, cfg.width,
-                            cfg.seed).pixels_hw
+        bare = render_image(
+            dataclasses.replace(spec, findings=(), marker=False), cfg.height, cfg.width, cfg.seed
+        ).pixels_hw
         assert (full.min(), full.max()) == (bare.min(), bare.max()) and full.min() == 0
         assert (full != bare).any()
 
 
 def test_calcification_specks_stay_visible_at_256x160(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, n_images=16, height=256, width=160, mass_prevalence=0.0, calc_prevalence=1.0)
+    cfg = _cfg(
+        tmp_path, n_images=16, height=256, width=160, mass_prevalence=0.0, calc_prevalence=1.0
+    )
     for spec in plan(cfg):
         out = render_image(spec, cfg.height, cfg.width, cfg.seed, return_masks=True)
         for mask in out.finding_masks:
             labels, n = ndimage.label(mask)
             sizes = ndimage.sum(mask, labels, range(1, n + 1))
             assert n >= 2 and sizes.min() >= 2
-            ring = ndimage.binary_dilation(mask, iterations=3) & ~ndimage.binary_dilation(mask) & out.breast_mask_hw
+            ring = (
+                ndimage.binary_dilation(mask, iterations=3)
+                & ~ndimage.binary_dilation(mask)
+                & out.breast_mask_hw
+            )
             assert out.pixels_hw[mask].mean() > out.pixels_hw[ring].mean() + 25
 
 
@@ -191,7 +263,9 @@ def test_patient_level_split_and_consistent_views(tiny_phantom: Path) -> None:
         assert (per_patient[col].nunique() == 1).all(), col
     assert set(frame["split"]) == {"training", "test"} and set(frame["fold"]) <= {0, 1, 2, 3}
     images = frame.drop_duplicates("image_id")
-    assert (images.groupby("patient_id")["view"].apply(sorted) == pd.Series([["CC", "MLO"]] * 20).values).all()
+    assert (
+        images.groupby("patient_id")["view"].apply(sorted) == pd.Series([["CC", "MLO"]] * 20).values
+    ).all()
     # Same findings (concept counts) in CC and MLO of a patient.
     counts = frame.groupby(["patient_id", "view"])[["Mass", "Suspicious_Calcification"]].sum()
     cc, mlo = counts.xs("CC", level="view"), counts.xs("MLO", level="view")
@@ -203,8 +277,15 @@ def test_patient_level_split_and_consistent_views(tiny_phantom: Path) -> None:
 
 
 def test_mass_not_given_away_by_global_brightness(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, n_images=160, height=128, width=80, mass_prevalence=0.5, calc_prevalence=0.0,
-               confounder_concept="none")
+    cfg = _cfg(
+        tmp_path,
+        n_images=160,
+        height=128,
+        width=80,
+        mass_prevalence=0.5,
+        calc_prevalence=0.0,
+        confounder_concept="none",
+    )
     specs = plan(cfg)
     means, has_mass, density = [], [], []
     for spec in specs:
@@ -219,8 +300,15 @@ def test_mass_not_given_away_by_global_brightness(tmp_path: Path) -> None:
 
 
 def test_full_size_smoke() -> None:
-    cfg = PhantomConfig(out=Path("unused"), n_images=2, height=1520, width=912, mass_prevalence=1.0,
-                        calc_prevalence=1.0, test_fraction=0.0)
+    cfg = PhantomConfig(
+        out=Path("unused"),
+        n_images=2,
+        height=1520,
+        width=912,
+        mass_prevalence=1.0,
+        calc_prevalence=1.0,
+        test_fraction=0.0,
+    )
     spec = plan(cfg)[1]
     out = render_image(spec, 1520, 912, cfg.seed)
     assert out.pixels_hw.shape == (1520, 912) and out.pixels_hw.dtype == np.uint8
@@ -228,29 +316,46 @@ def test_full_size_smoke() -> None:
     assert all(0 <= b.x0 < b.x1 <= 912 and 0 <= b.y0 < b.y1 <= 1520 for b in out.finding_boxes)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"n_images": 1}, "--n-images must be at least 2"),
-    ({"n_images": 2}, "needs at least 2 patients"),
-    ({"height": 16}, "--height/--width"),
-    ({"mass_prevalence": 1.5}, "--mass-prevalence must be in [0, 1]"),
-    ({"confounder_strength": -0.1}, "--confounder-strength"),
-    ({"test_fraction": 1.0}, "--test-fraction"),
-    ({"workers": -1}, "--workers"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"n_images": 1}, "--n-images must be at least 2"),
+        ({"n_images": 2}, "needs at least 2 patients"),
+        ({"height": 16}, "--height/--width"),
+        ({"mass_prevalence": 1.5}, "--mass-prevalence must be in [0, 1]"),
+        ({"confounder_strength": -0.1}, "--confounder-strength"),
+        ({"test_fraction": 1.0}, "--test-fraction"),
+        ({"workers": -1}, "--workers"),
+    ],
+)
 def test_bad_arguments(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
         generate(_cfg(tmp_path, **change), progress=False)
     assert not (tmp_path / "ph").exists()
 
 
-def test_cli_exit_codes_and_existing_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_exit_codes_and_existing_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "cli"
-    args = ["phantom", "--out", str(out), "--n-images", "6", "--height", "128", "--width", "80", "--workers", "1"]
+    args = [
+        "phantom",
+        "--out",
+        str(out),
+        "--n-images",
+        "6",
+        "--height",
+        "128",
+        "--width",
+        "80",
+        "--workers",
+        "1",
+    ]
     assert main(args) == 0
     assert '"cached": false' in capsys.readouterr().out
-    assert main(args) == 0                               # same settings: left as it is
+    assert main(args) == 0  # same settings: left as it is
     assert '"cached": true' in capsys.readouterr().out
-    assert main(args + ["--seed", "9"]) == 2             # other settings: refuses without --overwrite
+    assert main(args + ["--seed", "9"]) == 2  # other settings: refuses without --overwrite
     assert "differs in: seed" in capsys.readouterr().err
     assert main(args + ["--seed", "9", "--overwrite"]) == 0
     assert main(["phantom", "--out", str(out), "--n-images", "0"]) == 2

@@ -41,7 +41,7 @@ from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
 FRAME = (128, 96)
 GRID = (4, 3)
-D, H = 640, 32            # efficientnet-phantom's channels; a small SAE
+D, H = 640, 32  # efficientnet-phantom's channels; a small SAE
 N_TEST, N_TRAIN = 10, 2
 CHROMIUM = Path("/usr/bin/chromium")
 KS = (0, 1, 5, 10, 32)
@@ -56,9 +56,17 @@ def _records(data_dir: Path) -> list[ImageRecord]:
         Image.fromarray(rng.integers(0, 255, FRAME, dtype=np.uint8)).save(path)
         mass = int(i % 2 == 0)
         boxes = (Box("Mass", 32.0, 32.0, 64.0, 64.0),) if mass else ()
-        out.append(ImageRecord(image_id=f"hash{i:03d}", patient_id=f"patient{i}",
-                               split="test" if i < N_TEST else "training", path=path,
-                               labels={"Mass": mass, "confounder": int(i % 3 == 0)}, boxes=boxes, frame_hw=FRAME))
+        out.append(
+            ImageRecord(
+                image_id=f"hash{i:03d}",
+                patient_id=f"patient{i}",
+                split="test" if i < N_TEST else "training",
+                path=path,
+                labels={"Mass": mass, "confounder": int(i % 3 == 0)},
+                boxes=boxes,
+                frame_hw=FRAME,
+            )
+        )
     return out
 
 
@@ -68,7 +76,7 @@ def _acts(seed: int, records: list[ImageRecord]) -> list[np.ndarray]:
     for r in records:
         a = rng.random((GRID[0] * GRID[1], D), dtype=np.float32)
         if r.labels["Mass"]:
-            a[4, :64] += 2.0            # the Mass cell lights up a block of channels
+            a[4, :64] += 2.0  # the Mass cell lights up a block of channels
         acts.append(a)
     return acts
 
@@ -83,20 +91,61 @@ def make_run(run: Path) -> Path:
     (run / "data").mkdir(parents=True)
     records = _records(run / "data")
     (run / "config.yaml").write_text("name: tiny\nseed: 0\nextract:\n  eval_split: test\n")
-    for k, stage in enumerate(("data", "models", "extract", "sae", "probe", "intervene", "fidelity",
-                               "localize", "separation")):
-        write_json(run / "stages" / f"{stage}.json",
-                   {"schema_version": 1, "stage": stage, "key": f"{k:016x}", "seconds": 1.5 * k, "outputs": {}})
-    write_json(run / "data" / "summary.json", {"schema_version": 1, "splits": {
-        "all": {"images": len(records), "patients": len(records), "positives": {"image": {"Mass": 6}}}},
-        "missing_images": {"count": 1, "first": ["images_png/patient7/x.png"]}})
+    for k, stage in enumerate(
+        (
+            "data",
+            "models",
+            "extract",
+            "sae",
+            "probe",
+            "intervene",
+            "fidelity",
+            "localize",
+            "separation",
+        )
+    ):
+        write_json(
+            run / "stages" / f"{stage}.json",
+            {
+                "schema_version": 1,
+                "stage": stage,
+                "key": f"{k:016x}",
+                "seconds": 1.5 * k,
+                "outputs": {},
+            },
+        )
+    write_json(
+        run / "data" / "summary.json",
+        {
+            "schema_version": 1,
+            "splits": {
+                "all": {
+                    "images": len(records),
+                    "patients": len(records),
+                    "positives": {"image": {"Mass": 6}},
+                }
+            },
+            "missing_images": {"count": 1, "first": ["images_png/patient7/x.png"]},
+        },
+    )
 
     sae = SparseAutoencoder(SAEConfig(d=D, h=H), seed=0)
     save_sae(sae, run / "sae" / "model")
-    log = [{"step": s, "loss": 1.0 / s, "fvu": 0.5 / s, "l0": 10 + s, "dead_fraction": 0.01 * s,
-            "patches_per_s": 1000.0 + s} for s in range(1, 21)]
+    log = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "fvu": 0.5 / s,
+            "l0": 10 + s,
+            "dead_fraction": 0.01 * s,
+            "patches_per_s": 1000.0 + s,
+        }
+        for s in range(1, 21)
+    ]
     (run / "sae" / "train_log.jsonl").write_text("".join(json.dumps(e) + "\n" for e in log))
-    write_json(run / "sae" / "train_config.json", {"schema_version": 1, "dead_window_patches": 1000})
+    write_json(
+        run / "sae" / "train_config.json", {"schema_version": 1, "dead_window_patches": 1000}
+    )
 
     torch.manual_seed(0)
     entries, metrics, results, fid = [], {}, {}, {}
@@ -104,29 +153,65 @@ def make_run(run: Path) -> Path:
     for (name, key), seed in zip(MODELS, (2, 3), strict=True):
         clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass")
         save_model(clf, run / "models" / name / "model")
-        entries.append({"name": name, "concept": "Mass", "variant": name.split("-")[1],
-                        "classifier": str(run / "models" / name / "model"), "encoder_key": key})
-        metrics[name] = {"auroc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9},
-                         "auprc": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7}, "n": N_TEST, "n_pos": 5}
-        store = write_store(run / "stores" / f"{key}-test", _acts(seed, records),
-                            grids=[GRID] * len(records), records=records)
-        sums = summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_hash(run / "sae" / "model"),
-                         cache_dir=run / "analysis" / "summaries", progress=False)  # as the pipeline does
+        entries.append(
+            {
+                "name": name,
+                "concept": "Mass",
+                "variant": name.split("-")[1],
+                "classifier": str(run / "models" / name / "model"),
+                "encoder_key": key,
+            }
+        )
+        metrics[name] = {
+            "auroc": {"value": 0.8, "ci_low": 0.7, "ci_high": 0.9},
+            "auprc": {"value": 0.6, "ci_low": 0.5, "ci_high": 0.7},
+            "n": N_TEST,
+            "n_pos": 5,
+        }
+        store = write_store(
+            run / "stores" / f"{key}-test",
+            _acts(seed, records),
+            grids=[GRID] * len(records),
+            records=records,
+        )
+        sums = summarize(
+            store,
+            sae,
+            store_sha=store.manifest_sha256,
+            sae_sha=sae_hash(run / "sae" / "model"),
+            cache_dir=run / "analysis" / "summaries",
+            progress=False,
+        )  # as the pipeline does
         rows, y = labelled_rows(store.images, "Mass", split="test")
         head = head_from_classifier(clf)
-        fid[name] = {"concept": "Mass", **fidelity(sums, store.pooled_nd, rows, y, sae, head, n_boot=50)}
+        fid[name] = {
+            "concept": "Mass",
+            **fidelity(sums, store.pooled_nd, rows, y, sae, head, n_boot=50),
+        }
         results[name.split("-")[1]] = model_separation(sums, rows, y)  # the pipeline names variants
         mean1 = np.asarray(sums.mean_rows(rows[y == 1]).mean(axis=0)).ravel()
         order = np.argsort(-mean1, kind="stable")
-        write_json(run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
-                   [{"rank": r, "index": int(j), "importance": float(mean1[j])} for r, j in enumerate(order)])
-        loc = localize(store, sae, "Mass", [int(j) for j in order[:3]], head=head, chance_draws=3,
-                       progress=False)
+        write_json(
+            run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
+            [
+                {"rank": r, "index": int(j), "importance": float(mean1[j])}
+                for r, j in enumerate(order)
+            ],
+        )
+        loc = localize(
+            store,
+            sae,
+            "Mass",
+            [int(j) for j in order[:3]],
+            head=head,
+            chance_draws=3,
+            progress=False,
+        )
         out = run / "analysis" / "localize" / name
         write_json(out / "localization.json", loc.to_json())
         _tiny_png(out / "figure3.png")
         ranked[name] = [int(j) for j in order[:3]]
-        if name == "Mass-finetuned":   # pointing-chosen: one of the other model's, one of its own
+        if name == "Mass-finetuned":  # pointing-chosen: one of the other model's, one of its own
             chosen = [ranked["Mass-pretrained"][0], int(order[5])]
             loc = localize(store, sae, "Mass", chosen, head=head, progress=False)
             write_json(out / "pointing" / "localization.json", loc.to_json())
@@ -135,14 +220,25 @@ def make_run(run: Path) -> Path:
         res = sweep(sums.mean_rows(rows), y, v_h, c, [order[::-1], order], KS, n_boot=50)
         out = run / "analysis" / "intervene" / name
         if name == "Mass-pretrained":
-            write_json(out / "intervene.json", {"schema_version": 1, "concept": "Mass", "results": res.rows()})
+            write_json(
+                out / "intervene.json",
+                {"schema_version": 1, "concept": "Mass", "results": res.rows()},
+            )
         else:
             out.mkdir(parents=True)
             pd.DataFrame(res.rows()).to_csv(out / "intervene.csv", index=False)
-    write_json(run / "analysis" / "fidelity" / "fidelity.json", {"schema_version": 1, "results": fid})
-    write_json(run / "models" / "models.json", {"schema_version": 1, "models": entries, "test_metrics": metrics})
+    write_json(
+        run / "analysis" / "fidelity" / "fidelity.json", {"schema_version": 1, "results": fid}
+    )
+    write_json(
+        run / "models" / "models.json",
+        {"schema_version": 1, "models": entries, "test_metrics": metrics},
+    )
     sep = run / "analysis" / "separation" / "Mass"
-    write_json(sep / "separation.json", {"schema_version": 1, "models": {k: public(v) for k, v in results.items()}})
+    write_json(
+        sep / "separation.json",
+        {"schema_version": 1, "models": {k: public(v) for k, v in results.items()}},
+    )
     _tiny_png(sep / "figure4.png")
     return run
 
@@ -150,8 +246,11 @@ def make_run(run: Path) -> Path:
 @pytest.fixture(scope="module")
 def report_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     run = make_run(tmp_path_factory.mktemp("report") / "run")
+
     def cache() -> list[tuple[str, int]]:
-        return sorted((p.name, p.stat().st_mtime_ns) for p in (run / "analysis" / "summaries").iterdir())
+        return sorted(
+            (p.name, p.stat().st_mtime_ns) for p in (run / "analysis" / "summaries").iterdir()
+        )
 
     cached = cache()
     index = build_report(run, strict=True, top_latents=2, progress=False)
@@ -186,7 +285,9 @@ def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Pat
     data = json.loads((run / "report" / "report.json").read_text())
     assert data["problems"] == {}
     # Table 1: one row per model with the original and SAE AUROC of the fidelity files.
-    fid = json.loads((run / "analysis" / "fidelity" / "fidelity.json").read_text())["results"]["Mass-finetuned"]
+    fid = json.loads((run / "analysis" / "fidelity" / "fidelity.json").read_text())["results"][
+        "Mass-finetuned"
+    ]
     row = next(r for r in data["table1"] if r["model"] == "Mass-finetuned")
     assert row["auroc_original"] == pytest.approx(fid["original"]["auroc"])
     assert row["auroc_sae"] == pytest.approx(fid["sae"]["auroc"])
@@ -200,11 +301,15 @@ def test_report_shows_every_section_with_its_numbers(report_run: tuple[Path, Pat
     for name in data["figure2"]:
         assert data["figure2"][name]["on"]["ks"] == list(KS) == data["figure2"][name]["off"]["ks"]
     csv = pd.read_csv(run / "analysis" / "intervene" / "Mass-finetuned" / "intervene.csv")
-    assert data["figure2"]["Mass-finetuned"]["off"]["auroc"] == \
-        pytest.approx(csv[csv["mode"] == "off"]["auroc"].tolist())
-    loc = json.loads((run / "analysis" / "localize" / "Mass-pretrained" / "localization.json").read_text())
-    assert [r["latent"] for r in data["table2"]["Mass-pretrained"]["latents"]] == \
-        [r["latent"] for r in loc["latents"]]
+    assert data["figure2"]["Mass-finetuned"]["off"]["auroc"] == pytest.approx(
+        csv[csv["mode"] == "off"]["auroc"].tolist()
+    )
+    loc = json.loads(
+        (run / "analysis" / "localize" / "Mass-pretrained" / "localization.json").read_text()
+    )
+    assert [r["latent"] for r in data["table2"]["Mass-pretrained"]["latents"]] == [
+        r["latent"] for r in loc["latents"]
+    ]
     assert {r["model"] for r in data["separation"]["Mass"]} == {"pretrained", "finetuned"}
     assert all(np.isfinite(r["separation"]) for r in data["headlines"])
     assert [s["stage"] for s in data["run"]["stages"]][:3] == ["data", "models", "extract"]
@@ -243,8 +348,12 @@ def _model_mean_activations(run: Path, key: str, j: int) -> dict[str, float]:
     """Per-image mean activation of latent j in the summaries of store `<key>-test`."""
     from mammo_sae.analysis.summaries import summaries_for
 
-    sums = summaries_for(run / "stores" / f"{key}-test", run / "sae" / "model",
-                         cache_dir=run / "analysis" / "summaries", progress=False)
+    sums = summaries_for(
+        run / "stores" / f"{key}-test",
+        run / "sae" / "model",
+        cache_dir=run / "analysis" / "summaries",
+        progress=False,
+    )
     ids = [r.image_id for r in ActivationStore(run / "stores" / f"{key}-test").records()]
     act = np.asarray(sums.mean_nh[:, j].toarray()).ravel()
     return dict(zip(ids, act.tolist(), strict=True))
@@ -269,8 +378,13 @@ def test_latent_pages_show_each_model_that_lists_the_latent(report_run: tuple[Pa
         own = _model_mean_activations(run, key, shared)
         for t in info["models"][model]["top_images"]:
             assert t["mean_activation"] == pytest.approx(own[t["image_id"]], rel=1e-5)
-    only_finetuned = [j for label, lats in lists.items() if label.startswith("Mass-finetuned")
-                      for j in lats if j not in lists["Mass-pretrained"]]
+    only_finetuned = [
+        j
+        for label, lats in lists.items()
+        if label.startswith("Mass-finetuned")
+        for j in lats
+        if j not in lists["Mass-pretrained"]
+    ]
     assert only_finetuned
     for j in only_finetuned:
         assert set(data["latents"][str(j)]["models"]) == {"Mass-finetuned"}
@@ -286,7 +400,7 @@ class _Layout(HTMLParser):
         super().__init__()
         self.sections: list[str] = []
         self.index: list[str] = []
-        self.figure_imgs: list[tuple[str, str | None]] = []   # (img src, enclosing link href)
+        self.figure_imgs: list[tuple[str, str | None]] = []  # (img src, enclosing link href)
         self.strips: list[list[str]] = []
         self.stack: list[tuple[str, dict[str, str | None]]] = []
 
@@ -320,7 +434,8 @@ def _layout(page: Path) -> _Layout:
 
 
 def test_pages_have_a_section_index_and_full_size_figure_links(
-        report_run: tuple[Path, Path]) -> None:
+    report_run: tuple[Path, Path],
+) -> None:
     run, index = report_run
     pages = [index, *sorted((run / "report" / "latents").glob("*.html"))]
     for page in pages:
@@ -329,7 +444,7 @@ def test_pages_have_a_section_index_and_full_size_figure_links(
         # The sticky index links every section of the page, in order, and nothing else local.
         assert [h[1:] for h in layout.index if h.startswith("#")] == layout.sections, page
         assert layout.figure_imgs, page
-        for src, href in layout.figure_imgs:   # a click opens the PNG itself, full size
+        for src, href in layout.figure_imgs:  # a click opens the PNG itself, full size
             assert href == src and (page.parent / src).is_file(), (page, src)
     # Figures take the page's width (no fixed-width figures on the report page).
     text = index.read_text(encoding="utf-8")
@@ -350,7 +465,7 @@ def test_latent_pages_show_top_patch_crops(report_run: tuple[Path, Path]) -> Non
     for j, info in data["latents"].items():
         page = run / "report" / "latents" / f"{j}.html"
         strips = _layout(page).strips
-        assert len(strips) == len(info["models"]), j   # one strip per model section
+        assert len(strips) == len(info["models"]), j  # one strip per model section
         for strip, (model, mine) in zip(strips, info["models"].items(), strict=True):
             patches = mine["top_patches"]
             peak = _model_max_activations(run, dict(MODELS)[model], int(j))
@@ -359,23 +474,28 @@ def test_latent_pages_show_top_patch_crops(report_run: tuple[Path, Path]) -> Non
             for src in strip:
                 crop = page.parent / src
                 assert crop.is_file(), src
-                with Image.open(crop) as im:   # two cell strides of the 128x96 frame's 4x3 grid
+                with Image.open(crop) as im:  # two cell strides of the 128x96 frame's 4x3 grid
                     assert im.size == (2 * FRAME[1] // GRID[1], 2 * FRAME[0] // GRID[0])
             acts = [p["activation"] for p in patches]
             assert acts == sorted(acts, reverse=True) and acts[0] > 0
-            for p in patches:   # the crop's cell is the image's strongest: its summary max
+            for p in patches:  # the crop's cell is the image's strongest: its summary max
                 assert p["activation"] == pytest.approx(peak[p["image_id"]], rel=1e-4)
-                r, c = p["cell"]   # synthetic store: no architecture, cells laid evenly
+                r, c = p["cell"]  # synthetic store: no architecture, cells laid evenly
                 assert p["centre_yx"] == pytest.approx(
-                    [(r + 0.5) * FRAME[0] / GRID[0] - 0.5, (c + 0.5) * FRAME[1] / GRID[1] - 0.5])
+                    [(r + 0.5) * FRAME[0] / GRID[0] - 0.5, (c + 0.5) * FRAME[1] / GRID[1] - 0.5]
+                )
             assert f"{acts[0]:.3g}" in page.read_text(encoding="utf-8")
 
 
 def _model_max_activations(run: Path, key: str, j: int) -> dict[str, float]:
     from mammo_sae.analysis.summaries import summaries_for
 
-    sums = summaries_for(run / "stores" / f"{key}-test", run / "sae" / "model",
-                         cache_dir=run / "analysis" / "summaries", progress=False)
+    sums = summaries_for(
+        run / "stores" / f"{key}-test",
+        run / "sae" / "model",
+        cache_dir=run / "analysis" / "summaries",
+        progress=False,
+    )
     ids = [r.image_id for r in ActivationStore(run / "stores" / f"{key}-test").records()]
     return dict(zip(ids, np.asarray(sums.max_nh[:, j].toarray()).ravel().tolist(), strict=True))
 
@@ -429,8 +549,13 @@ def test_every_table2_cell_links_to_its_latent_page(report_run: tuple[Path, Path
     assert "ending in /pointing" in text and "<details" in text
     # Each table says which run files it comes from, and the links resolve.
     sources = [h for h in _links(index).hrefs if h.startswith("../")]
-    for name in ("fidelity/fidelity.json", "localize/Mass-finetuned/pointing/localization.json",
-                 "models/models.json", "separation/Mass/separation.json", "train_log.jsonl"):
+    for name in (
+        "fidelity/fidelity.json",
+        "localize/Mass-finetuned/pointing/localization.json",
+        "models/models.json",
+        "separation/Mass/separation.json",
+        "train_log.jsonl",
+    ):
         assert any(h.endswith(name) for h in sources), name
     for href in sources:
         assert (index.parent / href).is_file(), href
@@ -448,7 +573,11 @@ def test_recovered_is_shown_only_above_chance(report_run: tuple[Path, Path]) -> 
     data = json.loads((run / "report" / "report.json").read_text())
     for r in data["table1"]:
         shown = r["recovered_shown"]
-        assert (shown == r["recovered"]) if r["auroc_original_low"] > 0.5 else shown is None or np.isnan(shown)
+        assert (
+            (shown == r["recovered"])
+            if r["auroc_original_low"] > 0.5
+            else shown is None or np.isnan(shown)
+        )
     text = index.read_text(encoding="utf-8")
     assert "lower end of its 95 % CI" in text and "linear probe" in text
     assert "Separation index = the mean" in text and "dead_window_patches" in text
@@ -470,7 +599,9 @@ def test_report_of_a_partial_run_notes_what_did_not_run(tmp_path: Path) -> None:
     assert "fidelity" in data["run"]["not_run"] and data["problems"] == {}
 
 
-def test_corrupt_input_is_noted_or_raised_when_strict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupt_input_is_noted_or_raised_when_strict(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run = tmp_path / "run"
     (run / "analysis" / "fidelity").mkdir(parents=True)
     (run / "analysis" / "fidelity" / "fidelity.json").write_text("{not json")
@@ -494,15 +625,17 @@ def test_cli_report_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     # An empty folder is not a run: refused with a message instead of an empty report.
     assert main(["report", "--run", str(run), "--no-progress"]) == 2
     assert "not a mammo-sae run directory" in capsys.readouterr().err
-    (run / "config.yaml").write_text("name: empty\n")   # a run that has not got far: still reported
+    (run / "config.yaml").write_text("name: empty\n")  # a run that has not got far: still reported
     assert main(["report", "--run", str(run), "--out", str(tmp_path / "web"), "--no-progress"]) == 0
     assert (tmp_path / "web" / "index.html").is_file()
     assert str(tmp_path / "web" / "index.html") in capsys.readouterr().out
     assert main(["report", "--run", str(tmp_path / "nope")]) == 2
 
 
-@pytest.mark.skipif(not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None,
-                    reason="headless render needs Debian's chromium at /usr/bin/chromium")
+@pytest.mark.skipif(
+    not CHROMIUM.exists() or shutil.which(str(CHROMIUM)) is None,
+    reason="headless render needs Debian's chromium at /usr/bin/chromium",
+)
 def test_report_renders_in_headless_chromium(report_run: tuple[Path, Path], tmp_path: Path) -> None:
     run, index = report_run
     parser = _links(index)
@@ -511,10 +644,21 @@ def test_report_renders_in_headless_chromium(report_run: tuple[Path, Path], tmp_
         assert not src.startswith(("http:", "https:", "//")), src
         assert (index.parent / src).is_file(), src
     shot = tmp_path / "shot.png"
-    cmd = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1280,2000",
-           index.resolve().as_uri()]
+    cmd = [
+        str(CHROMIUM),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        index.resolve().as_uri(),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float64)
     assert pixels.shape == (2000, 1280)

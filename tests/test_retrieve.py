@@ -99,10 +99,18 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     rng = np.random.default_rng(0)
     recs, acts = [], []
     for i in range(12):
-        recs.append(ImageRecord(
-            image_id=f"im{i}", patient_id=f"p{i // 2}", split="test", path=None,
-            labels={"Mass": int(i < 5), "Calc": 0, "density": i % 4}, view="CC",
-            laterality="L", frame_hw=(64, 48)))
+        recs.append(
+            ImageRecord(
+                image_id=f"im{i}",
+                patient_id=f"p{i // 2}",
+                split="test",
+                path=None,
+                labels={"Mass": int(i < 5), "Calc": 0, "density": i % 4},
+                view="CC",
+                laterality="L",
+                frame_hw=(64, 48),
+            )
+        )
         a = rng.uniform(0.0, 0.4, (6, 8)).astype(np.float32)
         if i < 5:
             a[:2, 7] += 1.0 + 0.2 * i
@@ -121,8 +129,19 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _run(tiny: Path, out: str, *args: str) -> int:
-    return main(["retrieve", "--store", str(tiny / "store"), "--sae", str(tiny / "sae"),
-                 "--out", str(tiny / out), "--no-progress", *args])
+    return main(
+        [
+            "retrieve",
+            "--store",
+            str(tiny / "store"),
+            "--sae",
+            str(tiny / "sae"),
+            "--out",
+            str(tiny / out),
+            "--no-progress",
+            *args,
+        ]
+    )
 
 
 def test_cli_image_query_writes_json_csv_and_html(tiny: Path) -> None:
@@ -164,17 +183,20 @@ def test_cli_latents_ranks_images_by_summed_activation(tiny: Path) -> None:
     assert scores == sorted(scores, reverse=True)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--image", "nope"], "unknown image id 'nope'"),
-    (["--latents", "3,16"], "latent indices out of range for an SAE with h = 16: [16]"),
-    (["--query", "Cancer"], "unknown label 'Cancer'; valid: Mass"),
-    (["--query", "Calc"], "label 'Calc' has no positive images in split 'all'"),
-    (["--query", "density"], "label 'density' is not binary"),
-    (["--query", "Mass", "--ks", "1,20"], "precision@20 needs 20 other images"),
-    ([], "give exactly one of --image, --latents, --query"),
-    (["--image", "im0", "--query", "Mass"], "give exactly one of"),
-    (["--image", "im0", "--split", "training"], "split 'training' is not in the store"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--image", "nope"], "unknown image id 'nope'"),
+        (["--latents", "3,16"], "latent indices out of range for an SAE with h = 16: [16]"),
+        (["--query", "Cancer"], "unknown label 'Cancer'; valid: Mass"),
+        (["--query", "Calc"], "label 'Calc' has no positive images in split 'all'"),
+        (["--query", "density"], "label 'density' is not binary"),
+        (["--query", "Mass", "--ks", "1,20"], "precision@20 needs 20 other images"),
+        ([], "give exactly one of --image, --latents, --query"),
+        (["--image", "im0", "--query", "Mass"], "give exactly one of"),
+        (["--image", "im0", "--split", "training"], "split 'training' is not in the store"),
+    ],
+)
 def test_cli_bad_input_exits_2_naming_the_problem(
     tiny: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:

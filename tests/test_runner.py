@@ -6,7 +6,9 @@ from mammo_sae.errors import MammoSaeError
 from mammo_sae.runner import Runner, Stage
 
 
-def _runner(tmp_path: Path, calls: list[str], settings: dict[str, int], fail: str | None = None) -> Runner:
+def _runner(
+    tmp_path: Path, calls: list[str], settings: dict[str, int], fail: str | None = None
+) -> Runner:
     r = Runner(tmp_path, log=lambda s: None)
 
     def make(name: str):
@@ -15,6 +17,7 @@ def _runner(tmp_path: Path, calls: list[str], settings: dict[str, int], fail: st
                 raise RuntimeError("boom")
             calls.append(name)
             return {"name": name}
+
         return run
 
     r.add(Stage("a", make("a"), {"x": settings["a"]}))
@@ -77,6 +80,7 @@ def _writing_runner(tmp_path: Path, calls: list[str]) -> Runner:
             (tmp_path / name / "out.bin").write_bytes(name.encode() * 100)
             (tmp_path / name / "state.pt").write_bytes(b"resume-only")
             return {}
+
         return run
 
     for name, deps in (("a", ()), ("b", ("a",)), ("c", ("b",))):
@@ -99,10 +103,12 @@ def test_a_damaged_output_reruns_its_stage_and_what_follows(tmp_path: Path, dama
     calls.clear()
     plan = _writing_runner(tmp_path, calls).execute()
     assert calls == ["b", "c"]
-    assert [p.reason for p in plan][1] == "output missing or changed in size since it ran: b/out.bin"
+    assert [p.reason for p in plan][
+        1
+    ] == "output missing or changed in size since it ran: b/out.bin"
     calls.clear()
     _writing_runner(tmp_path, calls).execute()
-    assert calls == []   # new files recorded: up to date again
+    assert calls == []  # new files recorded: up to date again
 
 
 def test_copies_without_file_times_and_deleted_resume_files_rerun_nothing(tmp_path: Path) -> None:
@@ -111,16 +117,18 @@ def test_copies_without_file_times_and_deleted_resume_files_rerun_nothing(tmp_pa
 
     calls: list[str] = []
     _writing_runner(tmp_path / "run", calls).execute()
-    shutil.copytree(tmp_path / "run", tmp_path / "copy", copy_function=shutil.copy)   # new mtimes
+    shutil.copytree(tmp_path / "run", tmp_path / "copy", copy_function=shutil.copy)  # new mtimes
     for name in "abc":
         os.utime(tmp_path / "copy" / name / "out.bin", ns=(0, 0))
-    (tmp_path / "copy" / "b" / "state.pt").unlink()    # freeing disk after training
+    (tmp_path / "copy" / "b" / "state.pt").unlink()  # freeing disk after training
     calls.clear()
     _writing_runner(tmp_path / "copy", calls).execute()
     assert calls == []
 
 
-def test_pipeline_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pipeline_dry_run_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`run --dry-run` only reads: no run directory appears, and an existing run keeps every file
     byte for byte (its config.yaml above all: the report's boxes must match its Table 2)."""
     from mammo_sae.cli import main
@@ -134,6 +142,6 @@ def test_pipeline_dry_run_writes_nothing(tmp_path: Path, capsys: pytest.CaptureF
     (run / "stages" / "data.json").write_text('{"schema_version": 1, "stage": "data", "key": "x"}')
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     assert main(["run", "phantom.yaml", "--out", str(run), "--dry-run"]) == 0
-    assert "[         run] data" in capsys.readouterr().out   # the plan is still printed
+    assert "[         run] data" in capsys.readouterr().out  # the plan is still printed
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     assert sorted(run.rglob("*")) == sorted([*before, run / "stages"])

@@ -8,14 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import need_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import need_shared
 from mammo_sae.cli import main
 from mammo_sae.errors import CheckpointError, MammoSaeError
-from mammo_sae.sae.checkpoints import (export_saelens, from_mammosae_state_dict, load_sae, sae_sha256,
-                                       save_sae)
+from mammo_sae.sae.checkpoints import (
+    export_saelens,
+    from_mammosae_state_dict,
+    load_sae,
+    sae_sha256,
+    save_sae,
+)
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
 
@@ -29,10 +34,12 @@ def _one_thread():
 
 
 def _trained_like(arch: str, normalisation: str = "none") -> SparseAutoencoder:
-    sae = SparseAutoencoder(SAEConfig(architecture=arch, d=12, h=40, k=4, normalisation=normalisation), seed=1)
+    sae = SparseAutoencoder(
+        SAEConfig(architecture=arch, d=12, h=40, k=4, normalisation=normalisation), seed=1
+    )
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.2)
-        sae.W_dec.mul_(torch.rand(40) + 0.5)      # non-unit columns: must survive as stored
+        sae.W_dec.mul_(torch.rand(40) + 0.5)  # non-unit columns: must survive as stored
         sae.threshold.fill_(0.03)
         if normalisation != "none":
             sae.set_normalisation(torch.randn(12) + 1, 1.7)
@@ -42,10 +49,22 @@ def _trained_like(arch: str, normalisation: str = "none") -> SparseAutoencoder:
 @pytest.mark.parametrize("arch", ["relu-l1", "topk", "batchtopk"])
 def test_native_round_trip_is_exact(tmp_path, arch):
     sae = _trained_like(arch, "centre-scale")
-    save_sae(sae, tmp_path / "s", extra={"source_store_manifest_sha256": "abc", "final_metrics": {"fvu": 0.1}})
+    save_sae(
+        sae,
+        tmp_path / "s",
+        extra={"source_store_manifest_sha256": "abc", "final_metrics": {"fvu": 0.1}},
+    )
     meta = json.loads((tmp_path / "s" / "cfg.json").read_text())
-    assert meta["schema_version"] == 1 and meta["architecture"] == arch and meta["d"] == 12 and meta["h"] == 40
-    assert meta["source_store_manifest_sha256"] == "abc" and meta["normalisation"]["mode"] == "centre-scale"
+    assert (
+        meta["schema_version"] == 1
+        and meta["architecture"] == arch
+        and meta["d"] == 12
+        and meta["h"] == 40
+    )
+    assert (
+        meta["source_store_manifest_sha256"] == "abc"
+        and meta["normalisation"]["mode"] == "centre-scale"
+    )
     back = load_sae(tmp_path / "s")
     for name, value in sae.state_dict().items():
         assert torch.equal(value, back.state_dict()[name]), name
@@ -82,11 +101,19 @@ def test_saelens_itself_loads_the_export(tmp_path, arch):
 
 def _mammosae_state_dict(sae: SparseAutoencoder, later_names: bool) -> dict[str, torch.Tensor]:
     tied = sae.b_dec.detach()[None].clone()
-    names = (("encoder.weight", "encoder.bias", "decoder.weight") if later_names
-             else ("encoder._weight", "encoder._bias", "decoder._weight"))
-    return {"tied_bias": tied, "pre_encoder_bias._bias_reference": tied,
-            names[0]: sae.W_enc.detach()[None].clone(), names[1]: sae.b_enc.detach()[None].clone(),
-            names[2]: sae.W_dec.detach()[None].clone(), "post_decoder_bias._bias_reference": tied}
+    names = (
+        ("encoder.weight", "encoder.bias", "decoder.weight")
+        if later_names
+        else ("encoder._weight", "encoder._bias", "decoder._weight")
+    )
+    return {
+        "tied_bias": tied,
+        "pre_encoder_bias._bias_reference": tied,
+        names[0]: sae.W_enc.detach()[None].clone(),
+        names[1]: sae.b_enc.detach()[None].clone(),
+        names[2]: sae.W_dec.detach()[None].clone(),
+        "post_decoder_bias._bias_reference": tied,
+    }
 
 
 @pytest.mark.parametrize("later_names", [False, True])
@@ -94,10 +121,24 @@ def test_mammosae_layouts_import_and_export(tmp_path, later_names):
     sae = _trained_like("relu-l1")
     torch.save(_mammosae_state_dict(sae, later_names), tmp_path / "sparse_autoencoder_final.pt")
     loaded = load_sae(tmp_path / "sparse_autoencoder_final.pt")
-    assert torch.equal(loaded.W_dec, sae.W_dec)   # not renormalised
-    assert main(["sae", "import", "--src", str(tmp_path / "sparse_autoencoder_final.pt"),
-                 "--out", str(tmp_path / "native")]) == 0
-    assert main(["sae", "export", "--sae", str(tmp_path / "native"), "--out", str(tmp_path / "sl")]) == 0
+    assert torch.equal(loaded.W_dec, sae.W_dec)  # not renormalised
+    assert (
+        main(
+            [
+                "sae",
+                "import",
+                "--src",
+                str(tmp_path / "sparse_autoencoder_final.pt"),
+                "--out",
+                str(tmp_path / "native"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["sae", "export", "--sae", str(tmp_path / "native"), "--out", str(tmp_path / "sl")])
+        == 0
+    )
     x = torch.randn(9, 12)
     for p in ("native", "sl"):
         assert torch.allclose(load_sae(tmp_path / p)(x)[1], sae(x)[1], atol=1e-6), p
@@ -155,20 +196,28 @@ def test_cfg_json_alone_points_to_the_directory(tmp_path):
 
 
 @settings(max_examples=30, deadline=None)
-@given(arch=st.sampled_from(["relu-l1", "topk", "batchtopk"]), d=st.integers(1, 9),
-       h=st.integers(1, 30), k=st.integers(1, 5),
-       normalisation=st.sampled_from(["none", "centre", "centre-scale"]), seed=st.integers(0, 999))
+@given(
+    arch=st.sampled_from(["relu-l1", "topk", "batchtopk"]),
+    d=st.integers(1, 9),
+    h=st.integers(1, 30),
+    k=st.integers(1, 5),
+    normalisation=st.sampled_from(["none", "centre", "centre-scale"]),
+    seed=st.integers(0, 999),
+)
 def test_every_route_round_trips_any_config(arch, d, h, k, normalisation, seed):
     """Native save/load is exact for any shape; the SAELens export encodes and decodes the same
     (normalisation folded); relu-l1 also survives the MammoSAE layout."""
-    sae = SparseAutoencoder(SAEConfig(architecture=arch, d=d, h=h, k=min(k, h),
-                                      normalisation=normalisation), seed=seed)
+    sae = SparseAutoencoder(
+        SAEConfig(architecture=arch, d=d, h=h, k=min(k, h), normalisation=normalisation), seed=seed
+    )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.2, generator=gen)
         sae.threshold.fill_(0.01)
         if normalisation != "none":
-            sae.set_normalisation(torch.randn(d, generator=gen), 0.5 + float(torch.rand(1, generator=gen)))
+            sae.set_normalisation(
+                torch.randn(d, generator=gen), 0.5 + float(torch.rand(1, generator=gen))
+            )
     sae.eval()
     x = torch.randn(7, d, generator=gen)
     z, x_hat = sae(x)[:2]

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import need_shared
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import need_shared
 from mammo_sae.errors import MammoSaeError
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
 
@@ -27,11 +27,16 @@ def _one_thread():
 
 def _sae(arch: str = "relu-l1", d: int = 8, h: int = 24, **kw) -> SparseAutoencoder:
     sae = SparseAutoencoder(SAEConfig(architecture=arch, d=d, h=h, k=3, **kw), seed=0).double()
-    with torch.no_grad():   # a non-zero tied bias and a larger encoder so latents fire
+    with torch.no_grad():  # a non-zero tied bias and a larger encoder so latents fire
         sae.b_dec.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
-        sae.W_enc.copy_(sae.W_dec.t() + 0.05 * torch.randn(sae.h, sae.d, dtype=torch.float64,
-                                                             generator=torch.Generator().manual_seed(2)))
-    sae.normalise_decoder_()   # exactly unit columns in float64
+        sae.W_enc.copy_(
+            sae.W_dec.t()
+            + 0.05
+            * torch.randn(
+                sae.h, sae.d, dtype=torch.float64, generator=torch.Generator().manual_seed(2)
+            )
+        )
+    sae.normalise_decoder_()  # exactly unit columns in float64
     return sae
 
 
@@ -54,14 +59,21 @@ def test_fused_relu_l1_matches_autograd_of_the_reference_math():
 
 
 @settings(max_examples=50, deadline=None)
-@given(d=st.integers(1, 12), h=st.integers(1, 40), n=st.integers(1, 40),
-       l1=st.floats(0.0, 1.0, allow_subnormal=False), convention=st.sampled_from(["reference", "sum"]),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    d=st.integers(1, 12),
+    h=st.integers(1, 40),
+    n=st.integers(1, 40),
+    l1=st.floats(0.0, 1.0, allow_subnormal=False),
+    convention=st.sampled_from(["reference", "sum"]),
+    seed=st.integers(0, 2**16),
+)
 def test_fused_relu_l1_equals_autograd_for_any_shape(d, h, n, l1, convention, seed):
     """The hand-written backward against autograd of the loss as written in the docs, for any
     shape (single item, single latent, d = 1) and either λ convention; firing counts too."""
     gen = torch.Generator().manual_seed(seed)
-    sae = SparseAutoencoder(SAEConfig(d=d, h=h, l1_coeff=l1, l1_convention=convention), seed=seed).double()
+    sae = SparseAutoencoder(
+        SAEConfig(d=d, h=h, l1_coeff=l1, l1_convention=convention), seed=seed
+    ).double()
     with torch.no_grad():
         sae.b_dec.normal_(0, 0.1, generator=gen)
         sae.b_enc.normal_(0, 0.1, generator=gen)
@@ -99,7 +111,7 @@ def test_bf16_relu_l1_path_tracks_the_fp32_gradients():
         assert all(g.dtype == torch.float32 for g in grads[name].values())
     for n, g32 in grads["fp32"].items():
         rel = float((grads["bf16"][n] - g32).norm() / g32.norm())
-        assert rel < 1e-2, (n, rel)   # measured 0.1–0.3 %; a dropped bias gives 4 %
+        assert rel < 1e-2, (n, rel)  # measured 0.1–0.3 %; a dropped bias gives 4 %
     assert float(outs["bf16"].total) == pytest.approx(float(outs["fp32"].total), rel=1e-2)
     fired32, fired16 = outs["fp32"].fired_h, outs["bf16"].fired_h
     assert fired16.dtype == torch.int64
@@ -120,7 +132,9 @@ def test_parallel_gradient_removal_is_the_gradient_on_the_sphere():
     loss = ((x - (z @ W_dec.t() + sae.b_dec.detach())).square().mean(1) + 0.01 * z.sum(1)).mean()
     loss.backward()
     assert torch.allclose(projected, V.grad, rtol=1e-9, atol=1e-12)
-    assert torch.allclose((projected * sae.W_dec).sum(0), torch.zeros(sae.h, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        (projected * sae.W_dec).sum(0), torch.zeros(sae.h, dtype=torch.float64), atol=1e-12
+    )
 
 
 def test_unit_norm_columns_after_optimiser_steps():
@@ -228,9 +242,15 @@ def test_mammosae_fixture_parity():
 
 
 @settings(max_examples=40, deadline=None)
-@given(d=st.integers(1, 12), h=st.integers(2, 40), n=st.integers(1, 30), k=st.integers(1, 8),
-       arch=st.sampled_from(["topk", "batchtopk"]), with_dead=st.booleans(),
-       seed=st.integers(0, 2 ** 16))
+@given(
+    d=st.integers(1, 12),
+    h=st.integers(2, 40),
+    n=st.integers(1, 30),
+    k=st.integers(1, 8),
+    arch=st.sampled_from(["topk", "batchtopk"]),
+    with_dead=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_sparse_topk_step_equals_the_dense_step(d, h, n, k, arch, with_dead, seed):
     """The CPU fast path (sparse decoder, gathered pre-activations, scatter backward) against the
     dense path: same loss parts, firing counts, BatchTopK threshold and every gradient, to fp32
@@ -249,19 +269,27 @@ def test_sparse_topk_step_equals_the_dense_step(d, h, n, k, arch, with_dead, see
         sae.zero_grad()
         sae.threshold.zero_()
         sae.sparse = sparse
-        if sparse:   # the fast path must not form the dense decode
+        if sparse:  # the fast path must not form the dense decode
             sae.decode_normalised = _no_dense_decode
         try:
             out = sae.loss(x, dead_h)
             out.total.backward()
         finally:
             sae.__dict__.pop("decode_normalised", None)
-        runs[sparse] = (out, {name: p.grad.clone() for name, p in sae.named_parameters()},
-                        sae.threshold.clone())
+        runs[sparse] = (
+            out,
+            {name: p.grad.clone() for name, p in sae.named_parameters()},
+            sae.threshold.clone(),
+        )
     (dense, g_dense, t_dense), (fast, g_fast, t_fast) = runs[False], runs[True]
     for part in ("total", "recon", "aux", "sq_err", "l0"):
-        torch.testing.assert_close(getattr(fast, part).detach(), getattr(dense, part).detach(),
-                                   rtol=1e-5, atol=1e-6, msg=part)
+        torch.testing.assert_close(
+            getattr(fast, part).detach(),
+            getattr(dense, part).detach(),
+            rtol=1e-5,
+            atol=1e-6,
+            msg=part,
+        )
     assert torch.equal(fast.fired_h, dense.fired_h)
     torch.testing.assert_close(t_fast, t_dense)
     for name, g in g_dense.items():

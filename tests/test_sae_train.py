@@ -31,9 +31,20 @@ def _data(n: int = 1000, d: int = 16, seed: int = 0) -> torch.Tensor:
 
 
 def _cfg(out: Path, **kw) -> TrainConfig:
-    base = dict(out=out, expansion=4, batch_size=96, epochs=6, lr=3e-3, l1_coeff=1e-3, progress=False,
-                measure_matmul=False, eval_patches=512, log_every=4, resample_every=2,
-                dead_window_patches=400)
+    base = dict(
+        out=out,
+        expansion=4,
+        batch_size=96,
+        epochs=6,
+        lr=3e-3,
+        l1_coeff=1e-3,
+        progress=False,
+        measure_matmul=False,
+        eval_patches=512,
+        log_every=4,
+        resample_every=2,
+        dead_window_patches=400,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -47,7 +58,11 @@ def test_resume_is_bit_identical(tmp_path, arch, stop):
     """Interrupted (mid-epoch, or right after a resampling epoch) + resumed == uninterrupted."""
     # 11 batches per epoch, the last one partial. For relu-l1 a large common offset with tied
     # init leaves some latents dead from the start, so the resampling after epoch 1 has work.
-    x = _data() if arch != "relu-l1" else 3 + 0.3 * torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
+    x = (
+        _data()
+        if arch != "relu-l1"
+        else 3 + 0.3 * torch.randn(1000, 16, generator=torch.Generator().manual_seed(0))
+    )
     kw = dict(architecture=arch, k=4, checkpoint_every=5, init="tied")
     full = train_sae(_cfg(tmp_path / "full", **kw), TensorSource(x))
     train_sae(_cfg(tmp_path / "part", max_steps=stop, **kw), TensorSource(x))
@@ -73,12 +88,12 @@ def test_resume_refuses_changed_settings_and_corrupt_state(tmp_path):
     with pytest.raises(CheckpointError, match="is a training state"):
         load_sae(tmp_path / "r" / STATE_FILE)
     train_sae(_cfg(tmp_path / "s", max_steps=3), TensorSource(x, manifest_sha256="a" * 64))
-    with pytest.raises(MammoSaeError, match="other training data"):   # e.g. another --store
+    with pytest.raises(MammoSaeError, match="other training data"):  # e.g. another --store
         train_sae(_cfg(tmp_path / "s", resume=True), TensorSource(x, manifest_sha256="b" * 64))
     (tmp_path / "r" / STATE_FILE).write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="corrupt") as err:
         train_sae(_cfg(tmp_path / "r", resume=True), TensorSource(x))
-    assert "weights_only=False" not in str(err.value)   # never advise unpickling untrusted code
+    assert "weights_only=False" not in str(err.value)  # never advise unpickling untrusted code
     with pytest.raises(CheckpointError, match="no training state"):
         train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
 
@@ -89,27 +104,27 @@ def test_rerunning_the_same_command_resumes_and_other_settings_are_refused(tmp_p
     discards it; --resume insists on a state."""
     x = _data(300)
     full = train_sae(_cfg(tmp_path / "full"), TensorSource(x))
-    train_sae(_cfg(tmp_path / "r", max_steps=3), TensorSource(x))        # "crashed" at step 3
+    train_sae(_cfg(tmp_path / "r", max_steps=3), TensorSource(x))  # "crashed" at step 3
     with pytest.raises(MammoSaeError, match=r"other settings|different settings") as err:
         train_sae(_cfg(tmp_path / "r", lr=1e-2, l1_coeff=2e-3), TensorSource(x))
     assert "lr: 0.003 → 0.01" in str(err.value) and "l1_coeff: 0.001 → 0.002" in str(err.value)
     assert "--overwrite" in str(err.value)
-    resumed = train_sae(_cfg(tmp_path / "r"), TensorSource(x))           # the same command again
+    resumed = train_sae(_cfg(tmp_path / "r"), TensorSource(x))  # the same command again
     a, b = _weights(full), _weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    train_sae(_cfg(tmp_path / "r"), TensorSource(x))                     # finished: a no-op rerun
+    train_sae(_cfg(tmp_path / "r"), TensorSource(x))  # finished: a no-op rerun
     assert _weights(tmp_path / "r").keys() == a.keys()
     assert all(torch.equal(a[k], v) for k, v in _weights(tmp_path / "r").items())
     train_sae(_cfg(tmp_path / "r", lr=1e-2, overwrite=True), TensorSource(x))
     meta = json.loads((tmp_path / "r" / "cfg.json").read_text())
     assert meta["training"]["config"]["lr"] == 1e-2 and meta["training"]["steps"] == 6 * 4
     log = [json.loads(line) for line in (tmp_path / "r" / LOG_FILE).read_text().splitlines()]
-    assert log[0]["step"] == 4 and len(log) == 6                       # only the new run's lines
+    assert log[0]["step"] == 4 and len(log) == 6  # only the new run's lines
     with pytest.raises(MammoSaeError, match="contradict"):
         train_sae(_cfg(tmp_path / "r", resume=True, overwrite=True), TensorSource(x))
     with pytest.raises(CheckpointError, match="no training state"):
         train_sae(_cfg(tmp_path / "fresh", resume=True), TensorSource(x))
-    assert train_sae(_cfg(tmp_path / "fresh2"), TensorSource(x)).is_dir()   # no state: fresh
+    assert train_sae(_cfg(tmp_path / "fresh2"), TensorSource(x)).is_dir()  # no state: fresh
 
 
 def test_constant_training_data_is_refused(tmp_path):
@@ -152,7 +167,10 @@ def test_resampling_resets_dead_latents_like_the_reference(tmp_path):
     assert torch.equal(sae.b_enc[dead], torch.zeros(3))
     for p, idx in ((sae.W_enc, dead), (sae.b_enc, dead)):
         st = tr.opt.state[p]
-        assert float(st["exp_avg"][idx].abs().sum()) == 0 and float(st["exp_avg_sq"][idx].abs().sum()) == 0
+        assert (
+            float(st["exp_avg"][idx].abs().sum()) == 0
+            and float(st["exp_avg_sq"][idx].abs().sum()) == 0
+        )
     st = tr.opt.state[sae.W_dec]
     assert float(st["exp_avg_sq"][:, dead].abs().sum()) == 0
     assert float(st["exp_avg_sq"][:, alive].abs().sum()) > 0
@@ -177,10 +195,25 @@ def test_recovers_a_planted_sparse_dictionary(tmp_path, arch, lam):
     decoder at init scores ≈ 0.6. Threshold 0.95.
     """
     x, atoms_dm = _sparse_dictionary(seed=0)
-    out = train_sae(TrainConfig(out=tmp_path / "r", architecture=arch, expansion=4, k=3, l1_coeff=lam,
-                                batch_size=256, epochs=8, lr=3e-3, seed=0, progress=False,
-                                measure_matmul=False, resample_every=2, eval_patches=4096,
-                                dead_window_patches=20000), TensorSource(x))
+    out = train_sae(
+        TrainConfig(
+            out=tmp_path / "r",
+            architecture=arch,
+            expansion=4,
+            k=3,
+            l1_coeff=lam,
+            batch_size=256,
+            epochs=8,
+            lr=3e-3,
+            seed=0,
+            progress=False,
+            measure_matmul=False,
+            resample_every=2,
+            eval_patches=4096,
+            dead_window_patches=20000,
+        ),
+        TensorSource(x),
+    )
     sae = load_sae(out)
     best = lambda W: (atoms_dm.t() @ (W / W.norm(dim=0))).max(dim=1).values.mean()  # noqa: E731
     init = train_sae.__globals__["SparseAutoencoder"](sae.cfg, seed=0).W_dec.detach()
@@ -194,30 +227,68 @@ def _tiny_store(path: Path, d: int = 16, n_images: int = 12, per_image: int = 50
     from mammo_sae.activations.store import write_store
 
     rng = np.random.default_rng(0)
-    acts = [np.maximum(rng.normal(size=(per_image, d)), 0).astype(np.float32) + 0.1 for _ in range(n_images)]
+    acts = [
+        np.maximum(rng.normal(size=(per_image, d)), 0).astype(np.float32) + 0.1
+        for _ in range(n_images)
+    ]
     return write_store(path, acts, grids=[(5, 10)] * n_images, shard_images=5)
 
 
 def test_cli_trains_from_a_store_and_logs(tmp_path):
     store = _tiny_store(tmp_path / "store")
-    args = ["sae", "train", "--store", str(tmp_path / "store"), "--out", str(tmp_path / "run"),
-            "--expansion", "2", "--batch-size", "64", "--epochs", "3", "--log-every", "3",
-            "--no-progress", "--eval-patches", "256", "--lr", "1e-3", "--checkpoint-every", "4"]
+    args = [
+        "sae",
+        "train",
+        "--store",
+        str(tmp_path / "store"),
+        "--out",
+        str(tmp_path / "run"),
+        "--expansion",
+        "2",
+        "--batch-size",
+        "64",
+        "--epochs",
+        "3",
+        "--log-every",
+        "3",
+        "--no-progress",
+        "--eval-patches",
+        "256",
+        "--lr",
+        "1e-3",
+        "--checkpoint-every",
+        "4",
+    ]
     assert main(args + ["--max-steps", "7"]) == 0
     assert main(args + ["--resume"]) == 0
     meta = json.loads((tmp_path / "run" / "cfg.json").read_text())
     assert meta["source_store_manifest_sha256"] == store.manifest_sha256
     assert meta["training"]["steps"] == 3 * 10 and meta["training"]["complete"]
-    logs = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
-    for key in ("loss", "recon", "sparsity", "mse", "fvu", "l0", "dead_fraction", "dense_fraction",
-                "patches_per_s", "mfu"):
+    logs = [
+        json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    ]
+    for key in (
+        "loss",
+        "recon",
+        "sparsity",
+        "mse",
+        "fvu",
+        "l0",
+        "dead_fraction",
+        "dense_fraction",
+        "patches_per_s",
+        "mfu",
+    ):
         assert key in logs[-1], key
     assert logs[-1]["fvu"] < 1.5 and logs[-1]["patches_per_s"] > 0
     # Uninterrupted run from the store gives the same weights (the store's stream resumes exactly).
     assert main(args[:5] + [str(tmp_path / "run2")] + args[6:]) == 0
     a, b = _weights(tmp_path / "run"), _weights(tmp_path / "run2")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert main(["sae", "train", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "x")]) == 2
+    assert (
+        main(["sae", "train", "--store", str(tmp_path / "nostore"), "--out", str(tmp_path / "x")])
+        == 2
+    )
 
 
 def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
@@ -226,14 +297,37 @@ def test_the_next_run_removes_temporaries_a_killed_writer_left(tmp_path):
     _tiny_store(tmp_path / "store")
     run = tmp_path / "run"
     (run / "keep").mkdir(parents=True)
-    orphans = [run / ".train_state.pt.k3j_4h5g.tmp", run / ".cfg.json.abcd1234.tmp",
-               run / "keep" / ".x.npy.0a1b2c3d.tmp"]
+    orphans = [
+        run / ".train_state.pt.k3j_4h5g.tmp",
+        run / ".cfg.json.abcd1234.tmp",
+        run / "keep" / ".x.npy.0a1b2c3d.tmp",
+    ]
     kept = [run / "notes.tmp", run / ".x.tmp", run / "train_state.pt.tmp", run / "keep" / "a.tmp"]
     for path in orphans + kept:
         path.write_bytes(b"\0" * 1000)
-    assert main(["sae", "train", "--store", str(tmp_path / "store"), "--out", str(run),
-                 "--expansion", "2", "--batch-size", "64", "--epochs", "1", "--no-progress",
-                 "--eval-patches", "64", "--no-measure-matmul"]) == 0
+    assert (
+        main(
+            [
+                "sae",
+                "train",
+                "--store",
+                str(tmp_path / "store"),
+                "--out",
+                str(run),
+                "--expansion",
+                "2",
+                "--batch-size",
+                "64",
+                "--epochs",
+                "1",
+                "--no-progress",
+                "--eval-patches",
+                "64",
+                "--no-measure-matmul",
+            ]
+        )
+        == 0
+    )
     assert [p for p in orphans if p.exists()] == []
     assert [p for p in kept if not p.exists()] == []
 
@@ -246,8 +340,13 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, out: str, n: int) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     import torch.distributed as dist
 
@@ -264,10 +363,15 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
 
     n = 1001
     single = train_sae(_cfg(tmp_path / "single", epochs=3), TensorSource(_data(n)))
-    for attempt in range(3):   # the free port can be taken between finding and binding it
+    for attempt in range(3):  # the free port can be taken between finding and binding it
         try:
-            mp.start_processes(_ddp_worker, args=(2, _free_port(), str(tmp_path / f"ddp{attempt}"), n),
-                               nprocs=2, start_method="spawn", join=True)
+            mp.start_processes(
+                _ddp_worker,
+                args=(2, _free_port(), str(tmp_path / f"ddp{attempt}"), n),
+                nprocs=2,
+                start_method="spawn",
+                join=True,
+            )
             break
         except mp.ProcessRaisedException as exc:
             if "address already in use" not in str(exc).lower() or attempt == 2:
@@ -336,10 +440,23 @@ def test_cpu_bf16_training_keeps_fvu_and_l0_within_half_a_percent(tmp_path, monk
     x = codes @ atoms.t() + 0.05 * torch.randn(8192, 64, generator=g)
     metrics = {}
     for bf16 in (False, True):
-        out = train_sae(TrainConfig(out=tmp_path / str(bf16), bf16=bf16, expansion=8, l1_coeff=3e-3,
-                                    batch_size=512, epochs=10, lr=1e-3, seed=0, progress=False,
-                                    measure_matmul=False, eval_patches=8192, resample_every=0),
-                        TensorSource(x))
+        out = train_sae(
+            TrainConfig(
+                out=tmp_path / str(bf16),
+                bf16=bf16,
+                expansion=8,
+                l1_coeff=3e-3,
+                batch_size=512,
+                epochs=10,
+                lr=1e-3,
+                seed=0,
+                progress=False,
+                measure_matmul=False,
+                eval_patches=8192,
+                resample_every=0,
+            ),
+            TensorSource(x),
+        )
         meta = json.loads((out / "cfg.json").read_text())
         dtype = "bfloat16" if bf16 else "float32"
         assert meta["training"]["matmul_dtype"] == dtype

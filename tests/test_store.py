@@ -37,17 +37,30 @@ def _indexed_acts(n_images: int, d: int, seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[ActivationStore, list[np.ndarray]]]:
+def stores(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, tuple[ActivationStore, list[np.ndarray]]]:
     root = tmp_path_factory.mktemp("stores")
     acts = _indexed_acts(23, 8)
-    records = [ImageRecord(image_id=f"im{i}", patient_id=f"pt{i // 2}", split="training",
-                           path=None, labels={"Mass": i % 2},
-                           boxes=(Box("Mass", 1.0, 2.0, 3.5, 4.0),) if i % 2 else ())
-               for i in range(23)]
+    records = [
+        ImageRecord(
+            image_id=f"im{i}",
+            patient_id=f"pt{i // 2}",
+            split="training",
+            path=None,
+            labels={"Mass": i % 2},
+            boxes=(Box("Mass", 1.0, 2.0, 3.5, 4.0),) if i % 2 else (),
+        )
+        for i in range(23)
+    ]
     out = {}
     for dtype in ("float32", "float16", "bfloat16"):
-        out[dtype] = (write_store(root / dtype, acts, grids=[GRID] * 23, records=records,
-                                  dtype=dtype, shard_images=5), acts)
+        out[dtype] = (
+            write_store(
+                root / dtype, acts, grids=[GRID] * 23, records=records, dtype=dtype, shard_images=5
+            ),
+            acts,
+        )
     return out
 
 
@@ -93,8 +106,8 @@ def test_stream_is_a_deterministic_shuffle_of_one_epoch(stores) -> None:
     assert len(a) == store.batches_per_epoch(10) == 28
     assert [len(b) for b in a] == [10] * 27 + [6] and a[0].dtype == torch.float32
     ids = _ids(a)
-    assert sorted(ids) == list(range(store.n_patches))        # each patch once
-    assert ids != list(range(store.n_patches))                # ...and shuffled
+    assert sorted(ids) == list(range(store.n_patches))  # each patch once
+    assert ids != list(range(store.n_patches))  # ...and shuffled
     assert ids == _ids(list(store.stream(10, epoch=0, **kw)))  # same args, same order
     assert ids != _ids(list(store.stream(10, epoch=1, **kw)))  # new epoch, new order
     dropped = list(store.stream(10, epoch=0, drop_last=True, **kw))
@@ -114,8 +127,10 @@ def test_stream_resumes_exactly(stores, start: int) -> None:
 
 def test_stream_ranks_are_disjoint_and_even(stores) -> None:
     store, _ = stores["float32"]
-    per_rank = [list(store.stream(16, seed=1, epoch=0, rank=r, world_size=3, buffer_patches=50))
-                for r in range(3)]
+    per_rank = [
+        list(store.stream(16, seed=1, epoch=0, rank=r, world_size=3, buffer_patches=50))
+        for r in range(3)
+    ]
     assert len({len(b) for b in per_rank}) == 1 == len({store.batches_per_epoch(16, 3)})
     ids = [set(_ids(b)) for b in per_rank]
     assert all(len(s) == store.n_patches // 3 for s in ids)
@@ -183,7 +198,7 @@ def test_stream_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
     store (reads bypass the memmap, so the page cache is not charged to the process)."""
     n, d = 96 * 1024, 128  # float32 → 48 MiB
     acts = np.random.default_rng(0).normal(size=(n, d)).astype(np.float32)
-    write_store(tmp_path / "big", [acts[i:i + 4096] for i in range(0, n, 4096)], shard_images=4)
+    write_store(tmp_path / "big", [acts[i : i + 4096] for i in range(0, n, 4096)], shard_images=4)
     del acts
     script = textwrap.dedent("""
         import sys
@@ -204,8 +219,12 @@ def test_stream_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
             seen += len(chunk[0])
         print(seen, peak_mib() - before)
     """)
-    res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big")],
-                         capture_output=True, text=True, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "big")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     seen, grown_mib = res.stdout.split()
     assert int(seen) == 2 * n
     assert float(grown_mib) < 16, f"RSS grew by {grown_mib} MiB streaming a 48 MiB store"
@@ -213,14 +232,22 @@ def test_stream_memory_is_bounded_by_the_buffer(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- properties
 
+
 @st.composite
 def _stream_case(draw: st.DrawFn) -> dict:
-    counts = draw(st.lists(st.integers(0, 7), min_size=1, max_size=12))   # 0: a skipped image
+    counts = draw(st.lists(st.integers(0, 7), min_size=1, max_size=12))  # 0: a skipped image
     world = draw(st.integers(1, 3))
-    return dict(counts=counts, shard_images=draw(st.integers(1, 5)), world=world,
-                batch=draw(st.integers(1, 9)), buffer=draw(st.integers(1, 30)),
-                block=draw(st.integers(1, 10)), seed=draw(st.integers(0, 3)),
-                drop_last=draw(st.booleans()), start=draw(st.integers(0, 12)))
+    return dict(
+        counts=counts,
+        shard_images=draw(st.integers(1, 5)),
+        world=world,
+        batch=draw(st.integers(1, 9)),
+        buffer=draw(st.integers(1, 30)),
+        block=draw(st.integers(1, 10)),
+        seed=draw(st.integers(0, 3)),
+        drop_last=draw(st.booleans()),
+        start=draw(st.integers(0, 12)),
+    )
 
 
 @settings(max_examples=60, deadline=None)
@@ -232,9 +259,16 @@ def test_stream_partitions_any_store_and_resumes_anywhere(case: dict) -> None:
     its own vector, and a stream started at any batch replays the tail exactly."""
     counts = case["counts"]
     offsets = np.concatenate([[0], np.cumsum(counts)])
-    acts = [np.stack([np.arange(offsets[i], offsets[i + 1], dtype=np.float32),
-                      np.full(counts[i], float(i), np.float32)], axis=1).reshape(counts[i], 2)
-            for i in range(len(counts))]
+    acts = [
+        np.stack(
+            [
+                np.arange(offsets[i], offsets[i + 1], dtype=np.float32),
+                np.full(counts[i], float(i), np.float32),
+            ],
+            axis=1,
+        ).reshape(counts[i], 2)
+        for i in range(len(counts))
+    ]
     if sum(counts) == 0:
         return
     with tempfile.TemporaryDirectory() as tmp:
@@ -243,11 +277,19 @@ def test_stream_partitions_any_store_and_resumes_anywhere(case: dict) -> None:
         image_of = np.repeat(np.arange(len(counts)), counts)
         seen: set[int] = set()
         for rank in range(case["world"]):
-            kw = dict(seed=case["seed"], epoch=1, rank=rank, world_size=case["world"],
-                      buffer_patches=case["buffer"], block_patches=case["block"],
-                      drop_last=case["drop_last"])
+            kw = dict(
+                seed=case["seed"],
+                epoch=1,
+                rank=rank,
+                world_size=case["world"],
+                buffer_patches=case["buffer"],
+                block_patches=case["block"],
+                drop_last=case["drop_last"],
+            )
             batches = list(store.stream(case["batch"], **kw))
-            assert len(batches) == store.batches_per_epoch(case["batch"], case["world"], case["drop_last"])
+            assert len(batches) == store.batches_per_epoch(
+                case["batch"], case["world"], case["drop_last"]
+            )
             assert all(len(b) == case["batch"] for b in batches[:-1])
             ids = _ids(batches) if batches else []
             expected = store.patches_per_rank(case["world"])
@@ -256,7 +298,7 @@ def test_stream_partitions_any_store_and_resumes_anywhere(case: dict) -> None:
             assert len(ids) == len(set(ids)) == expected
             assert not seen & set(ids)
             seen |= set(ids)
-            if batches:   # column 1 names the image: the vector travelled with its patch
+            if batches:  # column 1 names the image: the vector travelled with its patch
                 both = torch.cat(batches).numpy()
                 assert np.array_equal(both[:, 1], image_of[both[:, 0].astype(int)])
             start = min(case["start"], len(batches))
@@ -267,15 +309,24 @@ def test_stream_partitions_any_store_and_resumes_anywhere(case: dict) -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(role=st.sampled_from(["acts", "patches", "images", "pooled"]), shard=st.integers(0, 2),
-       where=st.floats(0.0, 1.0, exclude_max=True, allow_subnormal=False), bit=st.integers(0, 7))
-def test_any_flipped_bit_in_a_shard_is_caught_and_named(role: str, shard: int, where: float,
-                                                        bit: int) -> None:
+@given(
+    role=st.sampled_from(["acts", "patches", "images", "pooled"]),
+    shard=st.integers(0, 2),
+    where=st.floats(0.0, 1.0, exclude_max=True, allow_subnormal=False),
+    bit=st.integers(0, 7),
+)
+def test_any_flipped_bit_in_a_shard_is_caught_and_named(
+    role: str, shard: int, where: float, bit: int
+) -> None:
     """Header or data, any shard file or store-level table: opening or verifying the store
     fails and names the file (a silent wrong read is the failure this guards against)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = write_store(Path(tmp) / "s", _indexed_acts(7, 3), grids=[GRID] * 7, shard_images=3)
-        files = store.manifest["files"] if role in ("images", "pooled") else store.manifest["shards"][shard]["files"]
+        files = (
+            store.manifest["files"]
+            if role in ("images", "pooled")
+            else store.manifest["shards"][shard]["files"]
+        )
         rel = files[role]
         store.close()
         del store

@@ -36,10 +36,21 @@ def store_dir(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return extract(ExtractConfig(data=tiny_phantom, model="efficientnet-phantom",
-                                     out=tmp_path_factory.mktemp("spec") / "store", split="all",
-                                     image_size="128x80", dtype="bfloat16", subsample=0.5,
-                                     shard_images=2, workers=0, max_images=4), progress=False)
+        return extract(
+            ExtractConfig(
+                data=tiny_phantom,
+                model="efficientnet-phantom",
+                out=tmp_path_factory.mktemp("spec") / "store",
+                split="all",
+                image_size="128x80",
+                dtype="bfloat16",
+                subsample=0.5,
+                shard_images=2,
+                workers=0,
+                max_images=4,
+            ),
+            progress=False,
+        )
     finally:
         torch.set_num_threads(threads)
 

@@ -15,15 +15,18 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-
 from conftest import need_shared
 from fake_vindr import build_fake_vindr
 
 from mammo_sae.pipeline import PACKAGE_CONFIGS, RunConfig, load_pipeline_config, run_pipeline
 
 CONFIG = PACKAGE_CONFIGS / "vindr-mammoclip-b5.yaml"
-MODELS = ("Mass-pretrained", "Mass-finetuned", "Suspicious_Calcification-pretrained",
-          "Suspicious_Calcification-finetuned")
+MODELS = (
+    "Mass-pretrained",
+    "Mass-finetuned",
+    "Suspicious_Calcification-pretrained",
+    "Suspicious_Calcification-finetuned",
+)
 
 # Only what makes the run CPU-sized; everything else comes from the shipped file.
 SCALED_DOWN = {
@@ -31,11 +34,20 @@ SCALED_DOWN = {
     "data": {"image_size": [256, 160]},
     "models": {"eval": {"n_boot": 20}},
     "extract": {"options": {"workers": 0}},
-    "sae": {"expansion": 1, "epochs": 3, "batch_size": 256, "resample_every": 0,
-            "eval_patches": 512, "measure_matmul": False, "log_every": 1},
-    "analysis": {"intervene": {"n_boot": 20, "ks": [0, 1, 5, 10, 50, 100]},
-                 "fidelity": {"n_boot": 20},
-                 "localize": {"figure_images": 2}},
+    "sae": {
+        "expansion": 1,
+        "epochs": 3,
+        "batch_size": 256,
+        "resample_every": 0,
+        "eval_patches": 512,
+        "measure_matmul": False,
+        "log_every": 1,
+    },
+    "analysis": {
+        "intervene": {"n_boot": 20, "ks": [0, 1, 5, 10, 50, 100]},
+        "fidelity": {"n_boot": 20},
+        "localize": {"figure_images": 2},
+    },
 }
 
 
@@ -48,7 +60,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 def scaled_down_config(root: Path) -> Path:
     shipped = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
-    path = root / "vindr-mammoclip-b5.yaml"       # beside the fake: relative paths agree either way
+    path = root / "vindr-mammoclip-b5.yaml"  # beside the fake: relative paths agree either way
     path.write_text(yaml.safe_dump(_merge(shipped, SCALED_DOWN), sort_keys=False), encoding="utf-8")
     return path
 
@@ -56,12 +68,15 @@ def scaled_down_config(root: Path) -> Path:
 @pytest.fixture(scope="module")
 def paper_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     source_csv = need_shared("data", "vindr", "vindr_detection_v1_folds.csv")
-    fixture = need_shared("fixtures", "reference",
-                          "upmc_breast_clip_det_b2_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth")
+    fixture = need_shared(
+        "fixtures",
+        "reference",
+        "upmc_breast_clip_det_b2_period_n_ft_seed_10_fold0_best_aucroc_ver084.pth",
+    )
     root = build_fake_vindr(tmp_path_factory.mktemp("paper_fake"), source_csv, fixture)
     config = scaled_down_config(root)
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)                            # the config's paths are relative to the cwd
+        mp.chdir(root)  # the config's paths are relative to the cwd
         return run_pipeline(RunConfig(config=config, out=root / "run", progress=False))
 
 
@@ -69,14 +84,36 @@ def test_shipped_config_is_the_paper_setup() -> None:
     cfg = load_pipeline_config(CONFIG)
     assert (cfg.data.kind, cfg.models.kind, cfg.data.level) == ("folds", "checkpoints", "image")
     assert cfg.extract.sae_source == "Suspicious_Calcification/finetuned"
-    assert (cfg.extract.sae_split, cfg.extract.eval_split, cfg.extract.sae_subsample) == ("training", "test", 0.25)
+    assert (cfg.extract.sae_split, cfg.extract.eval_split, cfg.extract.sae_subsample) == (
+        "training",
+        "test",
+        0.25,
+    )
     assert cfg.extract.options.get("augment") is False
-    assert {k: cfg.sae[k] for k in ("architecture", "expansion", "l1_coeff", "l1_convention",
-                                    "batch_size", "epochs", "lr")} == {
-        "architecture": "relu-l1", "expansion": 8, "l1_coeff": 3e-5, "l1_convention": "reference",
-        "batch_size": 4096, "epochs": 200, "lr": 3e-4}
+    assert {
+        k: cfg.sae[k]
+        for k in (
+            "architecture",
+            "expansion",
+            "l1_coeff",
+            "l1_convention",
+            "batch_size",
+            "epochs",
+            "lr",
+        )
+    } == {
+        "architecture": "relu-l1",
+        "expansion": 8,
+        "l1_coeff": 3e-5,
+        "l1_convention": "reference",
+        "batch_size": 4096,
+        "epochs": 200,
+        "lr": 3e-4,
+    }
     paths = [p for variants in cfg.models.checkpoints.values() for p in variants.values()]
-    assert len(set(paths)) == 4 and all(p.startswith("checkpoints/Downstream_evalualtion_b5_fold0/") for p in paths)
+    assert len(set(paths)) == 4 and all(
+        p.startswith("checkpoints/Downstream_evalualtion_b5_fold0/") for p in paths
+    )
 
 
 @pytest.mark.slow
@@ -124,7 +161,9 @@ def test_interventions_rankings_localisation_and_report(paper_run: Path) -> None
     for concept in ("Mass", "Suspicious_Calcification"):
         assert any((analysis / "separation" / concept).iterdir()), concept
     index = paper_run / "report" / "index.html"
-    assert index.is_file() and "Suspicious_Calcification-finetuned" in index.read_text(encoding="utf-8")
+    assert index.is_file() and "Suspicious_Calcification-finetuned" in index.read_text(
+        encoding="utf-8"
+    )
 
 
 def _fidelity_rows(run: Path) -> dict[str, dict]:
@@ -134,7 +173,9 @@ def _fidelity_rows(run: Path) -> dict[str, dict]:
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_a_damaged_store_is_rebuilt_on_the_next_run(paper_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_damaged_store_is_rebuilt_on_the_next_run(
+    paper_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """(Runs last: it changes the run.) A store shard cut short after the run: the next run sees
     the extract stage's output changed, finds the store's checksums broken, extracts it again and
     carries on; a plain rerun after that does nothing."""

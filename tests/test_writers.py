@@ -58,13 +58,40 @@ def _commands(out: Path) -> dict[str, list[str]]:
         # (A dry run writes nothing and takes no lock: the cheapest stage stands in.)
         "run": ["run", str(PACKAGE_CONFIGS / "phantom.yaml"), "--out", str(out), "--only", "data"],
         "sae train": ["sae", "train", "--store", "no-store", "--out", str(out)],
-        "extract": ["extract", "--data", "no-data", "--model", "efficientnet-phantom",
-                    "--out", str(out)],
-        "classifier train": ["classifier", "train", "--data", "no-data", "--concept", "Mass",
-                             "--init", "efficientnet-phantom", "--out", str(out)],
+        "extract": [
+            "extract",
+            "--data",
+            "no-data",
+            "--model",
+            "efficientnet-phantom",
+            "--out",
+            str(out),
+        ],
+        "classifier train": [
+            "classifier",
+            "train",
+            "--data",
+            "no-data",
+            "--concept",
+            "Mass",
+            "--init",
+            "efficientnet-phantom",
+            "--out",
+            str(out),
+        ],
         "classifier pretrain": ["classifier", "pretrain", "--data", "no-data", "--out", str(out)],
-        "phantom": ["phantom", "--out", str(out), "--n-images", "4", "--height", "64",
-                    "--width", "64", "--no-progress"],
+        "phantom": [
+            "phantom",
+            "--out",
+            str(out),
+            "--n-images",
+            "4",
+            "--height",
+            "64",
+            "--width",
+            "64",
+            "--no-progress",
+        ],
     }
 
 
@@ -75,7 +102,7 @@ def test_a_second_writer_of_a_directory_exits_2_at_once(tmp_path, holder, capsys
     assert main(_commands(out)[command]) == 2
     err = capsys.readouterr().err
     assert f"{out} is being written by process {proc.pid} since " in err, err
-    assert [p.name for p in out.iterdir()] == [LOCK_NAME]          # nothing else written
+    assert [p.name for p in out.iterdir()] == [LOCK_NAME]  # nothing else written
     # Inside a folder another process writes: refused too (e.g. RUN/sae while `run` writes RUN).
     assert main(_commands(out / "sub")[command]) == 2
     assert f"{out} is being written by process {proc.pid}" in capsys.readouterr().err
@@ -95,7 +122,7 @@ def test_nested_use_in_one_process_does_not_deadlock(tmp_path) -> None:
     with writer_lock(tmp_path / "run"):
         with writer_lock(tmp_path / "run"), writer_lock(tmp_path / "run" / "sae"):
             pass
-        with writer_lock(tmp_path / "run" / "sae"):   # released and taken again
+        with writer_lock(tmp_path / "run" / "sae"):  # released and taken again
             pass
 
 
@@ -149,8 +176,10 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     os.chdir(root)
     try:
         for stage in DONE:
-            assert main(["run", "tiny.yaml", "--out", "runs/tiny", "--only", stage,
-                         "--no-progress"]) == 0
+            assert (
+                main(["run", "tiny.yaml", "--out", "runs/tiny", "--only", stage, "--no-progress"])
+                == 0
+            )
     finally:
         os.chdir(cwd)
     return config, root / "runs" / "tiny"
@@ -164,8 +193,10 @@ def _plan(capsys) -> dict[str, str]:
 def test_a_run_records_paths_relative_to_itself(tiny_run) -> None:
     _, run = tiny_run
     models = json.loads((run / "models" / "models.json").read_text())["models"]
-    assert [m["classifier"] for m in models] == ["models/Mass-pretrained/model",
-                                                 "models/Mass-finetuned/model"]
+    assert [m["classifier"] for m in models] == [
+        "models/Mass-pretrained/model",
+        "models/Mass-finetuned/model",
+    ]
     stores = json.loads((run / "stores" / "stores.json").read_text())["stores"]
     assert {s["out"] for s in stores} >= {"stores/sae-train", "stores/pretrained-test"}
     assert json.loads((run / "stages" / "sae.json").read_text())["outputs"] == {"sae": "sae"}
@@ -179,12 +210,13 @@ def test_a_run_records_paths_relative_to_itself(tiny_run) -> None:
 
 
 @pytest.mark.parametrize("move", [False, True])
-def test_a_run_is_used_from_another_directory_and_after_moving(tiny_run, tmp_path, monkeypatch,
-                                                                capsys, move) -> None:
+def test_a_run_is_used_from_another_directory_and_after_moving(
+    tiny_run, tmp_path, monkeypatch, capsys, move
+) -> None:
     """From another working directory, and after the run directory moved: nothing reruns, and a
     stage that reads models.json (intervene loads the classifiers) runs again fine."""
     config, run = tiny_run
-    if move:   # (of a copy: the module's run stays for the other tests)
+    if move:  # (of a copy: the module's run stays for the other tests)
         first = Path(shutil.copytree(run, tmp_path / "first"))
         (tmp_path / "elsewhere").mkdir()
         run = first.rename(tmp_path / "elsewhere" / "renamed")
@@ -193,14 +225,16 @@ def test_a_run_is_used_from_another_directory_and_after_moving(tiny_run, tmp_pat
     assert main(["run", str(config), "--out", str(run), "--dry-run"]) == 0
     plan = _plan(capsys)
     assert [plan[s] for s in DONE] == ["skip"] * len(DONE), plan
-    assert main(["run", str(config), "--out", str(run), "--only", "intervene",
-                 "--no-progress"]) == 0
+    assert (
+        main(["run", str(config), "--out", str(run), "--only", "intervene", "--no-progress"]) == 0
+    )
     assert (run / "analysis" / "intervene" / "Mass-finetuned").is_dir()
     from mammo_sae.activations.store import ActivationStore
 
     store = ActivationStore(run / "stores" / "pretrained-test")
-    assert all(r.path.is_file() and run.resolve() in r.path.resolve().parents
-               for r in store.records())   # the images of the run's own data, where it is now
+    assert all(
+        r.path.is_file() and run.resolve() in r.path.resolve().parents for r in store.records()
+    )  # the images of the run's own data, where it is now
 
 
 def test_a_models_json_from_before_relocation_is_still_read(tiny_run, tmp_path, capsys) -> None:
@@ -215,6 +249,8 @@ def test_a_models_json_from_before_relocation_is_still_read(tiny_run, tmp_path, 
         m["classifier"] = "runs/tiny/" + m["classifier"]
     path.write_text(json.dumps(data))
     models = Pipeline(load_pipeline_config(config), copy, progress=False).models()
-    assert [Path(m.classifier) for m in models] == [copy / "models" / "Mass-pretrained" / "model",
-                                                     copy / "models" / "Mass-finetuned" / "model"]
+    assert [Path(m.classifier) for m in models] == [
+        copy / "models" / "Mass-pretrained" / "model",
+        copy / "models" / "Mass-finetuned" / "model",
+    ]
     assert "from before run directories were relocatable" in capsys.readouterr().out

@@ -13,7 +13,8 @@ import dataclasses
 import importlib
 import inspect
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from . import __version__
 from .config import add_dataclass_args, from_namespace
@@ -38,7 +39,7 @@ COMMAND_MODULES = (
 
 
 def add_command(
-    sub: "argparse._SubParsersAction[argparse.ArgumentParser]",
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     cfg_cls: type,
     run: Callable[[Any], Any],
@@ -48,23 +49,32 @@ def add_command(
 ) -> argparse.ArgumentParser:
     """Declare a subcommand whose options are the fields of `cfg_cls`."""
     doc = (cfg_cls.__doc__ or "").strip()
-    p = sub.add_parser(name, help=help, description=f"{help}\n\n{doc}" if doc else help,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        name,
+        help=help,
+        description=f"{help}\n\n{doc}" if doc else help,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_dataclass_args(p, cfg_cls, positional=positional)
     has_field = "progress" in {f.name for f in dataclasses.fields(cfg_cls)}
     if not has_field and "progress" in inspect.signature(run).parameters:
         # Commands whose config has no `progress` field (it would change a store's identity)
         # still take --no-progress, passed to the run function.
-        p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show progress bars (default: True)")
+        p.add_argument(
+            "--progress",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help="show progress bars (default: True)",
+        )
         p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns), progress=ns.progress))
     else:
         p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns)))
     return p
 
 
-def add_group(sub: "argparse._SubParsersAction[argparse.ArgumentParser]", name: str, help: str
-              ) -> "argparse._SubParsersAction[argparse.ArgumentParser]":
+def add_group(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
     """A command with its own subcommands (`mammo-sae sae train`, `mammo-sae data summary`)."""
     p = sub.add_parser(name, help=help, description=help)
     inner = p.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True)
@@ -99,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept (see this command's --help for how to resume)",
-              file=sys.stderr)
+        print(
+            "interrupted; finished work is kept (see this command's --help for how to resume)",
+            file=sys.stderr,
+        )
         return 130
     return int(result) if isinstance(result, int) else 0
 

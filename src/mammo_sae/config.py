@@ -35,7 +35,7 @@ def _escape(value: Any) -> str:
     return str(value).replace("%", "%%")
 
 
-BOUNDS = ("min", "gt", "max", "lt")   # opt(..., min=1): inclusive; gt/lt: exclusive
+BOUNDS = ("min", "gt", "max", "lt")  # opt(..., min=1): inclusive; gt/lt: exclusive
 
 
 def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
@@ -47,7 +47,9 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     at its default, so older runs keep their keys)."""
     if isinstance(default, (list, dict)):
         value = default
-        return dataclasses.field(default_factory=lambda: type(value)(value), metadata={"help": help, **kw})
+        return dataclasses.field(
+            default_factory=lambda: type(value)(value), metadata={"help": help, **kw}
+        )
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
@@ -92,7 +94,9 @@ def _converter(tp: Any) -> tuple[Any, dict[str, Any]]:
     return (lambda s: _parse_scalar(tp, s)), {}
 
 
-def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional: tuple[str, ...] = ()) -> None:
+def add_dataclass_args(
+    parser: argparse.ArgumentParser, cls: type, *, positional: tuple[str, ...] = ()
+) -> None:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("cli") is False:
@@ -100,37 +104,64 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls: type, *, positional
         tp, optional = _unwrap_optional(hints[f.name])
         # argparse %-formats help strings; a literal "95%" must not break --help.
         help_text = f.metadata.get("help", "").replace("%", "%%")
-        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        has_default = (
+            f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        )
+        default = (
+            f.default
+            if f.default is not dataclasses.MISSING
+            else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        )
         if f.name in positional:
             conv, extra = _converter(tp)
             parser.add_argument(f.name, type=conv, help=help_text, **extra)
             continue
         flag = "--" + f.name.replace("_", "-")
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=default, help=f"{help_text} (default: {_escape(default)})")
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=default,
+                help=f"{help_text} (default: {_escape(default)})",
+            )
             continue
         conv, extra = _converter(tp)
-        shown = _escape(",".join(map(str, default)) if isinstance(default, (list, tuple)) else default)
+        shown = _escape(
+            ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        )
         # Help that already describes its default (e.g. "default: summaries/ inside the SAE directory") gets no second one.
         says_default = "default" in help_text.lower()
-        parser.add_argument(flag, dest=f.name, type=conv, default=default,
-                            required=not has_default,
-                            help=f"{help_text} (default: {shown})" if has_default and not says_default else help_text,
-                            **extra)
+        parser.add_argument(
+            flag,
+            dest=f.name,
+            type=conv,
+            default=default,
+            required=not has_default,
+            help=f"{help_text} (default: {shown})"
+            if has_default and not says_default
+            else help_text,
+            **extra,
+        )
 
 
 def bound_problem(metadata: Any, value: Any) -> str | None:
     """Why `value` breaks the field's bounds (None if it does not, or has none)."""
-    if not any(b in metadata for b in BOUNDS) or value is None or isinstance(value, bool) \
-            or not isinstance(value, (int, float)):
+    if (
+        not any(b in metadata for b in BOUNDS)
+        or value is None
+        or isinstance(value, bool)
+        or not isinstance(value, (int, float))
+    ):
         return None
     if value != value:
         return "must be a number"
-    for key, broken, sign in (("min", lambda b: value < b, "≥"), ("gt", lambda b: value <= b, ">"),
-                              ("max", lambda b: value > b, "≤"), ("lt", lambda b: value >= b, "<")):
+    for key, broken, sign in (
+        ("min", lambda b: value < b, "≥"),
+        ("gt", lambda b: value <= b, ">"),
+        ("max", lambda b: value > b, "≤"),
+        ("lt", lambda b: value >= b, "<"),
+    ):
         if key in metadata and broken(metadata[key]):
             return f"must be {sign} {metadata[key]}"
     return None
@@ -201,8 +232,10 @@ def check_options(cls: type, data: dict[str, Any], *, where: str = "config") -> 
             try:
                 kwargs[name] = _converter(tp)[0](value)
             except (ValueError, argparse.ArgumentTypeError):
-                raise MammoSaeError(f"{where}.{name}: expected comma-separated values "
-                                    f"(or HxW for a size), got {value!r}") from None
+                raise MammoSaeError(
+                    f"{where}.{name}: expected comma-separated values "
+                    f"(or HxW for a size), got {value!r}"
+                ) from None
         elif get_origin(tp) is Literal and value not in get_args(tp):
             raise MammoSaeError(f"{where}.{name}: {value!r} is not one of {list(get_args(tp))}")
         elif tp in (int, float, bool):
@@ -256,8 +289,11 @@ def changed_settings(cfg: Any, saved: dict[str, Any], *, resuming: bool = False)
     for name, f in fields.items():
         if not _is_result_field(f, resuming):
             continue
-        old = saved.get(name, _plain_default(f)) if f.metadata.get("keyed_when_changed") \
+        old = (
+            saved.get(name, _plain_default(f))
+            if f.metadata.get("keyed_when_changed")
             else saved.get(name)
+        )
         if old != now[name]:
             differ.add(name)
     return sorted(differ)
@@ -276,21 +312,24 @@ def _plain_default(f: dataclasses.Field[Any]) -> Any:
 MIN_IMAGE_SIDE = 16
 
 
-def parse_image_size(value: Any, *, flag: str = "--image-size",
-                     min_side: int = MIN_IMAGE_SIDE) -> tuple[int, int] | None:
+def parse_image_size(
+    value: Any, *, flag: str = "--image-size", min_side: int = MIN_IMAGE_SIDE
+) -> tuple[int, int] | None:
     """The one reader of an image size: `[H, W]` (YAML/JSON, or the list the CLI parses), `"HxW"`
     or `"H,W"` → (H, W); None or empty → None (each image's own size)."""
     if value is None or value == "" or (isinstance(value, (list, tuple)) and not value):
         return None
     try:
-        parts = (value.lower().replace("x", ",").split(",") if isinstance(value, str)
-                 else list(value))
+        parts = (
+            value.lower().replace("x", ",").split(",") if isinstance(value, str) else list(value)
+        )
         if len(parts) != 2 or any(isinstance(p, (bool, float)) for p in parts):
             raise ValueError
         h, w = (int(p) for p in parts)
     except (ValueError, TypeError):
-        raise MammoSaeError(f"{flag} must look like 512x320 or 512,320 (HxW or H,W), "
-                            f"got {value!r}") from None
+        raise MammoSaeError(
+            f"{flag} must look like 512x320 or 512,320 (HxW or H,W), got {value!r}"
+        ) from None
     if h < min_side or w < min_side:
         raise MammoSaeError(f"{flag} must be at least {min_side}x{min_side}, got {value!r}")
     return h, w

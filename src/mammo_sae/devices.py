@@ -20,12 +20,14 @@ def resolve_device(name: str, *, local_rank: int | None = None) -> Any:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as exc:
-        raise MammoSaeError(f"--device {name} is not a device name (cpu, cuda, cuda:N, mps, auto)") from exc
+        raise MammoSaeError(
+            f"--device {name} is not a device name (cpu, cuda, cuda:N, mps, auto)"
+        ) from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MammoSaeError(f"--device {name}: no CUDA device is available here")
         count = torch.cuda.device_count()
-        if device.index is None:   # modulo: a launcher may show each rank only its own GPU
+        if device.index is None:  # modulo: a launcher may show each rank only its own GPU
             device = torch.device("cuda", rank % count)
         if device.index >= count:
             raise MammoSaeError(f"--device {name}: this machine has {count} CUDA device(s)")

@@ -26,8 +26,9 @@ import sys
 import threading
 import time
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from .errors import CheckpointError, MammoSaeError
 
@@ -50,7 +51,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp_path
         if stat.S_IMODE(os.stat(tmp_path).st_mode) != mode:
-            os.chmod(tmp_path, mode)   # a writer that made its own file (safetensors: 0600)
+            os.chmod(tmp_path, mode)  # a writer that made its own file (safetensors: 0600)
         os.replace(tmp_path, path)
     except OSError as exc:
         tmp_path.unlink(missing_ok=True)
@@ -62,8 +63,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
         free = free_bytes(path.parent)
         if _says_write_failed(exc) or (free is not None and free < LOW_DISK_BYTES):
-            raise MammoSaeError(f"could not write {path}: {type(exc).__name__}: {exc} "
-                                f"({_mib(free)} free on its disk)") from exc
+            raise MammoSaeError(
+                f"could not write {path}: {type(exc).__name__}: {exc} "
+                f"({_mib(free)} free on its disk)"
+            ) from exc
         raise
     except BaseException:
         tmp_path.unlink(missing_ok=True)
@@ -122,7 +125,7 @@ LOCK_NAME = ".mammo-sae.lock"
 # Folders whose lock this process holds, with their nesting depth: `run` holds its run
 # directory while its stages lock their own folders, and a stage may lock a folder again.
 # (A second flock on a new descriptor of the same file conflicts even within one process.)
-_HELD: dict[Path, tuple[int, int]] = {}      # resolved folder -> (fd, depth)
+_HELD: dict[Path, tuple[int, int]] = {}  # resolved folder -> (fd, depth)
 
 
 def _holder(lock_file: Path) -> str:
@@ -130,12 +133,14 @@ def _holder(lock_file: Path) -> str:
         info = json.loads(lock_file.read_text(encoding="utf-8"))
         return f"process {int(info['pid'])} since {info['since']}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "another process"   # it has locked the file but not yet written its name
+        return "another process"  # it has locked the file but not yet written its name
 
 
 def _busy(folder: Path, lock_file: Path) -> MammoSaeError:
-    return MammoSaeError(f"{folder} is being written by {_holder(lock_file)}; wait for it to "
-                         f"finish or use another output directory (lock file {lock_file})")
+    return MammoSaeError(
+        f"{folder} is being written by {_holder(lock_file)}; wait for it to "
+        f"finish or use another output directory (lock file {lock_file})"
+    )
 
 
 def _locked_by_other(folder: Path) -> bool:
@@ -189,8 +194,8 @@ def writer_lock(folder: str | os.PathLike[str], *, enabled: bool = True) -> Iter
         finally:
             _HELD[key] = (fd, depth)
         return
-    _probe_ancestors(key)   # before creating anything inside a folder another process writes
-    created = [p for p in (key, *key.parents) if not p.exists()]   # deepest first
+    _probe_ancestors(key)  # before creating anything inside a folder another process writes
+    created = [p for p in (key, *key.parents) if not p.exists()]  # deepest first
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -225,7 +230,7 @@ def writer_lock(folder: str | os.PathLike[str], *, enabled: bool = True) -> Iter
             for folder_created in created:
                 with contextlib.suppress(OSError):
                     folder_created.rmdir()
-        os.close(fd)   # releases the lock
+        os.close(fd)  # releases the lock
 
 
 def free_bytes(folder: Path) -> int | None:
@@ -236,13 +241,22 @@ def free_bytes(folder: Path) -> int | None:
 
 
 def _mib(n: int | None) -> str:
-    return "unknown space" if n is None else f"{n / 2 ** 20:.1f} MiB"
+    return "unknown space" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def _says_write_failed(exc: BaseException) -> bool:
     text = str(exc).lower()
-    return any(k in text for k in ("no space", "write failed", "unexpected pos", "i/o error",
-                                   "disk quota", "read-only file system"))
+    return any(
+        k in text
+        for k in (
+            "no space",
+            "write failed",
+            "unexpected pos",
+            "i/o error",
+            "disk quota",
+            "read-only file system",
+        )
+    )
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
@@ -322,15 +336,16 @@ def recorded_path(path: str | os.PathLike[str], base: str | os.PathLike[str]) ->
         return str(target)
 
 
-def portable_path(path: str | os.PathLike[str], recorder: str | os.PathLike[str],
-                  max_up: int = 2) -> str:
+def portable_path(
+    path: str | os.PathLike[str], recorder: str | os.PathLike[str], max_up: int = 2
+) -> str:
     """How a file written in folder `recorder` (a store, an SAE) records `path` as provenance:
     relative to `recorder` when that climbs at most `max_up` folders (a run's RUN/stores/x →
     ../../data, RUN/sae → ../stores/x: the pair moves together), absolute otherwise. Read it
     back with `resolve_recorded(stored, recorder)`."""
     target, start = Path(path).resolve(), Path(recorder).resolve()
     rel = Path(os.path.relpath(target, start))
-    if rel.parts.count("..") <= max_up:   # relpath puts every ".." first
+    if rel.parts.count("..") <= max_up:  # relpath puts every ".." first
         return rel.as_posix()
     return str(target)
 
@@ -392,8 +407,9 @@ def verify_sha256(path: str | os.PathLike[str], expected: str | None, recorded_i
     `recorded_in` records for it) is given and differs."""
     actual = sha256_file(path)
     if expected and actual != expected:
-        raise CheckpointError(f"{path}: checksum differs from {recorded_in} "
-                              "(corrupt or replaced file)")
+        raise CheckpointError(
+            f"{path}: checksum differs from {recorded_in} (corrupt or replaced file)"
+        )
     return actual
 
 
@@ -407,7 +423,7 @@ def verify_sha256(path: str | os.PathLike[str], expected: str | None, recorded_i
 class _Inert:
     """Stand-in for a config object we never need: accepts any construction, keeps nothing."""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> "_Inert":
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -421,9 +437,14 @@ class _Inert:
 
 
 # The omegaconf / typing objects in Mammo-CLIP's pre-training config (we read only plain values).
-INERT_GLOBALS = ("omegaconf.listconfig.ListConfig", "omegaconf.dictconfig.DictConfig",
-                 "omegaconf.base.ContainerMetadata", "omegaconf.base.Metadata",
-                 "omegaconf.nodes.AnyNode", "typing.Any")
+INERT_GLOBALS = (
+    "omegaconf.listconfig.ListConfig",
+    "omegaconf.dictconfig.DictConfig",
+    "omegaconf.base.ContainerMetadata",
+    "omegaconf.base.Metadata",
+    "omegaconf.nodes.AnyNode",
+    "typing.Any",
+)
 
 
 def _plain_dict(*args: Any) -> dict[Any, Any]:
@@ -452,10 +473,19 @@ def pickle_allow_list() -> tuple[tuple[Any, str], ...]:
         allowed.append((getattr(builtins, n), f"builtins.{n}"))
     allowed += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed += [(multiarray._reconstruct, f"{mod}._reconstruct"),
-                    (multiarray.scalar, f"{mod}.scalar")]
-    for dtype_name in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
-                       "UInt8DType", "BoolDType"):  # the unpickler sets state only on listed types
+        allowed += [
+            (multiarray._reconstruct, f"{mod}._reconstruct"),
+            (multiarray.scalar, f"{mod}.scalar"),
+        ]
+    for dtype_name in (
+        "Float64DType",
+        "Float32DType",
+        "Float16DType",
+        "Int64DType",
+        "Int32DType",
+        "UInt8DType",
+        "BoolDType",
+    ):  # the unpickler sets state only on listed types
         if hasattr(np, "dtypes") and hasattr(np.dtypes, dtype_name):
             allowed.append((getattr(np.dtypes, dtype_name), f"numpy.dtypes.{dtype_name}"))
     return tuple(allowed)
@@ -474,26 +504,33 @@ def _torch_file_kind(f: Any, path: Path, what: str) -> str:
         try:
             names = zipfile.ZipFile(f).namelist()
         except (zipfile.BadZipFile, OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read {path} as {what}: damaged zip archive "
-                                  f"({exc})") from None
+            raise CheckpointError(
+                f"cannot read {path} as {what}: damaged zip archive ({exc})"
+            ) from None
         finally:
             f.seek(0)
         inner = {n.split("/", 1)[1] for n in names if "/" in n}
         if inner & {"constants.pkl", "bytecode.pkl"} or any(n.startswith("code/") for n in inner):
-            raise CheckpointError(f"refused to load {path} as {what}: it is a TorchScript archive "
-                                  "(torch.jit.save), whose code would run on loading; give a "
-                                  "state-dict checkpoint (torch.save) or a safetensors file")
+            raise CheckpointError(
+                f"refused to load {path} as {what}: it is a TorchScript archive "
+                "(torch.jit.save), whose code would run on loading; give a "
+                "state-dict checkpoint (torch.save) or a safetensors file"
+            )
         if "data.pkl" not in inner:
-            raise CheckpointError(f"cannot read {path} as {what}: a zip archive but not a "
-                                  "torch.save checkpoint (no data.pkl)")
+            raise CheckpointError(
+                f"cannot read {path} as {what}: a zip archive but not a "
+                "torch.save checkpoint (no data.pkl)"
+            )
         return "zip"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:  # pickle PROTO 2..5 (legacy torch)
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < (100 << 20):
         return "safetensors"  # 8-byte little-endian header length, then the JSON header
-    raise CheckpointError(f"cannot read {path} as {what}: not a torch checkpoint (torch.save "
-                          "zip or pickle) nor a safetensors file (corrupt file? it starts with "
-                          f"{head[:8]!r})")
+    raise CheckpointError(
+        f"cannot read {path} as {what}: not a torch checkpoint (torch.save "
+        "zip or pickle) nor a safetensors file (corrupt file? it starts with "
+        f"{head[:8]!r})"
+    )
 
 
 def torch_file_kind(path: str | os.PathLike[str], what: str) -> str:
@@ -539,14 +576,19 @@ def load_torch_weights(path: str | os.PathLike[str], what: str) -> Any:
     except pickle.UnpicklingError as exc:
         refused = _refused_global(str(exc))
         if refused:
-            raise CheckpointError(f"refused to load {path} as {what}: pickle global {refused} "
-                                  "is not on the allow-list (docs/security.md); nothing was "
-                                  "run") from None
-        raise CheckpointError(f"refused to load {path} as {what}: "
-                              f"{torch_load_reason(exc)}") from None
+            raise CheckpointError(
+                f"refused to load {path} as {what}: pickle global {refused} "
+                "is not on the allow-list (docs/security.md); nothing was "
+                "run"
+            ) from None
+        raise CheckpointError(
+            f"refused to load {path} as {what}: {torch_load_reason(exc)}"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any other failure means a damaged file
-        raise CheckpointError(f"cannot read {path} as {what} (corrupt file or unsupported "
-                              f"content): {torch_load_reason(exc)}") from None
+        raise CheckpointError(
+            f"cannot read {path} as {what} (corrupt file or unsupported "
+            f"content): {torch_load_reason(exc)}"
+        ) from None
 
 
 def _refused_global(message: str) -> str | None:
@@ -561,8 +603,10 @@ def _refused_global(message: str) -> str | None:
 
 # Torch's advice around the cause (retry with weights_only=False, allow-list the global, read
 # the docs): never shown, it would invite running code from an untrusted file.
-_TORCH_ADVICE = re.compile(r"Weights only load failed\.|In PyTorch 2\.6,|Re-running `torch\.load`|"
-                           r"Please (?:use|file an issue)|Check the documentation|\(\d\) ")
+_TORCH_ADVICE = re.compile(
+    r"Weights only load failed\.|In PyTorch 2\.6,|Re-running `torch\.load`|"
+    r"Please (?:use|file an issue)|Check the documentation|\(\d\) "
+)
 
 
 def torch_load_reason(exc: BaseException) -> str:
@@ -578,6 +622,8 @@ def torch_load_reason(exc: BaseException) -> str:
 
         code = chr(int(match.group(1)))
         name = next((op.name for op in pickletools.opcodes if op.code == code), match.group(1))
-        reason = (f"unsupported pickle opcode {name} (protocol 2 and 3 pickles are read; "
-                  "torch.save writes protocol 2 unless told otherwise)")
+        reason = (
+            f"unsupported pickle opcode {name} (protocol 2 and 3 pickles are read; "
+            "torch.save writes protocol 2 unless told otherwise)"
+        )
     return f"{type(exc).__name__}: {reason[:300]}" if reason else type(exc).__name__

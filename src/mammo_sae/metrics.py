@@ -90,13 +90,23 @@ def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
 
-def with_ci(y_true: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-            level: float = 0.95, idx: np.ndarray | None = None) -> dict[str, MetricCI]:
+def with_ci(
+    y_true: np.ndarray,
+    scores: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+    idx: np.ndarray | None = None,
+) -> dict[str, MetricCI]:
     """AUROC and AUPRC with percentile bootstrap CIs (resamples with one class are dropped)."""
     y, s = _check(y_true, scores)
     value_roc, value_pr = auroc(y, s), auprc(y, s)
     if n_boot <= 0:
-        return {"auroc": MetricCI(value_roc, np.nan, np.nan), "auprc": MetricCI(value_pr, np.nan, np.nan)}
+        return {
+            "auroc": MetricCI(value_roc, np.nan, np.nan),
+            "auprc": MetricCI(value_pr, np.nan, np.nan),
+        }
     idx = bootstrap_indices(len(y), n_boot, seed) if idx is None else idx
     yb, sb = y[idx], s[idx]
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
@@ -104,8 +114,10 @@ def with_ci(y_true: np.ndarray, scores: np.ndarray, *, n_boot: int = 1000, seed:
     prs = _auprc_rows(yb, sb)
     lo_r, hi_r = np.nanpercentile(rocs, q)
     lo_p, hi_p = np.nanpercentile(prs, q)
-    return {"auroc": MetricCI(value_roc, float(lo_r), float(hi_r)),
-            "auprc": MetricCI(value_pr, float(lo_p), float(hi_p))}
+    return {
+        "auroc": MetricCI(value_roc, float(lo_r), float(hi_r)),
+        "auprc": MetricCI(value_pr, float(lo_p), float(hi_p)),
+    }
 
 
 # --------------------------------------------------------------------------- many curves at once
@@ -116,7 +128,7 @@ def bootstrap_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
     return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
 
 
-def _curve_selector(y: np.ndarray, s: np.ndarray) -> tuple["Any", int]:
+def _curve_selector(y: np.ndarray, s: np.ndarray) -> tuple[Any, int]:
     """Sparse (3G, n) 0/1 matrix of one score vector; G = tie groups (by descending score)
     that hold a positive. Multiplying it by item weights (n, B) gives, per such group g:
     rows [0, G): weight scored below group g−1's and at or above group g's scores (their
@@ -130,7 +142,7 @@ def _curve_selector(y: np.ndarray, s: np.ndarray) -> tuple["Any", int]:
     group = np.cumsum(np.r_[True, s_sorted[1:] != s_sorted[:-1]]) - 1
     pos_groups = np.flatnonzero(np.bincount(group, weights=pos_sorted) > 0)
     g = len(pos_groups)
-    segment = np.searchsorted(pos_groups, group)          # g = after the last positive group
+    segment = np.searchsorted(pos_groups, group)  # g = after the last positive group
     rank_of_group = np.full(group[-1] + 1, -1)
     rank_of_group[pos_groups] = np.arange(g)
     rank = rank_of_group[group]
@@ -140,26 +152,31 @@ def _curve_selector(y: np.ndarray, s: np.ndarray) -> tuple["Any", int]:
     return sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(3 * g, len(s))), g
 
 
-def _curve_metrics(sums_gb: np.ndarray, g: int, total_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _curve_metrics(
+    sums_gb: np.ndarray, g: int, total_b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     if g == 0:
         nan = np.full(len(total_b), np.nan)
         return nan, nan.copy()
-    seen = np.cumsum(sums_gb[:g], axis=0)                # weight at or above each positive group
-    in_group, pos = sums_gb[g:2 * g], sums_gb[2 * g:]
-    tp = np.cumsum(pos, axis=0)                          # positive weight at or above
+    seen = np.cumsum(sums_gb[:g], axis=0)  # weight at or above each positive group
+    in_group, pos = sums_gb[g : 2 * g], sums_gb[2 * g :]
+    tp = np.cumsum(pos, axis=0)  # positive weight at or above
     n_pos = tp[-1]
     n_neg = total_b - n_pos
     neg_below = n_neg[None, :] - (seen - tp)
     with np.errstate(invalid="ignore", divide="ignore"):
         roc = (pos * (neg_below + 0.5 * (in_group - pos))).sum(0, dtype=np.float64) / (
-            n_pos.astype(np.float64) * n_neg)
+            n_pos.astype(np.float64) * n_neg
+        )
         pr = (pos * (tp / np.maximum(seen, 1e-30))).sum(0, dtype=np.float64) / n_pos
     roc[(n_pos == 0) | (n_neg == 0)] = np.nan
     pr[n_pos == 0] = np.nan
     return roc, pr
 
 
-def weighted_auroc_auprc(y: np.ndarray, s: np.ndarray, w_bn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_auroc_auprc(
+    y: np.ndarray, s: np.ndarray, w_bn: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and AUPRC of scores `s` (n,) under each row of item weights `w_bn` (B, n).
 
     With integer weights (bootstrap multiplicities) this equals sklearn on the resampled
@@ -173,8 +190,14 @@ def weighted_auroc_auprc(y: np.ndarray, s: np.ndarray, w_bn: np.ndarray) -> tupl
     return _curve_metrics(sums, g, w_bn.sum(axis=1))
 
 
-def curves_with_ci(y_true: np.ndarray, scores_kn: np.ndarray, *, n_boot: int = 1000, seed: int = 0,
-                   level: float = 0.95) -> dict[str, np.ndarray]:
+def curves_with_ci(
+    y_true: np.ndarray,
+    scores_kn: np.ndarray,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, np.ndarray]:
     """AUROC/AUPRC with percentile bootstrap CIs for K score vectors sharing labels and resamples.
 
     Returns arrays of shape (K,): `auroc`, `auroc_low`, `auroc_high`, `auprc`, `auprc_low`,
@@ -191,11 +214,13 @@ def curves_with_ci(y_true: np.ndarray, scores_kn: np.ndarray, *, n_boot: int = 1
     ones = np.ones((1, len(y)))
     counts = bootstrap_counts(len(y), n_boot, seed).astype(np.float32) if n_boot > 0 else None
     q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
-    out = {key: np.full(k, np.nan) for key in
-           ("auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high")}
+    out = {
+        key: np.full(k, np.nan)
+        for key in ("auroc", "auroc_low", "auroc_high", "auprc", "auprc_low", "auprc_high")
+    }
     counts_nb = np.ascontiguousarray(counts.T) if counts is not None else None
     totals_b = counts.sum(axis=1) if counts is not None else None
-    done: dict[bytes, int] = {}          # identical curves (e.g. plain SAE at both sweep ends)
+    done: dict[bytes, int] = {}  # identical curves (e.g. plain SAE at both sweep ends)
     for i, s in enumerate(scores_kn):
         key = s.tobytes()
         if key in done:

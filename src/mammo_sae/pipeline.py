@@ -18,9 +18,10 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from .config import (
     check_options,
@@ -51,41 +52,42 @@ VARIANTS = ("pretrained", "finetuned")
 
 # ============================================================================ config
 
+
 @dataclass
 class DataSection:
-    kind: str = "phantom"                     # phantom | folds
-    path: Optional[str] = None                # folds: data dir (CSV + images_png/) or CSV
-    phantom: dict[str, Any] = field(default_factory=dict)   # PhantomConfig overrides
-    level: str = "image"                      # image | row
-    image_size: Optional[list[int]] = None    # H, W; None = as stored
+    kind: str = "phantom"  # phantom | folds
+    path: str | None = None  # folds: data dir (CSV + images_png/) or CSV
+    phantom: dict[str, Any] = field(default_factory=dict)  # PhantomConfig overrides
+    level: str = "image"  # image | row
+    image_size: list[int] | None = None  # H, W; None = as stored
 
 
 @dataclass
 class ModelsSection:
-    kind: str = "train-phantom"               # train-phantom | checkpoints
+    kind: str = "train-phantom"  # train-phantom | checkpoints
     arch: str = "efficientnet-phantom"
     concepts: list[str] = field(default_factory=lambda: ["Mass", "Suspicious_Calcification"])
-    pretrain: dict[str, Any] = field(default_factory=dict)      # PretrainConfig overrides
+    pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainConfig overrides
     linear_probe: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    finetune: dict[str, Any] = field(default_factory=dict)      # TrainConfig overrides
+    finetune: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     # checkpoints: {Concept: {variant: path, ...}} (Mammo-CLIP .pth or ours): any variants per
     # concept, e.g. {finetuned: path} alone or the paper's {pretrained: ..., finetuned: ...}
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
-    eval: dict[str, Any] = field(default_factory=dict)          # EvalConfig overrides
+    eval: dict[str, Any] = field(default_factory=dict)  # EvalConfig overrides
 
 
 @dataclass
 class ExtractSection:
-    options: dict[str, Any] = field(default_factory=dict)       # ExtractConfig overrides
-    sae_source: str = "Suspicious_Calcification/finetuned"      # whose features train the SAE
+    options: dict[str, Any] = field(default_factory=dict)  # ExtractConfig overrides
+    sae_source: str = "Suspicious_Calcification/finetuned"  # whose features train the SAE
     sae_split: str = "training"
     sae_subsample: float = opt(1.0, gt=0.0, max=1.0)
-    sae_max_images: Optional[int] = opt(None, min=1)
-    rank_split: str = "training"              # split the rankings are computed on
+    sae_max_images: int | None = opt(None, min=1)
+    rank_split: str = "training"  # split the rankings are computed on
     # Share of each image's patches kept in the ranking stores (the reference ranked on its 25 %
     # SAE sample); the evaluation stores always keep every patch.
     rank_subsample: float = opt(1.0, gt=0.0, max=1.0)
-    eval_split: str = "test"                  # split every evaluation uses
+    eval_split: str = "test"  # split every evaluation uses
 
 
 @dataclass
@@ -110,11 +112,11 @@ class PipelineConfig:
     # torch's intra-op threads for the whole run; None = torch's default (the core count). A
     # float reduction split over another number of threads rounds differently, so a fixed count
     # is what lets machines with other core counts reproduce a run (docs/determinism.md).
-    threads: Optional[int] = opt(None, min=1)
+    threads: int | None = opt(None, min=1)
     data: DataSection = field(default_factory=DataSection)
     models: ModelsSection = field(default_factory=ModelsSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
-    sae: dict[str, Any] = field(default_factory=dict)           # SAE train overrides
+    sae: dict[str, Any] = field(default_factory=dict)  # SAE train overrides
     analysis: AnalysisSection = field(default_factory=AnalysisSection)
 
 
@@ -131,8 +133,13 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
     wrong value instead of the stage that would meet it hours later."""
     from .activations.extract import ExtractConfig
     from .analysis.atlas_commands import AtlasConfig
-    from .analysis.commands import (FidelityConfig, InterveneConfig, ProbeConfig, SeparationConfig,
-                                    SummarizeConfig)
+    from .analysis.commands import (
+        FidelityConfig,
+        InterveneConfig,
+        ProbeConfig,
+        SeparationConfig,
+        SummarizeConfig,
+    )
     from .analysis.localize_commands import LocalizeConfig
     from .data.phantom import PhantomConfig
     from .models.train import EvalConfig, PretrainConfig, TrainConfig
@@ -140,19 +147,46 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
 
     m, a = cfg.models, cfg.analysis
     checks: list[tuple[str, type, Any, Callable[[dict[str, Any]], None]]] = [
-        ("data.phantom", PhantomConfig, cfg.data.phantom, lambda v: setattr(cfg.data, "phantom", v)),
+        (
+            "data.phantom",
+            PhantomConfig,
+            cfg.data.phantom,
+            lambda v: setattr(cfg.data, "phantom", v),
+        ),
         ("models.pretrain", PretrainConfig, m.pretrain, lambda v: setattr(m, "pretrain", v)),
-        ("models.linear_probe", TrainConfig, m.linear_probe, lambda v: setattr(m, "linear_probe", v)),
+        (
+            "models.linear_probe",
+            TrainConfig,
+            m.linear_probe,
+            lambda v: setattr(m, "linear_probe", v),
+        ),
         ("models.finetune", TrainConfig, m.finetune, lambda v: setattr(m, "finetune", v)),
         ("models.eval", EvalConfig, m.eval, lambda v: setattr(m, "eval", v)),
-        ("extract.options", ExtractConfig, cfg.extract.options, lambda v: setattr(cfg.extract, "options", v)),
+        (
+            "extract.options",
+            ExtractConfig,
+            cfg.extract.options,
+            lambda v: setattr(cfg.extract, "options", v),
+        ),
         ("sae", SaeTrainConfig, cfg.sae, lambda v: setattr(cfg, "sae", v)),
     ]
-    for stage, cls in (("summaries", SummarizeConfig), ("probe", ProbeConfig), ("intervene", InterveneConfig),
-                       ("fidelity", FidelityConfig), ("localize", LocalizeConfig),
-                       ("separation", SeparationConfig), ("atlas", AtlasConfig)):
-        checks.append((f"analysis.{stage}", cls, getattr(a, stage),
-                       lambda v, stage=stage: setattr(a, stage, v)))
+    for stage, cls in (
+        ("summaries", SummarizeConfig),
+        ("probe", ProbeConfig),
+        ("intervene", InterveneConfig),
+        ("fidelity", FidelityConfig),
+        ("localize", LocalizeConfig),
+        ("separation", SeparationConfig),
+        ("atlas", AtlasConfig),
+    ):
+        checks.append(
+            (
+                f"analysis.{stage}",
+                cls,
+                getattr(a, stage),
+                lambda v, stage=stage: setattr(a, stage, v),
+            )
+        )
     for name, cls, options, store in checks:
         store(check_options(cls, options or {}, where=f"{where}: {name}"))
 
@@ -167,8 +201,12 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         path = packaged
     data = load_yaml(path)
     cfg = from_dict(PipelineConfig, data, where=str(path))
-    for section, cls in (("data", DataSection), ("models", ModelsSection),
-                         ("extract", ExtractSection), ("analysis", AnalysisSection)):
+    for section, cls in (
+        ("data", DataSection),
+        ("models", ModelsSection),
+        ("extract", ExtractSection),
+        ("analysis", AnalysisSection),
+    ):
         value = getattr(cfg, section)
         if isinstance(value, dict):
             setattr(cfg, section, from_dict(cls, value, where=f"{path}:{section}"))
@@ -178,22 +216,27 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
     if cfg.data.kind not in ("phantom", "folds"):
         raise MammoSaeError(f"{path}: data.kind must be phantom or folds, got {cfg.data.kind!r}")
     if cfg.models.kind not in ("train-phantom", "checkpoints"):
-        raise MammoSaeError(f"{path}: models.kind must be train-phantom or checkpoints, "
-                            f"got {cfg.models.kind!r}")
+        raise MammoSaeError(
+            f"{path}: models.kind must be train-phantom or checkpoints, got {cfg.models.kind!r}"
+        )
     if cfg.data.kind == "folds" and not cfg.data.path:
         raise MammoSaeError(f"{path}: data.path is required when data.kind is folds")
     # User paths may use ~ and ${ENV_VARS}; relative paths are relative to the working directory.
     if cfg.data.path:
         cfg.data.path = _expand(cfg.data.path)
-    cfg.models.checkpoints = {concept: {v: _expand(p) for v, p in variants.items()}
-                              for concept, variants in cfg.models.checkpoints.items()}
+    cfg.models.checkpoints = {
+        concept: {v: _expand(p) for v, p in variants.items()}
+        for concept, variants in cfg.models.checkpoints.items()
+    }
     _check_section_options(cfg, str(path))
     if cfg.models.kind == "checkpoints":
         names = [f"{c}-{v}" for c, v, _ in checkpoint_paths(cfg.models, str(path))]
         if cfg.extract.sae_source.replace("/", "-") not in names:
-            raise MammoSaeError(f"{path}: extract.sae_source {cfg.extract.sae_source!r} is not one "
-                                f"of the checkpoints; give one of "
-                                f"{', '.join(n.replace('-', '/', 1) for n in names)}")
+            raise MammoSaeError(
+                f"{path}: extract.sae_source {cfg.extract.sae_source!r} is not one "
+                f"of the checkpoints; give one of "
+                f"{', '.join(n.replace('-', '/', 1) for n in names)}"
+            )
     if cfg.models.kind == "train-phantom":
         # The phantom recipe lives in one place (models/train.py); the config's values override it,
         # and RUN/config.yaml shows what ran.
@@ -212,18 +255,24 @@ def checkpoint_paths(models: ModelsSection, where: str = "config") -> list[tuple
     concept is accepted (one finetuned model is the common case); nothing is read from disk."""
     unknown = sorted(set(models.checkpoints) - set(models.concepts))
     if unknown:
-        raise MammoSaeError(f"{where}: models.checkpoints names {unknown}, which models.concepts "
-                            f"({', '.join(models.concepts)}) does not list")
+        raise MammoSaeError(
+            f"{where}: models.checkpoints names {unknown}, which models.concepts "
+            f"({', '.join(models.concepts)}) does not list"
+        )
     out = []
     for concept in models.concepts:
         paths = models.checkpoints.get(concept) or {}
         if not paths:
-            raise MammoSaeError(f"{where}: models.checkpoints.{concept} is missing: give at least "
-                                "one checkpoint, e.g. {finetuned: path/to/model}")
+            raise MammoSaeError(
+                f"{where}: models.checkpoints.{concept} is missing: give at least "
+                "one checkpoint, e.g. {finetuned: path/to/model}"
+            )
         for variant in sorted(paths, key=lambda v: (VARIANTS + (v,)).index(v)):
             if not re.fullmatch(r"[A-Za-z0-9_.]+", variant):
-                raise MammoSaeError(f"{where}: models.checkpoints.{concept}.{variant}: a variant "
-                                    "name is letters, digits, '_' or '.' (it names folders)")
+                raise MammoSaeError(
+                    f"{where}: models.checkpoints.{concept}.{variant}: a variant "
+                    "name is letters, digits, '_' or '.' (it names folders)"
+                )
             out.append((concept, variant, Path(paths[variant]).expanduser()))
     return out
 
@@ -250,14 +299,14 @@ def build_options(cls: type, overrides: dict[str, Any], where: str, **fixed: Any
 class ModelEntry:
     """One concept classifier of the run and the encoder whose features it reads."""
 
-    name: str            # "<Concept>-<variant>"
+    name: str  # "<Concept>-<variant>"
     concept: str
-    variant: str         # pretrained | finetuned
+    variant: str  # pretrained | finetuned
     # Path of the classifier (our dir or a Mammo-CLIP .pth); in models.json relative to the run
     # when inside it (`recorded_path`), as returned by `Pipeline.models()` a usable path.
     classifier: str
-    encoder_key: str     # stores are shared by models with the same encoder
-    arch: str = ""       # the encoder architecture (read from the checkpoint when loaded)
+    encoder_key: str  # stores are shared by models with the same encoder
+    arch: str = ""  # the encoder architecture (read from the checkpoint when loaded)
 
 
 class Pipeline:
@@ -272,7 +321,9 @@ class Pipeline:
     # ---------------------------------------------------------------- paths
     @property
     def data_dir(self) -> Path:
-        return self.run / "data" if self.cfg.data.kind == "phantom" else Path(self.cfg.data.path or "")
+        return (
+            self.run / "data" if self.cfg.data.kind == "phantom" else Path(self.cfg.data.path or "")
+        )
 
     def store_dir(self, encoder_key: str, split: str) -> Path:
         return self.run / "stores" / f"{encoder_key}-{split}"
@@ -291,11 +342,17 @@ class Pipeline:
         for m in read_json(self.run / "models" / "models.json")["models"]:
             entry = ModelEntry(**m)
             found = resolve_recorded(entry.classifier, self.run)
-            if not self._noted_old_paths and found != self.run / entry.classifier and \
-                    not Path(entry.classifier).is_absolute():
+            if (
+                not self._noted_old_paths
+                and found != self.run / entry.classifier
+                and not Path(entry.classifier).is_absolute()
+            ):
                 # Written before runs were relocatable: relative to the first run's cwd.
-                print(f"    note: models.json names {entry.classifier!r} (a path from before run "
-                      f"directories were relocatable); using {found}", flush=True)
+                print(
+                    f"    note: models.json names {entry.classifier!r} (a path from before run "
+                    f"directories were relocatable); using {found}",
+                    flush=True,
+                )
                 self._noted_old_paths = True
             entries.append(dataclasses.replace(entry, classifier=str(found)))
         return entries
@@ -311,14 +368,40 @@ class Pipeline:
     def _declare(self) -> None:
         c = self.cfg
         add = self.runner.add
-        add(Stage("data", self.stage_data, {"data": to_dict(c.data), "seed": c.seed},
-                  description="dataset (phantom generation or VinDr checks)", outputs=("data",)))
-        add(Stage("models", self.stage_models, {"models": to_dict(c.models), "device": c.device},
-                  deps=("data",), description="pretrained/finetuned concept classifiers",
-                  outputs=("models",), transient=TRANSIENT_FILES))
-        add(Stage("extract", self.stage_extract, {"extract": to_dict(c.extract),
-                  "image_size": c.data.image_size, "level": c.data.level},
-                  deps=("models",), description="activation stores", outputs=("stores",)))
+        add(
+            Stage(
+                "data",
+                self.stage_data,
+                {"data": to_dict(c.data), "seed": c.seed},
+                description="dataset (phantom generation or VinDr checks)",
+                outputs=("data",),
+            )
+        )
+        add(
+            Stage(
+                "models",
+                self.stage_models,
+                {"models": to_dict(c.models), "device": c.device},
+                deps=("data",),
+                description="pretrained/finetuned concept classifiers",
+                outputs=("models",),
+                transient=TRANSIENT_FILES,
+            )
+        )
+        add(
+            Stage(
+                "extract",
+                self.stage_extract,
+                {
+                    "extract": to_dict(c.extract),
+                    "image_size": c.data.image_size,
+                    "level": c.data.level,
+                },
+                deps=("models",),
+                description="activation stores",
+                outputs=("stores",),
+            )
+        )
         for name, description in STAGE_DESCRIPTIONS:
             settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
             if name in ANALYSIS_STAGES:
@@ -327,14 +410,22 @@ class Pipeline:
                     settings["pointing"] = c.analysis.localize_pointing
                     # v2: receptive-field-centred heatmaps and the baselines (rerun old results)
                     settings["layout"] = 2
-                if name == "separation":   # its debiasing edit runs with the intervene options
+                if name == "separation":  # its debiasing edit runs with the intervene options
                     settings["intervene_options"] = c.analysis.intervene
-            if name == "separation":   # v2: its debiasing edit moved under analysis/separation
+            if name == "separation":  # v2: its debiasing edit moved under analysis/separation
                 settings["layout"] = 2
             outputs = (f"analysis/{name}",) if name in ANALYSIS_STAGES else (name,)
-            add(Stage(name, getattr(self, f"stage_{name}"), settings,
-                      deps=STAGE_DEPS[name], description=description, outputs=outputs,
-                      transient=TRANSIENT_FILES))
+            add(
+                Stage(
+                    name,
+                    getattr(self, f"stage_{name}"),
+                    settings,
+                    deps=STAGE_DEPS[name],
+                    description=description,
+                    outputs=outputs,
+                    transient=TRANSIENT_FILES,
+                )
+            )
 
     # ---------------------------------------------------------------- data
     def stage_data(self) -> dict[str, Any]:
@@ -343,9 +434,14 @@ class Pipeline:
         if self.cfg.data.kind == "phantom":
             from .data.phantom import PhantomConfig, generate
 
-            pcfg = build_options(PhantomConfig, self.cfg.data.phantom, "data.phantom",
-                                 out=str(self.data_dir), overwrite=True,
-                                 figure=str(self.run / "data" / "phantom.png"))
+            pcfg = build_options(
+                PhantomConfig,
+                self.cfg.data.phantom,
+                "data.phantom",
+                out=str(self.data_dir),
+                overwrite=True,
+                figure=str(self.run / "data" / "phantom.png"),
+            )
             generate(pcfg, progress=self.progress)
         summary = summarize_dataset(self.data_dir, on_missing="error")
         write_json(self.run / "data" / "summary.json", summary)
@@ -362,10 +458,14 @@ class Pipeline:
         evals = self._evaluate_models(entries)
         # Paths relative to the run (absolute outside it): the run can move or be used from
         # another working directory.
-        records = [dataclasses.asdict(dataclasses.replace(e, classifier=self.rel(e.classifier)))
-                   for e in entries]
-        write_json(self.run / "models" / "models.json",
-                   {"schema_version": 1, "models": records, "test_metrics": evals})
+        records = [
+            dataclasses.asdict(dataclasses.replace(e, classifier=self.rel(e.classifier)))
+            for e in entries
+        ]
+        write_json(
+            self.run / "models" / "models.json",
+            {"schema_version": 1, "models": records, "test_metrics": evals},
+        )
         return {"models": [e.name for e in entries], "test_metrics": evals}
 
     def _checkpoint_models(self) -> list[ModelEntry]:
@@ -374,14 +474,16 @@ class Pipeline:
         from .models.checkpoints import checkpoint_sha256
 
         entries: list[ModelEntry] = []
-        key_of: dict[str, str] = {}   # content hash -> the first model's encoder_key
+        key_of: dict[str, str] = {}  # content hash -> the first model's encoder_key
         for concept, variant, path in checkpoint_paths(self.cfg.models):
             if not path.exists():
-                raise MammoSaeError(f"checkpoint not found: {path} "
-                                    f"(models.checkpoints.{concept}.{variant})")
+                raise MammoSaeError(
+                    f"checkpoint not found: {path} (models.checkpoints.{concept}.{variant})"
+                )
             key = key_of.setdefault(checkpoint_sha256(path), f"{concept}-{variant}")
-            entries.append(ModelEntry(f"{concept}-{variant}", concept, variant, str(path),
-                                      encoder_key=key))
+            entries.append(
+                ModelEntry(f"{concept}-{variant}", concept, variant, str(path), encoder_key=key)
+            )
         return entries
 
     def check_checkpoints(self) -> None:
@@ -405,27 +507,55 @@ class Pipeline:
         from .models.train import PretrainConfig, TrainConfig, pretrain, train_classifier
 
         c, root = self.cfg.models, self.run / "models"
-        common = {"data": str(self.data_dir), "device": self.cfg.device, "overwrite": True,
-                  "progress": self.progress}
+        common = {
+            "data": str(self.data_dir),
+            "device": self.cfg.device,
+            "overwrite": True,
+            "progress": self.progress,
+        }
         if self.cfg.data.image_size:
             common["image_size"] = self.cfg.data.image_size
-        pcfg = build_options(PretrainConfig, c.pretrain, "models.pretrain", out=str(root / "pretrained"),
-                             arch=c.arch, **common)
+        pcfg = build_options(
+            PretrainConfig,
+            c.pretrain,
+            "models.pretrain",
+            out=str(root / "pretrained"),
+            arch=c.arch,
+            **common,
+        )
         pretrain(pcfg)
         backbone = root / "pretrained" / "model"
         entries = []
         for concept in c.concepts:
-            for variant, mode, overrides in (("pretrained", "linear-probe", c.linear_probe),
-                                             ("finetuned", "finetune", c.finetune)):
+            for variant, mode, overrides in (
+                ("pretrained", "linear-probe", c.linear_probe),
+                ("finetuned", "finetune", c.finetune),
+            ):
                 out = root / f"{concept}-{variant}"
-                tcfg = build_options(TrainConfig, overrides, f"models.{mode}", out=str(out),
-                                     concept=concept, mode=mode, init=str(backbone),
-                                     level=self.cfg.data.level, **common)
+                tcfg = build_options(
+                    TrainConfig,
+                    overrides,
+                    f"models.{mode}",
+                    out=str(out),
+                    concept=concept,
+                    mode=mode,
+                    init=str(backbone),
+                    level=self.cfg.data.level,
+                    **common,
+                )
                 train_classifier(tcfg)
                 # Linear probes share the frozen pretext backbone, hence one store for all.
                 key = "pretrained" if variant == "pretrained" else f"{concept}-finetuned"
-                entries.append(ModelEntry(f"{concept}-{variant}", concept, variant,
-                                          str(out / "model"), encoder_key=key, arch=c.arch))
+                entries.append(
+                    ModelEntry(
+                        f"{concept}-{variant}",
+                        concept,
+                        variant,
+                        str(out / "model"),
+                        encoder_key=key,
+                        arch=c.arch,
+                    )
+                )
         return entries
 
     def _evaluate_models(self, entries: list[ModelEntry]) -> dict[str, Any]:
@@ -433,18 +563,28 @@ class Pipeline:
 
         out: dict[str, Any] = {}
         for e in entries:
-            fixed: dict[str, Any] = {"data": str(self.data_dir), "model": e.classifier,
-                                     "concept": e.concept, "split": self.cfg.extract.eval_split,
-                                     "level": self.cfg.data.level, "device": self.cfg.device,
-                                     "out": str(self.run / "models" / f"eval-{e.name}.json"),
-                                     "progress": self.progress}
+            fixed: dict[str, Any] = {
+                "data": str(self.data_dir),
+                "model": e.classifier,
+                "concept": e.concept,
+                "split": self.cfg.extract.eval_split,
+                "level": self.cfg.data.level,
+                "device": self.cfg.device,
+                "out": str(self.run / "models" / f"eval-{e.name}.json"),
+                "progress": self.progress,
+            }
             if self.cfg.data.image_size:
                 fixed["image_size"] = self.cfg.data.image_size
-            result = evaluate_classifier(build_options(EvalConfig, self.cfg.models.eval,
-                                                       "models.eval", **fixed))
+            result = evaluate_classifier(
+                build_options(EvalConfig, self.cfg.models.eval, "models.eval", **fixed)
+            )
             e.arch = result.get("arch") or e.arch
-            out[e.name] = {"auroc": result.get("auroc"), "auprc": result.get("auprc"),
-                           "n": result.get("n"), "n_pos": result.get("n_pos")}
+            out[e.name] = {
+                "auroc": result.get("auroc"),
+                "auprc": result.get("auprc"),
+                "n": result.get("n"),
+                "n_pos": result.get("n_pos"),
+            }
         return out
 
     # ---------------------------------------------------------------- extract
@@ -454,18 +594,35 @@ class Pipeline:
         sae_model = e.sae_source.replace("/", "-")
         by_name = {m.name: m for m in self.models()}
         if sae_model not in by_name:
-            raise MammoSaeError(f"extract.sae_source {e.sae_source!r} is not a model of this run; "
-                                f"models: {', '.join(sorted(by_name))}")
-        plan = [{"role": "sae", "encoder_key": by_name[sae_model].encoder_key,
-                 "model": by_name[sae_model].classifier, "split": e.sae_split,
-                 "subsample": e.sae_subsample, "max_images": e.sae_max_images,
-                 "out": str(self.run / "stores" / "sae-train")}]
+            raise MammoSaeError(
+                f"extract.sae_source {e.sae_source!r} is not a model of this run; "
+                f"models: {', '.join(sorted(by_name))}"
+            )
+        plan = [
+            {
+                "role": "sae",
+                "encoder_key": by_name[sae_model].encoder_key,
+                "model": by_name[sae_model].classifier,
+                "split": e.sae_split,
+                "subsample": e.sae_subsample,
+                "max_images": e.sae_max_images,
+                "out": str(self.run / "stores" / "sae-train"),
+            }
+        ]
         for key, model in self.encoders().items():
             for split in dict.fromkeys((e.rank_split, e.eval_split)):
                 subsample = e.rank_subsample if split != e.eval_split else 1.0
-                plan.append({"role": "analysis", "encoder_key": key, "model": model, "split": split,
-                             "subsample": subsample, "max_images": None,
-                             "out": str(self.store_dir(key, split))})
+                plan.append(
+                    {
+                        "role": "analysis",
+                        "encoder_key": key,
+                        "model": model,
+                        "split": split,
+                        "subsample": subsample,
+                        "max_images": None,
+                        "out": str(self.store_dir(key, split)),
+                    }
+                )
         return plan
 
     def stage_extract(self) -> dict[str, Any]:
@@ -475,21 +632,38 @@ class Pipeline:
         damaged = self.runner.changed_outputs("extract")
         for item in self.store_plan():
             self._drop_if_damaged(Path(item["out"]), damaged)
-            fixed: dict[str, Any] = {"data": str(self.data_dir), "model": item["model"],
-                                     "out": item["out"], "split": item["split"],
-                                     "subsample": item["subsample"], "level": self.cfg.data.level,
-                                     "device": self.cfg.device, "seed": self.cfg.seed}
+            fixed: dict[str, Any] = {
+                "data": str(self.data_dir),
+                "model": item["model"],
+                "out": item["out"],
+                "split": item["split"],
+                "subsample": item["subsample"],
+                "level": self.cfg.data.level,
+                "device": self.cfg.device,
+                "seed": self.cfg.seed,
+            }
             if item["max_images"]:
                 fixed["max_images"] = item["max_images"]
             if self.cfg.data.image_size:
                 fixed["image_size"] = self.cfg.data.image_size
-            print(f"    store {Path(item['out']).name}: {item['split']} split of {item['encoder_key']}",
-                  flush=True)
-            extract(build_options(ExtractConfig, self.cfg.extract.options, "extract.options", **fixed),
-                    progress=self.progress)
+            print(
+                f"    store {Path(item['out']).name}: {item['split']} split of {item['encoder_key']}",
+                flush=True,
+            )
+            extract(
+                build_options(ExtractConfig, self.cfg.extract.options, "extract.options", **fixed),
+                progress=self.progress,
+            )
             done.append(item)
-        write_json(self.run / "stores" / "stores.json", {"schema_version": 1, "stores": [
-            {**d, "model": self.rel(d["model"]), "out": self.rel(d["out"])} for d in done]})
+        write_json(
+            self.run / "stores" / "stores.json",
+            {
+                "schema_version": 1,
+                "stores": [
+                    {**d, "model": self.rel(d["model"]), "out": self.rel(d["out"])} for d in done
+                ],
+            },
+        )
         return {"stores": [Path(d["out"]).name for d in done]}
 
     def _drop_if_damaged(self, store_dir: Path, changed: list[str]) -> None:
@@ -504,7 +678,7 @@ class Pipeline:
         try:
             manifest = store_dir / "manifest.json"
             if manifest.is_file() and not read_json(manifest).get("complete"):
-                return   # unfinished: extraction resumes it (finished shards are kept)
+                return  # unfinished: extraction resumes it (finished shards are kept)
             ActivationStore(store_dir).verify(progress=self.progress)
         except MammoSaeError as exc:
             print(f"    store {store_dir.name} is damaged ({exc}); extracting it again", flush=True)
@@ -518,9 +692,16 @@ class Pipeline:
 
         # `resume` is the pipeline's to decide (stage_sae): a user value is refused as "set by
         # the pipeline".
-        return build_options(SaeTrainConfig, self.cfg.sae, "sae",
-                             store=str(self.run / "stores" / "sae-train"), resume=False,
-                             out=str(self.sae_dir), device=self.cfg.device, progress=self.progress)
+        return build_options(
+            SaeTrainConfig,
+            self.cfg.sae,
+            "sae",
+            store=str(self.run / "stores" / "sae-train"),
+            resume=False,
+            out=str(self.sae_dir),
+            device=self.cfg.device,
+            progress=self.progress,
+        )
 
     def stage_sae(self) -> dict[str, Any]:
         from .activations.store import ActivationStore
@@ -531,10 +712,11 @@ class Pipeline:
         # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
         # Anything else: the old SAE is stale, and the stage starts over. The key leaves out the
         # paths (the store is identified by its manifest): a moved run still resumes.
-        key = sha256_json({"settings": result_settings(cfg),
-                           "store": ActivationStore(store).manifest_sha256})
+        key = sha256_json(
+            {"settings": result_settings(cfg), "store": ActivationStore(store).manifest_sha256}
+        )
         marker = self.sae_dir / "pipeline_key.json"
-        with writer_lock(self.sae_dir):   # a foreign `sae train` there must not lose its files
+        with writer_lock(self.sae_dir):  # a foreign `sae train` there must not lose its files
             if (self.sae_dir / STATE_FILE).exists():
                 same = marker.exists() and read_json(marker).get("key") == key
                 if not same:
@@ -550,14 +732,19 @@ class Pipeline:
 
     def _opts(self, cls: type, stage: str, where: str, **fixed: Any) -> Any:
         """A command config from the pipeline's values and the user's `analysis.<stage>` overrides."""
-        common = {"device": self.cfg.device, "cache_dir": str(self._analysis("summaries")),
-                  "progress": self.progress}
+        common = {
+            "device": self.cfg.device,
+            "cache_dir": str(self._analysis("summaries")),
+            "progress": self.progress,
+        }
         names = {f.name for f in dataclasses.fields(cls)}
         fixed = {**{k: v for k, v in common.items() if k in names}, **fixed}
         overrides = {k: v for k, v in getattr(self.cfg.analysis, stage).items() if k in names}
         unknown = sorted(set(getattr(self.cfg.analysis, stage)) - names)
         if unknown:
-            raise MammoSaeError(f"analysis.{stage}: unknown option(s) {unknown}; valid: {sorted(names)}")
+            raise MammoSaeError(
+                f"analysis.{stage}: unknown option(s) {unknown}; valid: {sorted(names)}"
+            )
         return build_options(cls, overrides, where, **fixed)
 
     def stage_summaries(self) -> dict[str, Any]:
@@ -567,8 +754,15 @@ class Pipeline:
         for key in self.encoders():
             for split in dict.fromkeys((self.cfg.extract.rank_split, self.cfg.extract.eval_split)):
                 store = self.store_dir(key, split)
-                run_summarize(self._opts(SummarizeConfig, "summaries", "analysis.summaries",
-                                         store=str(store), sae=str(self.sae_dir)))
+                run_summarize(
+                    self._opts(
+                        SummarizeConfig,
+                        "summaries",
+                        "analysis.summaries",
+                        store=str(store),
+                        sae=str(self.sae_dir),
+                    )
+                )
                 done.append(store.name)
         return {"stores": done}
 
@@ -578,10 +772,19 @@ class Pipeline:
         out = {}
         for m in self.models():
             target = self._analysis("probe") / m.name
-            run_probe(self._opts(ProbeConfig, "probe", "analysis.probe",
-                                 store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
-                                 sae=str(self.sae_dir), concept=m.concept, out=str(target),
-                                 split=self.cfg.extract.rank_split, level=self.cfg.data.level))
+            run_probe(
+                self._opts(
+                    ProbeConfig,
+                    "probe",
+                    "analysis.probe",
+                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
+                    sae=str(self.sae_dir),
+                    concept=m.concept,
+                    out=str(target),
+                    split=self.cfg.extract.rank_split,
+                    level=self.cfg.data.level,
+                )
+            )
             out[m.name] = self.rel(target)
         return out
 
@@ -591,12 +794,22 @@ class Pipeline:
         out = {}
         for m in self.models():
             target = self._analysis("intervene") / m.name
-            run_intervene(self._opts(InterveneConfig, "intervene", "analysis.intervene",
-                                     store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                                     sae=str(self.sae_dir), classifier=m.classifier, concept=m.concept,
-                                     out=str(target), rankings=str(self._analysis("probe") / m.name),
-                                     split=self.cfg.extract.eval_split, level=self.cfg.data.level,
-                                     label=m.name))
+            run_intervene(
+                self._opts(
+                    InterveneConfig,
+                    "intervene",
+                    "analysis.intervene",
+                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                    sae=str(self.sae_dir),
+                    classifier=m.classifier,
+                    concept=m.concept,
+                    out=str(target),
+                    rankings=str(self._analysis("probe") / m.name),
+                    split=self.cfg.extract.eval_split,
+                    level=self.cfg.data.level,
+                    label=m.name,
+                )
+            )
             out[m.name] = self.rel(target)
         return out
 
@@ -605,13 +818,23 @@ class Pipeline:
 
         models = self.models()
         target = self._analysis("fidelity")
-        run_fidelity(self._opts(
-            FidelityConfig, "fidelity", "analysis.fidelity",
-            stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)) for m in models],
-            classifiers=[m.classifier for m in models], names=[m.name for m in models],
-            concepts=[m.concept for m in models],
-            sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.eval_split,
-            level=self.cfg.data.level))
+        run_fidelity(
+            self._opts(
+                FidelityConfig,
+                "fidelity",
+                "analysis.fidelity",
+                stores=[
+                    str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)) for m in models
+                ],
+                classifiers=[m.classifier for m in models],
+                names=[m.name for m in models],
+                concepts=[m.concept for m in models],
+                sae=str(self.sae_dir),
+                out=str(target),
+                split=self.cfg.extract.eval_split,
+                level=self.cfg.data.level,
+            )
+        )
         return {"fidelity": self.rel(target)}
 
     def stage_localize(self) -> dict[str, Any]:
@@ -623,22 +846,43 @@ class Pipeline:
             target = self._analysis("localize") / m.name
             score = self.cfg.analysis.intervene.get("score", "centered")
             ranking = self._analysis("probe") / m.name / ranking_file_name(1, score)
-            run_localize(self._opts(LocalizeConfig, "localize", "analysis.localize",
-                                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                                    sae=str(self.sae_dir), concept=m.concept, out=str(target),
-                                    ranking=str(ranking), split=self.cfg.extract.eval_split,
-                                    classifier=m.classifier, label=m.name))
+            run_localize(
+                self._opts(
+                    LocalizeConfig,
+                    "localize",
+                    "analysis.localize",
+                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                    sae=str(self.sae_dir),
+                    concept=m.concept,
+                    out=str(target),
+                    ranking=str(ranking),
+                    split=self.cfg.extract.eval_split,
+                    classifier=m.classifier,
+                    label=m.name,
+                )
+            )
             out[m.name] = self.rel(target)
             if self._pointing_possible():
                 # The same, with latents chosen by the pointing game on the ranking split.
-                run_localize(self._opts(
-                    LocalizeConfig, "localize", "analysis.localize",
-                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                    sae=str(self.sae_dir), concept=m.concept, out=str(target / "pointing"),
-                    select="pointing", select_split=self.cfg.extract.rank_split,
-                    select_store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
-                    split=self.cfg.extract.eval_split, classifier=m.classifier,
-                    label=f"{m.name}/pointing"))
+                run_localize(
+                    self._opts(
+                        LocalizeConfig,
+                        "localize",
+                        "analysis.localize",
+                        store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                        sae=str(self.sae_dir),
+                        concept=m.concept,
+                        out=str(target / "pointing"),
+                        select="pointing",
+                        select_split=self.cfg.extract.rank_split,
+                        select_store=str(
+                            self.store_dir(m.encoder_key, self.cfg.extract.rank_split)
+                        ),
+                        split=self.cfg.extract.eval_split,
+                        classifier=m.classifier,
+                        label=f"{m.name}/pointing",
+                    )
+                )
         return out
 
     def _pointing_possible(self) -> bool:
@@ -646,9 +890,11 @@ class Pipeline:
         if not self.cfg.analysis.localize_pointing:
             return False
         if e.rank_split == e.eval_split or e.rank_subsample < 1.0:
-            print("    pointing selection skipped: it needs full patch maps of a split other than the "
-                  f"evaluated one (rank_split {e.rank_split!r}, rank_subsample {e.rank_subsample})",
-                  flush=True)
+            print(
+                "    pointing selection skipped: it needs full patch maps of a split other than the "
+                f"evaluated one (rank_split {e.rank_split!r}, rank_subsample {e.rank_subsample})",
+                flush=True,
+            )
             return False
         return True
 
@@ -661,16 +907,28 @@ class Pipeline:
             by_concept.setdefault(m.concept, []).append(m)
         for concept, models in by_concept.items():
             target = self._analysis("separation") / concept
-            run_separation(self._opts(
-                SeparationConfig, "separation", "analysis.separation",
-                stores=[str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)) for m in models],
-                names=[m.variant for m in models], sae=str(self.sae_dir), concept=concept,
-                out=str(target), split=self.cfg.extract.rank_split, level=self.cfg.data.level))
+            run_separation(
+                self._opts(
+                    SeparationConfig,
+                    "separation",
+                    "analysis.separation",
+                    stores=[
+                        str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split))
+                        for m in models
+                    ],
+                    names=[m.variant for m in models],
+                    sae=str(self.sae_dir),
+                    concept=concept,
+                    out=str(target),
+                    split=self.cfg.extract.rank_split,
+                    level=self.cfg.data.level,
+                )
+            )
             out[concept] = self.rel(target)
             self._debias_edits(target, models)
         return out
 
-    def _debias_edits(self, separation_dir: Path, models: list["ModelEntry"]) -> None:
+    def _debias_edits(self, separation_dir: Path, models: list[ModelEntry]) -> None:
         """Switch off each model's attribute-associated latents (found on the ranking split) and
         measure concept AUROC and the attribute shortcut on the evaluation split; written under
         the separation stage's own folder (`associated-off/<variant>/`), as every stage writes
@@ -683,15 +941,26 @@ class Pipeline:
             latents = found["models"].get(m.variant, {}).get("associated", [])
             target = separation_dir / "associated-off" / m.variant
             if not latents:
-                shutil.rmtree(target, ignore_errors=True)   # an older run's edit would be stale
+                shutil.rmtree(target, ignore_errors=True)  # an older run's edit would be stale
                 continue
-            run_intervene(self._opts(
-                InterveneConfig, "intervene", "analysis.intervene",
-                store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                sae=str(self.sae_dir), classifier=m.classifier, concept=m.concept,
-                out=str(target),
-                split=self.cfg.extract.eval_split, level=self.cfg.data.level,
-                latents=latents, mode="off", attribute=attribute, label=m.name))
+            run_intervene(
+                self._opts(
+                    InterveneConfig,
+                    "intervene",
+                    "analysis.intervene",
+                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                    sae=str(self.sae_dir),
+                    classifier=m.classifier,
+                    concept=m.concept,
+                    out=str(target),
+                    split=self.cfg.extract.eval_split,
+                    level=self.cfg.data.level,
+                    latents=latents,
+                    mode="off",
+                    attribute=attribute,
+                    label=m.name,
+                )
+            )
 
     def stage_atlas(self) -> dict[str, Any]:
         """The latent atlas of the SAE on its own model's store of the ranking split, with every
@@ -702,12 +971,20 @@ class Pipeline:
         source = self.cfg.extract.sae_source.replace("/", "-")
         home = next((m for m in models if m.name == source), models[0])
         target = self._analysis("atlas")
-        run_atlas(self._opts(
-            AtlasConfig, "atlas", "analysis.atlas",
-            store=str(self.store_dir(home.encoder_key, self.cfg.extract.rank_split)),
-            sae=str(self.sae_dir), out=str(target), split=self.cfg.extract.rank_split,
-            level=self.cfg.data.level, classifiers=[m.classifier for m in models],
-            names=[m.name for m in models]))
+        run_atlas(
+            self._opts(
+                AtlasConfig,
+                "atlas",
+                "analysis.atlas",
+                store=str(self.store_dir(home.encoder_key, self.cfg.extract.rank_split)),
+                sae=str(self.sae_dir),
+                out=str(target),
+                split=self.cfg.extract.rank_split,
+                level=self.cfg.data.level,
+                classifiers=[m.classifier for m in models],
+                names=[m.name for m in models],
+            )
+        )
         return {"atlas": str(target), "store": home.encoder_key}
 
     def stage_report(self) -> dict[str, Any]:
@@ -731,8 +1008,7 @@ STAGE_DESCRIPTIONS = (
 )
 # Files a stage needs only to resume itself (deleting them to save disk must not rerun it).
 TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp", "*.tmp/*")
-ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation",
-                   "atlas")
+ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation", "atlas")
 STAGE_DEPS: dict[str, tuple[str, ...]] = {
     "sae": ("extract",),
     "summaries": ("sae",),
@@ -754,12 +1030,17 @@ class RunConfig:
     """Run every stage of a pipeline config (YAML) in one run directory. Stages whose inputs
     and settings are unchanged are skipped; a crashed run resumes where it stopped."""
 
-    config: Path = opt(help="pipeline YAML (e.g. configs/phantom.yaml, configs/vindr-mammoclip-b5.yaml)")
-    out: Optional[Path] = opt(None, help="run directory (default: runs/<config name>)")
-    only: Optional[str] = opt(None, help="run only this stage: data, models, extract, sae, summaries, "
-                                         "probe, intervene, fidelity, localize, separation, atlas "
-                                         "or report")
-    start: Optional[str] = opt(None, help="rerun from this stage on (same names as --only)")
+    config: Path = opt(
+        help="pipeline YAML (e.g. configs/phantom.yaml, configs/vindr-mammoclip-b5.yaml)"
+    )
+    out: Path | None = opt(None, help="run directory (default: runs/<config name>)")
+    only: str | None = opt(
+        None,
+        help="run only this stage: data, models, extract, sae, summaries, "
+        "probe, intervene, fidelity, localize, separation, atlas "
+        "or report",
+    )
+    start: str | None = opt(None, help="rerun from this stage on (same names as --only)")
     dry_run: bool = opt(False, help="print the plan and exit")
     progress: bool = opt(True, help="progress bars")
 
@@ -776,12 +1057,12 @@ def run_pipeline(cfg: RunConfig) -> Path:
     pcfg = load_pipeline_config(cfg.config)
     run_dir = Path(cfg.out) if cfg.out else Path("runs") / pcfg.name
     _make_deterministic(pcfg)
-    if cfg.dry_run:   # a dry run only reads: the plan must not touch the run it describes
+    if cfg.dry_run:  # a dry run only reads: the plan must not touch the run it describes
         pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
         pipeline.check_checkpoints()
         pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=True)
         return run_dir
-    with writer_lock(run_dir):   # one writer per run directory (docs/security.md)
+    with writer_lock(run_dir):  # one writer per run directory (docs/security.md)
         write_text_atomic(run_dir / "config.yaml", dump_yaml(resolved_config(pcfg)))
         pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
         t0 = time.perf_counter()
@@ -814,19 +1095,26 @@ def _make_deterministic(pcfg: PipelineConfig) -> None:
 
 def run_demo(cfg: DemoConfig) -> int:
     t0 = time.perf_counter()
-    run_dir = run_pipeline(RunConfig(config=PACKAGE_CONFIGS / "phantom.yaml", out=cfg.out,
-                                     progress=cfg.progress))
+    run_dir = run_pipeline(
+        RunConfig(config=PACKAGE_CONFIGS / "phantom.yaml", out=cfg.out, progress=cfg.progress)
+    )
     report = run_dir / "report" / "index.html"
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report.resolve()}")
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .cli import add_command
 
-    p = add_command(sub, "run", RunConfig, lambda c: (run_pipeline(c), 0)[1],
-                    "run every stage of a pipeline config", positional=("config",))
+    p = add_command(
+        sub,
+        "run",
+        RunConfig,
+        lambda c: (run_pipeline(c), 0)[1],
+        "run every stage of a pipeline config",
+        positional=("config",),
+    )
     # The option is spelled `--from` (a Python keyword, hence the field name `start`).
     for action in p._actions:
         if action.dest == "start":

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import fnmatch
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .errors import MammoSaeError
 from .io import LOCK_NAME, read_json, sha256_json, write_json
@@ -29,19 +30,19 @@ STAGE_SCHEMA_VERSION = 1
 @dataclass
 class Stage:
     name: str
-    run: Callable[[], dict[str, Any]]       # returns a JSON-able summary of its outputs
-    settings: dict[str, Any]                # everything that changes the stage's result
+    run: Callable[[], dict[str, Any]]  # returns a JSON-able summary of its outputs
+    settings: dict[str, Any]  # everything that changes the stage's result
     deps: tuple[str, ...] = ()
     description: str = ""
-    outputs: tuple[str, ...] = ()           # folders/files under the run directory it writes
-    transient: tuple[str, ...] = ()         # globs (relative to the run) of resume-only files
+    outputs: tuple[str, ...] = ()  # folders/files under the run directory it writes
+    transient: tuple[str, ...] = ()  # globs (relative to the run) of resume-only files
 
 
 @dataclass
 class PlanItem:
     stage: Stage
     key: str
-    action: str                              # "run" | "skip" | "not selected"
+    action: str  # "run" | "skip" | "not selected"
     reason: str = ""
 
 
@@ -82,8 +83,13 @@ class Runner:
         items: list[PlanItem] = []
         started = start is None
         for stage in self.stages:
-            key = sha256_json({"stage": stage.name, "settings": stage.settings,
-                               "deps": [keys[d] for d in stage.deps]})[:16]
+            key = sha256_json(
+                {
+                    "stage": stage.name,
+                    "settings": stage.settings,
+                    "deps": [keys[d] for d in stage.deps],
+                }
+            )[:16]
             keys[stage.name] = key
             started = started or stage.name == start
             record = self._record(stage.name)
@@ -100,7 +106,10 @@ class Runner:
             elif any(d in rerun for d in stage.deps):
                 action, reason = "run", "upstream reran"
             elif changed := self._changed_files(record):
-                action, reason = "run", f"output missing or changed in size since it ran: {changed[0]}"
+                action, reason = (
+                    "run",
+                    f"output missing or changed in size since it ran: {changed[0]}",
+                )
             else:
                 action, reason = "skip", "up to date"
             if action == "run":
@@ -108,8 +117,9 @@ class Runner:
             items.append(PlanItem(stage, key, action, reason))
         return items
 
-    def execute(self, *, only: str | None = None, start: str | None = None,
-                dry_run: bool = False) -> list[PlanItem]:
+    def execute(
+        self, *, only: str | None = None, start: str | None = None, dry_run: bool = False
+    ) -> list[PlanItem]:
         plan = self.plan(only=only, start=start)
         for item in plan:
             self.log(f"[{item.action:>12}] {item.stage.name:<12} {item.reason}")
@@ -122,10 +132,17 @@ class Runner:
             t0 = time.perf_counter()
             outputs = item.stage.run()
             seconds = time.perf_counter() - t0
-            write_json(self._record_path(item.stage.name), {
-                "schema_version": STAGE_SCHEMA_VERSION, "stage": item.stage.name,
-                "key": item.key, "seconds": round(seconds, 2), "outputs": outputs,
-                "files": self._file_states(item.stage)})
+            write_json(
+                self._record_path(item.stage.name),
+                {
+                    "schema_version": STAGE_SCHEMA_VERSION,
+                    "stage": item.stage.name,
+                    "key": item.key,
+                    "seconds": round(seconds, 2),
+                    "outputs": outputs,
+                    "files": self._file_states(item.stage),
+                },
+            )
             self.log(f"    {item.stage.name} done in {seconds:.1f} s")
         return plan
 
@@ -138,7 +155,7 @@ class Runner:
             for path in paths:
                 name = path.relative_to(self.run_dir).as_posix()
                 if path.name == LOCK_NAME:
-                    continue   # a writer lock's content changes with every writer
+                    continue  # a writer lock's content changes with every writer
                 if not any(fnmatch.fnmatch(name, pattern) for pattern in stage.transient):
                     states[name] = path.stat().st_size
         return states
@@ -150,7 +167,7 @@ class Runner:
     def _changed_files(self, record: dict[str, Any] | None) -> list[str]:
         files = record.get("files") if record else None
         if not isinstance(files, dict):
-            return []   # never ran, or a record from before outputs were listed
+            return []  # never ran, or a record from before outputs were listed
         changed = []
         for rel, size in files.items():
             try:

@@ -39,9 +39,12 @@ def run_extract(cfg: ExtractConfig, progress: bool = True) -> int:
     path = extract(cfg, progress=progress)
     store = ActivationStore(path)
     failed = store.manifest.get("failed_images") or []
-    print(f"{path}: {store.n_images} images, {store.n_patches} patches, d={store.d}, "
-          f"{store.dtype}, grid={store.manifest.get('grid')}"
-          + (f", {len(failed)} image(s) skipped" if failed else ""), file=sys.stderr)
+    print(
+        f"{path}: {store.n_images} images, {store.n_patches} patches, d={store.d}, "
+        f"{store.dtype}, grid={store.manifest.get('grid')}"
+        + (f", {len(failed)} image(s) skipped" if failed else ""),
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -50,15 +53,30 @@ def run_store_info(cfg: StoreInfoConfig) -> int:
 
     store = ActivationStore(cfg.store)
     m = store.manifest
-    print(dumps_json({
-        "path": str(store.path), "n_images": store.n_images, "n_patches": store.n_patches,
-        "d": store.d, "dtype": store.dtype, "grid": m.get("grid"), "layer": m.get("layer"),
-        "model": m.get("model"), "split": m.get("split"), "level": m.get("level"),
-        "subsample": m.get("subsample"), "augment": m.get("augment"),
-        "failed_images": m.get("failed_images"), "n_shards": len(m.get("shards", [])),
-        "manifest_sha256": store.manifest_sha256,
-        "package_version": m.get("package_version"), "schema_version": m.get("schema_version"),
-    }), end="")
+    print(
+        dumps_json(
+            {
+                "path": str(store.path),
+                "n_images": store.n_images,
+                "n_patches": store.n_patches,
+                "d": store.d,
+                "dtype": store.dtype,
+                "grid": m.get("grid"),
+                "layer": m.get("layer"),
+                "model": m.get("model"),
+                "split": m.get("split"),
+                "level": m.get("level"),
+                "subsample": m.get("subsample"),
+                "augment": m.get("augment"),
+                "failed_images": m.get("failed_images"),
+                "n_shards": len(m.get("shards", [])),
+                "manifest_sha256": store.manifest_sha256,
+                "package_version": m.get("package_version"),
+                "schema_version": m.get("schema_version"),
+            }
+        ),
+        end="",
+    )
     return 0
 
 
@@ -67,16 +85,31 @@ def run_store_verify(cfg: StoreVerifyConfig, progress: bool = True) -> int:
 
     store = ActivationStore(cfg.store)
     store.verify(progress=progress)
-    print(f"{store.path}: every checksum matches ({len(store.manifest['shards'])} shards, "
-          f"{store.n_patches} patches)", file=sys.stderr)
+    print(
+        f"{store.path}: every checksum matches ({len(store.manifest['shards'])} shards, "
+        f"{store.n_patches} patches)",
+        file=sys.stderr,
+    )
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(sub, "extract", ExtractConfig, run_extract,
-                help="encoder layer → activation store (resumable, torchrun-aware)")
+    add_command(
+        sub,
+        "extract",
+        ExtractConfig,
+        run_extract,
+        help="encoder layer → activation store (resumable, torchrun-aware)",
+    )
     group = add_group(sub, "store", "inspect and verify activation stores")
-    add_command(group, "info", StoreInfoConfig, run_store_info, "print a store's manifest summary (JSON)")
-    add_command(group, "verify", StoreVerifyConfig, run_store_verify,
-                "recompute every checksum of a store; name the first corrupted file")
+    add_command(
+        group, "info", StoreInfoConfig, run_store_info, "print a store's manifest summary (JSON)"
+    )
+    add_command(
+        group,
+        "verify",
+        StoreVerifyConfig,
+        run_store_verify,
+        "recompute every checksum of a store; name the first corrupted file",
+    )

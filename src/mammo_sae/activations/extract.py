@@ -21,10 +21,11 @@ import random
 import sys
 import warnings
 import zlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,24 +52,32 @@ class ExtractConfig:
     """
 
     data: Path = opt(help="data directory (folds CSV + images) or a CSV file")
-    model: str = opt(help="checkpoint (classifier → its encoder, or image encoder) or an arch "
-                          "name for a seeded random-weight encoder")
+    model: str = opt(
+        help="checkpoint (classifier → its encoder, or image encoder) or an arch "
+        "name for a seeded random-weight encoder"
+    )
     out: Path = opt(help="store directory")
     layer: str = opt("final", help="layer tap: final | stem | blocks.N")
     split: Literal["training", "test", "all"] = opt("training", help="which split to extract")
-    level: Literal["image", "row"] = opt("image", help="one entry per image, or per CSV row "
-                                                        "(the reference's row-level duplicates)")
+    level: Literal["image", "row"] = opt(
+        "image", help="one entry per image, or per CSV row (the reference's row-level duplicates)"
+    )
     dtype: Literal["float16", "bfloat16", "float32"] = opt("float16", help="stored vector dtype")
-    subsample: float = opt(1.0, gt=0.0, max=1.0, help="fraction of each image's patches kept (the reference: 0.25)")
+    subsample: float = opt(
+        1.0, gt=0.0, max=1.0, help="fraction of each image's patches kept (the reference: 0.25)"
+    )
     seed: int = opt(0, help="seed of the per-image subsample, augmentation and random weights")
     augment: bool = opt(False, help="apply the training augmentation while extracting")
-    image_size: list[int] | None = opt(None, help="resize inputs to HxW or H,W (e.g. 512x320); "
-                                        "default: as stored")
+    image_size: list[int] | None = opt(
+        None, help="resize inputs to HxW or H,W (e.g. 512x320); default: as stored"
+    )
     batch_size: int = opt(8, min=1, help="images per forward pass")
     workers: int = opt(2, min=0, help="DataLoader worker processes decoding images")
     shard_images: int = opt(256, min=1, help="images per shard (the unit of resumption)")
-    on_error: Literal["stop", "skip"] = opt("stop", help="an image that fails to load: stop, or "
-                                                         "skip it (kept in the table with ok=false)")
+    on_error: Literal["stop", "skip"] = opt(
+        "stop",
+        help="an image that fails to load: stop, or skip it (kept in the table with ok=false)",
+    )
     max_images: int | None = opt(None, min=1, help="extract only the first N records")
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
     autocast: bool = opt(False, help="bfloat16 autocast forward on CUDA (faster, not bit-faithful)")
@@ -110,8 +119,9 @@ def _scale_record(record: Any, size_hw: tuple[int, int] | None) -> Any:
         return record
     from ..data.images import scale_boxes
 
-    return dataclasses.replace(record, boxes=scale_boxes(record.boxes, record.frame_hw, size_hw),
-                               frame_hw=tuple(size_hw))
+    return dataclasses.replace(
+        record, boxes=scale_boxes(record.boxes, record.frame_hw, size_hw), frame_hw=tuple(size_hw)
+    )
 
 
 def _image_level_labels(records: Sequence[Any]) -> list[dict[str, int]]:
@@ -125,9 +135,20 @@ def _image_level_labels(records: Sequence[Any]) -> list[dict[str, int]]:
 
 
 def records_fingerprint(records: Sequence[Any]) -> str:
-    return sha256_json([[r.image_id, r.patient_id, r.split, r.row_index, r.labels,
-                         [[b.concept, b.x0, b.y0, b.x1, b.y1] for b in r.boxes],
-                         Path(r.path).name if r.path is not None else None] for r in records])
+    return sha256_json(
+        [
+            [
+                r.image_id,
+                r.patient_id,
+                r.split,
+                r.row_index,
+                r.labels,
+                [[b.concept, b.x0, b.y0, b.x1, b.y1] for b in r.boxes],
+                Path(r.path).name if r.path is not None else None,
+            ]
+            for r in records
+        ]
+    )
 
 
 def _layer_info(encoder: torch.nn.Module, layer: str) -> tuple[int, int]:
@@ -141,9 +162,12 @@ def _layer_info(encoder: torch.nn.Module, layer: str) -> tuple[int, int]:
 def _preprocessing(size_hw: tuple[int, int] | None) -> dict[str, Any]:
     from ..data import images
 
-    return {"pipeline": "mammo_sae.data.images.RecordDataset (per-image min-max, then (x - mean) / std)",
-            "mean": getattr(images, "MEAN", None), "std": getattr(images, "STD", None),
-            "image_size": list(size_hw) if size_hw else None}
+    return {
+        "pipeline": "mammo_sae.data.images.RecordDataset (per-image min-max, then (x - mean) / std)",
+        "mean": getattr(images, "MEAN", None),
+        "std": getattr(images, "STD", None),
+        "image_size": list(size_hw) if size_hw else None,
+    }
 
 
 # --------------------------------------------------------------------------- data
@@ -152,8 +176,9 @@ def _preprocessing(size_hw: tuple[int, int] | None) -> dict[str, Any]:
 class _ExtractionItems(torch.utils.data.Dataset):
     """RecordDataset items plus the breast mask; a failing image yields its error, not a crash."""
 
-    def __init__(self, records: Sequence[Any], size_hw: tuple[int, int] | None, augment: bool,
-                 seed: int) -> None:
+    def __init__(
+        self, records: Sequence[Any], size_hw: tuple[int, int] | None, augment: bool, seed: int
+    ) -> None:
         from ..data.images import RecordDataset
 
         # One channel through the workers' queue and pinned memory: the encoder's three are
@@ -176,8 +201,13 @@ class _ExtractionItems(torch.utils.data.Dataset):
             x_1hw, _ = self.inner[i]
             return {"i": i, "key": key, "x": x_1hw, "mask": self._mask(x_1hw), "error": None}
         except Exception as exc:  # noqa: BLE001 - reported with the image id, by policy
-            return {"i": i, "key": key, "x": None, "mask": None,
-                    "error": f"{type(exc).__name__}: {exc}"}
+            return {
+                "i": i,
+                "key": key,
+                "x": None,
+                "mask": None,
+                "error": f"{type(exc).__name__}: {exc}",
+            }
 
     @staticmethod
     def _mask(x_1hw: torch.Tensor) -> torch.Tensor | None:
@@ -193,7 +223,9 @@ class _ExtractionItems(torch.utils.data.Dataset):
             return None
 
 
-def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tuple[list[int], torch.Tensor]]]:
+def _collate(
+    items: list[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[tuple[list[int], torch.Tensor]]]:
     """(items without pixels, [(item positions, stacked x_b1hw)] per input shape). Stacking
     here, in the worker, hands the main process one tensor per batch; default_collate stacks
     straight into shared memory when it runs in a worker (torch.stack would need a second copy
@@ -202,12 +234,16 @@ def _collate(items: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[tu
     for pos, it in enumerate(items):
         if it["error"] is None:
             groups.setdefault(tuple(it["x"].shape), []).append(pos)
-    stacked = [(positions, torch.utils.data.default_collate([items[p].pop("x") for p in positions]))
-               for positions in groups.values()]
+    stacked = [
+        (positions, torch.utils.data.default_collate([items[p].pop("x") for p in positions]))
+        for positions in groups.values()
+    ]
     return items, stacked
 
 
-def _shard_batches(shards: Sequence[int], n: int, shard_images: int, batch_size: int) -> list[list[int]]:
+def _shard_batches(
+    shards: Sequence[int], n: int, shard_images: int, batch_size: int
+) -> list[list[int]]:
     out = []
     for k in shards:
         lo, hi = k * shard_images, min(n, (k + 1) * shard_images)
@@ -226,7 +262,7 @@ class _Dist:
     owns_group: bool = False
 
     @classmethod
-    def from_env(cls) -> "_Dist":
+    def from_env(cls) -> _Dist:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls()
@@ -237,7 +273,9 @@ class _Dist:
             # gloo even on GPUs: only tiny control messages travel between ranks.
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
             owns = True
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+        return cls(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
+        )
 
     def all_ok(self, ok: bool) -> bool:
         """Barrier that also tells every rank whether all ranks succeeded."""
@@ -276,8 +314,11 @@ def _load_records(cfg: ExtractConfig) -> list[Any]:
     on_missing = "error" if cfg.on_error == "stop" else "ignore"
     # Absolute image paths in the store: figures and reports built from another working
     # directory still find the mammograms.
-    records = list(load_records(Path(cfg.data).resolve(), level=cfg.level, splits=splits,
-                                on_missing=on_missing))
+    records = list(
+        load_records(
+            Path(cfg.data).resolve(), level=cfg.level, splits=splits, on_missing=on_missing
+        )
+    )
     if cfg.max_images is not None:
         records = records[: cfg.max_images]
     if not records:
@@ -285,9 +326,14 @@ def _load_records(cfg: ExtractConfig) -> list[Any]:
     return records
 
 
-def extract(cfg: ExtractConfig, *, records: Sequence[Any] | None = None,
-            encoder: torch.nn.Module | None = None, model_info: dict[str, Any] | None = None,
-            progress: bool = True) -> Path:
+def extract(
+    cfg: ExtractConfig,
+    *,
+    records: Sequence[Any] | None = None,
+    encoder: torch.nn.Module | None = None,
+    model_info: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> Path:
     """Run (or resume) an extraction; returns the store path. See ExtractConfig."""
     _validate(cfg)
     torch.set_flush_denormal(True)  # denormals in SE/Swish slow CPU convolutions ~6×
@@ -307,9 +353,14 @@ def extract(cfg: ExtractConfig, *, records: Sequence[Any] | None = None,
         dist.close()
 
 
-def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
-             encoder: torch.nn.Module | None, model_info: dict[str, Any] | None,
-             progress: bool) -> Path:
+def _extract(
+    cfg: ExtractConfig,
+    dist: _Dist,
+    records: Sequence[Any] | None,
+    encoder: torch.nn.Module | None,
+    model_info: dict[str, Any] | None,
+    progress: bool,
+) -> Path:
     root = Path(cfg.out)
     size_hw = parse_size(cfg.image_size)
     records = list(records) if records is not None else _load_records(cfg)
@@ -319,20 +370,38 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
         from ..models.checkpoints import load_encoder
 
         encoder, model_info = load_encoder(cfg.model, seed=cfg.seed)
-    model_info = dict(model_info or {"source": None, "kind": "given", "sha256": None,
-                                     "init_seed": None, "arch": type(encoder).__name__})
+    model_info = dict(
+        model_info
+        or {
+            "source": None,
+            "kind": "given",
+            "sha256": None,
+            "init_seed": None,
+            "arch": type(encoder).__name__,
+        }
+    )
     # The forward's precision changes the vectors, so it is part of the store's identity.
-    autocast = cfg.autocast and resolve_device(cfg.device, local_rank=dist.local_rank).type == "cuda"
+    autocast = (
+        cfg.autocast and resolve_device(cfg.device, local_rank=dist.local_rank).type == "cuda"
+    )
     model_info["forward_dtype"] = "bfloat16-autocast" if autocast else "float32"
-    if model_info.get("source"):   # provenance that stays valid when a run directory moves
+    if model_info.get("source"):  # provenance that stays valid when a run directory moves
         model_info["source"] = portable_path(model_info["source"], root)
     stride, d = _layer_info(encoder, cfg.layer)
     settings = {
-        "model": model_info, "layer": cfg.layer, "preprocessing": _preprocessing(size_hw),
-        "dtype": cfg.dtype, "subsample": {"fraction": cfg.subsample, "seed": cfg.seed},
-        "augment": cfg.augment, "level": cfg.level, "split": cfg.split,
-        "data": {"source": portable_path(cfg.data, root), "n_records": len(records),
-                 "records_sha256": records_fingerprint(records)},
+        "model": model_info,
+        "layer": cfg.layer,
+        "preprocessing": _preprocessing(size_hw),
+        "dtype": cfg.dtype,
+        "subsample": {"fraction": cfg.subsample, "seed": cfg.seed},
+        "augment": cfg.augment,
+        "level": cfg.level,
+        "split": cfg.split,
+        "data": {
+            "source": portable_path(cfg.data, root),
+            "n_records": len(records),
+            "records_sha256": records_fingerprint(records),
+        },
         "shard_images": cfg.shard_images,
     }
     manifest = store_format.new_manifest(settings, d=d, n_records=len(records))
@@ -366,16 +435,19 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
     error: BaseException | None = None
     try:
         if todo:
-            _extract_shards(cfg, root, todo, stored_records, image_labels, encoder, d,
-                            dist, progress)
+            _extract_shards(
+                cfg, root, todo, stored_records, image_labels, encoder, d, dist, progress
+            )
     except BaseException as exc:  # noqa: BLE001 - re-raised below, after telling the other ranks
         error = exc
     all_ok = dist.all_ok(error is None)
     if error is not None:
         raise error
     if not all_ok:
-        raise StoreError(f"another extraction process failed; finished shards are kept in {root}; "
-                         "rerun to resume")
+        raise StoreError(
+            f"another extraction process failed; finished shards are kept in {root}; "
+            "rerun to resume"
+        )
     ok, final_error = True, None
     if dist.rank == 0:
         try:
@@ -388,20 +460,24 @@ def _extract(cfg: ExtractConfig, dist: _Dist, records: Sequence[Any] | None,
 
 
 def _existing_state(root: Path, manifest: dict[str, Any]) -> str:
-    """"new", "partial" or "complete"; refuses a folder or store that is not this extraction's."""
+    """ "new", "partial" or "complete"; refuses a folder or store that is not this extraction's."""
     manifest_path = root / store_format.MANIFEST
     if not manifest_path.is_file():
         if root.exists() and any(p.name != LOCK_NAME for p in root.iterdir()):
-            raise StoreError(f"{root} exists, is not empty and has no {manifest_path.name}; "
-                             "refusing to write a store into it")
+            raise StoreError(
+                f"{root} exists, is not empty and has no {manifest_path.name}; "
+                "refusing to write a store into it"
+            )
         return "new"
     existing = read_json(manifest_path)
     if existing.get("format") != store_format.STORE_FORMAT:
         raise StoreError(f"{root} holds a {manifest_path.name} that is not an activation store")
     diff = store_format.settings_diff(existing, manifest)
     if diff:
-        raise StoreError(f"{root} was extracted with other settings ({'; '.join(diff)}); "
-                         "use another --out or delete it")
+        raise StoreError(
+            f"{root} was extracted with other settings ({'; '.join(diff)}); "
+            "use another --out or delete it"
+        )
     return "complete" if existing.get("complete") else "partial"
 
 
@@ -416,9 +492,17 @@ class _ShardBuffer:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: list[Any],
-                    image_labels: list[dict[str, int]], encoder: torch.nn.Module,
-                    d: int, dist: _Dist, progress: bool) -> None:
+def _extract_shards(
+    cfg: ExtractConfig,
+    root: Path,
+    todo: list[int],
+    records: list[Any],
+    image_labels: list[dict[str, int]],
+    encoder: torch.nn.Module,
+    d: int,
+    dist: _Dist,
+    progress: bool,
+) -> None:
     from tqdm import tqdm
 
     device = resolve_device(cfg.device, local_rank=dist.local_rank)
@@ -431,17 +515,30 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
     n = len(records)
     items = _ExtractionItems(records, parse_size(cfg.image_size), cfg.augment, cfg.seed)
     loader = torch.utils.data.DataLoader(
-        items, batch_sampler=_shard_batches(todo, n, cfg.shard_images, cfg.batch_size),
-        num_workers=cfg.workers, collate_fn=_collate, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
-    buffers = {k: _ShardBuffer(k, k * cfg.shard_images,
-                               min(n, (k + 1) * cfg.shard_images) - k * cfg.shard_images)
-               for k in todo}
+        items,
+        batch_sampler=_shard_batches(todo, n, cfg.shard_images, cfg.batch_size),
+        num_workers=cfg.workers,
+        collate_fn=_collate,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if cfg.workers else None,
+        persistent_workers=False,
+    )
+    buffers = {
+        k: _ShardBuffer(
+            k, k * cfg.shard_images, min(n, (k + 1) * cfg.shard_images) - k * cfg.shard_images
+        )
+        for k in todo
+    }
     n_todo = sum(b.remaining for b in buffers.values())
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
     pending: list[Future[Any]] = []
-    bar = tqdm(total=n_todo, unit="img", desc=f"extract {cfg.layer}",
-               disable=not progress or dist.rank != 0, dynamic_ncols=True)
+    bar = tqdm(
+        total=n_todo,
+        unit="img",
+        desc=f"extract {cfg.layer}",
+        disable=not progress or dist.rank != 0,
+        dynamic_ncols=True,
+    )
     try:
         for batch in _forward_batches(loader, encoder, cfg, device):
             for item in batch:
@@ -451,20 +548,38 @@ def _extract_shards(cfg: ExtractConfig, root: Path, todo: list[int], records: li
                 record = records[i]
                 if item["error"] is not None:
                     if cfg.on_error == "stop":
-                        raise DataError(f"image {record.image_id} ({record.path}) failed to load: "
-                                        f"{item['error']}; rerun with --on-error skip to leave it out")
+                        raise DataError(
+                            f"image {record.image_id} ({record.path}) failed to load: "
+                            f"{item['error']}; rerun with --on-error skip to leave it out"
+                        )
                     bar.write(f"skipped image {record.image_id}: {item['error']}")
-                    buf.rows.append(store_format.image_row(
-                        i, record, grid_hw=(0, 0), patch_count=0, image_labels=image_labels[i],
-                        ok=False, error=item["error"], root=root))
+                    buf.rows.append(
+                        store_format.image_row(
+                            i,
+                            record,
+                            grid_hw=(0, 0),
+                            patch_count=0,
+                            image_labels=image_labels[i],
+                            ok=False,
+                            error=item["error"],
+                            root=root,
+                        )
+                    )
                     buf.pooled.append(np.full((1, d), np.nan, np.float32))
                 else:
                     buf.acts.append(item["acts"])
                     buf.patches.append(item["patches"])
                     buf.pooled.append(item["pooled"][None])
-                    buf.rows.append(store_format.image_row(
-                        i, record, grid_hw=item["grid_hw"], patch_count=len(item["acts"]),
-                        image_labels=image_labels[i], root=root))
+                    buf.rows.append(
+                        store_format.image_row(
+                            i,
+                            record,
+                            grid_hw=item["grid_hw"],
+                            patch_count=len(item["acts"]),
+                            image_labels=image_labels[i],
+                            root=root,
+                        )
+                    )
                 buf.remaining -= 1
                 bar.update(1)
                 if buf.remaining == 0:
@@ -483,8 +598,16 @@ def _write_buffer(root: Path, buf: _ShardBuffer, dtype: str, d: int) -> None:
     disk = store_format.DISK_DTYPE[dtype]
     acts = np.concatenate(buf.acts) if buf.acts else np.zeros((0, d), disk)
     patches = np.concatenate(buf.patches) if buf.patches else np.zeros(0, store_format.PATCH_DTYPE)
-    store_format.write_shard(root, buf.index, acts, patches, np.concatenate(buf.pooled), buf.rows,
-                             dtype=dtype, image_start=buf.start)
+    store_format.write_shard(
+        root,
+        buf.index,
+        acts,
+        patches,
+        np.concatenate(buf.pooled),
+        buf.rows,
+        dtype=dtype,
+        image_start=buf.start,
+    )
 
 
 def _channels_last(cfg: ExtractConfig, device: torch.device) -> bool:
@@ -493,8 +616,9 @@ def _channels_last(cfg: ExtractConfig, device: torch.device) -> bool:
     return device.type == "cuda" and cfg.autocast
 
 
-def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
-                     device: torch.device) -> Iterator[list[dict[str, Any]]]:
+def _forward_batches(
+    loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig, device: torch.device
+) -> Iterator[list[dict[str, Any]]]:
     """Per loaded batch: items with `acts` (disk dtype), `patches`, `pooled`, `grid_hw` added.
 
     The host half of batch i (finiteness and range checks, the copy to host memory, provenance)
@@ -516,7 +640,10 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
             launched = []
             for positions, x_b1hw in stacked:
                 x_b3hw = expand_channels(x_b1hw.to(device, non_blocking=True), memory_format)
-                with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                with (
+                    torch.inference_mode(),
+                    torch.autocast(device.type, torch.bfloat16, enabled=autocast),
+                ):
                     map_bchw = encoder.forward_features(x_b3hw, [cfg.layer])[cfg.layer]
                 launched.append(_MapOnDevice(map_bchw.float(), [items[p] for p in positions], cfg))
         except BaseException:
@@ -533,7 +660,9 @@ def _forward_batches(loader: Any, encoder: torch.nn.Module, cfg: ExtractConfig,
         yield _finish_batch(*queued)
 
 
-def _finish_batch(items: list[dict[str, Any]], launched: list["_MapOnDevice"]) -> list[dict[str, Any]]:
+def _finish_batch(
+    items: list[dict[str, Any]], launched: list[_MapOnDevice]
+) -> list[dict[str, Any]]:
     for part in launched:
         part.finish()
     return items
@@ -544,39 +673,58 @@ FLOAT16_SMALLEST_NORMAL = 6.104e-5
 
 def _check_float16_range(max_abs: float) -> None:
     if max_abs > 65504.0:
-        raise StoreError(f"activations reach {max_abs:.3g}, beyond float16's range; "
-                         "use --dtype bfloat16 or float32")
+        raise StoreError(
+            f"activations reach {max_abs:.3g}, beyond float16's range; "
+            "use --dtype bfloat16 or float32"
+        )
     if 0.0 < max_abs < FLOAT16_SMALLEST_NORMAL:
-        raise StoreError(f"activations reach at most {max_abs:.3g}: float16 would store them as 0 or "
-                         "as subnormals with a few bits left; use --dtype bfloat16 or float32 (or "
-                         "check the checkpoint: a trained encoder's final map is of order 1)")
+        raise StoreError(
+            f"activations reach at most {max_abs:.3g}: float16 would store them as 0 or "
+            "as subnormals with a few bits left; use --dtype bfloat16 or float32 (or "
+            "check the checkpoint: a trained encoder's final map is of order 1)"
+        )
     if 0.0 < max_abs < 1e-3:
         # A fixed text, so Python shows it once per run rather than once per batch.
-        warnings.warn("activations are tiny (max |x| < 1e-3); float16 rounds values below 6e-8 to "
-                      "zero and loses precision below 6e-5: consider --dtype bfloat16", stacklevel=2)
+        warnings.warn(
+            "activations are tiny (max |x| < 1e-3); float16 rounds values below 6e-8 to "
+            "zero and loses precision below 6e-5: consider --dtype bfloat16",
+            stacklevel=2,
+        )
 
 
 class _MapOnDevice:
     """One group's feature map cut into the store's pieces: the device work and the (async, on
     CUDA into pinned memory) copies are started at construction, the host work in `finish`."""
 
-    def __init__(self, map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig) -> None:
+    def __init__(
+        self, map_bchw: torch.Tensor, group: list[dict[str, Any]], cfg: ExtractConfig
+    ) -> None:
         b, c, h, w = map_bchw.shape
         self.group, self.cfg, self.grid_hw = group, cfg, (h, w)
         self.cells = [subsample_cells(h * w, cfg.subsample, cfg.seed, it["key"]) for it in group]
         self.counts = [len(cl) for cl in self.cells]
         pooled_bd = map_bchw.mean((2, 3))
-        finite_b = torch.isfinite(pooled_bd).all(1)  # a NaN or inf anywhere in a map reaches its mean
+        finite_b = torch.isfinite(pooled_bd).all(
+            1
+        )  # a NaN or inf anywhere in a map reaches its mean
         max_abs = map_bchw.abs().amax() if cfg.dtype == "float16" else pooled_bd.new_zeros(())
         # One pass per image: (C, cells) → (cells, C) transposed straight into the store dtype.
         flat_bcp = map_bchw.flatten(2)
-        kept_nd = torch.empty((sum(self.counts), c), dtype=getattr(torch, cfg.dtype), device=map_bchw.device)
+        kept_nd = torch.empty(
+            (sum(self.counts), c), dtype=getattr(torch, cfg.dtype), device=map_bchw.device
+        )
         offset = 0
         for j, cl in enumerate(self.cells):
-            src_cp = flat_bcp[j] if len(cl) == h * w else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
-            kept_nd[offset: offset + len(cl)].copy_(src_cp.T)
+            src_cp = (
+                flat_bcp[j]
+                if len(cl) == h * w
+                else flat_bcp[j][:, torch.from_numpy(cl).to(map_bchw.device)]
+            )
+            kept_nd[offset : offset + len(cl)].copy_(src_cp.T)
             offset += len(cl)
-        self.on_host: list[torch.Tensor] | None = [_to_host(t) for t in (kept_nd, pooled_bd, finite_b, max_abs)]
+        self.on_host: list[torch.Tensor] | None = [
+            _to_host(t) for t in (kept_nd, pooled_bd, finite_b, max_abs)
+        ]
         self.ready = None
         if map_bchw.device.type == "cuda":
             self.ready = torch.cuda.Event()
@@ -587,7 +735,7 @@ class _MapOnDevice:
             self.ready.synchronize()
         assert self.on_host is not None, "finish() called twice"
         kept_nd, pooled_bd, finite_b, max_abs = self.on_host
-        self.on_host = None   # the pinned blocks go back to the allocator's cache after this
+        self.on_host = None  # the pinned blocks go back to the allocator's cache after this
         group, cfg = self.group, self.cfg
         if not bool(finite_b.all()):
             bad = [it["key"] for it, fin in zip(group, finite_b.tolist()) if not fin]
@@ -609,8 +757,12 @@ class _MapOnDevice:
             patches["image_index"] = it["i"]
             patches["row"], patches["col"] = cl // w, cl % w
             patches["tissue"] = tissue.reshape(-1).numpy()[cl]
-            it.update(acts=disk_nd[offset: offset + self.counts[j]], patches=patches,
-                      pooled=pooled[j].astype(np.float32), grid_hw=(h, w))
+            it.update(
+                acts=disk_nd[offset : offset + self.counts[j]],
+                patches=patches,
+                pooled=pooled[j].astype(np.float32),
+                grid_hw=(h, w),
+            )
             offset += self.counts[j]
 
 

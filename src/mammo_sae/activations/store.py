@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -55,9 +56,28 @@ PATCH_DTYPE = np.dtype([("image_index", "<i4"), ("row", "<i2"), ("col", "<i2"), 
 
 # Image-table columns, in order (the spec lists the same names).
 IMAGE_COLUMNS = (
-    "image_index", "image_id", "patient_id", "split", "path", "view", "laterality", "frame_hw",
-    "series_id", "fold", "row_index", "labels", "image_labels", "boxes", "extra",
-    "grid_h", "grid_w", "patch_offset", "patch_count", "shard", "ok", "error",
+    "image_index",
+    "image_id",
+    "patient_id",
+    "split",
+    "path",
+    "view",
+    "laterality",
+    "frame_hw",
+    "series_id",
+    "fold",
+    "row_index",
+    "labels",
+    "image_labels",
+    "boxes",
+    "extra",
+    "grid_h",
+    "grid_w",
+    "patch_offset",
+    "patch_count",
+    "shard",
+    "ok",
+    "error",
 )
 
 
@@ -68,11 +88,15 @@ def shard_name(index: int) -> str:
 def shard_files(index: int) -> dict[str, str]:
     """Relative paths of shard `index`'s files, keyed by role."""
     stem = f"{SHARD_DIR}/{shard_name(index)}"
-    return {"acts": f"{stem}.acts.npy", "patches": f"{stem}.patches.npy",
-            "pooled": f"{stem}.pooled.npy", "record": f"{stem}.json"}
+    return {
+        "acts": f"{stem}.acts.npy",
+        "patches": f"{stem}.patches.npy",
+        "pooled": f"{stem}.pooled.npy",
+        "record": f"{stem}.json",
+    }
 
 
-def to_disk(acts_nd: "Any", dtype: str) -> np.ndarray:
+def to_disk(acts_nd: Any, dtype: str) -> np.ndarray:
     """A torch tensor or numpy array → the on-disk numpy array of store dtype `dtype`."""
     import torch
 
@@ -104,9 +128,17 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             os.fsync(f.fileno())
 
 
-def write_shard(root: Path, index: int, acts_pd: np.ndarray, patches_p: np.ndarray,
-                pooled_nd: np.ndarray, image_rows: list[dict[str, Any]], *, dtype: str,
-                image_start: int) -> dict[str, Any]:
+def write_shard(
+    root: Path,
+    index: int,
+    acts_pd: np.ndarray,
+    patches_p: np.ndarray,
+    pooled_nd: np.ndarray,
+    image_rows: list[dict[str, Any]],
+    *,
+    dtype: str,
+    image_start: int,
+) -> dict[str, Any]:
     """Write one shard's files atomically, then its record (the completion marker).
 
     Any OSError (a full disk) surfaces as StoreError; files already renamed into place are
@@ -114,26 +146,36 @@ def write_shard(root: Path, index: int, acts_pd: np.ndarray, patches_p: np.ndarr
     """
     files = shard_files(index)
     if acts_pd.dtype != DISK_DTYPE[dtype] or patches_p.dtype != PATCH_DTYPE:
-        raise StoreError(f"shard {shard_name(index)}: arrays have dtypes {acts_pd.dtype}/"
-                         f"{patches_p.dtype}, expected {DISK_DTYPE[dtype]}/{PATCH_DTYPE}")
+        raise StoreError(
+            f"shard {shard_name(index)}: arrays have dtypes {acts_pd.dtype}/"
+            f"{patches_p.dtype}, expected {DISK_DTYPE[dtype]}/{PATCH_DTYPE}"
+        )
     checksums: dict[str, str] = {}
     try:
         for role, array in (("acts", acts_pd), ("patches", patches_p), ("pooled", pooled_nd)):
             _save_npy(root / files[role], array)
             checksums[role] = sha256_file(root / files[role])
         record = {
-            "schema_version": SCHEMA_VERSION, "index": index, "name": shard_name(index),
-            "image_start": image_start, "image_stop": image_start + len(image_rows),
-            "n_patches": int(len(acts_pd)), "d": int(acts_pd.shape[1]) if acts_pd.ndim == 2 else 0,
-            "dtype": dtype, "files": {r: files[r] for r in ("acts", "patches", "pooled")},
-            "sha256": checksums, "images": image_rows,
+            "schema_version": SCHEMA_VERSION,
+            "index": index,
+            "name": shard_name(index),
+            "image_start": image_start,
+            "image_stop": image_start + len(image_rows),
+            "n_patches": int(len(acts_pd)),
+            "d": int(acts_pd.shape[1]) if acts_pd.ndim == 2 else 0,
+            "dtype": dtype,
+            "files": {r: files[r] for r in ("acts", "patches", "pooled")},
+            "sha256": checksums,
+            "images": image_rows,
         }
         write_json(root / files["record"], record)
     except StoreError:
         raise
     except (OSError, MammoSaeError) as exc:  # atomic_path already removed the temporary file
-        raise StoreError(f"could not write shard {shard_name(index)} of {root}: {exc}; "
-                         "finished shards are kept, fix the cause and rerun to resume") from exc
+        raise StoreError(
+            f"could not write shard {shard_name(index)} of {root}: {exc}; "
+            "finished shards are kept, fix the cause and rerun to resume"
+        ) from exc
     return record
 
 
@@ -146,7 +188,7 @@ def read_shard_record(root: Path, index: int) -> dict[str, Any] | None:
         record = read_json(path)
     except Exception:  # noqa: BLE001 - a torn record just means "redo this shard"
         return None
-    for role, rel in record.get("files", {}).items():
+    for rel in record.get("files", {}).values():
         if not (root / rel).is_file():
             return None
     return record
@@ -168,8 +210,10 @@ def finalise(root: Path, manifest: dict[str, Any], n_shards: int) -> dict[str, A
     for index in range(n_shards):
         record = read_shard_record(root, index)
         if record is None:
-            raise StoreError(f"{root}: shard {shard_name(index)} is missing or incomplete; "
-                             "rerun extract to finish it")
+            raise StoreError(
+                f"{root}: shard {shard_name(index)} is missing or incomplete; "
+                "rerun extract to finish it"
+            )
         records.append(record)
     d = manifest["d"]
     rows: list[dict[str, Any]] = []
@@ -178,33 +222,48 @@ def finalise(root: Path, manifest: dict[str, Any], n_shards: int) -> dict[str, A
     patch_offset = 0
     for record in records:
         if record["d"] not in (0, d) or record["dtype"] != manifest["dtype"]:
-            raise StoreError(f"{root}: shard {record['name']} has d={record['d']} dtype="
-                             f"{record['dtype']}, the store has d={d} dtype={manifest['dtype']}")
+            raise StoreError(
+                f"{root}: shard {record['name']} has d={record['d']} dtype="
+                f"{record['dtype']}, the store has d={d} dtype={manifest['dtype']}"
+            )
         shard_patch_offset = patch_offset
         for row in record["images"]:
             row = dict(row, patch_offset=patch_offset, shard=record["index"])
             patch_offset += row["patch_count"]
             rows.append(row)
         pooled_parts.append(load_npy(root / record["files"]["pooled"]))
-        shards.append({
-            "index": record["index"], "name": record["name"],
-            "image_start": record["image_start"], "image_stop": record["image_stop"],
-            "patch_offset": shard_patch_offset, "n_patches": record["n_patches"],
-            "files": {r: record["files"][r] for r in ("acts", "patches")},
-            "sha256": {r: record["sha256"][r] for r in ("acts", "patches")},
-        })
+        shards.append(
+            {
+                "index": record["index"],
+                "name": record["name"],
+                "image_start": record["image_start"],
+                "image_stop": record["image_stop"],
+                "patch_offset": shard_patch_offset,
+                "n_patches": record["n_patches"],
+                "files": {r: record["files"][r] for r in ("acts", "patches")},
+                "sha256": {r: record["sha256"][r] for r in ("acts", "patches")},
+            }
+        )
     for i, row in enumerate(rows):
         if row["image_index"] != i:
             raise StoreError(f"{root}: image table has a hole or duplicate at index {i}")
-    pooled_nd = (np.concatenate(pooled_parts) if pooled_parts
-                 else np.zeros((0, d), np.float32)).astype(np.float32)
+    pooled_nd = (
+        np.concatenate(pooled_parts) if pooled_parts else np.zeros((0, d), np.float32)
+    ).astype(np.float32)
     _save_npy(root / POOLED, pooled_nd)
-    write_json(root / IMAGES, {"schema_version": SCHEMA_VERSION, "columns": list(IMAGE_COLUMNS),
-                               "rows": [{c: row.get(c) for c in IMAGE_COLUMNS} for row in rows]})
+    write_json(
+        root / IMAGES,
+        {
+            "schema_version": SCHEMA_VERSION,
+            "columns": list(IMAGE_COLUMNS),
+            "rows": [{c: row.get(c) for c in IMAGE_COLUMNS} for row in rows],
+        },
+    )
     grids = {(r["grid_h"], r["grid_w"]) for r in rows if r["ok"]}
     manifest = dict(manifest)
     manifest.update(
-        n_images=len(rows), n_patches=patch_offset,
+        n_images=len(rows),
+        n_patches=patch_offset,
         grid=list(next(iter(grids))) if len(grids) == 1 else None,
         failed_images=[r["image_id"] for r in rows if not r["ok"]],
         shards=shards,
@@ -217,8 +276,18 @@ def finalise(root: Path, manifest: dict[str, Any], n_shards: int) -> dict[str, A
 
 
 # Manifest keys that define a store: a rerun whose values differ is refused.
-SETTINGS_KEYS = ("model", "layer", "preprocessing", "dtype", "subsample", "augment", "level",
-                 "split", "data", "shard_images")
+SETTINGS_KEYS = (
+    "model",
+    "layer",
+    "preprocessing",
+    "dtype",
+    "subsample",
+    "augment",
+    "level",
+    "split",
+    "data",
+    "shard_images",
+)
 # ...except these, which may change without changing the content (files moved).
 UNCOMPARED = ("model.source", "data.source")
 
@@ -232,9 +301,14 @@ def new_manifest(settings: dict[str, Any], *, d: int, n_records: int) -> dict[st
         raise StoreError(f"store settings lack {missing}")
     shard_images = int(settings["shard_images"])
     return {
-        "format": STORE_FORMAT, "schema_version": SCHEMA_VERSION, "package_version": __version__,
-        "complete": False, **{k: settings[k] for k in SETTINGS_KEYS}, "d": int(d),
-        "n_records": int(n_records), "n_shards": -(-n_records // shard_images),
+        "format": STORE_FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "package_version": __version__,
+        "complete": False,
+        **{k: settings[k] for k in SETTINGS_KEYS},
+        "d": int(d),
+        "n_records": int(n_records),
+        "n_shards": -(-n_records // shard_images),
     }
 
 
@@ -251,40 +325,70 @@ def settings_diff(existing: dict[str, Any], wanted: dict[str, Any]) -> list[str]
     """Human-readable differences between an existing manifest's settings and wanted ones."""
     old = _flatten({k: existing.get(k) for k in (*SETTINGS_KEYS, "d")})
     new = _flatten({k: wanted.get(k) for k in (*SETTINGS_KEYS, "d")})
-    return [f"{k}: store has {old.get(k)!r}, requested {new.get(k)!r}"
-            for k in sorted(set(old) | set(new))
-            if k not in UNCOMPARED and old.get(k) != new.get(k)]
+    return [
+        f"{k}: store has {old.get(k)!r}, requested {new.get(k)!r}"
+        for k in sorted(set(old) | set(new))
+        if k not in UNCOMPARED and old.get(k) != new.get(k)
+    ]
 
 
-def image_row(image_index: int, record: Any, *, grid_hw: tuple[int, int], patch_count: int,
-              image_labels: dict[str, int] | None = None, ok: bool = True,
-              error: str | None = None, root: Path | None = None) -> dict[str, Any]:
+def image_row(
+    image_index: int,
+    record: Any,
+    *,
+    grid_hw: tuple[int, int],
+    patch_count: int,
+    image_labels: dict[str, int] | None = None,
+    ok: bool = True,
+    error: str | None = None,
+    root: Path | None = None,
+) -> dict[str, Any]:
     """One image-table row (patch_offset and shard are filled in by `finalise`). With the
     store's `root`, the image path is recorded by `portable_path` (relative to the store when
     the data lies beside it, as in a run directory)."""
-    path = None if record.path is None else (
-        portable_path(record.path, root) if root is not None else str(record.path))
+    path = (
+        None
+        if record.path is None
+        else (portable_path(record.path, root) if root is not None else str(record.path))
+    )
     return {
-        "image_index": int(image_index), "image_id": record.image_id,
-        "patient_id": record.patient_id, "split": record.split,
+        "image_index": int(image_index),
+        "image_id": record.image_id,
+        "patient_id": record.patient_id,
+        "split": record.split,
         "path": path,
-        "view": record.view, "laterality": record.laterality,
-        "frame_hw": [int(v) for v in record.frame_hw], "series_id": record.series_id,
-        "fold": record.fold, "row_index": record.row_index, "labels": dict(record.labels),
+        "view": record.view,
+        "laterality": record.laterality,
+        "frame_hw": [int(v) for v in record.frame_hw],
+        "series_id": record.series_id,
+        "fold": record.fold,
+        "row_index": record.row_index,
+        "labels": dict(record.labels),
         "image_labels": dict(image_labels if image_labels is not None else record.labels),
         "boxes": [[b.concept, b.x0, b.y0, b.x1, b.y1] for b in record.boxes],
-        "extra": dict(record.extra), "grid_h": int(grid_hw[0]), "grid_w": int(grid_hw[1]),
-        "patch_offset": None, "patch_count": int(patch_count), "shard": None, "ok": bool(ok),
+        "extra": dict(record.extra),
+        "grid_h": int(grid_hw[0]),
+        "grid_w": int(grid_hw[1]),
+        "patch_offset": None,
+        "patch_count": int(patch_count),
+        "shard": None,
+        "ok": bool(ok),
         "error": error,
     }
 
 
-def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
-                grids: Sequence[tuple[int, int]] | None = None,
-                positions: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
-                pooled_nd: np.ndarray | None = None, records: Sequence[Any] | None = None,
-                dtype: str = "float32", shard_images: int = 64,
-                settings: dict[str, Any] | None = None) -> "ActivationStore":
+def write_store(
+    path: str | os.PathLike[str],
+    acts: Sequence[np.ndarray],
+    *,
+    grids: Sequence[tuple[int, int]] | None = None,
+    positions: Sequence[tuple[np.ndarray, np.ndarray]] | None = None,
+    pooled_nd: np.ndarray | None = None,
+    records: Sequence[Any] | None = None,
+    dtype: str = "float32",
+    shard_images: int = 64,
+    settings: dict[str, Any] | None = None,
+) -> ActivationStore:
     """Build a complete store from in-memory per-image arrays (tests, synthetic data, imports).
 
     `acts[i]` is image i's (p_i, d) patch matrix; by default its patches are the full grid
@@ -309,17 +413,36 @@ def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
     if positions is None:
         positions = [(np.repeat(np.arange(h), w), np.tile(np.arange(w), h)) for h, w in grids]
     if records is None:
-        records = [ImageRecord(image_id=f"img{i:05d}", patient_id=f"p{i:05d}", split="training",
-                               path=None, labels={}) for i in range(n)]
-    if pooled_nd is None:   # an image without patches has no mean: NaN, as a skipped image
-        pooled_nd = np.stack([a.astype(np.float64).mean(0) if len(a) else np.full(d, np.nan)
-                              for a in acts]).astype(np.float32)
+        records = [
+            ImageRecord(
+                image_id=f"img{i:05d}",
+                patient_id=f"p{i:05d}",
+                split="training",
+                path=None,
+                labels={},
+            )
+            for i in range(n)
+        ]
+    if pooled_nd is None:  # an image without patches has no mean: NaN, as a skipped image
+        pooled_nd = np.stack(
+            [a.astype(np.float64).mean(0) if len(a) else np.full(d, np.nan) for a in acts]
+        ).astype(np.float32)
     if len(records) != n or len(grids) != n or len(positions) != n or pooled_nd.shape != (n, d):
-        raise StoreError("write_store: acts, grids, positions, records and pooled_nd disagree in length")
-    base = {"model": {"arch": "synthetic", "source": None, "sha256": None}, "layer": "synthetic",
-            "preprocessing": {}, "dtype": dtype, "subsample": {"fraction": 1.0, "seed": 0},
-            "augment": False, "level": "image", "split": "all",
-            "data": {"source": None, "n_records": n}, "shard_images": int(shard_images)}
+        raise StoreError(
+            "write_store: acts, grids, positions, records and pooled_nd disagree in length"
+        )
+    base = {
+        "model": {"arch": "synthetic", "source": None, "sha256": None},
+        "layer": "synthetic",
+        "preprocessing": {},
+        "dtype": dtype,
+        "subsample": {"fraction": 1.0, "seed": 0},
+        "augment": False,
+        "level": "image",
+        "split": "all",
+        "data": {"source": None, "n_records": n},
+        "shard_images": int(shard_images),
+    }
     base.update(settings or {})
     manifest = new_manifest(base, d=d, n_records=n)
     write_json(root / MANIFEST, manifest)
@@ -332,12 +455,27 @@ def write_store(path: str | os.PathLike[str], acts: Sequence[np.ndarray], *,
             meta["image_index"], meta["row"], meta["col"] = i, rows, cols
             meta["tissue"] = np.nan
             metas.append(meta)
-        image_rows = [image_row(i, records[i], grid_hw=grids[i], patch_count=len(acts[i]),
-                                ok=len(acts[i]) > 0,
-                                error=None if len(acts[i]) else "no patch vectors")
-                      for i in range(lo, hi)]
-        write_shard(root, k, to_disk(np.concatenate(acts[lo:hi]), dtype), np.concatenate(metas),
-                    pooled_nd[lo:hi].astype(np.float32), image_rows, dtype=dtype, image_start=lo)
+        image_rows = [
+            image_row(
+                i,
+                records[i],
+                grid_hw=grids[i],
+                patch_count=len(acts[i]),
+                ok=len(acts[i]) > 0,
+                error=None if len(acts[i]) else "no patch vectors",
+            )
+            for i in range(lo, hi)
+        ]
+        write_shard(
+            root,
+            k,
+            to_disk(np.concatenate(acts[lo:hi]), dtype),
+            np.concatenate(metas),
+            pooled_nd[lo:hi].astype(np.float32),
+            image_rows,
+            dtype=dtype,
+            image_start=lo,
+        )
     finalise(root, manifest, manifest["n_shards"])
     return ActivationStore(root)
 
@@ -347,8 +485,8 @@ class _Shard:
     index: int
     patch_offset: int
     n_patches: int
-    acts: np.ndarray      # memmap (n, d) disk dtype — random access by image
-    patches: np.ndarray   # memmap structured PATCH_DTYPE
+    acts: np.ndarray  # memmap (n, d) disk dtype — random access by image
+    patches: np.ndarray  # memmap structured PATCH_DTYPE
     acts_path: Path
     fd: int | None = None  # opened on first sequential read
 
@@ -386,22 +524,31 @@ class ActivationStore:
         self.manifest: dict[str, Any] = read_json(manifest_path)
         m = self.manifest
         if m.get("format") != STORE_FORMAT:
-            raise StoreError(f"{manifest_path}: format {m.get('format')!r}, expected {STORE_FORMAT!r}")
+            raise StoreError(
+                f"{manifest_path}: format {m.get('format')!r}, expected {STORE_FORMAT!r}"
+            )
         if m.get("schema_version") != SCHEMA_VERSION:
-            raise StoreError(f"{manifest_path}: schema_version {m.get('schema_version')!r}; "
-                             f"this mammo-sae reads version {SCHEMA_VERSION}")
+            raise StoreError(
+                f"{manifest_path}: schema_version {m.get('schema_version')!r}; "
+                f"this mammo-sae reads version {SCHEMA_VERSION}"
+            )
         if not m.get("complete"):
-            raise StoreError(f"store {self.path} is incomplete (extraction interrupted); "
-                             "rerun the same extract command to resume it")
+            raise StoreError(
+                f"store {self.path} is incomplete (extraction interrupted); "
+                "rerun the same extract command to resume it"
+            )
         if m.get("dtype") not in DTYPES:
-            raise StoreError(f"{manifest_path}: unknown dtype {m.get('dtype')!r}; valid: {', '.join(DTYPES)}")
+            raise StoreError(
+                f"{manifest_path}: unknown dtype {m.get('dtype')!r}; valid: {', '.join(DTYPES)}"
+            )
         self.d: int = int(m["d"])
         self.dtype: str = m["dtype"]
         self.n_images: int = int(m["n_images"])
         self.n_patches: int = int(m["n_patches"])
         self._shards = [self._open_shard(s) for s in m["shards"]]
-        self._shard_offsets = np.array([s.patch_offset for s in self._shards] + [self.n_patches],
-                                       dtype=np.int64)
+        self._shard_offsets = np.array(
+            [s.patch_offset for s in self._shards] + [self.n_patches], dtype=np.int64
+        )
         if sum(s.n_patches for s in self._shards) != self.n_patches:
             raise StoreError(f"{manifest_path}: shard patch counts do not add up to n_patches")
 
@@ -414,16 +561,22 @@ class ActivationStore:
         try:
             acts, patches = load_npy(acts_path, mmap=True), load_npy(patches_path, mmap=True)
         except MammoSaeError as exc:
-            raise StoreError(f"store {self.path}: {exc}; `mammo-sae extract` with the same "
-                             "arguments rewrites nothing of a complete store: re-extract into "
-                             "a new --out") from exc
+            raise StoreError(
+                f"store {self.path}: {exc}; `mammo-sae extract` with the same "
+                "arguments rewrites nothing of a complete store: re-extract into "
+                "a new --out"
+            ) from exc
         n = int(entry["n_patches"])
         if acts.dtype != DISK_DTYPE[self.dtype] or acts.shape != (n, self.d):
-            raise StoreError(f"shard {acts_path}: holds {acts.dtype} {acts.shape}, the manifest says "
-                             f"{DISK_DTYPE[self.dtype]} ({n}, {self.d}) (dimension/dtype mismatch)")
+            raise StoreError(
+                f"shard {acts_path}: holds {acts.dtype} {acts.shape}, the manifest says "
+                f"{DISK_DTYPE[self.dtype]} ({n}, {self.d}) (dimension/dtype mismatch)"
+            )
         if patches.dtype != PATCH_DTYPE or patches.shape != (n,):
-            raise StoreError(f"shard {patches_path}: holds {patches.dtype} {patches.shape}, "
-                             f"expected {PATCH_DTYPE} ({n},)")
+            raise StoreError(
+                f"shard {patches_path}: holds {patches.dtype} {patches.shape}, "
+                f"expected {PATCH_DTYPE} ({n},)"
+            )
         return _Shard(int(entry["index"]), int(entry["patch_offset"]), n, acts, patches, acts_path)
 
     # ----------------------------------------------------------------- provenance
@@ -442,10 +595,14 @@ class ActivationStore:
         if missing:
             raise StoreError(f"store {self.path}: file missing: {missing[0]}")
         total = sum((self.path / rel).stat().st_size for rel, _ in expected)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=not progress) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="verify", disable=not progress
+        ) as bar:
             for rel, sha in expected:
                 if sha256_file(self.path / rel) != sha:
-                    raise StoreError(f"store {self.path}: checksum mismatch in {rel} (corrupted file)")
+                    raise StoreError(
+                        f"store {self.path}: checksum mismatch in {rel} (corrupted file)"
+                    )
                 bar.update((self.path / rel).stat().st_size)
 
     @cached_property
@@ -457,7 +614,7 @@ class ActivationStore:
         return rows
 
     @cached_property
-    def images(self) -> "Any":
+    def images(self) -> Any:
         """Image table as a pandas DataFrame (columns: IMAGE_COLUMNS), row i = image_index i."""
         import pandas as pd
 
@@ -467,24 +624,34 @@ class ActivationStore:
     def pooled_nd(self) -> np.ndarray:
         pooled = load_npy(self.path / POOLED)
         if pooled.shape != (self.n_images, self.d):
-            raise StoreError(f"{self.path / POOLED}: shape {pooled.shape}, expected {(self.n_images, self.d)}")
+            raise StoreError(
+                f"{self.path / POOLED}: shape {pooled.shape}, expected {(self.n_images, self.d)}"
+            )
         return pooled.astype(np.float32, copy=False)
 
-    def records(self) -> list["Any"]:
+    def records(self) -> list[Any]:
         """`ImageRecord`s rebuilt from the table (boxes in the extracted model-input frame)."""
         from ..data.records import Box, ImageRecord
 
         out = []
         for row in self._image_rows:
-            out.append(ImageRecord(
-                image_id=row["image_id"], patient_id=row["patient_id"], split=row["split"],
-                path=resolve_recorded(row["path"], self.path) if row["path"] else None,
-                labels=dict(row["labels"]),
-                boxes=tuple(Box(b[0], *map(float, b[1:5])) for b in row["boxes"]),
-                view=row["view"], laterality=row["laterality"], frame_hw=tuple(row["frame_hw"]),
-                series_id=row["series_id"], fold=row["fold"], row_index=row["row_index"],
-                extra=dict(row["extra"]),
-            ))
+            out.append(
+                ImageRecord(
+                    image_id=row["image_id"],
+                    patient_id=row["patient_id"],
+                    split=row["split"],
+                    path=resolve_recorded(row["path"], self.path) if row["path"] else None,
+                    labels=dict(row["labels"]),
+                    boxes=tuple(Box(b[0], *map(float, b[1:5])) for b in row["boxes"]),
+                    view=row["view"],
+                    laterality=row["laterality"],
+                    frame_hw=tuple(row["frame_hw"]),
+                    series_id=row["series_id"],
+                    fold=row["fold"],
+                    row_index=row["row_index"],
+                    extra=dict(row["extra"]),
+                )
+            )
         return out
 
     @property
@@ -521,12 +688,15 @@ class ActivationStore:
 
     def patch_tissue(self) -> np.ndarray:
         """Tissue fraction of every patch, in store order (n_patches,) float32."""
-        return np.concatenate([np.asarray(s.patches["tissue"], np.float32) for s in self._shards]
-                              or [np.zeros(0, np.float32)])
+        return np.concatenate(
+            [np.asarray(s.patches["tissue"], np.float32) for s in self._shards]
+            or [np.zeros(0, np.float32)]
+        )
 
     # ----------------------------------------------------------------- sequential
-    def iter_chunks(self, chunk_patches: int = 65536
-                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    def iter_chunks(
+        self, chunk_patches: int = 65536
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """Store order: (acts_nd float32, image_index_n, row_n, col_n), ≤ chunk_patches each.
 
         Memory ≈ chunk_patches × d × (4 + itemsize) bytes, whatever the store size."""
@@ -538,11 +708,14 @@ class ActivationStore:
                 meta = np.asarray(shard.patches[lo:hi])
                 block = np.empty((hi - lo, self.d), DISK_DTYPE[self.dtype])
                 shard.read_rows(lo, hi, block)
-                yield (to_float32(block, self.dtype),
-                       meta["image_index"].astype(np.int64), meta["row"].astype(np.int64),
-                       meta["col"].astype(np.int64))
+                yield (
+                    to_float32(block, self.dtype),
+                    meta["image_index"].astype(np.int64),
+                    meta["row"].astype(np.int64),
+                    meta["col"].astype(np.int64),
+                )
 
-    def load_all(self, device: "Any" = "cpu", dtype: "Any" = None) -> "Any":
+    def load_all(self, device: Any = "cpu", dtype: Any = None) -> Any:
         """The whole store as one (n_patches, d) tensor on `device` (when it fits)."""
         import torch
 
@@ -554,21 +727,33 @@ class ActivationStore:
                 block = np.empty((hi - lo, self.d), DISK_DTYPE[self.dtype])
                 shard.read_rows(lo, hi, block)
                 block = _disk_to_torch(block, self.dtype)
-                out[shard.patch_offset + lo: shard.patch_offset + hi] = block.to(device, dtype)
+                out[shard.patch_offset + lo : shard.patch_offset + hi] = block.to(device, dtype)
         return out
 
     # ----------------------------------------------------------------- shuffled stream
     def patches_per_rank(self, world_size: int = 1) -> int:
         return self.n_patches // world_size
 
-    def batches_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    def batches_per_epoch(
+        self, batch_size: int, world_size: int = 1, drop_last: bool = False
+    ) -> int:
         per_rank = self.patches_per_rank(world_size)
         return per_rank // batch_size if drop_last else -(-per_rank // batch_size)
 
-    def stream(self, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0,
-               rank: int = 0, world_size: int = 1, buffer_patches: int = 2 ** 20,
-               drop_last: bool = False, block_patches: int | None = None,
-               raw: bool = False) -> Iterator["Any"]:
+    def stream(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_patches: int = 2**20,
+        drop_last: bool = False,
+        block_patches: int | None = None,
+        raw: bool = False,
+    ) -> Iterator[Any]:
         """Shuffled float32 (B, d) batches of one epoch for `rank` of `world_size`.
 
         Contiguous blocks of `block_patches` are read in a seeded random order (each rank gets
@@ -586,17 +771,17 @@ class ActivationStore:
         total = min(self.patches_per_rank(world_size), n_batches * batch_size)
         skip = min(start_batch * batch_size, total)
         rng = np.random.default_rng([seed, epoch, rank, 0x5EED])
-        capacity = max(buffer_patches, batch_size, 2)   # a cycle serves half: ≥ 1 row
+        capacity = max(buffer_patches, batch_size, 2)  # a cycle serves half: ≥ 1 row
         disk_dtype = DISK_DTYPE[self.dtype]
 
         def convert(block: np.ndarray) -> Any:
             return _disk_to_torch(block, self.dtype, raw=raw)
 
-        buf_idx = np.empty(capacity, np.int64)   # global patch index of each buffered row
+        buf_idx = np.empty(capacity, np.int64)  # global patch index of each buffered row
         # Data is only read once the skipped prefix is behind us (bookkeeping-only until then).
         buf_data = np.empty((capacity, self.d), disk_dtype) if skip == 0 else None
         n_in = 0
-        served = 0                                 # patches passed on (skipped or yielded)
+        served = 0  # patches passed on (skipped or yielded)
         carry = np.empty((0, self.d), disk_dtype)  # < batch_size rows awaiting a full batch
 
         def cycle(final: bool) -> Iterator[Any]:
@@ -613,7 +798,7 @@ class ActivationStore:
             served += take
             if buf_data is not None and take > 0:
                 # Batches are gathered from the buffer one at a time (no copy of the served half).
-                sel = perm[first:first + take]
+                sel = perm[first : first + take]
                 pos = 0
                 if len(carry):  # complete the partial batch left by the previous cycle
                     pos = min(batch_size - len(carry), take)
@@ -623,8 +808,8 @@ class ActivationStore:
                         carry = carry[:0]
                 n_full = (take - pos) // batch_size
                 for b in range(n_full):
-                    yield convert(buf_data[sel[pos + b * batch_size: pos + (b + 1) * batch_size]])
-                rest = sel[pos + n_full * batch_size:]
+                    yield convert(buf_data[sel[pos + b * batch_size : pos + (b + 1) * batch_size]])
+                rest = sel[pos + n_full * batch_size :]
                 if len(rest):
                     carry = buf_data[rest]
             kept = perm[half:]
@@ -637,9 +822,9 @@ class ActivationStore:
             pos = lo
             while pos < hi and served < total:
                 take = min(hi - pos, capacity - n_in)
-                buf_idx[n_in: n_in + take] = np.arange(pos, pos + take) + shard.patch_offset
+                buf_idx[n_in : n_in + take] = np.arange(pos, pos + take) + shard.patch_offset
                 if buf_data is not None:
-                    shard.read_rows(pos, pos + take, buf_data[n_in: n_in + take])
+                    shard.read_rows(pos, pos + take, buf_data[n_in : n_in + take])
                 n_in += take
                 pos += take
                 if n_in == capacity:
@@ -649,11 +834,15 @@ class ActivationStore:
         if len(carry) and not drop_last:
             yield convert(carry)
 
-    def _rank_pieces(self, seed: int, epoch: int, rank: int, world_size: int, block: int
-                     ) -> list[tuple[_Shard, int, int]]:
+    def _rank_pieces(
+        self, seed: int, epoch: int, rank: int, world_size: int, block: int
+    ) -> list[tuple[_Shard, int, int]]:
         """Contiguous (shard, lo, hi) reads of this rank: its share of a seeded block order."""
-        blocks = [(s, lo, min(lo + block, s.n_patches))
-                  for s in self._shards for lo in range(0, s.n_patches, block)]
+        blocks = [
+            (s, lo, min(lo + block, s.n_patches))
+            for s in self._shards
+            for lo in range(0, s.n_patches, block)
+        ]
         order = np.random.default_rng([seed, epoch, 0xB10C]).permutation(len(blocks))
         per_rank = self.patches_per_rank(world_size)
         start, stop = rank * per_rank, (rank + 1) * per_rank
@@ -689,24 +878,31 @@ class ActivationStore:
             shard.close()
 
     def __repr__(self) -> str:
-        return (f"ActivationStore({str(self.path)!r}, n_images={self.n_images}, "
-                f"n_patches={self.n_patches}, d={self.d}, dtype={self.dtype})")
+        return (
+            f"ActivationStore({str(self.path)!r}, n_images={self.n_images}, "
+            f"n_patches={self.n_patches}, d={self.d}, dtype={self.dtype})"
+        )
 
 
-def _check_stream_args(batch_size: int, rank: int, world_size: int, buffer_patches: int,
-                       start_batch: int) -> None:
+def _check_stream_args(
+    batch_size: int, rank: int, world_size: int, buffer_patches: int, start_batch: int
+) -> None:
     if batch_size < 1 or buffer_patches < 1 or start_batch < 0:
-        raise StoreError(f"stream: batch_size ({batch_size}) and buffer_patches ({buffer_patches}) "
-                         f"must be ≥ 1 and start_batch ({start_batch}) ≥ 0")
+        raise StoreError(
+            f"stream: batch_size ({batch_size}) and buffer_patches ({buffer_patches}) "
+            f"must be ≥ 1 and start_batch ({start_batch}) ≥ 0"
+        )
     if not 0 <= rank < world_size:
         raise StoreError(f"stream: rank {rank} is not in [0, world_size={world_size})")
 
 
-def _disk_to_torch(disk_nd: np.ndarray, dtype: str, raw: bool = False) -> "Any":
+def _disk_to_torch(disk_nd: np.ndarray, dtype: str, raw: bool = False) -> Any:
     """On-disk rows → torch float32, or (raw) the store dtype without a copy."""
     import torch
 
-    t = torch.from_numpy(np.ascontiguousarray(disk_nd).view(np.int16 if dtype == "bfloat16" else disk_nd.dtype))
+    t = torch.from_numpy(
+        np.ascontiguousarray(disk_nd).view(np.int16 if dtype == "bfloat16" else disk_nd.dtype)
+    )
     if dtype == "bfloat16":
         t = t.view(torch.bfloat16)
     return t if raw else t.float()

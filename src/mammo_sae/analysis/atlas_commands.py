@@ -12,7 +12,7 @@ import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -52,7 +52,7 @@ class AtlasConfig:
     clusters: int = opt(200, min=0, help="co-activation clusters (0 = none)")
     cluster_images: int = opt(2000, min=1, help="images subsampled for the clustering")
     seed: int = opt(0, help="seed of the clustering's subsample and start")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(
         8192, min=1, help="patch rows per SAE call (if summaries must be computed)"
     )
@@ -176,7 +176,7 @@ def _spatial_notes(s: Any) -> list[str]:
     return notes
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     add_command(
         sub,
         "atlas",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,30 +21,47 @@ from . import DEFAULT_KS
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
-DEFAULT_ATTRIBUTE = "confounder"   # the phantom's planted marker label
-CACHE_DIR_HELP = "summaries cache (default: summaries/ inside the SAE directory, or beside a .pt SAE)"
+DEFAULT_ATTRIBUTE = "confounder"  # the phantom's planted marker label
+CACHE_DIR_HELP = (
+    "summaries cache (default: summaries/ inside the SAE directory, or beside a .pt SAE)"
+)
 
 
 # --------------------------------------------------------------------------- shared helpers
 def _summaries(store: Path, sae: Path, cfg: Any) -> Any:
     from .summaries import summaries_for
 
-    return summaries_for(store, sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
-                         device=cfg.device, progress=cfg.progress)
+    return summaries_for(
+        store,
+        sae,
+        cache_dir=cfg.cache_dir,
+        batch_rows=cfg.batch_rows,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
 
 
-def _select(store_path: Path, concept: str, split: str, level: str) -> tuple[Any, np.ndarray, np.ndarray]:
+def _select(
+    store_path: Path, concept: str, split: str, level: str
+) -> tuple[Any, np.ndarray, np.ndarray]:
     from .summaries import labelled_rows, open_store
 
     store = open_store(store_path)
-    rows, y = labelled_rows(store.images, concept, split=split, level=level,
-                            store_level=store.manifest.get("level", "image"))
+    rows, y = labelled_rows(
+        store.images,
+        concept,
+        split=split,
+        level=level,
+        store_level=store.manifest.get("level", "image"),
+    )
     if len(rows) == 0:
         raise MammoSaeError(f"store {store_path}: no images in split {split!r}")
     return store, rows, y
 
 
-def attribute_values(images: Any, rows: np.ndarray, attribute: str, level: str) -> Optional[np.ndarray]:
+def attribute_values(
+    images: Any, rows: np.ndarray, attribute: str, level: str
+) -> np.ndarray | None:
     """The binary `attribute` label of each row (image level unless `level` is row), or None
     when the store's labels do not have it."""
     column = "labels" if level == "row" or "image_labels" not in images else "image_labels"
@@ -54,9 +71,13 @@ def attribute_values(images: Any, rows: np.ndarray, attribute: str, level: str) 
     try:
         values = np.asarray([int(lab[attribute]) for lab in labels], dtype=np.int64)
     except (TypeError, ValueError) as exc:
-        raise MammoSaeError(f"attribute {attribute!r} has a value that is not an integer label: {exc}") from exc
+        raise MammoSaeError(
+            f"attribute {attribute!r} has a value that is not an integer label: {exc}"
+        ) from exc
     if not set(np.unique(values)).issubset({0, 1}):
-        raise MammoSaeError(f"attribute {attribute!r} is not binary (values {sorted(set(values.tolist()))})")
+        raise MammoSaeError(
+            f"attribute {attribute!r} is not binary (values {sorted(set(values.tolist()))})"
+        )
     return values
 
 
@@ -64,7 +85,7 @@ def _write_csv(path: Path, frame: Any) -> None:
     write_text_atomic(path, frame.to_csv(index=False))
 
 
-def _head_and_concept(classifier: Path, concept: Optional[str]) -> tuple[Any, str]:
+def _head_and_concept(classifier: Path, concept: str | None) -> tuple[Any, str]:
     from ..models.checkpoints import warn_assumed_concept
     from .intervene import load_head
 
@@ -78,6 +99,7 @@ def _head_and_concept(classifier: Path, concept: Optional[str]) -> tuple[Any, st
 
 # --------------------------------------------------------------------------- summarize
 
+
 @dataclass
 class SummarizeConfig:
     """Encode every patch of a store with an SAE once and cache per-image mean/max latent vectors
@@ -86,8 +108,8 @@ class SummarizeConfig:
 
     store: Path = opt(help="activation store")
     sae: Path = opt(help="SAE checkpoint")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
-    out: Optional[Path] = opt(None, help="also write a summary JSON here")
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
+    out: Path | None = opt(None, help="also write a summary JSON here")
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -97,15 +119,30 @@ class SummarizeConfig:
 def run_summarize(cfg: SummarizeConfig) -> int:
     from .summaries import summaries_for
 
-    s = summaries_for(cfg.store, cfg.sae, cache_dir=cfg.cache_dir, batch_rows=cfg.batch_rows,
-                      device=cfg.device, recompute=cfg.recompute, progress=cfg.progress)
+    s = summaries_for(
+        cfg.store,
+        cfg.sae,
+        cache_dir=cfg.cache_dir,
+        batch_rows=cfg.batch_rows,
+        device=cfg.device,
+        recompute=cfg.recompute,
+        progress=cfg.progress,
+    )
     stats = s.reconstruction_stats(np.flatnonzero(s.n_positions_n > 0))
-    info = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), **s.meta,
-            "nnz_mean": int(s.mean_nh.nnz), "density": s.mean_nh.nnz / max(1, s.n_images * s.h), **stats}
+    info = {
+        "schema_version": SCHEMA_VERSION,
+        "config": to_dict(cfg),
+        **s.meta,
+        "nnz_mean": int(s.mean_nh.nnz),
+        "density": s.mean_nh.nnz / max(1, s.n_images * s.h),
+        **stats,
+    }
     if cfg.out:
         write_json(cfg.out, info)
-    print(f"{s.n_images} images, h = {s.h}: FVU {stats['fvu']:.4f}, L0 {stats['l0']:.1f}, "
-          f"dead {stats['dead_fraction']:.3f}")
+    print(
+        f"{s.n_images} images, h = {s.h}: FVU {stats['fvu']:.4f}, L0 {stats['l0']:.1f}, "
+        f"dead {stats['dead_fraction']:.3f}"
+    )
     return 0
 
 
@@ -126,7 +163,7 @@ class ProbeConfig:
     level: Level = opt("image", help="image (label = any row) or row (needs a row-level store)")
     scores: list[str] = opt(["mean", "centered", "auroc", "peak"], help="scores to rank by")
     top: int = opt(20, min=1, help="top latents per class listed in probe.json")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -146,14 +183,23 @@ def run_probe(cfg: ProbeConfig) -> int:
         for c in (0, 1):
             entries = result.ranking(score, c)
             write_json(cfg.out / ranking_file_name(c, score), entries)
-            tops[score][str(c)] = entries[:cfg.top]
+            tops[score][str(c)] = entries[: cfg.top]
     images_active = np.asarray((mean > 0).sum(axis=0)).ravel()
     _write_csv(cfg.out / "probe.csv", probe_table(result, max_images_active=images_active))
-    write_json(cfg.out / "probe.json", {
-        "schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "concept": cfg.concept,
-        "n_per_class": result.n_per_class, "h": s.h, "store_sha256": s.meta.get("store_sha256"),
-        "sae_sha256": s.meta.get("sae_sha256"), "subsample_fraction": s.meta.get("subsample_fraction"),
-        "top": tops})
+    write_json(
+        cfg.out / "probe.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "config": to_dict(cfg),
+            "concept": cfg.concept,
+            "n_per_class": result.n_per_class,
+            "h": s.h,
+            "store_sha256": s.meta.get("store_sha256"),
+            "sae_sha256": s.meta.get("sae_sha256"),
+            "subsample_fraction": s.meta.get("subsample_fraction"),
+            "top": tops,
+        },
+    )
     first = tops.get("centered", next(iter(tops.values())))["1"][:10]
     print(f"{cfg.concept}: top class-1 latents: {[e['index'] for e in first]}")
     return 0
@@ -172,26 +218,37 @@ class InterveneConfig:
     sae: Path = opt(help="SAE checkpoint")
     classifier: Path = opt(help="classifier checkpoint (its head gives the logit)")
     out: Path = opt(help="output directory")
-    concept: Optional[str] = opt(None, help="label to score (default: the classifier's concept)")
-    rankings: Optional[Path] = opt(None, help="probe output directory with ranking_class={0,1}_SCORE.json")
-    score: Literal["mean", "centered", "auroc", "peak"] = opt("centered", help="which ranking files to use")
-    rank_class0: Optional[Path] = opt(None, help="explicit class-0 ranking JSON (e.g. a released file)")
-    rank_class1: Optional[Path] = opt(None, help="explicit class-1 ranking JSON")
-    rank_store: Optional[Path] = opt(None, help="store to rank on when no rankings are given")
+    concept: str | None = opt(None, help="label to score (default: the classifier's concept)")
+    rankings: Path | None = opt(
+        None, help="probe output directory with ranking_class={0,1}_SCORE.json"
+    )
+    score: Literal["mean", "centered", "auroc", "peak"] = opt(
+        "centered", help="which ranking files to use"
+    )
+    rank_class0: Path | None = opt(
+        None, help="explicit class-0 ranking JSON (e.g. a released file)"
+    )
+    rank_class1: Path | None = opt(None, help="explicit class-1 ranking JSON")
+    rank_store: Path | None = opt(None, help="store to rank on when no rankings are given")
     rank_split: str = opt("training", help="split to rank on when no rankings are given")
     split: str = opt("test", help="evaluation split")
     level: Level = opt("image", help="image or row level (row needs a row-level store)")
     ks: list[int] = opt(list(DEFAULT_KS), help="k values (clipped to h, deduplicated)")
     latents: list[int] = opt([], help="targeted edit: these latents (e.g. 13867,15699)")
-    mode: Literal["on", "off"] = opt("off", help="targeted edit: keep only (on) or zero (off) --latents")
-    attribute: Optional[str] = opt(None, help="targeted edit: also report how well the logit tells this "
-                                              "binary image label apart among concept negatives (the "
-                                              "classifier's shortcut; e.g. confounder), before and after")
+    mode: Literal["on", "off"] = opt(
+        "off", help="targeted edit: keep only (on) or zero (off) --latents"
+    )
+    attribute: str | None = opt(
+        None,
+        help="targeted edit: also report how well the logit tells this "
+        "binary image label apart among concept negatives (the "
+        "classifier's shortcut; e.g. confounder), before and after",
+    )
     exact_decode: bool = opt(False, help="decode every patch instead of the pooled identity (slow)")
     n_boot: int = opt(1000, min=0, help="bootstrap resamples for the 95% CIs (0 = none)")
     seed: int = opt(0, help="bootstrap seed")
-    label: Optional[str] = opt(None, help="curve label in the figure")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
+    label: str | None = opt(None, help="curve label in the figure")
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -208,20 +265,29 @@ def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str
             raise MammoSaeError("give both --rank-class0 and --rank-class1")
         return [load(cfg.rank_class0), load(cfg.rank_class1)], "given files"
     if cfg.rankings:
-        return [load(cfg.rankings / ranking_file_name(c, cfg.score)) for c in (0, 1)], \
-            f"{cfg.rankings} ({cfg.score})"
+        return [
+            load(cfg.rankings / ranking_file_name(c, cfg.score)) for c in (0, 1)
+        ], f"{cfg.rankings} ({cfg.score})"
     rank_store = cfg.rank_store or cfg.store
     _, rows, y = _select(rank_store, concept, cfg.rank_split, cfg.level)
     s = _summaries(rank_store, cfg.sae, cfg)
     res = probe(s.mean_rows(rows), y, concept=concept, scores=[cfg.score], max_nh=s.max_rows(rows))
-    return [ranking_order(res.scores[cfg.score][c]) for c in (0, 1)], \
-        f"{cfg.score} on {rank_store} split {cfg.rank_split}"
+    return [
+        ranking_order(res.scores[cfg.score][c]) for c in (0, 1)
+    ], f"{cfg.score} on {rank_store} split {cfg.rank_split}"
 
 
 def run_intervene(cfg: InterveneConfig) -> int:
     from .figures import Curve, plot_topk_grid
-    from .intervene import edit_set, exact_decode_logits, normalise_ks, sae_readout, \
-        sweep, entry_rank, union_masks
+    from .intervene import (
+        edit_set,
+        entry_rank,
+        exact_decode_logits,
+        normalise_ks,
+        sae_readout,
+        sweep,
+        union_masks,
+    )
     from .summaries import open_sae
 
     head, concept = _head_and_concept(cfg.classifier, cfg.concept)
@@ -231,23 +297,47 @@ def run_intervene(cfg: InterveneConfig) -> int:
     v_h, c = sae_readout(sae, head)
     mean = s.mean_rows(rows)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    base = {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "concept": concept,
-            "store_sha256": s.meta.get("store_sha256"), "sae_sha256": s.meta.get("sae_sha256")}
+    base = {
+        "schema_version": SCHEMA_VERSION,
+        "config": to_dict(cfg),
+        "concept": concept,
+        "store_sha256": s.meta.get("store_sha256"),
+        "sae_sha256": s.meta.get("sae_sha256"),
+    }
     if cfg.latents:
         attribute = None
         if cfg.attribute:
             attribute = attribute_values(store.images, rows, cfg.attribute, cfg.level)
             if attribute is None:
-                raise MammoSaeError(f"--attribute {cfg.attribute!r}: not a label of every image in {cfg.store}")
-        result = edit_set(mean, y, v_h, c, cfg.latents, cfg.mode, n_boot=cfg.n_boot, seed=cfg.seed,
-                          attribute=attribute)
+                raise MammoSaeError(
+                    f"--attribute {cfg.attribute!r}: not a label of every image in {cfg.store}"
+                )
+        result = edit_set(
+            mean,
+            y,
+            v_h,
+            c,
+            cfg.latents,
+            cfg.mode,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+            attribute=attribute,
+        )
         write_json(cfg.out / "edit.json", {**base, **result})
-        print(f"{cfg.mode} {len(result['latents'])} latents: AUROC {result['plain_sae']['auroc']:.4f} -> "
-              f"{result['edited']['auroc']:.4f}")
+        print(
+            f"{cfg.mode} {len(result['latents'])} latents: AUROC {result['plain_sae']['auroc']:.4f} -> "
+            f"{result['edited']['auroc']:.4f}"
+        )
         if "shortcut" in result:
             sc = result["shortcut"].get("attribute_auroc_among_negatives")
-            print(f"shortcut ({cfg.attribute} among negatives): " +
-                  (f"AUROC {sc['plain_sae']:.4f} -> {sc['edited']:.4f}" if sc else result["shortcut"]["skipped"]))
+            print(
+                f"shortcut ({cfg.attribute} among negatives): "
+                + (
+                    f"AUROC {sc['plain_sae']:.4f} -> {sc['edited']:.4f}"
+                    if sc
+                    else result["shortcut"]["skipped"]
+                )
+            )
         return 0
     rankings, source = _rankings(cfg, concept)
     logits = None
@@ -260,12 +350,22 @@ def run_intervene(cfg: InterveneConfig) -> int:
 
     table = pd.DataFrame(res.rows())
     _write_csv(cfg.out / "intervene.csv", table)
-    write_json(cfg.out / "intervene.json", {**base, "rankings": source, "n": res.n, "n_pos": res.n_pos,
-                                            "path": "exact-decode" if cfg.exact_decode else "pooled-identity",
-                                            "results": res.rows()})
+    write_json(
+        cfg.out / "intervene.json",
+        {
+            **base,
+            "rankings": source,
+            "n": res.n,
+            "n_pos": res.n_pos,
+            "path": "exact-decode" if cfg.exact_decode else "pooled-identity",
+            "results": res.rows(),
+        },
+    )
     ks_x = np.asarray(res.ks, dtype=float)
-    panels = {mode: [Curve(cfg.label or concept, ks_x, m["auroc"], m["auroc_low"], m["auroc_high"])]
-              for mode, m in res.metrics.items()}
+    panels = {
+        mode: [Curve(cfg.label or concept, ks_x, m["auroc"], m["auroc_low"], m["auroc_high"])]
+        for mode, m in res.metrics.items()
+    }
     plot_topk_grid({f"{concept} ({cfg.split})": panels}, cfg.out / "intervene.png")
     print(table[["mode", "k", "union_size", "auroc"]].to_string(index=False))
     return 0
@@ -283,12 +383,15 @@ class FidelityConfig:
     sae: Path = opt(help="SAE checkpoint (applied to every model)")
     out: Path = opt(help="output directory")
     names: list[str] = opt([], help="row names (default: classifier file names)")
-    concepts: list[str] = opt([], help="label to score per classifier (one for all, or one each; default: each classifier's own concept)")
+    concepts: list[str] = opt(
+        [],
+        help="label to score per classifier (one for all, or one each; default: each classifier's own concept)",
+    )
     split: str = opt("test", help="evaluation split")
     level: Level = opt("image", help="image or row level")
     n_boot: int = opt(1000, min=0, help="bootstrap resamples (0 = none)")
     seed: int = opt(0, help="bootstrap seed")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -301,13 +404,17 @@ def run_fidelity(cfg: FidelityConfig) -> int:
     from .summaries import open_sae
 
     if len(cfg.stores) != len(cfg.classifiers) or not cfg.stores:
-        raise MammoSaeError(f"--stores ({len(cfg.stores)}) and --classifiers ({len(cfg.classifiers)}) "
-                            "must pair up one to one")
+        raise MammoSaeError(
+            f"--stores ({len(cfg.stores)}) and --classifiers ({len(cfg.classifiers)}) "
+            "must pair up one to one"
+        )
     if cfg.names and len(cfg.names) != len(cfg.stores):
         raise MammoSaeError("--names must give one name per store")
     if len(cfg.concepts) not in (0, 1, len(cfg.stores)):
-        raise MammoSaeError(f"--concepts gives {len(cfg.concepts)} labels for {len(cfg.stores)} classifiers: "
-                            "give one for all or one per classifier")
+        raise MammoSaeError(
+            f"--concepts gives {len(cfg.concepts)} labels for {len(cfg.stores)} classifiers: "
+            "give one for all or one per classifier"
+        )
     sae = open_sae(cfg.sae, cfg.device)
     results, table = {}, []
     for j, (store_path, clf_path) in enumerate(zip(cfg.stores, cfg.classifiers)):
@@ -318,16 +425,29 @@ def run_fidelity(cfg: FidelityConfig) -> int:
         s = _summaries(Path(store_path), cfg.sae, cfg)
         r = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
         results[name] = {"concept": concept, "store": store_path, "classifier": clf_path, **r}
-        table.append({"model": name, "concept": concept, "n": r["n"], "n_pos": r["n_pos"],
-                      "auroc_original": r["original"]["auroc"], "auroc_sae": r["sae"]["auroc"],
-                      "recovered": r["recovered"], "auprc_original": r["original"]["auprc"],
-                      "auprc_sae": r["sae"]["auprc"], "fvu": r["fvu"], "l0": r["l0"],
-                      "dead_fraction": r["dead_fraction"]})
+        table.append(
+            {
+                "model": name,
+                "concept": concept,
+                "n": r["n"],
+                "n_pos": r["n_pos"],
+                "auroc_original": r["original"]["auroc"],
+                "auroc_sae": r["sae"]["auroc"],
+                "recovered": r["recovered"],
+                "auprc_original": r["original"]["auprc"],
+                "auprc_sae": r["sae"]["auprc"],
+                "fvu": r["fvu"],
+                "l0": r["l0"],
+                "dead_fraction": r["dead_fraction"],
+            }
+        )
     cfg.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(table)
     _write_csv(cfg.out / "table1.csv", frame)
-    write_json(cfg.out / "fidelity.json", {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg),
-                                           "results": results})
+    write_json(
+        cfg.out / "fidelity.json",
+        {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "results": results},
+    )
     print(frame.to_string(index=False))
     return 0
 
@@ -348,15 +468,29 @@ class SeparationConfig:
     split: str = opt("training", help="split whose images are averaged")
     level: Level = opt("image", help="image or row level")
     top: int = opt(10, min=1, help="class-1-dominant latents checked for flags and listed")
-    confounder_threshold: float = opt(0.3, min=0.0, max=1.0, help="flag when the confounder score reaches this ...")
-    off_breast_threshold: float = opt(0.75, min=0.0, max=1.0, help="flag when the off-breast score reaches this ...")
-    min_enrichment: float = opt(3.0, min=0.0, help="... and is this many times the share of positions there")
-    attribute: str = opt(DEFAULT_ATTRIBUTE, help="binary image label tested for association with each "
-                         "latent among concept-negative images (the default is skipped when the store "
-                         "lacks it; another name must be a label of the store)")
-    association_auroc: float = opt(0.8, gt=0.5, max=1.0, help="flag 'associated' when a latent's AUROC for the attribute "
-                                             "is at least this (or at most 1 minus it)")
-    cache_dir: Optional[Path] = opt(None, help=CACHE_DIR_HELP)
+    confounder_threshold: float = opt(
+        0.3, min=0.0, max=1.0, help="flag when the confounder score reaches this ..."
+    )
+    off_breast_threshold: float = opt(
+        0.75, min=0.0, max=1.0, help="flag when the off-breast score reaches this ..."
+    )
+    min_enrichment: float = opt(
+        3.0, min=0.0, help="... and is this many times the share of positions there"
+    )
+    attribute: str = opt(
+        DEFAULT_ATTRIBUTE,
+        help="binary image label tested for association with each "
+        "latent among concept-negative images (the default is skipped when the store "
+        "lacks it; another name must be a label of the store)",
+    )
+    association_auroc: float = opt(
+        0.8,
+        gt=0.5,
+        max=1.0,
+        help="flag 'associated' when a latent's AUROC for the attribute "
+        "is at least this (or at most 1 minus it)",
+    )
+    cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = opt("cpu", help="cpu | cuda | auto")
     progress: bool = opt(True, help="show progress bars")
@@ -372,36 +506,75 @@ def run_separation(cfg: SeparationConfig) -> int:
         name = cfg.names[j] if cfg.names else Path(store_path).name
         store, rows, y = _select(Path(store_path), cfg.concept, cfg.split, cfg.level)
         attribute = attribute_values(store.images, rows, cfg.attribute, cfg.level)
-        if attribute is None and cfg.attribute != DEFAULT_ATTRIBUTE:   # only the default may be absent
-            raise MammoSaeError(f"--attribute {cfg.attribute!r}: not a label of every image in {store_path}")
+        if (
+            attribute is None and cfg.attribute != DEFAULT_ATTRIBUTE
+        ):  # only the default may be absent
+            raise MammoSaeError(
+                f"--attribute {cfg.attribute!r}: not a label of every image in {store_path}"
+            )
         models[name] = (_summaries(Path(store_path), cfg.sae, cfg), rows, y, attribute)
-    rule = FlagRule(top=cfg.top, confounder_threshold=cfg.confounder_threshold,
-                    off_breast_threshold=cfg.off_breast_threshold, min_enrichment=cfg.min_enrichment,
-                    association_auroc=cfg.association_auroc)
+    rule = FlagRule(
+        top=cfg.top,
+        confounder_threshold=cfg.confounder_threshold,
+        off_breast_threshold=cfg.off_breast_threshold,
+        min_enrichment=cfg.min_enrichment,
+        association_auroc=cfg.association_auroc,
+    )
     results = compare(models, rule)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.out / "separation.json", {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg),
-                                             "concept": cfg.concept,
-                                             "models": {k: public(v) for k, v in results.items()}})
+    write_json(
+        cfg.out / "separation.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            "config": to_dict(cfg),
+            "concept": cfg.concept,
+            "models": {k: public(v) for k, v in results.items()},
+        },
+    )
     _write_csv(cfg.out / "separation.csv", latent_table(results))
     plot_separation(results, cfg.out / "separation.png", concept=cfg.concept)
     for name, r in results.items():
         tested = models[name][3] is not None
-        print(f"{name}: separation {r['separation']:.3f}; flagged "
-              f"{[(e['index'], e['flags']) for e in r['flagged']]}; "
-              + (f"{len(r['associated'])} latents associated with {cfg.attribute!r}" if tested
-                 else f"association not tested (the store has no {cfg.attribute!r} label)"))
+        print(
+            f"{name}: separation {r['separation']:.3f}; flagged "
+            f"{[(e['index'], e['flags']) for e in r['flagged']]}; "
+            + (
+                f"{len(r['associated'])} latents associated with {cfg.attribute!r}"
+                if tested
+                else f"association not tested (the store has no {cfg.attribute!r} label)"
+            )
+        )
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(sub, "summarize", SummarizeConfig, run_summarize,
-                "encode a store with an SAE once: cached per-image latent summaries")
+    add_command(
+        sub,
+        "summarize",
+        SummarizeConfig,
+        run_summarize,
+        "encode a store with an SAE once: cached per-image latent summaries",
+    )
     add_command(sub, "probe", ProbeConfig, run_probe, "class-wise latent scores and rankings")
-    add_command(sub, "intervene", InterveneConfig, run_intervene,
-                "top-k activated / deactivated sweeps, or a targeted latent edit")
-    add_command(sub, "fidelity", FidelityConfig, run_fidelity,
-                "AUROC with original vs SAE-reconstructed features (Table 1)")
-    add_command(sub, "separation", SeparationConfig, run_separation,
-                "class-mean latent vectors of several models; confounding-latent flags")
+    add_command(
+        sub,
+        "intervene",
+        InterveneConfig,
+        run_intervene,
+        "top-k activated / deactivated sweeps, or a targeted latent edit",
+    )
+    add_command(
+        sub,
+        "fidelity",
+        FidelityConfig,
+        run_fidelity,
+        "AUROC with original vs SAE-reconstructed features (Table 1)",
+    )
+    add_command(
+        sub,
+        "separation",
+        SeparationConfig,
+        run_separation,
+        "class-mean latent vectors of several models; confounding-latent flags",
+    )

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,10 +33,12 @@ from ..errors import DataError, MammoSaeError
 
 SCHEMA_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
-VERDICT = ("This is what one model computes from the pixels, not a diagnosis: the score is the "
-           "classifier's estimate for one concept, the latents are the SAE's reading of its "
-           "features. It has not been validated for clinical use.")
-DEFAULT_FRAME_HW = (1520, 912)    # Mammo-CLIP's PNG frame (preprocess / ingest default)
+VERDICT = (
+    "This is what one model computes from the pixels, not a diagnosis: the score is the "
+    "classifier's estimate for one concept, the latents are the SAE's reading of its "
+    "features. It has not been validated for clinical use."
+)
+DEFAULT_FRAME_HW = (1520, 912)  # Mammo-CLIP's PNG frame (preprocess / ingest default)
 
 
 @dataclass
@@ -44,19 +47,26 @@ class Explainer:
 
     classifier: Any
     sae: Any
-    v_h: np.ndarray                    # float64 (h,): logit weight of each latent's mean
-    c: float                           # constant of the SAE logit
-    size_hw: tuple[int, int]           # model input size
+    v_h: np.ndarray  # float64 (h,): logit weight of each latent's mean
+    c: float  # constant of the SAE logit
+    size_hw: tuple[int, int]  # model input size
     device: torch.device
-    frame_hw: tuple[int, int] = DEFAULT_FRAME_HW   # PNG frame a DICOM is converted to first
-    crop: bool = True                  # DICOM breast crop
+    frame_hw: tuple[int, int] = DEFAULT_FRAME_HW  # PNG frame a DICOM is converted to first
+    crop: bool = True  # DICOM breast crop
     concept: str | None = None
     latent_names: dict[int, str] = field(default_factory=dict)
-    class_top: dict[str, list[int]] = field(default_factory=dict)   # "0"/"1" -> top-10 latents
+    class_top: dict[str, list[int]] = field(default_factory=dict)  # "0"/"1" -> top-10 latents
 
     @classmethod
-    def load(cls, model: str | os.PathLike[str], sae: str | os.PathLike[str], *,
-             size_hw: tuple[int, int], device: torch.device, **kw: Any) -> "Explainer":
+    def load(
+        cls,
+        model: str | os.PathLike[str],
+        sae: str | os.PathLike[str],
+        *,
+        size_hw: tuple[int, int],
+        device: torch.device,
+        **kw: Any,
+    ) -> Explainer:
         from ..models.checkpoints import load_classifier
         from ..sae.checkpoints import load_sae
         from .intervene import head_from_classifier, sae_readout
@@ -65,13 +75,16 @@ class Explainer:
         ae = load_sae(sae, device)
         head = head_from_classifier(clf)
         if ae.d != clf.encoder.out_channels:
-            raise MammoSaeError(f"SAE {sae} reads d = {ae.d} features but classifier {model} has "
-                                f"{clf.encoder.out_channels} channels (wrong model/SAE pair?)")
+            raise MammoSaeError(
+                f"SAE {sae} reads d = {ae.d} features but classifier {model} has "
+                f"{clf.encoder.out_channels} channels (wrong model/SAE pair?)"
+            )
         v_h, c = sae_readout(ae, head)
         return cls(clf, ae, v_h, c, size_hw, device, concept=head.concept, **kw)
 
 
 # ---------------------------------------------------------------------------- inputs
+
 
 def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     """Image files among `paths`; folders are searched recursively (PNG/JPEG/TIFF by suffix,
@@ -100,9 +113,13 @@ def find_images(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def model_input(path: Path, size_hw: tuple[int, int], *,
-                frame_hw: tuple[int, int] = DEFAULT_FRAME_HW,
-                crop: bool = True) -> tuple[torch.Tensor, str]:
+def model_input(
+    path: Path,
+    size_hw: tuple[int, int],
+    *,
+    frame_hw: tuple[int, int] = DEFAULT_FRAME_HW,
+    crop: bool = True,
+) -> tuple[torch.Tensor, str]:
     """(x_3hw, "dicom" | "image"): the encoder input of one file."""
     import cv2
 
@@ -126,12 +143,14 @@ def _display(x_3hw: torch.Tensor) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- the numbers
 
+
 @torch.inference_mode()
-def explain_batch(ex: Explainer, x_b3hw: torch.Tensor
-                  ) -> list[tuple[float, np.ndarray, torch.Tensor]]:
+def explain_batch(
+    ex: Explainer, x_b3hw: torch.Tensor
+) -> list[tuple[float, np.ndarray, torch.Tensor]]:
     """Per image: (classifier logit, mean latent vector float64, codes (gh, gw, h) on the CPU)."""
     x = x_b3hw.to(ex.device).contiguous(memory_format=torch.channels_last)
-    fmap = ex.classifier.features(x).float()                        # (B, C, gh, gw)
+    fmap = ex.classifier.features(x).float()  # (B, C, gh, gw)
     logits = ex.classifier.logits_from_map(fmap).double()
     logit_b = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
     b, ch, gh, gw = fmap.shape
@@ -167,6 +186,7 @@ def top_latents(values_h: np.ndarray, k: int, *, by_abs: bool) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- outputs
 
+
 def read_latent_names(path: str | os.PathLike[str]) -> dict[int, str]:
     """CSV `latent,name` (header optional) -> {latent: name}."""
     path = Path(path)
@@ -183,11 +203,16 @@ def read_latent_names(path: str | os.PathLike[str]) -> dict[int, str]:
     return names
 
 
-def _latent_entry(ex: Explainer, j: int, res: dict[str, Any], off: float,
-                  z_max: float) -> dict[str, Any]:
-    entry = {"latent": int(j), "activation": float(res["mean_h"][j]), "max_activation": z_max,
-             "contribution": float(res["contrib_h"][j]),
-             "off_breast": None if not np.isfinite(off) else float(off)}
+def _latent_entry(
+    ex: Explainer, j: int, res: dict[str, Any], off: float, z_max: float
+) -> dict[str, Any]:
+    entry = {
+        "latent": int(j),
+        "activation": float(res["mean_h"][j]),
+        "max_activation": z_max,
+        "contribution": float(res["contrib_h"][j]),
+        "off_breast": None if not np.isfinite(off) else float(off),
+    }
     if j in ex.latent_names:
         entry["name"] = ex.latent_names[j]
     classes = [cls for cls, lats in sorted(ex.class_top.items()) if j in lats]
@@ -196,8 +221,9 @@ def _latent_entry(ex: Explainer, j: int, res: dict[str, Any], off: float,
     return entry
 
 
-def _heatmap(ex: Explainer, display_hw: np.ndarray, map_hw: np.ndarray, entry: dict[str, Any],
-             path: Path) -> None:
+def _heatmap(
+    ex: Explainer, display_hw: np.ndarray, map_hw: np.ndarray, entry: dict[str, Any], path: Path
+) -> None:
     from .figures import LatentPanel, panel_title, save_panel_grid
     from .maps import upsample
 
@@ -221,9 +247,18 @@ def write_thumbnail(display_hw: np.ndarray, path: Path) -> None:
     write_bytes_atomic(path, buf.tobytes())
 
 
-def explain_images(ex: Explainer, paths: Sequence[Path], out: Path, *, top: int = 5,
-                   batch_size: int = 4, heatmaps: bool = True, on_error: str = "error",
-                   progress: bool = True, meta: dict[str, Any] | None = None) -> dict[str, Any]:
+def explain_images(
+    ex: Explainer,
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    top: int = 5,
+    batch_size: int = 4,
+    heatmaps: bool = True,
+    on_error: str = "error",
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Explain every image; writes `out/explain.json`, `out/index.html` and `out/images/`."""
     from tqdm import tqdm
 
@@ -241,8 +276,9 @@ def explain_images(ex: Explainer, paths: Sequence[Path], out: Path, *, top: int 
                 inputs.append((p, x, kind))
             except DataError as exc:
                 if on_error == "error":
-                    raise DataError(f"{exc} (--on-error skip leaves unreadable images "
-                                    "out)") from exc
+                    raise DataError(
+                        f"{exc} (--on-error skip leaves unreadable images out)"
+                    ) from exc
                 errors.append({"image": str(p), "error": str(exc)})
                 bar.update()
         if not inputs:
@@ -254,10 +290,20 @@ def explain_images(ex: Explainer, paths: Sequence[Path], out: Path, *, top: int 
             bar.update()
     bar.close()
     result = {
-        "schema_version": SCHEMA_VERSION, "note": VERDICT, "concept": ex.concept,
-        "image_size": list(ex.size_hw), "dicom_frame": list(ex.frame_hw), "dicom_crop": ex.crop,
-        "device": str(ex.device), "constant": ex.c, "n_latents": int(len(ex.v_h)), "top": top,
-        "class_top10": ex.class_top or None, **(meta or {}), "images": entries, "errors": errors,
+        "schema_version": SCHEMA_VERSION,
+        "note": VERDICT,
+        "concept": ex.concept,
+        "image_size": list(ex.size_hw),
+        "dicom_frame": list(ex.frame_hw),
+        "dicom_crop": ex.crop,
+        "device": str(ex.device),
+        "constant": ex.c,
+        "n_latents": int(len(ex.v_h)),
+        "top": top,
+        "class_top10": ex.class_top or None,
+        **(meta or {}),
+        "images": entries,
+        "errors": errors,
     }
     write_json(out / "explain.json", result)
     write_index(result, out)
@@ -266,24 +312,37 @@ def explain_images(ex: Explainer, paths: Sequence[Path], out: Path, *, top: int 
 
 def _batches(items: list[Path], n: int) -> Iterator[list[Path]]:
     for i in range(0, len(items), max(1, n)):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
-def _one(ex: Explainer, path: Path, kind: str, x_3hw: torch.Tensor, logit: float,
-         mean_h: np.ndarray, z_hwl: torch.Tensor, folder: Path, out: Path, top: int,
-         heatmaps: bool) -> dict[str, Any]:
+def _one(
+    ex: Explainer,
+    path: Path,
+    kind: str,
+    x_3hw: torch.Tensor,
+    logit: float,
+    mean_h: np.ndarray,
+    z_hwl: torch.Tensor,
+    folder: Path,
+    out: Path,
+    top: int,
+    heatmaps: bool,
+) -> dict[str, Any]:
     contrib_h = ex.v_h * mean_h
     res = {"mean_h": mean_h, "contrib_h": contrib_h}
     by_contrib = top_latents(contrib_h, top, by_abs=True)
     by_act = top_latents(mean_h, top, by_abs=False)
-    chosen = np.asarray(list(dict.fromkeys([*by_contrib.tolist(), *by_act.tolist()])),
-                        dtype=np.int64)
+    chosen = np.asarray(
+        list(dict.fromkeys([*by_contrib.tolist(), *by_act.tolist()])), dtype=np.int64
+    )
     display = _display(x_3hw)
     z_sel = z_hwl[:, :, torch.from_numpy(chosen)] if len(chosen) else z_hwl[:, :, :0]
     off = off_breast_share(z_sel, display)
     z_max = z_sel.amax(dim=(0, 1)).numpy() if len(chosen) else np.zeros(0)
-    detail = {int(j): _latent_entry(ex, int(j), res, float(off[i]), float(z_max[i]))
-              for i, j in enumerate(chosen)}
+    detail = {
+        int(j): _latent_entry(ex, int(j), res, float(off[i]), float(z_max[i]))
+        for i, j in enumerate(chosen)
+    }
     thumb = folder / "input.png"
     write_thumbnail(display, thumb)
     if heatmaps:
@@ -292,17 +351,24 @@ def _one(ex: Explainer, path: Path, kind: str, x_3hw: torch.Tensor, logit: float
             _heatmap(ex, display, z_sel[:, :, i].numpy(), detail[int(j)], target)
             detail[int(j)]["heatmap"] = target.relative_to(out).as_posix()
     score = 1.0 / (1.0 + np.exp(-logit))
-    return {"image": str(path), "kind": kind, "score": float(score), "logit": logit,
-            "sae_logit": float(contrib_h.sum() + ex.c),
-            "thumbnail": thumb.relative_to(out).as_posix(),
-            "top_latents": [detail[int(j)] for j in by_contrib],
-            "top_by_activation": [detail[int(j)] for j in by_act]}
+    return {
+        "image": str(path),
+        "kind": kind,
+        "score": float(score),
+        "logit": logit,
+        "sae_logit": float(contrib_h.sum() + ex.c),
+        "thumbnail": thumb.relative_to(out).as_posix(),
+        "top_latents": [detail[int(j)] for j in by_contrib],
+        "top_by_activation": [detail[int(j)] for j in by_act],
+    }
 
 
 # ---------------------------------------------------------------------------- run directories
 
-def run_model(run: Path, model_name: str
-              ) -> tuple[Path, Path, dict[str, list[int]], dict[str, Any]]:
+
+def run_model(
+    run: Path, model_name: str
+) -> tuple[Path, Path, dict[str, list[int]], dict[str, Any]]:
     """(classifier, SAE, class top-10 latents, facts) of a `mammo-sae run` directory's model."""
     from ..io import read_json
     from ..report.build import PROBE_SCORES
@@ -316,8 +382,9 @@ def run_model(run: Path, model_name: str
         from ..errors import choices_message
 
         raise MammoSaeError(choices_message("model", model_name, sorted(models)))
-    sae_dirs = [p.parent for p in sorted((run / "sae").rglob("cfg.json"))
-                if "summaries" not in p.parts]
+    sae_dirs = [
+        p.parent for p in sorted((run / "sae").rglob("cfg.json")) if "summaries" not in p.parts
+    ]
     if not sae_dirs:
         raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {run / 'sae'}")
     class_top: dict[str, list[int]] = {}
@@ -350,6 +417,7 @@ def run_frames(run: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | Non
 
 # ---------------------------------------------------------------------------- HTML
 
+
 def write_index(result: dict[str, Any], out: Path) -> Path:
     """`out/index.html`: static and offline, one section per image (thumbnail, scores, the
     top-latent table, a heatmap per latent)."""
@@ -359,13 +427,37 @@ def write_index(result: dict[str, Any], out: Path) -> Path:
     sections = []
     intro = H.Section("about", "About")
     intro.add(f'<p class="flag">{H.esc(result["note"])}</p>')
-    facts = {k: result.get(k) for k in ("model", "model_name", "sae", "concept", "image_size",
-                                         "dicom_crop", "device", "constant")}
-    intro.add(H.table([{"field": k, "value": "x".join(map(str, v)) if isinstance(v, list) else v}
-                       for k, v in facts.items() if v is not None], ["field", "value"], left=2))
-    intro.add(H.note("contribution = v_j · mean activation_j (v = SAE decoder direction · head "
-                     "weight); contributions over all latents + constant = SAE logit. off-breast = "
-                     "share of the latent's activation on cells outside the breast mask."))
+    facts = {
+        k: result.get(k)
+        for k in (
+            "model",
+            "model_name",
+            "sae",
+            "concept",
+            "image_size",
+            "dicom_crop",
+            "device",
+            "constant",
+        )
+    }
+    intro.add(
+        H.table(
+            [
+                {"field": k, "value": "x".join(map(str, v)) if isinstance(v, list) else v}
+                for k, v in facts.items()
+                if v is not None
+            ],
+            ["field", "value"],
+            left=2,
+        )
+    )
+    intro.add(
+        H.note(
+            "contribution = v_j · mean activation_j (v = SAE decoder direction · head "
+            "weight); contributions over all latents + constant = SAE logit. off-breast = "
+            "share of the latent's activation on cells outside the breast mask."
+        )
+    )
     if result.get("errors"):
         intro.add(H.table(result["errors"], ["image", "error"], left=2))
     sections.append(intro)
@@ -373,22 +465,56 @@ def write_index(result: dict[str, Any], out: Path) -> Path:
         s = H.Section(f"img{i}", Path(img["image"]).name)
         s.add(H.note(img["image"]))
         s.add(H.figure(img["thumbnail"], "model input", width=200))
-        s.add(H.kpis({"score (probability)": img["score"], "logit": img["logit"],
-                      "SAE logit": img["sae_logit"]}))
+        s.add(
+            H.kpis(
+                {
+                    "score (probability)": img["score"],
+                    "logit": img["logit"],
+                    "SAE logit": img["sae_logit"],
+                }
+            )
+        )
         s.add(H.note("A model's view of this image, not a diagnosis."))
-        for title, key in (("Top latents by contribution to the logit", "top_latents"),
-                           ("Top latents by mean activation", "top_by_activation")):
+        for title, key in (
+            ("Top latents by contribution to the logit", "top_latents"),
+            ("Top latents by mean activation", "top_by_activation"),
+        ):
             s.add(f"<h3>{H.esc(title)}</h3>")
-            rows = [{"latent": e["latent"], "name": e.get("name", ""),
-                     "class top-10": ",".join(e.get("class_top10", [])),
-                     "contribution": e["contribution"], "mean activation": e["activation"],
-                     "max activation": e["max_activation"], "off-breast": e["off_breast"]}
-                    for e in img[key]]
-            s.add(H.table(rows, ["latent", "name", "class top-10", "contribution",
-                                 "mean activation", "max activation", "off-breast"], left=3))
+            rows = [
+                {
+                    "latent": e["latent"],
+                    "name": e.get("name", ""),
+                    "class top-10": ",".join(e.get("class_top10", [])),
+                    "contribution": e["contribution"],
+                    "mean activation": e["activation"],
+                    "max activation": e["max_activation"],
+                    "off-breast": e["off_breast"],
+                }
+                for e in img[key]
+            ]
+            s.add(
+                H.table(
+                    rows,
+                    [
+                        "latent",
+                        "name",
+                        "class top-10",
+                        "contribution",
+                        "mean activation",
+                        "max activation",
+                        "off-breast",
+                    ],
+                    left=3,
+                )
+            )
         shown = {e["latent"]: e for e in [*img["top_latents"], *img["top_by_activation"]]}
-        s.add("".join(H.figure(e["heatmap"], f"latent {j}", width=220)
-                      for j, e in shown.items() if e.get("heatmap")))
+        s.add(
+            "".join(
+                H.figure(e["heatmap"], f"latent {j}", width=220)
+                for j, e in shown.items()
+                if e.get("heatmap")
+            )
+        )
         sections.append(s)
     path = Path(out) / "index.html"
     title = f"mammo-sae explain: {result.get('concept') or 'concept'}"

@@ -7,7 +7,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from ..config import opt
 from ..errors import MammoSaeError
@@ -24,31 +24,39 @@ class ExplainConfig:
     The result is a model's view of the image, not a diagnosis."""
 
     out: Path = opt(help="output directory (explain.json, index.html, images/)")
-    paths: list[Path] = opt([], help="image files (PNG/JPEG/TIFF/DICOM) or folders (recursive)",
-                            cli=False)
-    model: Optional[Path] = opt(None, help="classifier: our model dir or a Mammo-CLIP .pth")
-    sae: Optional[Path] = opt(None, help="SAE checkpoint (native dir, SAELens folder, "
-                                         "MammoSAE .pt)")
-    run: Optional[Path] = opt(None, help="a `mammo-sae run` directory: takes --model-name's "
-                                         "classifier, the run's SAE, input size and probe ranking")
-    model_name: Optional[str] = opt(None, help="with --run: the model, e.g. Mass-finetuned")
-    image_size: Optional[list[int]] = opt(None, help="model input H,W or HxW; default: the run's, "
-                                                     "else 1520x912 (Mammo-CLIP)")
-    dicom_frame: Optional[list[int]] = opt(None, help="PNG frame a DICOM is converted to before "
-                                                      "resizing (as ingest/preprocess); default: "
-                                                      "the run data's, else 1520x912")
+    paths: list[Path] = opt(
+        [], help="image files (PNG/JPEG/TIFF/DICOM) or folders (recursive)", cli=False
+    )
+    model: Path | None = opt(None, help="classifier: our model dir or a Mammo-CLIP .pth")
+    sae: Path | None = opt(None, help="SAE checkpoint (native dir, SAELens folder, MammoSAE .pt)")
+    run: Path | None = opt(
+        None,
+        help="a `mammo-sae run` directory: takes --model-name's "
+        "classifier, the run's SAE, input size and probe ranking",
+    )
+    model_name: str | None = opt(None, help="with --run: the model, e.g. Mass-finetuned")
+    image_size: list[int] | None = opt(
+        None, help="model input H,W or HxW; default: the run's, else 1520x912 (Mammo-CLIP)"
+    )
+    dicom_frame: list[int] | None = opt(
+        None,
+        help="PNG frame a DICOM is converted to before "
+        "resizing (as ingest/preprocess); default: "
+        "the run data's, else 1520x912",
+    )
     crop: bool = opt(True, help="breast crop of DICOMs (--no-crop keeps the whole frame and warns)")
     top: int = opt(5, min=1, help="latents listed (and drawn) per ranking")
-    latent_names: Optional[Path] = opt(None, help="CSV latent,name: names shown beside latents")
+    latent_names: Path | None = opt(None, help="CSV latent,name: names shown beside latents")
     heatmaps: bool = opt(True, help="draw a heatmap per top latent (--no-heatmaps: numbers only)")
     batch_size: int = opt(4, min=1, help="images per forward pass")
-    on_error: Literal["error", "skip"] = opt("error", help="unreadable images: fail, or list them "
-                                                           "in explain.json and go on")
+    on_error: Literal["error", "skip"] = opt(
+        "error", help="unreadable images: fail, or list them in explain.json and go on"
+    )
     device: str = opt("auto", help="auto | cpu | cuda | cuda:N | mps")
     progress: bool = opt(True, help="show progress bars")
 
 
-def _size(value: Optional[list[int]], name: str) -> Optional[tuple[int, int]]:
+def _size(value: list[int] | None, name: str) -> tuple[int, int] | None:
     if not value:
         return None
     if len(value) != 2 or min(value) < 16:
@@ -90,33 +98,73 @@ def run_explain(cfg: ExplainConfig) -> int:
     if not cfg.crop:
         logging.getLogger(__name__).warning(
             "--no-crop: DICOMs are explained on their whole frame (only the 5-px border cut): "
-            "background, film edges and labels enter the model input")
+            "background, film edges and labels enter the model input"
+        )
     names = read_latent_names(cfg.latent_names) if cfg.latent_names else {}
-    ex = Explainer.load(model, sae, size_hw=size or DEFAULT_FRAME_HW,
-                        device=resolve_device(cfg.device), frame_hw=frame or DEFAULT_FRAME_HW,
-                        crop=cfg.crop, latent_names=names,
-                        class_top=class_top)
+    ex = Explainer.load(
+        model,
+        sae,
+        size_hw=size or DEFAULT_FRAME_HW,
+        device=resolve_device(cfg.device),
+        frame_hw=frame or DEFAULT_FRAME_HW,
+        crop=cfg.crop,
+        latent_names=names,
+        class_top=class_top,
+    )
     if cfg.run is not None and not ex.concept and entry.get("concept"):
         from ..models.checkpoints import warn_assumed_concept
 
-        warn_assumed_concept(model, ex.concept, entry["concept"])   # the run's concept for it
+        warn_assumed_concept(model, ex.concept, entry["concept"])  # the run's concept for it
         ex.concept = entry["concept"]
     meta.update(model=str(model), sae=str(sae))
-    result = explain_images(ex, paths, cfg.out, top=cfg.top, batch_size=cfg.batch_size,
-                            heatmaps=cfg.heatmaps, on_error=cfg.on_error, progress=cfg.progress,
-                            meta=meta)
-    brief = [{"image": e["image"], "score": e["score"], "logit": e["logit"],
-              "top_latents": [t["latent"] for t in e["top_latents"]]} for e in result["images"]]
-    sys.stdout.write(dumps_json({"out": str(cfg.out), "images": brief,
-                                 "errors": len(result["errors"]), "note": result["note"]}))
+    result = explain_images(
+        ex,
+        paths,
+        cfg.out,
+        top=cfg.top,
+        batch_size=cfg.batch_size,
+        heatmaps=cfg.heatmaps,
+        on_error=cfg.on_error,
+        progress=cfg.progress,
+        meta=meta,
+    )
+    brief = [
+        {
+            "image": e["image"],
+            "score": e["score"],
+            "logit": e["logit"],
+            "top_latents": [t["latent"] for t in e["top_latents"]],
+        }
+        for e in result["images"]
+    ]
+    sys.stdout.write(
+        dumps_json(
+            {
+                "out": str(cfg.out),
+                "images": brief,
+                "errors": len(result["errors"]),
+                "note": result["note"],
+            }
+        )
+    )
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `explain` to the `mammo-sae` parser."""
     from ..cli import add_command
 
-    p = add_command(sub, "explain", ExplainConfig, run_explain,
-                    help="explain your own images: concept score, top SAE latents, heatmaps (HTML)")
-    p.add_argument("paths", nargs="+", type=Path, metavar="PATH",
-                   help="image files (PNG/JPEG/TIFF/DICOM) or folders (searched recursively)")
+    p = add_command(
+        sub,
+        "explain",
+        ExplainConfig,
+        run_explain,
+        help="explain your own images: concept score, top SAE latents, heatmaps (HTML)",
+    )
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="image files (PNG/JPEG/TIFF/DICOM) or folders (searched recursively)",
+    )

@@ -20,8 +20,17 @@ from .intervene import LinearHead, sae_readout
 from .summaries import LatentSummaries
 
 
-def fidelity(summaries: LatentSummaries, pooled_nd: np.ndarray, rows: np.ndarray, y: np.ndarray,
-             sae: Any, head: LinearHead, *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+def fidelity(
+    summaries: LatentSummaries,
+    pooled_nd: np.ndarray,
+    rows: np.ndarray,
+    y: np.ndarray,
+    sae: Any,
+    head: LinearHead,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
     """AUROC/AUPRC (with bootstrap CIs, shared resamples) original vs SAE + FVU, L0, dead fraction."""
     rows = np.asarray(rows, dtype=np.int64)
     pooled = np.asarray(pooled_nd, dtype=np.float64)[rows]
@@ -44,6 +53,8 @@ def fidelity(summaries: LatentSummaries, pooled_nd: np.ndarray, rows: np.ndarray
     frac = summaries.meta.get("subsample_fraction", 1.0)
     out["subsample_fraction"] = frac
     if frac not in (None, 1, 1.0):
-        out["warning"] = ("store subsampled: the SAE side averages stored patches only while the "
-                          "original side uses the full-map pooled features; use a full store")
+        out["warning"] = (
+            "store subsampled: the SAE side averages stored patches only while the "
+            "original side uses the full-map pooled features; use a full store"
+        )
     return out

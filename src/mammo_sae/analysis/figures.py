@@ -15,9 +15,10 @@ grid's colour bar says so.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,19 +28,24 @@ from ..io import atomic_path
 
 @dataclass
 class LatentPanel:
-    image_hw: np.ndarray | None        # grayscale in [0, 1], frame size; None → no background
-    heat_hw: np.ndarray                # heatmap in the same frame
-    gt_boxes: np.ndarray               # (m, 4) [x0, y0, x1, y1] frame pixels
-    pred_boxes: np.ndarray             # (n, 4)
+    image_hw: np.ndarray | None  # grayscale in [0, 1], frame size; None → no background
+    heat_hw: np.ndarray  # heatmap in the same frame
+    gt_boxes: np.ndarray  # (m, 4) [x0, y0, x1, y1] frame pixels
+    pred_boxes: np.ndarray  # (n, 4)
     title: str
-    hits: np.ndarray | None = None     # (n,) bool: predicted box matched a GT box; None = unknown
+    hits: np.ndarray | None = None  # (n,) bool: predicted box matched a GT box; None = unknown
 
 
-GT_COLOUR, PRED_COLOUR = "white", "cyan"   # neither is a `jet` colour
+GT_COLOUR, PRED_COLOUR = "white", "cyan"  # neither is a `jet` colour
 
 
-def panel_title(latent: int | str, mean_activation: float, image_id: str | None = None, *,
-                hit: bool | None = None) -> str:
+def panel_title(
+    latent: int | str,
+    mean_activation: float,
+    image_id: str | None = None,
+    *,
+    hit: bool | None = None,
+) -> str:
     """`latent 13867 · mean act 0.42` (a string names another map, e.g. "classifier map"),
     preceded by the image id on a first line if given, followed by HIT / miss when known."""
     if image_id and len(image_id) > 14:  # VinDr ids are 32 hex digits
@@ -50,7 +56,9 @@ def panel_title(latent: int | str, mean_activation: float, image_id: str | None 
     return f"{head}{name}\nmean act {mean_activation:.3g}{mark}"
 
 
-def display_image(path: str | os.PathLike[str] | None, frame_hw: tuple[int, int]) -> np.ndarray | None:
+def display_image(
+    path: str | os.PathLike[str] | None, frame_hw: tuple[int, int]
+) -> np.ndarray | None:
     """The mammogram as the model saw it (same reading and resizing), min-max scaled to [0, 1]:
     the reference's de-normalised input. None when there is no file to show."""
     if path is None or not Path(path).is_file():
@@ -62,7 +70,9 @@ def display_image(path: str | os.PathLike[str] | None, frame_hw: tuple[int, int]
         if arr.shape != tuple(frame_hw):
             import cv2
 
-            arr = cv2.resize(arr, (int(frame_hw[1]), int(frame_hw[0])), interpolation=cv2.INTER_AREA)
+            arr = cv2.resize(
+                arr, (int(frame_hw[1]), int(frame_hw[0])), interpolation=cv2.INTER_AREA
+            )
     else:
         arr = to_model_input(read_image(path), tuple(frame_hw))[0].numpy()
     lo, hi = float(arr.min()), float(arr.max())
@@ -102,21 +112,38 @@ def draw_panel(ax: Any, panel: LatentPanel, *, max_height: int = 400, alpha: flo
     pred = np.asarray(panel.pred_boxes, dtype=np.float64).reshape(-1, 4)
     hits = np.ones(len(pred), dtype=bool) if panel.hits is None else np.asarray(panel.hits, bool)
     drawn = [(b, GT_COLOUR, "-", 2.0) for b in np.asarray(panel.gt_boxes, float).reshape(-1, 4)]
-    drawn += [(b, PRED_COLOUR, "-" if hit else "--", 1.5) for b, hit in zip(pred, hits, strict=True)]
+    drawn += [
+        (b, PRED_COLOUR, "-" if hit else "--", 1.5) for b, hit in zip(pred, hits, strict=True)
+    ]
     for box, colour, style, width in drawn:
         x0, y0, x1, y1 = box * scale
         # Box edges are pixel edges; imshow puts pixel centres on integers.
-        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False,
-                               edgecolor=colour, linestyle=style, linewidth=width))
+        ax.add_patch(
+            Rectangle(
+                (x0 - 0.5, y0 - 0.5),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor=colour,
+                linestyle=style,
+                linewidth=width,
+            )
+        )
     ax.set_xlim(-0.5, W * scale - 0.5)
     ax.set_ylim(H * scale - 0.5, -0.5)
     ax.set_title(panel.title, fontsize=8)
     ax.axis("off")
 
 
-def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.PathLike[str], *,
-                    panel_inches: tuple[float, float] = (1.8, 3.0), dpi: int = 100,
-                    suptitle: str | None = None, colorbar: bool = True) -> Path:
+def save_panel_grid(
+    panels: Sequence[Sequence[LatentPanel]],
+    path: str | os.PathLike[str],
+    *,
+    panel_inches: tuple[float, float] = (1.8, 3.0),
+    dpi: int = 100,
+    suptitle: str | None = None,
+    colorbar: bool = True,
+) -> Path:
     """Write `panels[row][col]` as one PNG grid (rows may be ragged; empty cells stay blank),
     with a colour bar (0 → each panel's own max) and a key to the boxes on the right."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -126,7 +153,9 @@ def save_panel_grid(panels: Sequence[Sequence[LatentPanel]], path: str | os.Path
     n_cols = max((len(r) for r in panels), default=0)
     if n_rows == 0 or n_cols == 0:
         raise MammoSaeError("no panels to draw")
-    fig = Figure(figsize=(panel_inches[0] * n_cols, panel_inches[1] * n_rows + (0.5 if suptitle else 0)))
+    fig = Figure(
+        figsize=(panel_inches[0] * n_cols, panel_inches[1] * n_rows + (0.5 if suptitle else 0))
+    )
     FigureCanvasAgg(fig)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     max_height = int(panel_inches[1] * dpi * 1.5)
@@ -164,13 +193,19 @@ def _add_colorbar(fig: Any, left: float, top: float) -> None:
     bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap="jet"), cax=cax, ticks=[0, 1])
     bar.ax.set_yticklabels(["0", "panel\nmax"], fontsize=7)
     cax.set_title("heat", fontsize=7)
-    fig.text(left + 0.05 / width, 0.3 * top, f"boxes:\nGT {GT_COLOUR}\npredicted\n{PRED_COLOUR}\n"
-             "(dashed:\nmiss)", fontsize=6, va="top")
+    fig.text(
+        left + 0.05 / width,
+        0.3 * top,
+        f"boxes:\nGT {GT_COLOUR}\npredicted\n{PRED_COLOUR}\n(dashed:\nmiss)",
+        fontsize=6,
+        va="top",
+    )
 
 
 # --------------------------------------------------------------------------- plain figures
-def new_figure(width: float, height: float, rows: int = 1, cols: int = 1,
-               **kw: Any) -> tuple[Any, Any]:
+def new_figure(
+    width: float, height: float, rows: int = 1, cols: int = 1, **kw: Any
+) -> tuple[Any, Any]:
     """A pyplot-free Agg figure and its (rows × cols) axes array."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -216,11 +251,16 @@ def plot_topk_grid(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: Pa
         for c, (mode, name) in enumerate(MODES):
             ax = axes[r][c]
             for curve in curves[concept].get(mode, []):
-                line, = ax.plot(curve.ks, curve.auroc, marker="o", ms=3, label=curve.label)
+                (line,) = ax.plot(curve.ks, curve.auroc, marker="o", ms=3, label=curve.label)
                 band = np.isfinite(curve.low) & np.isfinite(curve.high)
                 if band.any():
-                    ax.fill_between(curve.ks[band], curve.low[band], curve.high[band],
-                                    color=line.get_color(), alpha=0.2)
+                    ax.fill_between(
+                        curve.ks[band],
+                        curve.low[band],
+                        curve.high[band],
+                        color=line.get_color(),
+                        alpha=0.2,
+                    )
             ax.set_xscale("symlog", linthresh=1)
             ax.axhline(0.5, color="grey", lw=0.8, ls=":")
             ax.set_title(f"{concept}: {name}", fontsize=10)
@@ -232,5 +272,15 @@ def plot_topk_grid(curves: Mapping[str, Mapping[str, Sequence[Curve]]], path: Pa
     return save_figure(fig, path)
 
 
-__all__ = ["MODES", "Curve", "LatentPanel", "display_image", "draw_panel", "new_figure",
-           "panel_title", "plot_topk_grid", "save_figure", "save_panel_grid"]
+__all__ = [
+    "MODES",
+    "Curve",
+    "LatentPanel",
+    "display_image",
+    "draw_panel",
+    "new_figure",
+    "panel_title",
+    "plot_topk_grid",
+    "save_figure",
+    "save_panel_grid",
+]

@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -74,8 +75,10 @@ def parse_threshold(spec: str | ThresholdRule) -> ThresholdRule:
         return spec
     m = _THRESHOLD_RE.match(spec.strip().lower())
     if m is None:
-        raise MammoSaeError(f"invalid threshold {spec!r}; use pNN (percentile, e.g. p95), "
-                            "relmax:F (fraction of the map's max, e.g. relmax:0.3) or abs:X")
+        raise MammoSaeError(
+            f"invalid threshold {spec!r}; use pNN (percentile, e.g. p95), "
+            "relmax:F (fraction of the map's max, e.g. relmax:0.3) or abs:X"
+        )
     if m["p"] is not None:
         value = float(m["p"])
         if not 0.0 <= value < 100.0:
@@ -118,8 +121,13 @@ def threshold_mask(heat_hw: np.ndarray, rule: ThresholdRule | str) -> np.ndarray
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
-def mask_to_boxes(mask_hw: np.ndarray, min_area: float = 10, *,
-                  heat_hw: np.ndarray | None = None, min_mass: float = 0.0) -> np.ndarray:
+def mask_to_boxes(
+    mask_hw: np.ndarray,
+    min_area: float = 10,
+    *,
+    heat_hw: np.ndarray | None = None,
+    min_mass: float = 0.0,
+) -> np.ndarray:
     """One box per connected region of the mask, `[x0, y0, x1, y1]` with exclusive ends.
 
     Equals OpenCV `findContours(RETR_EXTERNAL)` + `boundingRect` (what the released code does):
@@ -139,14 +147,16 @@ def mask_to_boxes(mask_hw: np.ndarray, min_area: float = 10, *,
     rows = np.flatnonzero(mask_hw.any(axis=1))
     cols = np.flatnonzero(mask_hw.any(axis=0))
     r0, c0 = rows[0], cols[0]
-    crop = mask_hw[r0:rows[-1] + 1, c0:cols[-1] + 1]
+    crop = mask_hw[r0 : rows[-1] + 1, c0 : cols[-1] + 1]
     labels, n = ndimage.label(_fill_holes(crop), structure=_EIGHT_CONNECTED)
-    boxes = [(sx.start + c0, sy.start + r0, sx.stop + c0, sy.stop + r0)
-             for sy, sx in ndimage.find_objects(labels)]
+    boxes = [
+        (sx.start + c0, sy.start + r0, sx.stop + c0, sy.stop + r0)
+        for sy, sx in ndimage.find_objects(labels)
+    ]
     out = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     keep = box_areas(out) >= min_area
     if heat_hw is not None and min_mass > 0:
-        heat = np.where(crop, np.asarray(heat_hw)[r0:rows[-1] + 1, c0:cols[-1] + 1], 0.0)
+        heat = np.where(crop, np.asarray(heat_hw)[r0 : rows[-1] + 1, c0 : cols[-1] + 1], 0.0)
         mass = np.asarray(ndimage.sum(heat, labels, np.arange(1, n + 1)), dtype=np.float64)
         keep &= mass >= min_mass * max(float(mass.sum()), np.finfo(np.float64).tiny)
     out = out[keep]
@@ -159,11 +169,12 @@ def _fill_holes(mask_hw: np.ndarray) -> np.ndarray:
     background, n = ndimage.label(~mask_hw)
     if n == 0:
         return mask_hw
-    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0],
-                                       background[:, -1]]))
+    border = np.unique(
+        np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]])
+    )
     is_hole = np.ones(n + 1, dtype=bool)
     is_hole[border] = False
-    is_hole[0] = False                        # label 0 = the mask itself
+    is_hole[0] = False  # label 0 = the mask itself
     return mask_hw | is_hole[background]
 
 
@@ -183,8 +194,13 @@ def score_boxes(heat_hw: np.ndarray, boxes_n4: np.ndarray, how: BoxScore = "mean
     return scores
 
 
-def heatmap_boxes(heat_hw: np.ndarray, rule: ThresholdRule | str, *, min_area: float = 10,
-                  box_score: BoxScore = "mean") -> tuple[np.ndarray, np.ndarray]:
+def heatmap_boxes(
+    heat_hw: np.ndarray,
+    rule: ThresholdRule | str,
+    *,
+    min_area: float = 10,
+    box_score: BoxScore = "mean",
+) -> tuple[np.ndarray, np.ndarray]:
     """Threshold → connected regions → boxes and their scores, for one heatmap."""
     boxes = mask_to_boxes(threshold_mask(heat_hw, rule), min_area)
     return boxes, score_boxes(heat_hw, boxes, box_score)
@@ -217,52 +233,74 @@ class BoxRule:
 
         object.__setattr__(self, "threshold", parse_threshold(self.threshold))
         if self.threshold_on not in THRESHOLD_ON:
-            raise MammoSaeError(f"unknown threshold target {self.threshold_on!r}; valid: "
-                                f"{', '.join(THRESHOLD_ON)}")
+            raise MammoSaeError(
+                f"unknown threshold target {self.threshold_on!r}; valid: {', '.join(THRESHOLD_ON)}"
+            )
         if self.upsample not in UPSAMPLINGS:
-            raise MammoSaeError(f"unknown upsampling {self.upsample!r}; valid: "
-                                f"{', '.join(UPSAMPLINGS)}")
+            raise MammoSaeError(
+                f"unknown upsampling {self.upsample!r}; valid: {', '.join(UPSAMPLINGS)}"
+            )
         if not 0.0 <= self.min_mass < 1.0:
             raise MammoSaeError(f"min mass must be a fraction in [0, 1), got {self.min_mass}")
         if self.box_score not in ("mean", "max"):
             raise MammoSaeError(f"unknown box score {self.box_score!r}; valid: mean, max")
 
     def settings(self) -> dict[str, Any]:
-        return {"threshold": self.threshold.spec, "threshold_on": self.threshold_on,
-                "upsample": self.upsample, "min_mass": self.min_mass,
-                "min_box_area": self.min_area, "box_score": self.box_score}
+        return {
+            "threshold": self.threshold.spec,
+            "threshold_on": self.threshold_on,
+            "upsample": self.upsample,
+            "min_mass": self.min_mass,
+            "min_box_area": self.min_area,
+            "box_score": self.box_score,
+        }
 
     @classmethod
-    def from_settings(cls, s: Mapping[str, Any]) -> "BoxRule":
+    def from_settings(cls, s: Mapping[str, Any]) -> BoxRule:
         """The rule a localization.json `settings` records (older files: the paper's rule with
         their threshold, area and score)."""
-        return cls(parse_threshold(str(s.get("threshold", "p95"))),
-                   s.get("threshold_on", "frame"), s.get("upsample", "bilinear"),
-                   float(s.get("min_mass", 0.0)), float(s.get("min_box_area", 10)),
-                   s.get("box_score", "mean"))
+        return cls(
+            parse_threshold(str(s.get("threshold", "p95"))),
+            s.get("threshold_on", "frame"),
+            s.get("upsample", "bilinear"),
+            float(s.get("min_mass", 0.0)),
+            float(s.get("min_box_area", 10)),
+            s.get("box_score", "mean"),
+        )
 
 
-def map_boxes(map_hw: np.ndarray, frame_hw: tuple[int, int],
-              centres: tuple[np.ndarray, np.ndarray] | None, rule: BoxRule
-              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def map_boxes(
+    map_hw: np.ndarray,
+    frame_hw: tuple[int, int],
+    centres: tuple[np.ndarray, np.ndarray] | None,
+    rule: BoxRule,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One cell map → (heatmap in the frame, boxes, their scores) under a box rule."""
     from .maps import upsample
 
     heat = upsample(map_hw, frame_hw, centres, rule.upsample)
     if rule.threshold_on == "frame":
-        boxes = mask_to_boxes(threshold_mask(heat, rule.threshold), rule.min_area, heat_hw=heat,
-                              min_mass=rule.min_mass)
+        boxes = mask_to_boxes(
+            threshold_mask(heat, rule.threshold),
+            rule.min_area,
+            heat_hw=heat,
+            min_mass=rule.min_mass,
+        )
     else:
-        cells = mask_to_boxes(threshold_mask(map_hw, rule.threshold), 0, heat_hw=map_hw,
-                              min_mass=rule.min_mass).astype(np.int64)
+        cells = mask_to_boxes(
+            threshold_mask(map_hw, rule.threshold), 0, heat_hw=map_hw, min_mass=rule.min_mass
+        ).astype(np.int64)
         boxes = _cell_boxes_to_pixels(cells, np.shape(map_hw), frame_hw, centres)
         boxes = boxes[box_areas(boxes) >= rule.min_area]
     return heat, boxes, score_boxes(heat, boxes, rule.box_score)
 
 
-def _cell_boxes_to_pixels(cells_n4: np.ndarray, grid_hw: tuple[int, ...],
-                          frame_hw: tuple[int, int],
-                          centres: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+def _cell_boxes_to_pixels(
+    cells_n4: np.ndarray,
+    grid_hw: tuple[int, ...],
+    frame_hw: tuple[int, int],
+    centres: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
     """Boxes in cell indices (exclusive ends) → pixel boxes spanning those cells' windows,
     rounded to whole pixels and clipped to the frame."""
     H, W = (int(v) for v in frame_hw)
@@ -270,7 +308,7 @@ def _cell_boxes_to_pixels(cells_n4: np.ndarray, grid_hw: tuple[int, ...],
     x_lo, x_hi = _cell_spans(None if centres is None else centres[1], int(grid_hw[1]), W)
     c = np.asarray(cells_n4, dtype=np.int64).reshape(-1, 4)
     out = np.stack([x_lo[c[:, 0]], y_lo[c[:, 1]], x_hi[c[:, 2] - 1], y_hi[c[:, 3] - 1]], axis=1)
-    out = np.floor(out + 0.5)   # half-pixel edges round up, the same way on both sides
+    out = np.floor(out + 0.5)  # half-pixel edges round up, the same way on both sides
     out[:, [0, 2]] = np.clip(out[:, [0, 2]], 0, W)
     out[:, [1, 3]] = np.clip(out[:, [1, 3]], 0, H)
     return out
@@ -290,8 +328,13 @@ def box_iou(a_n4: np.ndarray, b_m4: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, np.finfo(np.float64).eps)
 
 
-def match_image(pred_n4: np.ndarray, scores_n: np.ndarray, gt_m4: np.ndarray,
-                iou_threshold: float, match: Match = "voc") -> np.ndarray:
+def match_image(
+    pred_n4: np.ndarray,
+    scores_n: np.ndarray,
+    gt_m4: np.ndarray,
+    iou_threshold: float,
+    match: Match = "voc",
+) -> np.ndarray:
     """True-positive flags of one image's detections (in the given order), matched by score.
 
     Detections are visited by descending score (ties in input order); each GT box is matched at
@@ -350,7 +393,7 @@ class APResult:
     n_pred: int
     n_gt: int
     n_images: int
-    tp: np.ndarray = field(repr=False)          # per detection, in descending-score order
+    tp: np.ndarray = field(repr=False)  # per detection, in descending-score order
     scores: np.ndarray = field(repr=False)
 
     @property
@@ -386,8 +429,12 @@ def _as_boxes(boxes: Any, what: str) -> np.ndarray:
     return arr
 
 
-def average_precision(preds: Sequence[tuple[np.ndarray, np.ndarray]], gts: Sequence[np.ndarray],
-                      iou_threshold: float = 0.25, match: Match = "voc") -> APResult:
+def average_precision(
+    preds: Sequence[tuple[np.ndarray, np.ndarray]],
+    gts: Sequence[np.ndarray],
+    iou_threshold: float = 0.25,
+    match: Match = "voc",
+) -> APResult:
     """Dataset-level AP: `preds[i] = (boxes (n, 4), scores (n,))` and `gts[i]` (m, 4) of image i.
 
     Detections of all images are pooled and ranked by score (ties: image order, then score order
@@ -418,8 +465,9 @@ def average_precision(preds: Sequence[tuple[np.ndarray, np.ndarray]], gts: Seque
     tp = np.concatenate(all_tp) if all_tp else np.zeros(0, dtype=bool)
     scores = np.concatenate(all_scores) if all_scores else np.zeros(0)
     order = np.argsort(-scores, kind="stable")
-    result = APResult(ap=0.0, n_pred=len(tp), n_gt=n_gt, n_images=len(gts), tp=tp[order],
-                      scores=scores[order])
+    result = APResult(
+        ap=0.0, n_pred=len(tp), n_gt=n_gt, n_images=len(gts), tp=tp[order], scores=scores[order]
+    )
     if n_gt and len(tp):
         result.ap = voc_ap(result.recall, result.precision)
     return result
@@ -435,7 +483,7 @@ class Detections:
     boxes: np.ndarray
     scores: np.ndarray
     mean_activation: float
-    pointing_hit: bool | None = None   # strongest cell on a GT box; None: image without GT
+    pointing_hit: bool | None = None  # strongest cell on a GT box; None: image without GT
 
 
 @dataclass
@@ -457,16 +505,25 @@ class LocalizationResult:
     classifier_detections: list[Detections] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"schema_version": SCHEMA_VERSION, "settings": self.settings,
-                "latents": self.table.to_dict(orient="records"), "baselines": self.baselines}
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "settings": self.settings,
+            "latents": self.table.to_dict(orient="records"),
+            "baselines": self.baselines,
+        }
 
     def detections_json(self) -> dict[str, Any]:
         """Per image and latent: GT boxes, predicted boxes, scores and mean activation."""
         images = {}
-        for k, (image_id, gt, dets) in enumerate(zip(self.image_ids, self.gt_boxes,
-                                                     self.detections, strict=True)):
-            entry: dict[str, Any] = {"gt_boxes": gt.tolist(), "latents": {
-                str(lat): _detection_json(d) for lat, d in zip(self.latents, dets, strict=True)}}
+        for k, (image_id, gt, dets) in enumerate(
+            zip(self.image_ids, self.gt_boxes, self.detections, strict=True)
+        ):
+            entry: dict[str, Any] = {
+                "gt_boxes": gt.tolist(),
+                "latents": {
+                    str(lat): _detection_json(d) for lat, d in zip(self.latents, dets, strict=True)
+                },
+            }
             if self.classifier_detections is not None:
                 entry["classifier_map"] = _detection_json(self.classifier_detections[k])
             images[image_id] = entry
@@ -474,8 +531,12 @@ class LocalizationResult:
 
 
 def _detection_json(d: Detections) -> dict[str, Any]:
-    return {"pred_boxes": d.boxes.tolist(), "scores": d.scores.tolist(),
-            "mean_act": d.mean_activation, "pointing_hit": d.pointing_hit}
+    return {
+        "pred_boxes": d.boxes.tolist(),
+        "scores": d.scores.tolist(),
+        "mean_act": d.mean_activation,
+        "pointing_hit": d.pointing_hit,
+    }
 
 
 def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
@@ -484,8 +545,9 @@ def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
 
 
-def select_images(store: Any, concept: str, split: str | None = "test",
-                  image_set: ImageSet = "positive") -> tuple[list[int], list[Any]]:
+def select_images(
+    store: Any, concept: str, split: str | None = "test", image_set: ImageSet = "positive"
+) -> tuple[list[int], list[Any]]:
     """Store image indices (and their records) to evaluate: the split's images with label 1
     for the concept (`positive`), or all of the split's images (`all`); split None or "all"
     takes every split. Images the store skipped (failed to load) are left out."""
@@ -494,7 +556,9 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     records = list(store.records())
     if len(records) != store.n_images:
         raise DataError(f"store has {store.n_images} images but {len(records)} records")
-    known = sorted({c for r in records for c in r.labels} | {b.concept for r in records for b in r.boxes})
+    known = sorted(
+        {c for r in records for c in r.labels} | {b.concept for r in records for b in r.boxes}
+    )
     if concept not in known:
         raise DataError(f"unknown concept {concept!r}; valid: {', '.join(known)}")
     splits = [r.split for r in records]
@@ -503,7 +567,7 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     # row), positive if any of its rows is.
     first: dict[str, int] = {}
     positive: set[str] = set()
-    every = split in (None, "", "all")   # as `extract`, `probe` and `labelled_rows` read it
+    every = split in (None, "", "all")  # as `extract`, `probe` and `labelled_rows` read it
     for i, r in enumerate(records):
         if ok[i] and (every or splits[i] == split):
             first.setdefault(r.image_id, i)
@@ -517,15 +581,22 @@ def select_images(store: Any, concept: str, split: str | None = "test",
     return chosen, [records[i] for i in chosen]
 
 
-def image_detections(maps_lhw: np.ndarray, frame_hw: tuple[int, int],
-                     centres: tuple[np.ndarray, np.ndarray] | None, gt_m4: np.ndarray,
-                     rule: BoxRule) -> list[Detections]:
+def image_detections(
+    maps_lhw: np.ndarray,
+    frame_hw: tuple[int, int],
+    centres: tuple[np.ndarray, np.ndarray] | None,
+    gt_m4: np.ndarray,
+    rule: BoxRule,
+) -> list[Detections]:
     """Boxes (and pointing-game hit) of each latent's map on one image."""
     on_box = _cells_on_boxes(maps_lhw.shape[-2:], frame_hw, centres, gt_m4) if len(gt_m4) else None
     out = []
     for map_hw in maps_lhw:
-        hit = None if on_box is None else bool(map_hw.max() > 0 and
-                                                on_box.reshape(-1)[int(np.argmax(map_hw))])
+        hit = (
+            None
+            if on_box is None
+            else bool(map_hw.max() > 0 and on_box.reshape(-1)[int(np.argmax(map_hw))])
+        )
         if not (map_hw > 0).any():  # never fires on this image: no region, mean 0
             out.append(Detections(np.zeros((0, 4)), np.zeros(0), 0.0, hit))
             continue
@@ -534,9 +605,20 @@ def image_detections(maps_lhw: np.ndarray, frame_hw: tuple[int, int],
     return out
 
 
-def _detect(store: Any, encoder: Any, latents: Sequence[int], indices: Sequence[int],
-            records: Sequence[Any], gt_boxes: Sequence[np.ndarray], rule: BoxRule, *,
-            align: str, batch_rows: int, progress: bool, desc: str) -> list[list[Detections]]:
+def _detect(
+    store: Any,
+    encoder: Any,
+    latents: Sequence[int],
+    indices: Sequence[int],
+    records: Sequence[Any],
+    gt_boxes: Sequence[np.ndarray],
+    rule: BoxRule,
+    *,
+    align: str,
+    batch_rows: int,
+    progress: bool,
+    desc: str,
+) -> list[list[Detections]]:
     """Heatmap → threshold → boxes of each map (latent, or the head's one) on each image."""
     from tqdm.auto import tqdm
 
@@ -544,8 +626,13 @@ def _detect(store: Any, encoder: Any, latents: Sequence[int], indices: Sequence[
 
     detections: list[list[Detections]] = []
     maps_iter = iter_latent_maps(store, encoder, latents, indices, batch_rows=batch_rows)
-    for rec, gt, maps_lhw in tqdm(zip(records, gt_boxes, maps_iter, strict=True),
-                                  total=len(records), disable=not progress, desc=desc, unit="img"):
+    for rec, gt, maps_lhw in tqdm(
+        zip(records, gt_boxes, maps_iter, strict=True),
+        total=len(records),
+        disable=not progress,
+        desc=desc,
+        unit="img",
+    ):
         centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
         detections.append(image_detections(maps_lhw, rec.frame_hw, centres, gt, rule))
     return detections
@@ -554,8 +641,9 @@ def _detect(store: Any, encoder: Any, latents: Sequence[int], indices: Sequence[
 REPORTED_IOUS = (0.1, 0.25, 0.5)
 
 
-def _ap_row(dets: Sequence[Detections], gt_boxes: Sequence[np.ndarray], iou_threshold: float,
-            match: Match) -> dict[str, Any]:
+def _ap_row(
+    dets: Sequence[Detections], gt_boxes: Sequence[np.ndarray], iou_threshold: float, match: Match
+) -> dict[str, Any]:
     """One Table-2 row's numbers for one detector's boxes on every evaluated image: AP at the
     chosen IoU (`ap`) and at each of `REPORTED_IOUS`, and the pointing-game accuracy over the
     images with a GT box."""
@@ -563,13 +651,22 @@ def _ap_row(dets: Sequence[Detections], gt_boxes: Sequence[np.ndarray], iou_thre
     res = average_precision(preds, gt_boxes, iou_threshold, match)
     f1, p, r = res.best_f1()
     hits = [d.pointing_hit for d in dets if d.pointing_hit is not None]
-    row = {"ap": res.ap, "n_images": res.n_images, "n_pred": res.n_pred, "n_gt": res.n_gt,
-           "n_tp": res.n_tp, "best_f1": f1, "precision_at_best_f1": p, "recall_at_best_f1": r,
-           "images_with_boxes": sum(len(d.boxes) > 0 for d in dets),
-           "mean_activation": float(np.mean([d.mean_activation for d in dets]))}
+    row = {
+        "ap": res.ap,
+        "n_images": res.n_images,
+        "n_pred": res.n_pred,
+        "n_gt": res.n_gt,
+        "n_tp": res.n_tp,
+        "best_f1": f1,
+        "precision_at_best_f1": p,
+        "recall_at_best_f1": r,
+        "images_with_boxes": sum(len(d.boxes) > 0 for d in dets),
+        "mean_activation": float(np.mean([d.mean_activation for d in dets])),
+    }
     for iou in REPORTED_IOUS:
-        row[f"ap_iou_{iou:g}"] = (res.ap if iou == iou_threshold else
-                                  average_precision(preds, gt_boxes, iou, match).ap)
+        row[f"ap_iou_{iou:g}"] = (
+            res.ap if iou == iou_threshold else average_precision(preds, gt_boxes, iou, match).ap
+        )
     row["pointing"] = float(np.mean(hits)) if hits else math.nan
     return row
 
@@ -585,8 +682,7 @@ def oracle_boxes(gt_m4: np.ndarray, size_hw: tuple[float, float]) -> np.ndarray:
     return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
 
 
-def chance_boxes(gt_m4: np.ndarray, region_hw: np.ndarray, rng: np.random.Generator
-                 ) -> np.ndarray:
+def chance_boxes(gt_m4: np.ndarray, region_hw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """For each ground-truth box, a box of its size centred on a uniformly drawn pixel of
     `region_hw` (the breast; the whole frame when it is empty), shifted into the frame."""
     gt = np.asarray(gt_m4, dtype=np.float64).reshape(-1, 4)
@@ -613,14 +709,23 @@ def _breast_region(rec: Any) -> np.ndarray | None:
     return None if image is None else breast_mask(image)
 
 
-def chance_ap(records: Sequence[Any], gt_boxes: Sequence[np.ndarray], iou_threshold: float,
-              match: Match, *, draws: int, seed: int = 0) -> dict[str, Any]:
+def chance_ap(
+    records: Sequence[Any],
+    gt_boxes: Sequence[np.ndarray],
+    iou_threshold: float,
+    match: Match,
+    *,
+    draws: int,
+    seed: int = 0,
+) -> dict[str, Any]:
     """AP of random boxes of the findings' sizes inside the breast (random scores), averaged
     over `draws` draws: where a latent's AP would sit by luck."""
     regions = [_breast_region(r) for r in records]
     n_frame = sum(m is None for m in regions)
-    regions = [np.ones(tuple(r.frame_hw), dtype=bool) if m is None else m
-               for r, m in zip(records, regions, strict=True)]
+    regions = [
+        np.ones(tuple(r.frame_hw), dtype=bool) if m is None else m
+        for r, m in zip(records, regions, strict=True)
+    ]
     rng = np.random.default_rng(seed)
     aps = []
     for _ in range(draws):
@@ -629,34 +734,59 @@ def chance_ap(records: Sequence[Any], gt_boxes: Sequence[np.ndarray], iou_thresh
             boxes = chance_boxes(gt, region, rng)
             preds.append((boxes, rng.random(len(boxes))))
         aps.append(average_precision(preds, gt_boxes, iou_threshold, match).ap)
-    return {"ap": float(np.mean(aps)) if aps else math.nan,
-            "ap_std": float(np.std(aps)) if aps else math.nan, "draws": draws, "seed": seed,
-            "region": "breast" if n_frame == 0 else
-            f"breast (whole frame for {n_frame} image(s) without a readable file)"}
+    return {
+        "ap": float(np.mean(aps)) if aps else math.nan,
+        "ap_std": float(np.std(aps)) if aps else math.nan,
+        "draws": draws,
+        "seed": seed,
+        "region": "breast"
+        if n_frame == 0
+        else f"breast (whole frame for {n_frame} image(s) without a readable file)",
+    }
 
 
-def oracle_ap(detections: Sequence[Sequence[Detections]], gt_boxes: Sequence[np.ndarray],
-              iou_threshold: float, match: Match) -> dict[str, Any]:
+def oracle_ap(
+    detections: Sequence[Sequence[Detections]],
+    gt_boxes: Sequence[np.ndarray],
+    iou_threshold: float,
+    match: Match,
+) -> dict[str, Any]:
     """AP of one box per finding centred on its truth with the median size of the predicted
     boxes: the best a detector whose boxes have that size can do (1.0 only if the size fits)."""
-    sizes = np.asarray([[b[3] - b[1], b[2] - b[0]] for dets in detections for d in dets
-                        for b in d.boxes], dtype=np.float64).reshape(-1, 2)
+    sizes = np.asarray(
+        [[b[3] - b[1], b[2] - b[0]] for dets in detections for d in dets for b in d.boxes],
+        dtype=np.float64,
+    ).reshape(-1, 2)
     if not len(sizes):
         return {"ap": math.nan, "box_hw": None, "note": "no predicted boxes"}
     size = (float(np.median(sizes[:, 0])), float(np.median(sizes[:, 1])))
     preds = [(oracle_boxes(gt, size), np.ones(len(gt))) for gt in gt_boxes]
-    return {"ap": average_precision(preds, gt_boxes, iou_threshold, match).ap,
-            "box_hw": list(size)}
+    return {"ap": average_precision(preds, gt_boxes, iou_threshold, match).ap, "box_hw": list(size)}
 
 
-def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
-             threshold: str | ThresholdRule = "p95", iou_threshold: float = 0.25,
-             split: str | None = "test", image_set: ImageSet = "positive",
-             box_score: BoxScore = "mean", min_box_area: float = 10, match: Match = "voc",
-             align: str = "receptive-field", threshold_on: ThresholdOn = "frame",
-             upsample: str = "bilinear", min_mass: float = 0.0, head: Any = None,
-             chance_draws: int = 0,
-             seed: int = 0, batch_rows: int = 8192, progress: bool = True) -> LocalizationResult:
+def localize(
+    store: Any,
+    sae: Any,
+    concept: str,
+    latents: Sequence[int],
+    *,
+    threshold: str | ThresholdRule = "p95",
+    iou_threshold: float = 0.25,
+    split: str | None = "test",
+    image_set: ImageSet = "positive",
+    box_score: BoxScore = "mean",
+    min_box_area: float = 10,
+    match: Match = "voc",
+    align: str = "receptive-field",
+    threshold_on: ThresholdOn = "frame",
+    upsample: str = "bilinear",
+    min_mass: float = 0.0,
+    head: Any = None,
+    chance_draws: int = 0,
+    seed: int = 0,
+    batch_rows: int = 8192,
+    progress: bool = True,
+) -> LocalizationResult:
     """Localisation AP of each latent for a concept (the paper's Table 2 row; see module doc).
 
     `store` is an `ActivationStore` (full patch grids), `sae` anything with `encode(x_nd)`.
@@ -671,8 +801,9 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
     """
     from .maps import ALIGNMENTS, LinearMap
 
-    rule = BoxRule(parse_threshold(threshold), threshold_on, upsample, min_mass, min_box_area,
-                   box_score)
+    rule = BoxRule(
+        parse_threshold(threshold), threshold_on, upsample, min_mass, min_box_area, box_score
+    )
     if align not in ALIGNMENTS:
         raise MammoSaeError(f"unknown cell alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
     latents = [int(j) for j in latents]
@@ -681,30 +812,60 @@ def localize(store: Any, sae: Any, concept: str, latents: Sequence[int], *,
     indices, records = select_images(store, concept, split, image_set)
     gt_boxes = [unique_boxes(r.boxes_of(concept)) for r in records]
     common = dict(align=align, batch_rows=batch_rows, progress=progress)
-    detections = _detect(store, sae, latents, indices, records, gt_boxes, rule,
-                         desc=f"localise {concept}", **common)
-    rows = [{"rank": j + 1, "latent": latent,
-             **_ap_row([d[j] for d in detections], gt_boxes, iou_threshold, match)}
-            for j, latent in enumerate(latents)]
+    detections = _detect(
+        store, sae, latents, indices, records, gt_boxes, rule, desc=f"localise {concept}", **common
+    )
+    rows = [
+        {
+            "rank": j + 1,
+            "latent": latent,
+            **_ap_row([d[j] for d in detections], gt_boxes, iou_threshold, match),
+        }
+        for j, latent in enumerate(latents)
+    ]
     baselines: dict[str, Any] = {"oracle": oracle_ap(detections, gt_boxes, iou_threshold, match)}
     classifier_detections = None
     if head is not None:
-        cam = _detect(store, LinearMap(head.w_d), [0], indices, records, gt_boxes, rule,
-                      desc="classifier map", **common)
+        cam = _detect(
+            store,
+            LinearMap(head.w_d),
+            [0],
+            indices,
+            records,
+            gt_boxes,
+            rule,
+            desc="classifier map",
+            **common,
+        )
         classifier_detections = [d[0] for d in cam]
-        baselines["classifier_map"] = _ap_row(classifier_detections, gt_boxes, iou_threshold,
-                                              match)
+        baselines["classifier_map"] = _ap_row(classifier_detections, gt_boxes, iou_threshold, match)
     if chance_draws > 0:
-        baselines["chance"] = chance_ap(records, gt_boxes, iou_threshold, match,
-                                        draws=chance_draws, seed=seed)
-    settings = {"concept": concept, **rule.settings(), "iou_threshold": iou_threshold,
-                "split": split, "image_set": image_set, "match": match, "ap": "voc-all-point",
-                "align": align, "n_images": len(indices),
-                "n_gt": int(sum(len(g) for g in gt_boxes))}
-    return LocalizationResult(table=pd.DataFrame(rows), latents=latents, image_indices=indices,
-                              image_ids=[r.image_id for r in records], gt_boxes=gt_boxes,
-                              detections=detections, settings=settings, baselines=baselines,
-                              classifier_detections=classifier_detections)
+        baselines["chance"] = chance_ap(
+            records, gt_boxes, iou_threshold, match, draws=chance_draws, seed=seed
+        )
+    settings = {
+        "concept": concept,
+        **rule.settings(),
+        "iou_threshold": iou_threshold,
+        "split": split,
+        "image_set": image_set,
+        "match": match,
+        "ap": "voc-all-point",
+        "align": align,
+        "n_images": len(indices),
+        "n_gt": int(sum(len(g) for g in gt_boxes)),
+    }
+    return LocalizationResult(
+        table=pd.DataFrame(rows),
+        latents=latents,
+        image_indices=indices,
+        image_ids=[r.image_id for r in records],
+        gt_boxes=gt_boxes,
+        detections=detections,
+        settings=settings,
+        baselines=baselines,
+        classifier_detections=classifier_detections,
+    )
 
 
 BASELINES = ("chance", "classifier_map", "oracle")
@@ -717,16 +878,26 @@ def table2(results: Mapping[str, LocalizationResult]) -> pd.DataFrame:
     rows = []
     for setting, res in results.items():
         row: dict[str, Any] = {"setting": setting}
-        row.update({f"rank_{int(r)}": float(ap) for r, ap in zip(res.table["rank"], res.table["ap"])})
+        row.update(
+            {f"rank_{int(r)}": float(ap) for r, ap in zip(res.table["rank"], res.table["ap"])}
+        )
         row["latents"] = ",".join(str(int(j)) for j in res.table["latent"])
         row.update({name: res.baselines[name]["ap"] for name in BASELINES if name in res.baselines})
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any, *,
-                     n_images: int = 4, head: Any = None, label: str | None = None,
-                     batch_rows: int = 8192) -> Any:
+def save_figure_grid(
+    store: Any,
+    sae: Any,
+    result: LocalizationResult,
+    path: Any,
+    *,
+    n_images: int = 4,
+    head: Any = None,
+    label: str | None = None,
+    batch_rows: int = 8192,
+) -> Any:
     """Figure 3: rows = the classifier's own map (when `head` is given and the result holds its
     boxes), then the result's latents (rank order); columns = up to `n_images` evaluated images
     (those with GT boxes first, in store order; the top row names them). Each panel says
@@ -745,8 +916,11 @@ def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any
     chosen = order[:n_images]
     indices = [result.image_indices[k] for k in chosen]
     records = list(store.records())
-    cams = (iter_latent_maps(store, LinearMap(head.w_d), [0], indices, batch_rows=batch_rows)
-            if with_cam else iter([None] * len(chosen)))
+    cams = (
+        iter_latent_maps(store, LinearMap(head.w_d), [0], indices, batch_rows=batch_rows)
+        if with_cam
+        else iter([None] * len(chosen))
+    )
     columns: list[list[LatentPanel]] = []
     maps_iter = iter_latent_maps(store, sae, result.latents, indices, batch_rows=batch_rows)
     for k, maps_lhw, cam in zip(chosen, maps_iter, cams, strict=True):
@@ -754,27 +928,41 @@ def save_figure_grid(store: Any, sae: Any, result: LocalizationResult, path: Any
         image = display_image(rec.path, rec.frame_hw)
         centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
         gt = result.gt_boxes[k]
-        named = [(f"latent {lat}", upsample(m, rec.frame_hw, centres, mode), det)
-                 for lat, m, det in zip(result.latents, maps_lhw, result.detections[k],
-                                                strict=True)]
+        named = [
+            (f"latent {lat}", upsample(m, rec.frame_hw, centres, mode), det)
+            for lat, m, det in zip(result.latents, maps_lhw, result.detections[k], strict=True)
+        ]
         if cam is not None and result.classifier_detections is not None:
-            named.insert(0, ("classifier map", upsample(cam[0], rec.frame_hw, centres, mode),
-                             result.classifier_detections[k]))
+            named.insert(
+                0,
+                (
+                    "classifier map",
+                    upsample(cam[0], rec.frame_hw, centres, mode),
+                    result.classifier_detections[k],
+                ),
+            )
         column = []
         for j, (name, heat, det) in enumerate(named):
             hits = match_image(det.boxes, det.scores, gt, s["iou_threshold"], s.get("match", "voc"))
-            title = panel_title(name, det.mean_activation, result.image_ids[k] if j == 0 else None,
-                                hit=bool(hits.any()) if len(gt) else None)
+            title = panel_title(
+                name,
+                det.mean_activation,
+                result.image_ids[k] if j == 0 else None,
+                hit=bool(hits.any()) if len(gt) else None,
+            )
             column.append(LatentPanel(image, heat, gt, det.boxes, title, hits=hits))
         columns.append(column)
     rows = [[col[j] for col in columns] for j in range(len(columns[0]))] if columns else []
-    title = (f"{label or s['concept']}: {s['concept']}, threshold {s['threshold']}, "
-             f"IoU {s['iou_threshold']:g}")
+    title = (
+        f"{label or s['concept']}: {s['concept']}, threshold {s['threshold']}, "
+        f"IoU {s['iou_threshold']:g}"
+    )
     return save_panel_grid(rows, path, suptitle=title)
 
 
-def _cell_spans(centres: np.ndarray | None, n_cells: int, frame_len: int
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _cell_spans(
+    centres: np.ndarray | None, n_cells: int, frame_len: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-edge extent [lo, hi) of each cell along one axis: a stride-wide window around the
     pixel where its value sits (`centres`; None = cells laid evenly over the frame)."""
     from .maps import cell_centres
@@ -784,9 +972,12 @@ def _cell_spans(centres: np.ndarray | None, n_cells: int, frame_len: int
     return c + 0.5 - step / 2, c + 0.5 + step / 2
 
 
-def _cells_on_boxes(grid_hw: tuple[int, ...], frame_hw: tuple[int, int],
-                    centres: tuple[np.ndarray, np.ndarray] | None, gt_m4: np.ndarray
-                    ) -> np.ndarray:
+def _cells_on_boxes(
+    grid_hw: tuple[int, ...],
+    frame_hw: tuple[int, int],
+    centres: tuple[np.ndarray, np.ndarray] | None,
+    gt_m4: np.ndarray,
+) -> np.ndarray:
     """(gh, gw) cells whose stride-wide window (around where `upsample` puts the cell's value)
     overlaps any of the boxes: where a pointing-game hit may land."""
     gh, gw = int(grid_hw[0]), int(grid_hw[1])
@@ -798,10 +989,17 @@ def _cells_on_boxes(grid_hw: tuple[int, ...], frame_hw: tuple[int, int],
     return on_box
 
 
-def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "training",
-                    latents: Sequence[int] | None = None, align: str = "receptive-field",
-                    batch_rows: int = 8192, progress: bool = True
-                    ) -> tuple[np.ndarray, np.ndarray, int]:
+def pointing_scores(
+    store: Any,
+    sae: Any,
+    concept: str,
+    *,
+    split: str | None = "training",
+    latents: Sequence[int] | None = None,
+    align: str = "receptive-field",
+    batch_rows: int = 8192,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Pointing game per latent: the share of the split's positive images where the latent's
     strongest cell overlaps a ground-truth box of `concept` (an image where it never fires is a
     miss). A cell is the stride-wide window around its receptive-field centre (`align`, as in
@@ -816,12 +1014,18 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
     indices, records = select_images(store, concept, split, "positive")
     hits = np.zeros(len(lat), dtype=np.int64)
     maps = iter_latent_maps(store, sae, lat, indices, batch_rows=batch_rows)
-    for rec, maps_lhw in tqdm(zip(records, maps), total=len(records), disable=not progress,
-                              desc=f"pointing {concept}", unit="img"):
+    for rec, maps_lhw in tqdm(
+        zip(records, maps),
+        total=len(records),
+        disable=not progress,
+        desc=f"pointing {concept}",
+        unit="img",
+    ):
         n_lat = maps_lhw.shape[0]
         centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
-        on_box = _cells_on_boxes(maps_lhw.shape[-2:], rec.frame_hw, centres,
-                                 unique_boxes(rec.boxes_of(concept)))
+        on_box = _cells_on_boxes(
+            maps_lhw.shape[-2:], rec.frame_hw, centres, unique_boxes(rec.boxes_of(concept))
+        )
         flat = maps_lhw.reshape(n_lat, -1)
         best = flat.argmax(axis=1)
         hits += on_box.reshape(-1)[best] & (flat.max(axis=1) > 0)
@@ -829,11 +1033,35 @@ def pointing_scores(store: Any, sae: Any, concept: str, *, split: str | None = "
 
 
 __all__ = [
-    "APResult", "BASELINES", "BoxRule", "Detections", "REPORTED_IOUS", "THRESHOLD_ON",
-    "LocalizationResult", "ThresholdRule",
-    "average_precision", "box_areas", "box_iou", "chance_ap", "chance_boxes", "coco_ap101",
-    "heatmap_boxes", "image_detections", "localize", "map_boxes", "mask_to_boxes", "match_image",
-    "oracle_ap", "oracle_boxes", "parse_threshold", "pointing_scores", "save_figure_grid",
+    "APResult",
+    "BASELINES",
+    "BoxRule",
+    "Detections",
+    "REPORTED_IOUS",
+    "THRESHOLD_ON",
+    "LocalizationResult",
+    "ThresholdRule",
+    "average_precision",
+    "box_areas",
+    "box_iou",
+    "chance_ap",
+    "chance_boxes",
+    "coco_ap101",
+    "heatmap_boxes",
+    "image_detections",
+    "localize",
+    "map_boxes",
+    "mask_to_boxes",
+    "match_image",
+    "oracle_ap",
+    "oracle_boxes",
+    "parse_threshold",
+    "pointing_scores",
+    "save_figure_grid",
     "score_boxes",
-    "select_images", "table2", "threshold_mask", "unique_boxes", "voc_ap",
+    "select_images",
+    "table2",
+    "threshold_mask",
+    "unique_boxes",
+    "voc_ap",
 ]

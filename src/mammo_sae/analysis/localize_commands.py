@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import numpy as np
 
@@ -29,50 +29,83 @@ class LocalizeConfig:
     sae: Path = opt(help="SAE checkpoint")
     concept: str = opt(help="concept whose GT boxes are scored (e.g. Mass, confounder)")
     out: Path = opt(help="output directory")
-    ranking: Optional[Path] = opt(None, help="class-1 ranking JSON from `mammo-sae probe` "
-                                             "(list of {rank, index, importance})")
+    ranking: Path | None = opt(
+        None, help="class-1 ranking JSON from `mammo-sae probe` (list of {rank, index, importance})"
+    )
     latents: list[int] = opt([], help="explicit latent indices (instead of --ranking)")
     top: int = opt(10, min=1, help="how many top-ranked latents to score")
     select: Literal["ranking", "pointing"] = opt(
-        "ranking", help="ranking: the top of --ranking (paper); pointing: the latents whose "
+        "ranking",
+        help="ranking: the top of --ranking (paper); pointing: the latents whose "
         "strongest cell most often overlaps a GT box on --select-split of --select-store "
-        "(chosen without the evaluated images), among --candidates of --ranking or all latents")
-    select_store: Optional[Path] = opt(None, help="store holding --select-split with full grids "
-                                                  "(default: --store)")
+        "(chosen without the evaluated images), among --candidates of --ranking or all latents",
+    )
+    select_store: Path | None = opt(
+        None, help="store holding --select-split with full grids (default: --store)"
+    )
     select_split: str = opt("training", help="split the pointing selection is made on")
-    candidates: int = opt(0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)")
-    threshold: str = opt("p95", help="pNN = NN-th percentile of each heatmap (paper); "
-                                     "relmax:F = F x its max (released code: relmax:0.3); abs:X")
+    candidates: int = opt(
+        0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)"
+    )
+    threshold: str = opt(
+        "p95",
+        help="pNN = NN-th percentile of each heatmap (paper); "
+        "relmax:F = F x its max (released code: relmax:0.3); abs:X",
+    )
     threshold_on: Literal["frame", "grid"] = opt(
-        "frame", help="frame: threshold the upsampled heatmap (paper); grid: threshold the "
-        "native cell map, a box spanning each connected group of cells")
+        "frame",
+        help="frame: threshold the upsampled heatmap (paper); grid: threshold the "
+        "native cell map, a box spanning each connected group of cells",
+    )
     upsample: Literal["bilinear", "nearest"] = opt(
-        "bilinear", help="how cells become heatmap pixels: bilinear (paper) or nearest cell")
-    min_mass: float = opt(0.0, min=0.0, lt=1.0, help="drop connected regions holding less than "
-                          "this share of the mask's summed heat (0 = keep all)")
+        "bilinear", help="how cells become heatmap pixels: bilinear (paper) or nearest cell"
+    )
+    min_mass: float = opt(
+        0.0,
+        min=0.0,
+        lt=1.0,
+        help="drop connected regions holding less than "
+        "this share of the mask's summed heat (0 = keep all)",
+    )
     align: Literal["receptive-field", "even"] = opt(
-        "receptive-field", help="where a cell's value sits when the map is upsampled: at the "
-        "cell's receptive-field centre, or evenly laid over the frame (the released code)")
-    classifier: Optional[Path] = opt(None, help="the concept classifier whose features the store "
-                                                "holds: its activation map w·f is scored as a baseline")
-    chance_draws: int = opt(20, min=0, help="chance baseline: random boxes of the findings' sizes "
-                                            "in the breast, AP averaged over N draws (0 = none)")
+        "receptive-field",
+        help="where a cell's value sits when the map is upsampled: at the "
+        "cell's receptive-field centre, or evenly laid over the frame (the released code)",
+    )
+    classifier: Path | None = opt(
+        None,
+        help="the concept classifier whose features the store "
+        "holds: its activation map w·f is scored as a baseline",
+    )
+    chance_draws: int = opt(
+        20,
+        min=0,
+        help="chance baseline: random boxes of the findings' sizes "
+        "in the breast, AP averaged over N draws (0 = none)",
+    )
     seed: int = opt(0, help="seed of the chance baseline")
     iou: float = opt(0.25, gt=0.0, max=1.0, help="IoU at which a box counts as a hit")
     split: str = opt("test", help="split of the store to evaluate (training | test | all)")
-    images: Literal["positive", "all"] = opt("positive", help="positive: images with the concept "
-                                             "(label 1); all: every image of the split")
-    box_score: Literal["mean", "max"] = opt("mean", help="box confidence: mean or max heatmap "
-                                            "value inside the box")
-    match: Literal["voc", "coco"] = opt("voc", help="voc: a box takes its best-IoU GT or is an FP "
-                                        "(Mammo-CLIP); coco: best free GT (pycocotools)")
+    images: Literal["positive", "all"] = opt(
+        "positive",
+        help="positive: images with the concept (label 1); all: every image of the split",
+    )
+    box_score: Literal["mean", "max"] = opt(
+        "mean", help="box confidence: mean or max heatmap value inside the box"
+    )
+    match: Literal["voc", "coco"] = opt(
+        "voc",
+        help="voc: a box takes its best-IoU GT or is an FP "
+        "(Mammo-CLIP); coco: best free GT (pycocotools)",
+    )
     min_box_area: int = opt(10, min=0, help="drop boxes with width x height below this (px)")
     figure_images: int = opt(4, min=0, help="images (columns) in figure3.png; 0 = no figure")
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE encode call")
     device: str = opt("auto", help="where the SAE encodes: auto | cpu | cuda | cuda:N")
     progress: bool = opt(True, help="show a progress bar")
-    label: Optional[str] = opt(None, help="row name in table2.csv (default: the concept), "
-                                          "e.g. 'Mass finetuned'")
+    label: str | None = opt(
+        None, help="row name in table2.csv (default: the concept), e.g. 'Mass finetuned'"
+    )
 
 
 def run_localize(cfg: LocalizeConfig) -> int:
@@ -89,27 +122,57 @@ def run_localize(cfg: LocalizeConfig) -> int:
             raise MammoSaeError("--select pointing chooses the latents itself: drop --latents")
         if cfg.candidates and cfg.ranking is None:
             raise MammoSaeError("--candidates N takes the top N of --ranking: give --ranking FILE")
-        pool = read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
+        pool = (
+            read_ranking(cfg.ranking, cfg.candidates)[0] if cfg.ranking and cfg.candidates else None
+        )
         sel_store = open_store(cfg.select_store) if cfg.select_store else store
-        lat, score, n = pointing_scores(sel_store, sae, cfg.concept, split=cfg.select_split,
-                                        latents=pool, align=cfg.align, batch_rows=cfg.batch_rows,
-                                        progress=cfg.progress)
-        order = np.lexsort((lat, -score))[:cfg.top]
+        lat, score, n = pointing_scores(
+            sel_store,
+            sae,
+            cfg.concept,
+            split=cfg.select_split,
+            latents=pool,
+            align=cfg.align,
+            batch_rows=cfg.batch_rows,
+            progress=cfg.progress,
+        )
+        order = np.lexsort((lat, -score))[: cfg.top]
         latents, importances = [int(lat[k]) for k in order], [float(score[k]) for k in order]
-        selection.update(split=cfg.select_split, store=str(cfg.select_store or cfg.store), images=n,
-                         candidates=len(lat), scores=dict(zip(map(str, latents), importances)))
+        selection.update(
+            split=cfg.select_split,
+            store=str(cfg.select_store or cfg.store),
+            images=n,
+            candidates=len(lat),
+            scores=dict(zip(map(str, latents), importances)),
+        )
     elif (cfg.ranking is None) == (not cfg.latents):
         raise MammoSaeError("give exactly one of --ranking FILE or --latents I,J,...")
     elif cfg.ranking is not None:
         latents, importances = read_ranking(cfg.ranking, cfg.top)
     else:
         latents, importances = list(cfg.latents), []
-    result = localize(store, sae, cfg.concept, latents, threshold=cfg.threshold,
-                      iou_threshold=cfg.iou, split=cfg.split, image_set=cfg.images,
-                      box_score=cfg.box_score, min_box_area=cfg.min_box_area, match=cfg.match,
-                      align=cfg.align, threshold_on=cfg.threshold_on, upsample=cfg.upsample,
-                      min_mass=cfg.min_mass, head=head, chance_draws=cfg.chance_draws, seed=cfg.seed,
-                      batch_rows=cfg.batch_rows, progress=cfg.progress)
+    result = localize(
+        store,
+        sae,
+        cfg.concept,
+        latents,
+        threshold=cfg.threshold,
+        iou_threshold=cfg.iou,
+        split=cfg.split,
+        image_set=cfg.images,
+        box_score=cfg.box_score,
+        min_box_area=cfg.min_box_area,
+        match=cfg.match,
+        align=cfg.align,
+        threshold_on=cfg.threshold_on,
+        upsample=cfg.upsample,
+        min_mass=cfg.min_mass,
+        head=head,
+        chance_draws=cfg.chance_draws,
+        seed=cfg.seed,
+        batch_rows=cfg.batch_rows,
+        progress=cfg.progress,
+    )
     if importances:
         result.table.insert(2, "importance", importances)
     out = Path(cfg.out)
@@ -123,19 +186,42 @@ def run_localize(cfg: LocalizeConfig) -> int:
         wide = table2({cfg.label or cfg.concept: result})
         write_text_atomic(out / "table2.csv", wide.to_csv(index=False))
         if cfg.figure_images > 0:
-            save_figure_grid(store, sae, result, out / "figure3.png", n_images=cfg.figure_images,
-                             head=head, label=cfg.label, batch_rows=cfg.batch_rows)
-    cols = ["rank", "latent", "ap", *(f"ap_iou_{v:g}" for v in REPORTED_IOUS), "pointing",
-            "n_pred", "n_gt"]
+            save_figure_grid(
+                store,
+                sae,
+                result,
+                out / "figure3.png",
+                n_images=cfg.figure_images,
+                head=head,
+                label=cfg.label,
+                batch_rows=cfg.batch_rows,
+            )
+    cols = [
+        "rank",
+        "latent",
+        "ap",
+        *(f"ap_iou_{v:g}" for v in REPORTED_IOUS),
+        "pointing",
+        "n_pred",
+        "n_gt",
+    ]
     print(result.table[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print("baselines: " + ", ".join(f"{name} AP {b['ap']:.3f}" for name, b in result.baselines.items()))
+    print(
+        "baselines: "
+        + ", ".join(f"{name} AP {b['ap']:.3f}" for name, b in result.baselines.items())
+    )
     print(f"wrote {out}/localization.json, localization.csv, table2.csv, detections.json")
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
     from ..cli import add_command
 
-    add_command(sub, "localize", LocalizeConfig, run_localize,
-                help="localisation AP@IoU per latent for a concept (Table 2) and Figure-3 grids")
+    add_command(
+        sub,
+        "localize",
+        LocalizeConfig,
+        run_localize,
+        help="localisation AP@IoU per latent for a concept (Table 2) and Figure-3 grids",
+    )

@@ -12,7 +12,8 @@ subsample 1.0; a store missing cells raises `StoreError`.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,23 +62,32 @@ def _check_latents(sae: Any, latents: Sequence[int]) -> np.ndarray:
     return lat
 
 
-def _load_patches(store: Any, i: int, grids: np.ndarray
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+def _load_patches(
+    store: Any, i: int, grids: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     if not 0 <= i < store.n_images:
         raise StoreError(f"image index {i} out of range (store has {store.n_images} images)")
     acts_pd, rows_p, cols_p = store.image_patches(i)
     acts_pd, rows_p, cols_p = np.asarray(acts_pd), np.asarray(rows_p), np.asarray(cols_p)
     gh, gw = int(grids[i, 0]), int(grids[i, 1])
     if len(rows_p) != gh * gw:
-        raise StoreError(f"image {i} has {len(rows_p)} of its {gh}x{gw} cells in the store; "
-                         "patch maps need a store extracted with subsample 1.0")
+        raise StoreError(
+            f"image {i} has {len(rows_p)} of its {gh}x{gw} cells in the store; "
+            "patch maps need a store extracted with subsample 1.0"
+        )
     if not np.isfinite(acts_pd).all():
         raise StoreError(f"image {i}: stored activations contain NaN or infinite values")
     return acts_pd, rows_p.astype(np.int64), cols_p.astype(np.int64), (gh, gw)
 
 
-def iter_latent_maps(store: Any, sae: Any, latents: Sequence[int], image_indices: Sequence[int],
-                     *, batch_rows: int = 8192) -> Iterator[np.ndarray]:
+def iter_latent_maps(
+    store: Any,
+    sae: Any,
+    latents: Sequence[int],
+    image_indices: Sequence[int],
+    *,
+    batch_rows: int = 8192,
+) -> Iterator[np.ndarray]:
     """Yield `(n_latents, grid_h, grid_w)` float32 maps, one per image, in the given order.
 
     Rows of consecutive images are encoded together, up to `batch_rows` per SAE call (an SAE
@@ -93,7 +103,7 @@ def iter_latent_maps(store: Any, sae: Any, latents: Sequence[int], image_indices
         start = 0
         for _, rows_p, cols_p, (gh, gw) in pending:
             maps_lhw = np.zeros((len(lat), gh, gw), dtype=np.float32)
-            maps_lhw[:, rows_p, cols_p] = z_nl[start:start + len(rows_p)].T
+            maps_lhw[:, rows_p, cols_p] = z_nl[start : start + len(rows_p)].T
             start += len(rows_p)
             yield maps_lhw
 
@@ -108,8 +118,14 @@ def iter_latent_maps(store: Any, sae: Any, latents: Sequence[int], image_indices
         yield from flush()
 
 
-def latent_maps(store: Any, sae: Any, latents: Sequence[int], image_indices: Sequence[int],
-                *, batch_rows: int = 8192) -> list[np.ndarray]:
+def latent_maps(
+    store: Any,
+    sae: Any,
+    latents: Sequence[int],
+    image_indices: Sequence[int],
+    *,
+    batch_rows: int = 8192,
+) -> list[np.ndarray]:
     """Maps of `latents` for `image_indices`: a list (one per image) of `(n_lat, gh, gw)` arrays.
 
     A list, not one array, because images of different sizes have different grids; when they
@@ -135,9 +151,12 @@ class LinearMap:
 UPSAMPLINGS = ("bilinear", "nearest")
 
 
-def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int],
-             centres: tuple[np.ndarray, np.ndarray] | None = None,
-             mode: str = "bilinear") -> np.ndarray:
+def upsample(
+    map_hw: np.ndarray,
+    frame_hw: tuple[int, int],
+    centres: tuple[np.ndarray, np.ndarray] | None = None,
+    mode: str = "bilinear",
+) -> np.ndarray:
     """Bilinear (or nearest-cell) upsampling of `(h, w)` or `(n, h, w)` maps to the frame.
 
     `centres` = (row, column) pixel coordinates where each cell's value belongs, normally its
@@ -163,14 +182,15 @@ def upsample(map_hw: np.ndarray, frame_hw: tuple[int, int],
     if centres is not None:
         rows_hh = _interpolation_matrix(centres[0], arr.shape[-2], H, mode)
         cols_ww = _interpolation_matrix(centres[1], arr.shape[-1], W, mode)
-        return np.matmul(np.matmul(rows_hh, arr), cols_ww.T)   # (H, h) @ (.., h, w) @ (w, W)
+        return np.matmul(np.matmul(rows_hh, arr), cols_ww.T)  # (H, h) @ (.., h, w) @ (w, W)
     x = torch.from_numpy(np.ascontiguousarray(arr)).reshape(1, -1, *arr.shape[-2:])
     out = F.interpolate(x, size=(H, W), mode="bilinear", align_corners=False)
     return out.reshape(*arr.shape[:-2], H, W).numpy()
 
 
-def _interpolation_matrix(centres: np.ndarray, n_cells: int, n_pixels: int,
-                          mode: str = "bilinear") -> np.ndarray:
+def _interpolation_matrix(
+    centres: np.ndarray, n_cells: int, n_pixels: int, mode: str = "bilinear"
+) -> np.ndarray:
     """(n_pixels, n_cells) weights of linear (or nearest-cell) interpolation between the cells'
     pixel positions."""
     c = np.asarray(centres, dtype=np.float64).reshape(-1)
@@ -198,8 +218,9 @@ def cell_centres(grid_len: int, frame_len: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=256)
-def _arch_centres(arch: str, layer: str, height: int, width: int
-                  ) -> tuple[np.ndarray, np.ndarray] | None:
+def _arch_centres(
+    arch: str, layer: str, height: int, width: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     from ..models.registry import ARCHS, create_encoder
 
     if arch not in ARCHS:
@@ -209,8 +230,9 @@ def _arch_centres(arch: str, layer: str, height: int, width: int
     return encoder.receptive_field_centres(height, width, layer)
 
 
-def receptive_field_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int]
-                            ) -> tuple[np.ndarray, np.ndarray] | None:
+def receptive_field_centres(
+    store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray] | None:
     """(rows, cols) receptive-field centres, in frame pixels, of a store image's map cells, from
     the encoder architecture and layer in the store's manifest; None when the architecture is
     not one of ours (e.g. a synthetic store), for which cells are laid evenly over the frame."""
@@ -219,22 +241,26 @@ def receptive_field_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tupl
     arch = model.get("arch") if isinstance(model, dict) else None
     if not isinstance(arch, str):
         return None
-    centres = _arch_centres(arch, str(manifest.get("layer", "final")), int(frame_hw[0]),
-                            int(frame_hw[1]))
+    centres = _arch_centres(
+        arch, str(manifest.get("layer", "final")), int(frame_hw[0]), int(frame_hw[1])
+    )
     if centres is None:
         return None
     if (len(centres[0]), len(centres[1])) != tuple(int(v) for v in grid_hw):
-        raise StoreError(f"{arch} maps a {frame_hw[0]}x{frame_hw[1]} input to a "
-                         f"{len(centres[0])}x{len(centres[1])} grid, but the store has "
-                         f"{grid_hw[0]}x{grid_hw[1]}: the record's frame is not the extracted one")
+        raise StoreError(
+            f"{arch} maps a {frame_hw[0]}x{frame_hw[1]} input to a "
+            f"{len(centres[0])}x{len(centres[1])} grid, but the store has "
+            f"{grid_hw[0]}x{grid_hw[1]}: the record's frame is not the extracted one"
+        )
     return centres
 
 
 ALIGNMENTS = ("receptive-field", "even")
 
 
-def heatmap_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int],
-                    align: str = "receptive-field") -> tuple[np.ndarray, np.ndarray] | None:
+def heatmap_centres(
+    store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int], align: str = "receptive-field"
+) -> tuple[np.ndarray, np.ndarray] | None:
     """The `centres` to give `upsample` for an alignment: `receptive-field` (each cell at its
     receptive-field centre, evenly laid when the store's architecture is unknown) or `even`
     (the released code's `align_corners=False`)."""
@@ -243,5 +269,14 @@ def heatmap_centres(store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, i
     return receptive_field_centres(store, frame_hw, grid_hw) if align == "receptive-field" else None
 
 
-__all__ = ["ALIGNMENTS", "UPSAMPLINGS", "LinearMap", "cell_centres", "heatmap_centres", "iter_latent_maps",
-           "latent_maps", "receptive_field_centres", "upsample"]
+__all__ = [
+    "ALIGNMENTS",
+    "UPSAMPLINGS",
+    "LinearMap",
+    "cell_centres",
+    "heatmap_centres",
+    "iter_latent_maps",
+    "latent_maps",
+    "receptive_field_centres",
+    "upsample",
+]

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -38,7 +39,7 @@ SCORES = ("mean", "centered", "auroc", "peak")
 class ProbeResult:
     concept: str
     n_per_class: dict[int, int]
-    class_mean: dict[Any, np.ndarray]        # 0, 1 and "all" -> (h,) float64
+    class_mean: dict[Any, np.ndarray]  # 0, 1 and "all" -> (h,) float64
     scores: dict[str, dict[int, np.ndarray]]  # score name -> class -> (h,) importance
 
     def ranking(self, score: str, cls: int) -> list[dict[str, Any]]:
@@ -56,7 +57,9 @@ def class_means(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray) -> dict[Any,
     return out
 
 
-def latent_auroc(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, block: int = 512) -> np.ndarray:
+def latent_auroc(
+    mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, block: int = 512
+) -> np.ndarray:
     """Per-latent AUROC of the image mean activation for label 1 (0.5 for never-active latents)."""
     y = np.asarray(y, dtype=np.int64)
     if y.min() == y.max():
@@ -65,14 +68,20 @@ def latent_auroc(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, block: i
     out = np.full(m.shape[1], 0.5)
     active = np.flatnonzero(np.diff(m.indptr) > 0)
     for lo in range(0, len(active), block):
-        cols = active[lo:lo + block]
+        cols = active[lo : lo + block]
         vals_bn = m[:, cols].toarray().T.astype(np.float64)
         out[cols] = metrics._auroc_rows(np.broadcast_to(y, vals_bn.shape), vals_bn)
     return out
 
 
-def probe(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, concept: str = "",
-          scores: Sequence[str] | None = None, max_nh: sp.csr_matrix | np.ndarray | None = None) -> ProbeResult:
+def probe(
+    mean_nh: sp.csr_matrix | np.ndarray,
+    y: np.ndarray,
+    *,
+    concept: str = "",
+    scores: Sequence[str] | None = None,
+    max_nh: sp.csr_matrix | np.ndarray | None = None,
+) -> ProbeResult:
     """Class means and the requested per-class scores over the given images (default: every score
     the inputs allow; `peak` needs the per-image max vectors `max_nh`, rows aligned with `mean_nh`)."""
     if scores is None:
@@ -97,8 +106,12 @@ def probe(mean_nh: sp.csr_matrix | np.ndarray, y: np.ndarray, *, concept: str = 
             raise MammoSaeError("the peak score needs per-image max vectors aligned with the means")
         peaks = class_means(max_nh, y)
         out["peak"] = {0: peaks[0] - peaks["all"], 1: peaks[1] - peaks["all"]}
-    return ProbeResult(concept=concept, n_per_class={0: int((y == 0).sum()), 1: int((y == 1).sum())},
-                       class_mean=means, scores=out)
+    return ProbeResult(
+        concept=concept,
+        n_per_class={0: int((y == 0).sum()), 1: int((y == 1).sum())},
+        class_mean=means,
+        scores=out,
+    )
 
 
 def ranking_order(importance_h: np.ndarray) -> np.ndarray:
@@ -109,8 +122,10 @@ def ranking_order(importance_h: np.ndarray) -> np.ndarray:
 
 def ranking_entries(importance_h: np.ndarray) -> list[dict[str, Any]]:
     order = ranking_order(importance_h)
-    return [{"rank": r, "index": int(j), "importance": float(importance_h[j])}
-            for r, j in enumerate(order)]
+    return [
+        {"rank": r, "index": int(j), "importance": float(importance_h[j])}
+        for r, j in enumerate(order)
+    ]
 
 
 def read_ranking(path: str | Path, top: int | None = None) -> tuple[list[int], list[float]]:
@@ -121,16 +136,18 @@ def read_ranking(path: str | Path, top: int | None = None) -> tuple[list[int], l
     if isinstance(data, dict):
         data = data.get("ranking")
     if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
-        raise MammoSaeError(f"{path}: expected a non-empty JSON list of "
-                            "{rank, index, importance}")
+        raise MammoSaeError(
+            f"{path}: expected a non-empty JSON list of {{rank, index, importance}}"
+        )
     try:
         if all("rank" in e for e in data):
             data = sorted(data, key=lambda e: int(e["rank"]))
         idx = [int(e["index"]) for e in data]
         importance = [float(e.get("importance", math.nan)) for e in data]
     except (KeyError, TypeError, ValueError) as exc:
-        raise MammoSaeError(f"{path}: ranking entries need integer 'rank' and 'index' "
-                            f"({exc})") from exc
+        raise MammoSaeError(
+            f"{path}: ranking entries need integer 'rank' and 'index' ({exc})"
+        ) from exc
     if min(idx) < 0 or len(set(idx)) != len(idx):
         raise MammoSaeError(f"{path}: latent indices must be distinct and non-negative")
     if top is not None and top < 1:
@@ -147,8 +164,12 @@ def probe_table(result: ProbeResult, *, max_images_active: np.ndarray | None = N
     import pandas as pd
 
     h = len(result.class_mean[0])
-    cols: dict[str, Any] = {"index": np.arange(h), "mean_class0": result.class_mean[0],
-                            "mean_class1": result.class_mean[1], "mean_all": result.class_mean["all"]}
+    cols: dict[str, Any] = {
+        "index": np.arange(h),
+        "mean_class0": result.class_mean[0],
+        "mean_class1": result.class_mean[1],
+        "mean_all": result.class_mean["all"],
+    }
     for score, per_class in result.scores.items():
         if score == "mean":
             continue

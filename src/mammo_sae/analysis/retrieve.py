@@ -25,7 +25,7 @@ nearest images that are positive for a label, averaged over the label's positive
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -36,7 +36,7 @@ SCHEMA_VERSION = 1
 METHODS: dict[str, str] = {
     "sparse_cosine": "cosine of the per-image mean SAE latent vectors",
     "sparse_overlap": "share of the query's top active latents among the image's top active "
-                      "latents (ties broken by sparse_cosine)",
+    "latents (ties broken by sparse_cosine)",
     "dense_cosine": "cosine of the per-image mean raw patch vectors (store pooled.npy)",
 }
 # Query chunk size: at most this many (query, candidate) scores held per method at once.
@@ -47,8 +47,8 @@ CHUNK_SCORES = 4_000_000
 class Neighbours:
     """Per query: the k nearest candidates (positions in the candidate list) and their scores."""
 
-    positions_qk: np.ndarray   # int64
-    scores_qk: np.ndarray      # float64
+    positions_qk: np.ndarray  # int64
+    scores_qk: np.ndarray  # float64
 
 
 def _dense(x: sp.spmatrix | np.ndarray) -> np.ndarray:
@@ -88,8 +88,9 @@ class CosineIndex:
         return np.divide(dots, denom, out=np.zeros_like(dots), where=denom > 0)
 
 
-def cosine_scores(m_nx: sp.spmatrix | np.ndarray, query_positions: Sequence[int], *,
-                  center: bool = False) -> np.ndarray:
+def cosine_scores(
+    m_nx: sp.spmatrix | np.ndarray, query_positions: Sequence[int], *, center: bool = False
+) -> np.ndarray:
     """(q, n) cosine similarity of the query rows of `m_nx` with every row of it."""
     return CosineIndex(m_nx, center=center).scores(query_positions)
 
@@ -122,22 +123,34 @@ def overlap_scores(sets_nh: sp.csr_matrix, query_positions: Sequence[int]) -> np
     return np.divide(shared, size, out=np.zeros_like(shared), where=size > 0)
 
 
-def rank(score_qn: np.ndarray, k: int, *, exclude_qn: np.ndarray | None = None,
-         tiebreak_qn: np.ndarray | None = None) -> Neighbours:
+def rank(
+    score_qn: np.ndarray,
+    k: int,
+    *,
+    exclude_qn: np.ndarray | None = None,
+    tiebreak_qn: np.ndarray | None = None,
+) -> Neighbours:
     """The k best-scoring candidates per query (excluded ones never), ties broken by
     `tiebreak_qn` (higher first) and then by position."""
     score = np.array(score_qn, dtype=np.float64)
     if exclude_qn is not None:
         score[exclude_qn] = -np.inf
     keys = (-score,) if tiebreak_qn is None else (-np.asarray(tiebreak_qn, np.float64), -score)
-    order = np.lexsort(keys, axis=-1)[:, :k]   # stable: equal keys keep position order
+    order = np.lexsort(keys, axis=-1)[:, :k]  # stable: equal keys keep position order
     return Neighbours(order.astype(np.int64), np.take_along_axis(score, order, axis=1))
 
 
-def neighbours(mean_nh: sp.spmatrix, pooled_nd: np.ndarray, query_positions: Sequence[int],
-               k: int, *, overlap_top: int = 16, center: bool = True,
-               groups_n: np.ndarray | None = None, progress: bool = False
-               ) -> dict[str, Neighbours]:
+def neighbours(
+    mean_nh: sp.spmatrix,
+    pooled_nd: np.ndarray,
+    query_positions: Sequence[int],
+    k: int,
+    *,
+    overlap_top: int = 16,
+    center: bool = True,
+    groups_n: np.ndarray | None = None,
+    progress: bool = False,
+) -> dict[str, Neighbours]:
     """The k nearest candidates of each query by every method in METHODS.
 
     `mean_nh` and `pooled_nd` hold one row per candidate image; queries are positions in them.
@@ -155,30 +168,39 @@ def neighbours(mean_nh: sp.spmatrix, pooled_nd: np.ndarray, query_positions: Seq
     k = min(int(k), n - 1)
     available = _available(queries, n, groups_n)
     if len(queries) and available.min() < k:
-        raise MammoSaeError(f"k = {k} but a query has only {int(available.min())} candidates "
-                            "left after excluding itself (and its patient's images)")
+        raise MammoSaeError(
+            f"k = {k} but a query has only {int(available.min())} candidates "
+            "left after excluding itself (and its patient's images)"
+        )
     sparse_index = CosineIndex(mean_nh, center=center)
     dense_index = CosineIndex(pooled_nd, center=center)
     sets = top_latent_sets(mean_nh, overlap_top, centre=center)
     parts: dict[str, list[Neighbours]] = {m: [] for m in METHODS}
     step = max(1, CHUNK_SCORES // max(n, 1))
-    for lo in tqdm(range(0, len(queries), step), desc="retrieving", unit="chunk",
-                   disable=not progress or len(queries) <= step):
-        q = queries[lo:lo + step]
+    for lo in tqdm(
+        range(0, len(queries), step),
+        desc="retrieving",
+        unit="chunk",
+        disable=not progress or len(queries) <= step,
+    ):
+        q = queries[lo : lo + step]
         exclude = np.zeros((len(q), n), dtype=bool)
         exclude[np.arange(len(q)), q] = True
         if groups_n is not None:
             exclude |= groups_n[q][:, None] == groups_n[None, :]
         cos_sparse = sparse_index.scores(q)
         parts["sparse_cosine"].append(rank(cos_sparse, k, exclude_qn=exclude))
-        parts["sparse_overlap"].append(rank(overlap_scores(sets, q), k, exclude_qn=exclude,
-                                            tiebreak_qn=cos_sparse))
+        parts["sparse_overlap"].append(
+            rank(overlap_scores(sets, q), k, exclude_qn=exclude, tiebreak_qn=cos_sparse)
+        )
         parts["dense_cosine"].append(rank(dense_index.scores(q), k, exclude_qn=exclude))
-    return {m: Neighbours(np.concatenate([p.positions_qk for p in ps]) if ps
-                          else np.zeros((0, k), np.int64),
-                          np.concatenate([p.scores_qk for p in ps]) if ps
-                          else np.zeros((0, k)))
-            for m, ps in parts.items()}
+    return {
+        m: Neighbours(
+            np.concatenate([p.positions_qk for p in ps]) if ps else np.zeros((0, k), np.int64),
+            np.concatenate([p.scores_qk for p in ps]) if ps else np.zeros((0, k)),
+        )
+        for m, ps in parts.items()
+    }
 
 
 def _available(queries: np.ndarray, n: int, groups_n: np.ndarray | None) -> np.ndarray:
@@ -199,16 +221,20 @@ def precision_at_k(nb: Neighbours, y_n: np.ndarray, ks: Sequence[int]) -> dict[i
     return out
 
 
-def latent_ranking(mean_nh: sp.spmatrix, latents: Sequence[int], k: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def latent_ranking(
+    mean_nh: sp.spmatrix, latents: Sequence[int], k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the k rows with the largest summed mean activation over `latents` (ties by
     position), and those sums."""
     lat = np.asarray(latents, dtype=np.int64)
     h = mean_nh.shape[1]
     bad = [int(j) for j in lat if j < 0 or j >= h]
     if bad or not len(lat):
-        raise MammoSaeError(f"latent indices out of range for an SAE with h = {h}: {bad}"
-                            if bad else "no latents given")
+        raise MammoSaeError(
+            f"latent indices out of range for an SAE with h = {h}: {bad}"
+            if bad
+            else "no latents given"
+        )
     score = np.asarray(sp.csc_matrix(mean_nh)[:, lat].sum(1), dtype=np.float64).ravel()
     order = np.argsort(-score, kind="stable")[:k]
     return order.astype(np.int64), score[order]

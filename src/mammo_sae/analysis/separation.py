@@ -35,8 +35,9 @@ context), which is why both are reported.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,9 @@ class FlagRule:
 
     def __post_init__(self) -> None:
         if not 0.5 < self.association_auroc <= 1.0:
-            raise MammoSaeError(f"association_auroc must be in (0.5, 1], got {self.association_auroc}")
+            raise MammoSaeError(
+                f"association_auroc must be in (0.5, 1], got {self.association_auroc}"
+            )
 
 
 def separation_index(z0_h: np.ndarray, z1_h: np.ndarray) -> float:
@@ -105,8 +108,13 @@ def attribute_association(mean_nh: Any, y: np.ndarray, attribute: np.ndarray | N
     return latent_auroc(mean_nh[neg], a)
 
 
-def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray,
-                     rule: FlagRule = FlagRule(), attribute: np.ndarray | None = None) -> dict[str, Any]:
+def model_separation(
+    summaries: LatentSummaries,
+    rows: np.ndarray,
+    y: np.ndarray,
+    rule: FlagRule = FlagRule(),
+    attribute: np.ndarray | None = None,
+) -> dict[str, Any]:
     """Class means, separation, top/shared latents and flags for one model's summaries.
     `attribute` (optional, aligned with `rows`) is a binary image label such as the phantom's
     `confounder`, scored per latent by `attribute_association`."""
@@ -115,7 +123,7 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
     z0, z1 = means[0], means[1]
     diff = z1 - z0
     order = ranking_order(diff)
-    top = [int(j) for j in order[:rule.top] if diff[j] > 0]
+    top = [int(j) for j in order[: rule.top] if diff[j] > 0]
     shared = shared_latents(z0, z1, rule.shared_ratio, rule.top)
     off = summaries.off_breast_score()
     conf = summaries.confounder_score()
@@ -126,20 +134,32 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
 
     def flags(j: int) -> list[str]:
         out = []
-        if np.isfinite(conf[j]) and conf[j] >= rule.confounder_threshold and \
-                (not np.isfinite(conf_base) or conf[j] >= rule.min_enrichment * conf_base):
+        if (
+            np.isfinite(conf[j])
+            and conf[j] >= rule.confounder_threshold
+            and (not np.isfinite(conf_base) or conf[j] >= rule.min_enrichment * conf_base)
+        ):
             out.append("confounder")
-        if np.isfinite(off[j]) and off[j] >= rule.off_breast_threshold and \
-                (not np.isfinite(off_base) or off[j] >= rule.min_enrichment * off_base):
+        if (
+            np.isfinite(off[j])
+            and off[j] >= rule.off_breast_threshold
+            and (not np.isfinite(off_base) or off[j] >= rule.min_enrichment * off_base)
+        ):
             out.append("off_breast")
         if _associated(assoc[j], rule):
             out.append("associated")
         return out
 
     def entry(j: int, rank: int | None = None) -> dict[str, Any]:
-        e = {"index": int(j), "mean_class0": float(z0[j]), "mean_class1": float(z1[j]),
-             "off_breast_score": float(off[j]), "confounder_score": float(conf[j]),
-             "attribute_auroc": float(assoc[j]), "flags": flags(j)}
+        e = {
+            "index": int(j),
+            "mean_class0": float(z0[j]),
+            "mean_class1": float(z1[j]),
+            "off_breast_score": float(off[j]),
+            "confounder_score": float(conf[j]),
+            "attribute_auroc": float(assoc[j]),
+            "flags": flags(j),
+        }
         if rank is not None:
             e["rank"] = rank
         return e
@@ -156,7 +176,11 @@ def model_separation(summaries: LatentSummaries, rows: np.ndarray, y: np.ndarray
         "baseline_off_breast_share": off_base,
         "associated": [int(j) for j in np.flatnonzero(_associated(assoc, rule))],
         "associated_in_top": sum(1 for e in top_entries if "associated" in e["flags"]),
-        "_z0": z0, "_z1": z1, "_off": off, "_conf": conf, "_assoc": assoc,
+        "_z0": z0,
+        "_z1": z1,
+        "_off": off,
+        "_conf": conf,
+        "_assoc": assoc,
     }
 
 
@@ -167,14 +191,19 @@ def _associated(auroc: Any, rule: FlagRule) -> Any:
         return np.maximum(a, 1.0 - a) >= rule.association_auroc
 
 
-def compare(models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray, np.ndarray | None]],
-            rule: FlagRule = FlagRule()) -> dict[str, dict[str, Any]]:
+def compare(
+    models: dict[str, tuple[LatentSummaries, np.ndarray, np.ndarray, np.ndarray | None]],
+    rule: FlagRule = FlagRule(),
+) -> dict[str, dict[str, Any]]:
     """`model_separation` for each named (summaries, rows, labels, attribute or None); SAEs must
     have equal width."""
     widths = {name: m[0].h for name, m in models.items()}
     if len(set(widths.values())) > 1:
         raise MammoSaeError(f"models were summarised with SAEs of different widths: {widths}")
-    return {name: model_separation(s, rows, y, rule, attribute) for name, (s, rows, y, attribute) in models.items()}
+    return {
+        name: model_separation(s, rows, y, rule, attribute)
+        for name, (s, rows, y, attribute) in models.items()
+    }
 
 
 def public(result: dict[str, Any]) -> dict[str, Any]:
@@ -191,16 +220,27 @@ def latent_table(results: dict[str, dict[str, Any]]) -> Any:
         z0, z1 = r["_z0"], r["_z1"]
         idx = np.flatnonzero((z0 > 0) | (z1 > 0))
         flagged = {e["index"]: ",".join(e["flags"]) for e in r["flagged"]}
-        frames.append(pd.DataFrame({
-            "model": name, "index": idx, "mean_class0": z0[idx], "mean_class1": z1[idx],
-            "difference": z1[idx] - z0[idx], "off_breast_score": r["_off"][idx],
-            "confounder_score": r["_conf"][idx], "attribute_auroc": r["_assoc"][idx],
-            "flags": [flagged.get(int(j), "") for j in idx]}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "model": name,
+                    "index": idx,
+                    "mean_class0": z0[idx],
+                    "mean_class1": z1[idx],
+                    "difference": z1[idx] - z0[idx],
+                    "off_breast_score": r["_off"][idx],
+                    "confounder_score": r["_conf"][idx],
+                    "attribute_auroc": r["_assoc"][idx],
+                    "flags": [flagged.get(int(j), "") for j in idx],
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def plot_separation(results: dict[str, dict[str, Any]], path: Path, *, concept: str = "",
-                    label_top: int = 5) -> None:
+def plot_separation(
+    results: dict[str, dict[str, Any]], path: Path, *, concept: str = "", label_top: int = 5
+) -> None:
     """Figures 4/5: per model, z̄(1) up (red) and z̄(0) down (blue) over the latent index, the
     most class-1-dominant latents labelled in red, latents active in both classes in purple,
     flagged latents marked with their flag."""
@@ -222,18 +262,36 @@ def plot_separation(results: dict[str, dict[str, Any]], path: Path, *, concept: 
         ax.axhline(0, color="black", lw=0.6)
         for e in r["class1_dominant"][:label_top]:
             tag = f"{e['index']}" + (f" [{','.join(e['flags'])}]" if e["flags"] else "")
-            ax.annotate(tag, (e["index"], e["mean_class1"]), xytext=(0, 4), textcoords="offset points",
-                        ha="center", fontsize=7, color="darkred")
+            ax.annotate(
+                tag,
+                (e["index"], e["mean_class1"]),
+                xytext=(0, 4),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="darkred",
+            )
         for e in r["shared"][:label_top]:
-            ax.annotate(str(e["index"]), (e["index"], -e["mean_class0"]), xytext=(0, -10),
-                        textcoords="offset points", ha="center", fontsize=7, color="purple")
+            ax.annotate(
+                str(e["index"]),
+                (e["index"], -e["mean_class0"]),
+                xytext=(0, -10),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color="purple",
+            )
             ax.plot([e["index"]], [e["mean_class1"]], "o", ms=3, color="purple")
-        ax.set_title(f"{name}: separation {r['separation']:.3f}"
-                     + (f" ({concept})" if concept else ""), fontsize=10)
+        ax.set_title(
+            f"{name}: separation {r['separation']:.3f}" + (f" ({concept})" if concept else ""),
+            fontsize=10,
+        )
         ax.set_ylabel("class-mean activation")
         ax.set_xlim(-0.5, len(z0) - 0.5)
         ax.legend(fontsize=7, loc="upper right")
-    axes[-1, 0].set_xlabel("latent index (labels: red = most class-1-dominant, purple = active in both)")
+    axes[-1, 0].set_xlabel(
+        "latent index (labels: red = most class-1-dominant, purple = active in both)"
+    )
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")

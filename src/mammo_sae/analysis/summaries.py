@@ -25,8 +25,9 @@ import dataclasses
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -35,35 +36,50 @@ from ..data.records import CONFOUNDER
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
-SCHEMA_VERSION = 4   # 4: border and centre-of-mass sums (latent atlas)
-OFF_BREAST_TISSUE = 0.5   # a cell with less breast-mask coverage than this is "outside the breast"
-_ARRAYS = ("n_positions_n", "n_cells_n", "ss_within_n", "sse_n", "l0_n", "x_mean_nd", "mass_h",
-           "tissue_known_mass_h", "off_breast_mass_h", "marked_mass_h", "confounder_mass_h",
-           "border_mass_h", "across_mass_h", "down_mass_h")
+SCHEMA_VERSION = 4  # 4: border and centre-of-mass sums (latent atlas)
+OFF_BREAST_TISSUE = 0.5  # a cell with less breast-mask coverage than this is "outside the breast"
+_ARRAYS = (
+    "n_positions_n",
+    "n_cells_n",
+    "ss_within_n",
+    "sse_n",
+    "l0_n",
+    "x_mean_nd",
+    "mass_h",
+    "tissue_known_mass_h",
+    "off_breast_mass_h",
+    "marked_mass_h",
+    "confounder_mass_h",
+    "border_mass_h",
+    "across_mass_h",
+    "down_mass_h",
+)
 
 
 @dataclasses.dataclass
 class LatentSummaries:
     """Per-image and per-latent SAE statistics of one store (see the module docstring)."""
 
-    mean_nh: sp.csr_matrix          # float32: mean of z over the image's stored positions
-    max_nh: sp.csr_matrix           # float32: max of z over them
-    n_positions_n: np.ndarray       # int64: stored positions per image (0 for skipped images)
-    n_cells_n: np.ndarray           # int64: grid_h × grid_w per image
-    ss_within_n: np.ndarray         # float64: Σ ||x − x̄_image||² over the image's positions
-    sse_n: np.ndarray               # float64: Σ ||x − x̂||² (no error term)
-    l0_n: np.ndarray                # float64: Σ #active latents over positions
-    x_mean_nd: np.ndarray           # float32: mean stored patch vector
-    mass_h: np.ndarray              # float64: Σ z over every position of the store
+    mean_nh: sp.csr_matrix  # float32: mean of z over the image's stored positions
+    max_nh: sp.csr_matrix  # float32: max of z over them
+    n_positions_n: np.ndarray  # int64: stored positions per image (0 for skipped images)
+    n_cells_n: np.ndarray  # int64: grid_h × grid_w per image
+    ss_within_n: np.ndarray  # float64: Σ ||x − x̄_image||² over the image's positions
+    sse_n: np.ndarray  # float64: Σ ||x − x̂||² (no error term)
+    l0_n: np.ndarray  # float64: Σ #active latents over positions
+    x_mean_nd: np.ndarray  # float32: mean stored patch vector
+    mass_h: np.ndarray  # float64: Σ z over every position of the store
     tissue_known_mass_h: np.ndarray  # Σ z over positions whose tissue fraction is known
-    off_breast_mass_h: np.ndarray   # Σ z over positions with tissue < OFF_BREAST_TISSUE
-    marked_mass_h: np.ndarray       # Σ z over images that have a confounder box
-    confounder_mass_h: np.ndarray   # Σ z over cells whose centre lies in that box
+    off_breast_mass_h: np.ndarray  # Σ z over positions with tissue < OFF_BREAST_TISSUE
+    marked_mass_h: np.ndarray  # Σ z over images that have a confounder box
+    confounder_mass_h: np.ndarray  # Σ z over cells whose centre lies in that box
     meta: dict[str, Any]
     # Spatial sums for the atlas (None = not computed: spatial profiles are then NaN).
-    border_mass_h: np.ndarray | None = None   # Σ z over cells of the grid's outermost ring
-    across_mass_h: np.ndarray | None = None   # Σ z·u, u = breast-relative position from the chest wall (0..1)
-    down_mass_h: np.ndarray | None = None     # Σ z·v, v = breast-relative position from the top (0..1)
+    border_mass_h: np.ndarray | None = None  # Σ z over cells of the grid's outermost ring
+    across_mass_h: np.ndarray | None = (
+        None  # Σ z·u, u = breast-relative position from the chest wall (0..1)
+    )
+    down_mass_h: np.ndarray | None = None  # Σ z·v, v = breast-relative position from the top (0..1)
 
     @property
     def n_images(self) -> int:
@@ -100,9 +116,14 @@ class LatentSummaries:
         active = self.mass_h > 0
         nan = np.full(self.h, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out = {key: (nan.copy() if sums is None else sums / self.mass_h) for key, sums in
-                   (("com_across", self.across_mass_h), ("com_down", self.down_mass_h),
-                    ("border_fraction", self.border_mass_h))}
+            out = {
+                key: (nan.copy() if sums is None else sums / self.mass_h)
+                for key, sums in (
+                    ("com_across", self.across_mass_h),
+                    ("com_down", self.down_mass_h),
+                    ("border_fraction", self.border_mass_h),
+                )
+            }
         for v in out.values():
             v[~active] = np.nan
         return out
@@ -117,13 +138,18 @@ class LatentSummaries:
         means_nd = self.x_mean_nd[rows].astype(np.float64)
         mu_d = (means_nd * n_pos[:, None]).sum(0) / total
         # Total sum of squares = within-image + between-image parts (no cancellation).
-        variance = self.ss_within_n[rows].sum() + float((n_pos * ((means_nd - mu_d) ** 2).sum(1)).sum())
+        variance = self.ss_within_n[rows].sum() + float(
+            (n_pos * ((means_nd - mu_d) ** 2).sum(1)).sum()
+        )
         active = np.zeros(self.h, dtype=bool)
         active[np.unique(self.mean_nh[rows].indices)] = True
-        return {"fvu": float(self.sse_n[rows].sum() / variance) if variance > 0 else float("nan"),
-                "l0": float(self.l0_n[rows].sum() / total),
-                "dead_fraction": float(1.0 - active.mean()),
-                "n_positions": int(total), "n_images": int(len(rows))}
+        return {
+            "fvu": float(self.sse_n[rows].sum() / variance) if variance > 0 else float("nan"),
+            "l0": float(self.l0_n[rows].sum() / total),
+            "dead_fraction": float(1.0 - active.mean()),
+            "n_positions": int(total),
+            "n_images": int(len(rows)),
+        }
 
 
 # --------------------------------------------------------------------------- hashing / cache
@@ -138,7 +164,9 @@ def sae_hash(path: str | os.PathLike[str]) -> str:
     if sae_sha256 is not None and path.exists():
         weights = str(sae_sha256(path))
         cfg = path / "cfg.json"
-        return sha256_json([weights, sha256_file(cfg)]) if path.is_dir() and cfg.is_file() else weights
+        return (
+            sha256_json([weights, sha256_file(cfg)]) if path.is_dir() and cfg.is_file() else weights
+        )
     if path.is_file():
         return sha256_file(path)
     if path.is_dir():
@@ -160,12 +188,17 @@ def default_cache_dir(sae_path: str | os.PathLike[str]) -> Path:
 def save_summaries(s: LatentSummaries, npz_path: Path, json_path: Path) -> None:
     arrays: dict[str, np.ndarray] = {name: getattr(s, name) for name in _ARRAYS}
     for name, value in arrays.items():
-        if value is None:    # spatial sums not computed: stored as NaN (a NaN spatial profile)
+        if value is None:  # spatial sums not computed: stored as NaN (a NaN spatial profile)
             arrays[name] = np.full(s.h, np.nan)
     for which in ("mean", "max"):
         m = getattr(s, f"{which}_nh").tocsr()
-        arrays.update({f"{which}_data": m.data.astype(np.float32), f"{which}_indices": m.indices,
-                       f"{which}_indptr": m.indptr})
+        arrays.update(
+            {
+                f"{which}_data": m.data.astype(np.float32),
+                f"{which}_indices": m.indices,
+                f"{which}_indptr": m.indptr,
+            }
+        )
     with atomic_path(npz_path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
@@ -178,19 +211,26 @@ def load_summaries(npz_path: Path, json_path: Path | None = None) -> LatentSumma
     json_path = Path(json_path) if json_path else npz_path.with_suffix(".json")
     meta = read_json(json_path)
     if meta.get("schema_version") != SCHEMA_VERSION:
-        raise MammoSaeError(f"{json_path}: schema_version {meta.get('schema_version')!r}, "
-                            f"expected {SCHEMA_VERSION}")
+        raise MammoSaeError(
+            f"{json_path}: schema_version {meta.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
     try:
         with np.load(npz_path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - zip, header and array errors all mean "corrupt"
-        raise MammoSaeError(f"corrupt latent summaries {npz_path}: {type(exc).__name__}: {exc}") from exc
+        raise MammoSaeError(
+            f"corrupt latent summaries {npz_path}: {type(exc).__name__}: {exc}"
+        ) from exc
     shape = (int(meta["n_images"]), int(meta["h"]))
     try:
-        mats = {w: sp.csr_matrix((arrays[f"{w}_data"], arrays[f"{w}_indices"], arrays[f"{w}_indptr"]),
-                                 shape=shape) for w in ("mean", "max")}
+        mats = {
+            w: sp.csr_matrix(
+                (arrays[f"{w}_data"], arrays[f"{w}_indices"], arrays[f"{w}_indptr"]), shape=shape
+            )
+            for w in ("mean", "max")
+        }
         fields = {name: arrays[name] for name in _ARRAYS}
     except (KeyError, ValueError) as exc:
         raise MammoSaeError(f"latent summaries {npz_path} are incomplete: {exc}") from exc
@@ -208,8 +248,9 @@ def _sae_device(sae: Any) -> Any:
         return torch.device("cpu")
 
 
-def _confounder_cells(record: Any, rows_p: np.ndarray, cols_p: np.ndarray,
-                      grid_hw: tuple[int, int]) -> np.ndarray | None:
+def _confounder_cells(
+    record: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
+) -> np.ndarray | None:
     """Bool mask of cells that overlap a confounder box; None if the image has none.
 
     Cell (r, c) covers [c·W/w, (c+1)·W/w) × [r·H/h, (r+1)·H/h) of the model input (the grid
@@ -223,13 +264,23 @@ def _confounder_cells(record: Any, rows_p: np.ndarray, cols_p: np.ndarray,
     cell_h, cell_w = frame_h / gh, frame_w / gw
     inside = np.zeros(len(rows_p), dtype=bool)
     for b in boxes:
-        inside |= ((cols_p * cell_w < b.x1) & ((cols_p + 1) * cell_w > b.x0) &
-                   (rows_p * cell_h < b.y1) & ((rows_p + 1) * cell_h > b.y0))
+        inside |= (
+            (cols_p * cell_w < b.x1)
+            & ((cols_p + 1) * cell_w > b.x0)
+            & (rows_p * cell_h < b.y1)
+            & ((rows_p + 1) * cell_h > b.y0)
+        )
     return inside
 
 
-def _cell_positions(rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int],
-                    tissue_p: np.ndarray, *, right: bool) -> tuple[np.ndarray, ...]:
+def _cell_positions(
+    rows_p: np.ndarray,
+    cols_p: np.ndarray,
+    grid_hw: tuple[int, int],
+    tissue_p: np.ndarray,
+    *,
+    right: bool,
+) -> tuple[np.ndarray, ...]:
     """(border, u, v) per stored position: on the grid's outer ring; cell centre across from the
     chest wall (mirrored for right breasts, whose chest wall is on the right) and down, both
     relative to the extent of the breast cells (tissue ≥ OFF_BREAST_TISSUE) and clipped to
@@ -237,15 +288,24 @@ def _cell_positions(rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, 
     gh, gw = grid_hw
     border = (rows_p == 0) | (cols_p == 0) | (rows_p == gh - 1) | (cols_p == gw - 1)
     breast = np.nan_to_num(tissue_p, nan=0.0) >= OFF_BREAST_TISSUE
-    r0, r1, c0, c1 = (rows_p[breast].min(), rows_p[breast].max(), cols_p[breast].min(),
-                      cols_p[breast].max()) if breast.any() else (0, gh - 1, 0, gw - 1)
+    r0, r1, c0, c1 = (
+        (rows_p[breast].min(), rows_p[breast].max(), cols_p[breast].min(), cols_p[breast].max())
+        if breast.any()
+        else (0, gh - 1, 0, gw - 1)
+    )
     across = np.clip((cols_p - c0 + 0.5) / (c1 - c0 + 1), 0.0, 1.0)
     down = np.clip((rows_p - r0 + 0.5) / (r1 - r0 + 1), 0.0, 1.0)
     return border, (1.0 - across if right else across), down
 
 
-def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress: bool = True,
-                      meta: dict[str, Any] | None = None) -> LatentSummaries:
+def compute_summaries(
+    store: Any,
+    sae: Any,
+    *,
+    batch_rows: int = 8192,
+    progress: bool = True,
+    meta: dict[str, Any] | None = None,
+) -> LatentSummaries:
     """Encode every stored patch once (images batched up to `batch_rows` rows per SAE call)."""
     import torch
     from tqdm.auto import tqdm
@@ -259,19 +319,28 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
     images = store.images
     grids = images[["grid_h", "grid_w"]].to_numpy(dtype=np.int64)
 
-    mean_parts: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int32), np.zeros(0, np.float32))] * n
+    mean_parts: list[tuple[np.ndarray, np.ndarray]] = [
+        (np.zeros(0, np.int32), np.zeros(0, np.float32))
+    ] * n
     max_parts = list(mean_parts)
     n_pos = np.zeros(n, np.int64)
     ss_within, sse, l0 = np.zeros(n), np.zeros(n), np.zeros(n)
     x_mean = np.zeros((n, d), np.float32)
-    mass = {k: torch.zeros(h, dtype=torch.float64, device=device)
-            for k in ("all", "known", "off", "marked", "conf", "border", "across", "down")}
+    mass = {
+        k: torch.zeros(h, dtype=torch.float64, device=device)
+        for k in ("all", "known", "off", "marked", "conf", "border", "across", "down")
+    }
     # Position counts: the share a latent spread evenly over positions would get.
-    counts = {"tissue_known_positions": 0, "off_breast_positions": 0, "marked_positions": 0,
-              "confounder_positions": 0}
+    counts = {
+        "tissue_known_positions": 0,
+        "off_breast_positions": 0,
+        "marked_positions": 0,
+        "confounder_positions": 0,
+    }
 
-    def flush(batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None,
-                                tuple[np.ndarray, ...]]]) -> None:
+    def flush(
+        batch: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None, tuple[np.ndarray, ...]]],
+    ) -> None:
         # Memory: one (rows, h) float32 code matrix; everything else is (rows,) or (h,). Masses
         # are weighted column sums computed as (rows,) @ (rows, h) products, so no row copies.
         x_md = torch.from_numpy(np.concatenate([b[1] for b in batch])).to(device)
@@ -282,12 +351,21 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         tissue_m = np.concatenate([b[2] for b in batch])
         known_m = ~np.isnan(tissue_m)
         off_m = known_m & (np.nan_to_num(tissue_m, nan=1.0) < OFF_BREAST_TISSUE)
-        inbox_m = np.concatenate([b[3] if b[3] is not None else np.zeros(len(b[1]), bool) for b in batch])
+        inbox_m = np.concatenate(
+            [b[3] if b[3] is not None else np.zeros(len(b[1]), bool) for b in batch]
+        )
         marked_m = np.concatenate([np.full(len(b[1]), b[3] is not None) for b in batch])
         border_m, across_m, down_m = (np.concatenate([b[4][k] for b in batch]) for k in range(3))
-        for key, weight_m in (("all", np.ones(len(tissue_m), bool)), ("known", known_m), ("off", off_m),
-                              ("marked", marked_m), ("conf", inbox_m), ("border", border_m),
-                              ("across", across_m), ("down", down_m)):
+        for key, weight_m in (
+            ("all", np.ones(len(tissue_m), bool)),
+            ("known", known_m),
+            ("off", off_m),
+            ("marked", marked_m),
+            ("conf", inbox_m),
+            ("border", border_m),
+            ("across", across_m),
+            ("down", down_m),
+        ):
             if weight_m.any():
                 w_m = torch.from_numpy(weight_m.astype(np.float32)).to(device)
                 mass[key] += (w_m @ z_mh).double()
@@ -315,23 +393,31 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
     n_rows = 0
     for i in tqdm(range(n), desc="encoding store", unit="img", disable=not progress):
         if "ok" in images and not bool(images.at[i, "ok"]):
-            continue   # skipped at extraction: no patches, zero summary row
+            continue  # skipped at extraction: no patches, zero summary row
         acts_pd, rows_p, cols_p = store.image_patches(i)
         if len(acts_pd) == 0:
             continue
         acts_pd = np.ascontiguousarray(acts_pd, dtype=np.float32)
         if not np.isfinite(acts_pd).all():
             raise StoreError(f"store image {i}: activations contain NaN or infinite values")
-        tissue_p = np.asarray(store.image_tissue(i), np.float32) if hasattr(store, "image_tissue") \
+        tissue_p = (
+            np.asarray(store.image_tissue(i), np.float32)
+            if hasattr(store, "image_tissue")
             else np.full(len(acts_pd), np.nan, np.float32)
-        inbox = _confounder_cells(records[i], np.asarray(rows_p), np.asarray(cols_p),
-                                  (int(grids[i, 0]), int(grids[i, 1])))
+        )
+        inbox = _confounder_cells(
+            records[i], np.asarray(rows_p), np.asarray(cols_p), (int(grids[i, 0]), int(grids[i, 1]))
+        )
         if batch and n_rows + len(acts_pd) > batch_rows:
             flush(batch)
             batch, n_rows = [], 0
-        where = _cell_positions(np.asarray(rows_p), np.asarray(cols_p),
-                                (int(grids[i, 0]), int(grids[i, 1])), tissue_p,
-                                right=records[i].laterality == "R")
+        where = _cell_positions(
+            np.asarray(rows_p),
+            np.asarray(cols_p),
+            (int(grids[i, 0]), int(grids[i, 1])),
+            tissue_p,
+            right=records[i].laterality == "R",
+        )
         batch.append((i, acts_pd, tissue_p, inbox, where))
         n_rows += len(acts_pd)
     if batch:
@@ -344,16 +430,37 @@ def compute_summaries(store: Any, sae: Any, *, batch_rows: int = 8192, progress:
         return sp.csr_matrix((data, indices, indptr), shape=(n, h))
 
     subsample = (store.manifest.get("subsample") or {}).get("fraction", 1.0)
-    info = {"n_images": n, "h": h, "d": d, "subsample_fraction": subsample,
-            "store": str(getattr(store, "path", "")), "store_level": store.manifest.get("level"),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **counts, **(meta or {})}
+    info = {
+        "n_images": n,
+        "h": h,
+        "d": d,
+        "subsample_fraction": subsample,
+        "store": str(getattr(store, "path", "")),
+        "store_level": store.manifest.get("level"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **counts,
+        **(meta or {}),
+    }
     cpu = {k: v.cpu().numpy() for k, v in mass.items()}
     return LatentSummaries(
-        mean_nh=to_csr(mean_parts), max_nh=to_csr(max_parts), n_positions_n=n_pos,
-        n_cells_n=grids.prod(axis=1), ss_within_n=ss_within, sse_n=sse, l0_n=l0, x_mean_nd=x_mean,
-        mass_h=cpu["all"], tissue_known_mass_h=cpu["known"], off_breast_mass_h=cpu["off"],
-        marked_mass_h=cpu["marked"], confounder_mass_h=cpu["conf"], border_mass_h=cpu["border"],
-        across_mass_h=cpu["across"], down_mass_h=cpu["down"], meta=info)
+        mean_nh=to_csr(mean_parts),
+        max_nh=to_csr(max_parts),
+        n_positions_n=n_pos,
+        n_cells_n=grids.prod(axis=1),
+        ss_within_n=ss_within,
+        sse_n=sse,
+        l0_n=l0,
+        x_mean_nd=x_mean,
+        mass_h=cpu["all"],
+        tissue_known_mass_h=cpu["known"],
+        off_breast_mass_h=cpu["off"],
+        marked_mass_h=cpu["marked"],
+        confounder_mass_h=cpu["conf"],
+        border_mass_h=cpu["border"],
+        across_mass_h=cpu["across"],
+        down_mass_h=cpu["down"],
+        meta=info,
+    )
 
 
 def _cached(npz_path: Path, json_path: Path) -> LatentSummaries | None:
@@ -371,27 +478,55 @@ def _cached(npz_path: Path, json_path: Path) -> LatentSummaries | None:
         return None
 
 
-def summarize(store: Any, sae: Any, *, store_sha: str, sae_sha: str, cache_dir: Path | None,
-              batch_rows: int = 8192, progress: bool = True, recompute: bool = False
-              ) -> LatentSummaries:
+def summarize(
+    store: Any,
+    sae: Any,
+    *,
+    store_sha: str,
+    sae_sha: str,
+    cache_dir: Path | None,
+    batch_rows: int = 8192,
+    progress: bool = True,
+    recompute: bool = False,
+) -> LatentSummaries:
     """Cached `compute_summaries`: reuse `cache_dir`'s entry for (store hash, SAE hash) if present."""
     if cache_dir is None:
-        return compute_summaries(store, sae, batch_rows=batch_rows, progress=progress,
-                                 meta={"store_sha256": store_sha, "sae_sha256": sae_sha})
+        return compute_summaries(
+            store,
+            sae,
+            batch_rows=batch_rows,
+            progress=progress,
+            meta={"store_sha256": store_sha, "sae_sha256": sae_sha},
+        )
     npz_path, json_path = cache_paths(Path(cache_dir), store_sha, sae_sha)
     cached = None if recompute else _cached(npz_path, json_path)
-    if cached is not None and cached.meta.get("store_sha256") == store_sha \
-            and cached.meta.get("sae_sha256") == sae_sha:
+    if (
+        cached is not None
+        and cached.meta.get("store_sha256") == store_sha
+        and cached.meta.get("sae_sha256") == sae_sha
+    ):
         return cached
-    s = compute_summaries(store, sae, batch_rows=batch_rows, progress=progress,
-                          meta={"store_sha256": store_sha, "sae_sha256": sae_sha})
+    s = compute_summaries(
+        store,
+        sae,
+        batch_rows=batch_rows,
+        progress=progress,
+        meta={"store_sha256": store_sha, "sae_sha256": sae_sha},
+    )
     save_summaries(s, npz_path, json_path)
     return s
 
 
-def summaries_for(store_path: str | os.PathLike[str], sae_path: str | os.PathLike[str], *,
-                  cache_dir: Path | None = None, batch_rows: int = 8192, device: str = "cpu",
-                  progress: bool = True, recompute: bool = False) -> LatentSummaries:
+def summaries_for(
+    store_path: str | os.PathLike[str],
+    sae_path: str | os.PathLike[str],
+    *,
+    cache_dir: Path | None = None,
+    batch_rows: int = 8192,
+    device: str = "cpu",
+    progress: bool = True,
+    recompute: bool = False,
+) -> LatentSummaries:
     """Open the store and SAE from disk and return their (cached) summaries."""
     store = open_store(store_path)
     sae_sha = sae_hash(sae_path)
@@ -402,8 +537,16 @@ def summaries_for(store_path: str | os.PathLike[str], sae_path: str | os.PathLik
         return cached
     sae = open_sae(sae_path, device)
     # A miss was just established (the path is keyed by both hashes): compute without re-checking.
-    return summarize(store, sae, store_sha=store.manifest_sha256, sae_sha=sae_sha,
-                     cache_dir=cache_dir, batch_rows=batch_rows, progress=progress, recompute=True)
+    return summarize(
+        store,
+        sae,
+        store_sha=store.manifest_sha256,
+        sae_sha=sae_sha,
+        cache_dir=cache_dir,
+        batch_rows=batch_rows,
+        progress=progress,
+        recompute=True,
+    )
 
 
 # --------------------------------------------------------------------------- opening inputs
@@ -424,15 +567,18 @@ def open_sae(path: str | os.PathLike[str], device: str = "cpu") -> Any:
 
 
 # --------------------------------------------------------------------------- label selection
-def selected_rows(images: Any, *, split: str | None, level: str = "image",
-                  store_level: str | None = "image") -> tuple[np.ndarray, str]:
+def selected_rows(
+    images: Any, *, split: str | None, level: str = "image", store_level: str | None = "image"
+) -> tuple[np.ndarray, str]:
     """Image-table rows of `split` (None/"all": every split) at image or row level, skipped
     images left out, and the table column that holds their labels at that level."""
     if level not in ("image", "row"):
         raise MammoSaeError(f"level must be 'image' or 'row', got {level!r}")
     if level == "row" and store_level != "row":
-        raise MammoSaeError("row-level analysis needs a store extracted at row level "
-                            "(`mammo-sae extract --level row`); this store is image level")
+        raise MammoSaeError(
+            "row-level analysis needs a store extracted at row level "
+            "(`mammo-sae extract --level row`); this store is image level"
+        )
     df = images
     keep = np.ones(len(df), dtype=bool)
     if split not in (None, "", "all"):
@@ -448,8 +594,14 @@ def selected_rows(images: Any, *, split: str | None, level: str = "image",
     return np.flatnonzero(keep), column
 
 
-def labelled_rows(images: Any, concept: str, *, split: str | None, level: str = "image",
-                  store_level: str | None = "image") -> tuple[np.ndarray, np.ndarray]:
+def labelled_rows(
+    images: Any,
+    concept: str,
+    *,
+    split: str | None,
+    level: str = "image",
+    store_level: str | None = "image",
+) -> tuple[np.ndarray, np.ndarray]:
     """Image-table rows of `split` with their binary `concept` label, at image or row level.
 
     Image level: one entry per image id (label = any row positive, `image_labels`). Row level
@@ -462,8 +614,10 @@ def labelled_rows(images: Any, concept: str, *, split: str | None, level: str = 
     for r in rows:
         lab = df.at[r, column]
         if concept not in lab:
-            raise MammoSaeError(f"concept {concept!r} has no label in the store; labelled concepts: "
-                                f"{', '.join(sorted(lab)) or 'none'}")
+            raise MammoSaeError(
+                f"concept {concept!r} has no label in the store; labelled concepts: "
+                f"{', '.join(sorted(lab)) or 'none'}"
+            )
         labels.append(int(lab[concept]))
     y = np.asarray(labels, dtype=np.int64)
     if len(y) and not set(np.unique(y)).issubset({0, 1}):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 from ..cli import add_command, add_group
 from ..config import opt
@@ -19,13 +19,18 @@ class SummaryConfig:
     """Counts per split: rows, images, patients, positives per concept at row and image level,
     density and BI-RADS, boxes per concept (after clipping to the frame), box clipping stats."""
 
-    data: Optional[Path] = opt(None, help="data directory (vindr_detection_v1_folds.csv + images_png/, "
-                                          "or finding_annotations.csv)")
-    csv: Optional[Path] = opt(None, help="a folds-style CSV or the official finding_annotations.csv")
-    splits: Optional[list[str]] = opt(None, help="only these splits (comma separated)")
+    data: Path | None = opt(
+        None,
+        help="data directory (vindr_detection_v1_folds.csv + images_png/, "
+        "or finding_annotations.csv)",
+    )
+    csv: Path | None = opt(None, help="a folds-style CSV or the official finding_annotations.csv")
+    splits: list[str] | None = opt(None, help="only these splits (comma separated)")
     on_missing: Literal["ignore", "error", "skip"] = opt(
-        "ignore", help="image files: not checked (ignore), missing ones fail (error) or are left out (skip)")
-    out: Optional[Path] = opt(None, help="also write the JSON here")
+        "ignore",
+        help="image files: not checked (ignore), missing ones fail (error) or are left out (skip)",
+    )
+    out: Path | None = opt(None, help="also write the JSON here")
 
 
 def run_summary(cfg: SummaryConfig) -> int:
@@ -33,9 +38,11 @@ def run_summary(cfg: SummaryConfig) -> int:
 
     if (cfg.data is None) == (cfg.csv is None):
         raise DataError("give exactly one of --data DIR or --csv FILE")
-    summary = summarize_dataset(cfg.data or cfg.csv,  # type: ignore[arg-type]
-                                splits=cfg.splits or None,
-                                on_missing=cfg.on_missing)
+    summary = summarize_dataset(
+        cfg.data or cfg.csv,  # type: ignore[arg-type]
+        splits=cfg.splits or None,
+        on_missing=cfg.on_missing,
+    )
     if cfg.out is not None:
         write_json(cfg.out, summary)
     sys.stdout.write(dumps_json(summary))
@@ -48,14 +55,20 @@ class PreprocessConfig:
     crop, INTER_AREA resize; boxes mapped on both axes correctly. Resumable (finished images are
     skipped) and parallel over images."""
 
-    dicom_root: Path = opt(help="VinDr DICOM tree: <root>/<study_id>/<image_id>.dicom (or <root>/images/...)")
+    dicom_root: Path = opt(
+        help="VinDr DICOM tree: <root>/<study_id>/<image_id>.dicom (or <root>/images/...)"
+    )
     csv: Path = opt(help="official finding_annotations.csv")
     out: Path = opt(help="output directory (images_png/ + vindr_detection_v1_folds.csv)")
-    breast_csv: Optional[Path] = opt(None, help="official breast-level_annotations.csv: the image list")
+    breast_csv: Path | None = opt(
+        None, help="official breast-level_annotations.csv: the image list"
+    )
     height: int = opt(1520, min=32, help="output PNG height")
     width: int = opt(912, min=32, help="output PNG width")
     workers: int = opt(1, min=0, help="parallel worker processes")
-    on_missing: Literal["error", "skip"] = opt("error", help="missing DICOM files: fail or skip them")
+    on_missing: Literal["error", "skip"] = opt(
+        "error", help="missing DICOM files: fail or skip them"
+    )
 
 
 def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
@@ -64,9 +77,16 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
     if cfg.height < 16 or cfg.width < 16:
         raise DataError(f"output size {cfg.height}x{cfg.width} is too small")
     with writer_lock(cfg.out):
-        result = preprocess_vindr(cfg.dicom_root, cfg.csv, cfg.out, breast_csv=cfg.breast_csv,
-                                  out_hw=(cfg.height, cfg.width), workers=max(1, cfg.workers),
-                                  on_missing=cfg.on_missing, progress=progress)
+        result = preprocess_vindr(
+            cfg.dicom_root,
+            cfg.csv,
+            cfg.out,
+            breast_csv=cfg.breast_csv,
+            out_hw=(cfg.height, cfg.width),
+            workers=max(1, cfg.workers),
+            on_missing=cfg.on_missing,
+            progress=progress,
+        )
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
 
@@ -86,18 +106,24 @@ class IngestConfig:
     finding_birads; one row per finding, every image at least one row."""
 
     dicom_dir: Path = opt(help="folder of DICOMs (searched recursively)")
-    out: Path = opt(help="output data directory (images_png/ + vindr_detection_v1_folds.csv + "
-                         "ingest.json)")
-    labels: Optional[Path] = opt(None, help="CSV of concept labels (and boxes) per image")
+    out: Path = opt(
+        help="output data directory (images_png/ + vindr_detection_v1_folds.csv + ingest.json)"
+    )
+    labels: Path | None = opt(None, help="CSV of concept labels (and boxes) per image")
     height: int = opt(1520, min=32, help="output PNG height")
     width: int = opt(912, min=32, help="output PNG width")
-    crop: bool = opt(True, help="breast crop as `preprocess` (--no-crop keeps the whole frame "
-                                "and warns)")
-    split: Optional[str] = opt(None, help="put every image in this split (e.g. test); default: "
-                                          "the labels CSV's split column, else a seeded hash of "
-                                          "the hashed patient id")
-    test_fraction: float = opt(0.2, min=0.0, max=1.0, help="share of patients in 'test' when "
-                                                            "splits are assigned by hash")
+    crop: bool = opt(
+        True, help="breast crop as `preprocess` (--no-crop keeps the whole frame and warns)"
+    )
+    split: str | None = opt(
+        None,
+        help="put every image in this split (e.g. test); default: "
+        "the labels CSV's split column, else a seeded hash of "
+        "the hashed patient id",
+    )
+    test_fraction: float = opt(
+        0.2, min=0.0, max=1.0, help="share of patients in 'test' when splits are assigned by hash"
+    )
     seed: int = opt(0, help="seed of the split assignment")
     workers: int = opt(1, min=0, help="parallel worker processes")
 
@@ -105,19 +131,44 @@ class IngestConfig:
 def run_ingest(cfg: IngestConfig, progress: bool = True) -> int:
     from .ingest import ingest
 
-    result = ingest(cfg.dicom_dir, cfg.out, labels=cfg.labels, out_hw=(cfg.height, cfg.width),
-                    crop=cfg.crop, split=cfg.split, test_fraction=cfg.test_fraction,
-                    seed=cfg.seed, workers=max(1, cfg.workers), progress=progress)
+    result = ingest(
+        cfg.dicom_dir,
+        cfg.out,
+        labels=cfg.labels,
+        out_hw=(cfg.height, cfg.width),
+        crop=cfg.crop,
+        split=cfg.split,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        workers=max(1, cfg.workers),
+        progress=progress,
+    )
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
     data = add_group(sub, "data", help="inspect datasets (VinDr folds CSV, official CSV, phantom)")
-    add_command(data, "summary", SummaryConfig, run_summary,
-                help="JSON counts per split: rows, images, patients, positives, boxes")
-    add_command(sub, "preprocess", PreprocessConfig, run_preprocess,
-                help="VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV")
-    add_command(sub, "ingest", IngestConfig, run_ingest, positional=("dicom_dir",),
-                help="your own DICOM folder -> the tool's dataset layout (hashed ids, headers only)")
+    add_command(
+        data,
+        "summary",
+        SummaryConfig,
+        run_summary,
+        help="JSON counts per split: rows, images, patients, positives, boxes",
+    )
+    add_command(
+        sub,
+        "preprocess",
+        PreprocessConfig,
+        run_preprocess,
+        help="VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV",
+    )
+    add_command(
+        sub,
+        "ingest",
+        IngestConfig,
+        run_ingest,
+        positional=("dicom_dir",),
+        help="your own DICOM folder -> the tool's dataset layout (hashed ids, headers only)",
+    )

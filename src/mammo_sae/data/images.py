@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -53,24 +53,34 @@ def max_image_pixels() -> int:
     except ValueError:
         value = 0
     if value < 1:
-        raise DataError(f"{MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels, "
-                        f"got {text!r}")
+        raise DataError(
+            f"{MAX_IMAGE_PIXELS_ENV} must be a positive whole number of pixels, got {text!r}"
+        )
     return value
 
 
-def check_image_size(path: str | os.PathLike[str], height: int, width: int, *, frames: int = 1,
-                     max_pixels: int | None = None) -> None:
+def check_image_size(
+    path: str | os.PathLike[str],
+    height: int,
+    width: int,
+    *,
+    frames: int = 1,
+    max_pixels: int | None = None,
+) -> None:
     """Raise DataError naming the image when its header's size is over the limit."""
     limit = max_image_pixels() if max_pixels is None else max_pixels
     pixels = int(height) * int(width) * max(1, int(frames))
     if pixels > limit:
         shape = f"{height}x{width}" + (f"x{frames} frames" if frames > 1 else "")
-        raise DataError(f"{path}: image is {shape} pixels ({pixels / 1e6:.1f} Mpx), over the "
-                        f"limit of {limit / 1e6:g} Mpx; not decoded (a larger limit can be set "
-                        f"with {MAX_IMAGE_PIXELS_ENV})")
+        raise DataError(
+            f"{path}: image is {shape} pixels ({pixels / 1e6:.1f} Mpx), over the "
+            f"limit of {limit / 1e6:g} Mpx; not decoded (a larger limit can be set "
+            f"with {MAX_IMAGE_PIXELS_ENV})"
+        )
 
 
 # ---------------------------------------------------------------------------- reading
+
 
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
@@ -99,8 +109,9 @@ def find_dicom_file(folder: str | os.PathLike[str], stem: str) -> Path | None:
     return bare if bare.is_file() and _is_dicom(bare) else None
 
 
-def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True,
-               max_pixels: int | None = None) -> tuple[np.ndarray, str]:
+def read_dicom(
+    path: str | os.PathLike[str], *, invert_monochrome1: bool = True, max_pixels: int | None = None
+) -> tuple[np.ndarray, str]:
     """Stored pixels of a single-frame grayscale DICOM and its PhotometricInterpretation.
 
     With `invert_monochrome1`, MONOCHROME1 images (bright = low value) come back as max - x.
@@ -111,10 +122,18 @@ def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True,
     from pydicom.errors import InvalidDicomError
 
     path = Path(path)
-    errors = (InvalidDicomError, OSError, ValueError, AttributeError, KeyError, RuntimeError,
-              NotImplementedError, TypeError)
+    errors = (
+        InvalidDicomError,
+        OSError,
+        ValueError,
+        AttributeError,
+        KeyError,
+        RuntimeError,
+        NotImplementedError,
+        TypeError,
+    )
     try:
-        ds = pydicom.dcmread(path)   # reads the pixel data's bytes but does not decode them
+        ds = pydicom.dcmread(path)  # reads the pixel data's bytes but does not decode them
         photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
         rows, columns = int(ds.Rows), int(ds.Columns)
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
@@ -126,10 +145,14 @@ def read_dicom(path: str | os.PathLike[str], *, invert_monochrome1: bool = True,
     except errors as exc:
         raise DataError(f"cannot read DICOM {path}: {type(exc).__name__}: {exc}") from exc
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DataError(f"{path}: PhotometricInterpretation {photometric!r} is not grayscale "
-                        "(expected MONOCHROME1 or MONOCHROME2)")
+        raise DataError(
+            f"{path}: PhotometricInterpretation {photometric!r} is not grayscale "
+            "(expected MONOCHROME1 or MONOCHROME2)"
+        )
     if arr.ndim != 2:
-        raise DataError(f"{path}: expected a single-frame 2-D image, got pixel array shape {arr.shape}")
+        raise DataError(
+            f"{path}: expected a single-frame 2-D image, got pixel array shape {arr.shape}"
+        )
     if invert_monochrome1 and photometric == "MONOCHROME1":
         arr = arr.max() - arr
     return arr, photometric
@@ -166,9 +189,11 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
             else:
                 raise DataError(f"{path}: unsupported image mode {img.mode!r}")
     except Image.DecompressionBombError as exc:
-        raise DataError(f"{path}: not decoded: {exc} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS; "
-                        f"ours is {max_image_pixels() if max_pixels is None else max_pixels} "
-                        "pixels)") from exc
+        raise DataError(
+            f"{path}: not decoded: {exc} (Pillow's limit, PIL.Image.MAX_IMAGE_PIXELS; "
+            f"ours is {max_image_pixels() if max_pixels is None else max_pixels} "
+            "pixels)"
+        ) from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from exc
     if arr.ndim != 2 or arr.size == 0:
@@ -178,6 +203,7 @@ def read_image(path: str | os.PathLike[str], *, max_pixels: int | None = None) -
 
 # ---------------------------------------------------------------------------- preprocessing
 
+
 def resize_hw(arr_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     """float32 resize: area interpolation when shrinking, bilinear when enlarging."""
     h, w = arr_hw.shape
@@ -185,8 +211,11 @@ def resize_hw(arr_hw: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     if (h, w) == (out_h, out_w):
         return arr_hw.astype(np.float32, copy=False)
     shrinking = out_h * out_w < h * w
-    return cv2.resize(arr_hw.astype(np.float32, copy=False), (out_w, out_h),
-                      interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+    return cv2.resize(
+        arr_hw.astype(np.float32, copy=False),
+        (out_w, out_h),
+        interpolation=cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR,
+    )
 
 
 def minmax_01(x: torch.Tensor) -> torch.Tensor:
@@ -198,8 +227,9 @@ def minmax_01(x: torch.Tensor) -> torch.Tensor:
     return (x - lo) / span
 
 
-def to_model_input(arr_hw: np.ndarray, size_hw: tuple[int, int] | None = None,
-                   channels: int = 3) -> torch.Tensor:
+def to_model_input(
+    arr_hw: np.ndarray, size_hw: tuple[int, int] | None = None, channels: int = 3
+) -> torch.Tensor:
     """(3, H, W) float32 encoder input: 3 identical channels, min-max, (x - MEAN) / STD.
 
     channels=1 returns the single channel: the caller expands it to 3 where the pixels are
@@ -223,8 +253,9 @@ def _with_channels(x_1hw: torch.Tensor, channels: int) -> torch.Tensor:
     return x_1hw if _check_channels(channels) == 1 else x_1hw.repeat(3, 1, 1)
 
 
-def expand_channels(x_b1hw: torch.Tensor,
-                    memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def expand_channels(
+    x_b1hw: torch.Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
     """(B, 1, H, W) → (B, 3, H, W) identical channels in one copy, bit-equal to
     `to_model_input`'s."""
     if x_b1hw.dim() != 4 or x_b1hw.shape[1] != 1:
@@ -232,7 +263,9 @@ def expand_channels(x_b1hw: torch.Tensor,
     return x_b1hw.expand(-1, 3, -1, -1).contiguous(memory_format=memory_format)
 
 
-def scale_boxes(boxes: Sequence[Box], from_hw: tuple[int, int], to_hw: tuple[int, int]) -> tuple[Box, ...]:
+def scale_boxes(
+    boxes: Sequence[Box], from_hw: tuple[int, int], to_hw: tuple[int, int]
+) -> tuple[Box, ...]:
     """Boxes of a `from_hw` frame in a `to_hw` frame (the same image resized, aspect not kept)."""
     sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
     return tuple(Box(b.concept, b.x0 * sx, b.y0 * sy, b.x1 * sx, b.y1 * sy) for b in boxes)
@@ -273,7 +306,10 @@ def breast_mask(arr_hw: np.ndarray, *, threshold: float | None = None) -> np.nda
 
 # ---------------------------------------------------------------------------- augmentation
 
-def augment_mammo_clip(x_chw: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+
+def augment_mammo_clip(
+    x_chw: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Mammo-CLIP training augmentation in torch, each step with probability 0.5:
     horizontal flip, vertical flip, affine (rotation ±20°, translation ±10 %, scale 0.8–1.2,
     shear ±20°; zero = darkest fill), elastic (alpha 10, sigma 15 pixels).
@@ -281,6 +317,7 @@ def augment_mammo_clip(x_chw: torch.Tensor, generator: torch.Generator | None = 
     Deviation: albumentations treats scalar Affine arguments as fixed values (always 20°), which
     looks unintended; here they are ranges. Works on [0, 1] images (before mean/std).
     """
+
     def coin() -> bool:
         return bool(torch.rand((), generator=generator) < 0.5)
 
@@ -296,11 +333,13 @@ def augment_mammo_clip(x_chw: torch.Tensor, generator: torch.Generator | None = 
     if coin():
         angle, shear = math.radians(uniform(-20, 20)), math.radians(uniform(-20, 20))
         scale = uniform(0.8, 1.2)
-        tx, ty = uniform(-0.2, 0.2), uniform(-0.2, 0.2)   # ±10 % of the size = ±0.2 in [-1, 1]
+        tx, ty = uniform(-0.2, 0.2), uniform(-0.2, 0.2)  # ±10 % of the size = ±0.2 in [-1, 1]
         cos, sin = math.cos(angle), math.sin(angle)
         # Inverse map output -> input in normalised coordinates, aspect-corrected for rotation.
-        rot_shear = torch.tensor([[cos, -sin + cos * math.tan(shear)], [sin, cos + sin * math.tan(shear)]],
-                                 dtype=torch.float64)
+        rot_shear = torch.tensor(
+            [[cos, -sin + cos * math.tan(shear)], [sin, cos + sin * math.tan(shear)]],
+            dtype=torch.float64,
+        )
         aspect = torch.tensor([[w / 2, 0.0], [0.0, h / 2]], dtype=torch.float64)
         fwd = aspect.inverse() @ rot_shear @ aspect * scale
         inv = torch.linalg.inv(fwd)
@@ -313,19 +352,21 @@ def augment_mammo_clip(x_chw: torch.Tensor, generator: torch.Generator | None = 
         noise = torch.rand((1, 2, h, w), generator=generator) * 2 - 1
         k = 61  # ~ 4 sigma, odd
         coords = torch.arange(k, dtype=torch.float32) - k // 2
-        g = torch.exp(-coords**2 / (2 * 15.0**2))
+        g = torch.exp(-(coords**2) / (2 * 15.0**2))
         g = g / g.sum()
         noise = F.conv2d(noise.reshape(2, 1, h, w), g.view(1, 1, 1, k), padding=(0, k // 2))
         noise = F.conv2d(noise, g.view(1, 1, k, 1), padding=(k // 2, 0)).reshape(1, 2, h, w)
         disp = noise.permute(0, 2, 3, 1) * 10.0 * torch.tensor([2.0 / w, 2.0 / h])
         grid = grid + disp
     if grid is not None:
-        x_chw = F.grid_sample(x_chw[None], grid, mode="bilinear", padding_mode="zeros",
-                              align_corners=False)[0]
+        x_chw = F.grid_sample(
+            x_chw[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False
+        )[0]
     return x_chw
 
 
 # ---------------------------------------------------------------------------- dataset
+
 
 class RecordDataset(Dataset):
     """`records[i]` -> (x_3hw float32, i). `size_hw=None` keeps each image's own size;
@@ -336,8 +377,13 @@ class RecordDataset(Dataset):
     workers are seeded by torch).
     """
 
-    def __init__(self, records: Sequence[ImageRecord], size_hw: tuple[int, int] | None = None,
-                 augment: bool = False, channels: int = 3) -> None:
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        size_hw: tuple[int, int] | None = None,
+        augment: bool = False,
+        channels: int = 3,
+    ) -> None:
         self.records = list(records)
         self.size_hw = tuple(size_hw) if size_hw is not None else None
         self.augment = augment
@@ -367,7 +413,7 @@ class RecordDataset(Dataset):
         """[x_bchw, indices], torch's default collate; images of different sizes in one
         batch are refused naming two of them (torch only says "stack expects each tensor to be
         equal size"). For training batches, which must share a size."""
-        sizes: dict[tuple[int, ...], int] = {}   # size -> first image of that size
+        sizes: dict[tuple[int, ...], int] = {}  # size -> first image of that size
         for x, i in items:
             sizes.setdefault(tuple(x.shape[-2:]), i)
         if len(sizes) > 1:
@@ -375,12 +421,12 @@ class RecordDataset(Dataset):
             raise DataError(
                 f"images of different sizes in one batch: {self.records[a].image_id} is "
                 f"{a_hw[0]}x{a_hw[1]}, {self.records[b].image_id} is {b_hw[0]}x{b_hw[1]}; pass "
-                "--image-size HxW to resize every image to one size")
+                "--image-size HxW to resize every image to one size"
+            )
         return default_collate(list(items))
 
     @staticmethod
-    def collate_by_size(items: Sequence[tuple[torch.Tensor, int]]
-                        ) -> list[list[torch.Tensor]]:
+    def collate_by_size(items: Sequence[tuple[torch.Tensor, int]]) -> list[list[torch.Tensor]]:
         """[[x_bchw, indices], ...], one batch per image size: for inference, where each image can
         run at its own size, as `extract` does without --image-size."""
         groups: dict[tuple[int, ...], list[tuple[torch.Tensor, int]]] = {}

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -49,23 +50,35 @@ from .vindr import FOLDS_CSV, IMAGES_DIR, INGEST_META, ORIGINAL_BOX_COLUMNS, _re
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
-HASH_PREFIX = "mammo-sae-id:"     # fixed: the same raw id gives the same hashed id in every run
-HASH_HEX = 20                     # 80 bits: no collisions in any realistic archive
+HASH_PREFIX = "mammo-sae-id:"  # fixed: the same raw id gives the same hashed id in every run
+HASH_HEX = 20  # 80 bits: no collisions in any realistic archive
 STATE_DIR = ".ingest"
 # View code sequence (DICOM CID 4014): SNOMED-RT and SNOMED CT codes and meanings -> view.
 VIEW_CODES = {
-    "R-10242": "CC", "399162004": "CC", "cranio-caudal": "CC",
-    "R-10226": "MLO", "399368009": "MLO", "medio-lateral oblique": "MLO",
-    "R-10224": "ML", "399260004": "ML", "medio-lateral": "ML",
-    "R-10228": "LM", "399352003": "LM", "latero-medial": "LM",
-    "R-1024A": "XCCL", "399192003": "XCCL", "cranio-caudal exaggerated laterally": "XCCL",
+    "R-10242": "CC",
+    "399162004": "CC",
+    "cranio-caudal": "CC",
+    "R-10226": "MLO",
+    "399368009": "MLO",
+    "medio-lateral oblique": "MLO",
+    "R-10224": "ML",
+    "399260004": "ML",
+    "medio-lateral": "ML",
+    "R-10228": "LM",
+    "399352003": "LM",
+    "latero-medial": "LM",
+    "R-1024A": "XCCL",
+    "399192003": "XCCL",
+    "cranio-caudal exaggerated laterally": "XCCL",
 }
 LABEL_KEYS = ("image", "sop_instance_uid")
 RESIZED_BOX_COLUMNS = ("resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax")
 LABEL_EXTRA = ("split", "finding_birads", *ORIGINAL_BOX_COLUMNS)
-UNCROPPED_WARNING = ("--no-crop: the PNGs are the whole DICOM frame (only the 5-px border is cut): "
-                     "background, film edges and burnt-in labels enter the model input, and the "
-                     "breast fills less of it than in Mammo-CLIP's training images")
+UNCROPPED_WARNING = (
+    "--no-crop: the PNGs are the whole DICOM frame (only the 5-px border is cut): "
+    "background, film edges and burnt-in labels enter the model input, and the "
+    "breast fills less of it than in Mammo-CLIP's training images"
+)
 
 
 def hashed_id(raw: str) -> str:
@@ -77,14 +90,14 @@ def hashed_id(raw: str) -> str:
 class Header:
     """What ingest takes from one DICOM's header (ids already hashed)."""
 
-    rel: str                # path relative to the DICOM folder (never written out)
-    sop_uid: str            # raw, only to match `--labels`; never written out
+    rel: str  # path relative to the DICOM folder (never written out)
+    sop_uid: str  # raw, only to match `--labels`; never written out
     image_id: str
     patient_id: str
     study_id: str
     series_id: str
-    laterality: str         # L | R | "" (unknown)
-    view: str               # CC | MLO | ... | "" (unknown)
+    laterality: str  # L | R | "" (unknown)
+    view: str  # CC | MLO | ... | "" (unknown)
     height: int
     width: int
     manufacturer: str
@@ -142,22 +155,33 @@ def read_header(path: Path, root: Path) -> Header:
         raise DataError(f"{path}: no Rows/Columns in the header (not an image?)")
     sop = _text(ds, "SOPInstanceUID")
     study = _text(ds, "StudyInstanceUID")
-    patient = _text(ds, "PatientID") or study or rel     # every image needs a patient
+    patient = _text(ds, "PatientID") or study or rel  # every image needs a patient
     series = _text(ds, "SeriesInstanceUID")
-    return Header(rel=rel, sop_uid=sop, image_id=hashed_id(sop or rel),
-                  patient_id=hashed_id(patient), study_id=hashed_id(study) if study else "",
-                  series_id=hashed_id(series) if series else "",
-                  laterality=_laterality(ds), view=_view(ds), height=int(rows), width=int(cols),
-                  manufacturer=_text(ds, "Manufacturer"))
+    return Header(
+        rel=rel,
+        sop_uid=sop,
+        image_id=hashed_id(sop or rel),
+        patient_id=hashed_id(patient),
+        study_id=hashed_id(study) if study else "",
+        series_id=hashed_id(series) if series else "",
+        laterality=_laterality(ds),
+        view=_view(ds),
+        height=int(rows),
+        width=int(cols),
+        manufacturer=_text(ds, "Manufacturer"),
+    )
 
 
-def _ingest_one(job: tuple[str, str, str, str, tuple[int, int], bool]
-                ) -> tuple[str, dict | None, str | None]:
+def _ingest_one(
+    job: tuple[str, str, str, str, tuple[int, int], bool],
+) -> tuple[str, dict | None, str | None]:
     """Worker: one DICOM -> PNG; its geometry (and the crop setting) goes to the state file."""
     image_id, dicom, png, state, out_hw, crop = job
     try:
-        geom = {**asdict(dicom_to_png(Path(dicom), Path(png), image_id, out_hw, crop=crop)),
-                "crop": crop}
+        geom = {
+            **asdict(dicom_to_png(Path(dicom), Path(png), image_id, out_hw, crop=crop)),
+            "crop": crop,
+        }
     except DataError as exc:
         return image_id, None, str(exc)
     write_json(state, geom)
@@ -172,6 +196,7 @@ def assign_split(patient_hash: str, seed: int, test_fraction: float) -> str:
 
 # ---------------------------------------------------------------------------- labels
 
+
 def read_labels(path: Path, headers: Sequence[Header]) -> dict[str, pd.DataFrame]:
     """`--labels` CSV -> {image_id: its label rows}. Key column `image` (path relative to the DICOM
     folder, with or without suffix, or the file name) or `sop_instance_uid`; concept columns of
@@ -182,18 +207,24 @@ def read_labels(path: Path, headers: Sequence[Header]) -> dict[str, pd.DataFrame
     df = _read_csv(path)
     keys = [k for k in LABEL_KEYS if k in df.columns]
     if len(keys) != 1:
-        raise DataError(f"{path}: needs exactly one key column of {list(LABEL_KEYS)}; found "
-                        f"columns {list(df.columns)}")
+        raise DataError(
+            f"{path}: needs exactly one key column of {list(LABEL_KEYS)}; found "
+            f"columns {list(df.columns)}"
+        )
     key = keys[0]
-    unknown = [c for c in df.columns
-               if c != key and c not in FINDING_CONCEPTS and c not in LABEL_EXTRA]
+    unknown = [
+        c for c in df.columns if c != key and c not in FINDING_CONCEPTS and c not in LABEL_EXTRA
+    ]
     if unknown:
-        raise DataError(f"{path}: unknown column(s) {unknown}; valid: {key}, "
-                        f"{', '.join(FINDING_CONCEPTS)}, {', '.join(LABEL_EXTRA)}")
+        raise DataError(
+            f"{path}: unknown column(s) {unknown}; valid: {key}, "
+            f"{', '.join(FINDING_CONCEPTS)}, {', '.join(LABEL_EXTRA)}"
+        )
     concepts = [c for c in FINDING_CONCEPTS if c in df.columns]
     if not concepts:
-        raise DataError(f"{path}: no concept column; give one or more of "
-                        f"{', '.join(FINDING_CONCEPTS)}")
+        raise DataError(
+            f"{path}: no concept column; give one or more of {', '.join(FINDING_CONCEPTS)}"
+        )
     for c in concepts:
         bad = ~df[c].str.strip().isin(["0", "1"])
         if bad.any():
@@ -216,22 +247,29 @@ def read_labels(path: Path, headers: Sequence[Header]) -> dict[str, pd.DataFrame
     ambiguous = image_of == ""
     if ambiguous.any():
         i = int(np.flatnonzero(ambiguous.to_numpy())[0])
-        raise DataError(f"{path}: row {i}: {key} {df[key].iloc[i]!r} names more than one DICOM; "
-                        "give the path relative to the DICOM folder")
+        raise DataError(
+            f"{path}: row {i}: {key} {df[key].iloc[i]!r} names more than one DICOM; "
+            "give the path relative to the DICOM folder"
+        )
     unmatched = image_of.isna()
     if unmatched.any():
         i = int(np.flatnonzero(unmatched.to_numpy())[0])
-        raise DataError(f"{path}: {int(unmatched.sum())} row(s) match no DICOM, e.g. row {i} "
-                        f"({key} {df[key].iloc[i]!r})")
+        raise DataError(
+            f"{path}: {int(unmatched.sum())} row(s) match no DICOM, e.g. row {i} "
+            f"({key} {df[key].iloc[i]!r})"
+        )
     df = df.assign(_image=image_of)
     missing = [h for h in headers if h.image_id not in set(df["_image"])]
     if missing:
-        raise DataError(f"{path}: {len(missing)} DICOM(s) have no label row (give every image at "
-                        f"least one row; all-0 for a negative), e.g. {missing[0].rel}")
+        raise DataError(
+            f"{path}: {len(missing)} DICOM(s) have no label row (give every image at "
+            f"least one row; all-0 for a negative), e.g. {missing[0].rel}"
+        )
     return {image_id: rows for image_id, rows in df.groupby("_image", sort=False)}
 
 
 # ---------------------------------------------------------------------------- ingest
+
 
 @dataclass
 class IngestResult:
@@ -268,21 +306,26 @@ def ingest(
     root, out_dir = Path(dicom_dir), Path(out_dir)
     files = find_dicoms(root)
     if not files:
-        raise DataError(f"no DICOM files under {root} (looked for .dcm, .dicom and extension-less "
-                        "files with the DICOM magic)")
+        raise DataError(
+            f"no DICOM files under {root} (looked for .dcm, .dicom and extension-less "
+            "files with the DICOM magic)"
+        )
     headers: list[Header] = []
     seen: set[str] = set()
     duplicates = 0
     for path in tqdm(files, desc="headers", unit="file", disable=not progress):
         h = read_header(path, root)
-        if h.image_id in seen:       # the same SOP instance twice (a copy): keep the first
+        if h.image_id in seen:  # the same SOP instance twice (a copy): keep the first
             duplicates += 1
             continue
         seen.add(h.image_id)
         headers.append(h)
     if duplicates:
-        log.warning("%d DICOM file(s) repeat an image already found (same SOPInstanceUID); "
-                    "each image is ingested once", duplicates)
+        log.warning(
+            "%d DICOM file(s) repeat an image already found (same SOPInstanceUID); "
+            "each image is ingested once",
+            duplicates,
+        )
     label_rows = read_labels(Path(labels), headers) if labels is not None else None
     if not crop:
         log.warning(UNCROPPED_WARNING)
@@ -304,34 +347,55 @@ def ingest(
                     skipped += 1
                     continue
             except json.JSONDecodeError:
-                pass    # half-written by an older crash: redo the image
+                pass  # half-written by an older crash: redo the image
         jobs.append((h.image_id, str(path), str(png), str(state), tuple(out_hw), crop))
-    geometry.update(convert_all(jobs, workers, _ingest_one, desc="ingest",
-                                verb="converted", progress=progress))
+    geometry.update(
+        convert_all(jobs, workers, _ingest_one, desc="ingest", verb="converted", progress=progress)
+    )
 
-    table = _folds_rows(headers, geometry, label_rows, split=split, test_fraction=test_fraction,
-                        seed=seed)
+    table = _folds_rows(
+        headers, geometry, label_rows, split=split, test_fraction=test_fraction, seed=seed
+    )
     csv_path = out_dir / FOLDS_CSV
     write_text_atomic(csv_path, table.to_csv(index=False))
     counts = table.drop_duplicates("image_id")["split"].value_counts()
     splits = {str(k): int(v) for k, v in counts.items()}
-    result = IngestResult(out_dir, csv_path, len(files), len(jobs), skipped, duplicates, len(table),
-                          int(table["resized_xmin"].ne("").sum()), splits)
-    unknown = {"laterality": sum(not h.laterality for h in headers),
-               "view": sum(not h.view for h in headers)}
+    result = IngestResult(
+        out_dir,
+        csv_path,
+        len(files),
+        len(jobs),
+        skipped,
+        duplicates,
+        len(table),
+        int(table["resized_xmin"].ne("").sum()),
+        splits,
+    )
+    unknown = {
+        "laterality": sum(not h.laterality for h in headers),
+        "view": sum(not h.view for h in headers),
+    }
     split_rule: Any = {"test_fraction": test_fraction, "seed": seed}
     if split:
         split_rule = "given"
     elif label_rows is not None and _has_split(label_rows):
         split_rule = "labels CSV"
-    write_json(out_dir / INGEST_META, {
-        "schema_version": SCHEMA_VERSION, **result.as_dict(), "height": out_hw[0],
-        "width": out_hw[1], "border": BORDER, "crop": crop, "labelled": label_rows is not None,
-        "split_rule": split_rule,
-        "id_hash": {"algorithm": "sha256", "prefix": HASH_PREFIX, "hex_digits": HASH_HEX},
-        "unknown": unknown,
-        "manufacturers": dict(Counter(h.manufacturer or "unknown" for h in headers)),
-    })
+    write_json(
+        out_dir / INGEST_META,
+        {
+            "schema_version": SCHEMA_VERSION,
+            **result.as_dict(),
+            "height": out_hw[0],
+            "width": out_hw[1],
+            "border": BORDER,
+            "crop": crop,
+            "labelled": label_rows is not None,
+            "split_rule": split_rule,
+            "id_hash": {"algorithm": "sha256", "prefix": HASH_PREFIX, "hex_digits": HASH_HEX},
+            "unknown": unknown,
+            "manufacturers": dict(Counter(h.manufacturer or "unknown" for h in headers)),
+        },
+    )
     for what, n in unknown.items():
         if n:
             log.warning("%d image(s) have no %s in their header (left empty in the CSV)", n, what)
@@ -342,9 +406,15 @@ def _has_split(label_rows: dict[str, pd.DataFrame]) -> bool:
     return any("split" in rows.columns for rows in label_rows.values())
 
 
-def _folds_rows(headers: Sequence[Header], geometry: dict[str, dict],
-                label_rows: dict[str, pd.DataFrame] | None, *, split: str | None,
-                test_fraction: float, seed: int) -> pd.DataFrame:
+def _folds_rows(
+    headers: Sequence[Header],
+    geometry: dict[str, dict],
+    label_rows: dict[str, pd.DataFrame] | None,
+    *,
+    split: str | None,
+    test_fraction: float,
+    seed: int,
+) -> pd.DataFrame:
     """One folds-format row per label row (one per image without labels)."""
     out = []
     for h in headers:
@@ -363,23 +433,36 @@ def _folds_rows(headers: Sequence[Header], geometry: dict[str, dict],
                 try:
                     box = [float(v) for v in xyxy]
                 except ValueError as exc:
-                    raise DataError(f"labels CSV: box of image {h.rel} is not numeric: "
-                                    f"{xyxy}") from exc
+                    raise DataError(
+                        f"labels CSV: box of image {h.rel} is not numeric: {xyxy}"
+                    ) from exc
                 resized = [_fmt(v) for v in crop_geom.map_box(*box)]
             else:
                 xyxy = [""] * 4
             cats = [c.replace("_", " ") for c in FINDING_CONCEPTS if concepts[c]]
-            out.append({
-                "patient_id": h.patient_id, "series_id": h.series_id,
-                "image_id": f"{h.image_id}.png",
-                "laterality": h.laterality, "view": h.view, "height": h.height, "width": h.width,
-                "breast_birads": "", "breast_density": "", "finding_categories": repr(cats),
-                "finding_birads": str(lab.get("finding_birads", "") or ""),
-                **dict(zip(ORIGINAL_BOX_COLUMNS, xyxy, strict=True)), "split": image_split,
-                **dict(zip(RESIZED_BOX_COLUMNS, resized, strict=True)),
-                "fold": str(patient_fold(h.patient_id)), **{c: str(v) for c, v in concepts.items()},
-                "density": "", "study_id": h.study_id, "manufacturer": h.manufacturer,
-            })
+            out.append(
+                {
+                    "patient_id": h.patient_id,
+                    "series_id": h.series_id,
+                    "image_id": f"{h.image_id}.png",
+                    "laterality": h.laterality,
+                    "view": h.view,
+                    "height": h.height,
+                    "width": h.width,
+                    "breast_birads": "",
+                    "breast_density": "",
+                    "finding_categories": repr(cats),
+                    "finding_birads": str(lab.get("finding_birads", "") or ""),
+                    **dict(zip(ORIGINAL_BOX_COLUMNS, xyxy, strict=True)),
+                    "split": image_split,
+                    **dict(zip(RESIZED_BOX_COLUMNS, resized, strict=True)),
+                    "fold": str(patient_fold(h.patient_id)),
+                    **{c: str(v) for c, v in concepts.items()},
+                    "density": "",
+                    "study_id": h.study_id,
+                    "manufacturer": h.manufacturer,
+                }
+            )
     table = pd.DataFrame(out, columns=[*FOLDS_COLUMNS, "study_id", "manufacturer"])
     # An image's rows must share a split (the reader refuses otherwise): the last given one wins.
     table["split"] = table.groupby("image_id")["split"].transform("last")

@@ -25,11 +25,12 @@ import hashlib
 import math
 import os
 import shutil
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -51,14 +52,36 @@ CATEGORY_NAME = {MASS: "Mass", CALC: "Suspicious Calcification"}
 
 # The 33 columns of the Mammo-CLIP folds CSV, in file order, then the phantom's marker columns.
 FOLDS_COLUMNS: tuple[str, ...] = (
-    "patient_id", "series_id", "image_id", "laterality", "view", "height", "width",
-    "breast_birads", "breast_density", "finding_categories", "finding_birads",
-    "xmin", "ymin", "xmax", "ymax", "split",
-    "resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax", "fold",
-    *FINDING_CONCEPTS, "density",
+    "patient_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+    "resized_xmin",
+    "resized_ymin",
+    "resized_xmax",
+    "resized_ymax",
+    "fold",
+    *FINDING_CONCEPTS,
+    "density",
 )
 CONFOUNDER_COLUMNS: tuple[str, ...] = (
-    "confounder", "confounder_xmin", "confounder_ymin", "confounder_xmax", "confounder_ymax",
+    "confounder",
+    "confounder_xmin",
+    "confounder_ymin",
+    "confounder_xmax",
+    "confounder_ymax",
 )
 PHANTOM_COLUMNS: tuple[str, ...] = FOLDS_COLUMNS + CONFOUNDER_COLUMNS
 
@@ -73,7 +96,7 @@ REFERENCE_HW = (512, 320)
 # weaker tails are cut to zero so that the box covers all pixels the finding changed.
 PROFILE_CUT = 0.1
 BACKGROUND_LEVEL = 0.03
-GLAND_LEVEL = 0.26          # intensity added by fully dense fibroglandular tissue
+GLAND_LEVEL = 0.26  # intensity added by fully dense fibroglandular tissue
 NIPPLE_LEVEL = 0.92
 
 
@@ -86,30 +109,44 @@ class PhantomConfig:
     planted masses and calcification clusters (exact boxes) and a background marker that is
     correlated with one concept in the training split and independent of all labels in test."""
 
-    out: Path = opt(affects_result=False,
-                    help="output directory (gets vindr_detection_v1_folds.csv, images_png/, phantom.json)")
-    n_images: int = opt(200, help="number of images; two per patient (CC + MLO of one breast; an odd count gives the last patient one view)")
+    out: Path = opt(
+        affects_result=False,
+        help="output directory (gets vindr_detection_v1_folds.csv, images_png/, phantom.json)",
+    )
+    n_images: int = opt(
+        200,
+        help="number of images; two per patient (CC + MLO of one breast; an odd count gives the last patient one view)",
+    )
     height: int = opt(512, help="image height in pixels")
     width: int = opt(320, help="image width in pixels")
     seed: int = opt(0, help="random seed; same arguments give byte-identical files")
     mass_prevalence: float = opt(0.25, help="share of patients with a mass (per split)")
-    calc_prevalence: float = opt(0.25, help="share of patients with a suspicious calcification cluster (per split)")
+    calc_prevalence: float = opt(
+        0.25, help="share of patients with a suspicious calcification cluster (per split)"
+    )
     test_fraction: float = opt(0.25, help="share of patients in the test split")
     confounder_concept: Literal["Mass", "Suspicious_Calcification", "none"] = opt(
-        "Mass", help="concept the marker follows in the training split ('none': independent)")
+        "Mass", help="concept the marker follows in the training split ('none': independent)"
+    )
     confounder_strength: float = opt(
-        0.8, help="training split: P(marker | positive) = (1+s)/2, P(marker | negative) = (1-s)/2; "
-                  "in test the marker is independent of all labels at the training marker rate")
+        0.8,
+        help="training split: P(marker | positive) = (1+s)/2, P(marker | negative) = (1-s)/2; "
+        "in test the marker is independent of all labels at the training marker rate",
+    )
     # keyed_when_changed: same files as before the option existed keep phantom.json valid.
     marker_size: float = opt(
-        DEFAULT_MARKER_SIZE, keyed_when_changed=True,
-        help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)")
+        DEFAULT_MARKER_SIZE,
+        keyed_when_changed=True,
+        help="side of the marker square in 512×320 reference pixels (±3, scaled with the image)",
+    )
     # affects_result=False: kept out of phantom.json, which stays byte-identical.
     workers: int = opt(0, affects_result=False, help="render processes; 0 = one per CPU")
-    overwrite: bool = opt(False, affects_result=False,
-                          help="replace a phantom made with other settings in --out")
-    figure: Optional[Path] = opt(None, affects_result=False,
-                                 help="also write a PNG grid of images with their boxes here")
+    overwrite: bool = opt(
+        False, affects_result=False, help="replace a phantom made with other settings in --out"
+    )
+    figure: Path | None = opt(
+        None, affects_result=False, help="also write a PNG grid of images with their boxes here"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,7 +163,7 @@ class FindingSpec:
     rho: float
     size: float
     contrast: float
-    shape: str          # round | oval | lobulated | spiculated | cluster
+    shape: str  # round | oval | lobulated | spiculated | cluster
     birads: int
     shape_seed: int
 
@@ -134,18 +171,18 @@ class FindingSpec:
 @dataclass(frozen=True)
 class ImageSpec:
     index: int
-    image_id: str       # 32 hex digits, without ".png"
+    image_id: str  # 32 hex digits, without ".png"
     patient_id: str
     series_id: str
     split: str
     fold: int
-    view: str           # CC | MLO
-    laterality: str     # L | R
-    density: int        # 0-3 = A-D
+    view: str  # CC | MLO
+    laterality: str  # L | R
+    density: int  # 0-3 = A-D
     breast_birads: int
     findings: tuple[FindingSpec, ...]
     marker: bool
-    marker_size: float = DEFAULT_MARKER_SIZE   # mean side in reference pixels
+    marker_size: float = DEFAULT_MARKER_SIZE  # mean side in reference pixels
 
     def label(self, concept: str) -> int:
         return int(any(f.concept == concept for f in self.findings))
@@ -153,10 +190,10 @@ class ImageSpec:
 
 @dataclass
 class RenderedImage:
-    pixels_hw: np.ndarray                  # uint8 (H, W)
-    finding_boxes: list[Box]               # aligned with spec.findings
+    pixels_hw: np.ndarray  # uint8 (H, W)
+    finding_boxes: list[Box]  # aligned with spec.findings
     marker_box: Box | None
-    finding_masks: list[np.ndarray] = field(default_factory=list)   # bool (H, W), on request
+    finding_masks: list[np.ndarray] = field(default_factory=list)  # bool (H, W), on request
     marker_mask: np.ndarray | None = None
     breast_mask_hw: np.ndarray | None = None
 
@@ -168,9 +205,13 @@ class RenderedImage:
 def validate(cfg: PhantomConfig) -> None:
     """Raise DataError naming the first bad option."""
     if cfg.n_images < 2:
-        raise DataError(f"--n-images must be at least 2 (one patient: CC + MLO); got {cfg.n_images}")
+        raise DataError(
+            f"--n-images must be at least 2 (one patient: CC + MLO); got {cfg.n_images}"
+        )
     if not (64 <= cfg.height <= 8192 and 64 <= cfg.width <= 8192):
-        raise DataError(f"--height/--width must be between 64 and 8192 pixels; got {cfg.height}x{cfg.width}")
+        raise DataError(
+            f"--height/--width must be between 64 and 8192 pixels; got {cfg.height}x{cfg.width}"
+        )
     if not (isinstance(cfg.marker_size, (int, float)) and 5.0 <= cfg.marker_size <= 60.0):
         # larger tags no longer fit the background corners
         raise DataError(f"--marker-size must be in [5, 60] reference pixels, got {cfg.marker_size}")
@@ -181,10 +222,14 @@ def validate(cfg: PhantomConfig) -> None:
     if not 0.0 <= cfg.test_fraction < 1.0:
         raise DataError(f"--test-fraction must be in [0, 1); got {cfg.test_fraction}")
     if cfg.confounder_concept not in (MASS, CALC, "none"):
-        raise DataError(f"--confounder-concept must be one of {MASS}, {CALC}, none; got {cfg.confounder_concept!r}")
+        raise DataError(
+            f"--confounder-concept must be one of {MASS}, {CALC}, none; got {cfg.confounder_concept!r}"
+        )
     if cfg.test_fraction > 0 and _n_patients(cfg.n_images) < 2:
-        raise DataError(f"a training/test split needs at least 2 patients (--n-images >= 3); got "
-                        f"{cfg.n_images} images; or pass --test-fraction 0")
+        raise DataError(
+            f"a training/test split needs at least 2 patients (--n-images >= 3); got "
+            f"{cfg.n_images} images; or pass --test-fraction 0"
+        )
     if cfg.workers < 0:
         raise DataError(f"--workers must be >= 0; got {cfg.workers}")
 
@@ -213,17 +258,29 @@ def _draw_mass(rng: np.random.Generator) -> FindingSpec:
     shape = str(rng.choice(["round", "oval", "lobulated", "spiculated"]))
     theta, rho = _draw_position(rng, rho_range=(0.25, 0.72))
     return FindingSpec(
-        concept=MASS, theta=theta, rho=rho, size=float(rng.uniform(14.0, 34.0)),
-        contrast=float(rng.uniform(0.1, 0.35)), shape=shape,
-        birads=int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2])), shape_seed=int(rng.integers(2**31)))
+        concept=MASS,
+        theta=theta,
+        rho=rho,
+        size=float(rng.uniform(14.0, 34.0)),
+        contrast=float(rng.uniform(0.1, 0.35)),
+        shape=shape,
+        birads=int(rng.choice([3, 4, 5], p=[0.3, 0.5, 0.2])),
+        shape_seed=int(rng.integers(2**31)),
+    )
 
 
 def _draw_calc(rng: np.random.Generator) -> FindingSpec:
     theta, rho = _draw_position(rng, rho_range=(0.2, 0.8))
     return FindingSpec(
-        concept=CALC, theta=theta, rho=rho, size=float(rng.uniform(6.0, 13.0)),
-        contrast=float(rng.uniform(0.35, 0.55)), shape="cluster",
-        birads=int(rng.choice([3, 4, 5], p=[0.2, 0.6, 0.2])), shape_seed=int(rng.integers(2**31)))
+        concept=CALC,
+        theta=theta,
+        rho=rho,
+        size=float(rng.uniform(6.0, 13.0)),
+        contrast=float(rng.uniform(0.35, 0.55)),
+        shape="cluster",
+        birads=int(rng.choice([3, 4, 5], p=[0.2, 0.6, 0.2])),
+        shape_seed=int(rng.integers(2**31)),
+    )
 
 
 def _draw_position(rng: np.random.Generator, rho_range: tuple[float, float]) -> tuple[float, float]:
@@ -265,15 +322,28 @@ def plan(cfg: PhantomConfig) -> list[ImageSpec]:
             index = 2 * p + v
             if index >= cfg.n_images:
                 break
-            specs.append(ImageSpec(
-                index=index, image_id=_hex_id(cfg.seed, "image", index),
-                patient_id=_hex_id(cfg.seed, "patient", p), series_id=series_id,
-                split=split_of[p], fold=fold_of[p], view=view, laterality=laterality,
-                density=density, breast_birads=birads, findings=tuple(findings), marker=False))
+            specs.append(
+                ImageSpec(
+                    index=index,
+                    image_id=_hex_id(cfg.seed, "image", index),
+                    patient_id=_hex_id(cfg.seed, "patient", p),
+                    series_id=series_id,
+                    split=split_of[p],
+                    fold=fold_of[p],
+                    view=view,
+                    laterality=laterality,
+                    density=density,
+                    breast_birads=birads,
+                    findings=tuple(findings),
+                    marker=False,
+                )
+            )
     return _assign_markers(specs, cfg, rng)
 
 
-def _assign_markers(specs: list[ImageSpec], cfg: PhantomConfig, rng: np.random.Generator) -> list[ImageSpec]:
+def _assign_markers(
+    specs: list[ImageSpec], cfg: PhantomConfig, rng: np.random.Generator
+) -> list[ImageSpec]:
     """Training: marker follows the chosen concept with the configured strength. Test: exactly
     the training marker rate within every (Mass, Calcification) label cell, so independent."""
     marked: set[int] = set()
@@ -283,7 +353,9 @@ def _assign_markers(specs: list[ImageSpec], cfg: PhantomConfig, rng: np.random.G
     else:
         p_pos, p_neg = (1 + cfg.confounder_strength) / 2, (1 - cfg.confounder_strength) / 2
         marked |= _choose(rng, [s.index for s in train if s.label(cfg.confounder_concept)], p_pos)
-        marked |= _choose(rng, [s.index for s in train if not s.label(cfg.confounder_concept)], p_neg)
+        marked |= _choose(
+            rng, [s.index for s in train if not s.label(cfg.confounder_concept)], p_neg
+        )
     rate = len(marked) / len(train) if train else 0.5
     test = [s for s in specs if s.split == "test"]
     for cell in ((0, 0), (0, 1), (1, 0), (1, 1)):
@@ -291,7 +363,9 @@ def _assign_markers(specs: list[ImageSpec], cfg: PhantomConfig, rng: np.random.G
         exact = rate * len(members)
         k = int(math.floor(exact)) + int(rng.random() < exact - math.floor(exact))
         marked |= set(int(i) for i in rng.permutation(np.asarray(members, dtype=np.int64))[:k])
-    return [dataclasses.replace(s, marker=s.index in marked, marker_size=cfg.marker_size) for s in specs]
+    return [
+        dataclasses.replace(s, marker=s.index in marked, marker_size=cfg.marker_size) for s in specs
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,11 +377,11 @@ class _Geometry:
     """Breast outline in the canonical frame (chest wall at x = 0, nipple towards +x)."""
 
     cy: float
-    a: float            # extent towards the nipple
-    b_up: float         # extent upwards (y < cy)
+    a: float  # extent towards the nipple
+    b_up: float  # extent upwards (y < cy)
     b_down: float
     wobble: tuple[float, float, float, float]
-    pectoral: tuple[float, float] | None   # (width at top, height at chest wall), MLO only
+    pectoral: tuple[float, float] | None  # (width at top, height at chest wall), MLO only
 
     def radius(self, theta: np.ndarray | float) -> np.ndarray:
         theta = np.asarray(theta, dtype=np.float32)
@@ -328,23 +402,38 @@ class _Geometry:
 
 
 def _draw_geometry(rng: np.random.Generator, view: str, h: int, w: int) -> _Geometry:
-    wobble = (float(rng.uniform(0, 0.03)), float(rng.uniform(0, 2 * np.pi)),
-              float(rng.uniform(0, 0.02)), float(rng.uniform(0, 2 * np.pi)))
+    wobble = (
+        float(rng.uniform(0, 0.03)),
+        float(rng.uniform(0, 2 * np.pi)),
+        float(rng.uniform(0, 0.02)),
+        float(rng.uniform(0, 2 * np.pi)),
+    )
     if view == "CC":
         b = h * rng.uniform(0.36, 0.44)
-        return _Geometry(cy=h * rng.uniform(0.46, 0.54), a=w * rng.uniform(0.70, 0.86),
-                         b_up=b, b_down=b, wobble=wobble, pectoral=None)
-    return _Geometry(cy=h * rng.uniform(0.52, 0.60), a=w * rng.uniform(0.72, 0.86),
-                     b_up=h * rng.uniform(0.62, 0.72), b_down=h * rng.uniform(0.32, 0.38),
-                     wobble=wobble,
-                     pectoral=(w * rng.uniform(0.26, 0.40), h * rng.uniform(0.34, 0.46)))
+        return _Geometry(
+            cy=h * rng.uniform(0.46, 0.54),
+            a=w * rng.uniform(0.70, 0.86),
+            b_up=b,
+            b_down=b,
+            wobble=wobble,
+            pectoral=None,
+        )
+    return _Geometry(
+        cy=h * rng.uniform(0.52, 0.60),
+        a=w * rng.uniform(0.72, 0.86),
+        b_up=h * rng.uniform(0.62, 0.72),
+        b_down=h * rng.uniform(0.32, 0.38),
+        wobble=wobble,
+        pectoral=(w * rng.uniform(0.26, 0.40), h * rng.uniform(0.34, 0.46)),
+    )
 
 
 _FILTERS: dict[tuple[int, int, float, float], np.ndarray] = {}
 
 
-def _powerlaw_noise(rng: np.random.Generator, h: int, w: int, beta: float = 2.7,
-                    stretch: float = 1.8) -> np.ndarray:
+def _powerlaw_noise(
+    rng: np.random.Generator, h: int, w: int, beta: float = 2.7, stretch: float = 1.8
+) -> np.ndarray:
     """Zero-mean, unit-std noise with power spectrum 1/f^beta (mammographic texture).
 
     `stretch` > 1 elongates structures along x, i.e. from the chest wall towards the nipple,
@@ -367,7 +456,9 @@ def _powerlaw_noise(rng: np.random.Generator, h: int, w: int, beta: float = 2.7,
     return field_hw / (field_hw.std() + 1e-8)
 
 
-def _window(cx: float, cy: float, half: float, h: int, w: int) -> tuple[slice, slice, np.ndarray, np.ndarray]:
+def _window(
+    cx: float, cy: float, half: float, h: int, w: int
+) -> tuple[slice, slice, np.ndarray, np.ndarray]:
     """Pixel window around (cx, cy) clipped to the frame, with pixel-centre offsets dx, dy."""
     x0, x1 = max(int(math.floor(cx - half)), 0), min(int(math.ceil(cx + half)) + 1, w)
     y0, y1 = max(int(math.floor(cy - half)), 0), min(int(math.ceil(cy + half)) + 1, h)
@@ -376,7 +467,9 @@ def _window(cx: float, cy: float, half: float, h: int, w: int) -> tuple[slice, s
     return slice(y0, y1), slice(x0, x1), dx, dy
 
 
-def _mass_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+def _mass_profile(
+    f: FindingSpec, radius: float, scale: float, dx: np.ndarray, dy: np.ndarray
+) -> np.ndarray:
     """Mass intensity profile in [0, 1] on a window (before the cut and breast mask)."""
     rng = np.random.default_rng(f.shape_seed)
     angle = rng.uniform(0, np.pi)
@@ -388,7 +481,11 @@ def _mass_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, d
     rb = np.float32(radius / math.sqrt(aspect))
     if f.shape == "lobulated":
         k = int(rng.integers(3, 6))
-        rb = rb * (1 + 0.16 * np.sin(k * phi + rng.uniform(0, 6.3)) + 0.07 * np.sin((k + 2) * phi + rng.uniform(0, 6.3)))
+        rb = rb * (
+            1
+            + 0.16 * np.sin(k * phi + rng.uniform(0, 6.3))
+            + 0.07 * np.sin((k + 2) * phi + rng.uniform(0, 6.3))
+        )
     elif f.shape == "spiculated":
         rb = rb * (1 + 0.05 * np.sin(5 * phi + rng.uniform(0, 6.3)))
     core = np.clip(1 - (r / rb) ** 2, 0, 1)
@@ -406,7 +503,9 @@ def _mass_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, d
     return np.maximum(core, 0.75 * spikes.max(axis=0))
 
 
-def _calc_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, dy: np.ndarray) -> np.ndarray:
+def _calc_profile(
+    f: FindingSpec, radius: float, scale: float, dx: np.ndarray, dy: np.ndarray
+) -> np.ndarray:
     """Several tiny bright specks (>= ~2 px across at any size), kept apart, in a small disc."""
     rng = np.random.default_rng(f.shape_seed)
     n = int(rng.integers(5, 15))
@@ -421,7 +520,9 @@ def _calc_profile(f: FindingSpec, radius: float, scale: float, dx: np.ndarray, d
         r_off, a_off = radius * math.sqrt(rng.uniform()), rng.uniform(0, 2 * np.pi)
         cx, cy = r_off * math.cos(a_off), r_off * math.sin(a_off)
         i = len(centres)
-        if all(math.hypot(cx - ox, cy - oy) > speck_r[i] + speck_r[j] + 1.5 for ox, oy, j in centres):
+        if all(
+            math.hypot(cx - ox, cy - oy) > speck_r[i] + speck_r[j] + 1.5 for ox, oy, j in centres
+        ):
             centres.append((cx, cy, i))
     out = np.zeros(np.broadcast_shapes(dx.shape, dy.shape), dtype=np.float32)
     for cx, cy, i in centres:
@@ -442,11 +543,14 @@ def _bbox(mask: np.ndarray, concept: str, y_off: int = 0, x_off: int = 0) -> Box
         return None
     r0, r1 = np.flatnonzero(rows)[[0, -1]]
     c0, c1 = np.flatnonzero(cols)[[0, -1]]
-    return Box(concept, float(c0 + x_off), float(r0 + y_off), float(c1 + 1 + x_off), float(r1 + 1 + y_off))
+    return Box(
+        concept, float(c0 + x_off), float(r0 + y_off), float(c1 + 1 + x_off), float(r1 + 1 + y_off)
+    )
 
 
-def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
-                 return_masks: bool = False) -> RenderedImage:
+def render_image(
+    spec: ImageSpec, height: int, width: int, seed: int, *, return_masks: bool = False
+) -> RenderedImage:
     """Pixels and exact boxes of one image (deterministic in (seed, spec.index))."""
     h, w = height, width
     rng = _rng(seed, 2, spec.index)
@@ -460,13 +564,13 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     theta = np.arctan2(y, x)
     rb = geo.radius(theta)
     rho = r / rb
-    edge = rb - r                                           # ~ pixels inside the skin
+    edge = rb - r  # ~ pixels inside the skin
     nipple_theta = 0.0 if spec.view == "CC" else float(rng.uniform(0.05, 0.2))
     nx, ny = geo.point(nipple_theta, 1.0)
     nipple_r = float(rng.uniform(4.0, 7.0)) * scale
     nipple_edge = nipple_r - np.sqrt((x - nx) ** 2 + (y + geo.cy - ny) ** 2)
     edge = np.maximum(edge, nipple_edge)
-    breast = np.clip(edge + 0.5, 0, 1)                      # anti-aliased mask
+    breast = np.clip(edge + 0.5, 0, 1)  # anti-aliased mask
 
     # Tissue: fat with thickness fall-off to the skin, plus fibroglandular texture by density.
     thick = np.clip(edge / (0.10 * geo.a), 0, 1)
@@ -484,7 +588,9 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
         pw, ph = geo.pectoral
         q = x / pw + (y + geo.cy) / ph
         muscle = np.clip((1 - q) * min(pw, ph) / (1.5 * scale) + 0.5, 0, 1)
-        tissue = tissue * (1 - muscle) + (0.64 + 0.12 * np.clip(1 - q, 0, 1) + 0.02 * texture) * muscle
+        tissue = (
+            tissue * (1 - muscle) + (0.64 + 0.12 * np.clip(1 - q, 0, 1) + 0.02 * texture) * muscle
+        )
         breast = np.maximum(breast, muscle)
     # The nipple is the densest anatomy in every image: it sets the intensity ceiling below,
     # which leaves headroom for findings brighter than fibroglandular tissue.
@@ -495,7 +601,9 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     # Acquisition noise (signal-dependent, set by the anatomy). The final image is clipped to
     # the brightest anatomy pixel, so findings and the marker never change the image's min or
     # max: a per-image min-max normalisation carries no global cue about them.
-    noise = rng.standard_normal((h, w), dtype=np.float32) * (0.010 + 0.012 * np.sqrt(np.clip(img, 0, 1)))
+    noise = rng.standard_normal((h, w), dtype=np.float32) * (
+        0.010 + 0.012 * np.sqrt(np.clip(img, 0, 1))
+    )
     ceiling = min(float((img + noise).max()), 1.0)
 
     # Planted findings: profiles cut at PROFILE_CUT so the box covers every changed pixel.
@@ -505,7 +613,7 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
         theta_f = f.theta
         fx, fy = geo.point(theta_f, f.rho)
         if geo.in_pectoral(fx, fy, margin=0.15):
-            theta_f = abs(theta_f) + 0.2                     # below the muscle instead
+            theta_f = abs(theta_f) + 0.2  # below the muscle instead
             fx, fy = geo.point(theta_f, f.rho)
         radius = f.size * scale
         if f.concept == CALC:
@@ -531,7 +639,7 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
             full[rows, cols] = profile > 0
             finding_masks.append(full)
 
-    img = np.clip(img + noise, 0, ceiling)                  # background clips to 0 somewhere
+    img = np.clip(img + noise, 0, ceiling)  # background clips to 0 somewhere
 
     # Marker: after the noise, below the image maximum so per-image min-max is unchanged by it.
     marker_box = None
@@ -539,7 +647,7 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
     if spec.marker:
         marker_box, marker_mask = _stamp_marker(rng, img, breast, scale, ceiling, spec.marker_size)
 
-    if spec.laterality == "R":                                  # chest wall on the right
+    if spec.laterality == "R":  # chest wall on the right
         img = img[:, ::-1]
         breast = breast[:, ::-1]
         finding_boxes = [_flip_box(b, w) for b in finding_boxes]
@@ -548,14 +656,23 @@ def render_image(spec: ImageSpec, height: int, width: int, seed: int, *,
         marker_mask = marker_mask[:, ::-1] if marker_mask is not None else None
     pixels = np.ascontiguousarray(np.rint(img * 255).astype(np.uint8))
     return RenderedImage(
-        pixels_hw=pixels, finding_boxes=finding_boxes, marker_box=marker_box,
+        pixels_hw=pixels,
+        finding_boxes=finding_boxes,
+        marker_box=marker_box,
         finding_masks=finding_masks if return_masks else [],
         marker_mask=marker_mask if return_masks else None,
-        breast_mask_hw=np.ascontiguousarray(breast > 0.5) if return_masks else None)
+        breast_mask_hw=np.ascontiguousarray(breast > 0.5) if return_masks else None,
+    )
 
 
-def _stamp_marker(rng: np.random.Generator, img: np.ndarray, breast: np.ndarray,
-                  scale: float, vmax: float, marker_size: float) -> tuple[Box, np.ndarray]:
+def _stamp_marker(
+    rng: np.random.Generator,
+    img: np.ndarray,
+    breast: np.ndarray,
+    scale: float,
+    vmax: float,
+    marker_size: float,
+) -> tuple[Box, np.ndarray]:
     """A bright square tag with a dark core in a background corner away from the chest wall.
 
     Its brightness stays below `vmax`, the image's ceiling, so the image maximum (and so a
@@ -569,7 +686,11 @@ def _stamp_marker(rng: np.random.Generator, img: np.ndarray, breast: np.ndarray,
     for attempt in range(40):
         corner = corners[attempt % 2]
         x0 = int(w - side - round(rng.uniform(0.02, 0.12) * w))
-        y0 = int(round(rng.uniform(0.02, 0.08) * h)) if corner == "top" else int(h - side - round(rng.uniform(0.02, 0.08) * h))
+        y0 = (
+            int(round(rng.uniform(0.02, 0.08) * h))
+            if corner == "top"
+            else int(h - side - round(rng.uniform(0.02, 0.08) * h))
+        )
         if x0 < 0 or y0 < 0 or x0 + side > w or y0 + side > h:
             continue
         ys = slice(max(y0 - clearance, 0), min(y0 + side + clearance, h))
@@ -580,11 +701,11 @@ def _stamp_marker(rng: np.random.Generator, img: np.ndarray, breast: np.ndarray,
         raise AssertionError("no background corner free for the marker")
     tag = np.full((side, side), 0.92 * vmax, dtype=np.float32)
     core = max(1, side // 4)
-    tag[core:side - core, core:side - core] = 0.45 * vmax
+    tag[core : side - core, core : side - core] = 0.45 * vmax
     tag += rng.normal(0, 0.01, tag.shape).astype(np.float32)
-    img[y0:y0 + side, x0:x0 + side] = np.clip(tag, 0, vmax)
+    img[y0 : y0 + side, x0 : x0 + side] = np.clip(tag, 0, vmax)
     mask = np.zeros((h, w), dtype=bool)
-    mask[y0:y0 + side, x0:x0 + side] = True
+    mask[y0 : y0 + side, x0 : x0 + side] = True
     return Box("confounder", float(x0), float(y0), float(x0 + side), float(y0 + side)), mask
 
 
@@ -609,7 +730,9 @@ def _encode_png(pixels_hw: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _render_and_write(job: tuple[ImageSpec, int, int, int, str]) -> tuple[int, list[Box], Box | None]:
+def _render_and_write(
+    job: tuple[ImageSpec, int, int, int, str],
+) -> tuple[int, list[Box], Box | None]:
     spec, h, w, seed, out = job
     rendered = render_image(spec, h, w, seed)
     path = image_path(Path(out), spec)
@@ -620,18 +743,32 @@ def _render_and_write(job: tuple[ImageSpec, int, int, int, str]) -> tuple[int, l
     return spec.index, rendered.finding_boxes, rendered.marker_box
 
 
-def _csv_rows(spec: ImageSpec, h: int, w: int, boxes: list[Box], marker: Box | None) -> list[dict[str, Any]]:
+def _csv_rows(
+    spec: ImageSpec, h: int, w: int, boxes: list[Box], marker: Box | None
+) -> list[dict[str, Any]]:
     base: dict[str, Any] = {
-        "patient_id": spec.patient_id, "series_id": spec.series_id, "image_id": f"{spec.image_id}.png",
-        "laterality": spec.laterality, "view": spec.view, "height": h, "width": w,
-        "breast_birads": f"BI-RADS {spec.breast_birads}", "breast_density": DENSITY_NAMES[spec.density],
-        "split": spec.split, "fold": spec.fold, "density": spec.density,
+        "patient_id": spec.patient_id,
+        "series_id": spec.series_id,
+        "image_id": f"{spec.image_id}.png",
+        "laterality": spec.laterality,
+        "view": spec.view,
+        "height": h,
+        "width": w,
+        "breast_birads": f"BI-RADS {spec.breast_birads}",
+        "breast_density": DENSITY_NAMES[spec.density],
+        "split": spec.split,
+        "fold": spec.fold,
+        "density": spec.density,
         "confounder": int(marker is not None),
-        "confounder_xmin": marker.x0 if marker else np.nan, "confounder_ymin": marker.y0 if marker else np.nan,
-        "confounder_xmax": marker.x1 if marker else np.nan, "confounder_ymax": marker.y1 if marker else np.nan,
+        "confounder_xmin": marker.x0 if marker else np.nan,
+        "confounder_ymin": marker.y0 if marker else np.nan,
+        "confounder_xmax": marker.x1 if marker else np.nan,
+        "confounder_ymax": marker.y1 if marker else np.nan,
     }
     rows = []
-    pairs: Iterable[tuple[FindingSpec | None, Box | None]] = zip(spec.findings, boxes) if spec.findings else [(None, None)]
+    pairs: Iterable[tuple[FindingSpec | None, Box | None]] = (
+        zip(spec.findings, boxes) if spec.findings else [(None, None)]
+    )
     for finding, box in pairs:
         row = dict(base)
         concept = finding.concept if finding else "No_Finding"
@@ -640,10 +777,15 @@ def _csv_rows(spec: ImageSpec, h: int, w: int, boxes: list[Box], marker: Box | N
             row.update(finding_categories="['No Finding']", finding_birads=np.nan)
             coords = (np.nan,) * 4
         else:
-            row.update(finding_categories=f"['{CATEGORY_NAME[concept]}']", finding_birads=f"BI-RADS {finding.birads}")
+            row.update(
+                finding_categories=f"['{CATEGORY_NAME[concept]}']",
+                finding_birads=f"BI-RADS {finding.birads}",
+            )
             coords = (box.x0, box.y0, box.x1, box.y1)
         for prefix in ("", "resized_"):
-            row.update({f"{prefix}{k}": v for k, v in zip(("xmin", "ymin", "xmax", "ymax"), coords)})
+            row.update(
+                {f"{prefix}{k}": v for k, v in zip(("xmin", "ymin", "xmax", "ymax"), coords)}
+            )
         rows.append(row)
     return rows
 
@@ -658,18 +800,27 @@ def _check_out_dir(cfg: PhantomConfig, params: dict[str, Any]) -> bool:
     meta_path, csv_path = out / JSON_NAME, out / CSV_NAME
     if not meta_path.exists():
         if csv_path.exists():
-            raise DataError(f"{out} already has {CSV_NAME} but no {JSON_NAME}: not a phantom; "
-                            "choose an empty directory")
+            raise DataError(
+                f"{out} already has {CSV_NAME} but no {JSON_NAME}: not a phantom; "
+                "choose an empty directory"
+            )
         return False
     old = read_json(meta_path)
     if old.get("params") == params and old.get("version") == __version__ and csv_path.exists():
-        if old.get("n_files") and all((out / IMAGE_DIR / rel).is_file() for rel in old.get("files", [])):
+        if old.get("n_files") and all(
+            (out / IMAGE_DIR / rel).is_file() for rel in old.get("files", [])
+        ):
             return True
     if not cfg.overwrite:
-        changed = sorted(k for k in set(params) | set(old.get("params", {}))
-                         if params.get(k) != old.get("params", {}).get(k))
-        raise DataError(f"{out} holds a phantom made with other settings "
-                        f"(differs in: {', '.join(changed) or 'version or files'}); pass --overwrite or choose another --out")
+        changed = sorted(
+            k
+            for k in set(params) | set(old.get("params", {}))
+            if params.get(k) != old.get("params", {}).get(k)
+        )
+        raise DataError(
+            f"{out} holds a phantom made with other settings "
+            f"(differs in: {', '.join(changed) or 'version or files'}); pass --overwrite or choose another --out"
+        )
     return False
 
 
@@ -689,7 +840,7 @@ def generate(cfg: PhantomConfig, *, progress: bool = True) -> dict[str, Any]:
         if cfg.figure is not None:
             save_figure(out, cfg.figure)
         return {**summary, "cached": True}
-    if (out / JSON_NAME).exists():                       # ours (checked above): replace it
+    if (out / JSON_NAME).exists():  # ours (checked above): replace it
         (out / JSON_NAME).unlink()
         shutil.rmtree(out / IMAGE_DIR, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -718,14 +869,22 @@ def generate(cfg: PhantomConfig, *, progress: bool = True) -> dict[str, Any]:
     frame = pd.DataFrame(rows, columns=list(PHANTOM_COLUMNS))
     summary = _summary(specs, frame)
     meta = {
-        "schema_version": SCHEMA_VERSION, "generator": "mammo_sae.data.phantom", "version": __version__,
-        "height": h, "width": w, "seed": cfg.seed, "params": params,
+        "schema_version": SCHEMA_VERSION,
+        "generator": "mammo_sae.data.phantom",
+        "version": __version__,
+        "height": h,
+        "width": w,
+        "seed": cfg.seed,
+        "params": params,
         "planted_concepts": list(PLANTED_CONCEPTS),
         "box_convention": "pixel edges: a box [x0, x1) x [y0, y1) covers every pixel the finding changed",
-        "summary": summary, "n_files": len(specs),
+        "summary": summary,
+        "n_files": len(specs),
         "files": [f"{s.patient_id}/{s.image_id}.png" for s in specs],
     }
-    write_text_atomic(out / CSV_NAME, frame.to_csv(index=False, lineterminator="\n", float_format="%.1f"))
+    write_text_atomic(
+        out / CSV_NAME, frame.to_csv(index=False, lineterminator="\n", float_format="%.1f")
+    )
     write_json(out / JSON_NAME, meta)
     if cfg.figure is not None:
         save_figure(out, cfg.figure)
@@ -737,7 +896,8 @@ def _summary(specs: list[ImageSpec], frame: Any) -> dict[str, Any]:
     for split in ("training", "test"):
         part = [s for s in specs if s.split == split]
         summary[split] = {
-            "images": len(part), "patients": len({s.patient_id for s in part}),
+            "images": len(part),
+            "patients": len({s.patient_id for s in part}),
             "rows": int((frame["split"] == split).sum()),
             **{f"images_{c}": sum(s.label(c) for s in part) for c in PLANTED_CONCEPTS},
             "images_confounder": sum(s.marker for s in part),
@@ -761,9 +921,10 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     from .images import read_image
 
     data_dir = Path(data_dir)
-    frame = pd.read_csv(data_dir / CSV_NAME,
-                        dtype={"finding_birads": str, "patient_id": str, "image_id": str})
-    for column in ("patient_id", "image_id"):   # joined into the image paths below
+    frame = pd.read_csv(
+        data_dir / CSV_NAME, dtype={"finding_birads": str, "patient_id": str, "image_id": str}
+    )
+    for column in ("patient_id", "image_id"):  # joined into the image paths below
         check_ids(frame[column], column, data_dir / CSV_NAME)
     by_image = frame.groupby("image_id", sort=False)
     wanted = [  # one of each kind first, then fill
@@ -792,7 +953,7 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     n_cols = min(4, len(chosen))
     n_rows = -(-len(chosen) // n_cols)
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(2.6 * n_cols, 4.3 * n_rows), squeeze=False)
-    for ax in axes.flat[len(chosen):]:
+    for ax in axes.flat[len(chosen) :]:
         ax.axis("off")
     for ax, image_id in zip(axes.flat, chosen):
         g = by_image.get_group(image_id)
@@ -802,15 +963,35 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
         for _, row in g.iterrows():
             for concept in ("Mass", "Suspicious_Calcification"):
                 if row[concept] == 1:
-                    _draw_box(ax, Rectangle, row["resized_xmin"], row["resized_ymin"],
-                              row["resized_xmax"], row["resized_ymax"], colours[concept])
+                    _draw_box(
+                        ax,
+                        Rectangle,
+                        row["resized_xmin"],
+                        row["resized_ymin"],
+                        row["resized_xmax"],
+                        row["resized_ymax"],
+                        colours[concept],
+                    )
         if first["confounder"] == 1:
-            _draw_box(ax, Rectangle, first["confounder_xmin"], first["confounder_ymin"],
-                      first["confounder_xmax"], first["confounder_ymax"], colours["confounder"])
-        ax.set_title(f"{first['laterality']}-{first['view']} {first['breast_density'][-1]} "
-                     f"{'train' if first['split'] == 'training' else 'test'}", fontsize=8)
+            _draw_box(
+                ax,
+                Rectangle,
+                first["confounder_xmin"],
+                first["confounder_ymin"],
+                first["confounder_xmax"],
+                first["confounder_ymax"],
+                colours["confounder"],
+            )
+        ax.set_title(
+            f"{first['laterality']}-{first['view']} {first['breast_density'][-1]} "
+            f"{'train' if first['split'] == 'training' else 'test'}",
+            fontsize=8,
+        )
         ax.axis("off")
-    fig.suptitle("phantom: Mass (red), Suspicious Calcification (yellow), marker = confounder (cyan)", fontsize=10)
+    fig.suptitle(
+        "phantom: Mass (red), Suspicious Calcification (yellow), marker = confounder (cyan)",
+        fontsize=10,
+    )
     fig.tight_layout()
     path = Path(path)
     with atomic_path(path) as tmp:
@@ -819,5 +1000,11 @@ def save_figure(data_dir: Path, path: Path, n: int = 8) -> Path:
     return path
 
 
-def _draw_box(ax: Any, rect_cls: Any, x0: float, y0: float, x1: float, y1: float, colour: str) -> None:
-    ax.add_patch(rect_cls((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=0.9))
+def _draw_box(
+    ax: Any, rect_cls: Any, x0: float, y0: float, x1: float, y1: float, colour: str
+) -> None:
+    ax.add_patch(
+        rect_cls(
+            (x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor=colour, linewidth=0.9
+        )
+    )

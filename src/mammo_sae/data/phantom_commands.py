@@ -19,7 +19,12 @@ def run_phantom(cfg: PhantomConfig, progress: bool = True) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(sub, "phantom", PhantomConfig, run_phantom,
-                "make the synthetic phantom dataset (VinDr folds-CSV layout, planted findings and confounder)")
+    add_command(
+        sub,
+        "phantom",
+        PhantomConfig,
+        run_phantom,
+        "make the synthetic phantom dataset (VinDr folds-CSV layout, planted findings and confounder)",
+    )

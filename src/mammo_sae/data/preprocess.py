@@ -21,10 +21,11 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -35,22 +36,58 @@ from ..errors import DataError
 from ..io import write_bytes_atomic, write_json, write_text_atomic
 from .images import find_dicom_file, read_dicom
 from .records import FINDING_CONCEPTS, check_ids
-from .vindr import (FOLDS_CSV, IMAGES_DIR, OFFICIAL_REQUIRED, _density_letters, _read_csv,
-                    _require_columns, parse_categories)
+from .vindr import (
+    FOLDS_CSV,
+    IMAGES_DIR,
+    OFFICIAL_REQUIRED,
+    _density_letters,
+    _read_csv,
+    _require_columns,
+    parse_categories,
+)
 
 log = logging.getLogger(__name__)
 
-BORDER = 5                  # pixels cropped from every side before anything else
-BACKGROUND_CUTOFF = 40      # uint8 level at or below which a pixel counts as background
+BORDER = 5  # pixels cropped from every side before anything else
+BACKGROUND_CUTOFF = 40  # uint8 level at or below which a pixel counts as background
 STATE_DIR = ".preprocess"
 SCHEMA_VERSION = 1
 FOLDS_COLUMNS = (
-    "patient_id", "series_id", "image_id", "laterality", "view", "height", "width", "breast_birads",
-    "breast_density", "finding_categories", "finding_birads", "xmin", "ymin", "xmax", "ymax", "split",
-    "resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax", "fold", *FINDING_CONCEPTS, "density",
+    "patient_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+    "resized_xmin",
+    "resized_ymin",
+    "resized_xmax",
+    "resized_ymax",
+    "fold",
+    *FINDING_CONCEPTS,
+    "density",
 )
-BREAST_REQUIRED = ("study_id", "image_id", "laterality", "view_position", "height", "width",
-                   "breast_birads", "breast_density", "split")
+BREAST_REQUIRED = (
+    "study_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "split",
+)
 
 
 @dataclass(frozen=True)
@@ -69,7 +106,9 @@ class CropGeometry:
     out_h: int
     out_w: int
 
-    def map_box(self, xmin: float, ymin: float, xmax: float, ymax: float) -> tuple[float, float, float, float]:
+    def map_box(
+        self, xmin: float, ymin: float, xmax: float, ymax: float
+    ) -> tuple[float, float, float, float]:
         """Original-pixel box -> PNG-frame box (correct clamps on both axes, no frame clipping)."""
         sx, sy = self.out_w / self.crop_w, self.out_h / self.crop_h
 
@@ -83,6 +122,7 @@ class CropGeometry:
 
 
 # ---------------------------------------------------------------------------- image steps
+
 
 def _longest_run(marked: np.ndarray) -> tuple[int, int]:
     """[start, stop) of the longest run of True (the first one when tied)."""
@@ -105,21 +145,22 @@ def breast_window(u8_hw: np.ndarray) -> tuple[int, int, int, int]:
     """
     x = np.where(u8_hw > BACKGROUND_CUTOFF, u8_hw, 0).astype(np.float32)
     h = x.shape[0]
-    band = x[h // 2 - int(0.4 * h): h // 2 + int(0.4 * h)]
+    band = x[h // 2 - int(0.4 * h) : h // 2 + int(0.4 * h)]
     c0, c1 = _longest_run(band.std(axis=0) > 0)
     if c1 <= c0:
         raise DataError("no breast found: the image is blank after the background cut-off")
     cols = x[:, c0:c1]
     w = cols.shape[1]
-    cols = cols[:, w // 2 - int(0.4 * w): w // 2 + int(0.4 * w)] if int(0.4 * w) > 0 else cols
+    cols = cols[:, w // 2 - int(0.4 * w) : w // 2 + int(0.4 * w)] if int(0.4 * w) > 0 else cols
     r0, r1 = _longest_run(cols.std(axis=1) > 0)
     if r1 <= r0:
         raise DataError("no breast found: no rows vary inside the breast columns")
     return r0, r1, c0, c1
 
 
-def mammo_clip_u8(raw: np.ndarray, photometric: str, where: str | os.PathLike[str], *,
-                  crop: bool = True) -> tuple[np.ndarray, int, int]:
+def mammo_clip_u8(
+    raw: np.ndarray, photometric: str, where: str | os.PathLike[str], *, crop: bool = True
+) -> tuple[np.ndarray, int, int]:
     """Steps 2-5 on stored pixels: (uint8 image, r0, c0) with (r0, c0) the top-left corner of
     the kept window in the border-cropped frame. `crop=False` keeps the whole border-cropped
     frame (no breast crop)."""
@@ -133,7 +174,7 @@ def mammo_clip_u8(raw: np.ndarray, photometric: str, where: str | os.PathLike[st
     peak = x.max()
     if peak <= 0:
         raise DataError(f"{where}: constant image, nothing to preprocess")
-    u8 = (x / peak * 255).astype(np.uint8)       # truncation, as the reference
+    u8 = (x / peak * 255).astype(np.uint8)  # truncation, as the reference
     if not crop:
         return u8, 0, 0
     try:
@@ -143,8 +184,9 @@ def mammo_clip_u8(raw: np.ndarray, photometric: str, where: str | os.PathLike[st
     return u8[r0:r1, c0:c1], r0, c0
 
 
-def dicom_to_png(dicom_path: Path, png_path: Path, image_id: str, out_hw: tuple[int, int], *,
-                 crop: bool = True) -> CropGeometry:
+def dicom_to_png(
+    dicom_path: Path, png_path: Path, image_id: str, out_hw: tuple[int, int], *, crop: bool = True
+) -> CropGeometry:
     """Steps 1-7 for one image; writes the PNG atomically and returns its crop geometry."""
     raw, photometric = read_dicom(dicom_path, invert_monochrome1=False)
     height, width = raw.shape
@@ -155,11 +197,23 @@ def dicom_to_png(dicom_path: Path, png_path: Path, image_id: str, out_hw: tuple[
     if not ok:
         raise DataError(f"could not encode PNG for {dicom_path}")
     write_bytes_atomic(png_path, buf.tobytes())
-    return CropGeometry(image_id, int(height), int(width), photometric, r0, c0, u8.shape[0],
-                        u8.shape[1], out_h, out_w)
+    return CropGeometry(
+        image_id,
+        int(height),
+        int(width),
+        photometric,
+        r0,
+        c0,
+        u8.shape[0],
+        u8.shape[1],
+        out_h,
+        out_w,
+    )
 
 
-def _process_one(job: tuple[str, str, str, str, tuple[int, int]]) -> tuple[str, dict | None, str | None]:
+def _process_one(
+    job: tuple[str, str, str, str, tuple[int, int]],
+) -> tuple[str, dict | None, str | None]:
     """Worker: (image_id, dicom, png, state) -> (image_id, geometry dict, error)."""
     image_id, dicom, png, state, out_hw = job
     try:
@@ -171,6 +225,7 @@ def _process_one(job: tuple[str, str, str, str, tuple[int, int]]) -> tuple[str, 
 
 
 # ---------------------------------------------------------------------------- dataset
+
 
 def find_dicom(dicom_root: Path, study_id: str, image_id: str) -> Path | None:
     """The image's DICOM under `dicom_root` (PhysioNet `images/` level or one level inside):
@@ -230,7 +285,9 @@ def preprocess_vindr(
         if not breast_csv.is_file():
             raise DataError(f"breast-level CSV not found: {breast_csv}")
         breast = _read_csv(breast_csv)
-        _require_columns(breast, BREAST_REQUIRED, breast_csv, "official breast-level_annotations.csv")
+        _require_columns(
+            breast, BREAST_REQUIRED, breast_csv, "official breast-level_annotations.csv"
+        )
         _check_id_columns(breast, breast_csv)
         images = breast.drop_duplicates("image_id")
         findings = _add_no_finding_rows(findings, images)
@@ -258,20 +315,42 @@ def preprocess_vindr(
             continue
         jobs.append((image_id, str(dicom), str(png), str(state), tuple(out_hw)))
     if missing and on_missing == "error":
-        shown = "\n  ".join(missing[:10]) + (f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise DataError(f"{len(missing)} DICOM file(s) missing under {dicom_root} "
-                        f"(--on-missing skip drops them):\n  {shown}")
+        shown = "\n  ".join(missing[:10]) + (
+            f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        raise DataError(
+            f"{len(missing)} DICOM file(s) missing under {dicom_root} "
+            f"(--on-missing skip drops them):\n  {shown}"
+        )
 
-    geometry.update(convert_all(jobs, workers, _process_one, desc="preprocess",
-                                verb="preprocessed", progress=progress))
+    geometry.update(
+        convert_all(
+            jobs, workers, _process_one, desc="preprocess", verb="preprocessed", progress=progress
+        )
+    )
 
     table = _folds_rows(findings, geometry, findings_csv)
     csv_path = out_dir / FOLDS_CSV
     write_text_atomic(csv_path, table.to_csv(index=False))
-    result = PreprocessResult(out_dir, csv_path, len(images), len(jobs), skipped,
-                              [Path(m).stem for m in missing], int(table["resized_xmin"].ne("").sum()))
-    write_json(out_dir / "preprocess.json", {"schema_version": SCHEMA_VERSION, **result.as_dict(),
-                                             "height": out_hw[0], "width": out_hw[1], "border": BORDER})
+    result = PreprocessResult(
+        out_dir,
+        csv_path,
+        len(images),
+        len(jobs),
+        skipped,
+        [Path(m).stem for m in missing],
+        int(table["resized_xmin"].ne("").sum()),
+    )
+    write_json(
+        out_dir / "preprocess.json",
+        {
+            "schema_version": SCHEMA_VERSION,
+            **result.as_dict(),
+            "height": out_hw[0],
+            "width": out_hw[1],
+            "border": BORDER,
+        },
+    )
     return result
 
 
@@ -291,13 +370,22 @@ def _check_values(findings: pd.DataFrame, path: Path) -> None:
     if bad.any():
         i, j = (int(v[0]) for v in np.nonzero(bad))
         column = text.columns[j]
-        raise DataError(f"{path}: row {i} has {column} = {text.iat[i, j]!r}, not a number "
-                        "(box coordinates are numbers or empty); nothing was written")
+        raise DataError(
+            f"{path}: row {i} has {column} = {text.iat[i, j]!r}, not a number "
+            "(box coordinates are numbers or empty); nothing was written"
+        )
     _density_letters(findings, path)
 
 
-def convert_all(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]],
-                *, desc: str, verb: str, progress: bool) -> dict[str, dict]:
+def convert_all(
+    jobs: list,
+    workers: int,
+    fn: Callable[[Any], tuple[str, dict | None, str | None]],
+    *,
+    desc: str,
+    verb: str,
+    progress: bool,
+) -> dict[str, dict]:
     """Run the image conversions `fn(job) -> (image_id, geometry, error)` with a progress bar;
     {image_id: geometry}. Any failure stops with every message, after the others finished (their
     PNGs are kept, so a rerun resumes)."""
@@ -312,13 +400,16 @@ def convert_all(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | 
             geometry[image_id] = geom  # type: ignore[assignment]
     bar.close()
     if failures:
-        raise DataError(f"{len(failures)} image(s) could not be {verb} (finished ones are kept; "
-                        "a rerun resumes):\n  " + "\n  ".join(failures[:10]))
+        raise DataError(
+            f"{len(failures)} image(s) could not be {verb} (finished ones are kept; "
+            "a rerun resumes):\n  " + "\n  ".join(failures[:10])
+        )
     return geometry
 
 
-def _run_jobs(jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]
-              ) -> Iterable[tuple[str, dict | None, str | None]]:
+def _run_jobs(
+    jobs: list, workers: int, fn: Callable[[Any], tuple[str, dict | None, str | None]]
+) -> Iterable[tuple[str, dict | None, str | None]]:
     """`fn` over the jobs, in this process or in `workers` processes (`fn` must be picklable)."""
     if workers <= 1 or len(jobs) <= 1:
         yield from map(fn, jobs)
@@ -338,8 +429,9 @@ def _add_no_finding_rows(findings: pd.DataFrame, images: pd.DataFrame) -> pd.Dat
     extra["finding_categories"] = "['No Finding']"
     for col in ("finding_birads", "xmin", "ymin", "xmax", "ymax"):
         extra[col] = ""
-    return pd.concat([findings, extra[[c for c in findings.columns if c in extra.columns]]],
-                     ignore_index=True).fillna("")
+    return pd.concat(
+        [findings, extra[[c for c in findings.columns if c in extra.columns]]], ignore_index=True
+    ).fillna("")
 
 
 def _fmt(v: float) -> str:
@@ -349,18 +441,30 @@ def _fmt(v: float) -> str:
 def _folds_rows(findings: pd.DataFrame, geometry: dict[str, dict], source: Path) -> pd.DataFrame:
     """Folds-style rows for every finding row whose image was converted."""
     rows = findings[findings["image_id"].isin(set(geometry))].reset_index(drop=True)
-    out = pd.DataFrame({
-        "patient_id": rows["study_id"], "series_id": rows.get("series_id", ""),
-        "image_id": rows["image_id"] + ".png", "laterality": rows["laterality"],
-        "view": rows["view_position"], "height": rows["height"], "width": rows["width"],
-        "breast_birads": rows["breast_birads"], "breast_density": rows["breast_density"],
-        "finding_categories": rows["finding_categories"], "finding_birads": rows.get("finding_birads", ""),
-        "xmin": rows["xmin"], "ymin": rows["ymin"], "xmax": rows["xmax"], "ymax": rows["ymax"],
-        "split": rows["split"],
-    })
+    out = pd.DataFrame(
+        {
+            "patient_id": rows["study_id"],
+            "series_id": rows.get("series_id", ""),
+            "image_id": rows["image_id"] + ".png",
+            "laterality": rows["laterality"],
+            "view": rows["view_position"],
+            "height": rows["height"],
+            "width": rows["width"],
+            "breast_birads": rows["breast_birads"],
+            "breast_density": rows["breast_density"],
+            "finding_categories": rows["finding_categories"],
+            "finding_birads": rows.get("finding_birads", ""),
+            "xmin": rows["xmin"],
+            "ymin": rows["ymin"],
+            "xmax": rows["xmax"],
+            "ymax": rows["ymax"],
+            "split": rows["split"],
+        }
+    )
     resized = np.full((len(rows), 4), "", dtype=object)
-    for i, (image_id, *xyxy) in enumerate(zip(rows["image_id"], rows["xmin"], rows["ymin"],
-                                              rows["xmax"], rows["ymax"])):
+    for i, (image_id, *xyxy) in enumerate(
+        zip(rows["image_id"], rows["xmin"], rows["ymin"], rows["xmax"], rows["ymax"])
+    ):
         if all(v.strip() for v in xyxy):
             geom = CropGeometry(**geometry[image_id])
             resized[i] = [_fmt(v) for v in geom.map_box(*(float(v) for v in xyxy))]

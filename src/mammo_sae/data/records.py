@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import dataclasses
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Literal
 
 from ..errors import DataError
 
 # The 11 finding columns of the Mammo-CLIP folds CSV, in file order.
 FINDING_CONCEPTS: tuple[str, ...] = (
-    "Architectural_Distortion", "Asymmetry", "Focal_Asymmetry", "Global_Asymmetry", "Mass",
-    "Nipple_Retraction", "No_Finding", "Skin_Retraction", "Skin_Thickening",
-    "Suspicious_Calcification", "Suspicious_Lymph_Node",
+    "Architectural_Distortion",
+    "Asymmetry",
+    "Focal_Asymmetry",
+    "Global_Asymmetry",
+    "Mass",
+    "Nipple_Retraction",
+    "No_Finding",
+    "Skin_Retraction",
+    "Skin_Thickening",
+    "Suspicious_Calcification",
+    "Suspicious_Lymph_Node",
 )
 # Multi-class targets available as labels too.
 MULTICLASS_CONCEPTS: dict[str, int] = {"density": 4, "birads": 5}
@@ -58,7 +67,7 @@ def id_problem(value: object) -> str | None:
 def check_ids(values: Iterable[object], column: str, source: object) -> None:
     """Raise DataError naming the column and (0-based) row of the first id in `values` that
     `id_problem` refuses; every row is checked, so nothing is written before bad input shows."""
-    problems: dict[object, str | None] = {}   # ids repeat (one per CSV row): check each once
+    problems: dict[object, str | None] = {}  # ids repeat (one per CSV row): check each once
     first: tuple[int, object, str] | None = None
     n_bad = 0
     for i, value in enumerate(values):
@@ -70,9 +79,11 @@ def check_ids(values: Iterable[object], column: str, source: object) -> None:
             first = first or (i, value, problem)
     if first is not None:
         i, value, problem = first
-        raise DataError(f"{source}: column {column!r} row {i} has {value!r}, which cannot be an "
-                        f"id: {problem}; ids are names of files inside the data folder, not paths "
-                        f"({n_bad} bad row(s))")
+        raise DataError(
+            f"{source}: column {column!r} row {i} has {value!r}, which cannot be an "
+            f"id: {problem}; ids are names of files inside the data folder, not paths "
+            f"({n_bad} bad row(s))"
+        )
 
 
 @dataclass(frozen=True)
@@ -101,18 +112,18 @@ class ImageRecord:
     scored against all of them at either level.
     """
 
-    image_id: str                      # without a file suffix
+    image_id: str  # without a file suffix
     patient_id: str
-    split: str                         # "training" | "test" (and "validation" when carved)
-    path: Path | None                  # PNG or DICOM file; None for in-memory data
-    labels: dict[str, int]             # concept -> label (binary 0/1; density 0-3; birads 1-5)
+    split: str  # "training" | "test" (and "validation" when carved)
+    path: Path | None  # PNG or DICOM file; None for in-memory data
+    labels: dict[str, int]  # concept -> label (binary 0/1; density 0-3; birads 1-5)
     boxes: tuple[Box, ...] = ()
-    view: str = ""                     # CC | MLO
-    laterality: str = ""               # L | R
+    view: str = ""  # CC | MLO
+    laterality: str = ""  # L | R
     frame_hw: tuple[int, int] = (1520, 912)
     series_id: str = ""
     fold: int | None = None
-    row_index: int | None = None       # CSV row at row level, None at image level
+    row_index: int | None = None  # CSV row at row level, None at image level
     extra: dict[str, float] = field(default_factory=dict)
 
     def label(self, concept: str) -> int:
@@ -121,5 +132,5 @@ class ImageRecord:
     def boxes_of(self, concept: str) -> tuple[Box, ...]:
         return tuple(b for b in self.boxes if b.concept == concept)
 
-    def with_split(self, split: str) -> "ImageRecord":
+    def with_split(self, split: str) -> ImageRecord:
         return dataclasses.replace(self, split=split)

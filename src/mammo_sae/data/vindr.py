@@ -26,9 +26,10 @@ import logging
 import os
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -41,23 +42,42 @@ log = logging.getLogger(__name__)
 FOLDS_CSV = "vindr_detection_v1_folds.csv"
 OFFICIAL_FINDINGS_CSV = "finding_annotations.csv"
 OFFICIAL_BREAST_CSV = "breast-level_annotations.csv"
-IMAGES_DIR = "images_png"            # folds / phantom layout
-OFFICIAL_IMAGES_DIR = "images"       # PhysioNet layout: images/<study_id>/<image_id>.dicom
-PHANTOM_META = "phantom.json"          # written by the phantom generator: {"height", "width", ...}
-PREPROCESS_META = "preprocess.json"    # written by `mammo-sae preprocess`: {"height", "width", ...}
-INGEST_META = "ingest.json"            # written by `mammo-sae ingest`: {"height", "width", ...}
-UNKNOWN_LABEL = -1                     # density / BI-RADS of an empty cell (`ingest` leaves them empty)
+IMAGES_DIR = "images_png"  # folds / phantom layout
+OFFICIAL_IMAGES_DIR = "images"  # PhysioNet layout: images/<study_id>/<image_id>.dicom
+PHANTOM_META = "phantom.json"  # written by the phantom generator: {"height", "width", ...}
+PREPROCESS_META = "preprocess.json"  # written by `mammo-sae preprocess`: {"height", "width", ...}
+INGEST_META = "ingest.json"  # written by `mammo-sae ingest`: {"height", "width", ...}
+UNKNOWN_LABEL = -1  # density / BI-RADS of an empty cell (`ingest` leaves them empty)
 DEFAULT_FRAME_HW: tuple[int, int] = (1520, 912)
 SUMMARY_SCHEMA_VERSION = 1
 
 BOX_COLUMNS = ("resized_xmin", "resized_ymin", "resized_xmax", "resized_ymax")
 ORIGINAL_BOX_COLUMNS = ("xmin", "ymin", "xmax", "ymax")
 CONFOUNDER_BOX_COLUMNS = tuple(f"{CONFOUNDER}_{k}" for k in ("xmin", "ymin", "xmax", "ymax"))
-FOLDS_REQUIRED = ("patient_id", "image_id", "laterality", "view", "breast_birads", "split",
-                  *BOX_COLUMNS, *FINDING_CONCEPTS, "density")
-OFFICIAL_REQUIRED = ("study_id", "image_id", "laterality", "view_position", "height", "width",
-                     "breast_birads", "breast_density", "finding_categories",
-                     *ORIGINAL_BOX_COLUMNS, "split")
+FOLDS_REQUIRED = (
+    "patient_id",
+    "image_id",
+    "laterality",
+    "view",
+    "breast_birads",
+    "split",
+    *BOX_COLUMNS,
+    *FINDING_CONCEPTS,
+    "density",
+)
+OFFICIAL_REQUIRED = (
+    "study_id",
+    "image_id",
+    "laterality",
+    "view_position",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    *ORIGINAL_BOX_COLUMNS,
+    "split",
+)
 
 OnMissing = Literal["error", "skip", "ignore"]
 
@@ -66,14 +86,14 @@ OnMissing = Literal["error", "skip", "ignore"]
 class BoxStats:
     """What happened to the CSV's boxes on the way into records (counted per row and concept)."""
 
-    box_rows: int = 0              # CSV rows carrying a complete box
-    concept_boxes: int = 0         # (row, concept) boxes before clipping/dedup
-    clipped: int = 0               # boxes that left the frame and were clipped to it
-    dropped_degenerate: int = 0    # empty after clipping (or inverted in the CSV)
-    dropped_unlabelled: int = 0    # box rows without any positive finding column
-    incomplete: int = 0            # rows with some but not all box coordinates
-    duplicates: int = 0            # same concept and coordinates as another row of the image
-    kept: int = 0                  # boxes in the records (unique per image)
+    box_rows: int = 0  # CSV rows carrying a complete box
+    concept_boxes: int = 0  # (row, concept) boxes before clipping/dedup
+    clipped: int = 0  # boxes that left the frame and were clipped to it
+    dropped_degenerate: int = 0  # empty after clipping (or inverted in the CSV)
+    dropped_unlabelled: int = 0  # box rows without any positive finding column
+    incomplete: int = 0  # rows with some but not all box coordinates
+    duplicates: int = 0  # same concept and coordinates as another row of the image
+    kept: int = 0  # boxes in the records (unique per image)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -83,7 +103,7 @@ class BoxStats:
 class LoadResult:
     records: list[ImageRecord]
     box_stats: BoxStats
-    missing_images: list[Path] = field(default_factory=list)   # skipped with on_missing="skip"
+    missing_images: list[Path] = field(default_factory=list)  # skipped with on_missing="skip"
     csv_path: Path | None = None
     csv_format: str = ""
 
@@ -93,22 +113,23 @@ class _Table:
     """The CSV parsed into numpy columns, one entry per CSV row; format-independent."""
 
     csv_path: Path
-    csv_format: str                        # "folds" | "official"
-    image_id: np.ndarray                   # str, without suffix
+    csv_format: str  # "folds" | "official"
+    image_id: np.ndarray  # str, without suffix
     patient_id: np.ndarray
     series_id: np.ndarray
     split: np.ndarray
     laterality: np.ndarray
     view: np.ndarray
-    fold: np.ndarray                       # int, -1 if unknown
-    labels: dict[str, np.ndarray]          # concept -> int array (binary, density, birads)
-    box_xyxy: np.ndarray                   # (n, 4) float, NaN where the row has no box
-    frame_hw: np.ndarray                   # (n, 2) int
-    paths: np.ndarray                      # str
+    fold: np.ndarray  # int, -1 if unknown
+    labels: dict[str, np.ndarray]  # concept -> int array (binary, density, birads)
+    box_xyxy: np.ndarray  # (n, 4) float, NaN where the row has no box
+    frame_hw: np.ndarray  # (n, 2) int
+    paths: np.ndarray  # str
     confounder_xyxy: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------- public API
+
 
 def load_records(
     source: str | os.PathLike[str],
@@ -127,8 +148,9 @@ def load_records(
     frame_hw: model-input frame of the folds-style boxes; default `phantom.json`'s size when the
     data directory has one (or `preprocess.json`'s), else 1520x912.
     """
-    return load_records_with_stats(source, level=level, splits=splits, on_missing=on_missing,
-                                   frame_hw=frame_hw).records
+    return load_records_with_stats(
+        source, level=level, splits=splits, on_missing=on_missing, frame_hw=frame_hw
+    ).records
 
 
 def load_records_with_stats(
@@ -143,7 +165,9 @@ def load_records_with_stats(
     if level not in ("image", "row"):
         raise DataError(choices_message("level", level, ["image", "row"]))
     if on_missing not in ("error", "skip", "ignore"):
-        raise DataError(choices_message("on_missing value", on_missing, ["error", "skip", "ignore"]))
+        raise DataError(
+            choices_message("on_missing value", on_missing, ["error", "skip", "ignore"])
+        )
     table = _read_table(resolve_csv(source), frame_hw)
     keep = _split_mask(table, splits)
     records, stats = _build_records(table, keep, level)
@@ -151,18 +175,26 @@ def load_records_with_stats(
     if on_missing != "ignore":
         records, missing = _check_files(records, on_missing)
     if not records:
-        raise DataError(f"no records left in {table.csv_path} after filtering "
-                        f"(splits={list(splits) if splits else 'all'}, "
-                        f"{len(missing)} missing image file(s) skipped)")
+        raise DataError(
+            f"no records left in {table.csv_path} after filtering "
+            f"(splits={list(splits) if splits else 'all'}, "
+            f"{len(missing)} missing image file(s) skipped)"
+        )
     if stats.clipped or stats.dropped_degenerate or stats.incomplete:
         log.info("boxes of %s: %s", table.csv_path, stats.as_dict())
     return LoadResult(records, stats, missing, table.csv_path, table.csv_format)
 
 
-def box_stats(source: str | os.PathLike[str], *, splits: Sequence[str] | None = None,
-              frame_hw: tuple[int, int] | None = None) -> BoxStats:
+def box_stats(
+    source: str | os.PathLike[str],
+    *,
+    splits: Sequence[str] | None = None,
+    frame_hw: tuple[int, int] | None = None,
+) -> BoxStats:
     """How many boxes of `source` were clipped to the frame, dropped, deduplicated, kept."""
-    return load_records_with_stats(source, splits=splits, on_missing="ignore", frame_hw=frame_hw).box_stats
+    return load_records_with_stats(
+        source, splits=splits, on_missing="ignore", frame_hw=frame_hw
+    ).box_stats
 
 
 def resolve_csv(source: str | os.PathLike[str]) -> Path:
@@ -172,9 +204,11 @@ def resolve_csv(source: str | os.PathLike[str]) -> Path:
         for name in (FOLDS_CSV, OFFICIAL_FINDINGS_CSV):
             if (path / name).is_file():
                 return path / name
-        raise DataError(f"{path} has neither {FOLDS_CSV} nor {OFFICIAL_FINDINGS_CSV}; pass a data "
-                        "directory in the Mammo-CLIP layout (or made by `mammo-sae phantom` / "
-                        "`mammo-sae preprocess`) or a CSV file")
+        raise DataError(
+            f"{path} has neither {FOLDS_CSV} nor {OFFICIAL_FINDINGS_CSV}; pass a data "
+            "directory in the Mammo-CLIP layout (or made by `mammo-sae phantom` / "
+            "`mammo-sae preprocess`) or a CSV file"
+        )
     if not path.is_file():
         raise DataError(f"dataset not found: {path}")
     return path
@@ -212,6 +246,7 @@ def filter_splits(records: Sequence[ImageRecord], splits: Sequence[str]) -> list
 
 # ---------------------------------------------------------------------------- summary
 
+
 def summarize_dataset(
     records_or_source: Sequence[ImageRecord] | str | os.PathLike[str],
     *,
@@ -245,8 +280,12 @@ def summarize_dataset(
         raise DataError("nothing to summarise: no records")
     is_row_level = row_records[0].row_index is not None
     split_names = sorted({r.split for r in row_records})
-    out: dict[str, Any] = {"schema_version": SUMMARY_SCHEMA_VERSION, "source": source_name,
-                           "csv_format": csv_format, "splits": {}}
+    out: dict[str, Any] = {
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "source": source_name,
+        "csv_format": csv_format,
+        "splits": {},
+    }
     for name in [*split_names, "all"]:
         subset = row_records if name == "all" else [r for r in row_records if r.split == name]
         out["splits"][name] = _summarize_subset(subset, is_row_level)
@@ -266,7 +305,7 @@ def _summarize_subset(records: list[ImageRecord], is_row_level: bool) -> dict[st
     first[codes[::-1]] = np.arange(len(codes))[::-1]
     # Every image has a row, so the start value never survives; not 0: an unknown (-1) stays -1.
     labels_ik = np.full((len(unique_ids), len(keys)), UNKNOWN_LABEL, dtype=np.int64)
-    np.maximum.at(labels_ik, codes, labels_rk)      # image label = any row positive
+    np.maximum.at(labels_ik, codes, labels_rk)  # image label = any row positive
     images = [records[i] for i in first]
 
     def positives(matrix: np.ndarray) -> dict[str, int]:
@@ -279,21 +318,31 @@ def _summarize_subset(records: list[ImageRecord], is_row_level: bool) -> dict[st
     row = labels_rk if is_row_level else None
     boxes = Counter(b.concept for img in images for b in img.boxes)
     return {
-        "rows": len(records) if is_row_level else int(sum(r.extra.get("n_rows", 1) for r in records)),
+        "rows": len(records)
+        if is_row_level
+        else int(sum(r.extra.get("n_rows", 1) for r in records)),
         "images": len(images),
         "patients": len({r.patient_id for r in images}),
         "series": len({r.series_id for r in images if r.series_id}),
-        "positives": {"row": positives(row) if row is not None else None, "image": positives(labels_ik)},
-        "density": {"row": distribution(row, "density") if row is not None else None,
-                    "image": distribution(labels_ik, "density")},
-        "birads": {"row": distribution(row, "birads") if row is not None else None,
-                   "image": distribution(labels_ik, "birads")},
+        "positives": {
+            "row": positives(row) if row is not None else None,
+            "image": positives(labels_ik),
+        },
+        "density": {
+            "row": distribution(row, "density") if row is not None else None,
+            "image": distribution(labels_ik, "density"),
+        },
+        "birads": {
+            "row": distribution(row, "birads") if row is not None else None,
+            "image": distribution(labels_ik, "birads"),
+        },
         "boxes": {c: boxes[c] for c in sorted(boxes)},
         "images_with_boxes": sum(1 for img in images if img.boxes),
     }
 
 
 # ---------------------------------------------------------------------------- parsing
+
 
 def _read_csv(path: Path) -> pd.DataFrame:
     try:
@@ -311,10 +360,14 @@ def _require_columns(df: pd.DataFrame, required: Iterable[str], path: Path, kind
     lowered = {c.lower().replace(" ", "_"): c for c in present}
     parts = []
     for name in missing:
-        guess = lowered.get(name.lower()) or next(iter(difflib.get_close_matches(name, present, n=1, cutoff=0.75)), None)
+        guess = lowered.get(name.lower()) or next(
+            iter(difflib.get_close_matches(name, present, n=1, cutoff=0.75)), None
+        )
         parts.append(f"{name!r} (found {guess!r}: renamed?)" if guess else repr(name))
-    raise DataError(f"{path} is not a valid {kind}: missing column(s) {', '.join(parts)}; "
-                    f"found columns: {', '.join(present)}")
+    raise DataError(
+        f"{path} is not a valid {kind}: missing column(s) {', '.join(parts)}; "
+        f"found columns: {', '.join(present)}"
+    )
 
 
 def _read_table(csv_path: Path, frame_hw: tuple[int, int] | None) -> _Table:
@@ -324,18 +377,29 @@ def _read_table(csv_path: Path, frame_hw: tuple[int, int] | None) -> _Table:
     cols = set(df.columns)
     if "finding_categories" in cols and "study_id" in cols and "resized_xmin" not in cols:
         if frame_hw is not None:
-            raise DataError(f"{csv_path}: frame_hw cannot be set for the official CSV, whose boxes "
-                            "are in each image's original DICOM pixels; run `mammo-sae preprocess`")
+            raise DataError(
+                f"{csv_path}: frame_hw cannot be set for the official CSV, whose boxes "
+                "are in each image's original DICOM pixels; run `mammo-sae preprocess`"
+            )
         return _official_table(df, csv_path)
     if "study_id" in cols and "finding_categories" not in cols:
-        raise DataError(f"{csv_path} looks like {OFFICIAL_BREAST_CSV} (no findings); pass "
-                        f"{OFFICIAL_FINDINGS_CSV} or {FOLDS_CSV}")
+        raise DataError(
+            f"{csv_path} looks like {OFFICIAL_BREAST_CSV} (no findings); pass "
+            f"{OFFICIAL_FINDINGS_CSV} or {FOLDS_CSV}"
+        )
     return _folds_table(df, csv_path, frame_hw)
 
 
 def _frame_from_meta(data_dir: Path) -> tuple[int, int] | None:
     """The frame size a generator recorded beside its CSV, if any."""
-    meta = next((data_dir / n for n in (PHANTOM_META, PREPROCESS_META, INGEST_META) if (data_dir / n).is_file()), None)
+    meta = next(
+        (
+            data_dir / n
+            for n in (PHANTOM_META, PREPROCESS_META, INGEST_META)
+            if (data_dir / n).is_file()
+        ),
+        None,
+    )
     if meta is None:
         return None
     try:
@@ -350,8 +414,10 @@ def _int_column(df: pd.DataFrame, name: str, path: Path, lo: int, hi: int) -> np
     bad = ~np.isfinite(values) | (values < lo) | (values > hi) | (values != np.round(values))
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: column {name!r} must hold integers {lo}..{hi}; row {i} has "
-                        f"{df[name].iloc[i]!r} ({int(bad.sum())} bad row(s))")
+        raise DataError(
+            f"{path}: column {name!r} must hold integers {lo}..{hi}; row {i} has "
+            f"{df[name].iloc[i]!r} ({int(bad.sum())} bad row(s))"
+        )
     return values.astype(np.int64)
 
 
@@ -368,22 +434,31 @@ def _float_columns(df: pd.DataFrame, names: Sequence[str], path: Path) -> np.nda
         text = values.isna() & df[n].notna() & ~words.isin(MISSING_WORDS)
         if text.any():
             i = int(np.flatnonzero(text.to_numpy())[0])
-            raise DataError(f"{path}: column {n!r} must hold numbers or be empty; row {i} has "
-                            f"{df[n].iloc[i]!r} ({int(text.sum())} bad row(s))")
+            raise DataError(
+                f"{path}: column {n!r} must hold numbers or be empty; row {i} has "
+                f"{df[n].iloc[i]!r} ({int(text.sum())} bad row(s))"
+            )
         out.append(values.to_numpy(dtype=float))
     return np.stack(out, axis=1)
 
 
 def _birads(df: pd.DataFrame, path: Path, *, allow_empty: bool = False) -> np.ndarray:
     # "BI-RADS 4" in VinDr; a bare digit is accepted too; empty = unknown where allowed.
-    empty = (df["breast_birads"].str.strip() == "").to_numpy() if allow_empty \
+    empty = (
+        (df["breast_birads"].str.strip() == "").to_numpy()
+        if allow_empty
         else np.zeros(len(df), dtype=bool)
-    digits = df["breast_birads"].str.extract(r"(\d)\s*$", expand=False).where(~empty, str(UNKNOWN_LABEL))
+    )
+    digits = (
+        df["breast_birads"].str.extract(r"(\d)\s*$", expand=False).where(~empty, str(UNKNOWN_LABEL))
+    )
     bad = ~empty & (digits.isna().to_numpy() | ~digits.isin(list("12345")).to_numpy())
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(f"{path}: column 'breast_birads' must be 'BI-RADS 1'..'BI-RADS 5'; row {i} "
-                        f"has {df['breast_birads'].iloc[i]!r}")
+        raise DataError(
+            f"{path}: column 'breast_birads' must be 'BI-RADS 1'..'BI-RADS 5'; row {i} "
+            f"has {df['breast_birads'].iloc[i]!r}"
+        )
     return digits.astype(int).to_numpy()
 
 
@@ -391,8 +466,10 @@ def _density_letters(df: pd.DataFrame, path: Path) -> np.ndarray:
     letters = df["breast_density"].str.extract(r"([ABCD])\s*$", expand=False)
     if letters.isna().any():
         i = int(np.flatnonzero(letters.isna().to_numpy())[0])
-        raise DataError(f"{path}: column 'breast_density' must be 'DENSITY A'..'DENSITY D'; row {i} "
-                        f"has {df['breast_density'].iloc[i]!r}")
+        raise DataError(
+            f"{path}: column 'breast_density' must be 'DENSITY A'..'DENSITY D'; row {i} "
+            f"has {df['breast_density'].iloc[i]!r}"
+        )
     return letters.map({"A": 0, "B": 1, "C": 2, "D": 3}).to_numpy(dtype=np.int64)
 
 
@@ -418,7 +495,7 @@ def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | N
         frame_hw = _frame_from_meta(csv_path.parent) or DEFAULT_FRAME_HW
     image_id = df["image_id"].str.replace(r"\.png$", "", regex=True).to_numpy(dtype=object)
     patient_id = _ids(df, "patient_id", csv_path)
-    check_ids(image_id, "image_id", csv_path)   # as joined into the path: without ".png"
+    check_ids(image_id, "image_id", csv_path)  # as joined into the path: without ".png"
     labels = {c: _int_column(df, c, csv_path, 0, 1) for c in FINDING_CONCEPTS}
     confounder_xyxy = None
     if CONFOUNDER in df.columns:
@@ -427,25 +504,44 @@ def _folds_table(df: pd.DataFrame, csv_path: Path, frame_hw: tuple[int, int] | N
         confounder_xyxy = _float_columns(df, CONFOUNDER_BOX_COLUMNS, csv_path)
     # Empty density / BI-RADS cells (datasets made by `ingest`) read as UNKNOWN_LABEL.
     density = df["density"].where(df["density"].str.strip() != "", str(UNKNOWN_LABEL))
-    labels["density"] = _int_column(df.assign(density=density), "density", csv_path, UNKNOWN_LABEL, 3)
+    labels["density"] = _int_column(
+        df.assign(density=density), "density", csv_path, UNKNOWN_LABEL, 3
+    )
     labels["birads"] = _birads(df, csv_path, allow_empty=True)
-    fold = (pd.to_numeric(df["fold"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
-            if "fold" in df.columns else np.full(n, -1, dtype=np.int64))
+    fold = (
+        pd.to_numeric(df["fold"], errors="coerce").fillna(-1).to_numpy(dtype=np.int64)
+        if "fold" in df.columns
+        else np.full(n, -1, dtype=np.int64)
+    )
     images_dir = csv_path.parent / IMAGES_DIR
-    paths = np.array([os.path.join(images_dir, p, i + ".png") for p, i in zip(patient_id, image_id)],
-                     dtype=object)
+    paths = np.array(
+        [os.path.join(images_dir, p, i + ".png") for p, i in zip(patient_id, image_id)],
+        dtype=object,
+    )
     return _Table(
-        csv_path=csv_path, csv_format="folds", image_id=image_id, patient_id=patient_id,
-        series_id=_optional_str(df, "series_id"), split=_nonempty(df, "split", csv_path),
-        laterality=df["laterality"].to_numpy(dtype=object), view=df["view"].to_numpy(dtype=object),
-        fold=fold, labels=labels, box_xyxy=_float_columns(df, BOX_COLUMNS, csv_path),
-        frame_hw=np.tile(np.asarray(frame_hw, dtype=np.int64), (n, 1)), paths=paths,
+        csv_path=csv_path,
+        csv_format="folds",
+        image_id=image_id,
+        patient_id=patient_id,
+        series_id=_optional_str(df, "series_id"),
+        split=_nonempty(df, "split", csv_path),
+        laterality=df["laterality"].to_numpy(dtype=object),
+        view=df["view"].to_numpy(dtype=object),
+        fold=fold,
+        labels=labels,
+        box_xyxy=_float_columns(df, BOX_COLUMNS, csv_path),
+        frame_hw=np.tile(np.asarray(frame_hw, dtype=np.int64), (n, 1)),
+        paths=paths,
         confounder_xyxy=confounder_xyxy,
     )
 
 
 def _optional_str(df: pd.DataFrame, name: str) -> np.ndarray:
-    return df[name].to_numpy(dtype=object) if name in df.columns else np.full(len(df), "", dtype=object)
+    return (
+        df[name].to_numpy(dtype=object)
+        if name in df.columns
+        else np.full(len(df), "", dtype=object)
+    )
 
 
 _CATEGORY_RE = re.compile(r"'([^']*)'|\"([^\"]*)\"")
@@ -466,8 +562,10 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
         cats = parse_categories(text)
         unknown = [c for c in cats if c not in index]
         if not cats or unknown:
-            raise DataError(f"{csv_path}: row {int(rows[0])} has finding_categories {text!r}; "
-                            f"valid categories: {', '.join(c.replace('_', ' ') for c in FINDING_CONCEPTS)}")
+            raise DataError(
+                f"{csv_path}: row {int(rows[0])} has finding_categories {text!r}; "
+                f"valid categories: {', '.join(c.replace('_', ' ') for c in FINDING_CONCEPTS)}"
+            )
         for c in cats:
             labels[c][rows] = 1
     labels["density"] = _density_letters(df, csv_path)
@@ -475,16 +573,30 @@ def _official_table(df: pd.DataFrame, csv_path: Path) -> _Table:
     study = _ids(df, "study_id", csv_path)
     image_id = _ids(df, "image_id", csv_path)
     images_dir = csv_path.parent / OFFICIAL_IMAGES_DIR
-    paths = np.array([_official_dicom(images_dir, s, i) for s, i in zip(study, image_id)],
-                     dtype=object)
-    frame = np.stack([_int_column(df, "height", csv_path, 1, 1 << 20),
-                      _int_column(df, "width", csv_path, 1, 1 << 20)], axis=1)
+    paths = np.array(
+        [_official_dicom(images_dir, s, i) for s, i in zip(study, image_id)], dtype=object
+    )
+    frame = np.stack(
+        [
+            _int_column(df, "height", csv_path, 1, 1 << 20),
+            _int_column(df, "width", csv_path, 1, 1 << 20),
+        ],
+        axis=1,
+    )
     return _Table(
-        csv_path=csv_path, csv_format="official", image_id=image_id, patient_id=study,
-        series_id=_optional_str(df, "series_id"), split=_nonempty(df, "split", csv_path),
+        csv_path=csv_path,
+        csv_format="official",
+        image_id=image_id,
+        patient_id=study,
+        series_id=_optional_str(df, "series_id"),
+        split=_nonempty(df, "split", csv_path),
         laterality=df["laterality"].to_numpy(dtype=object),
-        view=df["view_position"].to_numpy(dtype=object), fold=np.full(n, -1, dtype=np.int64),
-        labels=labels, box_xyxy=_float_columns(df, ORIGINAL_BOX_COLUMNS, csv_path), frame_hw=frame, paths=paths,
+        view=df["view_position"].to_numpy(dtype=object),
+        fold=np.full(n, -1, dtype=np.int64),
+        labels=labels,
+        box_xyxy=_float_columns(df, ORIGINAL_BOX_COLUMNS, csv_path),
+        frame_hw=frame,
+        paths=paths,
     )
 
 
@@ -514,7 +626,10 @@ def _split_mask(table: _Table, splits: Sequence[str] | None) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- records
 
-def _clip_box(concept: str, xyxy: np.ndarray, frame_hw: tuple[int, int], stats: BoxStats) -> Box | None:
+
+def _clip_box(
+    concept: str, xyxy: np.ndarray, frame_hw: tuple[int, int], stats: BoxStats
+) -> Box | None:
     h, w = frame_hw
     x0, y0, x1, y1 = (float(v) for v in xyxy)
     cx0, cx1 = min(max(x0, 0.0), w), min(max(x1, 0.0), w)
@@ -527,7 +642,9 @@ def _clip_box(concept: str, xyxy: np.ndarray, frame_hw: tuple[int, int], stats: 
     return Box(concept, cx0, cy0, cx1, cy1)
 
 
-def _image_boxes(table: _Table, codes: np.ndarray, rows: np.ndarray, stats: BoxStats) -> dict[int, list[Box]]:
+def _image_boxes(
+    table: _Table, codes: np.ndarray, rows: np.ndarray, stats: BoxStats
+) -> dict[int, list[Box]]:
     """Boxes of every image touched by `rows` (all rows of the image), keyed by image code."""
     concepts = [c for c in FINDING_CONCEPTS if c != "No_Finding"]
     by_image: dict[int, list[Box]] = {}
@@ -566,7 +683,9 @@ def _image_boxes(table: _Table, codes: np.ndarray, rows: np.ndarray, stats: BoxS
     return by_image
 
 
-def _build_records(table: _Table, keep: np.ndarray, level: Level) -> tuple[list[ImageRecord], BoxStats]:
+def _build_records(
+    table: _Table, keep: np.ndarray, level: Level
+) -> tuple[list[ImageRecord], BoxStats]:
     codes, unique_ids = pd.factorize(table.image_id)
     n_images = len(unique_ids)
     # An image's rows must agree on who and where it is.
@@ -577,26 +696,33 @@ def _build_records(table: _Table, keep: np.ndarray, level: Level) -> tuple[list[
         differs = col != col[first_row[codes]]
         if differs.any():
             i = int(np.flatnonzero(differs)[0])
-            raise DataError(f"{table.csv_path}: image {table.image_id[i]} has rows with different "
-                            f"{name} ({col[first_row[codes[i]]]!r} vs {col[i]!r}, row {i})")
+            raise DataError(
+                f"{table.csv_path}: image {table.image_id[i]} has rows with different "
+                f"{name} ({col[first_row[codes[i]]]!r} vs {col[i]!r}, row {i})"
+            )
     rows = np.flatnonzero(keep)
     # Boxes and image labels come from all rows of a kept image (a split never divides an image).
     stats = BoxStats()
     boxes = _image_boxes(table, codes, rows, stats)
     concept_names_ = list(table.labels)
-    label_matrix = np.stack([table.labels[c] for c in concept_names_], axis=1)   # (rows, concepts)
+    label_matrix = np.stack([table.labels[c] for c in concept_names_], axis=1)  # (rows, concepts)
 
     def make(i: int, labels_row: np.ndarray, row_index: int | None, n_rows: int) -> ImageRecord:
         fold = int(table.fold[i])
         return ImageRecord(
-            image_id=str(table.image_id[i]), patient_id=str(table.patient_id[i]),
-            split=str(table.split[i]), path=Path(table.paths[i]),
+            image_id=str(table.image_id[i]),
+            patient_id=str(table.patient_id[i]),
+            split=str(table.split[i]),
+            path=Path(table.paths[i]),
             labels=dict(zip(concept_names_, labels_row.tolist())),
-            boxes=tuple(boxes.get(int(codes[i]), ())), view=str(table.view[i]),
+            boxes=tuple(boxes.get(int(codes[i]), ())),
+            view=str(table.view[i]),
             laterality=str(table.laterality[i]),
             frame_hw=(int(table.frame_hw[i, 0]), int(table.frame_hw[i, 1])),
-            series_id=str(table.series_id[i]), fold=fold if fold >= 0 else None,
-            row_index=row_index, extra={} if row_index is not None else {"n_rows": float(n_rows)},
+            series_id=str(table.series_id[i]),
+            fold=fold if fold >= 0 else None,
+            row_index=row_index,
+            extra={} if row_index is not None else {"n_rows": float(n_rows)},
         )
 
     if level == "row":
@@ -606,10 +732,14 @@ def _build_records(table: _Table, keep: np.ndarray, level: Level) -> tuple[list[
     np.maximum.at(image_labels, codes, label_matrix)
     n_rows = np.bincount(codes, minlength=n_images)
     kept_codes = pd.unique(codes[rows])
-    return [make(int(first_row[c]), image_labels[c], None, int(n_rows[c])) for c in kept_codes], stats
+    return [
+        make(int(first_row[c]), image_labels[c], None, int(n_rows[c])) for c in kept_codes
+    ], stats
 
 
-def _check_files(records: list[ImageRecord], on_missing: OnMissing) -> tuple[list[ImageRecord], list[Path]]:
+def _check_files(
+    records: list[ImageRecord], on_missing: OnMissing
+) -> tuple[list[ImageRecord], list[Path]]:
     exists: dict[str, bool] = {}
     missing: list[Path] = []
     kept: list[ImageRecord] = []
@@ -624,9 +754,15 @@ def _check_files(records: list[ImageRecord], on_missing: OnMissing) -> tuple[lis
     if missing and on_missing == "error":
         shown = "\n  ".join(map(str, missing[:10]))
         more = f"\n  ... and {len(missing) - 10} more" if len(missing) > 10 else ""
-        raise DataError(f"{len(missing)} image file(s) missing (`extract --on-error skip` and `data summary "
-                        f"--on-missing skip` can leave them out; classifier training and evaluation "
-                        f"need every image):\n  {shown}{more}")
+        raise DataError(
+            f"{len(missing)} image file(s) missing (`extract --on-error skip` and `data summary "
+            f"--on-missing skip` can leave them out; classifier training and evaluation "
+            f"need every image):\n  {shown}{more}"
+        )
     if missing:
-        log.warning("skipped %d record(s) whose image file is missing, e.g. %s", len(records) - len(kept), missing[0])
+        log.warning(
+            "skipped %d record(s) whose image file is missing, e.g. %s",
+            len(records) - len(kept),
+            missing[0],
+        )
     return kept, missing

@@ -20,9 +20,10 @@ architecture and every problem is reported by name.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -115,9 +116,11 @@ def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             break
     sd = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not sd:
-        raise CheckpointError(f"{path}: no tensors found (top-level keys: {', '.join(map(str, list(obj)[:8]))})")
+        raise CheckpointError(
+            f"{path}: no tensors found (top-level keys: {', '.join(map(str, list(obj)[:8]))})"
+        )
     if all(k.startswith("module.") for k in sd):  # saved from DistributedDataParallel
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -147,45 +150,67 @@ def _infer_arch(encoder_sd: Mapping[str, torch.Tensor]) -> str:
     for arch in list_archs():
         with torch.device("meta"):
             ref = EfficientNet(arch_params(arch)).state_dict()
-        if stem is not None and head is not None and ref["_conv_stem.weight"].shape == stem.shape \
-                and ref["_conv_head.weight"].shape == head.shape:
+        if (
+            stem is not None
+            and head is not None
+            and ref["_conv_stem.weight"].shape == stem.shape
+            and ref["_conv_head.weight"].shape == head.shape
+        ):
             candidates.append(arch)
             if set(ref) == set(encoder_sd):
                 return arch
-    if candidates:  # closest: same stem and head widths, but keys differ -> strict check reports them
+    if (
+        candidates
+    ):  # closest: same stem and head widths, but keys differ -> strict check reports them
         return candidates[0]
     got = f"stem {tuple(stem.shape) if stem is not None else None}, head {tuple(head.shape) if head is not None else None}"
-    raise CheckpointError(f"no known EfficientNet matches these weights ({got}); known: {', '.join(list_archs())}")
+    raise CheckpointError(
+        f"no known EfficientNet matches these weights ({got}); known: {', '.join(list_archs())}"
+    )
 
 
 def _parse_torch_checkpoint(path: Path) -> _Parsed:
     obj = load_torch_weights(path, "a model checkpoint")
     sd = _state_dict_of(obj, path)
     keys = list(sd)
-    encoder_sd = {k[len(ENCODER_PREFIX):]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)}
+    encoder_sd = {
+        k[len(ENCODER_PREFIX) :]: v for k, v in sd.items() if k.startswith(ENCODER_PREFIX)
+    }
     if not encoder_sd and "_conv_stem.weight" in sd:  # bare lukemelas encoder state dict
         encoder_sd = {k: v for k, v in sd.items()}
         layout = "lukemelas-state-dict"
     elif not encoder_sd:
         raise CheckpointError(f"{path}: not a Mammo-CLIP checkpoint; found {_foreign_layout(keys)}")
     else:
-        layout = "mammo-clip-classifier" if any(k.startswith(HEAD_PREFIX) for k in keys) else "mammo-clip-pretrain"
-    head_sd = {k[len(HEAD_PREFIX):]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)} or None
+        layout = (
+            "mammo-clip-classifier"
+            if any(k.startswith(HEAD_PREFIX) for k in keys)
+            else "mammo-clip-pretrain"
+        )
+    head_sd = {k[len(HEAD_PREFIX) :]: v for k, v in sd.items() if k.startswith(HEAD_PREFIX)} or None
     stray = sorted(k for k in keys if k.startswith("classifier.") and not k.startswith(HEAD_PREFIX))
     if stray:  # a head we do not know how to build: refuse rather than drop it silently
-        raise CheckpointError(f"{path}: unexpected classifier keys {', '.join(stray[:5])} "
-                              f"(only {HEAD_PREFIX}weight/bias, a linear head, is supported)")
+        raise CheckpointError(
+            f"{path}: unexpected classifier keys {', '.join(stray[:5])} "
+            f"(only {HEAD_PREFIX}weight/bias, a linear head, is supported)"
+        )
 
     meta: dict[str, Any] = {}
     config_name = _config_image_encoder_name(obj) if isinstance(obj, Mapping) else None
     if config_name is not None:
         if config_name not in MAMMO_CLIP_NAMES:
-            raise CheckpointError(f"{path}: " + choices_message("Mammo-CLIP image encoder name", config_name,
-                                                                 list(MAMMO_CLIP_NAMES)))
+            raise CheckpointError(
+                f"{path}: "
+                + choices_message(
+                    "Mammo-CLIP image encoder name", config_name, list(MAMMO_CLIP_NAMES)
+                )
+            )
         arch = MAMMO_CLIP_NAMES[config_name]
         meta["image_encoder_name"] = config_name
         if base := _plain_config_section(obj, "base"):
-            meta["preprocess"] = {k: base[k] for k in ("mean", "std", "image_size_h", "image_size_w") if k in base}
+            meta["preprocess"] = {
+                k: base[k] for k in ("mean", "std", "image_size_h", "image_size_w") if k in base
+            }
     else:
         arch = _infer_arch(encoder_sd)
     if isinstance(obj, Mapping):
@@ -200,20 +225,30 @@ def _own_config(path: Path) -> dict[str, Any]:
     """Our format's config.json, checked (format, schema, padding, arch, kind); no weights read."""
     config_path, weights_path = path / CONFIG_FILE, path / WEIGHTS_FILE
     if not config_path.is_file() or not weights_path.is_file():
-        raise CheckpointError(f"{path} is a directory but not a mammo-sae model "
-                              f"(needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+        raise CheckpointError(
+            f"{path} is a directory but not a mammo-sae model "
+            f"(needs {CONFIG_FILE} and {WEIGHTS_FILE})"
+        )
     config = read_json(config_path)
     if not isinstance(config, dict) or config.get("format") != "mammo-sae-model":
-        raise CheckpointError(f"{config_path}: not a mammo-sae model config (missing format: mammo-sae-model)")
+        raise CheckpointError(
+            f"{config_path}: not a mammo-sae model config (missing format: mammo-sae-model)"
+        )
     if config.get("schema_version") != SCHEMA_VERSION:
-        raise CheckpointError(f"{config_path}: schema_version {config.get('schema_version')!r} is not supported "
-                              f"(this version reads {SCHEMA_VERSION})")
+        raise CheckpointError(
+            f"{config_path}: schema_version {config.get('schema_version')!r} is not supported "
+            f"(this version reads {SCHEMA_VERSION})"
+        )
     if config.get("padding", "static") != "static":
-        raise CheckpointError(f"{config_path}: padding {config.get('padding')!r}; only static models are stored")
+        raise CheckpointError(
+            f"{config_path}: padding {config.get('padding')!r}; only static models are stored"
+        )
     arch_params(str(config.get("arch")))  # raises naming the valid choices
     if config.get("kind") not in ("encoder", "classifier"):
-        raise CheckpointError(f"{config_path}: " + choices_message("kind", config.get("kind"),
-                                                                   ["encoder", "classifier"]))
+        raise CheckpointError(
+            f"{config_path}: "
+            + choices_message("kind", config.get("kind"), ["encoder", "classifier"])
+        )
     return config
 
 
@@ -226,8 +261,12 @@ def checkpoint_header(path: str | Path) -> dict[str, Any]:
         path = path.parent
     if path.is_dir():
         config = _own_config(path)
-        return {"layout": "mammo-sae", "kind": config["kind"], "arch": config["arch"],
-                "concept": config.get("concept")}
+        return {
+            "layout": "mammo-sae",
+            "kind": config["kind"],
+            "arch": config["arch"],
+            "concept": config.get("concept"),
+        }
     return {"layout": "torch", "format": torch_file_kind(path, "a model checkpoint")}
 
 
@@ -243,15 +282,17 @@ def _parse_own_format(path: Path) -> _Parsed:
         sd = load_file(str(weights_path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"cannot read {weights_path}: {exc}") from None
-    encoder_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    head_sd = {k[len("head."):]: v for k, v in sd.items() if k.startswith("head.")} or None
+    encoder_sd = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    head_sd = {k[len("head.") :]: v for k, v in sd.items() if k.startswith("head.")} or None
     other = sorted(k for k in sd if not k.startswith(("encoder.", "head.")))
     if other:
         raise CheckpointError(f"{weights_path}: unexpected tensors {', '.join(other[:5])}")
     kind = config.get("kind")
     if (kind == "classifier") != (head_sd is not None):
-        raise CheckpointError(f"{path}: config says kind={kind} but the weights "
-                              f"{'have' if head_sd else 'lack'} head.* tensors")
+        raise CheckpointError(
+            f"{path}: config says kind={kind} but the weights "
+            f"{'have' if head_sd else 'lack'} head.* tensors"
+        )
     meta = {k: v for k, v in config.items() if k not in ("weights",)}
     return _Parsed("mammo-sae", str(arch), encoder_sd, head_sd, config.get("concept"), meta, sha256)
 
@@ -276,17 +317,28 @@ def check_state_dict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: st
     ref = module.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
-    misshaped = [f"{k} {tuple(sd[k].shape)} (expected {tuple(ref[k].shape)})"
-                 for k in ref if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)]
+    misshaped = [
+        f"{k} {tuple(sd[k].shape)} (expected {tuple(ref[k].shape)})"
+        for k in ref
+        if k in sd and tuple(sd[k].shape) != tuple(ref[k].shape)
+    ]
     problems = []
-    for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+    for label, items in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
         if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            shown = ", ".join(items[:8]) + (
+                f", ... ({len(items)} in all)" if len(items) > 8 else ""
+            )
             problems.append(f"{label} keys: {shown}")
     if problems:
         raise CheckpointError(f"{what}: " + "; ".join(problems))
     floats = {k: v for k, v in sd.items() if v.is_floating_point()}
-    if floats and not bool(torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all()):
+    if floats and not bool(
+        torch.isfinite(torch.cat([v.reshape(-1).float() for v in floats.values()])).all()
+    ):
         # one pass over everything (per-tensor checks cost a second on a busy CPU); name them only on failure
         bad = [k for k, v in floats.items() if not bool(torch.isfinite(v).all())]
         raise CheckpointError(f"{what}: non-finite values in {', '.join(bad[:5])}")
@@ -297,14 +349,18 @@ def _build_encoder(parsed: _Parsed, what: str) -> EfficientNet:
     with torch.device("meta"):
         encoder = create_encoder(parsed.arch)
     check_state_dict(encoder, parsed.encoder_sd, f"{what} ({parsed.arch} encoder)")
-    weights = {k: v.to(torch.float32).contiguous() if v.is_floating_point() else v
-               for k, v in parsed.encoder_sd.items()}
+    weights = {
+        k: v.to(torch.float32).contiguous() if v.is_floating_point() else v
+        for k, v in parsed.encoder_sd.items()
+    }
     encoder.load_state_dict(weights, strict=True, assign=True)
     return encoder.eval()
 
 
 def _info(parsed: _Parsed, path: str | Path, n_class: int | None) -> CheckpointInfo:
-    return CheckpointInfo(str(path), parsed.layout, parsed.sha256, parsed.arch, n_class, parsed.concept, parsed.meta)
+    return CheckpointInfo(
+        str(path), parsed.layout, parsed.sha256, parsed.arch, n_class, parsed.concept, parsed.meta
+    )
 
 
 def _encoder_from(parsed: _Parsed, path: str | Path) -> EfficientNet:
@@ -315,15 +371,21 @@ def _encoder_from(parsed: _Parsed, path: str | Path) -> EfficientNet:
 
 def _classifier_from(parsed: _Parsed, path: str | Path) -> ConceptClassifier:
     if parsed.head_sd is None:
-        raise CheckpointError(f"{path}: a {parsed.layout} checkpoint with no concept head "
-                              "(use load_image_encoder, or train a classifier from it with --init)")
+        raise CheckpointError(
+            f"{path}: a {parsed.layout} checkpoint with no concept head "
+            "(use load_image_encoder, or train a classifier from it with --init)"
+        )
     weight = parsed.head_sd.get("weight")
     if weight is None or weight.ndim != 2:
-        raise CheckpointError(f"{path}: concept head has no 2-D 'weight' (found {sorted(parsed.head_sd)})")
+        raise CheckpointError(
+            f"{path}: concept head has no 2-D 'weight' (found {sorted(parsed.head_sd)})"
+        )
     encoder = _build_encoder(parsed, str(path))
     model = ConceptClassifier(encoder, int(weight.shape[0]), concept=parsed.concept)
     check_state_dict(model.head, parsed.head_sd, f"{path} (concept head)")
-    model.head.load_state_dict({k: v.to(torch.float32) for k, v in parsed.head_sd.items()}, strict=True)
+    model.head.load_state_dict(
+        {k: v.to(torch.float32) for k, v in parsed.head_sd.items()}, strict=True
+    )
     model.checkpoint_info = _info(parsed, path, model.n_class)  # type: ignore[assignment]
     return model.eval()
 
@@ -341,8 +403,9 @@ def load_classifier(path: str | Path) -> ConceptClassifier:
     return _classifier_from(_parse(path), path)
 
 
-def load_encoder(model: str | Path, *, seed: int | None = None,
-                 flag: str = "--model") -> tuple[EfficientNet, dict[str, Any]]:
+def load_encoder(
+    model: str | Path, *, seed: int | None = None, flag: str = "--model"
+) -> tuple[EfficientNet, dict[str, Any]]:
     """An encoder from a checkpoint path (a classifier's encoder first, else an image encoder)
     or, for an arch name, a fresh one (initialised under `seed` without touching the global RNG;
     seed None draws from it). Also returns what it loaded: source, kind, sha256, init_seed, arch.
@@ -354,8 +417,13 @@ def load_encoder(model: str | Path, *, seed: int | None = None,
             encoder, kind = _classifier_from(parsed, path).encoder, "classifier"
         except MammoSaeError:
             encoder, kind = _encoder_from(parsed, path), "image_encoder"
-        return encoder, {"source": str(path), "kind": kind, "sha256": parsed.sha256,
-                         "init_seed": None, "arch": str(encoder.arch)}
+        return encoder, {
+            "source": str(path),
+            "kind": kind,
+            "sha256": parsed.sha256,
+            "init_seed": None,
+            "arch": str(encoder.arch),
+        }
     archs = list(list_archs())
     if str(model) not in archs:
         raise MammoSaeError(f"{flag}: no such file, and {choices_message('arch', model, archs)}")
@@ -365,16 +433,22 @@ def load_encoder(model: str | Path, *, seed: int | None = None,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             encoder = create_encoder(str(model))
-    return encoder, {"source": None, "kind": "random_init", "sha256": None, "init_seed": seed,
-                     "arch": str(encoder.arch)}
+    return encoder, {
+        "source": None,
+        "kind": "random_init",
+        "sha256": None,
+        "init_seed": seed,
+        "arch": str(encoder.arch),
+    }
 
 
 def warn_assumed_concept(path: str | Path, recorded: str | None, assumed: str | None) -> None:
     """Say so (stderr) when a checkpoint that records no concept (a Mammo-CLIP file never does)
     is taken to predict `assumed`: a file for the wrong finding would otherwise pass unnoticed."""
     if assumed and not recorded:
-        print(f"warning: {path} records no concept; assuming it predicts {assumed!r}",
-              file=sys.stderr)
+        print(
+            f"warning: {path} records no concept; assuming it predicts {assumed!r}", file=sys.stderr
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,7 +471,9 @@ def save_model(model: EfficientNet | ConceptClassifier, out_dir: str | Path, **m
         encoder, kind = model, "encoder"
         tensors = {f"encoder.{k}": v for k, v in model.state_dict().items()}
     else:
-        raise CheckpointError(f"save_model: expected EfficientNet or ConceptClassifier, got {type(model).__name__}")
+        raise CheckpointError(
+            f"save_model: expected EfficientNet or ConceptClassifier, got {type(model).__name__}"
+        )
     if encoder.padding != "static":
         raise CheckpointError("save_model: only static-padding encoders can be saved")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -436,12 +512,17 @@ def convert(path: str | Path, out_dir: str | Path, concept: str | None = None) -
             model.concept = concept
     else:
         if concept is not None:
-            raise CheckpointError(f"{path}: --concept given, but this {parsed.layout} checkpoint has no concept head")
+            raise CheckpointError(
+                f"{path}: --concept given, but this {parsed.layout} checkpoint has no concept head"
+            )
         model = _encoder_from(parsed, path)
     source = {"path": str(Path(path).resolve()), "sha256": parsed.sha256, "layout": parsed.layout}
     if parsed.layout == "mammo-sae" and isinstance(parsed.meta.get("source"), dict):
         source = parsed.meta["source"]  # a copy of our own format keeps the original provenance
-    extra = {k: v for k, v in parsed.meta.items()
-             if k in ("image_encoder_name", "preprocess", "epoch", "auroc", "accuracy", "f1")}
+    extra = {
+        k: v
+        for k, v in parsed.meta.items()
+        if k in ("image_encoder_name", "preprocess", "epoch", "auroc", "accuracy", "f1")
+    }
     save_model(model, out_dir, source=source, **extra)
     return read_json(Path(out_dir) / CONFIG_FILE)

@@ -6,7 +6,6 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..cli import add_command
 from ..config import opt
@@ -21,7 +20,9 @@ class ConvertConfig:
 
     model: Path = opt(help="checkpoint to convert (.tar, .pth or a mammo-sae model directory)")
     out: Path = opt(help="output directory")
-    concept: Optional[str] = opt(None, help="concept name to record for a classifier (Mammo-CLIP files do not store it)")
+    concept: str | None = opt(
+        None, help="concept name to record for a classifier (Mammo-CLIP files do not store it)"
+    )
 
 
 def run_convert(cfg: ConvertConfig) -> int:
@@ -33,7 +34,12 @@ def run_convert(cfg: ConvertConfig) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(sub, "convert", ConvertConfig, run_convert,
-                "write a Mammo-CLIP (or own-format) encoder/classifier checkpoint in mammo-sae's own format")
+    add_command(
+        sub,
+        "convert",
+        ConvertConfig,
+        run_convert,
+        "write a Mammo-CLIP (or own-format) encoder/classifier checkpoint in mammo-sae's own format",
+    )

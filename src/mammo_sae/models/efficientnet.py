@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -119,13 +120,30 @@ class SameConv2d(nn.Conv2d):
     numerically the same zero padding and avoids a copy of the input.
     """
 
-    def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int = 1, *, groups: int = 1,
-                 bias: bool = False, nominal_size: int = 1, padding: Padding = "static") -> None:
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        kernel: int,
+        stride: int = 1,
+        *,
+        groups: int = 1,
+        bias: bool = False,
+        nominal_size: int = 1,
+        padding: Padding = "static",
+    ) -> None:
         pad = same_pads(nominal_size, kernel, stride)
         self.pads: Pads = (pad[0], pad[1], pad[0], pad[1])
         symmetric = padding == "static" and pad[0] == pad[1]
-        super().__init__(in_ch, out_ch, kernel, stride, padding=pad[0] if symmetric else 0,
-                         groups=groups, bias=bias)
+        super().__init__(
+            in_ch,
+            out_ch,
+            kernel,
+            stride,
+            padding=pad[0] if symmetric else 0,
+            groups=groups,
+            bias=bias,
+        )
         self.dynamic = padding == "dynamic"
         self.explicit_pad = not symmetric and not self.dynamic and any(self.pads)
 
@@ -172,8 +190,15 @@ class MBConvBlock(nn.Module):
         if spec.expand != 1:
             self._expand_conv = SameConv2d(spec.in_ch, expanded, 1, padding=padding)
             self._bn0 = _bn(expanded)
-        self._depthwise_conv = SameConv2d(expanded, expanded, spec.kernel, spec.stride, groups=expanded,
-                                          nominal_size=nominal_size, padding=padding)
+        self._depthwise_conv = SameConv2d(
+            expanded,
+            expanded,
+            spec.kernel,
+            spec.stride,
+            groups=expanded,
+            nominal_size=nominal_size,
+            padding=padding,
+        )
         self._bn1 = _bn(expanded)
         squeezed = max(1, int(spec.in_ch * spec.se_ratio))
         self._se_reduce = nn.Conv2d(expanded, squeezed, 1)
@@ -205,8 +230,16 @@ def block_specs(params: ArchParams) -> list[BlockSpec]:
         in_ch = round_filters(stage.in_ch, params.width)
         out_ch = round_filters(stage.out_ch, params.width)
         for i in range(round_repeats(stage.repeats, params.depth)):
-            specs.append(BlockSpec(stage.kernel, stage.stride if i == 0 else 1, stage.expand,
-                                   in_ch if i == 0 else out_ch, out_ch, stage.se_ratio))
+            specs.append(
+                BlockSpec(
+                    stage.kernel,
+                    stage.stride if i == 0 else 1,
+                    stage.expand,
+                    in_ch if i == 0 else out_ch,
+                    out_ch,
+                    stage.se_ratio,
+                )
+            )
     return specs
 
 
@@ -257,14 +290,21 @@ class EfficientNet(nn.Module):
         # lukemelas scales the rate linearly with depth; used only in training mode
         return self.drop_connect_rate * idx / len(self._blocks) if self.training else 0.0
 
-    def forward_features(self, x_b3hw: torch.Tensor, layers: Sequence[str]) -> dict[str, torch.Tensor]:
+    def forward_features(
+        self, x_b3hw: torch.Tensor, layers: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
         """Maps of the requested layers; stops after the last one needed."""
         if isinstance(layers, str):
             layers = [layers]
         unknown = [name for name in layers if name not in self.layer_info]
         if unknown:
-            raise MammoSaeError(choices_message("layer", unknown[0], ["stem", "blocks.0", "...",
-                                                                      f"blocks.{len(self._blocks) - 1}", "final"]))
+            raise MammoSaeError(
+                choices_message(
+                    "layer",
+                    unknown[0],
+                    ["stem", "blocks.0", "...", f"blocks.{len(self._blocks) - 1}", "final"],
+                )
+            )
         wanted = set(layers)
         # blocks.i sits at position i + 1 in layer_names; run only the blocks up to the deepest request
         deepest = max((self.layer_names.index(name) for name in wanted), default=0)
@@ -299,8 +339,9 @@ class EfficientNet(nn.Module):
         h, w = twin.forward_features(probe, [layer])[layer].shape[-2:]
         return int(h), int(w)
 
-    def receptive_field_centres(self, height: int, width: int, layer: str = "final"
-                                ) -> tuple[np.ndarray, np.ndarray]:
+    def receptive_field_centres(
+        self, height: int, width: int, layer: str = "final"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Input-pixel coordinates of the receptive-field centre of each row and each column of
         `layer`'s map for a `height × width` input (pixel r's centre is at r).
 
@@ -320,8 +361,13 @@ class EfficientNet(nn.Module):
             scale, offset = 1, 0.0
             for conv in convs:
                 k, s = conv.kernel_size[axis], conv.stride[axis]
-                before, after = (same_pads(size, k, s) if conv.dynamic
-                                 else conv.pads[2:] if axis == 0 else conv.pads[:2])
+                before, after = (
+                    same_pads(size, k, s)
+                    if conv.dynamic
+                    else conv.pads[2:]
+                    if axis == 0
+                    else conv.pads[:2]
+                )
                 offset += scale * ((k - 1) / 2 - before)
                 scale *= s
                 size = (size + before + after - k) // s + 1
@@ -342,8 +388,9 @@ def inference_settings() -> Iterator[None]:
         yield
 
 
-def prepare_for_inference(model: nn.Module, device: str | torch.device = "cpu",
-                          channels_last: bool = False) -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module, device: str | torch.device = "cpu", channels_last: bool = False
+) -> nn.Module:
     """eval() + device + (optionally) channels_last memory format; returns the model.
 
     channels_last did not help on the 2-core dev CPU (benchmarks/encoder_speed.py); try it on GPUs.

@@ -198,7 +198,7 @@ def top_per_label(atlas: dict[str, Any], n: int = TOP_PER_LABEL) -> dict[str, li
     return {label: [j for _, j in sorted(items)[:n]] for label, items in best.items()}
 
 
-def write_atlas_page(report: "ReportBuilder", s: H.Section) -> None:
+def write_atlas_page(report: ReportBuilder, s: H.Section) -> None:
     """Write report/atlas.html (and latent pages for the top latents per label); fill `s`,
     the index's Atlas section, with a link and counts."""
     path = report.analysis / "atlas" / "atlas.json"
@@ -343,7 +343,7 @@ def write_atlas_page(report: "ReportBuilder", s: H.Section) -> None:
 
 
 def _latent_pages(
-    report: "ReportBuilder", atlas: dict[str, Any], tops: dict[str, list[int]]
+    report: ReportBuilder, atlas: dict[str, Any], tops: dict[str, list[int]]
 ) -> set[int]:
     """Latent pages (the report's builder) for the top latents of each label; returns the ids."""
     from .latents import LatentPages

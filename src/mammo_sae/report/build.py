@@ -16,9 +16,10 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -38,11 +39,25 @@ from .figures import nice_ks, plot_training_curves
 SCHEMA_VERSION = 1
 # Problems with a run's files that make one section fail without stopping the report.
 SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, IndexError)
-STAGE_ORDER = ("data", "models", "extract", "sae", "summaries", "probe", "intervene", "fidelity",
-               "localize", "separation", "report")
+STAGE_ORDER = (
+    "data",
+    "models",
+    "extract",
+    "sae",
+    "summaries",
+    "probe",
+    "intervene",
+    "fidelity",
+    "localize",
+    "separation",
+    "report",
+)
 PROBE_SCORES = ("centered", "mean", "auroc")
-BASELINE_COLUMNS = {"chance": "chance", "classifier_map": "classifier map",
-                    "oracle": "oracle (predicted size)"}
+BASELINE_COLUMNS = {
+    "chance": "chance",
+    "classifier_map": "classifier map",
+    "oracle": "oracle (predicted size)",
+}
 
 
 @dataclass
@@ -116,16 +131,24 @@ def _metric(block: Any, name: str = "auroc") -> tuple[float, float, float]:
     if isinstance(block, Mapping):
         inner = block.get(name)
         if isinstance(inner, Mapping):
-            return (_num(inner.get("value")), _num(inner.get("ci_low", inner.get("low"))),
-                    _num(inner.get("ci_high", inner.get("high"))))
-        return (_num(inner), _num(block.get(f"{name}_low", block.get(f"{name}_ci_low"))),
-                _num(block.get(f"{name}_high", block.get(f"{name}_ci_high"))))
+            return (
+                _num(inner.get("value")),
+                _num(inner.get("ci_low", inner.get("low"))),
+                _num(inner.get("ci_high", inner.get("high"))),
+            )
+        return (
+            _num(inner),
+            _num(block.get(f"{name}_low", block.get(f"{name}_ci_low"))),
+            _num(block.get(f"{name}_high", block.get(f"{name}_ci_high"))),
+        )
     return _num(block), math.nan, math.nan
 
 
-RECOVERED_RULE = ("shown only where the original classifier is meaningfully above chance: the "
-                  "lower end of its 95 % CI for AUROC above 0.5 (AUROC > 0.6 where there is no "
-                  "CI); elsewhere (AUROC_orig − 0.5) is near 0 and the ratio means nothing")
+RECOVERED_RULE = (
+    "shown only where the original classifier is meaningfully above chance: the "
+    "lower end of its 95 % CI for AUROC above 0.5 (AUROC > 0.6 where there is no "
+    "CI); elsewhere (AUROC_orig − 0.5) is near 0 and the ratio means nothing"
+)
 
 
 def recovered_shown(row: Mapping[str, Any]) -> float:
@@ -181,8 +204,16 @@ def _named_results(data: Any, marker: str) -> dict[str, dict[str, Any]]:
 class ReportBuilder:
     """Collects sections, figures and numbers for one run; `build()` writes everything."""
 
-    def __init__(self, run_dir: Path, out: Path, *, strict: bool = False, top_latents: int = 10,
-                 latent_pages: bool = True, progress: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        out: Path,
+        *,
+        strict: bool = False,
+        top_latents: int = 10,
+        latent_pages: bool = True,
+        progress: bool = True,
+    ) -> None:
         self.run = Path(run_dir)
         self.out = Path(out)
         self.strict = strict
@@ -240,10 +271,16 @@ class ReportBuilder:
         by_concept: dict[str, list[str]] = {}
         for m in self.models:
             by_concept.setdefault(m.concept, []).append(m.name)
-        return [{"analysis": "comparison between variants (Figures 2, 4/5)", "concept": concept,
-                 "reason": f"{concept} has one model ({names[0]}); a comparison needs two, so "
-                           "its curves, separation index and flags are that model's alone"}
-                for concept, names in by_concept.items() if len(names) == 1]
+        return [
+            {
+                "analysis": "comparison between variants (Figures 2, 4/5)",
+                "concept": concept,
+                "reason": f"{concept} has one model ({names[0]}); a comparison needs two, so "
+                "its curves, separation index and flags are that model's alone",
+            }
+            for concept, names in by_concept.items()
+            if len(names) == 1
+        ]
 
     @property
     def eval_split(self) -> str:
@@ -267,30 +304,50 @@ class ReportBuilder:
         t0 = time.perf_counter()
         self.out.mkdir(parents=True, exist_ok=True)
         # A previous build's pages and figures (e.g. of latents no longer on top) must not linger.
-        for stale in [*(self.out / "figures").glob("*.png"), *(self.out / "latents").glob("*.html")]:
+        for stale in [
+            *(self.out / "figures").glob("*.png"),
+            *(self.out / "latents").glob("*.html"),
+        ]:
             stale.unlink()
         sections = [
             self.guarded("summary", H.Section("summary", "Run summary"), self.section_summary),
             self.guarded("models", H.Section("models", "Classifiers"), self.section_models),
             self.guarded("table1", H.Section("table1", "Table 1 · Fidelity"), self.section_table1),
-            self.guarded("figure2", H.Section("figure2", "Figure 2 · Top-k interventions"),
-                         self.section_figure2),
-            self.guarded("localize", H.Section("localize", "Figure 3 · Table 2 · Localisation"),
-                         self.section_localize),
-            self.guarded("separation", H.Section("separation", "Figures 4/5 · Latent separation"),
-                         self.section_separation),
+            self.guarded(
+                "figure2",
+                H.Section("figure2", "Figure 2 · Top-k interventions"),
+                self.section_figure2,
+            ),
+            self.guarded(
+                "localize",
+                H.Section("localize", "Figure 3 · Table 2 · Localisation"),
+                self.section_localize,
+            ),
+            self.guarded(
+                "separation",
+                H.Section("separation", "Figures 4/5 · Latent separation"),
+                self.section_separation,
+            ),
             self.guarded("sae", H.Section("sae", "SAE training"), self.section_sae),
             self.guarded("latents", H.Section("latents", "Top latents"), self.section_latents),
             self.guarded("atlas", H.Section("atlas", "Latent atlas"), self.section_atlas),
         ]
-        headlines = self.guarded("headlines", H.Section("headlines", "Headline numbers"), self.section_headlines)
+        headlines = self.guarded(
+            "headlines", H.Section("headlines", "Headline numbers"), self.section_headlines
+        )
         sections.insert(0, headlines)
         self.data["problems"] = self.problems
         self.data["figures"] = sorted(set(self.figures))
         self.data["seconds"] = round(time.perf_counter() - t0, 2)
-        name = self.config.get("name", self.run.name) if isinstance(self.config, Mapping) else self.run.name
-        subtitle = (f"run {self.run.name} · built {time.strftime('%Y-%m-%d %H:%M')} · "
-                    "static page, no network access")
+        name = (
+            self.config.get("name", self.run.name)
+            if isinstance(self.config, Mapping)
+            else self.run.name
+        )
+        subtitle = (
+            f"run {self.run.name} · built {time.strftime('%Y-%m-%d %H:%M')} · "
+            "static page, no network access"
+        )
         index = self.out / "index.html"
         write_text_atomic(index, H.page(f"mammo-sae report: {name}", subtitle, sections))
         write_json(self.out / "report.json", self.data)
@@ -301,10 +358,14 @@ class ReportBuilder:
         """One row per model from the other sections' numbers (built last, shown first)."""
         fid = {r["model"]: r for r in self.data.get("table1", [])}
         test = {r["model"]: r for r in self.data.get("models", [])}
-        best = {label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
-                for label, entry in self.data.get("table2", {}).items()}
+        best = {
+            label: max((r for r in entry["latents"]), key=lambda r: _num(r.get("ap")), default=None)
+            for label, entry in self.data.get("table2", {}).items()
+        }
         best_ap = {label: r for label, r in best.items() if "/" not in label}
-        pointing = {label.split("/")[0]: r for label, r in best.items() if label.endswith("/pointing")}
+        pointing = {
+            label.split("/")[0]: r for label, r in best.items() if label.endswith("/pointing")
+        }
         known = {m.name for m in self.models}
         separation = {}
         for folder, rows in self.data.get("separation", {}).items():
@@ -315,14 +376,21 @@ class ReportBuilder:
         rows = []
         for name in names:
             ap = best_ap.get(name)
-            rows.append({"model": name, "auroc_test": test.get(name, {}).get("auroc", math.nan),
-                         "auroc_original": fid.get(name, {}).get("auroc_original", math.nan),
-                         "auroc_sae": fid.get(name, {}).get("auroc_sae", math.nan),
-                         "recovered": recovered_shown(fid[name]) if name in fid else math.nan,
-                         "best_ap": _num(ap.get("ap")) if ap else math.nan,
-                         "best_ap_latent": int(ap["latent"]) if ap else None,
-                         "best_ap_pointing": _num(pointing[name].get("ap")) if name in pointing else math.nan,
-                         "separation": separation.get(name, math.nan)})
+            rows.append(
+                {
+                    "model": name,
+                    "auroc_test": test.get(name, {}).get("auroc", math.nan),
+                    "auroc_original": fid.get(name, {}).get("auroc_original", math.nan),
+                    "auroc_sae": fid.get(name, {}).get("auroc_sae", math.nan),
+                    "recovered": recovered_shown(fid[name]) if name in fid else math.nan,
+                    "best_ap": _num(ap.get("ap")) if ap else math.nan,
+                    "best_ap_latent": int(ap["latent"]) if ap else None,
+                    "best_ap_pointing": _num(pointing[name].get("ap"))
+                    if name in pointing
+                    else math.nan,
+                    "separation": separation.get(name, math.nan),
+                }
+            )
         self.data["headlines"] = rows
         self.data["skipped"] = self.skipped_comparisons()
         for skip in self.data["skipped"]:
@@ -330,24 +398,55 @@ class ReportBuilder:
         if not rows:
             s.add(H.note("no model results yet"))
             return
-        s.add(H.table(rows, ["model", "auroc_test", "auroc_original", "auroc_sae", "recovered", "best_ap",
-                             "best_ap_latent", "best_ap_pointing", "separation"],
-                      headers=["model", f"{self.eval_split} AUROC (classifier)",
-                               "AUROC original (store)", "AUROC SAE",
-                               "recovered", "best latent AP (top-10 ranked)", "that latent",
-                               "best AP (pointing-chosen)", "separation index"]))
-        s.add(H.note("Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE
-                     + ". Separation index: see Figures 4/5. Every number here is in report.json."))
-        s.add(f'<p class="note">All numbers of this page: {H.link("report.json", "report.json")}</p>')
+        s.add(
+            H.table(
+                rows,
+                [
+                    "model",
+                    "auroc_test",
+                    "auroc_original",
+                    "auroc_sae",
+                    "recovered",
+                    "best_ap",
+                    "best_ap_latent",
+                    "best_ap_pointing",
+                    "separation",
+                ],
+                headers=[
+                    "model",
+                    f"{self.eval_split} AUROC (classifier)",
+                    "AUROC original (store)",
+                    "AUROC SAE",
+                    "recovered",
+                    "best latent AP (top-10 ranked)",
+                    "that latent",
+                    "best AP (pointing-chosen)",
+                    "separation index",
+                ],
+            )
+        )
+        s.add(
+            H.note(
+                "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), "
+                + RECOVERED_RULE
+                + ". Separation index: see Figures 4/5. Every number here is in report.json."
+            )
+        )
+        s.add(
+            f'<p class="note">All numbers of this page: {H.link("report.json", "report.json")}</p>'
+        )
         for concept, debias in self.data.get("debias", {}).items():
             for r in debias:
                 if not r.get("in_top"):
                     continue
-                s.add(H.note(
-                    f"Confounder check, {concept} {r['model']}: {r['n_associated']} latents follow the "
-                    f"attribute among negatives ({r['in_top']} of the top ones); switching them off moves "
-                    f"concept AUROC {H.fmt(r['auroc_plain'])} → {H.fmt(r['auroc_off'])} and the shortcut "
-                    f"{H.fmt(r['shortcut_plain'])} → {H.fmt(r['shortcut_off'])} (Figures 4/5 section)."))
+                s.add(
+                    H.note(
+                        f"Confounder check, {concept} {r['model']}: {r['n_associated']} latents follow the "
+                        f"attribute among negatives ({r['in_top']} of the top ones); switching them off moves "
+                        f"concept AUROC {H.fmt(r['auroc_plain'])} → {H.fmt(r['auroc_off'])} and the shortcut "
+                        f"{H.fmt(r['shortcut_plain'])} → {H.fmt(r['shortcut_off'])} (Figures 4/5 section)."
+                    )
+                )
 
     # ------------------------------------------------------------------ summary
     def section_summary(self, s: H.Section) -> None:
@@ -369,27 +468,40 @@ class ReportBuilder:
             rec = read_json(path)
             seconds = _num(rec.get("seconds")) if isinstance(rec, Mapping) else math.nan
             stage = str(rec.get("stage", path.stem)) if isinstance(rec, Mapping) else path.stem
-            stages.append({"stage": stage, "seconds": seconds,
-                           "key": str(rec.get("key", ""))[:16] if isinstance(rec, Mapping) else ""})
+            stages.append(
+                {
+                    "stage": stage,
+                    "seconds": seconds,
+                    "key": str(rec.get("key", ""))[:16] if isinstance(rec, Mapping) else "",
+                }
+            )
             total += seconds if math.isfinite(seconds) else 0.0
         rank = {name: i for i, name in enumerate(STAGE_ORDER)}
         stages.sort(key=lambda r: (rank.get(r["stage"], len(rank)), r["stage"]))
         done = {r["stage"] for r in stages}
-        self.data["run"] = {"name": self.config.get("name", self.run.name), "stages": stages,
-                            "stage_seconds_total": total,
-                            "not_run": [n for n in STAGE_ORDER if n not in done and n != "report"]}
+        self.data["run"] = {
+            "name": self.config.get("name", self.run.name),
+            "stages": stages,
+            "stage_seconds_total": total,
+            "not_run": [n for n in STAGE_ORDER if n not in done and n != "report"],
+        }
         kpi: dict[str, Any] = {"stages finished": len(stages), "stage time (min)": total / 60}
         summary_path = self.run / "data" / "summary.json"
         dataset_rows = []
         if summary_path.is_file():
             summary = read_json(summary_path)
             splits = summary.get("splits", {}) if isinstance(summary, Mapping) else {}
-            for split, info in (splits.items() if isinstance(splits, Mapping) else []):
+            for split, info in splits.items() if isinstance(splits, Mapping) else []:
                 if isinstance(info, Mapping):
                     pos = info.get("positives", {}).get("image") or {}
-                    dataset_rows.append({"split": split, "images": info.get("images"),
-                                         "patients": info.get("patients"),
-                                         **{f"{c} +": n for c, n in pos.items()}})
+                    dataset_rows.append(
+                        {
+                            "split": split,
+                            "images": info.get("images"),
+                            "patients": info.get("patients"),
+                            **{f"{c} +": n for c, n in pos.items()},
+                        }
+                    )
             empty = {k for k in dataset_rows[0] if k.endswith(" +")} if dataset_rows else set()
             empty = {k for k in empty if all(not r.get(k) for r in dataset_rows)}
             dataset_rows = [{k: v for k, v in r.items() if k not in empty} for r in dataset_rows]
@@ -406,7 +518,14 @@ class ReportBuilder:
             s.add("<h3>Dataset (image-level positives)</h3>")
             s.add(H.table(dataset_rows, list(dict.fromkeys(k for r in dataset_rows for k in r))))
         s.add("<h3>Stage timings</h3>")
-        s.add(H.table(stages, ["stage", "seconds", "key"], headers=["stage", "seconds", "cache key"], digits=1))
+        s.add(
+            H.table(
+                stages,
+                ["stage", "seconds", "key"],
+                headers=["stage", "seconds", "cache key"],
+                digits=1,
+            )
+        )
         s.add("<h3>Resolved config (RUN/config.yaml)</h3>")
         s.add(H.pre(text) if text else H.note("not found: config.yaml"))
 
@@ -424,32 +543,63 @@ class ReportBuilder:
                 # Recorded relative to the run (older runs: to the first run's cwd).
                 classifier = str(e.get("classifier", ""))
                 classifier = str(resolve_recorded(classifier, self.run)) if classifier else ""
-                self.models.append(ModelInfo(str(e["name"]), str(e.get("concept", concept)),
-                                             str(e.get("variant", variant)), classifier,
-                                             str(e.get("encoder_key", ""))))
+                self.models.append(
+                    ModelInfo(
+                        str(e["name"]),
+                        str(e.get("concept", concept)),
+                        str(e.get("variant", variant)),
+                        classifier,
+                        str(e.get("encoder_key", "")),
+                    )
+                )
         metrics = data.get("test_metrics", {}) if isinstance(data, Mapping) else {}
         self.model_metrics = metrics if isinstance(metrics, Mapping) else {}
         rows = []
         for m in self.models:
             met = self.model_metrics.get(m.name, {})
             auroc, auprc = _metric(met, "auroc"), _metric(met, "auprc")
-            rows.append({"model": m.name, "concept": m.concept, "variant": m.variant,
-                         "n": met.get("n") if isinstance(met, Mapping) else None,
-                         "n_pos": met.get("n_pos") if isinstance(met, Mapping) else None,
-                         "auroc": auroc[0], "auroc_low": auroc[1], "auroc_high": auroc[2],
-                         "auprc": auprc[0], "auprc_low": auprc[1], "auprc_high": auprc[2]})
+            rows.append(
+                {
+                    "model": m.name,
+                    "concept": m.concept,
+                    "variant": m.variant,
+                    "n": met.get("n") if isinstance(met, Mapping) else None,
+                    "n_pos": met.get("n_pos") if isinstance(met, Mapping) else None,
+                    "auroc": auroc[0],
+                    "auroc_low": auroc[1],
+                    "auroc_high": auroc[2],
+                    "auprc": auprc[0],
+                    "auprc_low": auprc[1],
+                    "auprc_high": auprc[2],
+                }
+            )
         self.data["models"] = rows
-        shown = [{**r, "auroc": ci_text(*(r[k] for k in ("auroc", "auroc_low", "auroc_high"))),
-                  "auprc": ci_text(*(r[k] for k in ("auprc", "auprc_low", "auprc_high")))} for r in rows]
-        s.add(H.note(f"Concept classifiers evaluated on the {self.eval_split} split "
-                     "(95 % bootstrap CIs). \"pretrained\" = a linear probe: a linear head trained "
-                     "on the frozen encoder of the pretext task (Mammo-CLIP's image encoder, or "
-                     "the phantom's self-supervised backbone), the encoder never seeing the "
-                     "concept's labels; \"finetuned\" = encoder and head trained end to end on "
-                     "the concept."))
-        s.add(H.table(shown, ["model", "concept", "variant", "n", "n_pos", "auroc", "auprc"],
-                      headers=["model", "concept", "variant", "images", "positives", "AUROC", "AUPRC"],
-                      left=3))
+        shown = [
+            {
+                **r,
+                "auroc": ci_text(*(r[k] for k in ("auroc", "auroc_low", "auroc_high"))),
+                "auprc": ci_text(*(r[k] for k in ("auprc", "auprc_low", "auprc_high"))),
+            }
+            for r in rows
+        ]
+        s.add(
+            H.note(
+                f"Concept classifiers evaluated on the {self.eval_split} split "
+                '(95 % bootstrap CIs). "pretrained" = a linear probe: a linear head trained '
+                "on the frozen encoder of the pretext task (Mammo-CLIP's image encoder, or "
+                "the phantom's self-supervised backbone), the encoder never seeing the "
+                'concept\'s labels; "finetuned" = encoder and head trained end to end on '
+                "the concept."
+            )
+        )
+        s.add(
+            H.table(
+                shown,
+                ["model", "concept", "variant", "n", "n_pos", "auroc", "auprc"],
+                headers=["model", "concept", "variant", "images", "positives", "AUROC", "AUPRC"],
+                left=3,
+            )
+        )
         s.add(self.sources_note([path]))
 
     # ------------------------------------------------------------------ Table 1
@@ -467,20 +617,48 @@ class ReportBuilder:
         rows = []
         for name, r in results.items():
             info = self.model_info(name)
-            orig = _metric(r["original"]) if "original" in r else _metric(
-                {"auroc": r.get("auroc_original"), "auroc_low": r.get("auroc_original_low"),
-                 "auroc_high": r.get("auroc_original_high")})
-            sae = _metric(r["sae"]) if "sae" in r else _metric(
-                {"auroc": r.get("auroc_sae"), "auroc_low": r.get("auroc_sae_low"),
-                 "auroc_high": r.get("auroc_sae_high")})
-            rows.append({"model": name, "concept": r.get("concept", info.concept),
-                         "variant": r.get("variant", info.variant), "n": r.get("n"), "n_pos": r.get("n_pos"),
-                         "auroc_original": orig[0], "auroc_original_low": orig[1],
-                         "auroc_original_high": orig[2], "auroc_sae": sae[0], "auroc_sae_low": sae[1],
-                         "auroc_sae_high": sae[2], "recovered": _num(r.get("recovered")),
-                         "fvu": _num(r.get("fvu")), "l0": _num(r.get("l0")),
-                         "dead_fraction": _num(r.get("dead_fraction")),
-                         "warning": r.get("warning", "")})
+            orig = (
+                _metric(r["original"])
+                if "original" in r
+                else _metric(
+                    {
+                        "auroc": r.get("auroc_original"),
+                        "auroc_low": r.get("auroc_original_low"),
+                        "auroc_high": r.get("auroc_original_high"),
+                    }
+                )
+            )
+            sae = (
+                _metric(r["sae"])
+                if "sae" in r
+                else _metric(
+                    {
+                        "auroc": r.get("auroc_sae"),
+                        "auroc_low": r.get("auroc_sae_low"),
+                        "auroc_high": r.get("auroc_sae_high"),
+                    }
+                )
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "concept": r.get("concept", info.concept),
+                    "variant": r.get("variant", info.variant),
+                    "n": r.get("n"),
+                    "n_pos": r.get("n_pos"),
+                    "auroc_original": orig[0],
+                    "auroc_original_low": orig[1],
+                    "auroc_original_high": orig[2],
+                    "auroc_sae": sae[0],
+                    "auroc_sae_low": sae[1],
+                    "auroc_sae_high": sae[2],
+                    "recovered": _num(r.get("recovered")),
+                    "fvu": _num(r.get("fvu")),
+                    "l0": _num(r.get("l0")),
+                    "dead_fraction": _num(r.get("dead_fraction")),
+                    "warning": r.get("warning", ""),
+                }
+            )
         order = {m.name: i for i, m in enumerate(self.models)}
         return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"]))
 
@@ -494,20 +672,46 @@ class ReportBuilder:
         for r in rows:
             r["recovered_shown"] = recovered_shown(r)
         self.data["table1"] = rows
-        shown = [{**r, "orig": ci_text(r["auroc_original"], r["auroc_original_low"], r["auroc_original_high"]),
-                  "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"]),
-                  "recovered": r["recovered_shown"]} for r in rows]
-        s.add(H.note(f"Concept AUROC ({self.eval_split} split, 95 % bootstrap CI) with the original "
-                     "features and with the SAE reconstruction in their place (no error term). "
-                     "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE + ". "
-                     "FVU and L0 over the same images' patches; dead fraction = share of the SAE's "
-                     "latents that fire on none of these patches. (The SAE-training plot's dead "
-                     "fraction is another count: latents silent for the last dead-window of "
-                     "training patches, 0 by construction until that many patches have been seen; "
-                     "see the SAE training section.)"))
-        s.add(H.table(shown, ["concept", "variant", "orig", "sae", "recovered", "fvu", "l0", "dead_fraction"],
-                      headers=["concept", "model", "AUROC original", "AUROC SAE", "recovered", "FVU",
-                               "L0", "dead fraction"], left=2))
+        shown = [
+            {
+                **r,
+                "orig": ci_text(
+                    r["auroc_original"], r["auroc_original_low"], r["auroc_original_high"]
+                ),
+                "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"]),
+                "recovered": r["recovered_shown"],
+            }
+            for r in rows
+        ]
+        s.add(
+            H.note(
+                f"Concept AUROC ({self.eval_split} split, 95 % bootstrap CI) with the original "
+                "features and with the SAE reconstruction in their place (no error term). "
+                "Recovered = (AUROC_SAE − 0.5)/(AUROC_orig − 0.5), " + RECOVERED_RULE + ". "
+                "FVU and L0 over the same images' patches; dead fraction = share of the SAE's "
+                "latents that fire on none of these patches. (The SAE-training plot's dead "
+                "fraction is another count: latents silent for the last dead-window of "
+                "training patches, 0 by construction until that many patches have been seen; "
+                "see the SAE training section.)"
+            )
+        )
+        s.add(
+            H.table(
+                shown,
+                ["concept", "variant", "orig", "sae", "recovered", "fvu", "l0", "dead_fraction"],
+                headers=[
+                    "concept",
+                    "model",
+                    "AUROC original",
+                    "AUROC SAE",
+                    "recovered",
+                    "FVU",
+                    "L0",
+                    "dead fraction",
+                ],
+                left=2,
+            )
+        )
         for r in rows:
             if r["warning"]:
                 s.add(H.note(f"{r['model']}: {r['warning']}"))
@@ -540,40 +744,66 @@ class ReportBuilder:
                 self.problems[f"figure2/{folder.name}"] = "no sweep JSON/CSV with mode, k, auroc"
                 continue
             info = self.model_info(folder.name)
-            data[folder.name] = {mode: {k: v.tolist() for k, v in c.items()} for mode, c in curves.items()}
+            data[folder.name] = {
+                mode: {k: v.tolist() for k, v in c.items()} for mode, c in curves.items()
+            }
             for mode, c in curves.items():
                 grid.setdefault(info.concept, {}).setdefault(mode, []).append(
-                    Curve(info.variant or info.name, c["ks"], c["auroc"], c["auroc_low"], c["auroc_high"]))
+                    Curve(
+                        info.variant or info.name,
+                        c["ks"],
+                        c["auroc"],
+                        c["auroc_low"],
+                        c["auroc_high"],
+                    )
+                )
         self.data["figure2"] = data
         if grid:
             plot_topk_grid(grid, self.figure_path("figure2_topk.png"))
-            fig = H.figure(self.made_figure("figure2_topk.png"),
-                           f"{self.eval_split.capitalize()} AUROC when only the top-k class-0 ∪ "
-                           "class-1 latents are kept (activated) "
-                           "or when they are zeroed (deactivated); bands: 95 % bootstrap CIs. "
-                           "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the "
-                           "plain SAE.")
-            s.add(H.details("Figure 2 grid (a row per concept, a curve per model)", fig,
-                            open_=True))
+            fig = H.figure(
+                self.made_figure("figure2_topk.png"),
+                f"{self.eval_split.capitalize()} AUROC when only the top-k class-0 ∪ "
+                "class-1 latents are kept (activated) "
+                "or when they are zeroed (deactivated); bands: 95 % bootstrap CIs. "
+                "k = 0 activated is a constant logit (0.5); deactivated k = 0 is the "
+                "plain SAE.",
+            )
+            s.add(
+                H.details("Figure 2 grid (a row per concept, a curve per model)", fig, open_=True)
+            )
             points = (0, 1, 5, 10, 50, 100, 1000)
             rows = []
             for name, curves in data.items():
                 for mode, c in curves.items():
                     row: dict[str, Any] = {"model": name, "mode": dict(MODES).get(mode, mode)}
-                    row.update({f"k={int(k)}": a for k, a in zip(c["ks"], c["auroc"], strict=True)
-                                if k in points})
+                    row.update(
+                        {
+                            f"k={int(k)}": a
+                            for k, a in zip(c["ks"], c["auroc"], strict=True)
+                            if k in points
+                        }
+                    )
                     rows.append(row)
-            columns = ["model", "mode"] + sorted({k for r in rows for k in r if k.startswith("k=")},
-                                                 key=lambda k: int(k[2:]))
+            columns = ["model", "mode"] + sorted(
+                {k for r in rows for k in r if k.startswith("k=")}, key=lambda k: int(k[2:])
+            )
             s.add("<h3>AUROC at selected k</h3>")
             s.add(H.table(rows, columns, left=2))
-            s.add(self.sources_note(sorted(p for folder in dirs for p in
-                                           [*folder.glob("*.json"), *folder.glob("*.csv")])))
+            s.add(
+                self.sources_note(
+                    sorted(
+                        p
+                        for folder in dirs
+                        for p in [*folder.glob("*.json"), *folder.glob("*.csv")]
+                    )
+                )
+            )
         else:  # nothing parseable: show the stage's own figures
             for folder in dirs:
                 for png in sorted(folder.glob("*.png")):
-                    fig = H.figure(self.copy_figure(png, f"figure2_{folder.name}_{png.name}"),
-                                   folder.name)
+                    fig = H.figure(
+                        self.copy_figure(png, f"figure2_{folder.name}_{png.name}"), folder.name
+                    )
                     s.add(H.details(f"{folder.name} · {png.name}", fig, open_=True))
 
     # ------------------------------------------------------------------ Figure 3 / Table 2
@@ -595,7 +825,9 @@ class ReportBuilder:
             s.add(H.note("not run: no analysis/localize/*/localization.json (localize stage)"))
             return
         order = {m.name: i for i, m in enumerate(self.models)}
-        files.sort(key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p)))
+        files.sort(
+            key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p))
+        )
         by_model: dict[str, dict[str, Any]] = {}
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
@@ -605,54 +837,82 @@ class ReportBuilder:
             baselines = payload.get("baselines", {}) if isinstance(payload, Mapping) else {}
             rows = [dict(r) for r in latents if isinstance(r, Mapping) and "latent" in r]
             rows.sort(key=lambda r: _num(r.get("rank")))
-            by_model[label] = {"settings": settings, "latents": rows,
-                               "baselines": baselines if isinstance(baselines, Mapping) else {}}
+            by_model[label] = {
+                "settings": settings,
+                "latents": rows,
+                "baselines": baselines if isinstance(baselines, Mapping) else {},
+            }
         self.data["table2"] = by_model
         ranks = sorted({int(_num(r.get("rank"))) for e in by_model.values() for r in e["latents"]})
-        base_names = [b for b in BASELINE_COLUMNS if any(b in e["baselines"] for e in by_model.values())]
+        base_names = [
+            b for b in BASELINE_COLUMNS if any(b in e["baselines"] for e in by_model.values())
+        ]
         table = []
         for label, entry in by_model.items():
             cells = {int(_num(r.get("rank"))): r for r in entry["latents"]}
             row = [H.esc(label)]
-            for k in ranks:   # every cell links to its latent's page (all Table-2 latents get one)
+            for k in ranks:  # every cell links to its latent's page (all Table-2 latents get one)
                 r = cells.get(k)
-                row.append(H.link(f"latents/{int(r['latent'])}.html",
-                                  f"{_num(r.get('ap')):.3f} (#{int(r['latent'])})") if r else "")
+                row.append(
+                    H.link(
+                        f"latents/{int(r['latent'])}.html",
+                        f"{_num(r.get('ap')):.3f} (#{int(r['latent'])})",
+                    )
+                    if r
+                    else ""
+                )
             row += [H.esc(H.fmt(_num(entry["baselines"].get(b, {}).get("ap")))) for b in base_names]
             table.append(row)
         first = next(iter(by_model.values()))["settings"]
-        s.add(H.note(
-            f"AP@IoU {first.get('iou_threshold', '?')} of each latent's heatmap boxes (threshold "
-            f"{first.get('threshold', '?')}, {first.get('split', '?')} split, "
-            f"{first.get('image_set', '?')} images, cells placed at their "
-            f"{first.get('align', 'even')} positions; VOC all-point AP). Cells: AP (#latent), "
-            "linked to the latent's page. A row named after a model scores the top latents of its "
-            "class-1 probe ranking (the paper's choice); a row ending in /pointing scores the "
-            "latents chosen by the pointing game instead: those whose strongest cell most often "
-            "falls on a ground-truth box of the ranking split's positive images (chosen without "
-            "the evaluated images)."))
-        s.add(H.note(
-            "Baselines, through the same threshold, boxes and AP: chance = random boxes of the "
-            "findings' own sizes centred in the breast (random scores, mean over draws); "
-            "classifier map = the classifier's own activation map (w · f per cell, whose mean is "
-            "its logit); oracle = one box per finding centred on the truth with the median size "
-            "of the latents' predicted boxes, the best any latent can do with boxes that size."))
-        headers = ["setting"] + [f"rank {k}" for k in ranks] + [BASELINE_COLUMNS[b] for b in base_names]
+        s.add(
+            H.note(
+                f"AP@IoU {first.get('iou_threshold', '?')} of each latent's heatmap boxes (threshold "
+                f"{first.get('threshold', '?')}, {first.get('split', '?')} split, "
+                f"{first.get('image_set', '?')} images, cells placed at their "
+                f"{first.get('align', 'even')} positions; VOC all-point AP). Cells: AP (#latent), "
+                "linked to the latent's page. A row named after a model scores the top latents of its "
+                "class-1 probe ranking (the paper's choice); a row ending in /pointing scores the "
+                "latents chosen by the pointing game instead: those whose strongest cell most often "
+                "falls on a ground-truth box of the ranking split's positive images (chosen without "
+                "the evaluated images)."
+            )
+        )
+        s.add(
+            H.note(
+                "Baselines, through the same threshold, boxes and AP: chance = random boxes of the "
+                "findings' own sizes centred in the breast (random scores, mean over draws); "
+                "classifier map = the classifier's own activation map (w · f per cell, whose mean is "
+                "its logit); oracle = one box per finding centred on the truth with the median size "
+                "of the latents' predicted boxes, the best any latent can do with boxes that size."
+            )
+        )
+        headers = (
+            ["setting"] + [f"rank {k}" for k in ranks] + [BASELINE_COLUMNS[b] for b in base_names]
+        )
         s.add("<h3>Table 2 · AP per latent</h3>")
         s.add(H.html_table(table, headers, left=1))
-        s.add(self.sources_note([p for f in files for p in
-                                 (f, f.parent / "localization.csv", f.parent / "table2.csv")]))
+        s.add(
+            self.sources_note(
+                [
+                    p
+                    for f in files
+                    for p in (f, f.parent / "localization.csv", f.parent / "table2.csv")
+                ]
+            )
+        )
         s.add("<h3>Figure 3 · Heatmaps of the top latents</h3>")
         shown = 0
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
             for png in sorted(path.parent.glob("*.png")):
                 safe = label.replace("/", "_")
-                fig = H.figure(self.copy_figure(png, f"figure3_{safe}_{png.name}"),
-                               f"{label}: first row the classifier's own map (when scored), then "
-                               "the latents by rank; GT boxes white, predicted boxes cyan (solid: "
-                               "hit a GT box at the IoU threshold, dashed: miss); each panel's "
-                               "colours run from 0 to its own maximum.")
+                fig = H.figure(
+                    self.copy_figure(png, f"figure3_{safe}_{png.name}"),
+                    f"{label}: first row the classifier's own map (when scored), then "
+                    "the latents by rank; GT boxes white, predicted boxes cyan (solid: "
+                    "hit a GT box at the IoU threshold, dashed: miss); each panel's "
+                    "colours run from 0 to its own maximum.",
+                )
                 s.add(H.details(f"{label} · Figure 3 grid", fig, open_=shown == 0))
                 shown += 1
         if not shown:
@@ -674,9 +934,11 @@ class ReportBuilder:
             label = folder.name if folder != root else "all"
             s.add(f"<h3>{H.esc(label)}</h3>")
             for png in sorted(folder.glob("*.png")):
-                fig = H.figure(self.copy_figure(png, f"separation_{label}_{png.name}"),
-                               f"{label}: class-mean latent vectors z̄(1) (up) and z̄(0) (down); "
-                               "dominant latents labelled, flagged latents marked")
+                fig = H.figure(
+                    self.copy_figure(png, f"separation_{label}_{png.name}"),
+                    f"{label}: class-mean latent vectors z̄(1) (up) and z̄(0) (down); "
+                    "dominant latents labelled, flagged latents marked",
+                )
                 s.add(H.details(f"{label} · {png.name}", fig, open_=True))
             results: dict[str, dict[str, Any]] = {}
             top = None
@@ -688,38 +950,83 @@ class ReportBuilder:
             for name, r in results.items():
                 dominant = r.get("class1_dominant", []) or []
                 flagged = r.get("flagged", []) or []
-                rows.append({"model": name, "separation": _num(r.get("separation")),
-                             "dominant": ", ".join(str(e.get("index")) for e in dominant[:10]),
-                             "flagged": ", ".join(f"{e.get('index')} ({'/'.join(e.get('flags', []))})"
-                                                  for e in flagged) or "none"})
+                rows.append(
+                    {
+                        "model": name,
+                        "separation": _num(r.get("separation")),
+                        "dominant": ", ".join(str(e.get("index")) for e in dominant[:10]),
+                        "flagged": ", ".join(
+                            f"{e.get('index')} ({'/'.join(e.get('flags', []))})" for e in flagged
+                        )
+                        or "none",
+                    }
+                )
             data[label] = {"models": rows, "results": results}
             if rows:
-                s.add(H.note(f"Separation index = the mean, over the {top or 10} latents most "
-                             "dominant in class 1, of (z̄(1) − z̄(0)) / (z̄(1) + z̄(0)), where z̄(c) is "
-                             "a latent's mean activation over the images of class c: 1 when those "
-                             "latents fire only on the concept's images, near 0 when they fire on "
-                             "both classes alike."))
+                s.add(
+                    H.note(
+                        f"Separation index = the mean, over the {top or 10} latents most "
+                        "dominant in class 1, of (z̄(1) − z̄(0)) / (z̄(1) + z̄(0)), where z̄(c) is "
+                        "a latent's mean activation over the images of class c: 1 when those "
+                        "latents fire only on the concept's images, near 0 when they fire on "
+                        "both classes alike."
+                    )
+                )
                 s.add(self.sources_note(sorted(folder.glob("*.json"))))
-                s.add(H.table(rows, ["model", "separation", "dominant", "flagged"],
-                              headers=["model", "separation index", "most class-1-dominant latents",
-                                       "flagged (confounder / off-breast / associated)"]))
+                s.add(
+                    H.table(
+                        rows,
+                        ["model", "separation", "dominant", "flagged"],
+                        headers=[
+                            "model",
+                            "separation index",
+                            "most class-1-dominant latents",
+                            "flagged (confounder / off-breast / associated)",
+                        ],
+                    )
+                )
             debias = self._debias_rows(label, results)
             if debias:
                 data[label]["debias"] = debias
-                s.add(H.note("Associated latents: image-mean activation tells images with the attribute "
-                             "(the phantom's marker) from those without among concept-negative images "
-                             "(AUROC ≥ 0.8 by default, on the ranking split). Switching them all off, evaluation split: "
-                             "concept AUROC, and the shortcut (AUROC of the logit for the attribute among "
-                             "concept negatives; 0.5 = no shortcut)."))
-                s.add(H.table(debias, ["model", "n_associated", "in_top", "auroc_plain", "auroc_off",
-                                       "shortcut_plain", "shortcut_off"],
-                              headers=["model", "associated latents", f"of the top {top or 10}", "concept AUROC (SAE)",
-                                       "… associated off", "shortcut AUROC (SAE)", "… associated off"]))
+                s.add(
+                    H.note(
+                        "Associated latents: image-mean activation tells images with the attribute "
+                        "(the phantom's marker) from those without among concept-negative images "
+                        "(AUROC ≥ 0.8 by default, on the ranking split). Switching them all off, evaluation split: "
+                        "concept AUROC, and the shortcut (AUROC of the logit for the attribute among "
+                        "concept negatives; 0.5 = no shortcut)."
+                    )
+                )
+                s.add(
+                    H.table(
+                        debias,
+                        [
+                            "model",
+                            "n_associated",
+                            "in_top",
+                            "auroc_plain",
+                            "auroc_off",
+                            "shortcut_plain",
+                            "shortcut_off",
+                        ],
+                        headers=[
+                            "model",
+                            "associated latents",
+                            f"of the top {top or 10}",
+                            "concept AUROC (SAE)",
+                            "… associated off",
+                            "shortcut AUROC (SAE)",
+                            "… associated off",
+                        ],
+                    )
+                )
         self.data["separation"] = {k: v["models"] for k, v in data.items()}
         self.data["debias"] = {k: v["debias"] for k, v in data.items() if v.get("debias")}
         self.separation_results = {k: v["results"] for k, v in data.items()}
 
-    def _debias_rows(self, concept: str, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def _debias_rows(
+        self, concept: str, results: dict[str, dict[str, Any]]
+    ) -> list[dict[str, Any]]:
         rows = []
         for variant, r in results.items():
             path = self.analysis / "separation" / concept / "associated-off" / variant / "edit.json"
@@ -727,13 +1034,19 @@ class ReportBuilder:
                 continue
             edit = read_json(path)
             if sorted(edit.get("latents", [])) != sorted(r.get("associated", [])):
-                continue   # an edit from another separation result
+                continue  # an edit from another separation result
             sc = edit.get("shortcut", {}).get("attribute_auroc_among_negatives", {})
-            rows.append({"model": variant, "n_associated": len(r.get("associated", [])),
-                         "in_top": r.get("associated_in_top"),
-                         "auroc_plain": _num(edit["plain_sae"].get("auroc")),
-                         "auroc_off": _num(edit["edited"].get("auroc")),
-                         "shortcut_plain": _num(sc.get("plain_sae")), "shortcut_off": _num(sc.get("edited"))})
+            rows.append(
+                {
+                    "model": variant,
+                    "n_associated": len(r.get("associated", [])),
+                    "in_top": r.get("associated_in_top"),
+                    "auroc_plain": _num(edit["plain_sae"].get("auroc")),
+                    "auroc_off": _num(edit["edited"].get("auroc")),
+                    "shortcut_plain": _num(sc.get("plain_sae")),
+                    "shortcut_off": _num(sc.get("edited")),
+                }
+            )
         return rows
 
     # ------------------------------------------------------------------ SAE training
@@ -748,9 +1061,14 @@ class ReportBuilder:
             cfg = read_json(cfg_files[0])
             if isinstance(cfg, Mapping):
                 inner = cfg.get("config", {}) if isinstance(cfg.get("config"), Mapping) else {}
-                info = {"architecture": cfg.get("architecture"), "d": cfg.get("d"), "h": cfg.get("h"),
-                        "l1_coeff": inner.get("l1_coeff"), "k": inner.get("k") if cfg.get("architecture") != "relu-l1" else None,
-                        "normalisation": inner.get("normalisation")}
+                info = {
+                    "architecture": cfg.get("architecture"),
+                    "d": cfg.get("d"),
+                    "h": cfg.get("h"),
+                    "l1_coeff": inner.get("l1_coeff"),
+                    "k": inner.get("k") if cfg.get("architecture") != "relu-l1" else None,
+                    "normalisation": inner.get("normalisation"),
+                }
                 info = {k: v for k, v in info.items() if v is not None}
         logs = sorted(root.rglob("*.jsonl"))
         self.data["sae"] = {"checkpoint": info}
@@ -762,24 +1080,51 @@ class ReportBuilder:
         rows = read_jsonl(logs[0])
         if not rows:
             raise MammoSaeError(f"{logs[0]} is empty")
-        drawn = plot_training_curves(rows, self.figure_path("sae_training.png"),
-                                     title=f"SAE training ({logs[0].name}, {len(rows)} entries)")
-        s.add(H.figure(self.made_figure("sae_training.png"), "SAE training curves: " + ", ".join(drawn)))
+        drawn = plot_training_curves(
+            rows,
+            self.figure_path("sae_training.png"),
+            title=f"SAE training ({logs[0].name}, {len(rows)} entries)",
+        )
+        s.add(
+            H.figure(
+                self.made_figure("sae_training.png"), "SAE training curves: " + ", ".join(drawn)
+            )
+        )
         if "dead_fraction" in drawn:
-            window = next((read_json(p).get("dead_window_patches") for p in
-                           sorted(root.rglob("train_config.json"))), None)
-            seen = max((_num(r.get(k)) for r in rows for k in ("patches_seen", "n_seen", "tokens")
-                        if math.isfinite(_num(r.get(k)))), default=math.nan)
-            s.add(H.note(
-                "Dead fraction while training = share of latents that have not fired for the last "
-                f"{H.fmt(window) if isinstance(window, int) else 'dead-window'} training patches "
-                "(dead_window_patches); until that many patches have been seen it is 0 by "
-                "construction" + (f" (this run saw {H.fmt(int(seen))})" if math.isfinite(seen)
-                                  else "") + ". Table 1's dead fraction instead counts latents "
-                "that fire on none of the evaluation images' patches."))
+            window = next(
+                (
+                    read_json(p).get("dead_window_patches")
+                    for p in sorted(root.rglob("train_config.json"))
+                ),
+                None,
+            )
+            seen = max(
+                (
+                    _num(r.get(k))
+                    for r in rows
+                    for k in ("patches_seen", "n_seen", "tokens")
+                    if math.isfinite(_num(r.get(k)))
+                ),
+                default=math.nan,
+            )
+            s.add(
+                H.note(
+                    "Dead fraction while training = share of latents that have not fired for the last "
+                    f"{H.fmt(window) if isinstance(window, int) else 'dead-window'} training patches "
+                    "(dead_window_patches); until that many patches have been seen it is 0 by "
+                    "construction"
+                    + (f" (this run saw {H.fmt(int(seen))})" if math.isfinite(seen) else "")
+                    + ". Table 1's dead fraction instead counts latents "
+                    "that fire on none of the evaluation images' patches."
+                )
+            )
         s.add(self.sources_note([logs[0], *sorted(root.rglob("train_config.json"))]))
         last = rows[-1]
-        final = {k: last[k] for k in last if isinstance(last[k], (int, float)) and not isinstance(last[k], bool)}
+        final = {
+            k: last[k]
+            for k in last
+            if isinstance(last[k], (int, float)) and not isinstance(last[k], bool)
+        }
         self.data["sae"]["final_log_entry"] = final
         s.add("<h3>Last log entry</h3>")
         s.add(H.table([final]) if final else H.note("(no numeric fields)"))
@@ -788,8 +1133,10 @@ class ReportBuilder:
     def latent_lists(self) -> dict[str, list[int]]:
         """Latent lists by label: every Table-2 row whole (each of its latents gets a page, linked
         from its cell), then, for a model without a row, the top of its class-1 probe ranking."""
-        out: dict[str, list[int]] = {label: [int(r["latent"]) for r in entry["latents"]]
-                                     for label, entry in self.data.get("table2", {}).items()}
+        out: dict[str, list[int]] = {
+            label: [int(r["latent"]) for r in entry["latents"]]
+            for label, entry in self.data.get("table2", {}).items()
+        }
         localised = {label.split("/")[0] for label in out}
         for folder in self.model_dirs("probe"):
             if folder.name in localised:
@@ -821,19 +1168,24 @@ class ReportBuilder:
             cell = H.link(f"latents/{j}.html", j) if detail.get("page") else H.esc(j)
             flags = ", ".join(f"{f['flag']} ({f['model']})" for f in detail.get("flags", []))
             rows.append([cell, H.esc(", ".join(ranks)), H.esc(flags)])
-        s.add(H.note("Every latent of Table 2 (ranked and pointing-chosen rows) and, for models "
-                     "without a Table-2 row, the top of the class-1 probe ranking. Each links to its "
-                     "page: one section per model that lists it (top-activating images with "
-                     "heatmaps, activation histogram, class association, off-breast and confounder "
-                     "scores, all through that model's features), and the effect on every logit. "
-                     "Flags name the model whose separation raised them."))
-        s.add(H.html_table(rows, ["latent", "listed by (rank)", "separation flags (model)"], left=2))
-
+        s.add(
+            H.note(
+                "Every latent of Table 2 (ranked and pointing-chosen rows) and, for models "
+                "without a Table-2 row, the top of the class-1 probe ranking. Each links to its "
+                "page: one section per model that lists it (top-activating images with "
+                "heatmaps, activation histogram, class association, off-breast and confounder "
+                "scores, all through that model's features), and the effect on every logit. "
+                "Flags name the model whose separation raised them."
+            )
+        )
+        s.add(
+            H.html_table(rows, ["latent", "listed by (rank)", "separation flags (model)"], left=2)
+        )
 
     def section_atlas(self, s: H.Section) -> None:
         from .atlas import write_atlas_page
 
-        write_atlas_page(self, s)   # atlas.html (its own module) and a link here
+        write_atlas_page(self, s)  # atlas.html (its own module) and a link here
 
 
 def _sweep_from(data: Any) -> dict[str, dict[str, np.ndarray]]:
@@ -846,15 +1198,24 @@ def _sweep_from(data: Any) -> dict[str, dict[str, np.ndarray]]:
     out = {}
     for mode in dict.fromkeys(str(r["mode"]) for r in rows):
         mine = sorted((r for r in rows if str(r["mode"]) == mode), key=lambda r: _num(r["k"]))
-        out[mode] = {"ks": nice_ks([_num(r["k"]) for r in mine]),
-                     "auroc": np.array([_num(r["auroc"]) for r in mine]),
-                     "auroc_low": np.array([_num(r.get("auroc_low")) for r in mine]),
-                     "auroc_high": np.array([_num(r.get("auroc_high")) for r in mine])}
+        out[mode] = {
+            "ks": nice_ks([_num(r["k"]) for r in mine]),
+            "auroc": np.array([_num(r["auroc"]) for r in mine]),
+            "auroc_low": np.array([_num(r.get("auroc_low")) for r in mine]),
+            "auroc_high": np.array([_num(r.get("auroc_high")) for r in mine]),
+        }
     return out
 
 
-def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False, top_latents: int = 10,
-                 latent_pages: bool = True, progress: bool = True) -> Path:
+def build_report(
+    run_dir: Path,
+    out: Path | None = None,
+    *,
+    strict: bool = False,
+    top_latents: int = 10,
+    latent_pages: bool = True,
+    progress: bool = True,
+) -> Path:
     """Write the report of `run_dir` into `out` (default RUN/report/) and return its index.html.
 
     `strict=True` raises on the first unreadable part instead of noting it in the page.
@@ -862,19 +1223,31 @@ def build_report(run_dir: Path, out: Path | None = None, *, strict: bool = False
     if top_latents < 1:
         raise MammoSaeError(f"top_latents must be at least 1, got {top_latents}")
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():   # before the lock, which would create RUN/report/
+    if not run_dir.is_dir():  # before the lock, which would create RUN/report/
         raise MammoSaeError(f"run directory not found: {run_dir}")
     markers = ("config.yaml", "stages", "models/models.json", "analysis")
     if run_dir.is_dir() and not any((run_dir / m).exists() for m in markers):
         # Outputs of the individual commands (extract, sae train, probe, ...): report those.
         from .standalone import build_standalone_report
 
-        return build_standalone_report(run_dir, out, strict=strict, top_latents=top_latents,
-                                       latent_pages=latent_pages, progress=progress)
+        return build_standalone_report(
+            run_dir,
+            out,
+            strict=strict,
+            top_latents=top_latents,
+            latent_pages=latent_pages,
+            progress=progress,
+        )
     out = Path(out) if out is not None else run_dir / "report"
     with writer_lock(out):
-        return ReportBuilder(run_dir, out, strict=strict, top_latents=top_latents,
-                             latent_pages=latent_pages, progress=progress).build()
+        return ReportBuilder(
+            run_dir,
+            out,
+            strict=strict,
+            top_latents=top_latents,
+            latent_pages=latent_pages,
+            progress=progress,
+        ).build()
 
 
 __all__ = ["ModelInfo", "ReportBuilder", "build_report", "read_jsonl", "split_model_name"]

@@ -6,7 +6,6 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 from ..config import opt
 from ..io import read_json
@@ -18,31 +17,48 @@ class ReportConfig:
     report.json (every number shown). Parts of the run that are missing show as "not run"."""
 
     run: Path = opt(help="run directory of `mammo-sae run` / `mammo-sae demo`")
-    out: Optional[Path] = opt(None, help="output folder (default: RUN/report)")
+    out: Path | None = opt(None, help="output folder (default: RUN/report)")
     top_latents: int = opt(10, min=1, help="top latents per model that get their own page")
-    latent_pages: bool = opt(True, help="write a page per top latent (opens the stores and the SAE)")
-    strict: bool = opt(False, help="fail on the first unreadable part instead of noting it in the page")
+    latent_pages: bool = opt(
+        True, help="write a page per top latent (opens the stores and the SAE)"
+    )
+    strict: bool = opt(
+        False, help="fail on the first unreadable part instead of noting it in the page"
+    )
     progress: bool = opt(True, help="show a progress bar")
 
 
 def run_report(cfg: ReportConfig) -> int:
     from .build import build_report
 
-    index = build_report(cfg.run, cfg.out, strict=cfg.strict, top_latents=cfg.top_latents,
-                         latent_pages=cfg.latent_pages, progress=cfg.progress)
+    index = build_report(
+        cfg.run,
+        cfg.out,
+        strict=cfg.strict,
+        top_latents=cfg.top_latents,
+        latent_pages=cfg.latent_pages,
+        progress=cfg.progress,
+    )
     print(f"report: {index}")
     problems = read_json(Path(index).parent / "report.json").get("problems") or {}
-    if problems:   # parts the page shows as unreadable: say so here too, not only in the page
+    if problems:  # parts the page shows as unreadable: say so here too, not only in the page
         shown = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3])
-        print(f"warning: {len(problems)} part(s) of the run could not be read and are marked in "
-              f"the report ({shown}{' …' if len(problems) > 3 else ''}); --strict fails on them",
-              file=sys.stderr)
+        print(
+            f"warning: {len(problems)} part(s) of the run could not be read and are marked in "
+            f"the report ({shown}{' …' if len(problems) > 3 else ''}); --strict fails on them",
+            file=sys.stderr,
+        )
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this subpackage's commands to the `mammo-sae` parser."""
     from ..cli import add_command
 
-    add_command(sub, "report", ReportConfig, run_report,
-                help="static offline HTML report of a run directory (figures + JSON beside it)")
+    add_command(
+        sub,
+        "report",
+        ReportConfig,
+        run_report,
+        help="static offline HTML report of a run directory (figures + JSON beside it)",
+    )

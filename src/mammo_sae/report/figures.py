@@ -7,8 +7,9 @@ Figure 2 (`plot_topk_grid`, also `intervene`'s figure) live in `mammo_sae.analys
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,19 @@ TRAINING_SERIES: dict[str, tuple[tuple[str, ...], str, bool]] = {
     "fvu": (("fvu", "train_fvu", "val_fvu", "fvu_val"), "FVU", True),
     "l0": (("l0", "train_l0", "mean_l0", "val_l0"), "L0 (active latents / patch)", False),
     "dead_fraction": (("dead_fraction", "dead_frac", "frac_dead", "dead"), "dead fraction", False),
-    "throughput": (("patches_per_s", "acts_per_s", "tokens_per_s", "samples_per_s", "rows_per_s",
-                    "throughput", "images_per_s"), "throughput (per s)", False),
+    "throughput": (
+        (
+            "patches_per_s",
+            "acts_per_s",
+            "tokens_per_s",
+            "samples_per_s",
+            "rows_per_s",
+            "throughput",
+            "images_per_s",
+        ),
+        "throughput (per s)",
+        False,
+    ),
 }
 # Keys giving the x axis of the training curves, in order of preference.
 STEP_KEYS = ("step", "steps", "tokens", "patches_seen", "n_seen", "epoch", "iteration")
@@ -36,23 +48,33 @@ def _finite(values: Sequence[Any]) -> np.ndarray:
     return out
 
 
-def training_series(log_rows: Sequence[Mapping[str, Any]]) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
+def training_series(
+    log_rows: Sequence[Mapping[str, Any]],
+) -> tuple[str, np.ndarray, dict[str, np.ndarray]]:
     """(x label, x values, {quantity: values}) for the quantities of TRAINING_SERIES present in
     an SAE training log (one dict per logged step; missing entries become NaN)."""
     keys = set().union(*(row.keys() for row in log_rows)) if log_rows else set()
     x_key = next((k for k in STEP_KEYS if k in keys), None)
-    x = _finite([row.get(x_key) for row in log_rows]) if x_key else np.arange(1, len(log_rows) + 1, dtype=float)
+    x = (
+        _finite([row.get(x_key) for row in log_rows])
+        if x_key
+        else np.arange(1, len(log_rows) + 1, dtype=float)
+    )
     series: dict[str, np.ndarray] = {}
     for name, (aliases, _, _) in TRAINING_SERIES.items():
         key = next((k for k in aliases if k in keys), None)
         if key is not None:
             values = _finite([row.get(key) for row in log_rows])
             if np.isfinite(values).any():
-                series[name if name != "throughput" else f"throughput ({key.replace('_per_s', '/s')})"] = values
+                series[
+                    name if name != "throughput" else f"throughput ({key.replace('_per_s', '/s')})"
+                ] = values
     return x_key or "logged step", x, series
 
 
-def plot_training_curves(log_rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = "") -> list[str]:
+def plot_training_curves(
+    log_rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = ""
+) -> list[str]:
     """One panel per quantity found in the log; returns the quantities drawn."""
     x_label, x, series = training_series(log_rows)
     if not series:
@@ -73,8 +95,9 @@ def plot_training_curves(log_rows: Sequence[Mapping[str, Any]], path: Path, *, t
     return list(series)
 
 
-def plot_activation_histogram(values_by_class: Mapping[str, np.ndarray], path: Path, *,
-                              title: str = "") -> Path:
+def plot_activation_histogram(
+    values_by_class: Mapping[str, np.ndarray], path: Path, *, title: str = ""
+) -> Path:
     """Per-image mean activation of one latent, one histogram per class (shared bins)."""
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values_by_class.items() if len(v)}
     if not arrays:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1b1f24;background:#fafafa}
@@ -56,24 +57,34 @@ def fmt(value: Any, digits: int = 3) -> str:
         if not math.isfinite(value):
             return "—" if math.isnan(value) else str(value)
         value += 0.0  # -0.0 -> 0.0
-        if value != 0 and not 10 ** -digits <= abs(value) < 1e6:  # tiny or huge: keep the digits
+        if value != 0 and not 10**-digits <= abs(value) < 1e6:  # tiny or huge: keep the digits
             return f"{value:.{digits}g}"
         return f"{value:.{digits}f}"
     return str(value)
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None, *,
-          headers: Sequence[str] | None = None, digits: int = 3, left: int = 1) -> str:
+def table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    *,
+    headers: Sequence[str] | None = None,
+    digits: int = 3,
+    left: int = 1,
+) -> str:
     """An HTML table; the first `left` columns are left-aligned (labels)."""
     if not rows:
         return '<p class="note">(no rows)</p>'
     columns = list(columns or rows[0].keys())
     headers = list(headers or columns)
-    head = "".join(f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers))
+    head = "".join(
+        f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers)
+    )
     body = []
     for row in rows:
-        cells = "".join(f'<td class="{"l" if i < left else ""}">{esc(fmt(row.get(c), digits))}</td>'
-                        for i, c in enumerate(columns))
+        cells = "".join(
+            f'<td class="{"l" if i < left else ""}">{esc(fmt(row.get(c), digits))}</td>'
+            for i, c in enumerate(columns)
+        )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
@@ -82,9 +93,11 @@ def figure(src: str, caption: str = "", width: int | None = None) -> str:
     """A figure as wide as the page allows (a `width` in px makes it an inline thumbnail); the
     image links to its PNG, so a click opens it full size (no JavaScript)."""
     attrs = f' class="thumb" style="width:{width}px"' if width else ""
-    return (f'<figure{attrs}><a href="{esc(src)}"><img src="{esc(src)}" '
-            f'alt="{esc(caption or src)}" loading="eager"></a>'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+    return (
+        f'<figure{attrs}><a href="{esc(src)}"><img src="{esc(src)}" '
+        f'alt="{esc(caption or src)}" loading="eager"></a>'
+        f"<figcaption>{esc(caption)}</figcaption></figure>"
+    )
 
 
 def strip(items: Sequence[tuple[str, str]]) -> str:
@@ -99,8 +112,9 @@ def link(href: str, text: Any) -> str:
 
 def details(summary: str, body_html: str, *, open_: bool = False) -> str:
     """A collapsible block (no JavaScript): `summary` is plain text, `body_html` is HTML."""
-    return (f"<details{' open' if open_ else ''}><summary>{esc(summary)}</summary>"
-            f"{body_html}</details>")
+    return (
+        f"<details{' open' if open_ else ''}><summary>{esc(summary)}</summary>{body_html}</details>"
+    )
 
 
 def note(text: Any) -> str:
@@ -115,14 +129,24 @@ def html_table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, left: i
     """A table whose cells are already-escaped HTML (for links); use `table` for plain values."""
     if not rows:
         return '<p class="note">(no rows)</p>'
-    head = "".join(f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers))
-    body = "".join("<tr>" + "".join(f'<td class="{"l" if i < left else ""}">{cell}</td>'
-                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    head = "".join(
+        f'<th class="{"l" if i < left else ""}">{esc(h)}</th>' for i, h in enumerate(headers)
+    )
+    body = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="{"l" if i < left else ""}">{cell}</td>' for i, cell in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def kpis(items: dict[str, Any]) -> str:
-    return "".join(f'<span class="kpi"><b>{esc(fmt(v))}</b>{esc(k)}</span>' for k, v in items.items())
+    return "".join(
+        f'<span class="kpi"><b>{esc(fmt(v))}</b>{esc(k)}</span>' for k, v in items.items()
+    )
 
 
 @dataclass
@@ -131,7 +155,7 @@ class Section:
     title: str
     body: list[str] = field(default_factory=list)
 
-    def add(self, html_text: str) -> "Section":
+    def add(self, html_text: str) -> Section:
         self.body.append(html_text)
         return self
 
@@ -139,19 +163,29 @@ class Section:
         return f'<section id="{esc(self.anchor)}"><h2>{esc(self.title)}</h2>{"".join(self.body)}</section>'
 
 
-def page(title: str, subtitle: str, sections: Sequence[Section], *, nav: bool = True,
-         back: tuple[str, str] | None = None) -> str:
+def page(
+    title: str,
+    subtitle: str,
+    sections: Sequence[Section],
+    *,
+    nav: bool = True,
+    back: tuple[str, str] | None = None,
+) -> str:
     """The whole document: a section index (`nav`: a sticky side column linking every section's
     anchor, on top on narrow screens), then the sections; `back` = (href, text) puts a link
     first in the index."""
-    links = "".join(f'<a href="#{esc(s.anchor)}">{esc(s.title)}</a>' for s in sections) if nav else ""
+    links = (
+        "".join(f'<a href="#{esc(s.anchor)}">{esc(s.title)}</a>' for s in sections) if nav else ""
+    )
     if links:
         links = "<b>Sections</b>" + links
     if back:
         links = link(*back) + links
     index = f'<nav class="toc">{links}</nav>' if links else ""
-    return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
-            f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
-            f'<div class="layout">{index}<main>'
-            f"{''.join(s.render() for s in sections)}</main></div></body></html>\n")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f'<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head>'
+        f"<body><header><h1>{esc(title)}</h1><p>{esc(subtitle)}</p></header>"
+        f'<div class="layout">{index}<main>'
+        f"{''.join(s.render() for s in sections)}</main></div></body></html>\n"
+    )

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 TOP_IMAGES = 6
 TOP_PATCHES = 8
-CROP_CELLS = 2   # a patch crop spans this many cell strides on each axis
+CROP_CELLS = 2  # a patch crop spans this many cell strides on each axis
 
 
 def crop_window(centre: float, size: int, length: int) -> tuple[int, int]:
@@ -67,7 +67,7 @@ def list_model(label: str) -> str:
 class LatentPages:
     """Lazily opens the SAE, stores, summaries and heads the pages need (each once)."""
 
-    def __init__(self, report: "ReportBuilder", lists: dict[str, list[int]]) -> None:
+    def __init__(self, report: ReportBuilder, lists: dict[str, list[int]]) -> None:
         self.report = report
         self.run = report.run
         self.lists = lists
@@ -87,7 +87,7 @@ class LatentPages:
         labels = [model] + [k for k in table2 if list_model(k) == model]
         return next((dict(table2[k]["settings"]) for k in labels if k in table2), {})
 
-    def split_of(self, m: "ModelInfo") -> str:
+    def split_of(self, m: ModelInfo) -> str:
         return str(self.localize_settings(m.name).get("split") or self.report.eval_split)
 
     # ------------------------------------------------------------------ lazy inputs
@@ -103,8 +103,11 @@ class LatentPages:
         return value
 
     def sae_path(self) -> Path:
-        candidates = [p.parent for p in sorted((self.run / "sae").rglob("cfg.json"))
-                      if "summaries" not in p.parts]
+        candidates = [
+            p.parent
+            for p in sorted((self.run / "sae").rglob("cfg.json"))
+            if "summaries" not in p.parts
+        ]
         if not candidates:
             raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {self.run / 'sae'}")
         return candidates[0]
@@ -114,27 +117,27 @@ class LatentPages:
 
         return self._cached(("sae", ""), lambda: open_sae(self.sae_path(), "cpu"))
 
-    def model(self, name: str) -> "ModelInfo":
+    def model(self, name: str) -> ModelInfo:
         return self.report.model_info(name)
 
-    def _key(self, m: "ModelInfo") -> str:
+    def _key(self, m: ModelInfo) -> str:
         return f"{m.encoder_key or m.name}-{self.split_of(m)}"
 
-    def store_path(self, m: "ModelInfo") -> Path:
+    def store_path(self, m: ModelInfo) -> Path:
         path = self.run / "stores" / self._key(m)
         if not path.is_dir():
             raise MammoSaeError(f"activation store not found: {path}")
         return path
 
-    def store(self, m: "ModelInfo") -> Any:
+    def store(self, m: ModelInfo) -> Any:
         from ..analysis.summaries import open_store
 
         return self._cached(("store", self._key(m)), lambda: open_store(self.store_path(m)))
 
-    def records(self, m: "ModelInfo") -> list[Any]:
+    def records(self, m: ModelInfo) -> list[Any]:
         return self._cached(("records", self._key(m)), lambda: list(self.store(m).records()))
 
-    def summaries(self, m: "ModelInfo") -> Any:
+    def summaries(self, m: ModelInfo) -> Any:
         """The summaries stage's cached summaries of this store (computed here if absent)."""
         from ..analysis.summaries import sae_hash, summaries_for, summarize
 
@@ -144,23 +147,32 @@ class LatentPages:
             root = self.run / "analysis" / "summaries"
             cache = root / self._key(m) if (root / self._key(m)).is_dir() else root
             if cache.is_dir():
-                return summaries_for(self.store_path(m), self.sae_path(), cache_dir=cache, progress=False)
+                return summaries_for(
+                    self.store_path(m), self.sae_path(), cache_dir=cache, progress=False
+                )
             store = self.store(m)
-            return summarize(store, self.sae(), store_sha=store.manifest_sha256,
-                             sae_sha=sae_hash(self.sae_path()), cache_dir=None, progress=False)
+            return summarize(
+                store,
+                self.sae(),
+                store_sha=store.manifest_sha256,
+                sae_sha=sae_hash(self.sae_path()),
+                cache_dir=None,
+                progress=False,
+            )
 
         return self._cached(("summaries", self._key(m)), make)
 
-    def labelled(self, m: "ModelInfo", concept: str) -> tuple[np.ndarray, np.ndarray]:
+    def labelled(self, m: ModelInfo, concept: str) -> tuple[np.ndarray, np.ndarray]:
         from ..analysis.summaries import labelled_rows
 
         store = self.store(m)
         level = store.manifest.get("level", "image")
-        return self._cached(("labels", f"{self._key(m)}/{concept}"),
-                            lambda: labelled_rows(store.images, concept, split=self.split_of(m),
-                                                  store_level=level))
+        return self._cached(
+            ("labels", f"{self._key(m)}/{concept}"),
+            lambda: labelled_rows(store.images, concept, split=self.split_of(m), store_level=level),
+        )
 
-    def readout(self, m: "ModelInfo") -> np.ndarray:
+    def readout(self, m: ModelInfo) -> np.ndarray:
         """v_h = W_decᵀ w of this model's concept head."""
         from ..analysis.intervene import load_head, sae_readout
 
@@ -207,45 +219,73 @@ class LatentPages:
 
     def write_page(self, j: int) -> dict[str, Any]:
         listing = self.listing(j)
-        info: dict[str, Any] = {"latent": j, "listed_by": listing, "models": {},
-                                "ranks": {label: r for ranks in listing.values()
-                                          for label, r in ranks.items()}}
+        info: dict[str, Any] = {
+            "latent": j,
+            "listed_by": listing,
+            "models": {},
+            "ranks": {label: r for ranks in listing.values() for label, r in ranks.items()},
+        }
         info["flags"] = self.flags(j)
         overview = H.Section("overview", "Overview")
-        overview.add(H.note(
-            f"Latent {j}. Listed by: " + "; ".join(
-                f"{model} ({', '.join(f'{label} #{r}' for label, r in ranks.items())})"
-                for model, ranks in listing.items())
-            + ". Each model's section shows the latent through that model's own features."))
+        overview.add(
+            H.note(
+                f"Latent {j}. Listed by: "
+                + "; ".join(
+                    f"{model} ({', '.join(f'{label} #{r}' for label, r in ranks.items())})"
+                    for model, ranks in listing.items()
+                )
+                + ". Each model's section shows the latent through that model's own features."
+            )
+        )
         if info["flags"]:
-            overview.add('<p class="flag">Flagged by the separation stage: ' + H.esc(", ".join(
-                f"{f['flag']} (raised by {f['model']})" for f in info["flags"])) + "</p>")
-            overview.add(H.note("'associated': in that model's separation, the latent's image-mean "
-                                "activation tells concept-negative images with the attribute (the "
-                                "phantom's marker) from those without."))
+            overview.add(
+                '<p class="flag">Flagged by the separation stage: '
+                + H.esc(", ".join(f"{f['flag']} (raised by {f['model']})" for f in info["flags"]))
+                + "</p>"
+            )
+            overview.add(
+                H.note(
+                    "'associated': in that model's separation, the latent's image-mean "
+                    "activation tells concept-negative images with the attribute (the "
+                    "phantom's marker) from those without."
+                )
+            )
         sections = [overview]
         for n, model in enumerate(listing):
             m = self.report.model_info(model)
             section = H.Section(f"model-{n}", f"Through {m.name}")
             mine: dict[str, Any] = {"ranks": listing[model], "split": self.split_of(m)}
             info["models"][m.name] = mine
-            for part, fill in (("images", self.fill_images), ("patches", self.fill_patches),
-                               ("histogram", self.fill_histogram),
-                               ("association", self.fill_association),
-                               ("scores", self.fill_scores)):
-                self.guarded(j, f"{m.name}/{part}", section,
-                             lambda s, fill=fill, m=m, mine=mine: fill(j, m, s, mine))
+            for part, fill in (
+                ("images", self.fill_images),
+                ("patches", self.fill_patches),
+                ("histogram", self.fill_histogram),
+                ("association", self.fill_association),
+                ("scores", self.fill_scores),
+            ):
+                self.guarded(
+                    j,
+                    f"{m.name}/{part}",
+                    section,
+                    lambda s, fill=fill, m=m, mine=mine: fill(j, m, s, mine),
+                )
             sections.append(section)
         logit = H.Section("logit", "Effect on the logit")
         self.guarded(j, "logit", logit, lambda s: self.fill_logit(j, s, info))
         sections.append(logit)
-        html = H.page(f"Latent {j}", "listed by " + ", ".join(listing), sections,
-                      back=("../index.html", "← report"))
+        html = H.page(
+            f"Latent {j}",
+            "listed by " + ", ".join(listing),
+            sections,
+            back=("../index.html", "← report"),
+        )
         write_text_atomic(self.report.out / "latents" / f"{j}.html", html)
         info["page"] = f"latents/{j}.html"
         return info
 
-    def activations(self, j: int, m: "ModelInfo", concept: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def activations(
+        self, j: int, m: ModelInfo, concept: str
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(store rows, labels, per-image mean activation of j) for the split's labelled images."""
         rows, y = self.labelled(m, concept)
         sums = self.summaries(m)
@@ -254,7 +294,7 @@ class LatentPages:
         act = np.asarray(sums.mean_nh[rows][:, j].toarray(), dtype=np.float64).ravel()
         return rows, y, act
 
-    def fill_images(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+    def fill_images(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
         from ..analysis.figures import LatentPanel, display_image, save_panel_grid
         from ..analysis.localize import BoxRule, map_boxes, match_image, unique_boxes
         from ..analysis.maps import heatmap_centres, iter_latent_maps
@@ -276,8 +316,9 @@ class LatentPages:
         records, store = self.records(m), self.store(m)
         indices = [int(rows[k]) for k in order]
         panels = []
-        for k, i, maps_lhw in zip(order, indices, iter_latent_maps(store, self.sae(), [j], indices),
-                                  strict=True):
+        for k, i, maps_lhw in zip(
+            order, indices, iter_latent_maps(store, self.sae(), [j], indices), strict=True
+        ):
             rec = records[i]
             centres = heatmap_centres(store, rec.frame_hw, maps_lhw.shape[-2:], align)
             heat, pred, scores = map_boxes(maps_lhw[0], rec.frame_hw, centres, rule)
@@ -285,25 +326,40 @@ class LatentPages:
             hits = match_image(pred, scores, gt, iou, match)  # type: ignore[arg-type]
             mark = "" if not len(gt) else (" · HIT" if hits.any() else " · miss")
             title = f"{short_id(rec.image_id)}\nmean {act[k]:.3g} · y={int(y[k])}{mark}"
-            panels.append(LatentPanel(display_image(rec.path, rec.frame_hw), heat, gt, pred, title,
-                                      hits=hits))
+            panels.append(
+                LatentPanel(display_image(rec.path, rec.frame_hw), heat, gt, pred, title, hits=hits)
+            )
         name = f"latent_{j}_{_safe(m.name)}_top.png"
-        save_panel_grid([panels], self.report.figure_path(name),
-                        suptitle=f"latent {j} through {m.name}: top {len(panels)} {split} images")
+        save_panel_grid(
+            [panels],
+            self.report.figure_path(name),
+            suptitle=f"latent {j} through {m.name}: top {len(panels)} {split} images",
+        )
         self.report.made_figure(name)
         where = "its localize stage's" if loc else "the default (localize has not run for it)"
-        fig = H.figure(f"../figures/{name}", f"The {len(panels)} {split} images with the highest "
-                       f"mean activation of latent {j} through {m.name}; y = the image's "
-                       f"{m.concept} label; GT boxes white, boxes at {where} threshold "
-                       f"{threshold} cyan (solid: hit at IoU {iou:g}, dashed: miss), cells at "
-                       f"their {align} positions.")
+        fig = H.figure(
+            f"../figures/{name}",
+            f"The {len(panels)} {split} images with the highest "
+            f"mean activation of latent {j} through {m.name}; y = the image's "
+            f"{m.concept} label; GT boxes white, boxes at {where} threshold "
+            f"{threshold} cyan (solid: hit at IoU {iou:g}, dashed: miss), cells at "
+            f"their {align} positions.",
+        )
         s.add(H.details(f"Top {len(panels)} images through {m.name}", fig, open_=True))
-        info["top_images"] = [{"image_id": records[i].image_id, "mean_activation": float(act[k]),
-                               "label": int(y[k])} for k, i in zip(order, indices, strict=True)]
-        s.add(H.table(info["top_images"], ["image_id", "label", "mean_activation"],
-                      headers=["image id", m.concept, "mean activation"], digits=4))
+        info["top_images"] = [
+            {"image_id": records[i].image_id, "mean_activation": float(act[k]), "label": int(y[k])}
+            for k, i in zip(order, indices, strict=True)
+        ]
+        s.add(
+            H.table(
+                info["top_images"],
+                ["image_id", "label", "mean_activation"],
+                headers=["image id", m.concept, "mean activation"],
+                digits=4,
+            )
+        )
 
-    def fill_patches(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+    def fill_patches(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
         """A strip of crops around the latent's strongest cells: one per image, from the images
         with the highest per-image max activation (the summaries' max, so only these few images
         are encoded)."""
@@ -316,8 +372,11 @@ class LatentPages:
         peak = np.asarray(self.summaries(m).max_nh[rows][:, j].toarray(), dtype=np.float64).ravel()
         order = [int(k) for k in np.argsort(-peak, kind="stable")[:TOP_PATCHES] if peak[k] > 0]
         if not order:
-            s.add(H.note(f"latent {j} is never active on the {self.split_of(m)} split "
-                         f"through {m.name}"))
+            s.add(
+                H.note(
+                    f"latent {j} is never active on the {self.split_of(m)} split through {m.name}"
+                )
+            )
             return
         records, store = self.records(m), self.store(m)
         indices = [int(rows[k]) for k in order]
@@ -332,8 +391,12 @@ class LatentPages:
             if centres is None:  # architecture unknown: cells laid evenly over the frame
                 centres = (cell_centres(gh, fh), cell_centres(gw, fw))
             cy, cx = float(centres[0][r]), float(centres[1][c])
-            entry = {"image_id": rec.image_id, "activation": float(maps_lhw[0, r, c]),
-                     "cell": [int(r), int(c)], "centre_yx": [cy, cx]}
+            entry = {
+                "image_id": rec.image_id,
+                "activation": float(maps_lhw[0, r, c]),
+                "cell": [int(r), int(c)],
+                "centre_yx": [cy, cx],
+            }
             image = display_image(rec.path, rec.frame_hw)
             if image is not None:
                 y0, y1 = crop_window(cy, max(8, round(CROP_CELLS * fh / gh)), image.shape[0])
@@ -342,36 +405,50 @@ class LatentPages:
                 write_thumbnail(image[y0:y1, x0:x1], self.report.figure_path(name))
                 self.report.made_figure(name)
                 entry["crop"] = f"figures/{name}"
-                items.append((f"../figures/{name}",
-                              f"{entry['activation']:.3g} · {short_id(rec.image_id)}"))
+                items.append(
+                    (f"../figures/{name}", f"{entry['activation']:.3g} · {short_id(rec.image_id)}")
+                )
             crops.append(entry)
         info["top_patches"] = crops
         s.add(H.strip(items) if items else H.note("no image files to crop the patches from"))
-        s.add(H.note(f"The strongest cell of latent {j} in each of the {len(crops)} "
-                     f"{self.split_of(m)} images where its largest activation is highest, cropped "
-                     f"{CROP_CELLS} cell strides wide around the cell's "
-                     f"{' / '.join(sorted(layouts))} centre (even: the store's architecture is "
-                     "unknown, so cells are laid evenly); under each: its activation · image id."))
+        s.add(
+            H.note(
+                f"The strongest cell of latent {j} in each of the {len(crops)} "
+                f"{self.split_of(m)} images where its largest activation is highest, cropped "
+                f"{CROP_CELLS} cell strides wide around the cell's "
+                f"{' / '.join(sorted(layouts))} centre (even: the store's architecture is "
+                "unknown, so cells are laid evenly); under each: its activation · image id."
+            )
+        )
 
-    def fill_histogram(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+    def fill_histogram(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
         s.add("<h3>Activation histogram</h3>")
         _, y, act = self.activations(j, m, m.concept)
         name = f"latent_{j}_{_safe(m.name)}_hist.png"
-        plot_activation_histogram({f"{m.concept} = 0": act[y == 0], f"{m.concept} = 1": act[y == 1]},
-                                  self.report.figure_path(name),
-                                  title=f"latent {j} through {m.name} ({self.split_of(m)})")
+        plot_activation_histogram(
+            {f"{m.concept} = 0": act[y == 0], f"{m.concept} = 1": act[y == 1]},
+            self.report.figure_path(name),
+            title=f"latent {j} through {m.name} ({self.split_of(m)})",
+        )
         self.report.made_figure(name)
         info["active_fraction"] = float((act > 0).mean()) if len(act) else math.nan
-        s.add(H.figure(f"../figures/{name}", f"Per-image mean activation of latent {j}; "
-                       f"active on {info['active_fraction']:.1%} of the images."))
+        s.add(
+            H.figure(
+                f"../figures/{name}",
+                f"Per-image mean activation of latent {j}; "
+                f"active on {info['active_fraction']:.1%} of the images.",
+            )
+        )
 
-    def fill_association(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+    def fill_association(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
         from ..data.records import CONFOUNDER
         from ..metrics import auroc
 
         s.add("<h3>Class association</h3>")
         rows_out = []
-        for concept in dict.fromkeys([m.concept] + [x.concept for x in self.report.models] + [CONFOUNDER]):
+        for concept in dict.fromkeys(
+            [m.concept] + [x.concept for x in self.report.models] + [CONFOUNDER]
+        ):
             try:
                 _, y, act = self.activations(j, m, concept)
             except MammoSaeError:
@@ -379,16 +456,38 @@ class LatentPages:
                     continue
                 raise
             both = 0 < y.sum() < len(y)
-            rows_out.append({"concept": concept, "n_pos": int(y.sum()), "n_neg": int(len(y) - y.sum()),
-                             "mean_class0": float(act[y == 0].mean()) if (y == 0).any() else math.nan,
-                             "mean_class1": float(act[y == 1].mean()) if (y == 1).any() else math.nan,
-                             "auroc": auroc(y, act) if both else math.nan})
+            rows_out.append(
+                {
+                    "concept": concept,
+                    "n_pos": int(y.sum()),
+                    "n_neg": int(len(y) - y.sum()),
+                    "mean_class0": float(act[y == 0].mean()) if (y == 0).any() else math.nan,
+                    "mean_class1": float(act[y == 1].mean()) if (y == 1).any() else math.nan,
+                    "auroc": auroc(y, act) if both else math.nan,
+                }
+            )
         info["association"] = rows_out
-        s.add(H.note("Mean of the per-image mean activation in each class, and the AUROC of that "
-                     "activation as a score for the concept (0.5 = no association)."))
-        s.add(H.table(rows_out, ["concept", "n_pos", "n_neg", "mean_class0", "mean_class1", "auroc"],
-                      headers=["concept", "positives", "negatives", "mean (class 0)", "mean (class 1)",
-                               "AUROC"], digits=4))
+        s.add(
+            H.note(
+                "Mean of the per-image mean activation in each class, and the AUROC of that "
+                "activation as a score for the concept (0.5 = no association)."
+            )
+        )
+        s.add(
+            H.table(
+                rows_out,
+                ["concept", "n_pos", "n_neg", "mean_class0", "mean_class1", "auroc"],
+                headers=[
+                    "concept",
+                    "positives",
+                    "negatives",
+                    "mean (class 0)",
+                    "mean (class 1)",
+                    "AUROC",
+                ],
+                digits=4,
+            )
+        )
 
     def fill_logit(self, j: int, s: H.Section, info: dict[str, Any]) -> None:
         from .build import SECTION_ERRORS
@@ -400,8 +499,12 @@ class LatentPages:
             except SECTION_ERRORS as exc:  # one model's missing head must not hide the others
                 problems.append(f"{m.name}: {exc}")
                 continue
-            row = {"model": m.name, "v": float(v_h[j]),
-                   "rank_abs": int((np.abs(v_h) > abs(v_h[j])).sum()) + 1, "shift_pos": math.nan}
+            row = {
+                "model": m.name,
+                "v": float(v_h[j]),
+                "rank_abs": int((np.abs(v_h) > abs(v_h[j])).sum()) + 1,
+                "shift_pos": math.nan,
+            }
             try:
                 _, y, act = self.activations(j, m, m.concept)
                 if (y == 1).any():
@@ -412,22 +515,41 @@ class LatentPages:
         if not rows_out:
             raise MammoSaeError("; ".join(problems) or "no models")
         info["logit_effect"] = rows_out
-        s.add(H.note("v = w · W_dec[:, j]: by the pooled identity, one unit of mean activation of this "
-                     "latent moves the model's concept logit by v. Shift = v × its mean activation on "
-                     "the model's own positive images."))
-        s.add(H.table(rows_out, ["model", "v", "rank_abs", "shift_pos"],
-                      headers=["model", "v (logit per unit)", "rank by |v|", "logit shift on positives"],
-                      digits=4))
+        s.add(
+            H.note(
+                "v = w · W_dec[:, j]: by the pooled identity, one unit of mean activation of this "
+                "latent moves the model's concept logit by v. Shift = v × its mean activation on "
+                "the model's own positive images."
+            )
+        )
+        s.add(
+            H.table(
+                rows_out,
+                ["model", "v", "rank_abs", "shift_pos"],
+                headers=["model", "v (logit per unit)", "rank by |v|", "logit shift on positives"],
+                digits=4,
+            )
+        )
         for p in problems:
             s.add(H.note(p))
 
-    def fill_scores(self, j: int, m: "ModelInfo", s: H.Section, info: dict[str, Any]) -> None:
+    def fill_scores(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
         s.add("<h3>Off-breast and confounder scores</h3>")
         sums = self.summaries(m)
         info["off_breast_score"] = float(sums.off_breast_score()[j])
         info["confounder_score"] = float(sums.confounder_score()[j])
-        s.add(H.kpis({"off-breast score": info["off_breast_score"],
-                      "confounder score": info["confounder_score"]}))
-        s.add(H.note("Off-breast: share of the latent's activation mass on cells with breast-tissue "
-                     "fraction < 0.5. Confounder: share of its mass on marker-carrying images that lies "
-                     "inside the marker's box (phantom only; — where the data has no marker)."))
+        s.add(
+            H.kpis(
+                {
+                    "off-breast score": info["off_breast_score"],
+                    "confounder score": info["confounder_score"],
+                }
+            )
+        )
+        s.add(
+            H.note(
+                "Off-breast: share of the latent's activation mass on cells with breast-tissue "
+                "fraction < 0.5. Confounder: share of its mass on marker-carrying images that lies "
+                "inside the marker's box (phantom only; — where the data has no marker)."
+            )
+        )

@@ -44,9 +44,9 @@ MAX_DEPTH = 6
 @dataclass
 class Found:
     kind: str
-    path: Path                 # the output folder (the JSON file itself for `eval`)
+    path: Path  # the output folder (the JSON file itself for `eval`)
     doc: dict[str, Any] = field(default_factory=dict)
-    note: str = ""             # why it is not shown, when it is not
+    note: str = ""  # why it is not shown, when it is not
 
     @property
     def config(self) -> dict[str, Any]:
@@ -73,8 +73,9 @@ def discover(root: Path, skip: Path | None = None) -> list[Found]:
     for folder, dirs, files in os.walk(root):
         here = Path(folder)
         depth = len(here.relative_to(root).parts)
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and here / d != skip
-                         and depth < MAX_DEPTH)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and here / d != skip and depth < MAX_DEPTH
+        )
         names = set(files)
         if "manifest.json" in names and _read(here / "manifest.json").get("format") == STORE_FORMAT:
             found.append(Found("store", here, _read(here / "manifest.json")))
@@ -109,7 +110,7 @@ def _same_path(recorded: Any, target: Path, root: Path) -> bool:
         except OSError:
             continue
     tail = tuple(p for p in path.parts if p not in (".", "..", path.anchor))
-    return bool(tail) and target.resolve().parts[-len(tail):] == tail
+    return bool(tail) and target.resolve().parts[-len(tail) :] == tail
 
 
 def _same(recorded: Any, item: Found, root: Path) -> bool:
@@ -154,7 +155,7 @@ class Inventory:
             self.models[(store_key, concept)] = ModelInfo(name, concept, "", "", encoder_key=name)
             if store is not None:
                 self.stores[name] = store
-        for f in self.of["intervene"]:   # the classifier a model's logit came from
+        for f in self.of["intervene"]:  # the classifier a model's logit came from
             m = self.model_of(f)
             if m is not None and not m.classifier and f.config.get("classifier"):
                 m.classifier = str(f.config["classifier"])
@@ -164,8 +165,9 @@ class Inventory:
             if made_by.get("kind") == "classifier" and not model.classifier:
                 model.classifier = str(made_by.get("source") or "")
         evaluated = self.of["localize"] + self.of["intervene"]
-        splits = Counter(str(f.config.get("split")) for f in evaluated
-                         if f.config.get("split") and not f.note)
+        splits = Counter(
+            str(f.config.get("split")) for f in evaluated if f.config.get("split") and not f.note
+        )
         self.eval_split = splits.most_common(1)[0][0] if splits else "test"
 
     def _choose_sae(self) -> Found | None:
@@ -206,7 +208,7 @@ class Inventory:
                 placed[(kind, m.name)] += 1
                 if placed[(kind, m.name)] == 1:
                     target = analysis / kind / m.name
-                elif kind == "localize":   # the report shows sub-settings as <model>/<setting>
+                elif kind == "localize":  # the report shows sub-settings as <model>/<setting>
                     target = analysis / kind / m.name / f.path.name
                 else:
                     target = analysis / kind / f"{m.name}-{f.path.name}"
@@ -221,8 +223,9 @@ class Inventory:
         models = list(self.models.values())
         for f in self.of["eval"]:
             same = [m for m in models if m.concept == f.doc.get("concept")]
-            m = next((m for m in same
-                      if _same_path(f.doc["model"], Path(m.classifier), self.root)), None)
+            m = next(
+                (m for m in same if _same_path(f.doc["model"], Path(m.classifier), self.root)), None
+            )
             if m is None and len(same) == 1 and not same[0].classifier:
                 m = same[0]
                 m.classifier = str(f.doc["model"])
@@ -231,27 +234,44 @@ class Inventory:
                 m = ModelInfo(f"{concept}-{Path(path).name}", concept, "", path)
                 models.append(m)
             metrics[m.name] = {k: f.doc.get(k) for k in ("auroc", "auprc", "n", "n_pos")}
-        write_json(run / "models" / "models.json", {
-            "schema_version": 1, "test_metrics": metrics,
-            "models": [{"name": m.name, "concept": m.concept, "variant": m.variant,
-                        "classifier": m.classifier, "encoder_key": m.encoder_key} for m in models]})
+        write_json(
+            run / "models" / "models.json",
+            {
+                "schema_version": 1,
+                "test_metrics": metrics,
+                "models": [
+                    {
+                        "name": m.name,
+                        "concept": m.concept,
+                        "variant": m.variant,
+                        "classifier": m.classifier,
+                        "encoder_key": m.encoder_key,
+                    }
+                    for m in models
+                ],
+            },
+        )
         links_ok = True
         if self.sae is not None:
             links_ok &= _link(self.sae.path, run / "sae")
             from ..analysis.summaries import default_cache_dir
 
             cache = default_cache_dir(self.sae.path)
-            if cache.is_dir():   # the commands' summaries cache: latent pages reuse it
+            if cache.is_dir():  # the commands' summaries cache: latent pages reuse it
                 links_ok &= _link(cache, analysis / "summaries")
         for name, store in self.stores.items():
             links_ok &= _link(store.path, run / "stores" / f"{name}-{self.eval_split}")
         if not links_ok:
-            self.link_problem = ("this file system refused symbolic links: no SAE curves or "
-                                 "latent pages")
-        threshold = next((f.config["threshold"] for f in self.of["localize"]
-                          if f.config.get("threshold")), None)
-        config: dict[str, Any] = {"name": self.root.name,
-                                  "extract": {"eval_split": self.eval_split}}
+            self.link_problem = (
+                "this file system refused symbolic links: no SAE curves or latent pages"
+            )
+        threshold = next(
+            (f.config["threshold"] for f in self.of["localize"] if f.config.get("threshold")), None
+        )
+        config: dict[str, Any] = {
+            "name": self.root.name,
+            "extract": {"eval_split": self.eval_split},
+        }
         if threshold:
             config["analysis"] = {"localize": {"threshold": threshold}}
         return config
@@ -287,8 +307,9 @@ def _link(src: Path, dst: Path) -> bool:
 class StandaloneReport(ReportBuilder):
     """The run report, with the summary replaced by the inventory of found and missing outputs."""
 
-    def __init__(self, staging: Path, out: Path, inventory: Inventory, config: dict[str, Any],
-                 **kw: Any) -> None:
+    def __init__(
+        self, staging: Path, out: Path, inventory: Inventory, config: dict[str, Any], **kw: Any
+    ) -> None:
         super().__init__(staging, out, **kw)
         self.inventory = inventory
         self.config = config
@@ -299,22 +320,40 @@ class StandaloneReport(ReportBuilder):
         for f in inv.found:
             path = f.path.resolve()
             rel = path.relative_to(inv.root) if path.is_relative_to(inv.root) else path
-            rows.append({"output": f.kind, "path": str(rel), "command": KINDS[f.kind][1],
-                         "shown": "no: " + f.note if f.note else "yes"})
+            rows.append(
+                {
+                    "output": f.kind,
+                    "path": str(rel),
+                    "command": KINDS[f.kind][1],
+                    "shown": "no: " + f.note if f.note else "yes",
+                }
+            )
         missing = inv.missing()
-        self.data["run"] = {"name": inv.root.name, "standalone": True, "stages": [],
-                            "not_run": [m["output"] for m in missing]}
+        self.data["run"] = {
+            "name": inv.root.name,
+            "standalone": True,
+            "stages": [],
+            "not_run": [m["output"] for m in missing],
+        }
         self.data["standalone"] = {"found": rows, "missing": missing, "eval_split": inv.eval_split}
-        s.add(H.note(f"Not a `mammo-sae run` directory: a report of the stand-alone command "
-                     f"outputs found under {inv.root.name}/ (evaluation split: "
-                     f"{inv.eval_split})."))
+        s.add(
+            H.note(
+                f"Not a `mammo-sae run` directory: a report of the stand-alone command "
+                f"outputs found under {inv.root.name}/ (evaluation split: "
+                f"{inv.eval_split})."
+            )
+        )
         s.add("<h3>Found</h3>")
         s.add(H.table(rows, ["output", "path", "command", "shown"], left=4))
         if missing:
             s.add("<h3>Missing</h3>")
             parts = "; ".join(f"{m['command']} → {m['feeds']}" for m in missing)
-            s.add(H.note("No output of these commands was found, so the parts they feed are "
-                         f"empty: {parts}"))
+            s.add(
+                H.note(
+                    "No output of these commands was found, so the parts they feed are "
+                    f"empty: {parts}"
+                )
+            )
         if inv.link_problem:
             s.add(H.note(inv.link_problem))
         explained = inv.of["explain"]
@@ -325,8 +364,10 @@ class StandaloneReport(ReportBuilder):
                 index = f.path / "index.html"
                 href = os.path.relpath(index, self.out.resolve()) if index.is_file() else ""
                 n = len(f.doc.get("images") or [])
-                links.append(f"<li>{H.link(href, f.path.name) if href else H.esc(f.path.name)}: "
-                             f"{n} image(s), concept {H.esc(f.doc.get('concept') or '?')}</li>")
+                links.append(
+                    f"<li>{H.link(href, f.path.name) if href else H.esc(f.path.name)}: "
+                    f"{n} image(s), concept {H.esc(f.doc.get('concept') or '?')}</li>"
+                )
             s.add("<ul>" + "".join(links) + "</ul>")
 
 
@@ -340,7 +381,8 @@ def build_standalone_report(root: Path, out: Path | None = None, **kw: Any) -> P
             f"{root} is not a mammo-sae run directory (no config.yaml, stages/, models/models.json "
             "or analysis/) and holds no outputs of the stand-alone commands (extract, sae train, "
             "classifier eval, probe, intervene, fidelity, localize, separation, explain); pass "
-            "the --out of `mammo-sae run`, or a folder holding those commands' --out folders")
+            "the --out of `mammo-sae run`, or a folder holding those commands' --out folders"
+        )
     inventory = Inventory(root.resolve(), found)
     with tempfile.TemporaryDirectory(prefix="mammo-sae-report-") as tmp:
         staging = Path(tmp) / root.resolve().name

@@ -14,8 +14,9 @@ Weights are always used as stored: nothing is renormalised at load time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -38,19 +39,29 @@ _MAMMOSAE_ALIASES = {
     "b_enc": ("encoder._bias", "encoder.bias"),
     "W_dec": ("decoder._weight", "decoder.weight"),
 }
-_MAMMOSAE_TIED = ("tied_bias", "pre_encoder_bias._bias_reference", "post_decoder_bias._bias_reference")
+_MAMMOSAE_TIED = (
+    "tied_bias",
+    "pre_encoder_bias._bias_reference",
+    "post_decoder_bias._bias_reference",
+)
 
 
 # ---------------------------------------------------------------------------- save
-def save_sae(sae: SparseAutoencoder, out_dir: str | os.PathLike[str], *,
-             extra: Optional[Mapping[str, Any]] = None) -> Path:
+def save_sae(
+    sae: SparseAutoencoder,
+    out_dir: str | os.PathLike[str],
+    *,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write `out_dir/sae.safetensors` then `out_dir/cfg.json` (atomically); return out_dir."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous()
-               for name in NATIVE_TENSORS}
+    tensors = {
+        name: getattr(sae, name).detach().to("cpu", torch.float32).contiguous()
+        for name in NATIVE_TENSORS
+    }
     with atomic_path(out / WEIGHTS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": NATIVE_FORMAT})
     cfg = sae.cfg
@@ -62,15 +73,21 @@ def save_sae(sae: SparseAutoencoder, out_dir: str | os.PathLike[str], *,
         "h": sae.h,
         "config": to_dict(cfg),
         "l1_coeff_reference": cfg.l1_coeff_reference,
-        "normalisation": {"mode": cfg.normalisation, "folded": False,
-                          "scale": float(sae.norm_scale), "mean": "norm_mean in sae.safetensors"},
+        "normalisation": {
+            "mode": cfg.normalisation,
+            "folded": False,
+            "scale": float(sae.norm_scale),
+            "mean": "norm_mean in sae.safetensors",
+        },
         "threshold": float(sae.threshold),
         "weights_sha256": sha256_file(out / WEIGHTS_FILE),
     }
     if extra:
         overlap = set(extra) & set(record)
         if overlap:
-            raise MammoSaeError(f"save_sae: extra keys {sorted(overlap)} would overwrite the checkpoint's own")
+            raise MammoSaeError(
+                f"save_sae: extra keys {sorted(overlap)} would overwrite the checkpoint's own"
+            )
         record.update(extra)
     write_json(out / CFG_FILE, record)
     return out
@@ -90,8 +107,10 @@ def load_sae(path: str | os.PathLike[str], device: str | torch.device = "cpu") -
         elif (p / SAELENS_WEIGHTS_FILE).is_file():
             sae = _load_saelens(p, meta)
         else:
-            raise CheckpointError(f"{p}: {CFG_FILE} is neither a mammo-sae SAE (format {NATIVE_FORMAT!r}) "
-                                  f"nor a SAELens folder (no {SAELENS_WEIGHTS_FILE})")
+            raise CheckpointError(
+                f"{p}: {CFG_FILE} is neither a mammo-sae SAE (format {NATIVE_FORMAT!r}) "
+                f"nor a SAELens folder (no {SAELENS_WEIGHTS_FILE})"
+            )
     elif p.is_file():
         if p.name == CFG_FILE or p.suffix == ".safetensors":
             return load_sae(p.parent, device)
@@ -116,7 +135,9 @@ def _read_safetensors(path: Path) -> dict[str, Tensor]:
 def _load_native(p: Path, meta: dict[str, Any]) -> SparseAutoencoder:
     version = meta.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise CheckpointError(f"{p / CFG_FILE}: schema_version {version!r}; this mammo-sae reads {SCHEMA_VERSION}")
+        raise CheckpointError(
+            f"{p / CFG_FILE}: schema_version {version!r}; this mammo-sae reads {SCHEMA_VERSION}"
+        )
     try:
         cfg = from_dict(SAEConfig, meta["config"], where=f"{p / CFG_FILE}:config")
     except KeyError as exc:
@@ -141,8 +162,10 @@ def _build(cfg: SAEConfig, tensors: Mapping[str, Tensor], where: str) -> SparseA
         if name not in state:
             raise CheckpointError(f"{where}: unexpected tensor {name!r}")
         if tuple(value.shape) != tuple(state[name].shape):
-            raise CheckpointError(f"{where}: {name} has shape {tuple(value.shape)}, expected "
-                                  f"{tuple(state[name].shape)} for d={cfg.d}, h={cfg.n_latents}")
+            raise CheckpointError(
+                f"{where}: {name} has shape {tuple(value.shape)}, expected "
+                f"{tuple(state[name].shape)} for d={cfg.d}, h={cfg.n_latents}"
+            )
         if not torch.isfinite(value).all():
             raise CheckpointError(f"{where}: {name} contains NaN or Inf")
         state[name] = value.to(torch.float32)
@@ -155,8 +178,10 @@ def load_mammosae_pt(path: str | os.PathLike[str]) -> SparseAutoencoder:
     p = Path(path)
     obj = load_torch_weights(p, "a MammoSAE SAE checkpoint")
     if isinstance(obj, Mapping) and "train_config" in obj and "cursor" in obj:
-        raise CheckpointError(f"{p} is a training state (for `sae train --resume`), not an SAE; "
-                              f"the trained SAE is the directory holding it")
+        raise CheckpointError(
+            f"{p} is a training state (for `sae train --resume`), not an SAE; "
+            f"the trained SAE is the directory holding it"
+        )
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{p}: expected a state dict, found {type(obj).__name__}")
     sd = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
@@ -173,30 +198,48 @@ def _pick(sd: Mapping[str, Tensor], names: tuple[str, ...], where: str) -> Tenso
 def _squeeze_component(t: Tensor, ndim: int, name: str, where: str) -> Tensor:
     if t.dim() == ndim + 1:
         if t.shape[0] != 1:
-            raise CheckpointError(f"{where}: {name} has {t.shape[0]} components; only 1 is supported")
+            raise CheckpointError(
+                f"{where}: {name} has {t.shape[0]} components; only 1 is supported"
+            )
         t = t[0]
     if t.dim() != ndim:
-        raise CheckpointError(f"{where}: {name} has shape {tuple(t.shape)}; expected {ndim} dims "
-                              "(plus an optional leading component axis of 1)")
+        raise CheckpointError(
+            f"{where}: {name} has shape {tuple(t.shape)}; expected {ndim} dims "
+            "(plus an optional leading component axis of 1)"
+        )
     return t
 
 
-def from_mammosae_state_dict(sd: Mapping[str, Tensor], where: str = "state dict") -> SparseAutoencoder:
+def from_mammosae_state_dict(
+    sd: Mapping[str, Tensor], where: str = "state dict"
+) -> SparseAutoencoder:
     """Flatten the component axis and the aliased tied bias into a relu-l1 SAE."""
     tied = [sd[k] for k in _MAMMOSAE_TIED if k in sd]
     if not tied:
-        raise CheckpointError(f"{where}: no tied bias (keys {list(_MAMMOSAE_TIED)}); keys: {sorted(sd)}")
+        raise CheckpointError(
+            f"{where}: no tied bias (keys {list(_MAMMOSAE_TIED)}); keys: {sorted(sd)}"
+        )
     for other in tied[1:]:
         if other.shape != tied[0].shape or not torch.equal(other, tied[0]):
-            raise CheckpointError(f"{where}: the aliased tied-bias keys differ; the file is inconsistent")
+            raise CheckpointError(
+                f"{where}: the aliased tied-bias keys differ; the file is inconsistent"
+            )
     b_dec = _squeeze_component(tied[0], 1, "tied_bias", where)
-    W_enc = _squeeze_component(_pick(sd, _MAMMOSAE_ALIASES["W_enc"], where), 2, "encoder weight", where)
-    b_enc = _squeeze_component(_pick(sd, _MAMMOSAE_ALIASES["b_enc"], where), 1, "encoder bias", where)
-    W_dec = _squeeze_component(_pick(sd, _MAMMOSAE_ALIASES["W_dec"], where), 2, "decoder weight", where)
+    W_enc = _squeeze_component(
+        _pick(sd, _MAMMOSAE_ALIASES["W_enc"], where), 2, "encoder weight", where
+    )
+    b_enc = _squeeze_component(
+        _pick(sd, _MAMMOSAE_ALIASES["b_enc"], where), 1, "encoder bias", where
+    )
+    W_dec = _squeeze_component(
+        _pick(sd, _MAMMOSAE_ALIASES["W_dec"], where), 2, "decoder weight", where
+    )
     h, d = W_enc.shape
     if W_dec.shape != (d, h) or b_enc.shape != (h,) or b_dec.shape != (d,):
-        raise CheckpointError(f"{where}: inconsistent shapes: encoder {tuple(W_enc.shape)}, decoder "
-                              f"{tuple(W_dec.shape)}, encoder bias {tuple(b_enc.shape)}, tied bias {tuple(b_dec.shape)}")
+        raise CheckpointError(
+            f"{where}: inconsistent shapes: encoder {tuple(W_enc.shape)}, decoder "
+            f"{tuple(W_dec.shape)}, encoder bias {tuple(b_enc.shape)}, tied bias {tuple(b_dec.shape)}"
+        )
     cfg = SAEConfig(architecture="relu-l1", d=d, h=h, expansion=max(1, h // d))
     return _build(cfg, {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec}, where)
 
@@ -205,8 +248,12 @@ def from_mammosae_state_dict(sd: Mapping[str, Tensor], where: str = "state dict"
 _SAELENS_ARCH = {"relu-l1": "standard", "topk": "topk", "batchtopk": "jumprelu"}
 
 
-def export_saelens(sae: SparseAutoencoder, out_dir: str | os.PathLike[str], *,
-                   metadata: Optional[Mapping[str, Any]] = None) -> Path:
+def export_saelens(
+    sae: SparseAutoencoder,
+    out_dir: str | os.PathLike[str],
+    *,
+    metadata: Mapping[str, Any] | None = None,
+) -> Path:
     """SAELens v6 folder (cfg.json + sae_weights.safetensors), normalisation folded in.
 
     relu-l1 → "standard", topk → "topk" (k), batchtopk → "jumprelu" with θ on every latent."""
@@ -236,10 +283,16 @@ def export_saelens(sae: SparseAutoencoder, out_dir: str | os.PathLike[str], *,
         "apply_b_dec_to_input": True,
         "normalize_activations": "none",
         "reshape_activations": "none",
-        "metadata": {"model_name": "mammo-clip", "hook_name": "final",
-                     "mammo_sae": {"architecture": cfg.architecture, "config": to_dict(cfg),
-                                   "normalisation_folded": cfg.normalisation != "none"},
-                     **(dict(metadata) if metadata else {})},
+        "metadata": {
+            "model_name": "mammo-clip",
+            "hook_name": "final",
+            "mammo_sae": {
+                "architecture": cfg.architecture,
+                "config": to_dict(cfg),
+                "normalisation_folded": cfg.normalisation != "none",
+            },
+            **(dict(metadata) if metadata else {}),
+        },
     }
     if arch == "topk":
         record["k"] = cfg.k
@@ -251,16 +304,28 @@ def _load_saelens(p: Path, meta: dict[str, Any]) -> SparseAutoencoder:
     arch = meta.get("architecture", "standard")
     ours = {v: k for k, v in _SAELENS_ARCH.items()}.get(arch)
     if ours is None:
-        raise CheckpointError(f"{p}: SAELens architecture {arch!r} is not supported; valid: "
-                              f"{', '.join(_SAELENS_ARCH.values())}")
-    if meta.get("normalize_activations", "none") != "none" or meta.get("apply_b_dec_to_input", True) is not True:
-        raise CheckpointError(f"{p}: only SAELens SAEs with normalize_activations='none' and "
-                              "apply_b_dec_to_input=true are supported")
+        raise CheckpointError(
+            f"{p}: SAELens architecture {arch!r} is not supported; valid: "
+            f"{', '.join(_SAELENS_ARCH.values())}"
+        )
+    if (
+        meta.get("normalize_activations", "none") != "none"
+        or meta.get("apply_b_dec_to_input", True) is not True
+    ):
+        raise CheckpointError(
+            f"{p}: only SAELens SAEs with normalize_activations='none' and "
+            "apply_b_dec_to_input=true are supported"
+        )
     tensors = _read_safetensors(p / SAELENS_WEIGHTS_FILE)
     try:
         d, h = int(meta["d_in"]), int(meta["d_sae"])
         W_enc, W_dec = tensors["W_enc"].t(), tensors["W_dec"].t()
-        ours_t = {"W_enc": W_enc, "b_enc": tensors["b_enc"], "W_dec": W_dec, "b_dec": tensors["b_dec"]}
+        ours_t = {
+            "W_enc": W_enc,
+            "b_enc": tensors["b_enc"],
+            "W_dec": W_dec,
+            "b_dec": tensors["b_dec"],
+        }
     except KeyError as exc:
         raise CheckpointError(f"{p}: missing {exc} in SAELens checkpoint") from exc
     kw: dict[str, Any] = {"architecture": ours, "d": d, "h": h}
@@ -269,7 +334,9 @@ def _load_saelens(p: Path, meta: dict[str, Any]) -> SparseAutoencoder:
     if ours == "batchtopk":
         theta = tensors.get("threshold")
         if theta is None or not torch.all(theta == theta.reshape(-1)[0]):
-            raise CheckpointError(f"{p}: a JumpReLU SAE with per-latent thresholds is not a batchtopk SAE")
+            raise CheckpointError(
+                f"{p}: a JumpReLU SAE with per-latent thresholds is not a batchtopk SAE"
+            )
         ours_t["threshold"] = theta.reshape(-1)[0].clone()
         kw["k"] = int(meta.get("metadata", {}).get("mammo_sae", {}).get("config", {}).get("k", 32))
     return _build(SAEConfig(**kw), ours_t, str(p))
@@ -283,7 +350,9 @@ def sae_sha256(path: str | os.PathLike[str]) -> str:
         for name in (WEIGHTS_FILE, SAELENS_WEIGHTS_FILE):
             if (p / name).is_file():
                 return sha256_file(p / name)
-        raise CheckpointError(f"{p}: no SAE weights file ({WEIGHTS_FILE} or {SAELENS_WEIGHTS_FILE})")
+        raise CheckpointError(
+            f"{p}: no SAE weights file ({WEIGHTS_FILE} or {SAELENS_WEIGHTS_FILE})"
+        )
     if not p.is_file():
         raise CheckpointError(f"SAE checkpoint not found: {p}")
     return sha256_file(p)
@@ -293,8 +362,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What `mammo-sae sae info` prints: config and metrics (native) or the inferred config."""
     p = Path(path)
     sae = load_sae(p)
-    info: dict[str, Any] = {"path": str(p), "sha256": sae_sha256(p), "architecture": sae.architecture,
-                            "d": sae.d, "h": sae.h, "config": to_dict(sae.cfg)}
+    info: dict[str, Any] = {
+        "path": str(p),
+        "sha256": sae_sha256(p),
+        "architecture": sae.architecture,
+        "d": sae.d,
+        "h": sae.h,
+        "config": to_dict(sae.cfg),
+    }
     if p.is_dir():
         meta = read_json(p / CFG_FILE)
         info["cfg.json"] = meta
@@ -303,5 +378,14 @@ def describe(path: str | os.PathLike[str]) -> dict[str, Any]:
     return info
 
 
-__all__ = ["save_sae", "load_sae", "load_mammosae_pt", "from_mammosae_state_dict", "export_saelens",
-           "sae_sha256", "describe", "NATIVE_FORMAT", "SCHEMA_VERSION"]
+__all__ = [
+    "save_sae",
+    "load_sae",
+    "load_mammosae_pt",
+    "from_mammosae_state_dict",
+    "export_saelens",
+    "sae_sha256",
+    "describe",
+    "NATIVE_FORMAT",
+    "SCHEMA_VERSION",
+]

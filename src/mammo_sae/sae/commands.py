@@ -46,8 +46,16 @@ def run_train(cfg: TrainConfig) -> int:
 
     out = train_sae(cfg)
     meta = json.loads((out / "cfg.json").read_text()) if (out / "cfg.json").is_file() else {}
-    print(dumps_json({"out": str(out), "final_metrics": meta.get("final_metrics", {}),
-                      "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"}}), end="")
+    print(
+        dumps_json(
+            {
+                "out": str(out),
+                "final_metrics": meta.get("final_metrics", {}),
+                "training": {k: v for k, v in meta.get("training", {}).items() if k != "config"},
+            }
+        ),
+        end="",
+    )
     return 0
 
 
@@ -55,8 +63,13 @@ def run_import(cfg: ImportConfig) -> int:
     from .checkpoints import load_sae, sae_sha256, save_sae
 
     sae = load_sae(cfg.src)
-    save_sae(sae, cfg.out, extra={"imported_from": {"path": str(cfg.src), "sha256": sae_sha256(cfg.src)}})
-    print(dumps_json({"out": str(cfg.out), "d": sae.d, "h": sae.h, "architecture": sae.architecture}), end="")
+    save_sae(
+        sae, cfg.out, extra={"imported_from": {"path": str(cfg.src), "sha256": sae_sha256(cfg.src)}}
+    )
+    print(
+        dumps_json({"out": str(cfg.out), "d": sae.d, "h": sae.h, "architecture": sae.architecture}),
+        end="",
+    )
     return 0
 
 
@@ -76,10 +89,24 @@ def run_info(cfg: InfoConfig) -> int:
     return 0
 
 
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the `sae` command group to the `mammo-sae` parser."""
     group = add_group(sub, "sae", "train, import, export and inspect sparse autoencoders")
-    add_command(group, "train", TrainConfig, run_train, "train an SAE on an activation store (resumable)")
-    add_command(group, "import", ImportConfig, run_import, "convert a MammoSAE .pt (or SAELens folder) to the native format")
-    add_command(group, "export", ExportConfig, run_export, "export an SAE to another library's format (SAELens)")
+    add_command(
+        group, "train", TrainConfig, run_train, "train an SAE on an activation store (resumable)"
+    )
+    add_command(
+        group,
+        "import",
+        ImportConfig,
+        run_import,
+        "convert a MammoSAE .pt (or SAELens folder) to the native format",
+    )
+    add_command(
+        group,
+        "export",
+        ExportConfig,
+        run_export,
+        "export an SAE to another library's format (SAELens)",
+    )
     add_command(group, "info", InfoConfig, run_info, "print an SAE's config and metrics")

@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Literal, Optional
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,24 +43,41 @@ class SAEHyperParams:
     the pipeline's `sae:` keys), so a new one reaches the trainer without being copied."""
 
     architecture: Architecture = opt("relu-l1", help="relu-l1 (Mammo-SAE), topk or batchtopk")
-    expansion: int = opt(8, min=1, help="latents per input dimension (h = expansion · d unless h is given)")
-    h: Optional[int] = opt(None, min=1, help="number of latents (overrides expansion)")
-    l1_coeff: float = opt(3e-5, min=0.0, help="λ of the L1 penalty (relu-l1), in the units of l1_convention")
+    expansion: int = opt(
+        8, min=1, help="latents per input dimension (h = expansion · d unless h is given)"
+    )
+    h: int | None = opt(None, min=1, help="number of latents (overrides expansion)")
+    l1_coeff: float = opt(
+        3e-5, min=0.0, help="λ of the L1 penalty (relu-l1), in the units of l1_convention"
+    )
     l1_convention: Literal["reference", "sum"] = opt(
-        "reference", help="reconstruction term: reference = mean over d of (x−x̂)² (Mammo-SAE code); "
-                          "sum = sum over d (paper notation, SAELens); λ_sum = d·λ_reference")
+        "reference",
+        help="reconstruction term: reference = mean over d of (x−x̂)² (Mammo-SAE code); "
+        "sum = sum over d (paper notation, SAELens); λ_sum = d·λ_reference",
+    )
     k: int = opt(32, min=1, help="active latents per patch (topk) or on average (batchtopk)")
-    aux_k: Optional[int] = opt(None, min=1, help="AuxK latents (default: d/2 rounded down to a power of two)")
+    aux_k: int | None = opt(
+        None, min=1, help="AuxK latents (default: d/2 rounded down to a power of two)"
+    )
     aux_coeff: float = opt(1 / 32, min=0.0, help="weight of the AuxK loss (topk, batchtopk)")
     normalisation: Literal["none", "centre", "centre-scale"] = opt(
-        "none", help="input normalisation learnt from the data before training: none (Mammo-SAE), "
-                     "centre (subtract the mean), centre-scale (also divide by s so that E‖x̃‖ = √d)")
+        "none",
+        help="input normalisation learnt from the data before training: none (Mammo-SAE), "
+        "centre (subtract the mean), centre-scale (also divide by s so that E‖x̃‖ = √d)",
+    )
     init: Literal["auto", "reference", "tied"] = opt(
-        "auto", help="reference = Mammo-SAE's init (§6.2); tied = W_enc = W_decᵀ; auto: reference "
-                     "for relu-l1, tied otherwise")
+        "auto",
+        help="reference = Mammo-SAE's init (§6.2); tied = W_enc = W_decᵀ; auto: reference "
+        "for relu-l1, tied otherwise",
+    )
     # keyed_when_changed: the option came after runs were keyed on these settings.
-    threshold_momentum: float = opt(0.01, gt=0.0, max=1.0, keyed_when_changed=True,
-                                    help="batchtopk: EMA rate of the inference threshold θ")
+    threshold_momentum: float = opt(
+        0.01,
+        gt=0.0,
+        max=1.0,
+        keyed_when_changed=True,
+        help="batchtopk: EMA rate of the inference threshold θ",
+    )
 
 
 @dataclass
@@ -70,7 +88,9 @@ class SAEConfig(SAEHyperParams):
 
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
-            raise MammoSaeError(f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}")
+            raise MammoSaeError(
+                f"unknown SAE architecture {self.architecture!r}; valid: {', '.join(ARCHITECTURES)}"
+            )
         if self.h is None:
             self.h = int(self.expansion) * int(self.d)
         if self.d < 1 or self.h < 1:
@@ -101,12 +121,12 @@ class LossOutput:
     """One batch's loss (`total` carries gradients) and detached statistics for logging."""
 
     total: Tensor
-    recon: Tensor            # reconstruction term as configured
-    sparsity: Tensor         # λ·Σz (relu-l1) or 0
-    aux: Tensor              # α·AuxK (topk, batchtopk) or 0
-    sq_err: Tensor           # Σ_batch ‖x̃ − x̂̃‖² (normalised space), fp32
-    l0: Tensor               # mean number of active latents per patch
-    fired_h: Tensor          # per-latent count of patches with z > 0 in this batch
+    recon: Tensor  # reconstruction term as configured
+    sparsity: Tensor  # λ·Σz (relu-l1) or 0
+    aux: Tensor  # α·AuxK (topk, batchtopk) or 0
+    sq_err: Tensor  # Σ_batch ‖x̃ − x̂̃‖² (normalised space), fp32
+    l0: Tensor  # mean number of active latents per patch
+    fired_h: Tensor  # per-latent count of patches with z > 0 in this batch
 
 
 class _ReluL1Loss(torch.autograd.Function):
@@ -125,8 +145,17 @@ class _ReluL1Loss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_bd: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor,
-                l1_coeff: float, recon_scale: float, mm_dtype: Optional[torch.dtype]):
+    def forward(
+        ctx,
+        x_bd: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        W_dec: Tensor,
+        b_dec: Tensor,
+        l1_coeff: float,
+        recon_scale: float,
+        mm_dtype: torch.dtype | None,
+    ):
         n = x_bd.shape[0]
         xc_bd = x_bd - b_dec
         if mm_dtype is None:
@@ -148,8 +177,13 @@ class _ReluL1Loss(torch.autograd.Function):
                 # count_nonzero over dim 0 more than half; as GEMVs (fp32 accumulation, per-latent
                 # sums rounded once to bf16; counts exact in int8 × int8 → int32) they are ~free.
                 l1 = (z_bh.new_ones(1, n) @ z_bh).sum(dtype=x_bd.dtype)
-                fired_h = torch._int_mm(z_bh.new_ones(1, n, dtype=torch.int8),
-                                        (z_bh > 0).view(torch.int8)).view(-1).long()
+                fired_h = (
+                    torch._int_mm(
+                        z_bh.new_ones(1, n, dtype=torch.int8), (z_bh > 0).view(torch.int8)
+                    )
+                    .view(-1)
+                    .long()
+                )
             saved_xc, saved_W_dec = xc_lo, W_dec_lo
         sq_err = resid_bd.square().sum()
         recon = sq_err * (recon_scale / n)
@@ -170,8 +204,10 @@ class _ReluL1Loss(torch.autograd.Function):
         # first filling a B×h output with a broadcast copy.
         dz_const_h = (g_total * (l1_coeff / n)).to(z_bh.dtype).expand(h).contiguous()
         dxhat_mm = dxhat_bd if mm_dtype is None else dxhat_bd.to(mm_dtype)
-        dW_dec = (dxhat_mm.t() @ z_bh).to(W_enc.dtype)   # fp32 master weights
-        dpre_bh = torch.ops.aten.threshold_backward(torch.addmm(dz_const_h, dxhat_mm, W_dec), z_bh, 0.0)
+        dW_dec = (dxhat_mm.t() @ z_bh).to(W_enc.dtype)  # fp32 master weights
+        dpre_bh = torch.ops.aten.threshold_backward(
+            torch.addmm(dz_const_h, dxhat_mm, W_dec), z_bh, 0.0
+        )
         dW_enc = (dpre_bh.t() @ xc_bd).to(W_enc.dtype)
         if mm_dtype is None:
             db_enc = dpre_bh.new_ones(n) @ dpre_bh
@@ -179,13 +215,13 @@ class _ReluL1Loss(torch.autograd.Function):
         else:
             if dpre_bh.is_cuda:
                 db_enc = dpre_bh.sum(0, dtype=W_enc.dtype)
-            else:   # a GEMV, as in the forward: a dim-0 bf16 reduction is slow on CPU
+            else:  # a GEMV, as in the forward: a dim-0 bf16 reduction is slow on CPU
                 db_enc = (dpre_bh.new_ones(1, n) @ dpre_bh).view(-1).to(W_enc.dtype)
             db_dec = dxhat_bd.sum(0) - db_enc @ W_enc
         return None, dW_enc, db_enc, dW_dec, db_dec, None, None, None
 
 
-def _mm(a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+def _mm(a: Tensor, b: Tensor, dtype: torch.dtype | None) -> Tensor:
     """Matmul, optionally with bf16 operands and fp32 result (GPU training)."""
     if dtype is None:
         return a @ b
@@ -198,8 +234,8 @@ def _mm(a: Tensor, b: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 # (B × h × d) matmuls, leaving the encoder's forward GEMM as the step's cost.
 @dataclass
 class _Pattern:
-    rows: Tensor      # (nnz,) int64, non-decreasing
-    cols: Tensor      # (nnz,) int64 latent index
+    rows: Tensor  # (nnz,) int64, non-decreasing
+    cols: Tensor  # (nnz,) int64 latent index
     n: int
     h: int
 
@@ -211,8 +247,9 @@ class _Pattern:
 
     def coo_t(self, values: Tensor) -> Tensor:
         """The transposed (h, n) matrix, for products Zᵀ @ dense."""
-        return torch.sparse_coo_tensor(torch.stack([self.cols, self.rows]), values,
-                                       (self.h, self.n), check_invariants=False)
+        return torch.sparse_coo_tensor(
+            torch.stack([self.cols, self.rows]), values, (self.h, self.n), check_invariants=False
+        )
 
 
 def _row_pattern(idx_nk: Tensor, h: int) -> _Pattern:
@@ -234,8 +271,15 @@ class _GatheredPreActs(torch.autograd.Function):
     (a sparse (h × n) @ (n × d) product), b_enc and b_dec only."""
 
     @staticmethod
-    def forward(ctx, pre_nh: Tensor, xc_nd: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor,
-                pat: _Pattern) -> Tensor:
+    def forward(
+        ctx,
+        pre_nh: Tensor,
+        xc_nd: Tensor,
+        W_enc: Tensor,
+        b_enc: Tensor,
+        b_dec: Tensor,
+        pat: _Pattern,
+    ) -> Tensor:
         ctx.save_for_backward(xc_nd, W_enc)
         ctx.pat = pat
         return pre_nh[pat.rows, pat.cols]
@@ -261,8 +305,9 @@ class _SparseDecode(torch.autograd.Function):
         offsets = pat.offsets
         ctx.save_for_backward(vals_j, atoms_hd, offsets)
         ctx.pat = pat
-        return nn.functional.embedding_bag(pat.cols, atoms_hd, offsets[:-1], mode="sum",
-                                           per_sample_weights=vals_j)
+        return nn.functional.embedding_bag(
+            pat.cols, atoms_hd, offsets[:-1], mode="sum", per_sample_weights=vals_j
+        )
 
     @staticmethod
     def backward(ctx, g_nd: Tensor):
@@ -270,8 +315,9 @@ class _SparseDecode(torch.autograd.Function):
         pat: _Pattern = ctx.pat
         g_nd = g_nd.contiguous()
         with _quiet_sparse():
-            pattern = torch.sparse_csr_tensor(offsets, pat.cols, torch.zeros_like(vals_j),
-                                              (pat.n, pat.h), check_invariants=False)
+            pattern = torch.sparse_csr_tensor(
+                offsets, pat.cols, torch.zeros_like(vals_j), (pat.n, pat.h), check_invariants=False
+            )
             d_vals = torch.sparse.sampled_addmm(pattern, g_nd, atoms_hd.t(), beta=0.0).values()
             dW_dec = torch.sparse.mm(pat.coo_t(vals_j), g_nd).t()
         return d_vals, dW_dec, None
@@ -288,7 +334,7 @@ def _quiet_sparse() -> Iterator[None]:
 class SparseAutoencoder(nn.Module):
     """An SAE of any supported architecture; see the module docstring for the math."""
 
-    def __init__(self, cfg: SAEConfig, *, seed: Optional[int] = None) -> None:
+    def __init__(self, cfg: SAEConfig, *, seed: int | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         d, h = cfg.d, cfg.n_latents
@@ -300,8 +346,8 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("norm_mean", torch.zeros(d))
         self.register_buffer("norm_scale", torch.ones(()))
         self.register_buffer("threshold", torch.zeros(()))
-        self.mm_dtype: Optional[torch.dtype] = None   # bf16 matmuls on GPU (set by the trainer)
-        self.fused: bool = True                        # hand-written relu-l1 backward
+        self.mm_dtype: torch.dtype | None = None  # bf16 matmuls on GPU (set by the trainer)
+        self.fused: bool = True  # hand-written relu-l1 backward
         # topk/batchtopk training on CPU: decoder and backward over the k active latents only
         # (`_sparse_loss`); False, or another device, takes the dense path.
         self.sparse: bool = True
@@ -322,7 +368,7 @@ class SparseAutoencoder(nn.Module):
 
     # ------------------------------------------------------------------ init
     @torch.no_grad()
-    def reset_parameters(self, seed: Optional[int] = None) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
         """Mammo-SAE init (§6.2, incl. its component-axis fan-in) or tied init (W_enc = W_decᵀ)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         d, h = self.d, self.h
@@ -382,10 +428,12 @@ class SparseAutoencoder(nn.Module):
 
     def _check_input(self, x_nd: Tensor) -> None:
         if x_nd.shape[-1] != self.d:
-            raise MammoSaeError(f"SAE expects inputs with d={self.d} features, got shape {tuple(x_nd.shape)}")
+            raise MammoSaeError(
+                f"SAE expects inputs with d={self.d} features, got shape {tuple(x_nd.shape)}"
+            )
 
     # ------------------------------------------------------------------ training
-    def loss(self, x_nd: Tensor, dead_h: Optional[Tensor] = None) -> LossOutput:
+    def loss(self, x_nd: Tensor, dead_h: Tensor | None = None) -> LossOutput:
         """Training loss of a batch of raw-unit inputs. `dead_h` (bool) selects AuxK latents."""
         self._check_input(x_nd)
         xn_nd = self.normalise(x_nd)
@@ -395,8 +443,15 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "relu-l1":
             if self.fused:
                 total, recon, sparsity, sq_err, fired_h = _ReluL1Loss.apply(
-                    xn_nd, self.W_enc, self.b_enc, self.W_dec, self.b_dec,
-                    cfg.l1_coeff, cfg.recon_scale, self.mm_dtype)
+                    xn_nd,
+                    self.W_enc,
+                    self.b_enc,
+                    self.W_dec,
+                    self.b_dec,
+                    cfg.l1_coeff,
+                    cfg.recon_scale,
+                    self.mm_dtype,
+                )
             else:
                 z_nh = torch.relu(self.pre_acts(xn_nd))
                 resid_nd = self.decode_normalised(z_nh) - xn_nd
@@ -422,10 +477,17 @@ class SparseAutoencoder(nn.Module):
         if dead_h is not None and bool(dead_h.any()):
             aux_t = cfg.aux_coeff * self._auxk_loss(pre_nh, resid_nd.detach(), dead_h)
         fired_h = (z_nh > 0).sum(0)
-        return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(), sq_err_t.detach(),
-                          (fired_h.sum() / n).float(), fired_h)
+        return LossOutput(
+            recon_t + aux_t,
+            recon_t.detach(),
+            zero,
+            aux_t.detach(),
+            sq_err_t.detach(),
+            (fired_h.sum() / n).float(),
+            fired_h,
+        )
 
-    def _sparse_loss(self, xn_nd: Tensor, dead_h: Optional[Tensor]) -> LossOutput:
+    def _sparse_loss(self, xn_nd: Tensor, dead_h: Tensor | None) -> LossOutput:
         """The topk/batchtopk training loss with sparse codes: the same selections, values and
         gradients as the dense path (up to summation order), at ~2·d·h FLOPs per patch (the
         encoder GEMM) instead of ~6·d·h."""
@@ -457,8 +519,15 @@ class SparseAutoencoder(nn.Module):
             err_nd = _SparseDecode.apply(aux_vals, self.W_dec, aux_pat) + resid_nd.detach()
             aux_t = cfg.aux_coeff * err_nd.square().sum() * (cfg.recon_scale / n)
         fired_h = torch.bincount(pat.cols[vals_j.detach() > 0], minlength=h)
-        return LossOutput(recon_t + aux_t, recon_t.detach(), zero, aux_t.detach(),
-                          sq_err_t.detach(), (fired_h.sum() / n).float(), fired_h)
+        return LossOutput(
+            recon_t + aux_t,
+            recon_t.detach(),
+            zero,
+            aux_t.detach(),
+            sq_err_t.detach(),
+            (fired_h.sum() / n).float(),
+            fired_h,
+        )
 
     def _auxk_loss(self, pre_nh: Tensor, resid_nd: Tensor, dead_h: Tensor) -> Tensor:
         """Reconstruct the residual from the top aux_k dead latents (Gao et al. 2024)."""
@@ -492,7 +561,9 @@ class SparseAutoencoder(nn.Module):
         if g is None:
             return
         W = self.W_dec
-        along_h = torch.linalg.vecdot(g, W, dim=0) / torch.linalg.vecdot(W, W, dim=0).clamp_min(1e-24)
+        along_h = torch.linalg.vecdot(g, W, dim=0) / torch.linalg.vecdot(W, W, dim=0).clamp_min(
+            1e-24
+        )
         g.addcmul_(W, along_h, value=-1.0)
 
     @torch.no_grad()
@@ -508,12 +579,16 @@ class SparseAutoencoder(nn.Module):
         self.norm_scale.fill_(float(scale))
 
     @torch.no_grad()
-    def folded(self) -> "SparseAutoencoder":
+    def folded(self) -> SparseAutoencoder:
         """An equivalent SAE with the input normalisation folded into the weights (exact: π is
         unchanged, so TopK selections and thresholds are too): W_enc/s, s·W_dec, s·b_dec + μ."""
         cfg = SAEConfig(**{**vars(self.cfg), "normalisation": "none"})
         out = SparseAutoencoder(cfg).to(device=self.W_enc.device, dtype=self.W_enc.dtype)
-        s = self.norm_scale if self.cfg.normalisation != "none" else torch.ones_like(self.norm_scale)
+        s = (
+            self.norm_scale
+            if self.cfg.normalisation != "none"
+            else torch.ones_like(self.norm_scale)
+        )
         mu = self.norm_mean if self.cfg.normalisation != "none" else torch.zeros_like(self.b_dec)
         out.W_enc.copy_(self.W_enc / s)
         out.b_enc.copy_(self.b_enc)
@@ -540,5 +615,10 @@ def fraction_of_variance_unexplained(x_nd: Tensor, x_hat_nd: Tensor) -> float:
     return float(num / den) if den > 0 else float("nan")
 
 
-__all__ = ["SAEConfig", "SparseAutoencoder", "LossOutput", "ARCHITECTURES",
-           "fraction_of_variance_unexplained"]
+__all__ = [
+    "SAEConfig",
+    "SparseAutoencoder",
+    "LossOutput",
+    "ARCHITECTURES",
+    "fraction_of_variance_unexplained",
+]

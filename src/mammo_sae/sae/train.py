@@ -19,9 +19,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator, Literal, Optional, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,11 +44,11 @@ from .model import SAEConfig, SAEHyperParams, SparseAutoencoder
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 STATE_VERSION = 1
-DENSE_FREQUENCY = 0.1     # a latent firing on more than 10 % of patches counts as dense
+DENSE_FREQUENCY = 0.1  # a latent firing on more than 10 % of patches counts as dense
 # bf16 matmuls on CPU from this many SAE weights (d·h) up (Mammo-SAE's 2048 × 16,384 is 2^25).
 # bf16 measured faster from d 256 × h 2048 (2^19) on, but the phantom-sized SAEs (≤ 3.3 M weights)
 # stay fp32 so that their documented reference figures hold (docs/sae.md).
-CPU_BF16_MIN_WEIGHTS = 2 ** 22
+CPU_BF16_MIN_WEIGHTS = 2**22
 
 
 # ---------------------------------------------------------------------------- data
@@ -58,10 +59,21 @@ class BatchSource(Protocol):
     d: int
     n_patches: int
 
-    def batches_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int: ...
+    def batches_per_epoch(
+        self, batch_size: int, world_size: int = 1, drop_last: bool = False
+    ) -> int: ...
 
-    def stream(self, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
-               world_size: int = 1, drop_last: bool = False) -> Iterator[Tensor]: ...
+    def stream(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[Tensor]: ...
 
 
 class TensorSource:
@@ -71,7 +83,7 @@ class TensorSource:
     ranks with `tensor_split`, so 2 ranks × B/2 reproduce 1 process × B up to summation order.
     """
 
-    def __init__(self, acts_nd: Tensor, manifest_sha256: Optional[str] = None) -> None:
+    def __init__(self, acts_nd: Tensor, manifest_sha256: str | None = None) -> None:
         if acts_nd.dim() != 2:
             raise MammoSaeError(f"training data must be (N, d), got shape {tuple(acts_nd.shape)}")
         self.acts_nd = acts_nd
@@ -79,17 +91,28 @@ class TensorSource:
         self.n_patches = int(acts_nd.shape[0])
         self.manifest_sha256 = manifest_sha256
 
-    def batches_per_epoch(self, batch_size: int, world_size: int = 1, drop_last: bool = False) -> int:
+    def batches_per_epoch(
+        self, batch_size: int, world_size: int = 1, drop_last: bool = False
+    ) -> int:
         return self.n_patches // batch_size if drop_last else -(-self.n_patches // batch_size)
 
-    def stream(self, batch_size: int, *, seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
-               world_size: int = 1, drop_last: bool = False) -> Iterator[Tensor]:
+    def stream(
+        self,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        start_batch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        drop_last: bool = False,
+    ) -> Iterator[Tensor]:
         gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
         # Drawn on the CPU (the same order on every device), moved once per epoch: a per-batch
         # copy of indices from pageable memory would stall the GPU at every step.
         perm = torch.randperm(self.n_patches, generator=gen).to(self.acts_nd.device)
         for b in range(start_batch, self.batches_per_epoch(batch_size, 1, drop_last)):
-            idx = perm[b * batch_size:(b + 1) * batch_size]
+            idx = perm[b * batch_size : (b + 1) * batch_size]
             if world_size > 1:
                 idx = torch.tensor_split(idx, world_size)[rank]
             yield self.acts_nd[idx]
@@ -105,10 +128,14 @@ class TrainConfig(SAEHyperParams):
     pipeline's key and of the resume check (the store is checked by its manifest hash instead);
     `resumable=True`: changes the result, but may change when a run is continued."""
 
-    store: Optional[Path] = opt(None, affects_result=False,
-                                help="activation store directory (mammo-sae extract)")
-    out: Path = opt(Path("sae_run"), affects_result=False,
-                    help="output directory (final SAE, train_state.pt, train_log.jsonl)")
+    store: Path | None = opt(
+        None, affects_result=False, help="activation store directory (mammo-sae extract)"
+    )
+    out: Path = opt(
+        Path("sae_run"),
+        affects_result=False,
+        help="output directory (final SAE, train_state.pt, train_log.jsonl)",
+    )
     batch_size: int = opt(4096, min=1, help="global batch size (split across DDP ranks)")
     epochs: int = opt(200, resumable=True, min=1, help="passes over the data")
     lr: float = opt(3e-4, gt=0.0, help="Adam learning rate (constant)")
@@ -116,37 +143,72 @@ class TrainConfig(SAEHyperParams):
     beta2: float = opt(0.999, min=0.0, lt=1.0, help="Adam β2")
     eps: float = opt(1e-8, gt=0.0, help="Adam ε")
     seed: int = opt(49, help="seed for init, data order and resampling (Mammo-SAE used 49)")
-    drop_last: bool = opt(False, help="drop the last partial batch of each epoch (the reference keeps it)")
-    resample_every: int = opt(10, min=0, help="relu-l1: resample dead latents every N epochs (0 = never)")
-    resample_inputs: int = opt(20000, min=1, help="relu-l1: inputs scored for resampling (rounded down to whole batches, ≥ 1)")
-    dead_window_patches: int = opt(10_000_000, min=1, help="a latent is dead after this many "
-                                   "patches without firing (AuxK, dead fraction); at most one "
-                                   "epoch of patches")
-    log_every: int = opt(50, resumable=True, min=1,
-                         help="log to JSONL and the progress bar every N steps")
-    checkpoint_every: int = opt(0, resumable=True, min=0,
-                                help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)")
-    checkpoint_seconds: float = opt(600.0, resumable=True, min=0.0,
-                                    help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0")
-    max_steps: Optional[int] = opt(None, resumable=True, min=1,
-                                   help="stop (and save) after this many steps in total")
-    resume: bool = opt(False, affects_result=False,
-                       help="require OUT/train_state.pt and continue it (a plain rerun "
-                                   "continues a state of the same settings anyway)")
-    overwrite: bool = opt(False, affects_result=False,
-                          help="discard the training run in --out (state, log, SAE) and "
-                                      "start again")
+    drop_last: bool = opt(
+        False, help="drop the last partial batch of each epoch (the reference keeps it)"
+    )
+    resample_every: int = opt(
+        10, min=0, help="relu-l1: resample dead latents every N epochs (0 = never)"
+    )
+    resample_inputs: int = opt(
+        20000,
+        min=1,
+        help="relu-l1: inputs scored for resampling (rounded down to whole batches, ≥ 1)",
+    )
+    dead_window_patches: int = opt(
+        10_000_000,
+        min=1,
+        help="a latent is dead after this many "
+        "patches without firing (AuxK, dead fraction); at most one "
+        "epoch of patches",
+    )
+    log_every: int = opt(
+        50, resumable=True, min=1, help="log to JSONL and the progress bar every N steps"
+    )
+    checkpoint_every: int = opt(
+        0,
+        resumable=True,
+        min=0,
+        help="save full state every N steps (0 = at epoch ends, at most every --checkpoint-seconds)",
+    )
+    checkpoint_seconds: float = opt(
+        600.0,
+        resumable=True,
+        min=0.0,
+        help="minimum seconds between epoch-end checkpoints when --checkpoint-every is 0",
+    )
+    max_steps: int | None = opt(
+        None, resumable=True, min=1, help="stop (and save) after this many steps in total"
+    )
+    resume: bool = opt(
+        False,
+        affects_result=False,
+        help="require OUT/train_state.pt and continue it (a plain rerun "
+        "continues a state of the same settings anyway)",
+    )
+    overwrite: bool = opt(
+        False,
+        affects_result=False,
+        help="discard the training run in --out (state, log, SAE) and start again",
+    )
     device: str = opt("auto", affects_result=False, help="auto, cpu, cuda or cuda:N")
-    bf16: bool = opt(True, help="bf16 matmul operands (weights, accumulation and Adam stay fp32) "
-                                "on GPU, and on a CPU with bf16 instructions (AVX512-BF16/AMX) for "
-                                "SAEs of d·h ≥ 2^22 weights, where it is faster; --no-bf16: fp32")
+    bf16: bool = opt(
+        True,
+        help="bf16 matmul operands (weights, accumulation and Adam stay fp32) "
+        "on GPU, and on a CPU with bf16 instructions (AVX512-BF16/AMX) for "
+        "SAEs of d·h ≥ 2^22 weights, where it is faster; --no-bf16: fp32",
+    )
     compile: bool = opt(False, resumable=True, help="torch.compile the loss")
-    data_in_memory: Literal["auto", "yes", "no"] = opt("auto", resumable=True,
-                                                       help="load the whole store onto the device when it fits (auto) or stream it")
-    measure_matmul: bool = opt(True, resumable=True,
-                               help="time a matmul at start-up for the MFU figure")
-    eval_patches: int = opt(65536, resumable=True, min=0,
-                            help="patches for the final metrics in cfg.json (0 = skip)")
+    data_in_memory: Literal["auto", "yes", "no"] = opt(
+        "auto",
+        resumable=True,
+        help="load the whole store onto the device when it fits (auto) or stream it",
+    )
+    measure_matmul: bool = opt(
+        True, resumable=True, help="time a matmul at start-up for the MFU figure"
+    )
+    eval_patches: int = opt(
+        65536, resumable=True, min=0, help="patches for the final metrics in cfg.json (0 = skip)"
+    )
     progress: bool = opt(True, affects_result=False, help="show a progress bar")
 
     def sae_config(self, d: int) -> SAEConfig:
@@ -159,7 +221,7 @@ class TrainConfig(SAEHyperParams):
 class _Dist:
     rank: int = 0
     world_size: int = 1
-    owns_group: bool = False   # this trainer initialised the process group (torchrun CLI)
+    owns_group: bool = False  # this trainer initialised the process group (torchrun CLI)
 
     @property
     def main(self) -> bool:
@@ -194,8 +256,14 @@ def _init_distributed(device: torch.device) -> _Dist:
     return _Dist(dist.get_rank(), dist.get_world_size(), owns)
 
 
-def measure_matmul_flops(d: int, h: int, batch: int, device: torch.device,
-                         dtype: torch.dtype = torch.float32, reps: int = 3) -> float:
+def measure_matmul_flops(
+    d: int,
+    h: int,
+    batch: int,
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    reps: int = 3,
+) -> float:
     """FLOP/s of one (batch × d) @ (d × h) matmul on `device`: the denominator of MFU."""
     a = torch.randn(batch, d, device=device, dtype=dtype)
     b = torch.randn(d, h, device=device, dtype=dtype)
@@ -210,7 +278,7 @@ def measure_matmul_flops(d: int, h: int, batch: int, device: torch.device,
     return 2.0 * batch * d * h * reps / max(time.perf_counter() - t0, 1e-9)
 
 
-def matmul_dtype(cfg: TrainConfig, device: torch.device, n_weights: int) -> Optional[torch.dtype]:
+def matmul_dtype(cfg: TrainConfig, device: torch.device, n_weights: int) -> torch.dtype | None:
     """bf16 operands (None: fp32) for the SAE's matmuls: `--bf16` on a GPU, or on a CPU that
     multiplies bf16 in hardware for SAEs of at least CPU_BF16_MIN_WEIGHTS weights."""
     if not cfg.bf16:
@@ -229,9 +297,12 @@ def flops_per_patch(sae: SparseAutoencoder) -> float:
 
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
-                             "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-                             "numpy_pos": int(np_state[2])}
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": int(np_state[2]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -240,7 +311,9 @@ def _rng_state() -> dict[str, Any]:
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    np.random.set_state(
+        ("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]), 0, 0.0)
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -258,32 +331,44 @@ def _open_source(cfg: TrainConfig, device: torch.device, dist: _Dist) -> BatchSo
         free, _ = torch.cuda.mem_get_info(device)
         if need > 0.6 * free:
             return store
-    return TensorSource(store.load_all(device, torch.float32), manifest_sha256=store.manifest_sha256)
+    return TensorSource(
+        store.load_all(device, torch.float32), manifest_sha256=store.manifest_sha256
+    )
 
 
 # ---------------------------------------------------------------------------- trainer
 class Trainer:
     """Holds the SAE, optimiser, data cursor and counters; `run()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, source: Optional[BatchSource] = None) -> None:
+    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
         self.dist = _init_distributed(self.device)
         self.source = source if source is not None else _open_source(cfg, self.device, self.dist)
         if cfg.batch_size < self.dist.world_size:
-            raise MammoSaeError(f"batch size {cfg.batch_size} is smaller than the world size {self.dist.world_size}")
+            raise MammoSaeError(
+                f"batch size {cfg.batch_size} is smaller than the world size {self.dist.world_size}"
+            )
         # TensorSource splits each global batch across ranks; other sources (the store) give each
         # rank its own share of the data, served in local batches of batch_size / world_size.
-        self.stream_batch = (cfg.batch_size if isinstance(self.source, TensorSource)
-                             else cfg.batch_size // self.dist.world_size)
-        self.n_batches = self.source.batches_per_epoch(self.stream_batch, self.dist.world_size, cfg.drop_last)
+        self.stream_batch = (
+            cfg.batch_size
+            if isinstance(self.source, TensorSource)
+            else cfg.batch_size // self.dist.world_size
+        )
+        self.n_batches = self.source.batches_per_epoch(
+            self.stream_batch, self.dist.world_size, cfg.drop_last
+        )
         if self.n_batches < 1:
-            raise StoreError(f"training data has {self.source.n_patches} patches: not one batch of {cfg.batch_size}")
+            raise StoreError(
+                f"training data has {self.source.n_patches} patches: not one batch of {cfg.batch_size}"
+            )
         # Dead = no firing for the window, capped at one epoch of patches: on small data the 10 M
         # default outlasts the whole run, and every latent would count as alive to the end.
-        self.dead_window = min(cfg.dead_window_patches,
-                               self.source.n_patches, self.n_batches * cfg.batch_size)
+        self.dead_window = min(
+            cfg.dead_window_patches, self.source.n_patches, self.n_batches * cfg.batch_size
+        )
         self.sae_cfg = cfg.sae_config(self.source.d)
         self.sae = SparseAutoencoder(self.sae_cfg, seed=cfg.seed).to(self.device)
         self.sae.train()
@@ -292,8 +377,9 @@ class Trainer:
         self.sae.sparse = not cfg.compile
         # Fused Adam on CPU and CUDA alike: on this project's CPU it steps 5x (d 2048, h 16,384:
         # 151 → 29 ms) to 7x (d 256, h 2048) faster than foreach, which loops per tensor on CPU.
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                                    eps=cfg.eps, fused=True)
+        self.opt = torch.optim.Adam(
+            self.sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True
+        )
         h = self.sae.h
         self.step = 0
         self.epoch = 0
@@ -307,7 +393,7 @@ class Trainer:
         self.loss_fn = torch.compile(self.sae.loss) if cfg.compile else self.sae.loss
         self._last_checkpoint_time = time.monotonic()
         self._reset_log_acc()
-        self.matmul_flops: Optional[float] = None
+        self.matmul_flops: float | None = None
         self.last_log: dict[str, Any] = {}
 
     @property
@@ -317,14 +403,17 @@ class Trainer:
     @property
     def sparse_step(self) -> bool:
         """topk/batchtopk steps run on sparse codes (CPU, not compiled)."""
-        return (self.sae.sparse and self.sae_cfg.architecture != "relu-l1"
-                and self.device.type == "cpu")
+        return (
+            self.sae.sparse and self.sae_cfg.architecture != "relu-l1" and self.device.type == "cpu"
+        )
 
     # --------------------------------------------------------------- setup
     def _check_data(self) -> None:
         d_store = self.source.d
         if d_store != self.sae.d:
-            raise StoreError(f"store has vectors of d={d_store} but the SAE being resumed has d={self.sae.d}")
+            raise StoreError(
+                f"store has vectors of d={d_store} but the SAE being resumed has d={self.sae.d}"
+            )
 
     @torch.no_grad()
     def _fit_normalisation(self) -> None:
@@ -335,7 +424,9 @@ class Trainer:
         total = torch.zeros(self.sae.d, dtype=torch.float64, device=self.device)
         rows: list[Tensor] = []
         n = 0
-        for i, x in enumerate(self.source.stream(self.cfg.batch_size, seed=self.cfg.seed + 7919, epoch=0)):
+        for i, x in enumerate(
+            self.source.stream(self.cfg.batch_size, seed=self.cfg.seed + 7919, epoch=0)
+        ):
             x = x.to(self.device, torch.float64)
             total += x.sum(0)
             n += x.shape[0]
@@ -348,7 +439,9 @@ class Trainer:
             norms = torch.cat([(r - mean_d).norm(dim=1) for r in rows])
             scale = float(norms.mean() / math.sqrt(self.sae.d))
             if not math.isfinite(scale) or scale <= 0:
-                raise StoreError(f"cannot normalise: mean input norm is {scale * math.sqrt(self.sae.d)}")
+                raise StoreError(
+                    f"cannot normalise: mean input norm is {scale * math.sqrt(self.sae.d)}"
+                )
         self.sae.set_normalisation(mean_d.float(), scale)
 
     # --------------------------------------------------------------- state
@@ -360,9 +453,14 @@ class Trainer:
             "sae": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
             "optimizer": self.opt.state_dict(),
             "rng": _rng_state(),
-            "cursor": {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                       "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
-                       "n_latents_resampled": self.n_latents_resampled},
+            "cursor": {
+                "step": self.step,
+                "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch,
+                "patches_seen": self.patches_seen,
+                "n_resamples": self.n_resamples,
+                "n_latents_resampled": self.n_latents_resampled,
+            },
             "fired_since_resample_h": self.fired_since_resample_h.cpu(),
             "since_fired_h": self.since_fired_h.cpu(),
             # The data's identity (the store's manifest hash): the path may move, the data may not.
@@ -374,8 +472,10 @@ class Trainer:
             return
         # Backstop: never replace the last good state with non-finite weights.
         if not all(bool(torch.isfinite(p).all()) for p in self.sae.parameters()):
-            raise MammoSaeError(f"the SAE's weights are NaN/Inf at step {self.step}; not saving: "
-                                f"{self.out / STATE_FILE} keeps the last good state")
+            raise MammoSaeError(
+                f"the SAE's weights are NaN/Inf at step {self.step}; not saving: "
+                f"{self.out / STATE_FILE} keeps the last good state"
+            )
         with atomic_path(self.out / STATE_FILE) as tmp:
             torch.save(self.state_dict(), tmp)
         self._last_checkpoint_time = time.monotonic()
@@ -383,12 +483,16 @@ class Trainer:
     def load_state(self) -> None:
         path = self.out / STATE_FILE
         if not path.is_file():
-            raise CheckpointError(f"--resume: no training state at {path} to continue; "
-                                  "run without --resume to start one")
+            raise CheckpointError(
+                f"--resume: no training state at {path} to continue; "
+                "run without --resume to start one"
+            )
         state = load_torch_weights(path, "a training state")
         try:
             if state.get("version") != STATE_VERSION:
-                raise CheckpointError(f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}")
+                raise CheckpointError(
+                    f"{path}: state version {state.get('version')!r}, expected {STATE_VERSION}"
+                )
             saved_cfg = state["train_config"]
             cursor = state["cursor"]
         except CheckpointError:
@@ -396,24 +500,32 @@ class Trainer:
         except Exception as exc:  # noqa: BLE001 — any read failure is a corrupt file
             raise CheckpointError(f"corrupt training state {path}: {exc}") from exc
         now = to_dict(self.cfg)
-        diffs = [f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}"
-                 for k in changed_settings(self.cfg, saved_cfg, resuming=True)]
+        diffs = [
+            f"{k}: {saved_cfg.get(k)!r} → {now.get(k)!r}"
+            for k in changed_settings(self.cfg, saved_cfg, resuming=True)
+        ]
         if diffs:
-            raise MammoSaeError(f"{self.out} holds a training run with different settings "
-                                f"({'; '.join(diffs)}): rerun with its settings to continue it, "
-                                f"or pass --overwrite to discard it, or use another --out")
+            raise MammoSaeError(
+                f"{self.out} holds a training run with different settings "
+                f"({'; '.join(diffs)}): rerun with its settings to continue it, "
+                f"or pass --overwrite to discard it, or use another --out"
+            )
         saved_source = state.get("source_manifest_sha256")
         source = getattr(self.source, "manifest_sha256", None)
         if "source_manifest_sha256" in state and saved_source != source:
-            raise MammoSaeError(f"{self.out} holds a training run on other training data: it was "
-                                f"trained on the store {saved_cfg.get('store')} (manifest sha256 "
-                                f"{str(saved_source)[:16]}), --store {self.cfg.store} has "
-                                f"{str(source)[:16]}; pass --overwrite to discard it, or use "
-                                "another --out")
+            raise MammoSaeError(
+                f"{self.out} holds a training run on other training data: it was "
+                f"trained on the store {saved_cfg.get('store')} (manifest sha256 "
+                f"{str(saved_source)[:16]}), --store {self.cfg.store} has "
+                f"{str(source)[:16]}; pass --overwrite to discard it, or use "
+                "another --out"
+            )
         sd = state["sae"]
         if tuple(sd["W_enc"].shape) != (self.sae.h, self.sae.d):
-            raise StoreError(f"store has d={self.source.d} but {path} holds an SAE with "
-                             f"W_enc {tuple(sd['W_enc'].shape)}")
+            raise StoreError(
+                f"store has d={self.source.d} but {path} holds an SAE with "
+                f"W_enc {tuple(sd['W_enc'].shape)}"
+            )
         self.sae.load_state_dict(sd)
         self.opt.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"])
@@ -438,7 +550,7 @@ class Trainer:
         self._acc_steps = 0
         self._acc_first_step = getattr(self, "step", 0)
         self._acc_first_epoch = getattr(self, "epoch", 0)
-        self._acc_fired_h: Optional[Tensor] = None
+        self._acc_fired_h: Tensor | None = None
         self._acc_t0 = time.perf_counter()
 
     def _log(self, bar: Any) -> None:
@@ -453,25 +565,38 @@ class Trainer:
             raise MammoSaeError(
                 f"the training vectors of steps {self._acc_first_step}–{self.step - 1} are all equal "
                 "(e.g. all zeros: activations below float16's range stored as 0); an SAE cannot "
-                "learn from them: check the store (`mammo-sae extract` with --dtype bfloat16)")
+                "learn from them: check the store (`mammo-sae extract` with --dtype bfloat16)"
+            )
         dt = max(time.perf_counter() - self._acc_t0, 1e-9)
         patches_per_s = n * self.dist.world_size / dt
         fired = self._acc_fired_h.float() / n if self._acc_fired_h is not None else None
         scale2 = float(self.sae.norm_scale) ** 2 if self.sae_cfg.normalisation != "none" else 1.0
         rec = {
-            "step": self.step, "epoch": self.epoch, "patches_seen": self.patches_seen,
-            "loss": acc["loss"] / acc["steps"], "recon": acc["recon"] / acc["steps"],
-            "sparsity": acc["sparsity"] / acc["steps"], "aux": acc["aux"] / acc["steps"],
+            "step": self.step,
+            "epoch": self.epoch,
+            "patches_seen": self.patches_seen,
+            "loss": acc["loss"] / acc["steps"],
+            "recon": acc["recon"] / acc["steps"],
+            "sparsity": acc["sparsity"] / acc["steps"],
+            "aux": acc["aux"] / acc["steps"],
             "mse": acc["sq_err"] / (n * self.sae.d) * scale2,
             "fvu": acc["sq_err"] / acc["var"] if acc["var"] > 0 else float("nan"),
             "l0": acc["l0"] / acc["steps"],
             "dead_fraction": float((self.since_fired_h >= self.dead_window).float().mean()),
             "dead_window_patches": self.dead_window,
-            "dense_fraction": float((fired > DENSE_FREQUENCY).float().mean()) if fired is not None else float("nan"),
+            "dense_fraction": float((fired > DENSE_FREQUENCY).float().mean())
+            if fired is not None
+            else float("nan"),
             "patches_per_s": patches_per_s,
-            "mfu": (flops_per_patch(self.sae) * patches_per_s / (self.matmul_flops * self.dist.world_size)
-                    if self.matmul_flops else None),
-            "lr": self.opt.param_groups[0]["lr"], "n_resamples": self.n_resamples,
+            "mfu": (
+                flops_per_patch(self.sae)
+                * patches_per_s
+                / (self.matmul_flops * self.dist.world_size)
+                if self.matmul_flops
+                else None
+            ),
+            "lr": self.opt.param_groups[0]["lr"],
+            "n_resamples": self.n_resamples,
             "matmul_dtype": self.matmul_dtype_name,
         }
         self.last_log = rec
@@ -479,8 +604,13 @@ class Trainer:
             with open(self.out / LOG_FILE, "a", encoding="utf-8") as f:
                 f.write(dumps_json_line(rec))
             if bar is not None:
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", fvu=f"{rec['fvu']:.3f}", l0=f"{rec['l0']:.1f}",
-                                dead=f"{rec['dead_fraction']:.2f}", pps=f"{patches_per_s:.3g}")
+                bar.set_postfix(
+                    loss=f"{rec['loss']:.4g}",
+                    fvu=f"{rec['fvu']:.3f}",
+                    l0=f"{rec['l0']:.1f}",
+                    dead=f"{rec['dead_fraction']:.2f}",
+                    pps=f"{patches_per_s:.3g}",
+                )
         self._reset_log_acc()
 
     def _nonfinite_since_log(self) -> bool:
@@ -491,34 +621,44 @@ class Trainer:
 
     def _raise_if_bad(self) -> None:
         if self._nonfinite_since_log():
-            epochs = (f"epoch {self._acc_first_epoch}" if self._acc_first_epoch == self.epoch
-                      else f"epochs {self._acc_first_epoch}–{self.epoch}")
+            epochs = (
+                f"epoch {self._acc_first_epoch}"
+                if self._acc_first_epoch == self.epoch
+                else f"epochs {self._acc_first_epoch}–{self.epoch}"
+            )
             raise MammoSaeError(
                 f"non-finite loss in steps {self._acc_first_step}–{self.step - 1} ({epochs}): "
                 f"the batch or the model produced NaN/Inf "
                 f"(check the activation store for NaN/Inf vectors; the last good state is kept in "
-                f"{self.out / STATE_FILE} if one was saved)")
+                f"{self.out / STATE_FILE} if one was saved)"
+            )
 
     # --------------------------------------------------------------- step
     def _train_step(self, x_bd: Tensor, n_global: int) -> None:
         x_bd = x_bd.to(self.device, torch.float32, non_blocking=True)
         n_local = x_bd.shape[0]
         if self.device.type == "cpu" and not bool(torch.isfinite(x_bd).all()):
-            hint = f"; `mammo-sae store verify --store {self.cfg.store}` checks the store" if self.cfg.store else ""
-            raise MammoSaeError(f"batch {self.batch_in_epoch} of epoch {self.epoch} contains NaN or Inf "
-                                f"values{hint}; the last good state is kept in {self.out / STATE_FILE} "
-                                "if one was saved")
+            hint = (
+                f"; `mammo-sae store verify --store {self.cfg.store}` checks the store"
+                if self.cfg.store
+                else ""
+            )
+            raise MammoSaeError(
+                f"batch {self.batch_in_epoch} of epoch {self.epoch} contains NaN or Inf "
+                f"values{hint}; the last good state is kept in {self.out / STATE_FILE} "
+                "if one was saved"
+            )
         dead_h = None
         if self.sae_cfg.architecture != "relu-l1":
             dead_h = self.since_fired_h >= self.dead_window
-            if not bool(dead_h.any()):   # decided outside the (possibly compiled) loss
+            if not bool(dead_h.any()):  # decided outside the (possibly compiled) loss
                 dead_h = None
         self.opt.zero_grad(set_to_none=True)
         if n_local > 0:
             out = self.loss_fn(x_bd, dead_h)
             out.total.backward()
             fired_h = out.fired_h.to(torch.int64)
-        else:   # an empty share of an uneven last batch under DDP
+        else:  # an empty share of an uneven last batch under DDP
             out = None
             for p in self.sae.parameters():
                 p.grad = torch.zeros_like(p)
@@ -540,8 +680,9 @@ class Trainer:
         if out is not None:
             xn = self.sae.normalise(x_bd)
             var = (xn - xn.mean(0)).square().sum()
-            self._acc_stats += torch.stack([out.total.detach(), out.recon, out.sparsity, out.aux,
-                                            out.sq_err, var, out.l0]).double()
+            self._acc_stats += torch.stack(
+                [out.total.detach(), out.recon, out.sparsity, out.aux, out.sq_err, var, out.l0]
+            ).double()
             self._acc_n += n_local
             self._acc_steps += 1
         self.step += 1
@@ -556,14 +697,18 @@ class Trainer:
         dist.all_reduce(flat)
         offset = 0
         for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     # --------------------------------------------------------------- resampling
     def _should_resample(self, finished_epoch: int) -> bool:
         r = self.cfg.resample_every
-        return (self.sae_cfg.architecture == "relu-l1" and r > 0 and (finished_epoch + 1) % r == 0
-                and finished_epoch + r < self.cfg.epochs - 1)
+        return (
+            self.sae_cfg.architecture == "relu-l1"
+            and r > 0
+            and (finished_epoch + 1) % r == 0
+            and finished_epoch + r < self.cfg.epochs - 1
+        )
 
     @torch.no_grad()
     def resample_dead(self, finished_epoch: int) -> int:
@@ -587,8 +732,9 @@ class Trainer:
         for i, x in enumerate(stream):
             xn = sae.normalise(x.to(self.device, torch.float32))
             z = torch.relu(sae.pre_acts(xn))
-            per_item = ((sae.decode_normalised(z) - xn).square().sum(1) * self.sae_cfg.recon_scale
-                        + self.sae_cfg.l1_coeff * z.sum(1))
+            per_item = (sae.decode_normalised(z) - xn).square().sum(
+                1
+            ) * self.sae_cfg.recon_scale + self.sae_cfg.l1_coeff * z.sum(1)
             xs.append(xn)
             losses.append(per_item)
             if i + 1 >= n_batches:
@@ -604,11 +750,19 @@ class Trainer:
         unit_nd = x_nd[pick] / x_nd[pick].norm(dim=1, keepdim=True).clamp_min(1e-12)
         alive = torch.ones(sae.h, dtype=torch.bool, device=self.device)
         alive[dead_idx] = False
-        enc_norm = sae.W_enc[alive].norm(dim=1).mean() if bool(alive.any()) else torch.ones((), device=self.device)
+        enc_norm = (
+            sae.W_enc[alive].norm(dim=1).mean()
+            if bool(alive.any())
+            else torch.ones((), device=self.device)
+        )
         sae.W_dec[:, dead_idx] = unit_nd.t()
         sae.W_enc[dead_idx] = unit_nd * (0.2 * enc_norm)
         sae.b_enc[dead_idx] = 0.0
-        for param, index in ((sae.W_dec, (slice(None), dead_idx)), (sae.W_enc, dead_idx), (sae.b_enc, dead_idx)):
+        for param, index in (
+            (sae.W_dec, (slice(None), dead_idx)),
+            (sae.W_enc, dead_idx),
+            (sae.b_enc, dead_idx),
+        ):
             state = self.opt.state.get(param, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
@@ -628,7 +782,9 @@ class Trainer:
         fired_h = torch.zeros(sae.h, dtype=torch.float64, device=self.device)
         sum_d = torch.zeros(sae.d, dtype=torch.float64, device=self.device)
         sumsq = 0.0
-        for x in self.source.stream(min(self.cfg.batch_size, max_patches), seed=self.cfg.seed + 31, epoch=0):
+        for x in self.source.stream(
+            min(self.cfg.batch_size, max_patches), seed=self.cfg.seed + 31, epoch=0
+        ):
             x = x.to(self.device, torch.float32)
             z, xh = sae(x)
             sq += float((x.double() - xh.double()).square().sum())
@@ -645,10 +801,15 @@ class Trainer:
             return {}
         var_sum = sumsq - float(sum_d.square().sum()) / n
         freq = fired_h / n
-        return {"eval_patches": n, "mse": sq / (n * sae.d), "fvu": sq / var_sum if var_sum > 0 else float("nan"),
-                "l0": l0 / n, "dead_fraction_in_sample": float((freq == 0).float().mean()),
-                "dense_fraction": float((freq > DENSE_FREQUENCY).float().mean()),
-                "decoder_norm_max_deviation": float((sae.W_dec.norm(dim=0) - 1).abs().max())}
+        return {
+            "eval_patches": n,
+            "mse": sq / (n * sae.d),
+            "fvu": sq / var_sum if var_sum > 0 else float("nan"),
+            "l0": l0 / n,
+            "dead_fraction_in_sample": float((freq == 0).float().mean()),
+            "dense_fraction": float((freq > DENSE_FREQUENCY).float().mean()),
+            "decoder_norm_max_deviation": float((sae.W_dec.norm(dim=0) - 1).abs().max()),
+        }
 
     # --------------------------------------------------------------- main loop
     def _discard(self) -> None:
@@ -676,26 +837,37 @@ class Trainer:
                 write_json(self.out / "train_config.json", {"schema_version": 1, **to_dict(cfg)})
         self._check_data()
         if self.dead_window < cfg.dead_window_patches and self.dist.main:
-            print(f"dead latents: no firing for {self.dead_window:,} patches (one epoch; "
-                  f"--dead-window-patches {cfg.dead_window_patches:,} is longer than the data)",
-                  flush=True)
+            print(
+                f"dead latents: no firing for {self.dead_window:,} patches (one epoch; "
+                f"--dead-window-patches {cfg.dead_window_patches:,} is longer than the data)",
+                flush=True,
+            )
         if cfg.measure_matmul:
             dt = self.sae.mm_dtype or torch.float32
-            self.matmul_flops = measure_matmul_flops(self.sae.d, self.sae.h, min(cfg.batch_size, 2048),
-                                                     self.device, dt)
+            self.matmul_flops = measure_matmul_flops(
+                self.sae.d, self.sae.h, min(cfg.batch_size, 2048), self.device, dt
+            )
         total_steps = cfg.epochs * self.n_batches
         stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
         bar = None
         if cfg.progress and self.dist.main:
             from tqdm import tqdm
 
-            bar = tqdm(total=stop_at, initial=min(self.step, stop_at), unit="step", desc="sae train")
+            bar = tqdm(
+                total=stop_at, initial=min(self.step, stop_at), unit="step", desc="sae train"
+            )
         self._reset_log_acc()
         try:
             while self.epoch < cfg.epochs and self.step < stop_at:
-                stream = self.source.stream(self.stream_batch, seed=cfg.seed, epoch=self.epoch,
-                                            start_batch=self.batch_in_epoch, rank=self.dist.rank,
-                                            world_size=self.dist.world_size, drop_last=cfg.drop_last)
+                stream = self.source.stream(
+                    self.stream_batch,
+                    seed=cfg.seed,
+                    epoch=self.epoch,
+                    start_batch=self.batch_in_epoch,
+                    rank=self.dist.rank,
+                    world_size=self.dist.world_size,
+                    drop_last=cfg.drop_last,
+                )
                 for x_bd in self._global_batches(stream):
                     x_local, n_global = x_bd
                     self._train_step(x_local, n_global)
@@ -710,15 +882,17 @@ class Trainer:
                     if self.step >= stop_at:
                         break
                 if self.batch_in_epoch < self.n_batches:
-                    break   # stopped early (max_steps)
+                    break  # stopped early (max_steps)
                 finished = self.epoch
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 if self._should_resample(finished):
                     self._raise_if_bad()
                     self.resample_dead(finished)
-                if not cfg.checkpoint_every and (time.monotonic() - self._last_checkpoint_time
-                                                 >= cfg.checkpoint_seconds or self.epoch == cfg.epochs):
+                if not cfg.checkpoint_every and (
+                    time.monotonic() - self._last_checkpoint_time >= cfg.checkpoint_seconds
+                    or self.epoch == cfg.epochs
+                ):
                     self._raise_if_bad()
                     self.save_state()
             self._log(bar)
@@ -756,25 +930,40 @@ class Trainer:
             # Relative to this folder when the store lies beside it (a run), else absolute.
             "source_store": portable_path(self.cfg.store, self.out) if self.cfg.store else None,
             "source_store_manifest_sha256": getattr(self.source, "manifest_sha256", None),
-            "training": {"config": to_dict(self.cfg), "steps": self.step, "epochs_done": self.epoch,
-                         "patches_seen": self.patches_seen, "n_resamples": self.n_resamples,
-                         "dead_window_patches": self.dead_window,
-                         "n_latents_resampled": self.n_latents_resampled, "complete": complete, "world_size": self.dist.world_size,
-                         "device": str(self.device), "bf16_matmuls": self.sae.mm_dtype is not None,
-                         "matmul_dtype": self.matmul_dtype_name,
-                         "sparse_topk_step": self.sparse_step},
+            "training": {
+                "config": to_dict(self.cfg),
+                "steps": self.step,
+                "epochs_done": self.epoch,
+                "patches_seen": self.patches_seen,
+                "n_resamples": self.n_resamples,
+                "dead_window_patches": self.dead_window,
+                "n_latents_resampled": self.n_latents_resampled,
+                "complete": complete,
+                "world_size": self.dist.world_size,
+                "device": str(self.device),
+                "bf16_matmuls": self.sae.mm_dtype is not None,
+                "matmul_dtype": self.matmul_dtype_name,
+                "sparse_topk_step": self.sparse_step,
+            },
             "final_metrics": metrics,
             "last_log": self.last_log,
         }
         return save_sae(self.sae, self.out, extra=extra)
 
 
-def train_sae(cfg: TrainConfig, source: Optional[BatchSource] = None) -> Path:
+def train_sae(cfg: TrainConfig, source: BatchSource | None = None) -> Path:
     """Train (or resume) an SAE; returns the output directory, a native SAE checkpoint.
     Holds --out's writer lock throughout (rank 0 for all ranks under torchrun)."""
     with writer_lock(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0):
         return Trainer(cfg, source).run()
 
 
-__all__ = ["TrainConfig", "Trainer", "train_sae", "BatchSource", "TensorSource",
-           "measure_matmul_flops", "flops_per_patch"]
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "train_sae",
+    "BatchSource",
+    "TensorSource",
+    "measure_matmul_flops",
+    "flops_per_patch",
+]
