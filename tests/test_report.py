@@ -240,6 +240,11 @@ def make_run(run: Path) -> Path:
         {"schema_version": 1, "models": {k: public(v) for k, v in results.items()}},
     )
     _tiny_png(sep / "figure4.png")
+    # The atlas stage's output, by the real command: the report's Atlas page writes latent pages
+    # for its top latents through the same builder as Table 2's.
+    atlas_args = ["atlas", "--store", str(run / "stores" / f"{MODELS[0][1]}-test")]
+    atlas_args += ["--sae", str(run / "sae" / "model"), "--out", str(run / "analysis" / "atlas")]
+    assert main([*atlas_args, "--split", "test", "--clusters", "2", "--no-progress"]) == 0
     return run
 
 

@@ -359,8 +359,10 @@ def _latent_pages(
     done = {int(j) for j in (report.data.get("latents") or {})}
     todo = [j for lats in tops.values() for j in lats if j not in done]
     todo = list(dict.fromkeys(todo))
-    by_label = {f"atlas {label}": lats for label, lats in tops.items()}
-    builder = LatentPages(report, by_label, {j: home for j in todo})
+    # A list label names its model before the "/" (report.latents.list_model): the atlas's
+    # lists belong to the model whose store the atlas read.
+    by_label = {f"{home}/atlas {label}": lats for label, lats in tops.items()}
+    builder = LatentPages(report, by_label)
     written = set(done)
     for j in todo:
         info = builder.write_page(j)
