@@ -202,10 +202,11 @@ def _config(work: Path, threads: int, offset: int, sae_seed: int) -> Path:
     return path
 
 
-def _run(config: Path, out: Path) -> float:
+def _run(config: Path, out: Path, only: str | None = None) -> float:
     t0 = time.perf_counter()
+    argv = [sys.executable, "-m", "mammo_sae", "run", str(config), "--out", str(out)]
     subprocess.run(
-        [sys.executable, "-m", "mammo_sae", "run", str(config), "--out", str(out), "--no-progress"],
+        [*argv, "--no-progress", *(["--only", only] if only else [])],
         check=True,
         stdout=subprocess.DEVNULL,
     )
@@ -228,7 +229,8 @@ def run_grid(args: argparse.Namespace) -> None:
                 if args.refresh and (run / "stages" / "report.json").is_file():
                     # A finished cell run again with this code: the runner redoes only the
                     # stages whose code-level settings changed (e.g. a new localisation rule).
-                    seconds = _run(_config(args.work, threads, offset, sae_seed), run)
+                    config = _config(args.work, threads, offset, sae_seed)
+                    seconds = _run(config, run, args.refresh_stage)
                     print(f"{_cell_name(run)}: refreshed in {seconds:.0f} s", flush=True)
                 elif not (run / "stages" / "report.json").is_file():
                     shutil.rmtree(run, ignore_errors=True)
