@@ -218,6 +218,12 @@ def _cell_name(run: Path) -> str:
     return f"threads {threads} / clf +{offset} / SAE {sae_seed}"
 
 
+def _finished(run: Path) -> bool:
+    """The cell's own report is written (the stage records of a cell copied from its base
+    include the base's report record until the cell's run replaces it)."""
+    return (run / "stages" / "report.json").is_file() and (run / "report" / "report.json").is_file()
+
+
 def run_grid(args: argparse.Namespace) -> None:
     """Run every cell of the grid that is not finished in --work yet."""
     args.work.mkdir(parents=True, exist_ok=True)
@@ -226,13 +232,13 @@ def run_grid(args: argparse.Namespace) -> None:
             base: Path | None = None
             for sae_seed in args.sae_seeds:
                 run = args.work / f"t{threads}-c{offset}-s{sae_seed}"
-                if args.refresh and (run / "stages" / "report.json").is_file():
+                if args.refresh and _finished(run):
                     # A finished cell run again with this code: the runner redoes only the
                     # stages whose code-level settings changed (e.g. a new localisation rule).
                     config = _config(args.work, threads, offset, sae_seed)
                     seconds = _run(config, run, args.refresh_stage)
                     print(f"{_cell_name(run)}: refreshed in {seconds:.0f} s", flush=True)
-                elif not (run / "stages" / "report.json").is_file():
+                elif not _finished(run):
                     shutil.rmtree(run, ignore_errors=True)
                     if base is not None:  # reuse data, classifiers and stores: only the SAE differs
                         run.mkdir(parents=True)
@@ -245,7 +251,7 @@ def run_grid(args: argparse.Namespace) -> None:
 
 def finished_cells(work: Path) -> dict[str, dict[str, float]]:
     """Figures of every finished cell under `work` (also those of earlier invocations)."""
-    runs = [r for r in work.glob("t*-c*-s*") if (r / "stages" / "report.json").is_file()]
+    runs = [r for r in work.glob("t*-c*-s*") if r.is_dir() and _finished(r)]
     key = [tuple(int(p[1:]) for p in r.name.split("-")) for r in runs]
     return {_cell_name(r): figures(r) for _, r in sorted(zip(key, runs))}
 
@@ -260,6 +266,23 @@ def summarize(cells: dict[str, dict[str, float]]) -> tuple[pd.DataFrame, pd.Data
         ]
     ).set_index("claim")
     return spread, claims
+
+
+DEMO_CELL = "threads 2 / clf +0 / SAE 49"
+
+
+def markdown(cells: dict[str, dict[str, float]], spread: pd.DataFrame, claims: pd.DataFrame) -> str:
+    """The README's tables: each figure for the demo's own cell beside its min-max, and each
+    claim with the cells where it held."""
+    demo = cells.get(DEMO_CELL, {})
+    lines = [f"| figure | demo ({DEMO_CELL}) | min | max |", "| --- | --- | --- | --- |"]
+    for name, row in spread.iterrows():
+        value = demo.get(str(name))
+        shown = "–" if value is None else f"{value:.3f}"
+        lines.append(f"| {name} | {shown} | {row['min']:.3f} | {row['max']:.3f} |")
+    lines += ["", "| claim | held in |", "| --- | --- |"]
+    lines += [f"| {claim} | {r['held']} of {r['of']} |" for claim, r in claims.iterrows()]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -335,6 +358,9 @@ def main() -> None:
     if args.save:
         args.save.mkdir(parents=True, exist_ok=True)
         (args.save / "cpu_demo_validation.txt").write_text(text + "\n")
+        (args.save / "cpu_demo_validation.md").write_text(
+            header + "\n\n" + markdown(cells, spread, claims) + "\n"
+        )
         (args.save / "cpu_demo_validation.json").write_text(
             json.dumps(
                 {"cells": cells, "claims": claims.reset_index().to_dict(orient="records")}, indent=1
