@@ -101,7 +101,8 @@ def official_csvs(
 @pytest.fixture
 def dicom_tree(tmp_path: Path) -> tuple[Path, Path, Path]:
     img = synthetic_mammogram()
-    root = tmp_path / "dicoms"
+    # Nested so that the traversal tests' "../../../../x" targets stay inside tmp_path.
+    root = tmp_path / "deep" / "er" / "dicoms"
     write_dicom(root / "images" / "study1" / "img1.dicom", img, bits_stored=12)
     # Same picture stored as MONOCHROME1 in JPEG 2000: must give the identical PNG.
     write_dicom(
