@@ -37,14 +37,13 @@ from ..io import write_json, write_text_atomic
 from .images import is_dicom
 from .preprocess import (
     BORDER,
-    FOLDS_COLUMNS,
     CropGeometry,
     _fmt,
     convert_all,
     dicom_to_png,
     patient_fold,
 )
-from .records import FINDING_CONCEPTS
+from .records import FINDING_CONCEPTS, FOLDS_COLUMNS
 from .vindr import FOLDS_CSV, IMAGES_DIR, INGEST_META, ORIGINAL_BOX_COLUMNS, _read_csv
 
 log = logging.getLogger(__name__)

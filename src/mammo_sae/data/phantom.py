@@ -38,7 +38,7 @@ from .. import __version__
 from ..config import opt, result_settings
 from ..errors import DataError
 from ..io import atomic_path, read_json, write_json, write_text_atomic
-from .records import FINDING_CONCEPTS, Box, check_ids
+from .records import FINDING_CONCEPTS, FOLDS_COLUMNS, Box, check_ids
 
 SCHEMA_VERSION = 1
 CSV_NAME = "vindr_detection_v1_folds.csv"
@@ -50,32 +50,7 @@ CALC = "Suspicious_Calcification"
 PLANTED_CONCEPTS: tuple[str, ...] = (MASS, CALC)
 CATEGORY_NAME = {MASS: "Mass", CALC: "Suspicious Calcification"}
 
-# The 33 columns of the Mammo-CLIP folds CSV, in file order, then the phantom's marker columns.
-FOLDS_COLUMNS: tuple[str, ...] = (
-    "patient_id",
-    "series_id",
-    "image_id",
-    "laterality",
-    "view",
-    "height",
-    "width",
-    "breast_birads",
-    "breast_density",
-    "finding_categories",
-    "finding_birads",
-    "xmin",
-    "ymin",
-    "xmax",
-    "ymax",
-    "split",
-    "resized_xmin",
-    "resized_ymin",
-    "resized_xmax",
-    "resized_ymax",
-    "fold",
-    *FINDING_CONCEPTS,
-    "density",
-)
+# The folds CSV's columns (records.FOLDS_COLUMNS), then the phantom's marker columns.
 CONFOUNDER_COLUMNS: tuple[str, ...] = (
     "confounder",
     "confounder_xmin",

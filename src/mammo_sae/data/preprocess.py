@@ -35,7 +35,7 @@ from tqdm import tqdm
 from ..errors import DataError
 from ..io import write_bytes_atomic, write_json, write_text_atomic
 from .images import find_dicom_file, read_dicom
-from .records import FINDING_CONCEPTS, check_ids
+from .records import FINDING_CONCEPTS, FOLDS_COLUMNS, check_ids
 from .vindr import (
     FOLDS_CSV,
     IMAGES_DIR,
@@ -52,31 +52,6 @@ BORDER = 5  # pixels cropped from every side before anything else
 BACKGROUND_CUTOFF = 40  # uint8 level at or below which a pixel counts as background
 STATE_DIR = ".preprocess"
 SCHEMA_VERSION = 1
-FOLDS_COLUMNS = (
-    "patient_id",
-    "series_id",
-    "image_id",
-    "laterality",
-    "view",
-    "height",
-    "width",
-    "breast_birads",
-    "breast_density",
-    "finding_categories",
-    "finding_birads",
-    "xmin",
-    "ymin",
-    "xmax",
-    "ymax",
-    "split",
-    "resized_xmin",
-    "resized_ymin",
-    "resized_xmax",
-    "resized_ymax",
-    "fold",
-    *FINDING_CONCEPTS,
-    "density",
-)
 BREAST_REQUIRED = (
     "study_id",
     "image_id",

@@ -42,6 +42,35 @@ Level = Literal["image", "row"]
 _BAD_ID_CATEGORIES = ("Cc", "Cf", "Cs", "Zl", "Zp")
 
 
+# The 33 columns of the Mammo-CLIP folds CSV, in file order (preprocess, ingest and the phantom
+# write them).
+FOLDS_COLUMNS: tuple[str, ...] = (
+    "patient_id",
+    "series_id",
+    "image_id",
+    "laterality",
+    "view",
+    "height",
+    "width",
+    "breast_birads",
+    "breast_density",
+    "finding_categories",
+    "finding_birads",
+    "xmin",
+    "ymin",
+    "xmax",
+    "ymax",
+    "split",
+    "resized_xmin",
+    "resized_ymin",
+    "resized_xmax",
+    "resized_ymax",
+    "fold",
+    *FINDING_CONCEPTS,
+    "density",
+)
+
+
 def id_problem(value: object) -> str | None:
     """Why `value` cannot be an id (patient, study or image) that names a file, or None.
 
