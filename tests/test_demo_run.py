@@ -38,7 +38,9 @@ def test_every_model_is_evaluated_on_the_test_split_with_both_classes(demo_run: 
     for name, metrics in models["test_metrics"].items():
         assert 0 < metrics["n_pos"] < metrics["n"], name
         value = metrics["auroc"]["value"]
-        assert 0.0 <= metrics["auroc"]["low"] <= value <= metrics["auroc"]["high"] <= 1.0, name
+        assert 0.0 <= metrics["auroc"]["ci_low"] <= value <= metrics["auroc"]["ci_high"] <= 1.0, (
+            name
+        )
 
 
 def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo_run: Path) -> None:
