@@ -249,7 +249,7 @@ def plot_separation(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_path
+    from .figures import save_figure
 
     names: Sequence[str] = list(results)
     fig, axes = plt.subplots(len(names), 1, figsize=(11, 3.2 * len(names)), squeeze=False)
@@ -292,7 +292,5 @@ def plot_separation(
     axes[-1, 0].set_xlabel(
         "latent index (labels: red = most class-1-dominant, purple = active in both)"
     )
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
+    save_figure(fig, path, dpi=120)
     plt.close(fig)

@@ -114,7 +114,9 @@ def plot_activation_histogram(
     ax.legend(fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
-    return save_figure(fig, path)
+    # A fixed layout: drawn once per latent and model, where tight_layout's measuring dominated.
+    fig.subplots_adjust(left=0.12, right=0.98, bottom=0.15, top=0.9)
+    return save_figure(fig, path, tight=False)
 
 
 def nice_ks(ks: Sequence[float]) -> np.ndarray:
