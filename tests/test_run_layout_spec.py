@@ -36,9 +36,7 @@ PATHS: dict[str, list[tuple[str, Callable[[RunLayout], Path]]]] = {
     "models_dir": [("RUN/models/", lambda r: r.models_dir)],
     "pretext_dir": [("RUN/models/pretrained/", lambda r: r.pretext_dir)],
     "model_dir": [("RUN/models/<Concept>-<variant>/", lambda r: r.model_dir(MODEL))],
-    "model_eval": [
-        ("RUN/models/eval-<Concept>-<variant>.json", lambda r: r.model_eval(MODEL))
-    ],
+    "model_eval": [("RUN/models/eval-<Concept>-<variant>.json", lambda r: r.model_eval(MODEL))],
     "models_json": [("RUN/models/models.json", lambda r: r.models_json)],
     "stores_dir": [("RUN/stores/", lambda r: r.stores_dir)],
     "store_dir": [
@@ -137,9 +135,7 @@ def test_every_analysis_stage_has_a_documented_folder() -> None:
 
 
 def test_the_stage_table_is_the_layouts() -> None:
-    expected = [
-        [s.name, ", ".join(s.deps) or "—", f"{s.output}/", s.description] for s in STAGES
-    ]
+    expected = [[s.name, ", ".join(s.deps) or "—", f"{s.output}/", s.description] for s in STAGES]
     assert documented_stages() == expected
 
 

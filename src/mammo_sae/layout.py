@@ -48,9 +48,7 @@ STAGES: tuple[StageSpec, ...] = (
         "summaries", "per-image mean/max latent vectors of every store", ("sae",), analysis=True
     ),
     StageSpec("probe", "class-wise latent rankings", ("summaries",), analysis=True),
-    StageSpec(
-        "intervene", "top-k activated/deactivated AUROC sweeps", ("probe",), analysis=True
-    ),
+    StageSpec("intervene", "top-k activated/deactivated AUROC sweeps", ("probe",), analysis=True),
     StageSpec(
         "fidelity",
         "AUROC with original vs SAE-reconstructed features",
@@ -58,9 +56,7 @@ STAGES: tuple[StageSpec, ...] = (
         analysis=True,
     ),
     StageSpec("localize", "heatmaps, boxes, AP per latent", ("probe",), analysis=True),
-    StageSpec(
-        "separation", "pretrained vs finetuned latent separation", ("probe",), analysis=True
-    ),
+    StageSpec("separation", "pretrained vs finetuned latent separation", ("probe",), analysis=True),
     StageSpec(
         "atlas",
         "every latent: associations, spatial profile, names, clusters",

@@ -782,6 +782,8 @@ class ReportBuilder:
         return f'<p class="note">Data behind this table: {", ".join(links)}</p>' if links else ""
 
     def section_localize(self, s: H.Section) -> None:
+        from ..analysis.localize import LocalizationSettings
+
         root = self.layout.stage_dir("localize")
         files = sorted(root.rglob("localization.json")) if root.is_dir() else []
         if not files:
@@ -792,16 +794,20 @@ class ReportBuilder:
             key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p))
         )
         by_model: dict[str, dict[str, Any]] = {}
+        records: dict[str, LocalizationSettings] = {}
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
             payload = read_json(path)
-            latents = payload.get("latents", []) if isinstance(payload, Mapping) else []
-            settings = payload.get("settings", {}) if isinstance(payload, Mapping) else {}
+            if not isinstance(payload, Mapping):
+                raise MammoSaeError(f"{path} is not a localization result (not a JSON object)")
+            latents = payload.get("latents", [])
+            # The record the localize command wrote (older files: their settings' defaults).
+            settings = records[label] = LocalizationSettings.from_json(payload, where=str(path))
             baselines = payload.get("baselines", {}) if isinstance(payload, Mapping) else {}
             rows = [dict(r) for r in latents if isinstance(r, Mapping) and "latent" in r]
             rows.sort(key=lambda r: _num(r.get("rank")))
             by_model[label] = {
-                "settings": settings,
+                "settings": settings.to_json(),
                 "latents": rows,
                 "baselines": baselines if isinstance(baselines, Mapping) else {},
             }
@@ -826,13 +832,13 @@ class ReportBuilder:
                 )
             row += [H.esc(H.fmt(_num(entry["baselines"].get(b, {}).get("ap")))) for b in base_names]
             table.append(row)
-        first = next(iter(by_model.values()))["settings"]
+        first = next(iter(records.values()))
         s.add(
             H.note(
-                f"AP@IoU {first.get('iou_threshold', '?')} of each latent's heatmap boxes (threshold "
-                f"{first.get('threshold', '?')}, {first.get('split', '?')} split, "
-                f"{first.get('image_set', '?')} images, cells placed at their "
-                f"{first.get('align', 'even')} positions; VOC all-point AP). Cells: AP (#latent), "
+                f"AP@IoU {first.iou_threshold} of each latent's heatmap boxes (threshold "
+                f"{first.threshold}, {first.split or '?'} split, "
+                f"{first.image_set or '?'} images, cells placed at their "
+                f"{first.align} positions; VOC all-point AP). Cells: AP (#latent), "
                 "linked to the latent's page. A row named after a model scores the top latents of its "
                 "class-1 probe ranking (the paper's choice); a row ending in /pointing scores the "
                 "latents chosen by the pointing game instead: those whose strongest cell most often "
