@@ -253,11 +253,12 @@ def test_atlas_cli_refuses_a_split_the_store_lacks(
 
 
 def test_pipeline_runs_the_atlas_after_the_analyses_and_before_the_report(tmp_path: Path) -> None:
-    from mammo_sae.pipeline import STAGE_DEPS, Pipeline, load_pipeline_config
+    from mammo_sae.layout import stage
+    from mammo_sae.pipeline import Pipeline, load_pipeline_config
 
     names = Pipeline(load_pipeline_config("phantom.yaml"), tmp_path).runner.names()
     assert names.index("separation") < names.index("atlas") == names.index("report") - 1
-    assert "atlas" in STAGE_DEPS["report"] and STAGE_DEPS["atlas"] == ("summaries",)
+    assert "atlas" in stage("report").deps and stage("atlas").deps == ("summaries",)
 
 
 # --------------------------------------------------------------------------- the Atlas page

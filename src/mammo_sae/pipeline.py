@@ -1,13 +1,12 @@
 """`mammo-sae run CONFIG` and `mammo-sae demo`: every stage of the method, in order, cached.
 
-    data → models → extract → sae → summaries → probe → intervene → fidelity → localize
-         → separation → atlas → report
-
-Each stage calls the same library function as its own CLI command, with the config section
-of the YAML as overrides of that command's options (so there is one way to set each option).
+The stages, their order, dependencies and output folders are `layout.STAGES` (listed in
+docs/architecture.md); `Pipeline.stage_<name>` runs each. Each stage calls the same library
+function as its own CLI command, with the config section of the YAML as overrides of that
+command's options (so there is one way to set each option).
 The runner (`runner.py`) skips a stage whose settings and upstream stages are unchanged and
 reruns it with everything downstream when they change; a crash resumes where it stopped.
-The run directory layout is documented in docs/architecture.md.
+The run directory's paths are `layout.RunLayout`'s (documented in docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -37,13 +36,13 @@ from .errors import MammoSaeError
 from .io import (
     LOCK_NAME,
     read_json,
-    recorded_path,
-    resolve_recorded,
     sha256_json,
     write_json,
     write_text_atomic,
     writer_lock,
 )
+from .layout import STAGES, ModelEntry, RunLayout, stage_list_text
+from .layout import stage as stage_spec
 from .runner import Runner, Stage
 
 PACKAGE_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -295,24 +294,11 @@ def build_options(cls: type, overrides: dict[str, Any], where: str, **fixed: Any
 # ============================================================================ the stages
 
 
-@dataclass
-class ModelEntry:
-    """One concept classifier of the run and the encoder whose features it reads."""
-
-    name: str  # "<Concept>-<variant>"
-    concept: str
-    variant: str  # pretrained | finetuned
-    # Path of the classifier (our dir or a Mammo-CLIP .pth); in models.json relative to the run
-    # when inside it (`recorded_path`), as returned by `Pipeline.models()` a usable path.
-    classifier: str
-    encoder_key: str  # stores are shared by models with the same encoder
-    arch: str = ""  # the encoder architecture (read from the checkpoint when loaded)
-
-
 class Pipeline:
     def __init__(self, cfg: PipelineConfig, run_dir: Path, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.run = Path(run_dir)
+        self.layout = RunLayout(self.run)
         self.progress = progress
         self.runner = Runner(self.run, log=lambda s: print(s, flush=True))
         self._noted_old_paths = False
@@ -322,39 +308,42 @@ class Pipeline:
     @property
     def data_dir(self) -> Path:
         return (
-            self.run / "data" if self.cfg.data.kind == "phantom" else Path(self.cfg.data.path or "")
+            self.layout.data_dir
+            if self.cfg.data.kind == "phantom"
+            else Path(self.cfg.data.path or "")
         )
 
     def store_dir(self, encoder_key: str, split: str) -> Path:
-        return self.run / "stores" / f"{encoder_key}-{split}"
+        return self.layout.store_dir(encoder_key, split)
 
     @property
     def sae_dir(self) -> Path:
-        return self.run / "sae"
+        return self.layout.sae_dir
 
     def rel(self, path: str | Path) -> str:
         """`path` as the run's records store it: relative to the run directory when inside it."""
-        return recorded_path(path, self.run)
+        return self.layout.rel(path)
 
     def models(self) -> list[ModelEntry]:
         """models.json's entries with usable classifier paths (from any working directory)."""
         entries = []
-        for m in read_json(self.run / "models" / "models.json")["models"]:
-            entry = ModelEntry(**m)
-            found = resolve_recorded(entry.classifier, self.run)
+        for record in read_json(self.layout.models_json)["models"]:
+            entry = ModelEntry.from_record(record, self.run)
+            recorded = str(record.get("classifier") or "")
             if (
                 not self._noted_old_paths
-                and found != self.run / entry.classifier
-                and not Path(entry.classifier).is_absolute()
+                and recorded
+                and Path(entry.classifier) != self.run / recorded
+                and not Path(recorded).is_absolute()
             ):
                 # Written before runs were relocatable: relative to the first run's cwd.
                 print(
-                    f"    note: models.json names {entry.classifier!r} (a path from before run "
-                    f"directories were relocatable); using {found}",
+                    f"    note: models.json names {recorded!r} (a path from before run "
+                    f"directories were relocatable); using {entry.classifier}",
                     flush=True,
                 )
                 self._noted_old_paths = True
-            entries.append(dataclasses.replace(entry, classifier=str(found)))
+            entries.append(entry)
         return entries
 
     def encoders(self) -> dict[str, str]:
@@ -366,66 +355,46 @@ class Pipeline:
 
     # ---------------------------------------------------------------- declaration
     def _declare(self) -> None:
-        c = self.cfg
-        add = self.runner.add
-        add(
-            Stage(
-                "data",
-                self.stage_data,
-                {"data": to_dict(c.data), "seed": c.seed},
-                description="dataset (phantom generation or VinDr checks)",
-                outputs=("data",),
-            )
-        )
-        add(
-            Stage(
-                "models",
-                self.stage_models,
-                {"models": to_dict(c.models), "device": c.device},
-                deps=("data",),
-                description="pretrained/finetuned concept classifiers",
-                outputs=("models",),
-                transient=TRANSIENT_FILES,
-            )
-        )
-        add(
-            Stage(
-                "extract",
-                self.stage_extract,
-                {
-                    "extract": to_dict(c.extract),
-                    "image_size": c.data.image_size,
-                    "level": c.data.level,
-                },
-                deps=("models",),
-                description="activation stores",
-                outputs=("stores",),
-            )
-        )
-        for name, description in STAGE_DESCRIPTIONS:
-            settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
-            if name in ANALYSIS_STAGES:
-                settings = {"options": getattr(c.analysis, name), "level": c.data.level}
-                if name == "localize":
-                    settings["pointing"] = c.analysis.localize_pointing
-                    # v2: receptive-field-centred heatmaps and the baselines (rerun old results)
-                    settings["layout"] = 2
-                if name == "separation":  # its debiasing edit runs with the intervene options
-                    settings["intervene_options"] = c.analysis.intervene
-            if name == "separation":  # v2: its debiasing edit moved under analysis/separation
-                settings["layout"] = 2
-            outputs = (f"analysis/{name}",) if name in ANALYSIS_STAGES else (name,)
-            add(
+        """The stages of `layout.STAGES`, each with the settings its key hashes."""
+        for spec in STAGES:
+            self.runner.add(
                 Stage(
-                    name,
-                    getattr(self, f"stage_{name}"),
-                    settings,
-                    deps=STAGE_DEPS[name],
-                    description=description,
-                    outputs=outputs,
-                    transient=TRANSIENT_FILES,
+                    spec.name,
+                    getattr(self, f"stage_{spec.name}"),
+                    self._stage_settings(spec.name),
+                    deps=spec.deps,
+                    description=spec.description,
+                    outputs=(spec.output,),
+                    transient=TRANSIENT_FILES if spec.resumable else (),
                 )
             )
+
+    def _stage_settings(self, name: str) -> dict[str, Any]:
+        """Everything that changes a stage's result (hashed into its key: a change here reruns
+        the stages of existing runs)."""
+        c = self.cfg
+        if name == "data":
+            return {"data": to_dict(c.data), "seed": c.seed}
+        if name == "models":
+            return {"models": to_dict(c.models), "device": c.device}
+        if name == "extract":
+            return {
+                "extract": to_dict(c.extract),
+                "image_size": c.data.image_size,
+                "level": c.data.level,
+            }
+        settings: dict[str, Any] = {"sae": c.sae} if name == "sae" else {}
+        if stage_spec(name).analysis:
+            settings = {"options": getattr(c.analysis, name), "level": c.data.level}
+            if name == "localize":
+                settings["pointing"] = c.analysis.localize_pointing
+                # v2: receptive-field-centred heatmaps and the baselines (rerun old results)
+                settings["layout"] = 2
+            if name == "separation":  # its debiasing edit runs with the intervene options
+                settings["intervene_options"] = c.analysis.intervene
+        if name == "separation":  # v2: its debiasing edit moved under analysis/separation
+            settings["layout"] = 2
+        return settings
 
     # ---------------------------------------------------------------- data
     def stage_data(self) -> dict[str, Any]:
@@ -440,12 +409,12 @@ class Pipeline:
                 "data.phantom",
                 out=str(self.data_dir),
                 overwrite=True,
-                figure=str(self.run / "data" / "phantom.png"),
+                figure=str(self.layout.phantom_figure),
             )
             generate(pcfg, progress=self.progress)
         summary = summarize_dataset(self.data_dir, on_missing="error")
-        write_json(self.run / "data" / "summary.json", summary)
-        return {"data_dir": self.rel(self.data_dir), "summary": "data/summary.json"}
+        write_json(self.layout.data_summary, summary)
+        return {"data_dir": self.rel(self.data_dir), "summary": self.rel(self.layout.data_summary)}
 
     # ---------------------------------------------------------------- models
     def stage_models(self) -> dict[str, Any]:
@@ -458,12 +427,9 @@ class Pipeline:
         evals = self._evaluate_models(entries)
         # Paths relative to the run (absolute outside it): the run can move or be used from
         # another working directory.
-        records = [
-            dataclasses.asdict(dataclasses.replace(e, classifier=self.rel(e.classifier)))
-            for e in entries
-        ]
+        records = [e.to_record(self.run) for e in entries]
         write_json(
-            self.run / "models" / "models.json",
+            self.layout.models_json,
             {"schema_version": 1, "models": records, "test_metrics": evals},
         )
         return {"models": [e.name for e in entries], "test_metrics": evals}
@@ -506,7 +472,7 @@ class Pipeline:
     def _train_phantom_models(self) -> list[ModelEntry]:
         from .models.train import PretrainConfig, TrainConfig, pretrain, train_classifier
 
-        c, root = self.cfg.models, self.run / "models"
+        c = self.cfg.models
         common = {
             "data": str(self.data_dir),
             "device": self.cfg.device,
@@ -519,19 +485,19 @@ class Pipeline:
             PretrainConfig,
             c.pretrain,
             "models.pretrain",
-            out=str(root / "pretrained"),
+            out=str(self.layout.pretext_dir),
             arch=c.arch,
             **common,
         )
         pretrain(pcfg)
-        backbone = root / "pretrained" / "model"
+        backbone = self.layout.pretext_dir / "model"
         entries = []
         for concept in c.concepts:
             for variant, mode, overrides in (
                 ("pretrained", "linear-probe", c.linear_probe),
                 ("finetuned", "finetune", c.finetune),
             ):
-                out = root / f"{concept}-{variant}"
+                out = self.layout.model_dir(f"{concept}-{variant}")
                 tcfg = build_options(
                     TrainConfig,
                     overrides,
@@ -570,7 +536,7 @@ class Pipeline:
                 "split": self.cfg.extract.eval_split,
                 "level": self.cfg.data.level,
                 "device": self.cfg.device,
-                "out": str(self.run / "models" / f"eval-{e.name}.json"),
+                "out": str(self.layout.model_eval(e.name)),
                 "progress": self.progress,
             }
             if self.cfg.data.image_size:
@@ -606,7 +572,7 @@ class Pipeline:
                 "split": e.sae_split,
                 "subsample": e.sae_subsample,
                 "max_images": e.sae_max_images,
-                "out": str(self.run / "stores" / "sae-train"),
+                "out": str(self.layout.sae_train_store),
             }
         ]
         for key, model in self.encoders().items():
@@ -656,7 +622,7 @@ class Pipeline:
             )
             done.append(item)
         write_json(
-            self.run / "stores" / "stores.json",
+            self.layout.stores_json,
             {
                 "schema_version": 1,
                 "stores": [
@@ -696,7 +662,7 @@ class Pipeline:
             SaeTrainConfig,
             self.cfg.sae,
             "sae",
-            store=str(self.run / "stores" / "sae-train"),
+            store=str(self.layout.sae_train_store),
             resume=False,
             out=str(self.sae_dir),
             device=self.cfg.device,
@@ -715,7 +681,7 @@ class Pipeline:
         key = sha256_json(
             {"settings": result_settings(cfg), "store": ActivationStore(store).manifest_sha256}
         )
-        marker = self.sae_dir / "pipeline_key.json"
+        marker = self.layout.sae_pipeline_key
         with writer_lock(self.sae_dir):  # a foreign `sae train` there must not lose its files
             if (self.sae_dir / STATE_FILE).exists():
                 same = marker.exists() and read_json(marker).get("key") == key
@@ -728,7 +694,7 @@ class Pipeline:
 
     # ---------------------------------------------------------------- analyses
     def _analysis(self, name: str) -> Path:
-        return self.run / "analysis" / name
+        return self.layout.stage_dir(name)
 
     def _opts(self, cls: type, stage: str, where: str, **fixed: Any) -> Any:
         """A command config from the pipeline's values and the user's `analysis.<stage>` overrides."""
@@ -771,7 +737,7 @@ class Pipeline:
 
         out = {}
         for m in self.models():
-            target = self._analysis("probe") / m.name
+            target = self.layout.model_analysis_dir("probe", m.name)
             run_probe(
                 self._opts(
                     ProbeConfig,
@@ -793,7 +759,7 @@ class Pipeline:
 
         out = {}
         for m in self.models():
-            target = self._analysis("intervene") / m.name
+            target = self.layout.model_analysis_dir("intervene", m.name)
             run_intervene(
                 self._opts(
                     InterveneConfig,
@@ -804,7 +770,7 @@ class Pipeline:
                     classifier=m.classifier,
                     concept=m.concept,
                     out=str(target),
-                    rankings=str(self._analysis("probe") / m.name),
+                    rankings=str(self.layout.model_analysis_dir("probe", m.name)),
                     split=self.cfg.extract.eval_split,
                     level=self.cfg.data.level,
                     label=m.name,
@@ -843,9 +809,9 @@ class Pipeline:
 
         out = {}
         for m in self.models():
-            target = self._analysis("localize") / m.name
+            target = self.layout.model_analysis_dir("localize", m.name)
             score = self.cfg.analysis.intervene.get("score", "centered")
-            ranking = self._analysis("probe") / m.name / ranking_file_name(1, score)
+            ranking = self.layout.model_analysis_dir("probe", m.name) / ranking_file_name(1, score)
             run_localize(
                 self._opts(
                     LocalizeConfig,
@@ -872,7 +838,7 @@ class Pipeline:
                         store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
                         sae=str(self.sae_dir),
                         concept=m.concept,
-                        out=str(target / "pointing"),
+                        out=str(self.layout.pointing_dir(m.name)),
                         select="pointing",
                         select_split=self.cfg.extract.rank_split,
                         select_store=str(
@@ -906,7 +872,7 @@ class Pipeline:
         for m in self.models():
             by_concept.setdefault(m.concept, []).append(m)
         for concept, models in by_concept.items():
-            target = self._analysis("separation") / concept
+            target = self.layout.separation_dir(concept)
             run_separation(
                 self._opts(
                     SeparationConfig,
@@ -925,21 +891,21 @@ class Pipeline:
                 )
             )
             out[concept] = self.rel(target)
-            self._debias_edits(target, models)
+            self._debias_edits(concept, models)
         return out
 
-    def _debias_edits(self, separation_dir: Path, models: list[ModelEntry]) -> None:
+    def _debias_edits(self, concept: str, models: list[ModelEntry]) -> None:
         """Switch off each model's attribute-associated latents (found on the ranking split) and
         measure concept AUROC and the attribute shortcut on the evaluation split; written under
         the separation stage's own folder (`associated-off/<variant>/`), as every stage writes
         only under its own outputs."""
         from .analysis.commands import InterveneConfig, run_intervene
 
-        found = read_json(separation_dir / "separation.json")
+        found = read_json(self.layout.separation_dir(concept) / "separation.json")
         attribute = found["config"].get("attribute")
         for m in models:
             latents = found["models"].get(m.variant, {}).get("associated", [])
-            target = separation_dir / "associated-off" / m.variant
+            target = self.layout.associated_off_dir(concept, m.variant)
             if not latents:
                 shutil.rmtree(target, ignore_errors=True)  # an older run's edit would be stale
                 continue
@@ -994,32 +960,8 @@ class Pipeline:
         return {"report": self.rel(index)}
 
 
-# Stage order after extraction, with dependencies and descriptions.
-STAGE_DESCRIPTIONS = (
-    ("sae", "train the sparse autoencoder"),
-    ("summaries", "per-image mean/max latent vectors of every store"),
-    ("probe", "class-wise latent rankings"),
-    ("intervene", "top-k activated/deactivated AUROC sweeps"),
-    ("fidelity", "AUROC with original vs SAE-reconstructed features"),
-    ("localize", "heatmaps, boxes, AP per latent"),
-    ("separation", "pretrained vs finetuned latent separation"),
-    ("atlas", "every latent: associations, spatial profile, names, clusters"),
-    ("report", "static HTML report"),
-)
 # Files a stage needs only to resume itself (deleting them to save disk must not rerun it).
 TRANSIENT_FILES = ("*/train_state.pt", "*/checkpoints/*", "*.tmp", "*.tmp/*")
-ANALYSIS_STAGES = ("summaries", "probe", "intervene", "fidelity", "localize", "separation", "atlas")
-STAGE_DEPS: dict[str, tuple[str, ...]] = {
-    "sae": ("extract",),
-    "summaries": ("sae",),
-    "probe": ("summaries",),
-    "intervene": ("probe",),
-    "fidelity": ("summaries",),
-    "localize": ("probe",),
-    "separation": ("probe",),
-    "atlas": ("summaries",),
-    "report": ("intervene", "fidelity", "localize", "separation", "atlas"),
-}
 
 
 # ============================================================================ commands
@@ -1036,9 +978,7 @@ class RunConfig:
     out: Path | None = opt(None, help="run directory (default: runs/<config name>)")
     only: str | None = opt(
         None,
-        help="run only this stage: data, models, extract, sae, summaries, "
-        "probe, intervene, fidelity, localize, separation, atlas "
-        "or report",
+        help=f"run only this stage: {stage_list_text()}",
     )
     start: str | None = opt(None, help="rerun from this stage on (same names as --only)")
     dry_run: bool = opt(False, help="print the plan and exit")
@@ -1063,7 +1003,7 @@ def run_pipeline(cfg: RunConfig) -> Path:
         pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=True)
         return run_dir
     with writer_lock(run_dir):  # one writer per run directory (docs/security.md)
-        write_text_atomic(run_dir / "config.yaml", dump_yaml(resolved_config(pcfg)))
+        write_text_atomic(RunLayout(run_dir).config, dump_yaml(resolved_config(pcfg)))
         pipeline = Pipeline(pcfg, run_dir, progress=cfg.progress)
         t0 = time.perf_counter()
         pipeline.runner.execute(only=cfg.only, start=cfg.start, dry_run=False)
@@ -1098,7 +1038,7 @@ def run_demo(cfg: DemoConfig) -> int:
     run_dir = run_pipeline(
         RunConfig(config=PACKAGE_CONFIGS / "phantom.yaml", out=cfg.out, progress=cfg.progress)
     )
-    report = run_dir / "report" / "index.html"
+    report = RunLayout(run_dir).report_index
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report.resolve()}")
     return 0

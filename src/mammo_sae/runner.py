@@ -23,6 +23,7 @@ from typing import Any
 
 from .errors import MammoSaeError
 from .io import LOCK_NAME, read_json, sha256_json, write_json
+from .layout import RunLayout
 
 STAGE_SCHEMA_VERSION = 1
 
@@ -63,7 +64,7 @@ class Runner:
         return [s.name for s in self.stages]
 
     def _record_path(self, name: str) -> Path:
-        return self.run_dir / "stages" / f"{name}.json"
+        return RunLayout(self.run_dir).stage_record(name)
 
     def _record(self, name: str) -> dict[str, Any] | None:
         path = self._record_path(name)

@@ -371,10 +371,12 @@ def run_model(
 ) -> tuple[Path, Path, dict[str, list[int]], dict[str, Any]]:
     """(classifier, SAE, class top-10 latents, facts) of a `mammo-sae run` directory's model."""
     from ..io import read_json
+    from ..layout import ModelEntry, RunLayout
     from ..report.build import PROBE_SCORES
     from .probe import read_ranking
 
-    models_json = run / "models" / "models.json"
+    layout = RunLayout(run)
+    models_json = layout.models_json
     if not models_json.is_file():
         raise MammoSaeError(f"{run} is not a finished run directory: {models_json} is missing")
     models = {m["name"]: m for m in read_json(models_json)["models"]}
@@ -383,18 +385,20 @@ def run_model(
 
         raise MammoSaeError(choices_message("model", model_name, sorted(models)))
     sae_dirs = [
-        p.parent for p in sorted((run / "sae").rglob("cfg.json")) if "summaries" not in p.parts
+        p.parent for p in sorted(layout.sae_dir.rglob("cfg.json")) if "summaries" not in p.parts
     ]
     if not sae_dirs:
-        raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {run / 'sae'}")
+        raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {layout.sae_dir}")
     class_top: dict[str, list[int]] = {}
-    probe = run / "analysis" / "probe" / model_name
+    probe = layout.model_analysis_dir("probe", model_name)
     for score in PROBE_SCORES:
         files = {cls: probe / f"ranking_class={cls}_{score}.json" for cls in ("0", "1")}
         if all(f.is_file() for f in files.values()):
             class_top = {cls: read_ranking(f)[0][:10] for cls, f in files.items()}
             break
-    return Path(models[model_name]["classifier"]), sae_dirs[0], class_top, models[model_name]
+    # models.json records the classifier relative to the run: usable from any working directory.
+    classifier = ModelEntry.from_record(models[model_name], run).classifier
+    return Path(classifier), sae_dirs[0], class_top, models[model_name]
 
 
 def run_frames(run: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
@@ -402,13 +406,14 @@ def run_frames(run: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | Non
     phantom.json / preprocess.json / ingest.json; None where the run does not say."""
     from ..config import load_yaml
     from ..data.vindr import _frame_from_meta
+    from ..layout import RunLayout
 
-    cfg_path = run / "config.yaml"
+    cfg_path = RunLayout(run).config
     cfg = load_yaml(cfg_path) if cfg_path.is_file() else {}
     data = (cfg or {}).get("data") or {}
     size = data.get("image_size")
     phantom = data.get("kind", "phantom") == "phantom"
-    data_dir = run / "data" if phantom else Path(data.get("path") or "")
+    data_dir = RunLayout(run).data_dir if phantom else Path(data.get("path") or "")
     if data_dir.is_file():
         data_dir = data_dir.parent
     frame = _frame_from_meta(data_dir) if data_dir.is_dir() else None

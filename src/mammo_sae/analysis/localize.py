@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import numpy as np
@@ -267,6 +267,58 @@ class BoxRule:
             float(s.get("min_box_area", 10)),
             s.get("box_score", "mean"),
         )
+
+
+@dataclass(frozen=True)
+class LocalizationSettings:
+    """localization.json's `settings`: how one result drew, matched and scored its boxes. The
+    localize command writes it (`to_json`) and the report reads it back (`from_json`: Table 2's
+    note, the latent pages' boxes). The defaults are what files written before a setting
+    existed used; `schema_version` is the file's own (a newer file than this reader is refused)."""
+
+    concept: str = ""
+    # BoxRule.settings(): see `BoxRule`.
+    threshold: str = "p95"
+    threshold_on: str = "frame"
+    upsample: str = "bilinear"
+    min_mass: float = 0.0
+    min_box_area: float = 10
+    box_score: str = "mean"
+    iou_threshold: float = 0.25
+    split: str = ""  # "" = not recorded
+    image_set: str = ""
+    match: str = "voc"
+    ap: str = "voc-all-point"
+    align: str = "even"  # cells at even positions: results from before the setting existed
+    n_images: int = 0
+    n_gt: int = 0
+    schema_version: int = SCHEMA_VERSION  # of the localization.json (not inside `settings`)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `settings` object (localization.json holds `schema_version` beside it)."""
+        out = asdict(self)
+        del out["schema_version"]
+        return out
+
+    @classmethod
+    def from_json(
+        cls, doc: Mapping[str, Any], where: str = "localization.json"
+    ) -> LocalizationSettings:
+        """The settings of a whole localization.json (`{schema_version, settings, ...}`)."""
+        version = doc.get("schema_version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise MammoSaeError(
+                f"{where}: schema_version {version!r}, newer than this mammo-sae reads "
+                f"({SCHEMA_VERSION}): upgrade mammo-sae"
+            )
+        settings = doc.get("settings") or {}
+        if not isinstance(settings, Mapping):
+            raise MammoSaeError(f"{where}: `settings` is not an object")
+        known = {f.name for f in fields(cls)} - {"schema_version"}
+        return cls(**{k: v for k, v in settings.items() if k in known}, schema_version=version)
+
+    def box_rule(self) -> BoxRule:
+        return BoxRule.from_settings(self.to_json())
 
 
 def map_boxes(
@@ -843,18 +895,18 @@ def localize(
         baselines["chance"] = chance_ap(
             records, gt_boxes, iou_threshold, match, draws=chance_draws, seed=seed
         )
-    settings = {
-        "concept": concept,
+    settings = LocalizationSettings(
+        concept=concept,
         **rule.settings(),
-        "iou_threshold": iou_threshold,
-        "split": split,
-        "image_set": image_set,
-        "match": match,
-        "ap": "voc-all-point",
-        "align": align,
-        "n_images": len(indices),
-        "n_gt": int(sum(len(g) for g in gt_boxes)),
-    }
+        iou_threshold=iou_threshold,
+        split=split,
+        image_set=image_set,
+        match=match,
+        ap="voc-all-point",
+        align=align,
+        n_images=len(indices),
+        n_gt=int(sum(len(g) for g in gt_boxes)),
+    ).to_json()
     return LocalizationResult(
         table=pd.DataFrame(rows),
         latents=latents,

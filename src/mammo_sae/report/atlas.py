@@ -201,9 +201,9 @@ def top_per_label(atlas: dict[str, Any], n: int = TOP_PER_LABEL) -> dict[str, li
 def write_atlas_page(report: ReportBuilder, s: H.Section) -> None:
     """Write report/atlas.html (and latent pages for the top latents per label); fill `s`,
     the index's Atlas section, with a link and counts."""
-    path = report.analysis / "atlas" / "atlas.json"
+    path = report.layout.stage_dir("atlas") / "atlas.json"
     if not path.is_file():
-        (report.out / PAGE).unlink(missing_ok=True)  # a previous build's page would be stale
+        report.layout.report_atlas.unlink(missing_ok=True)  # a previous build's page would be stale
         s.add(
             H.note(
                 "not run: no atlas (analysis/atlas/atlas.json); run the pipeline's atlas stage "
@@ -217,7 +217,8 @@ def write_atlas_page(report: ReportBuilder, s: H.Section) -> None:
     keys, rows, logits = atlas_rows(atlas, alpha)
     tops = top_per_label(atlas)
     pages = _latent_pages(report, atlas, tops) if report.latent_pages else set()
-    existing = {int(p.stem) for p in (report.out / "latents").glob("*.html") if p.stem.isdigit()}
+    written = report.layout.report_latents.glob("*.html")
+    existing = {int(p.stem) for p in written if p.stem.isdigit()}
     shown = [c[0] for c in COLUMNS] + logits
     kinds = [c[2] for c in COLUMNS] + ["num"] * len(logits)
     headers = [c[1] for c in COLUMNS] + [f"logit {k[len('logit_') :]}" for k in logits]
@@ -319,7 +320,7 @@ def write_atlas_page(report: ReportBuilder, s: H.Section) -> None:
         back=("index.html", "← report"),
     )
     page = page.replace("</style>", EXTRA_CSS + "</style>", 1)
-    write_text_atomic(report.out / PAGE, page)
+    write_text_atomic(report.layout.report_atlas, page)
     report.data["atlas"] = {
         "page": PAGE,
         "latents": len(rows),

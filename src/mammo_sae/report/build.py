@@ -17,7 +17,6 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,30 +27,17 @@ from ..errors import MammoSaeError
 from ..io import (
     atomic_path,
     read_json,
-    resolve_recorded,
     write_json,
     write_text_atomic,
     writer_lock,
 )
+from ..layout import STAGE_NAMES, ModelEntry, RunLayout, split_model_name
 from . import html as H
 from .figures import nice_ks, plot_training_curves
 
 SCHEMA_VERSION = 1
 # Problems with a run's files that make one section fail without stopping the report.
 SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, IndexError)
-STAGE_ORDER = (
-    "data",
-    "models",
-    "extract",
-    "sae",
-    "summaries",
-    "probe",
-    "intervene",
-    "fidelity",
-    "localize",
-    "separation",
-    "report",
-)
 PROBE_SCORES = ("centered", "mean", "auroc")
 BASELINE_COLUMNS = {
     "chance": "chance",
@@ -60,15 +46,8 @@ BASELINE_COLUMNS = {
 }
 
 
-@dataclass
-class ModelInfo:
-    """One concept classifier of the run (an entry of RUN/models/models.json)."""
-
-    name: str
-    concept: str
-    variant: str
-    classifier: str = ""
-    encoder_key: str = ""
+# The report's name for a models.json entry (latents.py and standalone.py use it).
+ModelInfo = ModelEntry
 
 
 # =============================================================================== readers
@@ -166,12 +145,6 @@ def ci_text(value: float, low: float, high: float, digits: int = 3) -> str:
     return f"{value:.{digits}f}"
 
 
-def split_model_name(name: str) -> tuple[str, str]:
-    """`Mass-finetuned` -> (`Mass`, `finetuned`); names without a variant -> (name, "")."""
-    concept, sep, variant = name.rpartition("-")
-    return (concept, variant) if sep and variant in ("pretrained", "finetuned") else (name, "")
-
-
 def _unwrap(data: Any, keys: Iterable[str] = ("models", "results", "rows", "table")) -> Any:
     if isinstance(data, Mapping):
         for key in keys:
@@ -216,6 +189,7 @@ class ReportBuilder:
     ) -> None:
         self.run = Path(run_dir)
         self.out = Path(out)
+        self.layout = RunLayout(self.run, report_dir=self.out)
         self.strict = strict
         self.top_latents = top_latents
         self.latent_pages = latent_pages
@@ -224,17 +198,17 @@ class ReportBuilder:
         self.problems: dict[str, str] = {}
         self.figures: list[str] = []
         self.config: dict[str, Any] = {}
-        self.models: list[ModelInfo] = []
+        self.models: list[ModelEntry] = []
         self.model_metrics: dict[str, Any] = {}
         self.separation_results: dict[str, dict[str, dict[str, Any]]] = {}
 
     # ------------------------------------------------------------------ helpers
     @property
     def analysis(self) -> Path:
-        return self.run / "analysis"
+        return self.layout.analysis_dir
 
     def figure_path(self, name: str) -> Path:
-        return self.out / "figures" / name
+        return self.layout.report_figures / name
 
     def copy_figure(self, src: Path, name: str) -> str:
         """Copy a PNG into report/figures/ and return its link relative to index.html."""
@@ -258,12 +232,12 @@ class ReportBuilder:
             section.add(H.note(f"This part could not be built: {exc}"))
         return section
 
-    def model_info(self, name: str) -> ModelInfo:
+    def model_info(self, name: str) -> ModelEntry:
         for m in self.models:
             if m.name == name:
                 return m
         concept, variant = split_model_name(name)
-        return ModelInfo(name, concept, variant)
+        return ModelEntry(name, concept, variant)
 
     def skipped_comparisons(self) -> list[dict[str, str]]:
         """Concepts with one model: the between-variant comparisons (pretrained vs finetuned in
@@ -290,7 +264,7 @@ class ReportBuilder:
 
     def model_dirs(self, stage: str) -> list[Path]:
         """RUN/analysis/<stage>/<model>/ folders in models.json order, then any others."""
-        root = self.analysis / stage
+        root = self.layout.stage_dir(stage)
         if not root.is_dir():
             return []
         dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -305,8 +279,8 @@ class ReportBuilder:
         self.out.mkdir(parents=True, exist_ok=True)
         # A previous build's pages and figures (e.g. of latents no longer on top) must not linger.
         for stale in [
-            *(self.out / "figures").glob("*.png"),
-            *(self.out / "latents").glob("*.html"),
+            *self.layout.report_figures.glob("*.png"),
+            *self.layout.report_latents.glob("*.html"),
         ]:
             stale.unlink()
         sections = [
@@ -348,9 +322,9 @@ class ReportBuilder:
             f"run {self.run.name} · built {time.strftime('%Y-%m-%d %H:%M')} · "
             "static page, no network access"
         )
-        index = self.out / "index.html"
+        index = self.layout.report_index
         write_text_atomic(index, H.page(f"mammo-sae report: {name}", subtitle, sections))
-        write_json(self.out / "report.json", self.data)
+        write_json(self.layout.report_json, self.data)
         return index
 
     # ------------------------------------------------------------------ headlines
@@ -452,7 +426,7 @@ class ReportBuilder:
     def section_summary(self, s: H.Section) -> None:
         import yaml
 
-        config_path = self.run / "config.yaml"
+        config_path = self.layout.config
         if config_path.is_file():
             text = config_path.read_text(encoding="utf-8")
             try:
@@ -464,7 +438,7 @@ class ReportBuilder:
             text = ""
         stages = []
         total = 0.0
-        for path in sorted((self.run / "stages").glob("*.json")):
+        for path in sorted(self.layout.stages_dir.glob("*.json")):
             rec = read_json(path)
             seconds = _num(rec.get("seconds")) if isinstance(rec, Mapping) else math.nan
             stage = str(rec.get("stage", path.stem)) if isinstance(rec, Mapping) else path.stem
@@ -476,17 +450,17 @@ class ReportBuilder:
                 }
             )
             total += seconds if math.isfinite(seconds) else 0.0
-        rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+        rank = {name: i for i, name in enumerate(STAGE_NAMES)}
         stages.sort(key=lambda r: (rank.get(r["stage"], len(rank)), r["stage"]))
         done = {r["stage"] for r in stages}
         self.data["run"] = {
             "name": self.config.get("name", self.run.name),
             "stages": stages,
             "stage_seconds_total": total,
-            "not_run": [n for n in STAGE_ORDER if n not in done and n != "report"],
+            "not_run": [n for n in STAGE_NAMES if n not in done and n != "report"],
         }
         kpi: dict[str, Any] = {"stages finished": len(stages), "stage time (min)": total / 60}
-        summary_path = self.run / "data" / "summary.json"
+        summary_path = self.layout.data_summary
         dataset_rows = []
         if summary_path.is_file():
             summary = read_json(summary_path)
@@ -531,7 +505,7 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------ classifiers
     def section_models(self, s: H.Section) -> None:
-        path = self.run / "models" / "models.json"
+        path = self.layout.models_json
         if not path.is_file():
             s.add(H.note("not run: models/models.json is missing (models stage)"))
             return
@@ -539,19 +513,8 @@ class ReportBuilder:
         entries = data.get("models", []) if isinstance(data, Mapping) else []
         for e in entries:
             if isinstance(e, Mapping) and "name" in e:
-                concept, variant = split_model_name(str(e["name"]))
                 # Recorded relative to the run (older runs: to the first run's cwd).
-                classifier = str(e.get("classifier", ""))
-                classifier = str(resolve_recorded(classifier, self.run)) if classifier else ""
-                self.models.append(
-                    ModelInfo(
-                        str(e["name"]),
-                        str(e.get("concept", concept)),
-                        str(e.get("variant", variant)),
-                        classifier,
-                        str(e.get("encoder_key", "")),
-                    )
-                )
+                self.models.append(ModelEntry.from_record(e, self.run))
         metrics = data.get("test_metrics", {}) if isinstance(data, Mapping) else {}
         self.model_metrics = metrics if isinstance(metrics, Mapping) else {}
         rows = []
@@ -604,7 +567,7 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------ Table 1
     def fidelity_rows(self) -> list[dict[str, Any]]:
-        root = self.analysis / "fidelity"
+        root = self.layout.stage_dir("fidelity")
         results: dict[str, dict[str, Any]] = {}
         for path in sorted(root.rglob("*.json")):
             payload = read_json(path)
@@ -663,7 +626,7 @@ class ReportBuilder:
         return sorted(rows, key=lambda r: (order.get(r["model"], len(order)), r["model"]))
 
     def section_table1(self, s: H.Section) -> None:
-        if not (self.analysis / "fidelity").is_dir():
+        if not (self.layout.stage_dir("fidelity")).is_dir():
             s.add(H.note("not run: analysis/fidelity/ is missing (fidelity stage)"))
             return
         rows = self.fidelity_rows()
@@ -715,7 +678,7 @@ class ReportBuilder:
         for r in rows:
             if r["warning"]:
                 s.add(H.note(f"{r['model']}: {r['warning']}"))
-        root = self.analysis / "fidelity"
+        root = self.layout.stage_dir("fidelity")
         s.add(self.sources_note(sorted([*root.rglob("*.json"), *root.rglob("*.csv")])))
 
     # ------------------------------------------------------------------ Figure 2
@@ -819,7 +782,9 @@ class ReportBuilder:
         return f'<p class="note">Data behind this table: {", ".join(links)}</p>' if links else ""
 
     def section_localize(self, s: H.Section) -> None:
-        root = self.analysis / "localize"
+        from ..analysis.localize import LocalizationSettings
+
+        root = self.layout.stage_dir("localize")
         files = sorted(root.rglob("localization.json")) if root.is_dir() else []
         if not files:
             s.add(H.note("not run: no analysis/localize/*/localization.json (localize stage)"))
@@ -829,16 +794,20 @@ class ReportBuilder:
             key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p))
         )
         by_model: dict[str, dict[str, Any]] = {}
+        records: dict[str, LocalizationSettings] = {}
         for path in files:
             label = str(path.parent.relative_to(root)).replace("\\", "/")
             payload = read_json(path)
-            latents = payload.get("latents", []) if isinstance(payload, Mapping) else []
-            settings = payload.get("settings", {}) if isinstance(payload, Mapping) else {}
+            if not isinstance(payload, Mapping):
+                raise MammoSaeError(f"{path} is not a localization result (not a JSON object)")
+            latents = payload.get("latents", [])
+            # The record the localize command wrote (older files: their settings' defaults).
+            settings = records[label] = LocalizationSettings.from_json(payload, where=str(path))
             baselines = payload.get("baselines", {}) if isinstance(payload, Mapping) else {}
             rows = [dict(r) for r in latents if isinstance(r, Mapping) and "latent" in r]
             rows.sort(key=lambda r: _num(r.get("rank")))
             by_model[label] = {
-                "settings": settings,
+                "settings": settings.to_json(),
                 "latents": rows,
                 "baselines": baselines if isinstance(baselines, Mapping) else {},
             }
@@ -863,13 +832,13 @@ class ReportBuilder:
                 )
             row += [H.esc(H.fmt(_num(entry["baselines"].get(b, {}).get("ap")))) for b in base_names]
             table.append(row)
-        first = next(iter(by_model.values()))["settings"]
+        first = next(iter(records.values()))
         s.add(
             H.note(
-                f"AP@IoU {first.get('iou_threshold', '?')} of each latent's heatmap boxes (threshold "
-                f"{first.get('threshold', '?')}, {first.get('split', '?')} split, "
-                f"{first.get('image_set', '?')} images, cells placed at their "
-                f"{first.get('align', 'even')} positions; VOC all-point AP). Cells: AP (#latent), "
+                f"AP@IoU {first.iou_threshold} of each latent's heatmap boxes (threshold "
+                f"{first.threshold}, {first.split or '?'} split, "
+                f"{first.image_set or '?'} images, cells placed at their "
+                f"{first.align} positions; VOC all-point AP). Cells: AP (#latent), "
                 "linked to the latent's page. A row named after a model scores the top latents of its "
                 "class-1 probe ranking (the paper's choice); a row ending in /pointing scores the "
                 "latents chosen by the pointing game instead: those whose strongest cell most often "
@@ -920,7 +889,7 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------ Figures 4/5
     def section_separation(self, s: H.Section) -> None:
-        root = self.analysis / "separation"
+        root = self.layout.stage_dir("separation")
         folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         if root.is_dir() and any(root.glob("*.json")):
             folders = [root] + folders
@@ -1029,7 +998,7 @@ class ReportBuilder:
     ) -> list[dict[str, Any]]:
         rows = []
         for variant, r in results.items():
-            path = self.analysis / "separation" / concept / "associated-off" / variant / "edit.json"
+            path = self.layout.associated_off_dir(concept, variant) / "edit.json"
             if not path.is_file():
                 continue
             edit = read_json(path)
@@ -1051,7 +1020,7 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------ SAE training
     def section_sae(self, s: H.Section) -> None:
-        root = self.run / "sae"
+        root = self.layout.sae_dir
         if not root.is_dir():
             s.add(H.note("not run: sae/ is missing (sae stage)"))
             return
@@ -1225,8 +1194,7 @@ def build_report(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():  # before the lock, which would create RUN/report/
         raise MammoSaeError(f"run directory not found: {run_dir}")
-    markers = ("config.yaml", "stages", "models/models.json", "analysis")
-    if run_dir.is_dir() and not any((run_dir / m).exists() for m in markers):
+    if run_dir.is_dir() and not RunLayout(run_dir).is_run():
         # Outputs of the individual commands (extract, sae train, probe, ...): report those.
         from .standalone import build_standalone_report
 
@@ -1238,7 +1206,7 @@ def build_report(
             latent_pages=latent_pages,
             progress=progress,
         )
-    out = Path(out) if out is not None else run_dir / "report"
+    out = Path(out) if out is not None else RunLayout(run_dir).report_dir
     with writer_lock(out):
         return ReportBuilder(
             run_dir,
@@ -1250,4 +1218,11 @@ def build_report(
         ).build()
 
 
-__all__ = ["ModelInfo", "ReportBuilder", "build_report", "read_jsonl", "split_model_name"]
+__all__ = [
+    "ModelEntry",
+    "ModelInfo",
+    "ReportBuilder",
+    "build_report",
+    "read_jsonl",
+    "split_model_name",
+]

@@ -105,11 +105,11 @@ class LatentPages:
     def sae_path(self) -> Path:
         candidates = [
             p.parent
-            for p in sorted((self.run / "sae").rglob("cfg.json"))
+            for p in sorted(self.report.layout.sae_dir.rglob("cfg.json"))
             if "summaries" not in p.parts
         ]
         if not candidates:
-            raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {self.run / 'sae'}")
+            raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {self.report.layout.sae_dir}")
         return candidates[0]
 
     def sae(self) -> Any:
@@ -124,7 +124,7 @@ class LatentPages:
         return f"{m.encoder_key or m.name}-{self.split_of(m)}"
 
     def store_path(self, m: ModelInfo) -> Path:
-        path = self.run / "stores" / self._key(m)
+        path = self.report.layout.store_dir(m.encoder_key or m.name, self.split_of(m))
         if not path.is_dir():
             raise MammoSaeError(f"activation store not found: {path}")
         return path
@@ -144,7 +144,7 @@ class LatentPages:
         def make() -> Any:
             # The summaries stage caches (store hash, SAE hash)-named files in analysis/summaries/
             # (or a per-store folder in it); summaries_for reuses them, else computes and caches.
-            root = self.run / "analysis" / "summaries"
+            root = self.report.layout.stage_dir("summaries")
             cache = root / self._key(m) if (root / self._key(m)).is_dir() else root
             if cache.is_dir():
                 return summaries_for(
@@ -279,7 +279,7 @@ class LatentPages:
             sections,
             back=("../index.html", "← report"),
         )
-        write_text_atomic(self.report.out / "latents" / f"{j}.html", html)
+        write_text_atomic(self.report.layout.report_latent(j), html)
         info["page"] = f"latents/{j}.html"
         return info
 

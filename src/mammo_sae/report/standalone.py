@@ -23,8 +23,9 @@ from typing import Any
 
 from ..errors import MammoSaeError
 from ..io import read_json, write_json
+from ..layout import ModelEntry, RunLayout
 from . import html as H
-from .build import ModelInfo, ReportBuilder
+from .build import ReportBuilder
 
 # Output kind -> (file that marks it, command that writes it, report part it feeds).
 KINDS = {
@@ -142,7 +143,7 @@ class Inventory:
                 continue
             keys.setdefault(self._key(f), _match(f.config.get("store"), self.of["store"], root))
         per_concept = Counter(concept for _, concept in keys)
-        self.models: dict[tuple[str, str], ModelInfo] = {}
+        self.models: dict[tuple[str, str], ModelEntry] = {}
         self.stores: dict[str, Found] = {}
         taken: set[str] = set()
         for (store_key, concept), store in keys.items():
@@ -152,7 +153,7 @@ class Inventory:
             while name in taken:
                 name += "_"
             taken.add(name)
-            self.models[(store_key, concept)] = ModelInfo(name, concept, "", "", encoder_key=name)
+            self.models[(store_key, concept)] = ModelEntry(name, concept, "", "", encoder_key=name)
             if store is not None:
                 self.stores[name] = store
         for f in self.of["intervene"]:  # the classifier a model's logit came from
@@ -191,13 +192,13 @@ class Inventory:
         concept = str(f.config.get("concept") or f.doc.get("concept") or "")
         return (str(store.path) if store else str(f.config.get("store")), concept)
 
-    def model_of(self, f: Found) -> ModelInfo | None:
+    def model_of(self, f: Found) -> ModelEntry | None:
         return self.models.get(self._key(f))
 
     # ------------------------------------------------------------------ staging
     def stage(self, run: Path) -> dict[str, Any]:
         """Lay the outputs out as a run directory under `run`; returns the report's config."""
-        analysis = run / "analysis"
+        layout = RunLayout(run)
         placed: Counter[tuple[str, str]] = Counter()
         for kind in ("probe", "intervene", "localize"):
             for f in self.of[kind]:
@@ -207,18 +208,18 @@ class Inventory:
                     continue
                 placed[(kind, m.name)] += 1
                 if placed[(kind, m.name)] == 1:
-                    target = analysis / kind / m.name
+                    target = layout.model_analysis_dir(kind, m.name)
                 elif kind == "localize":  # the report shows sub-settings as <model>/<setting>
-                    target = analysis / kind / m.name / f.path.name
+                    target = layout.model_analysis_dir(kind, m.name) / f.path.name
                 else:
-                    target = analysis / kind / f"{m.name}-{f.path.name}"
+                    target = layout.model_analysis_dir(kind, f"{m.name}-{f.path.name}")
                 _copy_files(f.path, target)
         for i, f in enumerate(x for x in self.of["fidelity"] if not x.note):
-            _copy_files(f.path, analysis / "fidelity" / f"{i}-{f.path.name}")
+            _copy_files(f.path, layout.stage_dir("fidelity") / f"{i}-{f.path.name}")
         for f in self.of["separation"]:
             if not f.note:
                 concept = str(f.doc.get("concept") or f.config.get("concept") or f.path.name)
-                _copy_files(f.path, analysis / "separation" / concept)
+                _copy_files(f.path, layout.separation_dir(concept))
         metrics: dict[str, Any] = {}
         models = list(self.models.values())
         for f in self.of["eval"]:
@@ -231,11 +232,11 @@ class Inventory:
                 m.classifier = str(f.doc["model"])
             if m is None:
                 concept, path = str(f.doc["concept"]), str(f.doc["model"])
-                m = ModelInfo(f"{concept}-{Path(path).name}", concept, "", path)
+                m = ModelEntry(f"{concept}-{Path(path).name}", concept, "", path)
                 models.append(m)
             metrics[m.name] = {k: f.doc.get(k) for k in ("auroc", "auprc", "n", "n_pos")}
         write_json(
-            run / "models" / "models.json",
+            layout.models_json,
             {
                 "schema_version": 1,
                 "test_metrics": metrics,
@@ -253,14 +254,14 @@ class Inventory:
         )
         links_ok = True
         if self.sae is not None:
-            links_ok &= _link(self.sae.path, run / "sae")
+            links_ok &= _link(self.sae.path, layout.sae_dir)
             from ..analysis.summaries import default_cache_dir
 
             cache = default_cache_dir(self.sae.path)
             if cache.is_dir():  # the commands' summaries cache: latent pages reuse it
-                links_ok &= _link(cache, analysis / "summaries")
+                links_ok &= _link(cache, layout.stage_dir("summaries"))
         for name, store in self.stores.items():
-            links_ok &= _link(store.path, run / "stores" / f"{name}-{self.eval_split}")
+            links_ok &= _link(store.path, layout.store_dir(name, self.eval_split))
         if not links_ok:
             self.link_problem = (
                 "this file system refused symbolic links: no SAE curves or latent pages"
@@ -374,7 +375,7 @@ class StandaloneReport(ReportBuilder):
 def build_standalone_report(root: Path, out: Path | None = None, **kw: Any) -> Path:
     """The report of the stand-alone outputs under `root` (default out: ROOT/report)."""
     root = Path(root)
-    out = Path(out) if out is not None else root / "report"
+    out = Path(out) if out is not None else RunLayout(root).report_dir
     found = discover(root, skip=out)
     if not found:
         raise MammoSaeError(
