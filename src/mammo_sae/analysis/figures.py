@@ -202,11 +202,14 @@ def save_panel_grid(
                         width,
                     )
                 )
-    fig = Figure(figsize=(width_in, height_in))
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.0, 0.0, grid_w_in / width_in, grid_h_in / height_in))
-    # Pixel edges at integers: the canvas spans [0, w] × [0, h] exactly.
-    ax.imshow(canvas, extent=(0, canvas_w, canvas_h, 0), interpolation="none", aspect="auto")
+    # The picture is pasted pixel for pixel (no resampling) at the bottom left; an Axes over
+    # exactly those pixels, in canvas pixel units, carries the boxes and titles.
+    fig.figimage(canvas, xo=0, yo=0, origin="upper")
+    ax = fig.add_axes((0.0, 0.0, canvas_w / (width_in * dpi), canvas_h / (height_in * dpi)))
+    ax.set_zorder(1)  # above the pasted picture
+    ax.patch.set_visible(False)
     for (x, y, w, h), colour, style, width in boxes:
         ax.add_patch(
             Rectangle((x, y), w, h, fill=False, edgecolor=colour, linestyle=style, linewidth=width)
