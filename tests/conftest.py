@@ -67,3 +67,18 @@ def save_he_encoder(folder: Path) -> Path:
             torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
     save_model(encoder, folder)
     return folder
+
+
+def train_mass_linear_probe(data: Path, root: Path, *extra: str) -> Path:
+    """A Mass linear probe on a He-initialised phantom encoder (`save_he_encoder`: torch's
+    default init would give every image the same features), trained through the CLI into
+    ROOT/clf; `extra` are further `classifier train` flags (epochs, image size, ...). Returns
+    the model folder."""
+    from mammo_sae.cli import main
+
+    save_he_encoder(root / "encoder")
+    args = ["classifier", "train", "--data", str(data), "--concept", "Mass"]
+    args += ["--init", str(root / "encoder"), "--mode", "linear-probe", "--lr", "1e-2"]
+    args += ["--out", str(root / "clf"), "--device", "cpu", "--no-progress", *extra]
+    assert main(args) == 0
+    return root / "clf" / "model"

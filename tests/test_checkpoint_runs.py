@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import save_he_encoder
+from conftest import train_mass_linear_probe
 
 from mammo_sae.cli import main
 from mammo_sae.errors import MammoSaeError
@@ -30,36 +30,7 @@ def classifier(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """A Mass linear probe on a He-initialised phantom encoder (torch's default init would give
     every image the same features), in our model format."""
     root = tmp_path_factory.mktemp("one_model_ckpt")
-    save_he_encoder(root / "encoder")
-    assert (
-        main(
-            [
-                "classifier",
-                "train",
-                "--data",
-                str(tiny_phantom),
-                "--concept",
-                "Mass",
-                "--init",
-                str(root / "encoder"),
-                "--mode",
-                "linear-probe",
-                "--epochs",
-                "2",
-                "--image-size",
-                "128x80",
-                "--lr",
-                "1e-2",
-                "--out",
-                str(root / "clf"),
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    return root / "clf" / "model"
+    return train_mass_linear_probe(tiny_phantom, root, "--epochs", "2", "--image-size", "128x80")
 
 
 def write_config(path: Path, data: Path, checkpoints: dict, **extra: object) -> Path:

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import save_he_encoder
+from conftest import train_mass_linear_probe
 from test_data_images import write_dicom
 from test_data_preprocess import synthetic_mammogram
 
@@ -37,33 +37,7 @@ def trained(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
     The encoder is random but He-initialised: torch's default init shrinks the signal to
     ~1e-13 by the last block, which would give every image the same score."""
     root = tmp_path_factory.mktemp("explain")
-    save_he_encoder(root / "encoder")
-    assert (
-        main(
-            [
-                "classifier",
-                "train",
-                "--data",
-                str(tiny_phantom),
-                "--concept",
-                "Mass",
-                "--init",
-                str(root / "encoder"),
-                "--mode",
-                "linear-probe",
-                "--epochs",
-                "20",
-                "--lr",
-                "1e-2",
-                "--out",
-                str(root / "clf"),
-                "--device",
-                "cpu",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    train_mass_linear_probe(tiny_phantom, root, "--epochs", "20")
     cfg = SAEConfig(architecture="relu-l1", d=640, h=H_LATENTS, init="tied")
     save_sae(SparseAutoencoder(cfg, seed=0).eval(), root / "sae")
     return {
