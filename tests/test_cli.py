@@ -1,5 +1,9 @@
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -297,3 +301,84 @@ def test_device_names_are_checked_in_one_place() -> None:
             resolve_device("cuda")
     else:
         assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+
+
+# ------------------------------------------------------------------ the CLI surface, frozen
+# tests/fixtures/cli_surface.json was written by the CLI before the command table moved into
+# cli.py (issue 13): every command name, flag, default, choice and help text must stay the same.
+# After an intended change to the CLI, regenerate it with
+#   PYTHONPATH=src:. python -c "import tests.test_cli as t; t.write_surface()"
+SURFACE = Path(__file__).parent / "fixtures" / "cli_surface.json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _action(action: argparse.Action) -> dict[str, Any]:
+    return {
+        "flags": list(action.option_strings),
+        "dest": action.dest,
+        "default": _plain(action.default),
+        "help": action.help,
+        "choices": _plain(action.choices),
+        "required": action.required,
+        "nargs": _plain(action.nargs),
+        "metavar": _plain(action.metavar),
+    }
+
+
+def cli_surface() -> dict[str, Any]:
+    """Every (sub)command's description, subcommand help lines, options and positionals."""
+    out: dict[str, Any] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        entry: dict[str, Any] = {"description": parser.description, "options": [], "args": []}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                entry["commands"] = {c.dest: c.help for c in action._choices_actions}
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}".strip())
+            elif action.option_strings:
+                entry["options"].append(_action(action))
+            else:
+                entry["args"].append(_action(action))
+        out[path or "mammo-sae"] = entry
+
+    walk(build_parser(), "")
+    return dict(sorted(out.items()))
+
+
+def write_surface(path: Path = SURFACE) -> None:
+    """The surface as JSON, one argument per line (diffs stay readable)."""
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = ["{"]
+    items = list(cli_surface().items())
+    for i, (name, entry) in enumerate(items):
+        lines.append(f"  {json.dumps(name)}: {{")
+        lines.append(f"    \"description\": {dump(entry['description'])},")
+        if "commands" in entry:
+            lines.append(f"    \"commands\": {dump(entry['commands'])},")
+        for key in ("options", "args"):
+            rows = [dump(a) for a in entry[key]]
+            end = "," if key == "options" else ""
+            lines.append(f"    \"{key}\": [" + ",".join(f"\n      {r}" for r in rows) + "]" + end)
+        lines.append("  }" + ("," if i < len(items) - 1 else ""))
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_cli_surface_is_unchanged() -> None:
+    expected = json.loads(SURFACE.read_text(encoding="utf-8"))
+    now = cli_surface()
+    assert sorted(now) == sorted(expected), "commands added or removed"
+    for name in expected:
+        assert now[name] == expected[name], name
