@@ -382,3 +382,45 @@ def test_cli_surface_is_unchanged() -> None:
     assert sorted(now) == sorted(expected), "commands added or removed"
     for name in expected:
         assert now[name] == expected[name], name
+
+
+def test_domain_modules_do_not_import_the_cli() -> None:
+    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
+    import ast
+
+    src = Path(__file__).parents[1] / "src" / "mammo_sae"
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py") and path.parent == src:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "cli" or n.endswith(".cli") for n in names):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_an_option_can_be_spelled_other_than_its_field() -> None:
+    """`opt(flag="--from")` (a Python keyword as field name): parsed, bound-checked and named."""
+    from dataclasses import dataclass
+
+    from mammo_sae.config import add_dataclass_args, from_namespace, opt
+    from mammo_sae.errors import MammoSaeError
+
+    @dataclass
+    class Cfg:
+        start: int = opt(0, flag="--from", min=0, help="first step")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Cfg)
+    assert from_namespace(Cfg, parser.parse_args(["--from", "3"])).start == 3
+    with pytest.raises(MammoSaeError, match="--from must be ≥ 0, got -1"):
+        from_namespace(Cfg, parser.parse_args(["--from", "-1"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--start", "3"])
+    ns = build_parser().parse_args(["run", "c.yaml", "--from", "sae"])
+    assert (ns.config, ns.start) == (Path("c.yaml"), "sae")

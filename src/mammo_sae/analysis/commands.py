@@ -6,14 +6,12 @@ separation), write JSON + CSV (+ a figure) into --out. See docs/analysis.md.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..cli import add_command
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
@@ -545,36 +543,3 @@ def run_separation(cfg: SeparationConfig) -> int:
             )
         )
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(
-        sub,
-        "summarize",
-        SummarizeConfig,
-        run_summarize,
-        "encode a store with an SAE once: cached per-image latent summaries",
-    )
-    add_command(sub, "probe", ProbeConfig, run_probe, "class-wise latent scores and rankings")
-    add_command(
-        sub,
-        "intervene",
-        InterveneConfig,
-        run_intervene,
-        "top-k activated / deactivated sweeps, or a targeted latent edit",
-    )
-    add_command(
-        sub,
-        "fidelity",
-        FidelityConfig,
-        run_fidelity,
-        "AUROC with original vs SAE-reconstructed features (Table 1)",
-    )
-    add_command(
-        sub,
-        "separation",
-        SeparationConfig,
-        run_separation,
-        "class-mean latent vectors of several models; confounding-latent flags",
-    )
