@@ -36,6 +36,7 @@ from mammo_sae.analysis.maps import (
 from mammo_sae.analysis.summaries import open_sae
 from mammo_sae.config import load_yaml
 from mammo_sae.io import read_json
+from mammo_sae.layout import ModelEntry
 
 
 def _peak(heat: np.ndarray) -> tuple[float, float]:
@@ -162,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_yaml(args.run / "config.yaml") if (args.run / "config.yaml").is_file() else {}
     split = (config.get("extract") or {}).get("eval_split", "test")
     out = args.out or args.run / "heatmap_offset"
-    results = [measure(args.run, m, split, args.top, out) for m in read_json(models_json)["models"]]
+    # models.json's classifier paths are relative to the run: resolve them as the pipeline does.
+    models = [
+        {**m, "classifier": ModelEntry.from_record(m, args.run).classifier}
+        for m in read_json(models_json)["models"]
+    ]
+    results = [measure(args.run, m, split, args.top, out) for m in models]
     for r in results:
         print(
             f"{r['model']} ({r['images']} positive {split} images; classifier map peaks in the "

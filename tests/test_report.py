@@ -527,6 +527,41 @@ class _Table2Cells(HTMLParser):
             self.headers.append(data)
 
 
+def test_latent_pages_are_the_same_drawn_by_one_or_two_processes(
+    report_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Forked page workers change only the speed: same pages, figures (bytes), page records and
+    problem notes as one process, including notes raised inside a worker."""
+    run, _ = report_run
+    broken = tmp_path / "broken"
+    shutil.copytree(run, broken, ignore=shutil.ignore_patterns("report"))
+    models_json = broken / "models" / "models.json"
+    models = json.loads(models_json.read_text())
+    for entry in models["models"]:  # a classifier that is not there: the logit part fails
+        entry["classifier"] = str(broken / "models" / "missing" / "model")
+    models_json.write_text(json.dumps(models))
+    for source in (run, broken):
+        outs = {}
+        for workers in (1, 2):
+            out = tmp_path / f"{source.name}-{workers}"
+            build_report(source, out, top_latents=2, progress=False, workers=workers)
+            outs[workers] = out
+        one, two = outs[1], outs[2]
+        pages = sorted(p.name for p in (one / "latents").glob("*.html"))
+        assert pages and pages == sorted(p.name for p in (two / "latents").glob("*.html"))
+        for name in pages:
+            assert (one / "latents" / name).read_text() == (two / "latents" / name).read_text()
+        figures = sorted(p.name for p in (one / "figures").glob("latent_*.png"))
+        assert figures == sorted(p.name for p in (two / "figures").glob("latent_*.png"))
+        for name in figures:
+            assert (one / "figures" / name).read_bytes() == (two / "figures" / name).read_bytes()
+        data = [json.loads((o / "report.json").read_text()) for o in (one, two)]
+        for key in ("latents", "problems", "figures"):
+            assert data[0][key] == data[1][key], key
+        if source is broken:
+            assert any(k.startswith("latent ") for k in data[1]["problems"])
+
+
 def test_every_table2_cell_links_to_its_latent_page(report_run: tuple[Path, Path]) -> None:
     run, index = report_run
     data = json.loads((run / "report" / "report.json").read_text())

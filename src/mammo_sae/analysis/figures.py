@@ -110,57 +110,25 @@ def _shrink(arr: np.ndarray, scale: float) -> np.ndarray:
     return cv2.resize(np.asarray(arr, dtype=np.float32), size, interpolation=cv2.INTER_AREA)
 
 
-def panel_rgb(panel: LatentPanel, *, max_height: int = 400, alpha: float = 0.5) -> np.ndarray:
-    """The panel's picture as one (h, w, 3) array: the `jet` heatmap (0 → its own max) blended
-    over the grayscale image (over white without one), shrunk to at most `max_height` rows.
-    One pre-blended image draws far faster than two stacked matplotlib images."""
+def panel_rgb(panel: LatentPanel, size_hw: tuple[int, int], *, alpha: float = 0.5) -> np.ndarray:
+    """The panel's picture at `size_hw` as one (h, w, 3) array: the `jet` heatmap (0 → its own
+    max) blended over the grayscale image (over white without one)."""
+    import cv2
     from matplotlib import colormaps
 
-    H = panel.heat_hw.shape[0]
-    scale = min(1.0, max_height / H)
-    heat = np.asarray(_shrink(panel.heat_hw, scale), dtype=np.float32)
-    peak = max(float(heat.max()), 1e-12)
+    def fit(arr: np.ndarray) -> np.ndarray:
+        arr = np.asarray(arr, dtype=np.float32)
+        if arr.shape == tuple(size_hw):
+            return arr
+        shrinking = size_hw[0] * size_hw[1] < arr.size
+        mode = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+        return cv2.resize(arr, (size_hw[1], size_hw[0]), interpolation=mode)
+
+    heat = fit(panel.heat_hw)
+    peak = max(float(panel.heat_hw.max()), 1e-12)
     jet = colormaps["jet"](np.clip(heat / peak, 0.0, 1.0))[..., :3]
-    if panel.image_hw is None:
-        under = np.ones(heat.shape, dtype=np.float32)
-    else:
-        under = np.clip(np.asarray(_shrink(panel.image_hw, scale), dtype=np.float32), 0.0, 1.0)
-    return (1.0 - alpha) * under[..., None] + alpha * jet
-
-
-def draw_panel(ax: Any, panel: LatentPanel, *, max_height: int = 400, alpha: float = 0.5) -> None:
-    """Draw one panel; images taller than `max_height` px are shrunk for drawing (boxes too)."""
-    from matplotlib.patches import Rectangle
-
-    H, W = panel.heat_hw.shape
-    scale = min(1.0, max_height / H)
-    ax.imshow(panel_rgb(panel, max_height=max_height, alpha=alpha), interpolation="antialiased")
-    pred = np.asarray(panel.pred_boxes, dtype=np.float64).reshape(-1, 4)
-    hits = np.ones(len(pred), dtype=bool) if panel.hits is None else np.asarray(panel.hits, bool)
-    drawn = [(b, GT_COLOUR, "-", 2.0) for b in np.asarray(panel.gt_boxes, float).reshape(-1, 4)]
-    drawn += [
-        (b, PRED_COLOUR, "-" if hit else "--", 1.5) for b, hit in zip(pred, hits, strict=True)
-    ]
-    for box, colour, style, width in drawn:
-        x0, y0, x1, y1 = box * scale
-        # Box edges are pixel edges; imshow puts pixel centres on integers.
-        ax.add_patch(
-            Rectangle(
-                (x0 - 0.5, y0 - 0.5),
-                x1 - x0,
-                y1 - y0,
-                fill=False,
-                edgecolor=colour,
-                linestyle=style,
-                linewidth=width,
-            )
-        )
-    ax.set_xlim(-0.5, W * scale - 0.5)
-    ax.set_ylim(H * scale - 0.5, -0.5)
-    # A text artist, not set_title: the title's automatic placement re-measures the (hidden)
-    # axes on every draw, which was most of a grid's drawing time.
-    ax.text(0.5, 1.0, panel.title, transform=ax.transAxes, ha="center", va="bottom", fontsize=8)
-    ax.axis("off")
+    under = np.ones(size_hw, np.float32) if panel.image_hw is None else fit(panel.image_hw)
+    return (1.0 - alpha) * np.clip(under, 0.0, 1.0)[..., None] + alpha * jet
 
 
 # Fixed layout (inches), instead of tight_layout's measuring passes: a line of 8-pt title text,
@@ -178,11 +146,16 @@ def save_panel_grid(
     colorbar: bool = True,
 ) -> Path:
     """Write `panels[row][col]` as one PNG grid (rows may be ragged; empty cells stay blank),
-    with a colour bar (0 → each panel's own max) and a key to the boxes on the right."""
+    with a colour bar (0 → each panel's own max) and a key to the boxes on the right.
+
+    The panels are composed into one picture at the PNG's own resolution and drawn on a single
+    Axes (boxes and titles on top): a report draws hundreds of panels, and an Axes per panel
+    cost most of the time."""
     import textwrap
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     n_rows = len(panels)
     n_cols = max((len(r) for r in panels), default=0)
@@ -192,23 +165,65 @@ def save_panel_grid(
     lines = textwrap.wrap(suptitle, width=max(20, int(width_in * 9))) if suptitle else []
     head_in = 0.1 + 0.17 * len(lines) if lines else 0.0
     height_in = panel_inches[1] * n_rows + (0.5 if suptitle else 0.0)
-    fig = Figure(figsize=(width_in, height_in))
-    FigureCanvasAgg(fig)
-    title_in = _TITLE_LINE_IN * max(p.title.count("\n") + 1 for row in panels for p in row)
-    grid_w = width_in - (_KEY_IN if colorbar else 0.0)
-    cell_w, cell_h = grid_w / n_cols, (height_in - head_in) / n_rows
-    max_height = int(panel_inches[1] * dpi * 1.5)
+    grid_w_in = width_in - (_KEY_IN if colorbar else 0.0)
+    grid_h_in = height_in - head_in
+    # Canvas pixels = output pixels: the composed picture is not resampled again.
+    canvas_w, canvas_h = max(1, round(grid_w_in * dpi)), max(1, round(grid_h_in * dpi))
+    canvas = np.ones((canvas_h, canvas_w, 3), dtype=np.float32)
+    cell_w, cell_h = canvas_w / n_cols, canvas_h / n_rows
+    gap = _GAP_IN * dpi
+    title_px = _TITLE_LINE_IN * dpi * max(p.title.count("\n") + 1 for row in panels for p in row)
+    boxes: list[tuple[tuple[float, float, float, float], str, str, float]] = []
+    titles: list[tuple[float, float, str]] = []
     for r, row in enumerate(panels):
         for c, panel in enumerate(row):
-            left, bottom = c * cell_w + _GAP_IN, (n_rows - 1 - r) * cell_h + _GAP_IN
-            w, h = cell_w - 2 * _GAP_IN, cell_h - title_in - 2 * _GAP_IN
-            ax = fig.add_axes((left / width_in, bottom / height_in, w / width_in, h / height_in))
-            draw_panel(ax, panel, max_height=max_height)
+            H, W = panel.heat_hw.shape
+            room_w, room_h = cell_w - 2 * gap, cell_h - title_px - 2 * gap
+            scale = min(room_w / W, room_h / H)
+            h, w = max(1, int(H * scale)), max(1, int(W * scale))
+            x0 = int(c * cell_w + (cell_w - w) / 2)
+            y0 = int(r * cell_h + gap + title_px + (room_h - h) / 2)
+            canvas[y0 : y0 + h, x0 : x0 + w] = panel_rgb(panel, (h, w))
+            titles.append((x0 + w / 2, y0 - 1, panel.title))
+            sx, sy = w / W, h / H
+            pred = np.asarray(panel.pred_boxes, dtype=np.float64).reshape(-1, 4)
+            hits = np.ones(len(pred), bool) if panel.hits is None else np.asarray(panel.hits, bool)
+            gts = np.asarray(panel.gt_boxes, dtype=np.float64).reshape(-1, 4)
+            for box, colour, style, width in [(b, GT_COLOUR, "-", 2.0) for b in gts] + [
+                (b, PRED_COLOUR, "-" if hit else "--", 1.5)
+                for b, hit in zip(pred, hits, strict=True)
+            ]:
+                bx0, by0, bx1, by1 = box
+                boxes.append(
+                    (
+                        (x0 + bx0 * sx, y0 + by0 * sy, (bx1 - bx0) * sx, (by1 - by0) * sy),
+                        colour,
+                        style,
+                        width,
+                    )
+                )
+    fig = Figure(figsize=(width_in, height_in), dpi=dpi)
+    FigureCanvasAgg(fig)
+    # The picture is pasted pixel for pixel (no resampling) at the bottom left; an Axes over
+    # exactly those pixels, in canvas pixel units, carries the boxes and titles.
+    fig.figimage(canvas, xo=0, yo=0, origin="upper")
+    ax = fig.add_axes((0.0, 0.0, canvas_w / (width_in * dpi), canvas_h / (height_in * dpi)))
+    ax.set_zorder(1)  # above the pasted picture
+    ax.patch.set_visible(False)
+    for (x, y, w, h), colour, style, width in boxes:
+        ax.add_patch(
+            Rectangle((x, y), w, h, fill=False, edgecolor=colour, linestyle=style, linewidth=width)
+        )
+    for x, y, text in titles:
+        ax.text(x, y, text, ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(0, canvas_w)
+    ax.set_ylim(canvas_h, 0)
+    ax.axis("off")
     top = 1.0 - head_in / height_in
     if lines:
         fig.suptitle("\n".join(lines), fontsize=9, y=1.0 - 0.05 / height_in, va="top")
     if colorbar:
-        _add_colorbar(fig, grid_w / width_in, top)
+        _add_colorbar(fig, grid_w_in / width_in, top)
     return save_figure(fig, Path(path), dpi, tight=False)
 
 
@@ -309,7 +324,7 @@ __all__ = [
     "Curve",
     "LatentPanel",
     "display_image",
-    "draw_panel",
+    "panel_rgb",
     "new_figure",
     "panel_title",
     "plot_topk_grid",

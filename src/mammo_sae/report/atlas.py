@@ -363,10 +363,5 @@ def _latent_pages(
     # A list label names its model before the "/" (report.latents.list_model): the atlas's
     # lists belong to the model whose store the atlas read.
     by_label = {f"{home}/atlas {label}": lats for label, lats in tops.items()}
-    builder = LatentPages(report, by_label)
-    written = set(done)
-    for j in todo:
-        info = builder.write_page(j)
-        if info.get("page"):
-            written.add(j)
-    return written
+    pages = LatentPages(report, by_label).write_pages(todo)
+    return done | {j for j, info in pages.items() if info.get("page")}

@@ -14,6 +14,7 @@ image ids only (hashed in VinDr-Mammo); patient ids and file paths are never sho
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -167,6 +168,7 @@ class ReportBuilder:
         top_latents: int = 10,
         latent_pages: bool = True,
         progress: bool = True,
+        workers: int | None = None,
     ) -> None:
         self.run = Path(run_dir)
         self.out = Path(out)
@@ -175,6 +177,7 @@ class ReportBuilder:
         self.top_latents = top_latents
         self.latent_pages = latent_pages
         self.progress = progress
+        self.workers = default_workers() if workers is None else workers
         self.data: dict[str, Any] = {"schema_version": SCHEMA_VERSION}
         self.problems: dict[str, str] = {}
         self.figures: list[str] = []
@@ -1109,6 +1112,16 @@ class ReportBuilder:
         write_atlas_page(self, s)  # atlas.html (its own module) and a link here
 
 
+def default_workers() -> int:
+    """Processes that draw latent pages: the cores this process may use, at most 4 (more gain
+    little on a few dozen pages and multiply memory)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 4))
+
+
 def build_report(
     run_dir: Path,
     out: Path | None = None,
@@ -1117,10 +1130,12 @@ def build_report(
     top_latents: int = 10,
     latent_pages: bool = True,
     progress: bool = True,
+    workers: int | None = None,
 ) -> Path:
     """Write the report of `run_dir` into `out` (default RUN/report/) and return its index.html.
 
-    `strict=True` raises on the first unreadable part instead of noting it in the page.
+    `strict=True` raises on the first unreadable part instead of noting it in the page;
+    `workers` processes draw the latent pages (None: `default_workers()`).
     """
     if top_latents < 1:
         raise MammoSaeError(f"top_latents must be at least 1, got {top_latents}")
@@ -1138,6 +1153,7 @@ def build_report(
             top_latents=top_latents,
             latent_pages=latent_pages,
             progress=progress,
+            workers=workers,
         )
     out = Path(out) if out is not None else RunLayout(run_dir).report_dir
     with writer_lock(out):
@@ -1148,6 +1164,7 @@ def build_report(
             top_latents=top_latents,
             latent_pages=latent_pages,
             progress=progress,
+            workers=workers,
         ).build()
 
 

@@ -25,6 +25,12 @@ class ReportConfig:
         False, help="fail on the first unreadable part instead of noting it in the page"
     )
     progress: bool = opt(True, help="show a progress bar")
+    workers: int | None = opt(
+        None,
+        min=1,
+        affects_result=False,
+        help="processes drawing the latent pages (default: the usable cores, at most 4)",
+    )
 
 
 def run_report(cfg: ReportConfig) -> int:
@@ -37,6 +43,7 @@ def run_report(cfg: ReportConfig) -> int:
         top_latents=cfg.top_latents,
         latent_pages=cfg.latent_pages,
         progress=cfg.progress,
+        workers=cfg.workers,
     )
     print(f"report: {index}")
     problems = read_json(Path(index).parent / "report.json").get("problems") or {}

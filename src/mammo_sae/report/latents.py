@@ -23,6 +23,8 @@ Each part is built on its own; one that cannot be (e.g. no classifier checkpoint
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +50,47 @@ def crop_window(centre: float, size: int, length: int) -> tuple[int, int]:
     start = int(round(centre - size / 2))
     start = min(max(start, 0), length - size)
     return start, start + size
+
+
+# The page builder a forked worker inherits (set only while `write_pages` runs a pool).
+_FORKED_PAGES: LatentPages | None = None
+
+
+def _can_fork() -> bool:
+    import multiprocessing
+    import sys
+
+    # fork is safe here on Linux only (macOS's system libraries are not fork-safe).
+    return sys.platform == "linux" and "fork" in multiprocessing.get_all_start_methods()
+
+
+def _init_page_worker() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers are the parallelism
+
+
+def _forked_page(j: int) -> tuple[int, dict[str, Any], dict[str, str], list[str]]:
+    pages = _FORKED_PAGES
+    assert pages is not None, "latent page worker started without a page builder"
+    report = pages.report
+    problems_before, figures_before = dict(report.problems), len(report.figures)
+    info = pages.write_page(j)
+    new_problems = {k: v for k, v in report.problems.items() if problems_before.get(k) != v}
+    return j, info, new_problems, report.figures[figures_before:]
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """Run a block with torch on `n` threads (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _safe(name: str) -> str:
@@ -185,13 +228,43 @@ class LatentPages:
 
     # ------------------------------------------------------------------ pages
     def write_all(self) -> dict[int, dict[str, Any]]:
+        latents = list(dict.fromkeys(j for lats in self.lists.values() for j in lats))
+        out = self.write_pages(latents)
+        self.report.data["latents"] = {str(j): v for j, v in out.items()}
+        return out
+
+    def write_pages(self, latents: list[int]) -> dict[int, dict[str, Any]]:
+        """`write_page` for each latent, in order. Drawing is single-threaded Python
+        (matplotlib), so with `report.workers` > 1 the pages are drawn by that many forked
+        processes; each page is drawn the same way either way (torch on one thread), and the
+        report's problem notes and figure list are gathered back."""
         from tqdm.auto import tqdm
 
-        latents = list(dict.fromkeys(j for lats in self.lists.values() for j in lats))
+        bar = tqdm(total=len(latents), desc="latent pages", disable=not self.report.progress)
+        workers = min(self.report.workers, len(latents))
         out: dict[int, dict[str, Any]] = {}
-        for j in tqdm(latents, desc="latent pages", disable=not self.report.progress):
-            out[j] = self.write_page(j)
-        self.report.data["latents"] = {str(j): v for j, v in out.items()}
+        if workers <= 1 or not _can_fork():
+            with _torch_threads(1):
+                for j in latents:
+                    out[j] = self.write_page(j)
+                    bar.update()
+            bar.close()
+            return out
+        import multiprocessing
+
+        global _FORKED_PAGES
+        _FORKED_PAGES = self
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(workers, initializer=_init_page_worker) as pool:
+                for j, info, problems, figures in pool.imap(_forked_page, latents):
+                    out[j] = info
+                    self.report.problems.update(problems)
+                    self.report.figures.extend(figures)
+                    bar.update()
+        finally:
+            _FORKED_PAGES = None
+            bar.close()
         return out
 
     def guarded(self, j: int, part: str, section: H.Section, fill: Any) -> None:
