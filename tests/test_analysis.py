@@ -158,6 +158,26 @@ def test_summaries_equal_dense_encoding(synth: dict[str, Any]) -> None:
     assert np.isnan(summ.off_breast_score()).all()  # write_store leaves tissue unknown
 
 
+def test_attribute_regions_are_any_non_finding_box(synth: dict[str, Any], tmp_path: Path) -> None:
+    """The marker mass is generic: any per-image attribute's box (not a finding's) counts as the
+    phantom's `confounder` box does; a finding's box does not."""
+    import dataclasses
+
+    acts, summ = synth["acts"], synth["summ"]
+    masses = {}
+    for label in ("pen_mark", "Mass"):
+        records = [
+            dataclasses.replace(r, boxes=tuple(dataclasses.replace(b, concept=label) for b in r.boxes))
+            for r in synth["records"]
+        ]
+        store = write_store(tmp_path / label, acts, grids=[GRID] * len(acts), records=records)
+        masses[label] = compute_summaries(store, synth["sae"], batch_rows=20, progress=False)
+    np.testing.assert_allclose(masses["pen_mark"].confounder_mass_h, summ.confounder_mass_h)
+    np.testing.assert_allclose(masses["pen_mark"].marked_mass_h, summ.marked_mass_h)
+    assert summ.marked_mass_h.any() and not masses["Mass"].marked_mass_h.any()
+    assert np.isnan(masses["Mass"].confounder_score()).all()
+
+
 class _TissueStore:
     """Duck-typed store: one image, 2 cells, the second off the breast."""
 

@@ -1,5 +1,9 @@
+import argparse
+import json
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -297,3 +301,126 @@ def test_device_names_are_checked_in_one_place() -> None:
             resolve_device("cuda")
     else:
         assert resolve_device("cuda", local_rank=0) == torch.device("cuda", 0)
+
+
+# ------------------------------------------------------------------ the CLI surface, frozen
+# tests/fixtures/cli_surface.json was written by the CLI before the command table moved into
+# cli.py (issue 13): every command name, flag, default, choice and help text must stay the same.
+# After an intended change to the CLI, regenerate it with
+#   PYTHONPATH=src:. python -c "import tests.test_cli as t; t.write_surface()"
+SURFACE = Path(__file__).parent / "fixtures" / "cli_surface.json"
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return repr(value)
+
+
+def _action(action: argparse.Action) -> dict[str, Any]:
+    return {
+        "flags": list(action.option_strings),
+        "dest": action.dest,
+        "default": _plain(action.default),
+        "help": action.help,
+        "choices": _plain(action.choices),
+        "required": action.required,
+        "nargs": _plain(action.nargs),
+        "metavar": _plain(action.metavar),
+    }
+
+
+def cli_surface() -> dict[str, Any]:
+    """Every (sub)command's description, subcommand help lines, options and positionals."""
+    out: dict[str, Any] = {}
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        entry: dict[str, Any] = {"description": parser.description, "options": [], "args": []}
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                entry["commands"] = {c.dest: c.help for c in action._choices_actions}
+                for name, child in action.choices.items():
+                    walk(child, f"{path} {name}".strip())
+            elif action.option_strings:
+                entry["options"].append(_action(action))
+            else:
+                entry["args"].append(_action(action))
+        out[path or "mammo-sae"] = entry
+
+    walk(build_parser(), "")
+    return dict(sorted(out.items()))
+
+
+def write_surface(path: Path = SURFACE) -> None:
+    """The surface as JSON, one argument per line (diffs stay readable)."""
+    def dump(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False)
+
+    lines = ["{"]
+    items = list(cli_surface().items())
+    for i, (name, entry) in enumerate(items):
+        lines.append(f"  {json.dumps(name)}: {{")
+        lines.append(f"    \"description\": {dump(entry['description'])},")
+        if "commands" in entry:
+            lines.append(f"    \"commands\": {dump(entry['commands'])},")
+        for key in ("options", "args"):
+            rows = [dump(a) for a in entry[key]]
+            end = "," if key == "options" else ""
+            lines.append(f"    \"{key}\": [" + ",".join(f"\n      {r}" for r in rows) + "]" + end)
+        lines.append("  }" + ("," if i < len(items) - 1 else ""))
+    lines.append("}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_cli_surface_is_unchanged() -> None:
+    expected = json.loads(SURFACE.read_text(encoding="utf-8"))
+    now = cli_surface()
+    assert sorted(now) == sorted(expected), "commands added or removed"
+    for name in expected:
+        assert now[name] == expected[name], name
+
+
+def test_domain_modules_do_not_import_the_cli() -> None:
+    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
+    import ast
+
+    src = Path(__file__).parents[1] / "src" / "mammo_sae"
+    offenders = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py") and path.parent == src:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] + [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n == "cli" or n.endswith(".cli") for n in names):
+                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_an_option_can_be_spelled_other_than_its_field() -> None:
+    """`opt(flag="--from")` (a Python keyword as field name): parsed, bound-checked and named."""
+    from dataclasses import dataclass
+
+    from mammo_sae.config import add_dataclass_args, from_namespace, opt
+    from mammo_sae.errors import MammoSaeError
+
+    @dataclass
+    class Cfg:
+        start: int = opt(0, flag="--from", min=0, help="first step")
+
+    parser = argparse.ArgumentParser()
+    add_dataclass_args(parser, Cfg)
+    assert from_namespace(Cfg, parser.parse_args(["--from", "3"])).start == 3
+    with pytest.raises(MammoSaeError, match="--from must be ≥ 0, got -1"):
+        from_namespace(Cfg, parser.parse_args(["--from", "-1"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--start", "3"])
+    ns = build_parser().parse_args(["run", "c.yaml", "--from", "sae"])
+    assert (ns.config, ns.start) == (Path("c.yaml"), "sae")

@@ -2,9 +2,9 @@
 
 The run holds real (tiny) artefacts where the report opens them itself (two activation stores,
 an SAE, two phantom-architecture classifiers, PNG mammograms) and analysis outputs made by the
-analysis library functions (fidelity, localisation, separation) or written in their documented
-JSON/CSV layouts (top-k sweeps, rankings, the SAE training log). Headless Chromium renders the
-page when it is installed.
+real commands (fidelity, intervene, atlas), by the analysis library functions (localisation,
+separation) or written in their documented JSON layouts (rankings, the SAE training log).
+Headless Chromium renders the page when it is installed.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ import torch
 from PIL import Image
 
 from mammo_sae.activations.store import ActivationStore, write_store
-from mammo_sae.analysis.fidelity import fidelity
-from mammo_sae.analysis.intervene import head_from_classifier, sae_readout, sweep
+from mammo_sae.analysis.intervene import head_from_classifier
 from mammo_sae.analysis.localize import localize
 from mammo_sae.analysis.separation import model_separation, public
 from mammo_sae.analysis.summaries import labelled_rows, sae_hash, summarize
@@ -148,7 +147,7 @@ def make_run(run: Path) -> Path:
     )
 
     torch.manual_seed(0)
-    entries, metrics, results, fid = [], {}, {}, {}
+    entries, metrics, results = [], {}, {}
     ranked: dict[str, list[int]] = {}
     for (name, key), seed in zip(MODELS, (2, 3), strict=True):
         clf = ConceptClassifier(create_encoder("efficientnet-phantom"), 1, concept="Mass")
@@ -184,10 +183,6 @@ def make_run(run: Path) -> Path:
         )  # as the pipeline does
         rows, y = labelled_rows(store.images, "Mass", split="test")
         head = head_from_classifier(clf)
-        fid[name] = {
-            "concept": "Mass",
-            **fidelity(sums, store.pooled_nd, rows, y, sae, head, n_boot=50),
-        }
         results[name.split("-")[1]] = model_separation(sums, rows, y)  # the pipeline names variants
         mean1 = np.asarray(sums.mean_rows(rows[y == 1]).mean(axis=0)).ravel()
         order = np.argsort(-mean1, kind="stable")
@@ -215,21 +210,19 @@ def make_run(run: Path) -> Path:
             chosen = [ranked["Mass-pretrained"][0], int(order[5])]
             loc = localize(store, sae, "Mass", chosen, head=head, progress=False)
             write_json(out / "pointing" / "localization.json", loc.to_json())
-        # intervene.json (`results` rows) for one model, intervene.csv alone for the other
-        v_h, c = sae_readout(sae, head)
-        res = sweep(sums.mean_rows(rows), y, v_h, c, [order[::-1], order], KS, n_boot=50)
+    # Table 1 and Figure 2's inputs, by the real commands (as the pipeline's stages run them).
+    common = ["--sae", str(run / "sae" / "model"), "--split", "test", "--n-boot", "50"]
+    common += ["--cache-dir", str(run / "analysis" / "summaries"), "--no-progress"]
+    stores = [str(run / "stores" / f"{key}-test") for _, key in MODELS]
+    classifiers = [str(run / "models" / name / "model") for name, _ in MODELS]
+    fidelity_args = ["fidelity", "--stores", ",".join(stores), "--classifiers"]
+    fidelity_args += [",".join(classifiers), "--names", ",".join(n for n, _ in MODELS)]
+    assert main([*fidelity_args, "--out", str(run / "analysis" / "fidelity"), *common]) == 0
+    for (name, _), store_dir, classifier in zip(MODELS, stores, classifiers, strict=True):
         out = run / "analysis" / "intervene" / name
-        if name == "Mass-pretrained":
-            write_json(
-                out / "intervene.json",
-                {"schema_version": 1, "concept": "Mass", "results": res.rows()},
-            )
-        else:
-            out.mkdir(parents=True)
-            pd.DataFrame(res.rows()).to_csv(out / "intervene.csv", index=False)
-    write_json(
-        run / "analysis" / "fidelity" / "fidelity.json", {"schema_version": 1, "results": fid}
-    )
+        intervene_args = ["intervene", "--store", store_dir, "--classifier", classifier]
+        intervene_args += ["--rank-split", "test", "--ks", ",".join(map(str, KS))]
+        assert main([*intervene_args, "--out", str(out), *common]) == 0
     write_json(
         run / "models" / "models.json",
         {"schema_version": 1, "models": entries, "test_metrics": metrics},

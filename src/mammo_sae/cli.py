@@ -1,8 +1,9 @@
 """`mammo-sae` command line: one subcommand per stage, each a thin wrapper over the library.
 
-Every command is declared with `add_command(subparsers, name, ConfigDataclass, run_fn)`:
-the options are generated from the config dataclass (see `config.py`), and `run_fn(cfg)`
-does the work. Subpackages register their commands in their own `commands.py`.
+`COMMANDS` below is the whole command table: each entry names a command, its config dataclass
+(the options are generated from its fields, see `config.py`), the library function `run(cfg)`
+that does the work, its help line and its positional arguments. Domain packages only define
+config dataclasses and run functions; none of them imports this module.
 A `MammoSaeError` is printed as `error: ...` with exit status 2; Ctrl-C exits 130.
 """
 
@@ -10,52 +11,230 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import inspect
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from . import __version__
+from . import __version__, pipeline
+from .activations import commands as activations
+from .activations.extract import ExtractConfig
+from .analysis import atlas_commands, explain_commands, localize_commands, retrieve_commands
+from .analysis import commands as analysis
 from .config import add_dataclass_args, from_namespace
+from .data import commands as data
+from .data import phantom_commands
+from .data.phantom import PhantomConfig
 from .errors import MammoSaeError
+from .models import commands as models
+from .models import train as classifier
+from .report import commands as report
+from .sae import commands as sae
 
-# Modules that contribute subcommands, in the order they appear in `--help`.
-COMMAND_MODULES = (
-    "mammo_sae.data.commands",
-    "mammo_sae.data.phantom_commands",
-    "mammo_sae.models.commands",
-    "mammo_sae.models.train_commands",
-    "mammo_sae.activations.commands",
-    "mammo_sae.sae.commands",
-    "mammo_sae.analysis.commands",
-    "mammo_sae.analysis.localize_commands",
-    "mammo_sae.analysis.explain_commands",
-    "mammo_sae.analysis.atlas_commands",
-    "mammo_sae.analysis.retrieve_commands",
-    "mammo_sae.report.commands",
-    "mammo_sae.pipeline",
+
+@dataclass(frozen=True)
+class Command:
+    """One `mammo-sae` command: `name` is its words (`("sae", "train")` for a group's member)."""
+
+    name: tuple[str, ...]
+    config: type
+    run: Callable[..., Any]
+    help: str
+    positional: tuple[str, ...] = ()
+
+
+# Command groups (`mammo-sae sae train`) and their help lines.
+GROUPS = {
+    "data": "inspect datasets (VinDr folds CSV, official CSV, phantom)",
+    "classifier": "concept classifiers: pretext pre-training, linear probe / finetune, evaluation",
+    "store": "inspect and verify activation stores",
+    "sae": "train, import, export and inspect sparse autoencoders",
+}
+
+# In the order of `mammo-sae --help` (a group appears where its first member does).
+COMMANDS = (
+    Command(
+        ("data", "summary"),
+        data.SummaryConfig,
+        data.run_summary,
+        "JSON counts per split: rows, images, patients, positives, boxes",
+    ),
+    Command(
+        ("preprocess",),
+        data.PreprocessConfig,
+        data.run_preprocess,
+        "VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV",
+    ),
+    Command(
+        ("ingest",),
+        data.IngestConfig,
+        data.run_ingest,
+        "your own DICOM folder -> the tool's dataset layout (hashed ids, headers only)",
+        positional=("dicom_dir",),
+    ),
+    Command(
+        ("phantom",),
+        PhantomConfig,
+        phantom_commands.run_phantom,
+        "make the synthetic phantom dataset (VinDr folds-CSV layout, planted findings and "
+        "confounder)",
+    ),
+    Command(
+        ("convert",),
+        models.ConvertConfig,
+        models.run_convert,
+        "write a Mammo-CLIP (or own-format) encoder/classifier checkpoint in mammo-sae's own "
+        "format",
+    ),
+    Command(
+        ("classifier", "pretrain"),
+        classifier.PretrainConfig,
+        classifier.pretrain,
+        "pretext pre-training without finding labels (density, view, laterality) -> encoder",
+    ),
+    Command(
+        ("classifier", "train"),
+        classifier.TrainConfig,
+        classifier.train_classifier,
+        "train a concept classifier (linear probe or finetune); selects on a patient-level "
+        "validation split",
+    ),
+    Command(
+        ("classifier", "eval"),
+        classifier.EvalConfig,
+        classifier.evaluate_classifier,
+        "AUROC / AUPRC with bootstrap 95 percent CIs of a classifier on one split (JSON out)",
+    ),
+    Command(
+        ("extract",),
+        ExtractConfig,
+        activations.run_extract,
+        "encoder layer → activation store (resumable, torchrun-aware)",
+    ),
+    Command(
+        ("store", "info"),
+        activations.StoreInfoConfig,
+        activations.run_store_info,
+        "print a store's manifest summary (JSON)",
+    ),
+    Command(
+        ("store", "verify"),
+        activations.StoreVerifyConfig,
+        activations.run_store_verify,
+        "recompute every checksum of a store; name the first corrupted file",
+    ),
+    Command(
+        ("sae", "train"),
+        sae.TrainConfig,
+        sae.run_train,
+        "train an SAE on an activation store (resumable)",
+    ),
+    Command(
+        ("sae", "import"),
+        sae.ImportConfig,
+        sae.run_import,
+        "convert a MammoSAE .pt (or SAELens folder) to the native format",
+    ),
+    Command(
+        ("sae", "export"),
+        sae.ExportConfig,
+        sae.run_export,
+        "export an SAE to another library's format (SAELens)",
+    ),
+    Command(("sae", "info"), sae.InfoConfig, sae.run_info, "print an SAE's config and metrics"),
+    Command(
+        ("summarize",),
+        analysis.SummarizeConfig,
+        analysis.run_summarize,
+        "encode a store with an SAE once: cached per-image latent summaries",
+    ),
+    Command(
+        ("probe",),
+        analysis.ProbeConfig,
+        analysis.run_probe,
+        "class-wise latent scores and rankings",
+    ),
+    Command(
+        ("intervene",),
+        analysis.InterveneConfig,
+        analysis.run_intervene,
+        "top-k activated / deactivated sweeps, or a targeted latent edit",
+    ),
+    Command(
+        ("fidelity",),
+        analysis.FidelityConfig,
+        analysis.run_fidelity,
+        "AUROC with original vs SAE-reconstructed features (Table 1)",
+    ),
+    Command(
+        ("separation",),
+        analysis.SeparationConfig,
+        analysis.run_separation,
+        "class-mean latent vectors of several models; confounding-latent flags",
+    ),
+    Command(
+        ("localize",),
+        localize_commands.LocalizeConfig,
+        localize_commands.run_localize,
+        "localisation AP@IoU per latent for a concept (Table 2) and Figure-3 grids",
+    ),
+    Command(
+        ("explain",),
+        explain_commands.ExplainConfig,
+        explain_commands.run_explain,
+        "explain your own images: concept score, top SAE latents, heatmaps (HTML)",
+        positional=("paths",),
+    ),
+    Command(
+        ("atlas",),
+        atlas_commands.AtlasConfig,
+        atlas_commands.run_atlas,
+        "describe every latent: activity, label associations (FDR), spatial profile, "
+        "logit effects, automatic names, co-activation clusters",
+    ),
+    Command(
+        ("retrieve",),
+        retrieve_commands.RetrieveConfig,
+        retrieve_commands.run_retrieve,
+        "nearest images by SAE latent fingerprint vs raw pooled features; images where given "
+        "latents fire; label precision@k",
+    ),
+    Command(
+        ("report",),
+        report.ReportConfig,
+        report.run_report,
+        "static offline HTML report of a run directory (figures + JSON beside it)",
+    ),
+    Command(
+        ("run",),
+        pipeline.RunConfig,
+        pipeline.run_pipeline,
+        "run every stage of a pipeline config",
+        positional=("config",),
+    ),
+    Command(
+        ("demo",),
+        pipeline.DemoConfig,
+        pipeline.run_demo,
+        "the phantom pipeline end to end (CPU minutes)",
+    ),
 )
 
 
 def add_command(
-    sub: argparse._SubParsersAction[argparse.ArgumentParser],
-    name: str,
-    cfg_cls: type,
-    run: Callable[[Any], Any],
-    help: str,
-    *,
-    positional: tuple[str, ...] = (),
+    sub: argparse._SubParsersAction[argparse.ArgumentParser], command: Command
 ) -> argparse.ArgumentParser:
-    """Declare a subcommand whose options are the fields of `cfg_cls`."""
+    """Declare a subcommand whose options are the fields of `command.config`."""
+    cfg_cls, run, help = command.config, command.run, command.help
     doc = (cfg_cls.__doc__ or "").strip()
     p = sub.add_parser(
-        name,
+        command.name[-1],
         help=help,
         description=f"{help}\n\n{doc}" if doc else help,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_dataclass_args(p, cfg_cls, positional=positional)
+    add_dataclass_args(p, cfg_cls, positional=command.positional)
     has_field = "progress" in {f.name for f in dataclasses.fields(cfg_cls)}
     if not has_field and "progress" in inspect.signature(run).parameters:
         # Commands whose config has no `progress` field (it would change a store's identity)
@@ -88,9 +267,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"mammo-sae {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module_name in COMMAND_MODULES:
-        module = importlib.import_module(module_name)
-        module.register(sub)
+    groups: dict[str, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+    for command in COMMANDS:
+        where = sub
+        if len(command.name) == 2:
+            group = command.name[0]
+            if group not in groups:
+                groups[group] = add_group(sub, group, GROUPS[group])
+            where = groups[group]
+        add_command(where, command)
     return parser
 
 

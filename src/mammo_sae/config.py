@@ -44,7 +44,9 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     before any work starts. Keys read by `result_settings`: `affects_result=False` (the option
     never changes a result), `resumable=True` (it does, but a continued run may change it) and
     `keyed_when_changed=True` (an option added after keys were recorded: left out of them while
-    at its default, so older runs keep their keys)."""
+    at its default, so older runs keep their keys). CLI keys: `flag="--from"` spells the option
+    differently from its field name (a Python keyword), `metavar=` names a list positional's items
+    and `cli=False` leaves the field off the command line."""
     if isinstance(default, (list, dict)):
         value = default
         return dataclasses.field(
@@ -113,10 +115,15 @@ def add_dataclass_args(
             else (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         )
         if f.name in positional:
-            conv, extra = _converter(tp)
+            if get_origin(tp) is list:  # one or more values, each its own argument
+                elem, _ = _unwrap_optional(get_args(tp)[0])
+                conv, extra = _converter(elem)
+                extra.update(nargs="+", metavar=f.metadata.get("metavar"))
+            else:
+                conv, extra = _converter(tp)
             parser.add_argument(f.name, type=conv, help=help_text, **extra)
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = option_flag(f)
         if tp is bool:
             parser.add_argument(
                 flag,
@@ -143,6 +150,11 @@ def add_dataclass_args(
             else help_text,
             **extra,
         )
+
+
+def option_flag(f: dataclasses.Field[Any]) -> str:
+    """The command-line spelling of a field: `--snake-case-name`, or its `flag=` metadata."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
 def bound_problem(metadata: Any, value: Any) -> str | None:
@@ -177,9 +189,9 @@ def check_bounds(cls: type, values: dict[str, Any], label: Any) -> None:
 
 
 def from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    values = {k: v for k, v in vars(ns).items() if k in names}
-    check_bounds(cls, values, lambda name: "--" + name.replace("_", "-"))
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {k: v for k, v in vars(ns).items() if k in fields}
+    check_bounds(cls, values, lambda name: option_flag(fields[name]))
     return cls(**values)
 
 

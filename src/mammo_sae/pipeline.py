@@ -11,7 +11,6 @@ The run directory's paths are `layout.RunLayout`'s (documented in docs/architect
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import re
@@ -980,7 +979,10 @@ class RunConfig:
         None,
         help=f"run only this stage: {stage_list_text()}",
     )
-    start: str | None = opt(None, help="rerun from this stage on (same names as --only)")
+    # Spelled `--from` on the command line (`from` is a Python keyword).
+    start: str | None = opt(
+        None, flag="--from", help="rerun from this stage on (same names as --only)"
+    )
     dry_run: bool = opt(False, help="print the plan and exit")
     progress: bool = opt(True, help="progress bars")
 
@@ -1042,23 +1044,3 @@ def run_demo(cfg: DemoConfig) -> int:
     print(f"demo finished in {time.perf_counter() - t0:.0f} s")
     print(f"report: {report.resolve()}")
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .cli import add_command
-
-    p = add_command(
-        sub,
-        "run",
-        RunConfig,
-        lambda c: (run_pipeline(c), 0)[1],
-        "run every stage of a pipeline config",
-        positional=("config",),
-    )
-    # The option is spelled `--from` (a Python keyword, hence the field name `start`).
-    for action in p._actions:
-        if action.dest == "start":
-            del p._option_string_actions["--start"]
-            action.option_strings[:] = ["--from"]
-            p._option_string_actions["--from"] = action
-    add_command(sub, "demo", DemoConfig, run_demo, "the phantom pipeline end to end (CPU minutes)")

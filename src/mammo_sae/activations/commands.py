@@ -1,14 +1,12 @@
-"""CLI commands of this subpackage (registered by mammo_sae.cli): `mammo-sae extract`,
+"""CLI commands of this subpackage: `mammo-sae extract`,
 `mammo-sae store info|verify`."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import add_command, add_group
 from ..config import opt
 from ..io import dumps_json
 from .extract import ExtractConfig
@@ -91,25 +89,3 @@ def run_store_verify(cfg: StoreVerifyConfig, progress: bool = True) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(
-        sub,
-        "extract",
-        ExtractConfig,
-        run_extract,
-        help="encoder layer → activation store (resumable, torchrun-aware)",
-    )
-    group = add_group(sub, "store", "inspect and verify activation stores")
-    add_command(
-        group, "info", StoreInfoConfig, run_store_info, "print a store's manifest summary (JSON)"
-    )
-    add_command(
-        group,
-        "verify",
-        StoreVerifyConfig,
-        run_store_verify,
-        "recompute every checksum of a store; name the first corrupted file",
-    )

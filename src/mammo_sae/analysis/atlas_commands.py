@@ -8,7 +8,6 @@ docs/analysis.md ("Latent atlas") and `atlas.py`.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..cli import add_command
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
@@ -174,14 +172,3 @@ def _spatial_notes(s: Any) -> list[str]:
     if not (s.marked_mass_h > 0).any():
         notes.append("no marker boxes in the data: marker-box shares are NaN")
     return notes
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_command(
-        sub,
-        "atlas",
-        AtlasConfig,
-        run_atlas,
-        "describe every latent: activity, label associations (FDR), spatial profile, "
-        "logit effects, automatic names, co-activation clusters",
-    )

@@ -6,18 +6,17 @@ separation), write JSON + CSV (+ a figure) into --out. See docs/analysis.md.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
-from ..cli import add_command
 from ..config import opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
 from . import DEFAULT_KS
+from .results import FidelityRecord, FidelityResult, InterveneRecord, SweepPoint
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
@@ -350,17 +349,18 @@ def run_intervene(cfg: InterveneConfig) -> int:
 
     table = pd.DataFrame(res.rows())
     _write_csv(cfg.out / "intervene.csv", table)
-    write_json(
-        cfg.out / "intervene.json",
-        {
-            **base,
-            "rankings": source,
-            "n": res.n,
-            "n_pos": res.n_pos,
-            "path": "exact-decode" if cfg.exact_decode else "pooled-identity",
-            "results": res.rows(),
-        },
+    record = InterveneRecord(
+        concept=concept,
+        n=res.n,
+        n_pos=res.n_pos,
+        results=[SweepPoint(**row) for row in res.rows()],
+        rankings=source,
+        path="exact-decode" if cfg.exact_decode else "pooled-identity",
+        store_sha256=base["store_sha256"],
+        sae_sha256=base["sae_sha256"],
+        config=base["config"],
     )
+    write_json(cfg.out / "intervene.json", record.to_json())
     ks_x = np.asarray(res.ks, dtype=float)
     panels = {
         mode: [Curve(cfg.label or concept, ks_x, m["auroc"], m["auroc_low"], m["auroc_high"])]
@@ -416,38 +416,42 @@ def run_fidelity(cfg: FidelityConfig) -> int:
             "give one for all or one per classifier"
         )
     sae = open_sae(cfg.sae, cfg.device)
-    results, table = {}, []
-    for j, (store_path, clf_path) in enumerate(zip(cfg.stores, cfg.classifiers)):
+    results: dict[str, FidelityResult] = {}
+    table = []
+    for j, (store_path, clf_path) in enumerate(zip(cfg.stores, cfg.classifiers, strict=True)):
         name = cfg.names[j] if cfg.names else Path(clf_path).name
         given = cfg.concepts[j if len(cfg.concepts) > 1 else 0] if cfg.concepts else None
         head, concept = _head_and_concept(Path(clf_path), given)
         store, rows, y = _select(Path(store_path), concept, cfg.split, cfg.level)
         s = _summaries(Path(store_path), cfg.sae, cfg)
-        r = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
-        results[name] = {"concept": concept, "store": store_path, "classifier": clf_path, **r}
+        found = fidelity(
+            s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed
+        )
+        r = FidelityResult.from_json(
+            {"concept": concept, "store": store_path, "classifier": clf_path, **found}, name
+        )
+        results[name] = r
         table.append(
             {
                 "model": name,
                 "concept": concept,
-                "n": r["n"],
-                "n_pos": r["n_pos"],
-                "auroc_original": r["original"]["auroc"],
-                "auroc_sae": r["sae"]["auroc"],
-                "recovered": r["recovered"],
-                "auprc_original": r["original"]["auprc"],
-                "auprc_sae": r["sae"]["auprc"],
-                "fvu": r["fvu"],
-                "l0": r["l0"],
-                "dead_fraction": r["dead_fraction"],
+                "n": r.n,
+                "n_pos": r.n_pos,
+                "auroc_original": r.original.auroc,
+                "auroc_sae": r.sae.auroc,
+                "recovered": r.recovered,
+                "auprc_original": r.original.auprc,
+                "auprc_sae": r.sae.auprc,
+                "fvu": r.fvu,
+                "l0": r.l0,
+                "dead_fraction": r.dead_fraction,
             }
         )
     cfg.out.mkdir(parents=True, exist_ok=True)
     frame = pd.DataFrame(table)
     _write_csv(cfg.out / "table1.csv", frame)
-    write_json(
-        cfg.out / "fidelity.json",
-        {"schema_version": SCHEMA_VERSION, "config": to_dict(cfg), "results": results},
-    )
+    record = FidelityRecord(results, config=to_dict(cfg))
+    write_json(cfg.out / "fidelity.json", record.to_json())
     print(frame.to_string(index=False))
     return 0
 
@@ -545,36 +549,3 @@ def run_separation(cfg: SeparationConfig) -> int:
             )
         )
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(
-        sub,
-        "summarize",
-        SummarizeConfig,
-        run_summarize,
-        "encode a store with an SAE once: cached per-image latent summaries",
-    )
-    add_command(sub, "probe", ProbeConfig, run_probe, "class-wise latent scores and rankings")
-    add_command(
-        sub,
-        "intervene",
-        InterveneConfig,
-        run_intervene,
-        "top-k activated / deactivated sweeps, or a targeted latent edit",
-    )
-    add_command(
-        sub,
-        "fidelity",
-        FidelityConfig,
-        run_fidelity,
-        "AUROC with original vs SAE-reconstructed features (Table 1)",
-    )
-    add_command(
-        sub,
-        "separation",
-        SeparationConfig,
-        run_separation,
-        "class-mean latent vectors of several models; confounding-latent flags",
-    )

@@ -1,9 +1,8 @@
 """`mammo-sae explain`: a classifier's concept score on your own images, decomposed over SAE
-latents (registered by mammo_sae.cli)."""
+latents."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,9 @@ class ExplainConfig:
 
     out: Path = opt(help="output directory (explain.json, index.html, images/)")
     paths: list[Path] = opt(
-        [], help="image files (PNG/JPEG/TIFF/DICOM) or folders (recursive)", cli=False
+        [],
+        help="image files (PNG/JPEG/TIFF/DICOM) or folders (searched recursively)",
+        metavar="PATH",
     )
     model: Path | None = opt(None, help="classifier: our model dir or a Mammo-CLIP .pth")
     sae: Path | None = opt(None, help="SAE checkpoint (native dir, SAELens folder, MammoSAE .pt)")
@@ -148,23 +149,3 @@ def run_explain(cfg: ExplainConfig) -> int:
         )
     )
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `explain` to the `mammo-sae` parser."""
-    from ..cli import add_command
-
-    p = add_command(
-        sub,
-        "explain",
-        ExplainConfig,
-        run_explain,
-        help="explain your own images: concept score, top SAE latents, heatmaps (HTML)",
-    )
-    p.add_argument(
-        "paths",
-        nargs="+",
-        type=Path,
-        metavar="PATH",
-        help="image files (PNG/JPEG/TIFF/DICOM) or folders (searched recursively)",
-    )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -212,16 +211,3 @@ def run_localize(cfg: LocalizeConfig) -> int:
     )
     print(f"wrote {out}/localization.json, localization.csv, table2.csv, detections.json")
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    from ..cli import add_command
-
-    add_command(
-        sub,
-        "localize",
-        LocalizeConfig,
-        run_localize,
-        help="localisation AP@IoU per latent for a concept (Table 2) and Figure-3 grids",
-    )

@@ -9,7 +9,6 @@ with thumbnails (static, offline). See docs/analysis.md ("Retrieval") and `retri
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import time
@@ -19,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from ..cli import add_command
 from ..config import opt, to_dict
 from ..errors import MammoSaeError, choices_message
 from ..io import write_json, write_text_atomic
@@ -512,14 +510,3 @@ def _print_summary(
                 + (" ..." if len(entries) > 5 else "")
             )
     print(f"wrote {out / RETRIEVE_JSON}")
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    add_command(
-        sub,
-        "retrieve",
-        RetrieveConfig,
-        run_retrieve,
-        "nearest images by SAE latent fingerprint vs raw pooled features; images where given "
-        "latents fire; label precision@k",
-    )

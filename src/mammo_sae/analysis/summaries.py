@@ -4,8 +4,10 @@ Per image: the mean latent vector over its stored positions (the paper's per-ima
 Eq. 2) and the per-latent max, both sparse (CSR; SAE codes are sparse, so most of the
 n_images × h entries are exactly 0). Per image also: reconstruction error and L0 (for FVU and
 L0 on any split) and the mean patch vector. Per latent over the whole store: activation mass
-in total, outside the breast (cells with tissue fraction < 0.5) and inside the phantom's
-`confounder` box (cells overlapping it; for off-breast and confounder scores, `separation.py`),
+in total, outside the breast (cells with tissue fraction < 0.5) and inside the records'
+attribute boxes (`ImageRecord.attribute_boxes`: boxes of a per-image attribute, not of a
+finding, e.g. the phantom's `confounder` marker; cells overlapping them; for off-breast and
+confounder scores, `separation.py`),
 on the frame's outermost ring of cells, and weighted by each cell's breast-relative position
 (for the latent atlas's centre of mass, `atlas.py`).
 
@@ -32,7 +34,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from ..data.records import CONFOUNDER
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
 
@@ -71,8 +72,8 @@ class LatentSummaries:
     mass_h: np.ndarray  # float64: Σ z over every position of the store
     tissue_known_mass_h: np.ndarray  # Σ z over positions whose tissue fraction is known
     off_breast_mass_h: np.ndarray  # Σ z over positions with tissue < OFF_BREAST_TISSUE
-    marked_mass_h: np.ndarray  # Σ z over images that have a confounder box
-    confounder_mass_h: np.ndarray  # Σ z over cells whose centre lies in that box
+    marked_mass_h: np.ndarray  # Σ z over images that have an attribute box (phantom: marker)
+    confounder_mass_h: np.ndarray  # Σ z over cells overlapping such a box
     meta: dict[str, Any]
     # Spatial sums for the atlas (None = not computed: spatial profiles are then NaN).
     border_mass_h: np.ndarray | None = None  # Σ z over cells of the grid's outermost ring
@@ -103,7 +104,8 @@ class LatentSummaries:
         return out
 
     def confounder_score(self) -> np.ndarray:
-        """Share of each latent's mass on marked images that lies inside the marker's box."""
+        """Share of each latent's mass on marked images (with an attribute box) that lies inside
+        those boxes (the phantom's marker)."""
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.confounder_mass_h / self.marked_mass_h
         out[~(self.marked_mass_h > 0)] = np.nan
@@ -251,12 +253,13 @@ def _sae_device(sae: Any) -> Any:
 def _confounder_cells(
     record: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
 ) -> np.ndarray | None:
-    """Bool mask of cells that overlap a confounder box; None if the image has none.
+    """Bool mask of cells that overlap an attribute box (`ImageRecord.attribute_boxes`, the
+    phantom's marker); None if the image has none.
 
     Cell (r, c) covers [c·W/w, (c+1)·W/w) × [r·H/h, (r+1)·H/h) of the model input (the grid
     laid evenly over the frame, as the store's tissue fractions). Overlap rather than "centre
     inside", because a marker is often smaller than one cell (phantom: ≈ 9 px vs 32 px cells)."""
-    boxes = record.boxes_of(CONFOUNDER)
+    boxes = record.attribute_boxes()
     if not boxes:
         return None
     frame_h, frame_w = record.frame_hw

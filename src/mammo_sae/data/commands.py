@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..cli import add_command, add_group
 from ..config import opt
 from ..errors import DataError
 from ..io import dumps_json, write_json, writer_lock
@@ -145,30 +143,3 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> int:
     )
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    data = add_group(sub, "data", help="inspect datasets (VinDr folds CSV, official CSV, phantom)")
-    add_command(
-        data,
-        "summary",
-        SummaryConfig,
-        run_summary,
-        help="JSON counts per split: rows, images, patients, positives, boxes",
-    )
-    add_command(
-        sub,
-        "preprocess",
-        PreprocessConfig,
-        run_preprocess,
-        help="VinDr DICOM tree -> Mammo-CLIP PNG layout + folds-style CSV",
-    )
-    add_command(
-        sub,
-        "ingest",
-        IngestConfig,
-        run_ingest,
-        positional=("dicom_dir",),
-        help="your own DICOM folder -> the tool's dataset layout (hashed ids, headers only)",
-    )

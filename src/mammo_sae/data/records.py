@@ -161,5 +161,11 @@ class ImageRecord:
     def boxes_of(self, concept: str) -> tuple[Box, ...]:
         return tuple(b for b in self.boxes if b.concept == concept)
 
+    def attribute_boxes(self) -> tuple[Box, ...]:
+        """Boxes that mark a per-image attribute's region rather than a finding (any box whose
+        concept is not one of `FINDING_CONCEPTS`, e.g. the phantom's `confounder` marker): the
+        latent summaries measure how much of a latent's mass on such images falls inside them."""
+        return tuple(b for b in self.boxes if b.concept not in FINDING_CONCEPTS)
+
     def with_split(self, split: str) -> ImageRecord:
         return dataclasses.replace(self, split=split)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cli import add_command
 from ..config import opt
 from ..io import writer_lock
 
@@ -32,14 +30,3 @@ def run_convert(cfg: ConvertConfig) -> int:
         config = convert(cfg.model, cfg.out, concept=cfg.concept)
     print(json.dumps({"out": str(cfg.out), **config}, indent=2))
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    add_command(
-        sub,
-        "convert",
-        ConvertConfig,
-        run_convert,
-        "write a Mammo-CLIP (or own-format) encoder/classifier checkpoint in mammo-sae's own format",
-    )

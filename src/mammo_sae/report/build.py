@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ..analysis.figures import MODES, Curve, plot_topk_grid
+from ..analysis.results import FidelityRecord, FidelityResult, InterveneRecord
 from ..errors import MammoSaeError
 from ..io import (
     atomic_path,
@@ -74,16 +75,6 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def read_csv_rows(path: Path) -> list[dict[str, Any]]:
-    import pandas as pd
-
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise MammoSaeError(f"unreadable CSV {path}: {exc}") from exc
-    return [{k: _plain(v) for k, v in row.items()} for row in frame.to_dict(orient="records")]
-
-
 def _plain(value: Any) -> Any:
     """numpy scalars -> Python; NaN stays NaN."""
     if isinstance(value, np.generic):
@@ -106,22 +97,12 @@ def _num(value: Any) -> float:
 
 
 def _metric(block: Any, name: str = "auroc") -> tuple[float, float, float]:
-    """(value, CI low, CI high) from any of the metric layouts the stages write:
-    `{auroc, auroc_low, auroc_high}`, `{auroc: {value, ci_low, ci_high}}` or a bare number."""
-    if isinstance(block, Mapping):
-        inner = block.get(name)
-        if isinstance(inner, Mapping):
-            return (
-                _num(inner.get("value")),
-                _num(inner.get("ci_low", inner.get("low"))),
-                _num(inner.get("ci_high", inner.get("high"))),
-            )
-        return (
-            _num(inner),
-            _num(block.get(f"{name}_low", block.get(f"{name}_ci_low"))),
-            _num(block.get(f"{name}_high", block.get(f"{name}_ci_high"))),
-        )
-    return _num(block), math.nan, math.nan
+    """(value, CI low, CI high) of a classifier evaluation's metric (`classifier eval`'s JSON and
+    models.json's `test_metrics`: `{auroc: {value, ci_low, ci_high}}`); NaN where missing."""
+    inner = block.get(name) if isinstance(block, Mapping) else None
+    if not isinstance(inner, Mapping):
+        return math.nan, math.nan, math.nan
+    return _num(inner.get("value")), _num(inner.get("ci_low")), _num(inner.get("ci_high"))
 
 
 RECOVERED_RULE = (
@@ -570,59 +551,32 @@ class ReportBuilder:
 
     # ------------------------------------------------------------------ Table 1
     def fidelity_rows(self) -> list[dict[str, Any]]:
-        root = self.layout.stage_dir("fidelity")
-        results: dict[str, dict[str, Any]] = {}
-        for path in sorted(root.rglob("*.json")):
-            payload = read_json(path)
-            results.update(_named_results(payload, "original"))
-            results.update(_named_results(payload, "auroc_original"))
-        if not results:
-            for path in sorted(root.rglob("*.csv")):
-                for row in read_csv_rows(path):
-                    results[str(row.get("model", row.get("name", len(results))))] = row
+        """Table 1's rows from every fidelity.json of the stage (the standalone report places one
+        per `mammo-sae fidelity` output), read through the record the command writes."""
+        results: dict[str, FidelityResult] = {}
+        for path in sorted(self.layout.stage_dir("fidelity").rglob("fidelity.json")):
+            results.update(FidelityRecord.from_json(read_json(path), str(path)).results)
         rows = []
         for name, r in results.items():
             info = self.model_info(name)
-            orig = (
-                _metric(r["original"])
-                if "original" in r
-                else _metric(
-                    {
-                        "auroc": r.get("auroc_original"),
-                        "auroc_low": r.get("auroc_original_low"),
-                        "auroc_high": r.get("auroc_original_high"),
-                    }
-                )
-            )
-            sae = (
-                _metric(r["sae"])
-                if "sae" in r
-                else _metric(
-                    {
-                        "auroc": r.get("auroc_sae"),
-                        "auroc_low": r.get("auroc_sae_low"),
-                        "auroc_high": r.get("auroc_sae_high"),
-                    }
-                )
-            )
             rows.append(
                 {
                     "model": name,
-                    "concept": r.get("concept", info.concept),
-                    "variant": r.get("variant", info.variant),
-                    "n": r.get("n"),
-                    "n_pos": r.get("n_pos"),
-                    "auroc_original": orig[0],
-                    "auroc_original_low": orig[1],
-                    "auroc_original_high": orig[2],
-                    "auroc_sae": sae[0],
-                    "auroc_sae_low": sae[1],
-                    "auroc_sae_high": sae[2],
-                    "recovered": _num(r.get("recovered")),
-                    "fvu": _num(r.get("fvu")),
-                    "l0": _num(r.get("l0")),
-                    "dead_fraction": _num(r.get("dead_fraction")),
-                    "warning": r.get("warning", ""),
+                    "concept": r.concept or info.concept,
+                    "variant": info.variant,
+                    "n": r.n,
+                    "n_pos": r.n_pos,
+                    "auroc_original": r.original.auroc,
+                    "auroc_original_low": r.original.auroc_low,
+                    "auroc_original_high": r.original.auroc_high,
+                    "auroc_sae": r.sae.auroc,
+                    "auroc_sae_low": r.sae.auroc_low,
+                    "auroc_sae_high": r.sae.auroc_high,
+                    "recovered": r.recovered,
+                    "fvu": r.fvu,
+                    "l0": r.l0,
+                    "dead_fraction": r.dead_fraction,
+                    "warning": r.warning,
                 }
             )
         order = {m.name: i for i, m in enumerate(self.models)}
@@ -682,20 +636,18 @@ class ReportBuilder:
             if r["warning"]:
                 s.add(H.note(f"{r['model']}: {r['warning']}"))
         root = self.layout.stage_dir("fidelity")
-        s.add(self.sources_note(sorted([*root.rglob("*.json"), *root.rglob("*.csv")])))
+        s.add(self.sources_note(sorted([*root.rglob("fidelity.json"), *root.rglob("*.csv")])))
 
     # ------------------------------------------------------------------ Figure 2
     def sweep_curves(self, folder: Path) -> dict[str, dict[str, np.ndarray]]:
-        """mode -> {ks, auroc, auroc_low, auroc_high} from a model's intervene outputs."""
-        for path in sorted(folder.glob("*.json")):
-            curves = _sweep_from(read_json(path))
-            if curves:
-                return curves
-        for path in sorted(folder.glob("*.csv")):
-            curves = _sweep_from(read_csv_rows(path))
-            if curves:
-                return curves
-        return {}
+        """mode -> {ks, auroc, auroc_low, auroc_high} from a model's intervene.json."""
+        path = folder / "intervene.json"
+        if not path.is_file():
+            return {}
+        curves = InterveneRecord.from_json(read_json(path), str(path)).curves()
+        for c in curves.values():
+            c["ks"] = nice_ks(c["ks"])
+        return curves
 
     def section_figure2(self, s: H.Section) -> None:
         dirs = self.model_dirs("intervene")
@@ -707,7 +659,7 @@ class ReportBuilder:
         for folder in dirs:
             curves = self.sweep_curves(folder)
             if not curves:
-                self.problems[f"figure2/{folder.name}"] = "no sweep JSON/CSV with mode, k, auroc"
+                self.problems[f"figure2/{folder.name}"] = "no intervene.json with sweep points"
                 continue
             info = self.model_info(folder.name)
             data[folder.name] = {
@@ -1158,25 +1110,6 @@ class ReportBuilder:
         from .atlas import write_atlas_page
 
         write_atlas_page(self, s)  # atlas.html (its own module) and a link here
-
-
-def _sweep_from(data: Any) -> dict[str, dict[str, np.ndarray]]:
-    """Top-k curves from `mammo-sae intervene` output: rows `{mode, k, auroc, auroc_low, auroc_high}`
-    (intervene.json's `results`, or intervene.csv)."""
-    rows = _unwrap(data, ("rows", "sweep", "results"))
-    if not isinstance(rows, list):
-        return {}
-    rows = [r for r in rows if isinstance(r, Mapping) and {"mode", "k", "auroc"} <= set(r)]
-    out = {}
-    for mode in dict.fromkeys(str(r["mode"]) for r in rows):
-        mine = sorted((r for r in rows if str(r["mode"]) == mode), key=lambda r: _num(r["k"]))
-        out[mode] = {
-            "ks": nice_ks([_num(r["k"]) for r in mine]),
-            "auroc": np.array([_num(r["auroc"]) for r in mine]),
-            "auroc_low": np.array([_num(r.get("auroc_low")) for r in mine]),
-            "auroc_high": np.array([_num(r.get("auroc_high")) for r in mine]),
-        }
-    return out
 
 
 def default_workers() -> int:

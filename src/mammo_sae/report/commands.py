@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,16 +55,3 @@ def run_report(cfg: ReportConfig) -> int:
             file=sys.stderr,
         )
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add this subpackage's commands to the `mammo-sae` parser."""
-    from ..cli import add_command
-
-    add_command(
-        sub,
-        "report",
-        ReportConfig,
-        run_report,
-        help="static offline HTML report of a run directory (figures + JSON beside it)",
-    )

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..cli import add_command, add_group
 from ..config import opt
 from ..io import dumps_json
 from .train import TrainConfig
@@ -87,26 +85,3 @@ def run_info(cfg: InfoConfig) -> int:
 
     print(dumps_json(describe(cfg.sae)), end="")
     return 0
-
-
-def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `sae` command group to the `mammo-sae` parser."""
-    group = add_group(sub, "sae", "train, import, export and inspect sparse autoencoders")
-    add_command(
-        group, "train", TrainConfig, run_train, "train an SAE on an activation store (resumable)"
-    )
-    add_command(
-        group,
-        "import",
-        ImportConfig,
-        run_import,
-        "convert a MammoSAE .pt (or SAELens folder) to the native format",
-    )
-    add_command(
-        group,
-        "export",
-        ExportConfig,
-        run_export,
-        "export an SAE to another library's format (SAELens)",
-    )
-    add_command(group, "info", InfoConfig, run_info, "print an SAE's config and metrics")
