@@ -4,6 +4,7 @@ including the `mammo-sae localize` command and its Figure-3 grid."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,34 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
     assert h > w > 100  # 3 latent rows × 2 image columns of tall panels
 
 
+def test_localize_reads_a_probe_folder_by_its_own_score(tmp_path: Path, capsys) -> None:
+    """--ranking FOLDER picks ranking_class=1_<--score>.json (the pipeline passes the probe
+    folder, so the localize section has its own `score`); a missing score is named with what
+    the folder holds."""
+    pytest.importorskip("mammo_sae.sae.checkpoints")
+    _make_store(tmp_path)
+    sae_dir = _save_identity_sae(tmp_path / "sae")
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    for score, order in (("centered", [NEVER, HALF]), ("mean", [ON_GT, HALF])):
+        entries = [{"rank": k + 1, "index": j, "importance": 1.0} for k, j in enumerate(order)]
+        (probe / f"ranking_class=1_{score}.json").write_text(json.dumps(entries))
+
+    def run(*extra: str) -> int:
+        args = ["localize", "--store", str(tmp_path / "store"), "--sae", str(sae_dir)]
+        args += ["--device", "cpu", "--concept", "Mass", "--ranking", str(probe), "--top", "2"]
+        return main([*args, "--out", str(tmp_path / "out"), "--figure-images", "0", *extra])
+
+    assert run("--score", "mean") == 0
+    assert pd.read_csv(tmp_path / "out" / "localization.csv")["latent"].tolist() == [ON_GT, HALF]
+    assert run() == 0  # default: centered
+    assert pd.read_csv(tmp_path / "out" / "localization.csv")["latent"].tolist() == [NEVER, HALF]
+    capsys.readouterr()
+    assert run("--score", "auroc") == 2
+    err = capsys.readouterr().err
+    assert "ranking_class=1_auroc.json" in err and "ranking_class=1_mean.json" in err
+
+
 def test_localize_command_errors_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:
     _make_store(tmp_path)
     monkeypatch.setattr(summaries, "open_sae", lambda path, device="cpu": TinySae())
@@ -305,6 +334,24 @@ def test_display_image_is_the_min_max_scaled_model_input(tmp_path: Path) -> None
     assert display_image(png, (80, 40)).shape == (80, 40)
     assert display_image(tmp_path / "missing.png", (40, 20)) is None
     assert display_image(None, (40, 20)) is None
+
+
+def test_display_image_is_read_once_per_file_version(tmp_path: Path) -> None:
+    """Report pages show an image many times: it is decoded once, handed out read-only, and
+    read again when the file changes."""
+    from PIL import Image
+
+    from mammo_sae.analysis.figures import display_image
+
+    png = tmp_path / "a.png"
+    Image.fromarray(np.full((40, 20), 7, np.uint8)).save(png)
+    first = display_image(png, (40, 20))
+    assert display_image(png, (40, 20)) is first and not first.flags.writeable
+    assert display_image(png, (20, 10)) is not first  # another size is another picture
+    arr = (np.arange(40 * 20) % 200).reshape(40, 20).astype(np.uint8)
+    Image.fromarray(arr).save(png)
+    os.utime(png, ns=(1, 1))  # a new version even within the file system's time resolution
+    np.testing.assert_allclose(display_image(png, (40, 20)), arr / 199.0, atol=1e-6)
 
 
 @pytest.mark.gpu

@@ -804,13 +804,12 @@ class Pipeline:
 
     def stage_localize(self) -> dict[str, Any]:
         from .analysis.localize_commands import LocalizeConfig, run_localize
-        from .analysis.probe import ranking_file_name
 
         out = {}
         for m in self.models():
             target = self.layout.model_analysis_dir("localize", m.name)
-            score = self.cfg.analysis.intervene.get("score", "centered")
-            ranking = self.layout.model_analysis_dir("probe", m.name) / ranking_file_name(1, score)
+            # The probe folder: the localize section's own `score` picks the ranking in it.
+            ranking = self.layout.model_analysis_dir("probe", m.name)
             run_localize(
                 self._opts(
                     LocalizeConfig,

@@ -424,9 +424,7 @@ def run_fidelity(cfg: FidelityConfig) -> int:
         head, concept = _head_and_concept(Path(clf_path), given)
         store, rows, y = _select(Path(store_path), concept, cfg.split, cfg.level)
         s = _summaries(Path(store_path), cfg.sae, cfg)
-        found = fidelity(
-            s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed
-        )
+        found = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
         r = FidelityResult.from_json(
             {"concept": concept, "store": store_path, "classifier": clf_path, **found}, name
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -29,7 +30,14 @@ class LocalizeConfig:
     concept: str = opt(help="concept whose GT boxes are scored (e.g. Mass, confounder)")
     out: Path = opt(help="output directory")
     ranking: Path | None = opt(
-        None, help="class-1 ranking JSON from `mammo-sae probe` (list of {rank, index, importance})"
+        None,
+        help="class-1 ranking JSON from `mammo-sae probe` (list of {rank, index, importance}), "
+        "or the probe's --out folder (then --score names the ranking)",
+    )
+    score: str = opt(
+        "centered",
+        help="with --ranking FOLDER: the probe score whose class-1 ranking is read "
+        "(mean, centered, auroc, peak)",
     )
     latents: list[int] = opt([], help="explicit latent indices (instead of --ranking)")
     top: int = opt(10, min=1, help="how many top-ranked latents to score")
@@ -107,12 +115,28 @@ class LocalizeConfig:
     )
 
 
+def ranking_in_folder(folder: Path, score: str) -> Path:
+    """The class-1 ranking by `score` in a `mammo-sae probe` output folder."""
+    from .probe import ranking_file_name
+
+    path = folder / ranking_file_name(1, score)
+    if not path.is_file():
+        found = sorted(p.name for p in folder.glob("ranking_class=1_*.json"))
+        raise MammoSaeError(
+            f"{folder} has no class-1 ranking by score {score!r} ({path.name}); "
+            f"it holds: {', '.join(found) or 'no rankings (is it a probe --out folder?)'}"
+        )
+    return path
+
+
 def run_localize(cfg: LocalizeConfig) -> int:
     from .intervene import load_head
     from .localize import REPORTED_IOUS, localize, pointing_scores, save_figure_grid, table2
     from .probe import read_ranking
     from .summaries import open_sae, open_store
 
+    if cfg.ranking is not None and Path(cfg.ranking).is_dir():
+        cfg = dataclasses.replace(cfg, ranking=ranking_in_folder(Path(cfg.ranking), cfg.score))
     store, sae = open_store(cfg.store), open_sae(cfg.sae, cfg.device)
     head = load_head(cfg.classifier) if cfg.classifier is not None else None
     selection: dict[str, Any] = {"method": cfg.select}
