@@ -187,3 +187,21 @@ def test_image_size_one_type_everywhere(tmp_path):
     path.write_text("data: {image_size: 12by8}\n")
     with pytest.raises(MammoSaeError, match="data.image_size"):
         load_pipeline_config(path)
+
+
+@pytest.mark.parametrize("name", ["phantom.yaml", "phantom-512.yaml"])
+def test_shipped_phantom_configs_spell_out_the_training_recipe(name: str) -> None:
+    """The YAML shows what runs: every PHANTOM_* value is written in the shipped configs, so the
+    load-time defaults (for configs that leave a key out) change nothing for them."""
+    from mammo_sae.config import load_yaml
+    from mammo_sae.models.train import PHANTOM_FINETUNE, PHANTOM_LINEAR_PROBE, PHANTOM_PRETRAIN
+    from mammo_sae.pipeline import PACKAGE_CONFIGS
+
+    models = load_yaml(PACKAGE_CONFIGS / name)["models"]
+    for section, recipe in (
+        ("pretrain", PHANTOM_PRETRAIN),
+        ("linear_probe", PHANTOM_LINEAR_PROBE),
+        ("finetune", PHANTOM_FINETUNE),
+    ):
+        written = models[section]
+        assert {k: written.get(k) for k in recipe} == recipe, section
