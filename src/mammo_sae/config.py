@@ -55,6 +55,15 @@ def opt(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kw})
 
 
+DEVICE_HELP = "auto (CUDA when available, else Apple mps, else CPU) | cpu | cuda | cuda:N | mps"
+
+
+def device_opt(**kw: Any) -> Any:
+    """The `--device` option, declared once: every command takes it the same way (default auto,
+    resolved by `devices.resolve_device`); `kw` adds metadata such as `affects_result=False`."""
+    return opt("auto", help=DEVICE_HELP, **kw)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -23,6 +23,7 @@ from typing import Any
 
 from .config import (
     check_options,
+    device_opt,
     dump_yaml,
     from_dict,
     load_yaml,
@@ -106,7 +107,7 @@ class AnalysisSection:
 class PipelineConfig:
     name: str = "run"
     seed: int = 0
-    device: str = "auto"
+    device: str = device_opt()
     # torch's intra-op threads for the whole run; None = torch's default (the core count). A
     # float reduction split over another number of threads rounds differently, so a fixed count
     # is what lets machines with other core counts reproduce a run (docs/determinism.md).

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..config import opt, to_dict
+from ..config import device_opt, opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
 from . import DEFAULT_KS
@@ -110,7 +110,7 @@ class SummarizeConfig:
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     out: Path | None = opt(None, help="also write a summary JSON here")
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
-    device: str = opt("cpu", help="cpu | cuda | auto")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
     recompute: bool = opt(False, help="ignore a cached entry")
 
@@ -164,7 +164,7 @@ class ProbeConfig:
     top: int = opt(20, min=1, help="top latents per class listed in probe.json")
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
-    device: str = opt("cpu", help="cpu | cuda | auto")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
 
 
@@ -249,7 +249,7 @@ class InterveneConfig:
     label: str | None = opt(None, help="curve label in the figure")
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
-    device: str = opt("cpu", help="cpu | cuda | auto")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
 
 
@@ -393,7 +393,7 @@ class FidelityConfig:
     seed: int = opt(0, help="bootstrap seed")
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
-    device: str = opt("cpu", help="cpu | cuda | auto")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
 
 
@@ -494,7 +494,7 @@ class SeparationConfig:
     )
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
-    device: str = opt("cpu", help="cpu | cuda | auto")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
 
 

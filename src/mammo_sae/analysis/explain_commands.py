@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import opt
+from ..config import device_opt, opt
 from ..errors import MammoSaeError
 
 
@@ -53,7 +53,7 @@ class ExplainConfig:
     on_error: Literal["error", "skip"] = opt(
         "error", help="unreadable images: fail, or list them in explain.json and go on"
     )
-    device: str = opt("auto", help="auto | cpu | cuda | cuda:N | mps")
+    device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import changed_settings, from_dict, opt, parse_image_size, to_dict
+from ..config import changed_settings, device_opt, from_dict, opt, parse_image_size, to_dict
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
@@ -137,7 +137,7 @@ class TrainConfig:
         "(frozen encoder, no augmentation) and train the head on them",
     )
     seed: int = opt(10, help="random seed (Mammo-CLIP uses 10)")
-    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    device: str = device_opt()
     amp: bool = opt(True, help="mixed precision (float16 autocast) on CUDA; ignored on CPU")
     workers: int = opt(0, affects_result=False, min=0, help="DataLoader worker processes")
     resume: bool = opt(
@@ -183,7 +183,7 @@ class PretrainConfig:
         0.2, gt=0.0, lt=1.0, help="share of training patients held out for model selection"
     )
     seed: int = opt(0, help="random seed")
-    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    device: str = device_opt()
     amp: bool = opt(True, help="mixed precision on CUDA; ignored on CPU")
     workers: int = opt(0, affects_result=False, min=0, help="DataLoader worker processes")
     resume: bool = opt(
@@ -218,7 +218,7 @@ class EvalConfig:
     batch_size: int = opt(16, min=1, help="images per forward pass")
     n_boot: int = opt(1000, min=0, help="bootstrap resamples for the CIs")
     seed: int = opt(0, help="bootstrap seed")
-    device: str = opt("auto", help="auto | cpu | cuda | cuda:N")
+    device: str = device_opt()
     progress: bool = opt(True, affects_result=False, help="show progress bars")
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import changed_settings, opt, to_dict
+from ..config import changed_settings, device_opt, opt, to_dict
 from ..devices import cpu_has_native_bf16, resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import (
@@ -190,7 +190,7 @@ class TrainConfig(SAEHyperParams):
         affects_result=False,
         help="discard the training run in --out (state, log, SAE) and start again",
     )
-    device: str = opt("auto", affects_result=False, help="auto, cpu, cuda or cuda:N")
+    device: str = device_opt(affects_result=False)
     bf16: bool = opt(
         True,
         help="bf16 matmul operands (weights, accumulation and Adam stay fp32) "
