@@ -9,6 +9,7 @@ a 1x SAE for two epochs) first on the final layer alone, then with blocks.3 adde
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,25 @@ def test_the_report_shows_table2_per_layer(two_layer_run: dict) -> None:
     assert "layers" not in data["problems"]
     # The final layer's Table 2 (and its latent pages) keep the final layer's rows only.
     assert set(data["table2"]) == {"Mass-finetuned", "Mass-finetuned/pointing"}
+
+
+@pytest.mark.slow
+def test_a_layer_dropped_from_the_config_leaves_the_report(
+    two_layer_run: dict, tmp_path: Path
+) -> None:
+    """Its folder stays behind (nothing is deleted), but the report shows the listed layers
+    only."""
+    from mammo_sae.report.build import build_report
+
+    run = tmp_path / "run"
+    shutil.copytree(two_layer_run["run"], run, ignore=shutil.ignore_patterns("report"))
+    layout = RunLayout(run)
+    cfg = yaml.safe_load(layout.config.read_text(encoding="utf-8"))
+    assert cfg["extract"]["layers"] == ["final", LAYER]
+    build_report(run, latent_pages=False, progress=False)
+    assert "Table 2 by layer" in layout.report_index.read_text(encoding="utf-8")
+    cfg["extract"]["layers"] = ["final"]
+    layout.config.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    build_report(run, latent_pages=False, progress=False)
+    assert "Table 2 by layer" not in layout.report_index.read_text(encoding="utf-8")
+    assert "table2_layers" not in json.loads(layout.report_json.read_text())

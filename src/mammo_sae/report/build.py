@@ -866,13 +866,16 @@ class ReportBuilder:
     # ------------------------------------------------------------------ Table 2 by layer
     def tapped_layers(self) -> list[str]:
         """The run's tapped layers other than the final one that have a folder
-        (RUN/layers/<layer>/), in the config's order (extract.layers), then by name."""
+        (RUN/layers/<layer>/): those the config lists (extract.layers), in its order (a layer
+        dropped from the config leaves its folder behind: not shown); every folder by name
+        when the config names no layers."""
         root = self.layout.layers_dir
         found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
         extract = self.config.get("extract") if isinstance(self.config, Mapping) else None
         listed = extract.get("layers") if isinstance(extract, Mapping) else None
-        order = [str(x) for x in listed] if isinstance(listed, list) else []
-        return sorted(found, key=lambda n: (order.index(n) if n in order else len(order), n))
+        if not isinstance(listed, list):
+            return found
+        return [str(x) for x in listed if str(x) in found]
 
     def section_layers(self, s: H.Section) -> None:
         """Table 2 of every tapped layer, rows labelled `<model> @ <layer>`, after the final
