@@ -167,7 +167,9 @@ def test_attribute_regions_are_any_non_finding_box(synth: dict[str, Any], tmp_pa
     masses = {}
     for label in ("pen_mark", "Mass"):
         records = [
-            dataclasses.replace(r, boxes=tuple(dataclasses.replace(b, concept=label) for b in r.boxes))
+            dataclasses.replace(
+                r, boxes=tuple(dataclasses.replace(b, concept=label) for b in r.boxes)
+            )
             for r in synth["records"]
         ]
         store = write_store(tmp_path / label, acts, grids=[GRID] * len(acts), records=records)

@@ -357,6 +357,7 @@ def cli_surface() -> dict[str, Any]:
 
 def write_surface(path: Path = SURFACE) -> None:
     """The surface as JSON, one argument per line (diffs stay readable)."""
+
     def dump(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
 
@@ -364,13 +365,13 @@ def write_surface(path: Path = SURFACE) -> None:
     items = list(cli_surface().items())
     for i, (name, entry) in enumerate(items):
         lines.append(f"  {json.dumps(name)}: {{")
-        lines.append(f"    \"description\": {dump(entry['description'])},")
+        lines.append(f'    "description": {dump(entry["description"])},')
         if "commands" in entry:
-            lines.append(f"    \"commands\": {dump(entry['commands'])},")
+            lines.append(f'    "commands": {dump(entry["commands"])},')
         for key in ("options", "args"):
             rows = [dump(a) for a in entry[key]]
             end = "," if key == "options" else ""
-            lines.append(f"    \"{key}\": [" + ",".join(f"\n      {r}" for r in rows) + "]" + end)
+            lines.append(f'    "{key}": [' + ",".join(f"\n      {r}" for r in rows) + "]" + end)
         lines.append("  }" + ("," if i < len(items) - 1 else ""))
     lines.append("}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from mammo_sae.layout import ANALYSIS_STAGES, STAGES, ModelEntry, RunLayout
+from mammo_sae.layout import (
+    ANALYSIS_STAGES,
+    LAYER_STAGES,
+    STAGES,
+    ModelEntry,
+    RunLayout,
+    layer_stage_name,
+)
 
 SPEC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # What the placeholders of the documented paths stand for in the checks below.
@@ -22,14 +29,27 @@ SAMPLE = {
     "<encoder_key>": "pretrained",
     "<split>": "test",
     "<idx>": "7",
+    "<layer>": "blocks.3",
 }
 MODEL = "Mass-finetuned"
+
+
+def _at(r: RunLayout) -> RunLayout:
+    """The layout of the sample tapped layer (`<layer>`)."""
+    return r.at_layer("blocks.3")
+
 
 # RunLayout member -> the documented paths it gives (with the SAMPLE values).
 PATHS: dict[str, list[tuple[str, Callable[[RunLayout], Path]]]] = {
     "config": [("RUN/config.yaml", lambda r: r.config)],
     "stages_dir": [("RUN/stages/", lambda r: r.stages_dir)],
-    "stage_record": [("RUN/stages/<stage>.json", lambda r: r.stage_record("probe"))],
+    "stage_record": [
+        ("RUN/stages/<stage>.json", lambda r: r.stage_record("probe")),
+        (
+            "RUN/stages/<stage>@<layer>.json",
+            lambda r: r.stage_record(layer_stage_name("probe", "blocks.3")),
+        ),
+    ],
     "data_dir": [("RUN/data/", lambda r: r.data_dir)],
     "phantom_figure": [("RUN/data/phantom.png", lambda r: r.phantom_figure)],
     "data_summary": [("RUN/data/summary.json", lambda r: r.data_summary)],
@@ -38,28 +58,68 @@ PATHS: dict[str, list[tuple[str, Callable[[RunLayout], Path]]]] = {
     "model_dir": [("RUN/models/<Concept>-<variant>/", lambda r: r.model_dir(MODEL))],
     "model_eval": [("RUN/models/eval-<Concept>-<variant>.json", lambda r: r.model_eval(MODEL))],
     "models_json": [("RUN/models/models.json", lambda r: r.models_json)],
-    "stores_dir": [("RUN/stores/", lambda r: r.stores_dir)],
-    "store_dir": [
-        ("RUN/stores/<encoder_key>-<split>/", lambda r: r.store_dir("pretrained", "test"))
+    "layers_dir": [("RUN/layers/", lambda r: r.layers_dir)],
+    "layer_dir": [("RUN/layers/<layer>/", lambda r: r.layer_dir("blocks.3"))],
+    "stores_dir": [
+        ("RUN/stores/", lambda r: r.stores_dir),
+        ("RUN/layers/<layer>/stores/", lambda r: _at(r).stores_dir),
     ],
-    "sae_train_store": [("RUN/stores/sae-train/", lambda r: r.sae_train_store)],
-    "stores_json": [("RUN/stores/stores.json", lambda r: r.stores_json)],
-    "sae_dir": [("RUN/sae/", lambda r: r.sae_dir)],
-    "sae_pipeline_key": [("RUN/sae/pipeline_key.json", lambda r: r.sae_pipeline_key)],
-    "analysis_dir": [("RUN/analysis/", lambda r: r.analysis_dir)],
+    "store_dir": [
+        ("RUN/stores/<encoder_key>-<split>/", lambda r: r.store_dir("pretrained", "test")),
+        (
+            "RUN/layers/<layer>/stores/<encoder_key>-<split>/",
+            lambda r: _at(r).store_dir("pretrained", "test"),
+        ),
+    ],
+    "sae_train_store": [
+        ("RUN/stores/sae-train/", lambda r: r.sae_train_store),
+        ("RUN/layers/<layer>/stores/sae-train/", lambda r: _at(r).sae_train_store),
+    ],
+    "stores_json": [
+        ("RUN/stores/stores.json", lambda r: r.stores_json),
+        ("RUN/layers/<layer>/stores/stores.json", lambda r: _at(r).stores_json),
+    ],
+    "sae_dir": [
+        ("RUN/sae/", lambda r: r.sae_dir),
+        ("RUN/layers/<layer>/sae/", lambda r: _at(r).sae_dir),
+    ],
+    "sae_pipeline_key": [
+        ("RUN/sae/pipeline_key.json", lambda r: r.sae_pipeline_key),
+        ("RUN/layers/<layer>/sae/pipeline_key.json", lambda r: _at(r).sae_pipeline_key),
+    ],
+    "analysis_dir": [
+        ("RUN/analysis/", lambda r: r.analysis_dir),
+        ("RUN/layers/<layer>/analysis/", lambda r: _at(r).analysis_dir),
+    ],
     "stage_dir": [
-        (f"RUN/analysis/{name}/", lambda r, name=name: r.stage_dir(name))
-        for name in ("summaries", "fidelity", "atlas")
+        *[
+            (f"RUN/analysis/{name}/", lambda r, name=name: r.stage_dir(name))
+            for name in ("summaries", "fidelity", "atlas")
+        ],
+        ("RUN/layers/<layer>/analysis/summaries/", lambda r: _at(r).stage_dir("summaries")),
     ],
     "model_analysis_dir": [
-        (
-            f"RUN/analysis/{name}/<Concept>-<variant>/",
-            lambda r, name=name: r.model_analysis_dir(name, MODEL),
-        )
-        for name in ("probe", "intervene", "localize")
+        *[
+            (
+                f"RUN/analysis/{name}/<Concept>-<variant>/",
+                lambda r, name=name: r.model_analysis_dir(name, MODEL),
+            )
+            for name in ("probe", "intervene", "localize")
+        ],
+        *[
+            (
+                f"RUN/layers/<layer>/analysis/{name}/<Concept>-<variant>/",
+                lambda r, name=name: _at(r).model_analysis_dir(name, MODEL),
+            )
+            for name in ("probe", "localize")
+        ],
     ],
     "pointing_dir": [
-        ("RUN/analysis/localize/<Concept>-<variant>/pointing/", lambda r: r.pointing_dir(MODEL))
+        ("RUN/analysis/localize/<Concept>-<variant>/pointing/", lambda r: r.pointing_dir(MODEL)),
+        (
+            "RUN/layers/<layer>/analysis/localize/<Concept>-<variant>/pointing/",
+            lambda r: _at(r).pointing_dir(MODEL),
+        ),
     ],
     "separation_dir": [("RUN/analysis/separation/<Concept>/", lambda r: r.separation_dir("Mass"))],
     "associated_off_dir": [
@@ -76,7 +136,9 @@ PATHS: dict[str, list[tuple[str, Callable[[RunLayout], Path]]]] = {
     "report_latents": [("RUN/report/latents/", lambda r: r.report_latents)],
     "report_latent": [("RUN/report/latents/<idx>.html", lambda r: r.report_latent(7))],
 }
-NOT_PATHS = {"rel", "is_run", "markers"}  # RunLayout members that name no single path
+# RunLayout members that name no single path (at_layer: another layer's layout, whose paths
+# are the `RUN/layers/<layer>/...` ones above; stage_output: the runner's relative `outputs`).
+NOT_PATHS = {"rel", "is_run", "markers", "at_layer", "stage_output"}
 
 
 def _section() -> str:
@@ -147,6 +209,26 @@ def test_the_runner_declares_the_layouts_stages(tmp_path: Path) -> None:
     assert declared == [(s.name, s.deps, s.description, (s.output,)) for s in STAGES]
     only = next(f for f in RunConfig.__dataclass_fields__.values() if f.name == "only")
     assert all(s.name in only.metadata["help"] for s in STAGES)
+
+
+def test_layer_stages_are_documented_and_declared_at_their_layer(tmp_path: Path) -> None:
+    """Each of LAYER_STAGES is named in the section as `<stage>@<layer>`, and a two-layer run
+    declares them writing that stage's folder under RUN/layers/<layer>/."""
+    from mammo_sae.pipeline import Pipeline, load_pipeline_config
+
+    section = _section()
+    assert all(f"`{name}@<layer>`" in section for name in LAYER_STAGES)
+    cfg = load_pipeline_config("phantom.yaml")
+    cfg.extract.layers = ["final", "blocks.3"]
+    declared = {s.name: s for s in Pipeline(cfg, tmp_path, progress=False).runner.stages}
+    at = RunLayout(tmp_path).at_layer("blocks.3")
+    for spec in STAGES:
+        if spec.name in LAYER_STAGES:
+            stage = declared[layer_stage_name(spec.name, "blocks.3")]
+            assert stage.outputs == (at.stage_output(spec.name),)
+            assert tmp_path / stage.outputs[0] == at.run / "layers/blocks.3" / spec.output
+        else:
+            assert layer_stage_name(spec.name, "blocks.3") not in declared
 
 
 def test_stage_records_are_where_the_runner_writes_them(tmp_path: Path) -> None:

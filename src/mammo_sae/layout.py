@@ -11,6 +11,7 @@ A low-level module: it imports nothing of the pipeline, the analyses or the repo
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,22 @@ def stage_list_text() -> str:
     return f"{', '.join(STAGE_NAMES[:-1])} or {STAGE_NAMES[-1]}"
 
 
+# ============================================================================ layers
+
+FINAL_LAYER = "final"
+# Layer taps `extract --layer` knows (EfficientNet.layer_info); they name folders, so no others.
+LAYER_PATTERN = re.compile(r"final|stem|blocks\.\d+")
+# The stages run again for every tapped layer other than the final one (`<stage>@<layer>`).
+# Intervene, fidelity, separation and atlas feed the decoder's output to the classifier head,
+# which reads the final map only: they stay final-layer stages.
+LAYER_STAGES: tuple[str, ...] = ("extract", "sae", "summaries", "probe", "localize")
+
+
+def layer_stage_name(name: str, layer: str) -> str:
+    """`probe` at `blocks.3` -> `probe@blocks.3`; at the final layer the stage's own name."""
+    return name if layer == FINAL_LAYER else f"{name}@{layer}"
+
+
 # ============================================================================ models
 
 
@@ -136,12 +153,35 @@ class ModelEntry:
 
 
 class RunLayout:
-    """Every path of a run directory (docs/architecture.md, "Run directory")."""
+    """Every path of a run directory (docs/architecture.md, "Run directory").
 
-    def __init__(self, run_dir: str | Path, report_dir: str | Path | None = None) -> None:
+    A layout is of one tapped layer: the final layer's stores, SAE and analyses are the run's
+    own folders; another layer's (`at_layer`) mirror them under RUN/layers/<layer>/."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        report_dir: str | Path | None = None,
+        *,
+        layer: str = FINAL_LAYER,
+    ) -> None:
         self.run = Path(run_dir)
         # `mammo-sae report --out` may write the report elsewhere; the run's own is RUN/report.
         self._report = Path(report_dir) if report_dir is not None else None
+        if not LAYER_PATTERN.fullmatch(layer):
+            raise KeyError(f"unknown layer {layer!r}; layers: final, stem or blocks.N")
+        self.layer = layer
+        # Where this layer's stores, SAE and analyses live.
+        self._tree = self.run if layer == FINAL_LAYER else self.layer_dir(layer)
+
+    def at_layer(self, layer: str) -> RunLayout:
+        """The same run's layout of tapped layer `layer`."""
+        return RunLayout(self.run, self._report, layer=layer)
+
+    def stage_output(self, name: str) -> str:
+        """The folder stage `name` writes at this layer, relative to the run (the runner's
+        `outputs`)."""
+        return (self._tree / stage(name).output).relative_to(self.run).as_posix()
 
     def rel(self, path: str | Path) -> str:
         """`path` as the run's records store it: relative to the run when inside it."""
@@ -193,10 +233,19 @@ class RunLayout:
     def model_eval(self, model: str) -> Path:
         return self.models_dir / f"eval-{model}.json"
 
+    # ---------------------------------------------------------------- layers
+    @property
+    def layers_dir(self) -> Path:
+        """The stores, SAEs and analyses of the tapped layers other than the final one."""
+        return self.run / "layers"
+
+    def layer_dir(self, layer: str) -> Path:
+        return self.layers_dir / layer
+
     # ---------------------------------------------------------------- stores
     @property
     def stores_dir(self) -> Path:
-        return self.run / "stores"
+        return self._tree / "stores"
 
     def store_dir(self, encoder_key: str, split: str) -> Path:
         return self.stores_dir / f"{encoder_key}-{split}"
@@ -212,7 +261,7 @@ class RunLayout:
     # ---------------------------------------------------------------- SAE
     @property
     def sae_dir(self) -> Path:
-        return self.run / "sae"
+        return self._tree / "sae"
 
     @property
     def sae_pipeline_key(self) -> Path:
@@ -221,7 +270,7 @@ class RunLayout:
     # ---------------------------------------------------------------- analyses
     @property
     def analysis_dir(self) -> Path:
-        return self.run / "analysis"
+        return self._tree / "analysis"
 
     def stage_dir(self, name: str) -> Path:
         """analysis/<name>/ of an analysis stage."""

@@ -12,6 +12,7 @@ The run directory's paths are `layout.RunLayout`'s (documented in docs/architect
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
@@ -41,7 +42,16 @@ from .io import (
     write_text_atomic,
     writer_lock,
 )
-from .layout import STAGES, ModelEntry, RunLayout, stage_list_text
+from .layout import (
+    FINAL_LAYER,
+    LAYER_PATTERN,
+    LAYER_STAGES,
+    STAGES,
+    ModelEntry,
+    RunLayout,
+    layer_stage_name,
+    stage_list_text,
+)
 from .layout import stage as stage_spec
 from .runner import Runner, Stage
 
@@ -87,6 +97,11 @@ class ExtractSection:
     # SAE sample); the evaluation stores always keep every patch.
     rank_subsample: float = opt(1.0, gt=0.0, max=1.0)
     eval_split: str = "test"  # split every evaluation uses
+    # Tapped layers (final | stem | blocks.N), each with its own stores, SAE, summaries, probe
+    # and localisation (RUN/layers/<layer>/); intervene, fidelity, separation and atlas read
+    # the final layer only. Here, not under `sae:` (which is `sae train`'s options): the layer
+    # is chosen when features are extracted, and the stores record it.
+    layers: list[str] = field(default_factory=lambda: [FINAL_LAYER])
 
 
 @dataclass
@@ -228,6 +243,7 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         for concept, variants in cfg.models.checkpoints.items()
     }
     _check_section_options(cfg, str(path))
+    _check_layers(cfg.extract, str(path))
     if cfg.models.kind == "checkpoints":
         names = [f"{c}-{v}" for c, v, _ in checkpoint_paths(cfg.models, str(path))]
         if cfg.extract.sae_source.replace("/", "-") not in names:
@@ -246,6 +262,28 @@ def load_pipeline_config(path: str | Path) -> PipelineConfig:
         m.linear_probe = {**PHANTOM_LINEAR_PROBE, **m.linear_probe}
         m.finetune = {**PHANTOM_FINETUNE, **m.finetune}
     return cfg
+
+
+def _check_layers(e: ExtractSection, where: str) -> None:
+    """extract.layers: known tap names, each once, the final layer among them (intervene and
+    fidelity read it); a single tap for the whole run stays `extract.options.layer`."""
+    bad = [layer for layer in e.layers if not LAYER_PATTERN.fullmatch(str(layer))]
+    if bad:
+        raise MammoSaeError(
+            f"{where}: extract.layers: {bad[0]!r} is not a layer; give final, stem or blocks.N"
+        )
+    if len(set(e.layers)) != len(e.layers):
+        raise MammoSaeError(f"{where}: extract.layers lists a layer twice: {e.layers}")
+    if FINAL_LAYER not in e.layers:
+        raise MammoSaeError(
+            f"{where}: extract.layers must include final (intervene, fidelity, separation and "
+            f"atlas read the final layer); got {e.layers}"
+        )
+    if len(e.layers) > 1 and "layer" in e.options:
+        raise MammoSaeError(
+            f"{where}: extract.options.layer and extract.layers both choose layers; list every "
+            "layer in extract.layers"
+        )
 
 
 def checkpoint_paths(models: ModelsSection, where: str = "config") -> list[tuple[str, str, Path]]:
@@ -356,15 +394,46 @@ class Pipeline:
     # ---------------------------------------------------------------- declaration
     def _declare(self) -> None:
         """The stages of `layout.STAGES`, each with the settings its key hashes."""
+        extra = self.extra_layers()
         for spec in STAGES:
+            deps = spec.deps
+            if spec.name == "report":
+                # Each extra layer's stages, before the report that shows them.
+                for layer in extra:
+                    self._declare_layer(layer)
+                deps += tuple(layer_stage_name("localize", layer) for layer in extra)
             self.runner.add(
                 Stage(
                     spec.name,
                     getattr(self, f"stage_{spec.name}"),
                     self._stage_settings(spec.name),
-                    deps=spec.deps,
+                    deps=deps,
                     description=spec.description,
                     outputs=(spec.output,),
+                    transient=TRANSIENT_FILES if spec.resumable else (),
+                )
+            )
+
+    def extra_layers(self) -> list[str]:
+        """The tapped layers other than the final one, in the config's order."""
+        return [layer for layer in self.cfg.extract.layers if layer != FINAL_LAYER]
+
+    def _declare_layer(self, layer: str) -> None:
+        """`<stage>@<layer>` for each of LAYER_STAGES: the final layer's stage with the same
+        settings plus the layer, its dependencies at the same layer (extract's on `models`)."""
+        layout = self.layout.at_layer(layer)
+        for name in LAYER_STAGES:
+            spec = stage_spec(name)
+            self.runner.add(
+                Stage(
+                    layer_stage_name(name, layer),
+                    functools.partial(getattr(self, f"stage_{name}"), layer=layer),
+                    {**self._stage_settings(name), "layer": layer},
+                    deps=tuple(
+                        layer_stage_name(d, layer) if d in LAYER_STAGES else d for d in spec.deps
+                    ),
+                    description=f"{spec.description} ({layer})",
+                    outputs=(layout.stage_output(name),),
                     transient=TRANSIENT_FILES if spec.resumable else (),
                 )
             )
@@ -378,8 +447,11 @@ class Pipeline:
         if name == "models":
             return {"models": to_dict(c.models), "device": c.device}
         if name == "extract":
+            # Which other layers are tapped changes no store of this one: `layers` is left out
+            # (and so runs from before it existed keep their keys).
+            extract = {k: v for k, v in to_dict(c.extract).items() if k != "layers"}
             return {
-                "extract": to_dict(c.extract),
+                "extract": extract,
                 "image_size": c.data.image_size,
                 "level": c.data.level,
             }
@@ -554,9 +626,11 @@ class Pipeline:
         return out
 
     # ---------------------------------------------------------------- extract
-    def store_plan(self) -> list[dict[str, Any]]:
-        """Which stores to extract: (encoder, split, subsample) for the SAE and every analysis."""
+    def store_plan(self, layer: str = FINAL_LAYER) -> list[dict[str, Any]]:
+        """Which stores to extract at `layer`: (encoder, split, subsample) for the SAE and every
+        analysis."""
         e = self.cfg.extract
+        layout = self.layout.at_layer(layer)
         sae_model = e.sae_source.replace("/", "-")
         by_name = {m.name: m for m in self.models()}
         if sae_model not in by_name:
@@ -572,7 +646,7 @@ class Pipeline:
                 "split": e.sae_split,
                 "subsample": e.sae_subsample,
                 "max_images": e.sae_max_images,
-                "out": str(self.layout.sae_train_store),
+                "out": str(layout.sae_train_store),
             }
         ]
         for key, model in self.encoders().items():
@@ -586,17 +660,18 @@ class Pipeline:
                         "split": split,
                         "subsample": subsample,
                         "max_images": None,
-                        "out": str(self.store_dir(key, split)),
+                        "out": str(layout.store_dir(key, split)),
                     }
                 )
         return plan
 
-    def stage_extract(self) -> dict[str, Any]:
+    def stage_extract(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .activations.extract import ExtractConfig, extract
 
         done = []
-        damaged = self.runner.changed_outputs("extract")
-        for item in self.store_plan():
+        layout = self.layout.at_layer(layer)
+        damaged = self.runner.changed_outputs(layer_stage_name("extract", layer))
+        for item in self.store_plan(layer):
             self._drop_if_damaged(Path(item["out"]), damaged)
             fixed: dict[str, Any] = {
                 "data": str(self.data_dir),
@@ -610,10 +685,13 @@ class Pipeline:
             }
             if item["max_images"]:
                 fixed["max_images"] = item["max_images"]
+            if layer != FINAL_LAYER:  # the final layer's call is unchanged (options may set it)
+                fixed["layer"] = layer
             if self.cfg.data.image_size:
                 fixed["image_size"] = self.cfg.data.image_size
             print(
-                f"    store {Path(item['out']).name}: {item['split']} split of {item['encoder_key']}",
+                f"    store {layout.rel(item['out'])}: {item['split']} split of "
+                f"{item['encoder_key']}",
                 flush=True,
             )
             extract(
@@ -622,7 +700,7 @@ class Pipeline:
             )
             done.append(item)
         write_json(
-            self.layout.stores_json,
+            layout.stores_json,
             {
                 "schema_version": 1,
                 "stores": [
@@ -652,28 +730,32 @@ class Pipeline:
                 _empty_folder(store_dir)
 
     # ---------------------------------------------------------------- sae
-    def sae_train_config(self) -> Any:
-        """`sae train`'s config: the `sae:` section over the pipeline's fixed values."""
+    def sae_train_config(self, layer: str = FINAL_LAYER) -> Any:
+        """`sae train`'s config at `layer`: the `sae:` section over the pipeline's fixed values
+        (the same section for every layer)."""
         from .sae.train import TrainConfig as SaeTrainConfig
 
+        layout = self.layout.at_layer(layer)
         # `resume` is the pipeline's to decide (stage_sae): a user value is refused as "set by
         # the pipeline".
         return build_options(
             SaeTrainConfig,
             self.cfg.sae,
             "sae",
-            store=str(self.layout.sae_train_store),
+            store=str(layout.sae_train_store),
             resume=False,
-            out=str(self.sae_dir),
+            out=str(layout.sae_dir),
             device=self.cfg.device,
             progress=self.progress,
         )
 
-    def stage_sae(self) -> dict[str, Any]:
+    def stage_sae(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .activations.store import ActivationStore
         from .sae.train import STATE_FILE, train_sae
 
-        cfg = self.sae_train_config()
+        layout = self.layout.at_layer(layer)
+        sae_dir = layout.sae_dir
+        cfg = self.sae_train_config(layer)
         store = Path(str(cfg.store))
         # Same settings and data as an unfinished attempt: resume it (a crash costs nothing).
         # Anything else: the old SAE is stale, and the stage starts over. The key leaves out the
@@ -681,26 +763,29 @@ class Pipeline:
         key = sha256_json(
             {"settings": result_settings(cfg), "store": ActivationStore(store).manifest_sha256}
         )
-        marker = self.layout.sae_pipeline_key
-        with writer_lock(self.sae_dir):  # a foreign `sae train` there must not lose its files
-            if (self.sae_dir / STATE_FILE).exists():
+        marker = layout.sae_pipeline_key
+        with writer_lock(sae_dir):  # a foreign `sae train` there must not lose its files
+            if (sae_dir / STATE_FILE).exists():
                 same = marker.exists() and read_json(marker).get("key") == key
                 if not same:
-                    _empty_folder(self.sae_dir)
+                    _empty_folder(sae_dir)
                 cfg.resume = same
             write_json(marker, {"schema_version": 1, "key": key})
             train_sae(cfg)
-        return {"sae": self.rel(self.sae_dir)}
+        return {"sae": self.rel(sae_dir)}
 
     # ---------------------------------------------------------------- analyses
     def _analysis(self, name: str) -> Path:
         return self.layout.stage_dir(name)
 
-    def _opts(self, cls: type, stage: str, where: str, **fixed: Any) -> Any:
-        """A command config from the pipeline's values and the user's `analysis.<stage>` overrides."""
+    def _opts(
+        self, cls: type, stage: str, where: str, layer: str = FINAL_LAYER, **fixed: Any
+    ) -> Any:
+        """A command config from the pipeline's values and the user's `analysis.<stage>` overrides
+        (the same for every layer; the summaries cache is the layer's)."""
         common = {
             "device": self.cfg.device,
-            "cache_dir": str(self._analysis("summaries")),
+            "cache_dir": str(self.layout.at_layer(layer).stage_dir("summaries")),
             "progress": self.progress,
         }
         names = {f.name for f in dataclasses.fields(cls)}
@@ -713,38 +798,42 @@ class Pipeline:
             )
         return build_options(cls, overrides, where, **fixed)
 
-    def stage_summaries(self) -> dict[str, Any]:
+    def stage_summaries(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .analysis.commands import SummarizeConfig, run_summarize
 
+        layout = self.layout.at_layer(layer)
         done = []
         for key in self.encoders():
             for split in dict.fromkeys((self.cfg.extract.rank_split, self.cfg.extract.eval_split)):
-                store = self.store_dir(key, split)
+                store = layout.store_dir(key, split)
                 run_summarize(
                     self._opts(
                         SummarizeConfig,
                         "summaries",
                         "analysis.summaries",
+                        layer,
                         store=str(store),
-                        sae=str(self.sae_dir),
+                        sae=str(layout.sae_dir),
                     )
                 )
                 done.append(store.name)
         return {"stores": done}
 
-    def stage_probe(self) -> dict[str, Any]:
+    def stage_probe(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .analysis.commands import ProbeConfig, run_probe
 
+        layout = self.layout.at_layer(layer)
         out = {}
         for m in self.models():
-            target = self.layout.model_analysis_dir("probe", m.name)
+            target = layout.model_analysis_dir("probe", m.name)
             run_probe(
                 self._opts(
                     ProbeConfig,
                     "probe",
                     "analysis.probe",
-                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
-                    sae=str(self.sae_dir),
+                    layer,
+                    store=str(layout.store_dir(m.encoder_key, self.cfg.extract.rank_split)),
+                    sae=str(layout.sae_dir),
                     concept=m.concept,
                     out=str(target),
                     split=self.cfg.extract.rank_split,
@@ -803,27 +892,36 @@ class Pipeline:
         )
         return {"fidelity": self.rel(target)}
 
-    def stage_localize(self) -> dict[str, Any]:
+    def stage_localize(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .analysis.localize_commands import LocalizeConfig, run_localize
 
+        layout = self.layout.at_layer(layer)
+        e = self.cfg.extract
         out = {}
         for m in self.models():
-            target = self.layout.model_analysis_dir("localize", m.name)
+            target = layout.model_analysis_dir("localize", m.name)
             # The probe folder: the localize section's own `score` picks the ranking in it.
-            ranking = self.layout.model_analysis_dir("probe", m.name)
+            ranking = layout.model_analysis_dir("probe", m.name)
+            fixed: dict[str, Any] = {
+                "store": str(layout.store_dir(m.encoder_key, e.eval_split)),
+                "sae": str(layout.sae_dir),
+                "concept": m.concept,
+                "split": e.eval_split,
+            }
+            # The classifier-map baseline applies the head to the final map: final layer only.
+            if layer == FINAL_LAYER:
+                fixed["classifier"] = m.classifier
+            name = m.name if layer == FINAL_LAYER else f"{m.name}@{layer}"
             run_localize(
                 self._opts(
                     LocalizeConfig,
                     "localize",
                     "analysis.localize",
-                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                    sae=str(self.sae_dir),
-                    concept=m.concept,
+                    layer,
+                    **fixed,
                     out=str(target),
                     ranking=str(ranking),
-                    split=self.cfg.extract.eval_split,
-                    classifier=m.classifier,
-                    label=m.name,
+                    label=name,
                 )
             )
             out[m.name] = self.rel(target)
@@ -834,18 +932,13 @@ class Pipeline:
                         LocalizeConfig,
                         "localize",
                         "analysis.localize",
-                        store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                        sae=str(self.sae_dir),
-                        concept=m.concept,
-                        out=str(self.layout.pointing_dir(m.name)),
+                        layer,
+                        **fixed,
+                        out=str(layout.pointing_dir(m.name)),
                         select="pointing",
-                        select_split=self.cfg.extract.rank_split,
-                        select_store=str(
-                            self.store_dir(m.encoder_key, self.cfg.extract.rank_split)
-                        ),
-                        split=self.cfg.extract.eval_split,
-                        classifier=m.classifier,
-                        label=f"{m.name}/pointing",
+                        select_split=e.rank_split,
+                        select_store=str(layout.store_dir(m.encoder_key, e.rank_split)),
+                        label=f"{name}/pointing",
                     )
                 )
         return out

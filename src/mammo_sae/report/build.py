@@ -33,7 +33,7 @@ from ..io import (
     write_text_atomic,
     writer_lock,
 )
-from ..layout import STAGE_NAMES, ModelEntry, RunLayout, split_model_name
+from ..layout import FINAL_LAYER, STAGE_NAMES, ModelEntry, RunLayout, split_model_name
 from . import html as H
 from .figures import nice_ks, plot_training_curves
 
@@ -280,6 +280,15 @@ class ReportBuilder:
                 "localize",
                 H.Section("localize", "Figure 3 · Table 2 · Localisation"),
                 self.section_localize,
+            ),
+            *(
+                [
+                    self.guarded(
+                        "layers", H.Section("layers", "Table 2 by layer"), self.section_layers
+                    )
+                ]
+                if self.tapped_layers()
+                else []
             ),
             self.guarded(
                 "separation",
@@ -736,14 +745,14 @@ class ReportBuilder:
         links = [self.source_link(p) for p in paths if p.is_file()]
         return f'<p class="note">Data behind this table: {", ".join(links)}</p>' if links else ""
 
-    def section_localize(self, s: H.Section) -> None:
+    def read_table2(
+        self, root: Path
+    ) -> tuple[list[Path], dict[str, dict[str, Any]], dict[str, Any]]:
+        """The localization.json files under a localize folder (models.json order), their rows
+        by label (`<model>` or `<model>/pointing`) and their settings records."""
         from ..analysis.localize import LocalizationSettings
 
-        root = self.layout.stage_dir("localize")
         files = sorted(root.rglob("localization.json")) if root.is_dir() else []
-        if not files:
-            s.add(H.note("not run: no analysis/localize/*/localization.json (localize stage)"))
-            return
         order = {m.name: i for i, m in enumerate(self.models)}
         files.sort(
             key=lambda p: (order.get(p.parent.relative_to(root).parts[0], len(order)), str(p))
@@ -766,7 +775,14 @@ class ReportBuilder:
                 "latents": rows,
                 "baselines": baselines if isinstance(baselines, Mapping) else {},
             }
-        self.data["table2"] = by_model
+        return files, by_model, records
+
+    @staticmethod
+    def table2_rows(
+        by_model: Mapping[str, Mapping[str, Any]], *, links: bool = True
+    ) -> tuple[list[list[str]], list[str]]:
+        """Table 2's rows (AP (#latent) per rank, then the baselines) and headers; `links`: each
+        cell links to its latent's page (the final layer's SAE has the pages)."""
         ranks = sorted({int(_num(r.get("rank"))) for e in by_model.values() for r in e["latents"]})
         base_names = [
             b for b in BASELINE_COLUMNS if any(b in e["baselines"] for e in by_model.values())
@@ -777,16 +793,24 @@ class ReportBuilder:
             row = [H.esc(label)]
             for k in ranks:  # every cell links to its latent's page (all Table-2 latents get one)
                 r = cells.get(k)
-                row.append(
-                    H.link(
-                        f"latents/{int(r['latent'])}.html",
-                        f"{_num(r.get('ap')):.3f} (#{int(r['latent'])})",
-                    )
-                    if r
-                    else ""
-                )
+                text = f"{_num(r.get('ap')):.3f} (#{int(r['latent'])})" if r else ""
+                linked = r is not None and links
+                row.append(H.link(f"latents/{int(r['latent'])}.html", text) if linked else text)
             row += [H.esc(H.fmt(_num(entry["baselines"].get(b, {}).get("ap")))) for b in base_names]
             table.append(row)
+        headers = (
+            ["setting"] + [f"rank {k}" for k in ranks] + [BASELINE_COLUMNS[b] for b in base_names]
+        )
+        return table, headers
+
+    def section_localize(self, s: H.Section) -> None:
+        root = self.layout.stage_dir("localize")
+        files, by_model, records = self.read_table2(root)
+        if not files:
+            s.add(H.note("not run: no analysis/localize/*/localization.json (localize stage)"))
+            return
+        self.data["table2"] = by_model
+        table, headers = self.table2_rows(by_model)
         first = next(iter(records.values()))
         s.add(
             H.note(
@@ -809,9 +833,6 @@ class ReportBuilder:
                 "its logit); oracle = one box per finding centred on the truth with the median size "
                 "of the latents' predicted boxes, the best any latent can do with boxes that size."
             )
-        )
-        headers = (
-            ["setting"] + [f"rank {k}" for k in ranks] + [BASELINE_COLUMNS[b] for b in base_names]
         )
         s.add("<h3>Table 2 · AP per latent</h3>")
         s.add(H.html_table(table, headers, left=1))
@@ -841,6 +862,59 @@ class ReportBuilder:
                 shown += 1
         if not shown:
             s.add(H.note("no Figure-3 grids were written (localize figure_images = 0?)"))
+
+    # ------------------------------------------------------------------ Table 2 by layer
+    def tapped_layers(self) -> list[str]:
+        """The run's tapped layers other than the final one that have a folder
+        (RUN/layers/<layer>/): those the config lists (extract.layers), in its order (a layer
+        dropped from the config leaves its folder behind: not shown); every folder by name
+        when the config names no layers."""
+        root = self.layout.layers_dir
+        found = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+        extract = self.config.get("extract") if isinstance(self.config, Mapping) else None
+        listed = extract.get("layers") if isinstance(extract, Mapping) else None
+        if not isinstance(listed, list):
+            return found
+        return [str(x) for x in listed if str(x) in found]
+
+    def section_layers(self, s: H.Section) -> None:
+        """Table 2 of every tapped layer, rows labelled `<model> @ <layer>`, after the final
+        layer's own rows for comparison."""
+        layers = self.tapped_layers()
+        s.add(
+            H.note(
+                "Each tapped layer (config extract.layers) has its own stores, SAE, summaries, "
+                "probe ranking and localisation (RUN/layers/<layer>/), scored as in Table 2 above "
+                "(same settings; cells are placed at that layer's receptive-field centres). At "
+                "layers other than the final one only the probe and the localisation run: "
+                "interventions, fidelity, separation, the atlas and the latent pages read the "
+                "final layer's SAE (the classifier head reads the final map; running the rest "
+                "of the network on a reconstructed map is not done yet), and those layers have "
+                "no classifier-map baseline. Latent numbers are of that layer's SAE (no pages)."
+            )
+        )
+        by_label: dict[str, dict[str, Any]] = {}
+        per_layer: dict[str, dict[str, Any]] = {}
+        files: list[Path] = []
+        for layer in [FINAL_LAYER, *layers]:
+            root = self.layout.at_layer(layer).stage_dir("localize")
+            found, by_model, _ = self.read_table2(root)
+            if layer != FINAL_LAYER:
+                per_layer[layer] = by_model
+                files += found
+                if not found:
+                    where = self.layout.rel(root)
+                    s.add(H.note(f"{layer}: not run (no {where}/*/localization.json)"))
+            for label, entry in by_model.items():
+                model, _, rest = label.partition("/")
+                by_label[f"{model} @ {layer}" + (f"/{rest}" if rest else "")] = entry
+        self.data["table2_layers"] = per_layer
+        if not per_layer or not by_label:
+            return
+        table, headers = self.table2_rows(by_label, links=False)
+        s.add("<h3>Table 2 by layer · AP per latent</h3>")
+        s.add(H.html_table(table, headers, left=1))
+        s.add(self.sources_note(files))
 
     # ------------------------------------------------------------------ Figures 4/5
     def section_separation(self, s: H.Section) -> None:
