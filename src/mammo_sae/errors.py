@@ -27,3 +27,8 @@ class StoreError(MammoSaeError):
 def choices_message(kind: str, value: object, valid: list[str] | tuple[str, ...]) -> str:
     """`unknown concept 'Foo'; valid: Mass, ...` — used wherever a name is looked up."""
     return f"unknown {kind} {value!r}; valid: {', '.join(map(str, valid))}"
+
+
+# Problems with a run's files that make one report section (or latent-page part) fail without
+# stopping the report: it shows a note there instead.
+SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, IndexError)

@@ -372,8 +372,7 @@ def run_model(
     """(classifier, SAE, class top-10 latents, facts) of a `mammo-sae run` directory's model."""
     from ..io import read_json
     from ..layout import ModelEntry, RunLayout
-    from ..report.build import PROBE_SCORES
-    from .probe import read_ranking
+    from .probe import RANKING_PREFERENCE, ranking_file_name, read_ranking
 
     layout = RunLayout(run)
     models_json = layout.models_json
@@ -391,8 +390,8 @@ def run_model(
         raise MammoSaeError(f"no SAE checkpoint (cfg.json) under {layout.sae_dir}")
     class_top: dict[str, list[int]] = {}
     probe = layout.model_analysis_dir("probe", model_name)
-    for score in PROBE_SCORES:
-        files = {cls: probe / f"ranking_class={cls}_{score}.json" for cls in ("0", "1")}
+    for score in RANKING_PREFERENCE:
+        files = {cls: probe / ranking_file_name(int(cls), score) for cls in ("0", "1")}
         if all(f.is_file() for f in files.values()):
             class_top = {cls: read_ranking(f)[0][:10] for cls, f in files.items()}
             break

@@ -155,6 +155,11 @@ def read_ranking(path: str | Path, top: int | None = None) -> tuple[list[int], l
     return idx[:top], importance[:top]
 
 
+# Which ranking a reader of a finished run takes when several were written, in order (the
+# released files' `centered` first).
+RANKING_PREFERENCE = ("centered", "mean", "auroc")
+
+
 def ranking_file_name(cls: int, score: str) -> str:
     return f"ranking_class={cls}_{score}.json"
 

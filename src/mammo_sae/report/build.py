@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..analysis.figures import MODES, Curve, plot_topk_grid
+from ..analysis.probe import RANKING_PREFERENCE, ranking_file_name
 from ..analysis.results import FidelityRecord, FidelityResult, InterveneRecord
-from ..errors import MammoSaeError
+from ..errors import SECTION_ERRORS, MammoSaeError
 from ..io import (
     atomic_path,
     read_json,
@@ -38,9 +39,6 @@ from . import html as H
 from .figures import nice_ks, plot_training_curves
 
 SCHEMA_VERSION = 1
-# Problems with a run's files that make one section fail without stopping the report.
-SECTION_ERRORS = (MammoSaeError, OSError, KeyError, ValueError, TypeError, IndexError)
-PROBE_SCORES = ("centered", "mean", "auroc")
 BASELINE_COLUMNS = {
     "chance": "chance",
     "classifier_map": "classifier map",
@@ -1139,8 +1137,8 @@ class ReportBuilder:
         for folder in self.model_dirs("probe"):
             if folder.name in localised:
                 continue
-            for score in PROBE_SCORES:
-                path = folder / f"ranking_class=1_{score}.json"
+            for score in RANKING_PREFERENCE:
+                path = folder / ranking_file_name(1, score)
                 if path.is_file():
                     from ..analysis.probe import read_ranking
 

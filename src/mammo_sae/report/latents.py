@@ -268,7 +268,7 @@ class LatentPages:
         return out
 
     def guarded(self, j: int, part: str, section: H.Section, fill: Any) -> None:
-        from .build import SECTION_ERRORS
+        from ..errors import SECTION_ERRORS
 
         try:
             fill(section)
@@ -563,7 +563,7 @@ class LatentPages:
         )
 
     def fill_logit(self, j: int, s: H.Section, info: dict[str, Any]) -> None:
-        from .build import SECTION_ERRORS
+        from ..errors import SECTION_ERRORS
 
         rows_out, problems = [], []
         for m in self.report.models:
