@@ -90,16 +90,21 @@ def ranking_of(work: Path, store: Path, sae: Path, concept: str, name: str) -> P
 
 def study_cell(
     work: Path, run: Path, model: dict[str, Any], layer: str, seed: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Rows (families x selections) and ceilings of one model x layer x seed, cached."""
+) -> dict[str, Any] | None:
+    """Rows (families x selections) and ceilings of one model x layer x seed, cached (None:
+    not cached and --cached-only)."""
+    # Stores and SAEs belong to the encoder (the two linear probes share one); rankings and
+    # scores to the model (its concept).
     name = f"{model['encoder_key']}-{layer}"
-    cache = work / "study" / f"{name}{_tag(args)}-s{seed}-iou{args.iou:g}.json"
+    tag = f"{model['name']}-{layer}{_tag(args)}-s{seed}"
+    cache = work / "study" / f"{tag}-iou{args.iou:g}.json"
     if cache.exists():
         return json.loads(cache.read_text())
+    if args.cached_only:
+        return None
     train_dir = store_of(work, run, model, layer, "training")
     test_dir = store_of(work, run, model, layer, "test")
     sae_dir = sae_of(work, train_dir, name, seed, args)
-    tag = f"{name}{_tag(args)}-s{seed}"
     ranking = ranking_of(work, train_dir, sae_dir, model["concept"], tag)
     t0 = time.perf_counter()
     sae = load_sae(sae_dir).eval()
@@ -160,8 +165,8 @@ def format_table(cells: list[dict[str, Any]], layers: list[str], iou: float) -> 
                 out.append(line)
     out.append("\nper model x layer: SAE (mean over seeds), pointing and ceilings")
     out.append(
-        f"{'model':<36}{'layer':>9}{'d':>5}{'n':>3}{'fvu':>7}{'l0':>7}"
-        f"{'pt(train-ch.)':>15}{'pt ceiling':>12}{'AP ceiling':>12}  ceiling rule"
+        f"{'model':<36}{'layer':>9}{'d':>5}{'n':>3}{'fvu':>7}{'l0':>8}"
+        f"{'pt(train-ch.)':>19}{'pt ceiling':>19}{'AP ceiling':>19}  ceiling rule"
     )
     for model in models:
         for layer in layers:
@@ -178,10 +183,10 @@ def format_table(cells: list[dict[str, Any]], layers: list[str], iou: float) -> 
             out.append(
                 f"{model:<36}{layer:>9}{got[0]['d'] or 0:>5}{len(got):>3}"
                 f"{np.mean([c['sae']['fvu'] or np.nan for c in got]):>7.3f}"
-                f"{np.mean([c['sae']['l0'] or np.nan for c in got]):>7.1f}"
-                f"{_spread(pts):>15}"
-                f"{_spread([c['oracle_pointing']['test_pointing'] for c in got]):>12}"
-                f"{_spread([c['oracle_ap']['test_ap'] for c in got]):>12}"
+                f"{np.mean([c['sae']['l0'] or np.nan for c in got]):>8.1f}"
+                f"{_spread(pts):>19}"
+                f"{_spread([c['oracle_pointing']['test_pointing'] for c in got]):>19}"
+                f"{_spread([c['oracle_ap']['test_ap'] for c in got]):>19}"
                 f"  {best['family']} {best['param']}"
             )
     out.append(
@@ -212,6 +217,9 @@ def main() -> None:
     ap.add_argument("--l1-coeff", type=float, default=L1, help="SAE L1 (demo: 3e-5)")
     ap.add_argument("--extra", type=int, default=10, help="best-test-pointing latents (ceiling)")
     ap.add_argument("--iou", type=float, default=0.25)
+    ap.add_argument(
+        "--cached-only", action="store_true", help="tabulate the cached cells, compute nothing"
+    )
     ap.add_argument("--n-boot", type=int, default=300)
     ap.add_argument(
         "--out",
@@ -231,15 +239,17 @@ def main() -> None:
         raise SystemExit(f"unknown model(s) {unknown}; the run has {sorted(models)}")
     t0 = time.perf_counter()
     cells = [
-        study_cell(args.work, args.run, models[m], layer, seed, args)
+        cell
         for m in args.models
         for layer in args.layers
         for seed in args.seeds
+        if (cell := study_cell(args.work, args.run, models[m], layer, seed, args)) is not None
     ]
+    seeds = sorted({c["seed"] for c in cells})
     text = (
         f"localisation by layer: test AP@IoU {args.iou:g} (benchmarks/localization_layers.py on "
         f"{args.run}; SAEs relu-l1 x{args.expansion}, L1 {args.l1_coeff:g}, "
-        f"{args.epochs} epochs, seeds {args.seeds}; "
+        f"{args.epochs} epochs, seeds {seeds} (n per cell below); "
         f"2-core CPU, {time.perf_counter() - t0:.0f} s this call)\n"
         + format_table(cells, args.layers, args.iou)
     )
