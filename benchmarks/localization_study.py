@@ -35,11 +35,11 @@ from mammo_sae.analysis.localize import (
     image_detections,
     parse_threshold,
     pointing_scores,
-    read_ranking,
     select_images,
     unique_boxes,
 )
 from mammo_sae.analysis.maps import heatmap_centres, iter_latent_maps
+from mammo_sae.analysis.probe import read_ranking
 from mammo_sae.sae.checkpoints import load_sae
 
 CONCEPTS = ("Mass", "Suspicious_Calcification")
@@ -150,15 +150,40 @@ def bootstrap(
 def study_model(
     run: Path, sae: Any, model: dict[str, Any], iou: float, n_boot: int, seed: int
 ) -> list[dict[str, Any]]:
-    concept, key, name = model["concept"], model["encoder_key"], model["name"]
-    train = ActivationStore(run / "stores" / f"{key}-training")
-    test = ActivationStore(run / "stores" / f"{key}-test")
-    ranking = read_ranking(
-        run / "analysis" / "probe" / name / "ranking_class=1_centered.json", TOP
+    key, name = model["encoder_key"], model["name"]
+    return study_stores(
+        ActivationStore(run / "stores" / f"{key}-training"),
+        ActivationStore(run / "stores" / f"{key}-test"),
+        sae,
+        model["concept"],
+        run / "analysis" / "probe" / name / "ranking_class=1_centered.json",
+        iou,
+        n_boot,
+        seed,
+        {"run": run.name, "model": name},
     )[0]
+
+
+def study_stores(
+    train: ActivationStore,
+    test: ActivationStore,
+    sae: Any,
+    concept: str,
+    ranking_path: Path,
+    iou: float,
+    n_boot: int,
+    seed: int,
+    labels: dict[str, Any],
+    extra: list[int] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every family x selection on one model's training/test stores (rows start with `labels`).
+    `extra` latents are scored on test too but never chosen from: the second return value holds
+    `oracle`, the best TEST AP of any scored latent under any rule (a ceiling, not a result)."""
+    ranking = read_ranking(ranking_path, TOP)[0]
     lat, score, _ = pointing_scores(train, sae, concept, split="training", progress=False)
     pointing = [int(lat[k]) for k in np.lexsort((lat, -score))[:TOP]]
-    cand = list(dict.fromkeys(ranking + pointing))
+    cand = list(dict.fromkeys(ranking + pointing + list(extra or [])))
+    oracle: dict[str, Any] = {"test_ap": -1.0, "n_latents": len(cand)}
     selections = {
         "ranking": [cand.index(j) for j in ranking],
         "pointing": [cand.index(j) for j in pointing],
@@ -179,6 +204,11 @@ def study_model(
             dets = tr.detections(rule, size)
             train_ap[r] = [ap_of(dets, j, tr.gts, iou) for j in range(len(cand))]
             test_dets.append(te.detections(rule, size))
+            if family != RESIZED:  # the diagnostic is not a box rule the command has
+                for j in range(len(cand)):
+                    a = ap_of(test_dets[r], j, te.gts, iou)
+                    if a > oracle["test_ap"]:
+                        oracle.update(test_ap=a, latent=cand[j], family=family, param=_param(rule))
         for sel, cols in selections.items():
             sub = train_ap[:, cols]
             r, c = np.unravel_index(int(np.argmax(sub)), sub.shape)  # first best: stable
@@ -188,8 +218,7 @@ def study_model(
             lo, hi = bootstrap(test_dets[r], j, te.gts, iou, n_boot, np.random.default_rng(seed))
             rows.append(
                 {
-                    "run": run.name,
-                    "model": name,
+                    **labels,
                     "selection": sel,
                     "family": family,
                     "param": _param(rule),
@@ -204,7 +233,7 @@ def study_model(
                     "test_best_of_10": max(ap_of(test_dets[r], k, te.gts, iou) for k in cols),
                 }
             )
-    return rows
+    return rows, oracle
 
 
 def _param(rule: BoxRule) -> str:

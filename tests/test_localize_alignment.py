@@ -127,3 +127,25 @@ def test_upsample_between_centres_is_linear_and_constant_outside() -> None:
     assert (np.diff(heat[31:64, 0]) > 0).all()
     with pytest.raises(MammoSaeError, match="3 cell centres"):
         upsample(np.zeros((2, 1)), (96, 40), (np.array([1.0, 2.0, 3.0]), np.array([1.0])))
+
+
+@pytest.mark.parametrize("layer", ["stem", "blocks.0", "blocks.2", "blocks.4", "blocks.6"])
+def test_receptive_field_centres_of_earlier_layers(layer: str) -> None:
+    """Stores extracted at `stem` or `blocks.N` (the localisation-by-layer study) place each
+    cell at its receptive-field centre too: the delta network's gradient from that layer's map
+    lands exactly on the centres the table gives for that layer (and its grid is the layer's)."""
+    size = (100, 70)
+    enc = _delta_encoder("efficientnet-phantom")
+    rows, cols = enc.receptive_field_centres(*size, layer)
+    assert (len(rows), len(cols)) == enc.output_hw(*size, layer)
+    x = torch.full((1, 3, *size), 0.3, requires_grad=True)
+    enc.forward_features(x, [layer])[layer].sum().backward()
+    src = torch.nonzero(x.grad[0].abs().sum(0)).numpy()
+    inside = [(r, c) for r in rows for c in cols if r < size[0] and c < size[1]]
+    assert sorted(map(tuple, src.tolist())) == sorted(inside)
+    # The store's manifest names the layer: its centres, not the final layer's, are used.
+    grid = (len(rows), len(cols))
+    got = heatmap_centres(_Store("efficientnet-phantom", layer), size, grid)
+    assert got is not None
+    np.testing.assert_array_equal(got[0], rows)
+    np.testing.assert_array_equal(got[1], cols)
