@@ -82,3 +82,50 @@ def train_mass_linear_probe(data: Path, root: Path, *extra: str) -> Path:
     args += ["--out", str(root / "clf"), "--device", "cpu", "--no-progress", *extra]
     assert main(args) == 0
     return root / "clf" / "model"
+
+
+def write_checkpoint_config(
+    path: Path,
+    data: Path,
+    checkpoints: dict,
+    *,
+    name: str = "one-model",
+    pointing: bool = False,
+    extract: dict | None = None,
+    **extra: object,
+) -> Path:
+    """A tiny `mammo-sae run` config over given checkpoints ({Concept: {variant: path}}) and a
+    Mammo-CLIP-layout data folder: 128x80 images, a 1x SAE for 2 epochs, few bootstrap draws;
+    `extract` adds extract-section keys (e.g. layers), `extra` top-level sections."""
+    import yaml
+
+    cfg = {
+        "name": name,
+        "device": "cpu",
+        "data": {"kind": "folds", "path": str(data), "image_size": [128, 80]},
+        "models": {
+            "kind": "checkpoints",
+            "concepts": list(checkpoints),
+            "checkpoints": checkpoints,
+            "eval": {"n_boot": 10},
+        },
+        "extract": {"options": {"workers": 0}, "sae_source": "Mass/finetuned", **(extract or {})},
+        "sae": {
+            "expansion": 1,
+            "epochs": 2,
+            "batch_size": 256,
+            "resample_every": 0,
+            "eval_patches": 256,
+            "measure_matmul": False,
+            "log_every": 1,
+        },
+        "analysis": {
+            "intervene": {"n_boot": 10, "ks": [0, 1, 5]},
+            "fidelity": {"n_boot": 10},
+            "localize": {"figure_images": 1, "top": 3},
+            "localize_pointing": pointing,
+        },
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import train_mass_linear_probe
+from conftest import train_mass_linear_probe, write_checkpoint_config
 
 from mammo_sae.cli import main
 from mammo_sae.errors import MammoSaeError
@@ -33,39 +33,6 @@ def classifier(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return train_mass_linear_probe(tiny_phantom, root, "--epochs", "2", "--image-size", "128x80")
 
 
-def write_config(path: Path, data: Path, checkpoints: dict, **extra: object) -> Path:
-    cfg = {
-        "name": "one-model",
-        "device": "cpu",
-        "data": {"kind": "folds", "path": str(data), "image_size": [128, 80]},
-        "models": {
-            "kind": "checkpoints",
-            "concepts": list(checkpoints),
-            "checkpoints": checkpoints,
-            "eval": {"n_boot": 10},
-        },
-        "extract": {"options": {"workers": 0}, "sae_source": "Mass/finetuned"},
-        "sae": {
-            "expansion": 1,
-            "epochs": 2,
-            "batch_size": 256,
-            "resample_every": 0,
-            "eval_patches": 256,
-            "measure_matmul": False,
-            "log_every": 1,
-        },
-        "analysis": {
-            "intervene": {"n_boot": 10, "ks": [0, 1, 5]},
-            "fidelity": {"n_boot": 10},
-            "localize": {"figure_images": 1, "top": 3},
-            "localize_pointing": False,
-        },
-        **extra,
-    }
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
-
-
 @pytest.fixture(scope="module")
 def one_model_run(
     classifier: Path, tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory
@@ -73,7 +40,7 @@ def one_model_run(
     root = tmp_path_factory.mktemp("one_model_run")
     copy = root / "calc_copy"
     shutil.copytree(classifier, copy)  # another path, the same bytes
-    config = write_config(
+    config = write_checkpoint_config(
         root / "one.yaml",
         tiny_phantom,
         {
@@ -125,15 +92,17 @@ def test_resolved_config_shows_no_phantom_arch(one_model_run: Path) -> None:
 def test_config_errors_name_the_checkpoint(tiny_phantom: Path, tmp_path: Path) -> None:
     ckpt = {"Mass": {"finetuned": "a.pth"}}
     with pytest.raises(MammoSaeError, match=r"models.checkpoints.Mass is missing"):
-        load_pipeline_config(write_config(tmp_path / "a.yaml", tiny_phantom, {"Mass": {}}))
+        load_pipeline_config(
+            write_checkpoint_config(tmp_path / "a.yaml", tiny_phantom, {"Mass": {}})
+        )
     with pytest.raises(MammoSaeError, match=r"names \['Calc'\], which models.concepts"):
-        cfg = write_config(tmp_path / "b.yaml", tiny_phantom, ckpt)
+        cfg = write_checkpoint_config(tmp_path / "b.yaml", tiny_phantom, ckpt)
         data = yaml.safe_load(cfg.read_text())
         data["models"]["checkpoints"]["Calc"] = {"finetuned": "b.pth"}
         cfg.write_text(yaml.safe_dump(data))
         load_pipeline_config(cfg)
     with pytest.raises(MammoSaeError, match=r"sae_source 'Suspicious_Calcification/finetuned'"):
-        cfg = write_config(tmp_path / "c.yaml", tiny_phantom, ckpt)
+        cfg = write_checkpoint_config(tmp_path / "c.yaml", tiny_phantom, ckpt)
         data = yaml.safe_load(cfg.read_text())
         del data["extract"]["sae_source"]
         cfg.write_text(yaml.safe_dump(data))
@@ -143,7 +112,7 @@ def test_config_errors_name_the_checkpoint(tiny_phantom: Path, tmp_path: Path) -
 def test_dry_run_checks_every_checkpoint_header(
     classifier: Path, tiny_phantom: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    good = write_config(
+    good = write_checkpoint_config(
         tmp_path / "good.yaml", tiny_phantom, {"Mass": {"finetuned": str(classifier)}}
     )
     run_pipeline(RunConfig(config=good, out=tmp_path / "run", dry_run=True, progress=False))
@@ -157,7 +126,9 @@ def test_dry_run_checks_every_checkpoint_header(
         (tmp_path / "absent.pth", "a model checkpoint not found"),
         (junk, "not a torch checkpoint"),
     ):
-        cfg = write_config(tmp_path / "bad.yaml", tiny_phantom, {"Mass": {"finetuned": str(path)}})
+        cfg = write_checkpoint_config(
+            tmp_path / "bad.yaml", tiny_phantom, {"Mass": {"finetuned": str(path)}}
+        )
         with pytest.raises(MammoSaeError, match=f"models.checkpoints.Mass.finetuned: .*{message}"):
             run_pipeline(RunConfig(config=cfg, out=tmp_path / "run2", dry_run=True, progress=False))
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import train_mass_linear_probe
+from conftest import train_mass_linear_probe, write_checkpoint_config
 
 from mammo_sae.errors import MammoSaeError
 from mammo_sae.layout import LAYER_STAGES, STAGE_NAMES, RunLayout
@@ -89,36 +89,11 @@ def test_bad_layer_lists_are_refused_naming_the_problem(
 
 
 def _tiny_config(path: Path, data: Path, classifier: Path, layers: list[str] | None) -> Path:
-    cfg: dict = {
-        "name": "layers",
-        "device": "cpu",
-        "data": {"kind": "folds", "path": str(data), "image_size": [128, 80]},
-        "models": {
-            "kind": "checkpoints",
-            "concepts": ["Mass"],
-            "checkpoints": {"Mass": {"finetuned": str(classifier)}},
-            "eval": {"n_boot": 10},
-        },
-        "extract": {"options": {"workers": 0}, "sae_source": "Mass/finetuned"},
-        "sae": {
-            "expansion": 1,
-            "epochs": 2,
-            "batch_size": 256,
-            "resample_every": 0,
-            "eval_patches": 256,
-            "measure_matmul": False,
-            "log_every": 1,
-        },
-        "analysis": {
-            "intervene": {"n_boot": 10, "ks": [0, 1, 5]},
-            "fidelity": {"n_boot": 10},
-            "localize": {"figure_images": 1, "top": 3},
-        },
-    }
-    if layers is not None:
-        cfg["extract"]["layers"] = layers
-    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
-    return path
+    extract = {} if layers is None else {"layers": layers}
+    checkpoints = {"Mass": {"finetuned": str(classifier)}}
+    return write_checkpoint_config(
+        path, data, checkpoints, name="layers", pointing=True, extract=extract
+    )
 
 
 @pytest.fixture(scope="module")
