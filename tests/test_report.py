@@ -707,3 +707,24 @@ def test_report_renders_in_headless_chromium(report_run: tuple[Path, Path], tmp_
     subprocess.run(cmd, check=True, capture_output=True, timeout=60)
     pixels = np.asarray(Image.open(page_shot).convert("L"), dtype=np.float64)
     assert pixels.std() > 10.0, "the latent page renders blank"
+
+
+def test_resampling_events_are_marked_where_the_count_grew(tmp_path: Path) -> None:
+    """A dotted line per logged step whose cumulative `n_resamples` grew since the previous
+    entry; none for a log that does not count resamplings."""
+    from mammo_sae.report.figures import (
+        plot_training_curves,
+        resample_positions,
+        training_series,
+    )
+
+    rows = [
+        {"step": s, "loss": 1.0 / s, "n_resamples": n}
+        for s, n in ((10, 0), (20, 1), (30, 1), (40, 3), (50, 3))
+    ]
+    _, x, _ = training_series(rows)
+    assert resample_positions(rows, x).tolist() == [20.0, 40.0]
+    plain = [{"step": r["step"], "loss": r["loss"]} for r in rows]
+    assert resample_positions(plain, training_series(plain)[1]).size == 0
+    assert plot_training_curves(rows, tmp_path / "t.png") == ["loss"]
+    assert (tmp_path / "t.png").stat().st_size > 0

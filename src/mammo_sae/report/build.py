@@ -36,7 +36,7 @@ from ..io import (
 )
 from ..layout import FINAL_LAYER, STAGE_NAMES, ModelEntry, RunLayout, split_model_name
 from . import html as H
-from .figures import nice_ks, plot_training_curves
+from .figures import nice_ks, plot_training_curves, resample_positions, training_series
 
 SCHEMA_VERSION = 1
 BASELINE_COLUMNS = {
@@ -1081,9 +1081,16 @@ class ReportBuilder:
             self.figure_path("sae_training.png"),
             title=f"SAE training ({logs[0].name}, {len(rows)} entries)",
         )
+        n_marks = len(resample_positions(rows, training_series(rows)[1]))
+        marks = (
+            f"; dotted lines: the {n_marks} logged steps by which dead latents were resampled"
+            if n_marks
+            else ""
+        )
         s.add(
             H.figure(
-                self.made_figure("sae_training.png"), "SAE training curves: " + ", ".join(drawn)
+                self.made_figure("sae_training.png"),
+                "SAE training curves: " + ", ".join(drawn) + marks,
             )
         )
         if "dead_fraction" in drawn:

@@ -72,17 +72,33 @@ def training_series(
     return x_key or "logged step", x, series
 
 
+def resample_positions(log_rows: Sequence[Mapping[str, Any]], x: np.ndarray) -> np.ndarray:
+    """x of the logged steps by which dead latents were resampled again: where the log's
+    cumulative `n_resamples` grew since the previous entry (one mark per logged step, however
+    many resamplings it covers). Empty when the log does not count them."""
+    counts = _finite([row.get("n_resamples") for row in log_rows])
+    grew = np.zeros(len(counts), dtype=bool)
+    if len(counts):
+        before = np.concatenate([[0.0], counts[:-1]])
+        grew = np.isfinite(counts) & np.isfinite(before) & (counts > before)
+    return np.asarray(x, dtype=float)[grew]
+
+
 def plot_training_curves(
     log_rows: Sequence[Mapping[str, Any]], path: Path, *, title: str = ""
 ) -> list[str]:
-    """One panel per quantity found in the log; returns the quantities drawn."""
+    """One panel per quantity found in the log, with a dotted line at each logged step by which
+    dead latents were resampled; returns the quantities drawn."""
     x_label, x, series = training_series(log_rows)
     if not series:
         raise MammoSaeError("the SAE training log has none of: " + ", ".join(TRAINING_SERIES))
+    resampled = resample_positions(log_rows, x)
     fig, axes = new_figure(3.2 * len(series), 2.8, 1, len(series))
     for ax, (name, values) in zip(axes[0], series.items()):
         _, label, log_scale = TRAINING_SERIES.get(name, ((), name, False))
         ok = np.isfinite(values) & np.isfinite(x)
+        for at in resampled:
+            ax.axvline(at, color="grey", lw=0.8, ls=":")
         ax.plot(x[ok], values[ok], lw=1.2, marker="." if ok.sum() < 40 else None)
         if log_scale and (values[ok] > 0).all():
             ax.set_yscale("log")
