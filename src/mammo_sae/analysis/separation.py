@@ -260,12 +260,17 @@ def plot_separation(
         ax.vlines(idx, 0, z1[idx], color="tab:red", lw=1, label="z̄(1) (concept present)")
         ax.vlines(idx, 0, -z0[idx], color="tab:blue", lw=1, label="z̄(0) (absent), drawn downwards")
         ax.axhline(0, color="black", lw=0.6)
+        # Labels of latents closer than 4 % of the axis stack upwards instead of overlapping.
+        near = 0.04 * len(z0)
+        placed: list[tuple[float, int]] = []
         for e in r["class1_dominant"][:label_top]:
             tag = f"{e['index']}" + (f" [{','.join(e['flags'])}]" if e["flags"] else "")
+            level = sum(1 for x, _ in placed if abs(x - e["index"]) < near)
+            placed.append((e["index"], level))
             ax.annotate(
                 tag,
                 (e["index"], e["mean_class1"]),
-                xytext=(0, 4),
+                xytext=(0, 4 + 9 * level),
                 textcoords="offset points",
                 ha="center",
                 fontsize=7,
@@ -288,6 +293,9 @@ def plot_separation(
         )
         ax.set_ylabel("class-mean activation")
         ax.set_xlim(-0.5, len(z0) - 0.5)
+        # Room for the labels above the tallest bar and below the deepest one.
+        top, bottom = float(z1.max(initial=0.0)), float(z0.max(initial=0.0))
+        ax.set_ylim(-1.25 * bottom - 1e-9, 1.3 * top + 1e-9)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1, 0].set_xlabel(
         "latent index (labels: red = most class-1-dominant, purple = active in both)"
