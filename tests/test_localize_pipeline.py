@@ -299,6 +299,9 @@ def test_localize_reads_a_probe_folder_by_its_own_score(tmp_path: Path, capsys) 
     assert run("--score", "auroc") == 2
     err = capsys.readouterr().err
     assert "ranking_class=1_auroc.json" in err and "ranking_class=1_mean.json" in err
+    with pytest.raises(SystemExit) as exit_info:  # a score is a name, never part of a path
+        run("--score", "../../elsewhere")
+    assert exit_info.value.code == 2
 
 
 def test_localize_command_errors_exit_2(tmp_path: Path, monkeypatch, capsys) -> None:

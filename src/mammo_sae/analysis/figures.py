@@ -2,8 +2,8 @@
 (solid when they hit a GT box, dashed when they miss); colours absent from `jet`, so a box stays
 visible on any heat.
 
-`LatentPanel` holds what one panel shows; `draw_panel` draws it on a matplotlib Axes and
-`save_panel_grid` lays panels out in a grid (rows × columns) and writes a PNG atomically.
+`LatentPanel` holds what one panel shows; `panel_rgb` blends its heatmap over the image and
+`save_panel_grid` composes panels into a grid (rows × columns) and writes a PNG atomically.
 Matplotlib is used through `Figure` + Agg, never pyplot, so no global state or display is needed.
 As in the released code the heatmap is not normalised across panels: each panel's colour scale
 runs from 0 to that heatmap's maximum (the title gives the mean activation for comparison); the

@@ -34,10 +34,9 @@ class LocalizeConfig:
         help="class-1 ranking JSON from `mammo-sae probe` (list of {rank, index, importance}), "
         "or the probe's --out folder (then --score names the ranking)",
     )
-    score: str = opt(
+    score: Literal["mean", "centered", "auroc", "peak"] = opt(
         "centered",
-        help="with --ranking FOLDER: the probe score whose class-1 ranking is read "
-        "(mean, centered, auroc, peak)",
+        help="with --ranking FOLDER: the probe score whose class-1 ranking is read",
     )
     latents: list[int] = opt([], help="explicit latent indices (instead of --ranking)")
     top: int = opt(10, min=1, help="how many top-ranked latents to score")
