@@ -65,8 +65,12 @@ def test_layer_stages_depend_on_their_own_layer(tmp_path: Path) -> None:
     assert stages[f"sae@{LAYER}"].deps == (f"extract@{LAYER}",)
     assert stages[f"localize@{LAYER}"].deps == (f"probe@{LAYER}",)
     assert stages[f"localize@{LAYER}"].outputs == (f"layers/{LAYER}/analysis/localize",)
-    assert f"localize@{LAYER}" in stages["report"].deps
-    assert not any(f"intervene@{LAYER}" == n or f"fidelity@{LAYER}" == n for n in stages)
+    assert stages[f"intervene@{LAYER}"].deps == (f"probe@{LAYER}",)
+    assert stages[f"fidelity@{LAYER}"].deps == (f"summaries@{LAYER}",)
+    for name in ("intervene", "fidelity", "localize"):
+        assert f"{name}@{LAYER}" in stages["report"].deps
+    # Separation and the atlas read the final layer only.
+    assert not any(n in stages for n in (f"separation@{LAYER}", f"atlas@{LAYER}"))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +93,10 @@ def test_bad_layer_lists_are_refused_naming_the_problem(
 
 
 def _tiny_config(path: Path, data: Path, classifier: Path, layers: list[str] | None) -> Path:
-    extract = {} if layers is None else {"layers": layers}
+    # float32 stores: the layer's fidelity is compared with the final layer's exactly
+    extract: dict = {"options": {"workers": 0, "dtype": "float32"}}
+    if layers is not None:
+        extract["layers"] = layers
     checkpoints = {"Mass": {"finetuned": str(classifier)}}
     return write_checkpoint_config(
         path, data, checkpoints, name="layers", pointing=True, extract=extract
@@ -131,12 +138,28 @@ def test_an_extra_layer_has_its_own_stores_sae_probe_and_localisation(
     train = json.loads((at.sae_train_store / "manifest.json").read_text())
     assert train["layer"] == LAYER and (at.sae_train_store.parent == at.stores_dir)
     assert json.loads((at.sae_dir / "cfg.json").read_text())["d"] == 40  # final: 640
-    for stage in ("probe", "localize"):
+    for stage in ("probe", "intervene", "localize"):
         assert any(at.model_analysis_dir(stage, "Mass-finetuned").iterdir()), stage
     assert (at.pointing_dir("Mass-finetuned") / "localization.json").is_file()
-    # Final-layer-only analyses have no folder at the layer.
-    assert not (at.analysis_dir / "intervene").exists()
-    assert (final.model_analysis_dir("intervene", "Mass-finetuned")).is_dir()
+    # Fidelity below the final layer runs the rest of the network: its "original" side is the
+    # classifier itself, as at the final layer (same images; float32 stores).
+    fid = {
+        where: json.loads((lay.stage_dir("fidelity") / "fidelity.json").read_text())["results"][
+            "Mass-finetuned"
+        ]
+        for where, lay in (("final", final), ("layer", at))
+    }
+    assert (fid["final"]["path"], fid["layer"]["path"]) == (
+        "pooled-identity",
+        f"network from {LAYER}",
+    )
+    assert fid["layer"]["original"]["auroc"] == pytest.approx(fid["final"]["original"]["auroc"])
+    inter = json.loads(
+        (at.model_analysis_dir("intervene", "Mass-finetuned") / "intervene.json").read_text()
+    )
+    assert inter["path"] == f"network from {LAYER}"
+    # Separation and the atlas stay final-layer analyses.
+    assert not (at.analysis_dir / "separation").exists()
     # The final layer's classifier-map baseline only.
     loc_file = at.model_analysis_dir("localize", "Mass-finetuned") / "localization.json"
     loc = json.loads(loc_file.read_text())
@@ -147,10 +170,17 @@ def test_an_extra_layer_has_its_own_stores_sae_probe_and_localisation(
 def test_the_report_shows_table2_per_layer(two_layer_run: dict) -> None:
     layout = RunLayout(two_layer_run["run"])
     html = layout.report_index.read_text(encoding="utf-8")
-    assert "Table 2 by layer" in html
+    assert "Table 2 by layer" in html and "Table 1 by layer" in html
+    assert "Figure 2 by layer" in html and "figures/figure2_layers.png" in html
     assert f"Mass-finetuned @ {LAYER}" in html and "Mass-finetuned @ final" in html
-    assert "probe and the localisation run" in html
+    assert f"network from {LAYER}" in html
     data = json.loads(layout.report_json.read_text())
+    paths = {r["label"]: r["path"] for r in data["table1_layers"]}
+    assert paths == {
+        "Mass-finetuned @ final": "pooled-identity",
+        f"Mass-finetuned @ {LAYER}": f"network from {LAYER}",
+    }
+    assert set(data["figure2_layers"]) == {"Mass-finetuned @ final", f"Mass-finetuned @ {LAYER}"}
     rows = data["table2_layers"][LAYER]
     assert set(rows) == {"Mass-finetuned", "Mass-finetuned/pointing"}
     assert rows["Mass-finetuned"]["latents"]

@@ -93,9 +93,20 @@ FINAL_LAYER = "final"
 # Layer taps `extract --layer` knows (EfficientNet.layer_info); they name folders, so no others.
 LAYER_PATTERN = re.compile(r"final|stem|blocks\.\d+")
 # The stages run again for every tapped layer other than the final one (`<stage>@<layer>`).
-# Intervene, fidelity, separation and atlas feed the decoder's output to the classifier head,
-# which reads the final map only: they stay final-layer stages.
-LAYER_STAGES: tuple[str, ...] = ("extract", "sae", "summaries", "probe", "localize")
+# Below the final layer intervene and fidelity run each edited map through the rest of the
+# classifier's network (the pooled identity holds only at the final layer). Separation and the
+# atlas stay final-layer stages.
+LAYER_STAGES: tuple[str, ...] = (
+    "extract",
+    "sae",
+    "summaries",
+    "probe",
+    "intervene",
+    "fidelity",
+    "localize",
+)
+# Of those, the ones the report reads at every layer.
+LAYER_REPORTED: tuple[str, ...] = ("intervene", "fidelity", "localize")
 
 
 def layer_stage_name(name: str, layer: str) -> str:

@@ -45,6 +45,7 @@ from .io import (
 from .layout import (
     FINAL_LAYER,
     LAYER_PATTERN,
+    LAYER_REPORTED,
     LAYER_STAGES,
     STAGES,
     ModelEntry,
@@ -401,7 +402,9 @@ class Pipeline:
                 # Each extra layer's stages, before the report that shows them.
                 for layer in extra:
                     self._declare_layer(layer)
-                deps += tuple(layer_stage_name("localize", layer) for layer in extra)
+                deps += tuple(
+                    layer_stage_name(name, layer) for layer in extra for name in LAYER_REPORTED
+                )
             self.runner.add(
                 Stage(
                     spec.name,
@@ -843,48 +846,53 @@ class Pipeline:
             out[m.name] = self.rel(target)
         return out
 
-    def stage_intervene(self) -> dict[str, Any]:
+    def stage_intervene(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .analysis.commands import InterveneConfig, run_intervene
 
+        layout = self.layout.at_layer(layer)
         out = {}
         for m in self.models():
-            target = self.layout.model_analysis_dir("intervene", m.name)
+            target = layout.model_analysis_dir("intervene", m.name)
             run_intervene(
                 self._opts(
                     InterveneConfig,
                     "intervene",
                     "analysis.intervene",
-                    store=str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
-                    sae=str(self.sae_dir),
+                    layer,
+                    store=str(layout.store_dir(m.encoder_key, self.cfg.extract.eval_split)),
+                    sae=str(layout.sae_dir),
                     classifier=m.classifier,
                     concept=m.concept,
                     out=str(target),
-                    rankings=str(self.layout.model_analysis_dir("probe", m.name)),
+                    rankings=str(layout.model_analysis_dir("probe", m.name)),
                     split=self.cfg.extract.eval_split,
                     level=self.cfg.data.level,
-                    label=m.name,
+                    label=m.name if layer == FINAL_LAYER else f"{m.name}@{layer}",
                 )
             )
             out[m.name] = self.rel(target)
         return out
 
-    def stage_fidelity(self) -> dict[str, Any]:
+    def stage_fidelity(self, layer: str = FINAL_LAYER) -> dict[str, Any]:
         from .analysis.commands import FidelityConfig, run_fidelity
 
+        layout = self.layout.at_layer(layer)
         models = self.models()
-        target = self._analysis("fidelity")
+        target = layout.stage_dir("fidelity")
         run_fidelity(
             self._opts(
                 FidelityConfig,
                 "fidelity",
                 "analysis.fidelity",
+                layer,
                 stores=[
-                    str(self.store_dir(m.encoder_key, self.cfg.extract.eval_split)) for m in models
+                    str(layout.store_dir(m.encoder_key, self.cfg.extract.eval_split))
+                    for m in models
                 ],
                 classifiers=[m.classifier for m in models],
                 names=[m.name for m in models],
                 concepts=[m.concept for m in models],
-                sae=str(self.sae_dir),
+                sae=str(layout.sae_dir),
                 out=str(target),
                 split=self.cfg.extract.eval_split,
                 level=self.cfg.data.level,

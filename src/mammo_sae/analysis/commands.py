@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -17,6 +17,9 @@ from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
 from . import DEFAULT_KS
 from .results import FidelityRecord, FidelityResult, InterveneRecord, SweepPoint
+
+if TYPE_CHECKING:
+    from .intervene import MaskedLogits
 
 Level = Literal["image", "row"]
 SCHEMA_VERSION = 1
@@ -209,9 +212,11 @@ def run_probe(cfg: ProbeConfig) -> int:
 class InterveneConfig:
     """Top-k activated (keep the union of the class-0 and class-1 top-k latents) and deactivated
     (zero that union) sweeps, AUROC/AUPRC with bootstrap 95% CIs on the evaluation split, via the
-    exact pooled identity (or --exact-decode: decode every patch). With --latents, a single
-    targeted edit (--mode off|on) instead. Rankings: a probe output directory (--rankings) or,
-    if absent, computed on --rank-split of --rank-store (default: --store)."""
+    exact pooled identity (or --exact-decode: decode every patch). A store of an earlier layer
+    (extract --layer blocks.N) is read exactly: each edited map runs through the rest of the
+    classifier's network. With --latents, a single targeted edit (--mode off|on) instead.
+    Rankings: a probe output directory (--rankings) or, if absent, computed on --rank-split of
+    --rank-store (default: --store)."""
 
     store: Path = opt(help="activation store of the model being edited")
     sae: Path = opt(help="SAE checkpoint")
@@ -276,25 +281,50 @@ def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str
     ], f"{cfg.score} on {rank_store} split {cfg.rank_split}"
 
 
+def tapped_layer(store: Any) -> str:
+    """The encoder layer a store holds: `final` unless an earlier tap (stem, blocks.N) of a
+    classifier; a store from elsewhere (a synthetic one, a Mammo-CLIP export) counts as final and
+    the head checks its width."""
+    from ..layout import FINAL_LAYER, LAYER_PATTERN
+
+    layer = str(store.manifest.get("layer") or FINAL_LAYER)
+    return layer if LAYER_PATTERN.fullmatch(layer) else FINAL_LAYER
+
+
+def _logit_path(
+    cfg: Any, store: Any, summaries: Any, sae: Any, head: Any, rows: np.ndarray, exact: bool
+) -> tuple[MaskedLogits, str]:
+    """How latent masks become the concept logits of `rows`: the pooled identity at the final
+    layer (or the exact decode with `exact`), the rest of the network below it."""
+    from ..devices import resolve_device
+    from ..models.checkpoints import load_classifier
+    from .intervene import exact_logits, layer_readout, masked_logits, sae_readout
+
+    layer = tapped_layer(store)
+    if layer == "final" and not exact:
+        v_h, c = sae_readout(sae, head)
+        mean = summaries.mean_rows(rows)
+        return (lambda masks: masked_logits(mean, v_h, c, masks)), "pooled-identity"
+    readout = layer_readout(load_classifier(cfg.classifier), layer, resolve_device(cfg.device))
+
+    def masked(masks: Any) -> tuple[np.ndarray, np.ndarray]:
+        got = exact_logits(store, sae, readout, rows, masks, progress=cfg.progress)
+        return got["on"], got["off"]
+
+    return masked, readout.path
+
+
 def run_intervene(cfg: InterveneConfig) -> int:
     from .figures import Curve, plot_topk_grid
-    from .intervene import (
-        edit_set,
-        entry_rank,
-        exact_decode_logits,
-        normalise_ks,
-        sae_readout,
-        sweep,
-        union_masks,
-    )
+    from .intervene import edit_logits, sae_width, sweep_logits
     from .summaries import open_sae
 
     head, concept = _head_and_concept(cfg.classifier, cfg.concept)
     store, rows, y = _select(cfg.store, concept, cfg.split, cfg.level)
     s = _summaries(cfg.store, cfg.sae, cfg)
     sae = open_sae(cfg.sae, cfg.device)
-    v_h, c = sae_readout(sae, head)
-    mean = s.mean_rows(rows)
+    h = sae_width(sae)
+    masked, path = _logit_path(cfg, store, s, sae, head, rows, cfg.exact_decode)
     cfg.out.mkdir(parents=True, exist_ok=True)
     base = {
         "schema_version": SCHEMA_VERSION,
@@ -311,11 +341,10 @@ def run_intervene(cfg: InterveneConfig) -> int:
                 raise MammoSaeError(
                     f"--attribute {cfg.attribute!r}: not a label of every image in {cfg.store}"
                 )
-        result = edit_set(
-            mean,
+        result = edit_logits(
             y,
-            v_h,
-            c,
+            h,
+            masked,
             cfg.latents,
             cfg.mode,
             n_boot=cfg.n_boot,
@@ -339,12 +368,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
             )
         return 0
     rankings, source = _rankings(cfg, concept)
-    logits = None
-    if cfg.exact_decode:
-        ks = normalise_ks(cfg.ks, len(v_h))
-        masks = union_masks(entry_rank(rankings, len(v_h)), ks)
-        logits = exact_decode_logits(store, sae, head, rows, masks, progress=cfg.progress)
-    res = sweep(mean, y, v_h, c, rankings, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed, logits=logits)
+    res = sweep_logits(y, rankings, h, masked, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed)
     import pandas as pd
 
     table = pd.DataFrame(res.rows())
@@ -355,7 +379,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
         n_pos=res.n_pos,
         results=[SweepPoint(**row) for row in res.rows()],
         rankings=source,
-        path="exact-decode" if cfg.exact_decode else "pooled-identity",
+        path=path,
         store_sha256=base["store_sha256"],
         sae_sha256=base["sae_sha256"],
         config=base["config"],
@@ -376,7 +400,9 @@ def run_intervene(cfg: InterveneConfig) -> int:
 class FidelityConfig:
     """AUROC/AUPRC with original pooled features vs SAE-reconstructed features (no error term)
     for each (store, classifier) pair: the paper's Table 1, plus recovered fraction, FVU, L0 and
-    dead fraction on the same split. Writes table1.csv and fidelity.json."""
+    dead fraction on the same split. A store of an earlier layer is read by running the stored
+    and the reconstructed map through the rest of the classifier's network (the pooled identity
+    holds only at the final layer). Writes table1.csv and fidelity.json."""
 
     stores: list[str] = opt(help="activation stores, one per model (comma separated)")
     classifiers: list[str] = opt(help="classifier checkpoints, paired with --stores")
@@ -395,6 +421,23 @@ class FidelityConfig:
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
     progress: bool = opt(True, help="show progress bars")
+
+
+def _fidelity_logits(
+    cfg: FidelityConfig, store: Any, sae: Any, classifier: Path, rows: np.ndarray
+) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
+    """(original, SAE) logits through the rest of the network for a store below the final layer;
+    None at the final layer (the pooled identity)."""
+    from ..devices import resolve_device
+    from ..models.checkpoints import load_classifier
+    from .intervene import exact_logits, layer_readout
+
+    layer = tapped_layer(store)
+    if layer == "final":
+        return None, "pooled-identity"
+    readout = layer_readout(load_classifier(classifier), layer, resolve_device(cfg.device))
+    got = exact_logits(store, sae, readout, rows, progress=cfg.progress)
+    return (got["original"], got["sae"]), readout.path
 
 
 def run_fidelity(cfg: FidelityConfig) -> int:
@@ -424,7 +467,19 @@ def run_fidelity(cfg: FidelityConfig) -> int:
         head, concept = _head_and_concept(Path(clf_path), given)
         store, rows, y = _select(Path(store_path), concept, cfg.split, cfg.level)
         s = _summaries(Path(store_path), cfg.sae, cfg)
-        found = fidelity(s, store.pooled_nd, rows, y, sae, head, n_boot=cfg.n_boot, seed=cfg.seed)
+        logits, path = _fidelity_logits(cfg, store, sae, Path(clf_path), rows)
+        found = fidelity(
+            s,
+            store.pooled_nd,
+            rows,
+            y,
+            sae,
+            head,
+            n_boot=cfg.n_boot,
+            seed=cfg.seed,
+            logits=logits,
+            path=path,
+        )
         r = FidelityResult.from_json(
             {"concept": concept, "store": store_path, "classifier": clf_path, **found}, name
         )

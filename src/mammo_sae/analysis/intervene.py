@@ -18,9 +18,9 @@ the sweep is a single sparse × dense product. `exact_decode_logits` does it the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import scipy.sparse as sp
@@ -88,6 +88,11 @@ def sae_readout(sae: Any, head: LinearHead) -> tuple[np.ndarray, float]:
     return W_dec.T @ head.w_d, float(head.w_d @ b_dec + head.b)
 
 
+def sae_width(sae: Any) -> int:
+    """h, the number of latents (W_dec is (d, h) in every supported SAE)."""
+    return int(sae.W_dec.shape[1])
+
+
 def _np(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):
         t = t.detach().double().cpu().numpy()
@@ -142,38 +147,142 @@ def masked_logits(
     return on_kn, off_kn
 
 
+class MapReadout(Protocol):
+    """The concept logit of B (edited) maps of one image given as patch vectors at the store's
+    layer: `(x_bpd, rows_p, cols_p, grid_hw) -> logits (B,)` float64."""
+
+    path: str
+
+    def __call__(
+        self, x_bpd: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
+    ) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class PooledReadout:
+    """Final layer: mean over the stored positions, then the linear head (decode every patch
+    and replace the map, as the reference splices the SAE)."""
+
+    head: LinearHead
+    path: str = "exact-decode"
+
+    def __call__(
+        self, x_bpd: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
+    ) -> np.ndarray:
+        import torch
+
+        w = torch.as_tensor(self.head.w_d, dtype=torch.float64, device=x_bpd.device)
+        return (x_bpd.double().mean(1) @ w + self.head.b).cpu().numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkReadout:
+    """An earlier layer: the map goes back on its grid and through the rest of the classifier's
+    network (`EfficientNet.forward_from`), then the pooled head. The pooled identity holds only
+    at the final layer, so this is the one exact path below it."""
+
+    classifier: Any  # ConceptClassifier, eval mode, on the SAE's device
+    layer: str
+    head: LinearHead
+
+    @property
+    def path(self) -> str:
+        return f"network from {self.layer}"
+
+    def __call__(
+        self, x_bpd: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
+    ) -> np.ndarray:
+        import torch
+
+        gh, gw = grid_hw
+        if len(rows_p) != gh * gw:
+            raise MammoSaeError(
+                f"the store holds {len(rows_p)} of the {gh}x{gw} positions of an image: running "
+                "the rest of the network needs every position (extract without --subsample)"
+            )
+        b, _, d = x_bpd.shape
+        grid = x_bpd.new_zeros(b, d, gh, gw)
+        grid[:, :, torch.as_tensor(rows_p), torch.as_tensor(cols_p)] = x_bpd.transpose(1, 2)
+        dtype = next(self.classifier.parameters()).dtype
+        with torch.no_grad():
+            final = self.classifier.encoder.forward_from(grid.to(dtype), self.layer)
+        w = torch.as_tensor(self.head.w_d, dtype=torch.float64, device=final.device)
+        return (final.double().mean(dim=(2, 3)) @ w + self.head.b).cpu().numpy()
+
+
+def layer_readout(classifier: Any, layer: str, device: Any = "cpu") -> MapReadout:
+    """The exact readout of maps at `layer`: `PooledReadout` at final, else `NetworkReadout`."""
+    head = head_from_classifier(classifier)
+    if layer == "final":
+        return PooledReadout(head)
+    return NetworkReadout(classifier.to(device).eval(), layer, head)
+
+
+# Edited maps decoded per batch: bounds memory at (chunk, positions, h) latents.
+_DECODE_ELEMENTS = 1 << 25
+
+
+def exact_logits(
+    store: Any,
+    sae: Any,
+    readout: MapReadout,
+    rows: Sequence[int],
+    masks_hk: np.ndarray | sp.spmatrix | None = None,
+    *,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Reference path: per image encode every stored patch, (mask,) decode, read out.
+
+    Always "original" (n,) (the stored map itself) and "sae" (n,) (the plain reconstruction,
+    no error term); with masks also "on" and "off", each (K, n): keep / zero column k's latents
+    before decoding. Costs 2K + 2 readouts of every image.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    device = next(iter(sae.parameters())).device if hasattr(sae, "parameters") else "cpu"
+    masks = None
+    if masks_hk is not None:
+        dense = masks_hk.toarray() if sp.issparse(masks_hk) else np.asarray(masks_hk)
+        masks = torch.as_tensor(dense, dtype=torch.float32, device=device).T  # (K, h)
+        masks = torch.cat([masks, 1.0 - masks])  # keep rows, then drop rows
+    k = 0 if masks is None else masks.shape[0] // 2
+    out = {"original": np.zeros(len(rows)), "sae": np.zeros(len(rows))}
+    edited = np.zeros((2 * k, len(rows)))
+    for col, i in enumerate(tqdm(list(rows), desc="exact decode", disable=not progress)):
+        acts_pd, rows_p, cols_p = store.image_patches(int(i))
+        grid = store.grid_hw(int(i))
+        x_pd = torch.from_numpy(np.array(acts_pd, dtype=np.float32)).to(device)
+        with torch.no_grad():
+            z_ph = sae.encode(x_pd).float()
+            plain = torch.stack([x_pd, sae.decode(z_ph).float()])
+            both = readout(plain, rows_p, cols_p, grid)
+            out["original"][col], out["sae"][col] = both[0], both[1]
+            if masks is None:
+                continue
+            chunk = max(1, _DECODE_ELEMENTS // max(1, z_ph.numel()))
+            for lo in range(0, len(masks), chunk):
+                z_bph = z_ph[None] * masks[lo : lo + chunk, None, :]
+                x_bpd = torch.stack([sae.decode(z).float() for z in z_bph])
+                edited[lo : lo + len(z_bph), col] = readout(x_bpd, rows_p, cols_p, grid)
+    if masks is not None:
+        out["on"], out["off"] = edited[:k], edited[k:]
+    return out
+
+
 def exact_decode_logits(
     store: Any,
     sae: Any,
     head: LinearHead,
     rows: Sequence[int],
-    masks_hk: np.ndarray,
+    masks_hk: np.ndarray | sp.spmatrix,
     *,
     progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Reference path: per image encode every stored patch, mask, decode, mean, head.
-
-    Returns (keep-logits, drop-logits), each (K, n). Costs K decodes of every patch.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    masks = torch.as_tensor(
-        np.asarray(masks_hk.toarray() if sp.issparse(masks_hk) else masks_hk), dtype=torch.float32
-    ).T  # (K, h)
-    w = torch.as_tensor(head.w_d, dtype=torch.float64)
-    on = np.zeros((masks.shape[0], len(rows)))
-    off = np.zeros_like(on)
-    for col, i in enumerate(tqdm(list(rows), desc="exact decode", disable=not progress)):
-        acts_pd, _, _ = store.image_patches(int(i))
-        x_pd = torch.from_numpy(np.array(acts_pd, dtype=np.float32))
-        with torch.no_grad():
-            z_ph = sae.encode(x_pd).float()
-            for kk in range(masks.shape[0]):
-                for out, m_h in ((on, masks[kk]), (off, 1.0 - masks[kk])):
-                    x_hat_pd = sae.decode(z_ph * m_h).double()  # the edited map
-                    out[kk, col] = float(x_hat_pd.mean(0) @ w) + head.b
-    return on, off
+    """(keep-logits, drop-logits), each (K, n), the long way at the final layer: decode every
+    patch, replace the map, mean, head. The tests prove it equals the pooled identity."""
+    got = exact_logits(store, sae, PooledReadout(head), rows, masks_hk, progress=progress)
+    return got["on"], got["off"]
 
 
 @dataclasses.dataclass
@@ -199,6 +308,11 @@ class SweepResult:
         return out
 
 
+# Latent masks (h, K) -> (keep-logits, drop-logits), each (K, n): the pooled identity
+# (`masked_logits`) or an exact path (`exact_logits`).
+MaskedLogits = Callable[[sp.spmatrix | np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
 def sweep(
     mean_nh: sp.csr_matrix | np.ndarray,
     y: np.ndarray,
@@ -217,11 +331,33 @@ def sweep(
     `rankings` are the class-0 and class-1 orders (training split); `mean_nh`/`y` the
     evaluation images (test split). `logits` overrides the fast path (e.g. exact decode).
     """
-    h = len(v_h)
+    return sweep_logits(
+        y,
+        rankings,
+        len(v_h),
+        lambda masks: logits if logits is not None else masked_logits(mean_nh, v_h, c, masks),
+        ks,
+        modes=modes,
+        n_boot=n_boot,
+        seed=seed,
+    )
+
+
+def sweep_logits(
+    y: np.ndarray,
+    rankings: Sequence[np.ndarray],
+    h: int,
+    masked: MaskedLogits,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    modes: Sequence[Mode] = ("on", "off"),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> SweepResult:
+    """`sweep` with the logits of the union masks from any path (`masked`), for h latents."""
     ks = normalise_ks(ks, h)
     entry = entry_rank(rankings, h)
-    masks = union_masks(entry, ks)
-    on_kn, off_kn = logits if logits is not None else masked_logits(mean_nh, v_h, c, masks)
+    on_kn, off_kn = masked(union_masks(entry, ks))
     by_mode = {"on": on_kn, "off": off_kn}
     curves = {
         mode: metrics.curves_with_ci(y, by_mode[mode], n_boot=n_boot, seed=seed) for mode in modes
@@ -252,7 +388,30 @@ def edit_set(
     With a binary `attribute` per image (e.g. the phantom's marker) the result also gives the
     classifier's shortcut: the AUROC of its logit for the attribute among concept-negative images
     (0.5 = the attribute does not move the score), before and after the edit."""
-    h = len(v_h)
+    return edit_logits(
+        y,
+        len(v_h),
+        lambda masks: masked_logits(mean_nh, v_h, c, masks),
+        latents,
+        mode,
+        n_boot=n_boot,
+        seed=seed,
+        attribute=attribute,
+    )
+
+
+def edit_logits(
+    y: np.ndarray,
+    h: int,
+    masked: MaskedLogits,
+    latents: Sequence[int],
+    mode: Mode,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    attribute: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """`edit_set` with the logits of its masks from any path (`masked`), for h latents."""
     lat = np.asarray(sorted({int(j) for j in latents}), dtype=np.int64)
     if len(lat) == 0:
         raise MammoSaeError("no latents given")
@@ -262,7 +421,7 @@ def edit_set(
         )
     mask = np.zeros((h, 2))
     mask[lat, 0] = 1.0  # column 0: the set; column 1: empty set (on) / all kept (off)
-    on_kn, off_kn = masked_logits(mean_nh, v_h, c, mask)
+    on_kn, off_kn = masked(mask)
     edited = on_kn[0] if mode == "on" else off_kn[0]
     plain = off_kn[1]  # dropping nothing = the plain SAE
     m = metrics.curves_with_ci(y, np.stack([plain, edited]), n_boot=n_boot, seed=seed)

@@ -100,12 +100,17 @@ class FidelityResult:
     n_positions: int
     n_images: int
     subsample_fraction: float = 1.0
+    # How the logits were read: the pooled identity (final layer) or "network from <layer>"
+    # (the rest of the classifier run on the stored and reconstructed maps).
+    path: str = "pooled-identity"
     warning: str = ""  # written only when there is one
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.warning:
             del out["warning"]
+        if self.path == "pooled-identity":  # the default: files as before layers existed
+            del out["path"]
         return out
 
     @classmethod
@@ -135,6 +140,7 @@ class FidelityResult:
             n_positions=count("n_positions"),
             n_images=count("n_images"),
             subsample_fraction=_num(doc.get("subsample_fraction", 1.0), where),
+            path=str(doc.get("path") or "pooled-identity"),
             warning=str(doc.get("warning") or ""),
         )
 

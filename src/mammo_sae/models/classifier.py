@@ -36,5 +36,10 @@ class ConceptClassifier(nn.Module):
         """Head applied to a (possibly edited) final map: (B, n_class)."""
         return self.head(final_bchw.mean(dim=(2, 3)))
 
+    def logits_from_layer(self, map_bchw: torch.Tensor, layer: str) -> torch.Tensor:
+        """Head on the final map that the rest of the network computes from a (possibly edited)
+        map at `layer`: (B, n_class). At `final` this is `logits_from_map`."""
+        return self.logits_from_map(self.encoder.forward_from(map_bchw, layer))
+
     def forward(self, x_b3hw: torch.Tensor) -> torch.Tensor:
         return self.head(self.pooled(x_b3hw))

@@ -296,15 +296,7 @@ class EfficientNet(nn.Module):
         """Maps of the requested layers; stops after the last one needed."""
         if isinstance(layers, str):
             layers = [layers]
-        unknown = [name for name in layers if name not in self.layer_info]
-        if unknown:
-            raise MammoSaeError(
-                choices_message(
-                    "layer",
-                    unknown[0],
-                    ["stem", "blocks.0", "...", f"blocks.{len(self._blocks) - 1}", "final"],
-                )
-            )
+        self._check_layers(layers)
         wanted = set(layers)
         # blocks.i sits at position i + 1 in layer_names; run only the blocks up to the deepest request
         deepest = max((self.layer_names.index(name) for name in wanted), default=0)
@@ -319,6 +311,36 @@ class EfficientNet(nn.Module):
         if "final" in wanted:
             out["final"] = swish(self._bn1(self._conv_head(x)))
         return out
+
+    def forward_from(self, map_bchw: torch.Tensor, layer: str) -> torch.Tensor:
+        """The final map computed from `layer`'s output by the rest of the network, so that an
+        edited or reconstructed map at an earlier layer reaches the head (identity at final)."""
+        self._check_layers([layer])
+        channels = self.layer_info[layer].channels
+        if map_bchw.ndim != 4 or map_bchw.shape[1] != channels:
+            raise MammoSaeError(
+                f"a {layer} map has {channels} channels (B, {channels}, h, w); "
+                f"got shape {tuple(map_bchw.shape)}"
+            )
+        if layer == "final":
+            return map_bchw
+        # blocks.i's output feeds block i + 1; the stem's feeds block 0
+        start = 0 if layer == "stem" else int(layer.split(".")[1]) + 1
+        x = map_bchw
+        for i in range(start, len(self._blocks)):
+            x = self._blocks[i](x, self._block_drop_rate(i))
+        return swish(self._bn1(self._conv_head(x)))
+
+    def _check_layers(self, layers: Sequence[str]) -> None:
+        unknown = [name for name in layers if name not in self.layer_info]
+        if unknown:
+            raise MammoSaeError(
+                choices_message(
+                    "layer",
+                    unknown[0],
+                    ["stem", "blocks.0", "...", f"blocks.{len(self._blocks) - 1}", "final"],
+                )
+            )
 
     def forward(self, x_b3hw: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x_b3hw, ["final"])["final"]

@@ -244,9 +244,10 @@ class ReportBuilder:
         split = extract.get("eval_split") if isinstance(extract, Mapping) else None
         return str(split or "test")
 
-    def model_dirs(self, stage: str) -> list[Path]:
-        """RUN/analysis/<stage>/<model>/ folders in models.json order, then any others."""
-        root = self.layout.stage_dir(stage)
+    def model_dirs(self, stage: str, layer: str = FINAL_LAYER) -> list[Path]:
+        """RUN/analysis/<stage>/<model>/ folders (of tapped `layer`) in models.json order, then
+        any others."""
+        root = self.layout.at_layer(layer).stage_dir(stage)
         if not root.is_dir():
             return []
         dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -282,7 +283,9 @@ class ReportBuilder:
             *(
                 [
                     self.guarded(
-                        "layers", H.Section("layers", "Table 2 by layer"), self.section_layers
+                        "layers",
+                        H.Section("layers", "By layer · Tables 1, 2 and Figure 2"),
+                        self.section_layers,
                     )
                 ]
                 if self.tapped_layers()
@@ -557,11 +560,12 @@ class ReportBuilder:
         s.add(self.sources_note([path]))
 
     # ------------------------------------------------------------------ Table 1
-    def fidelity_rows(self) -> list[dict[str, Any]]:
+    def fidelity_rows(self, layer: str = FINAL_LAYER) -> list[dict[str, Any]]:
         """Table 1's rows from every fidelity.json of the stage (the standalone report places one
         per `mammo-sae fidelity` output), read through the record the command writes."""
         results: dict[str, FidelityResult] = {}
-        for path in sorted(self.layout.stage_dir("fidelity").rglob("fidelity.json")):
+        root = self.layout.at_layer(layer).stage_dir("fidelity")
+        for path in sorted(root.rglob("fidelity.json")):
             results.update(FidelityRecord.from_json(read_json(path), str(path)).results)
         rows = []
         for name, r in results.items():
@@ -583,6 +587,7 @@ class ReportBuilder:
                     "fvu": r.fvu,
                     "l0": r.l0,
                     "dead_fraction": r.dead_fraction,
+                    "path": r.path,
                     "warning": r.warning,
                 }
             )
@@ -876,21 +881,92 @@ class ReportBuilder:
         return [str(x) for x in listed if str(x) in found]
 
     def section_layers(self, s: H.Section) -> None:
-        """Table 2 of every tapped layer, rows labelled `<model> @ <layer>`, after the final
-        layer's own rows for comparison."""
+        """Tables 1 and 2 and Figure 2 of every tapped layer, rows labelled `<model> @ <layer>`,
+        beside the final layer's own rows for comparison."""
         layers = self.tapped_layers()
         s.add(
             H.note(
                 "Each tapped layer (config extract.layers) has its own stores, SAE, summaries, "
-                "probe ranking and localisation (RUN/layers/<layer>/), scored as in Table 2 above "
-                "(same settings; cells are placed at that layer's receptive-field centres). At "
-                "layers other than the final one only the probe and the localisation run: "
-                "interventions, fidelity, separation, the atlas and the latent pages read the "
-                "final layer's SAE (the classifier head reads the final map; running the rest "
-                "of the network on a reconstructed map is not done yet), and those layers have "
-                "no classifier-map baseline. Latent numbers are of that layer's SAE (no pages)."
+                "probe ranking, interventions, fidelity and localisation "
+                "(RUN/layers/<layer>/), with the final layer's settings. Below the final layer "
+                "the pooled identity does not hold, so fidelity and interventions run each "
+                "stored, reconstructed or edited map through the rest of the classifier's "
+                "network on the evaluation split (path “network from <layer>”). Separation, "
+                "the atlas and the latent pages read the final layer's SAE, and the lower "
+                "layers have no classifier-map baseline. Latent numbers are of that layer's SAE."
             )
         )
+        self.layers_table1(s, layers)
+        self.layers_figure2(s, layers)
+        self.layers_table2(s, layers)
+
+    def layers_table1(self, s: H.Section, layers: list[str]) -> None:
+        rows = [
+            {**r, "label": f"{r['model']} @ {layer}"}
+            for layer in [FINAL_LAYER, *layers]
+            for r in self.fidelity_rows(layer)
+        ]
+        self.data["table1_layers"] = rows
+        if not rows:
+            return
+        shown = [
+            {
+                **r,
+                "orig": ci_text(
+                    r["auroc_original"], r["auroc_original_low"], r["auroc_original_high"]
+                ),
+                "sae": ci_text(r["auroc_sae"], r["auroc_sae_low"], r["auroc_sae_high"]),
+                "recovered": recovered_shown(r),
+            }
+            for r in rows
+        ]
+        s.add("<h3>Table 1 by layer · fidelity</h3>")
+        s.add(
+            H.table(
+                shown,
+                ["label", "orig", "sae", "recovered", "fvu", "l0", "path"],
+                headers=[
+                    "model @ layer",
+                    "AUROC original",
+                    "AUROC SAE",
+                    "recovered",
+                    "FVU",
+                    "L0",
+                    "logit path",
+                ],
+                left=1,
+            )
+        )
+
+    def layers_figure2(self, s: H.Section, layers: list[str]) -> None:
+        grid: dict[str, dict[str, list[Curve]]] = {}
+        data: dict[str, Any] = {}
+        for layer in [FINAL_LAYER, *layers]:
+            for folder in self.model_dirs("intervene", layer):
+                curves = self.sweep_curves(folder)
+                info = self.model_info(folder.name)
+                label = f"{info.variant or info.name} @ {layer}"
+                data[f"{folder.name} @ {layer}"] = {
+                    mode: {k: v.tolist() for k, v in c.items()} for mode, c in curves.items()
+                }
+                for mode, c in curves.items():
+                    grid.setdefault(info.concept, {}).setdefault(mode, []).append(
+                        Curve(label, c["ks"], c["auroc"], c["auroc_low"], c["auroc_high"])
+                    )
+        self.data["figure2_layers"] = data
+        if not grid:
+            return
+        plot_topk_grid(grid, self.figure_path("figure2_layers.png"))
+        s.add("<h3>Figure 2 by layer · top-k interventions</h3>")
+        s.add(
+            H.figure(
+                self.made_figure("figure2_layers.png"),
+                "As Figure 2, a curve per model and layer: each layer's own SAE and rankings; "
+                "k runs to that SAE's width.",
+            )
+        )
+
+    def layers_table2(self, s: H.Section, layers: list[str]) -> None:
         by_label: dict[str, dict[str, Any]] = {}
         per_layer: dict[str, dict[str, Any]] = {}
         files: list[Path] = []
