@@ -425,3 +425,19 @@ def test_an_option_can_be_spelled_other_than_its_field() -> None:
         parser.parse_args(["--start", "3"])
     ns = build_parser().parse_args(["run", "c.yaml", "--from", "sae"])
     assert (ns.config, ns.start) == (Path("c.yaml"), "sae")
+
+
+def test_every_command_runs_from_its_config_alone() -> None:
+    """One way to pass an option: every run function takes only its config (no `progress=`
+    passed around it), and `--progress` is a config field that never changes a result."""
+    import dataclasses
+    import inspect
+
+    from mammo_sae.cli import COMMANDS
+
+    for command in COMMANDS:
+        name = " ".join(command.name)
+        assert len(inspect.signature(command.run).parameters) == 1, name
+        fields = {f.name: f for f in dataclasses.fields(command.config)}
+        if name in ("extract", "store verify", "preprocess", "ingest", "phantom"):
+            assert fields["progress"].metadata["affects_result"] is False, name

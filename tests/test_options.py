@@ -122,7 +122,7 @@ def test_classifier_and_phantom_keys_equal_the_old_hand_lists(tmp_path):
     old = {
         k: v
         for k, v in to_dict(cfg).items()
-        if k not in ("out", "workers", "overwrite", "figure", "marker_size")
+        if k not in ("out", "workers", "overwrite", "figure", "marker_size", "progress")
     }
     assert _content_params(cfg) == old
     assert _content_params(PhantomConfig(out=tmp_path, marker_size=20.0))["marker_size"] == 20.0

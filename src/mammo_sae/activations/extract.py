@@ -30,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..config import check_bounds, device_opt, opt, parse_image_size
+from ..config import check_bounds, device_opt, opt, parse_image_size, progress_opt
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
 from ..io import LOCK_NAME, portable_path, read_json, sha256_json, write_json, writer_lock
@@ -81,6 +81,7 @@ class ExtractConfig:
     max_images: int | None = opt(None, min=1, help="extract only the first N records")
     device: str = device_opt()
     autocast: bool = opt(False, help="bfloat16 autocast forward on CUDA (faster, not bit-faithful)")
+    progress: bool = progress_opt()
 
 
 # --------------------------------------------------------------------------- helpers
