@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..config import changed_settings, device_opt, opt, to_dict
-from ..devices import cpu_has_native_bf16, resolve_device
+from ..devices import DistContext, cpu_has_native_bf16, resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import (
     atomic_path,
@@ -217,45 +217,6 @@ class TrainConfig(SAEHyperParams):
 
 
 # ---------------------------------------------------------------------------- helpers
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # this trainer initialised the process group (torchrun CLI)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def finish(self, device: torch.device) -> None:
-        """After a successful run: wait for every rank, then tear down a group we made. Without
-        the barrier a rank could destroy its group while a peer's last collective is in flight
-        (seen as an occasional SIGABRT, 'terminate called without an active exception')."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        # NCCL's barrier must be told this rank's GPU, or it picks GPU 0 for every rank.
-        if device.type == "cuda":
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
-
-
 def measure_matmul_flops(
     d: int,
     h: int,
@@ -318,7 +279,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _open_source(cfg: TrainConfig, device: torch.device, dist: _Dist) -> BatchSource:
+def _open_source(cfg: TrainConfig, device: torch.device, dist: DistContext) -> BatchSource:
     if cfg.store is None:
         raise MammoSaeError("no training data: pass --store STORE (or a BatchSource to train_sae)")
     from ..activations.store import ActivationStore
@@ -344,7 +305,7 @@ class Trainer:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
-        self.dist = _init_distributed(self.device)
+        self.dist = DistContext.from_env(self.device)
         self.source = source if source is not None else _open_source(cfg, self.device, self.dist)
         if cfg.batch_size < self.dist.world_size:
             raise MammoSaeError(
@@ -905,7 +866,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         out = self._finish(complete=self.epoch >= cfg.epochs)
-        self.dist.finish(self.device)
+        self.dist.finish()
         return out
 
     def _global_batches(self, stream: Iterator[Tensor]) -> Iterator[tuple[Tensor, int]]:
