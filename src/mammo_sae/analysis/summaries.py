@@ -618,7 +618,7 @@ def labelled_rows(
         lab = df.at[r, column]
         if concept not in lab:
             raise MammoSaeError(
-                f"concept {concept!r} has no label in the store; labelled concepts: "
+                f"unknown concept {concept!r}; labelled concepts in the store: "
                 f"{', '.join(sorted(lab)) or 'none'}"
             )
         labels.append(int(lab[concept]))
