@@ -68,14 +68,14 @@ def test_config_values_are_typed_and_typos_fail_at_dry_run(tmp_path, capsys) -> 
 
     from mammo_sae.config import from_dict
     from mammo_sae.errors import MammoSaeError
-    from mammo_sae.sae.train import TrainConfig
+    from mammo_sae.sae.train import SAETrainConfig
 
     cfg = from_dict(
-        TrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0}
+        SAETrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0}
     )
     assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.batch_size) == (1e-3, 10, False, 1024)
     with pytest.raises(MammoSaeError, match="epochs: expected int, got 'ten'"):
-        from_dict(TrainConfig, {"epochs": "ten"})
+        from_dict(SAETrainConfig, {"epochs": "ten"})
     base = Path("configs/phantom.yaml").read_text()
     cases = [
         (base.replace("  expansion: 4", "  expansoin: 4"), "unknown key(s) ['expansoin']"),

@@ -93,7 +93,7 @@ COMMANDS = (
     ),
     Command(
         ("classifier", "train"),
-        classifier.TrainConfig,
+        classifier.ClassifierTrainConfig,
         classifier.train_classifier,
         "train a concept classifier (linear probe or finetune); selects on a patient-level "
         "validation split",
@@ -124,7 +124,7 @@ COMMANDS = (
     ),
     Command(
         ("sae", "train"),
-        sae.TrainConfig,
+        sae.SAETrainConfig,
         sae.run_train,
         "train an SAE on an activation store (resumable)",
     ),

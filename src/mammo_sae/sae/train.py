@@ -120,7 +120,7 @@ class TensorSource:
 
 # ---------------------------------------------------------------------------- config
 @dataclass
-class TrainConfig(SAEHyperParams):
+class SAETrainConfig(SAEHyperParams):
     """Train an SAE on an activation store. Defaults reproduce Mammo-SAE (relu-l1, expansion 8,
     λ 3e-5 in the reference convention, batch 4096, 200 epochs, Adam, resampling every 10 epochs;
     lr 3e-4 as on the paper's page — the released code used 5e-4). The SAE's own
@@ -239,7 +239,7 @@ def measure_matmul_flops(
     return 2.0 * batch * d * h * reps / max(time.perf_counter() - t0, 1e-9)
 
 
-def matmul_dtype(cfg: TrainConfig, device: torch.device, n_weights: int) -> torch.dtype | None:
+def matmul_dtype(cfg: SAETrainConfig, device: torch.device, n_weights: int) -> torch.dtype | None:
     """bf16 operands (None: fp32) for the SAE's matmuls: `--bf16` on a GPU, or on a CPU that
     multiplies bf16 in hardware for SAEs of at least CPU_BF16_MIN_WEIGHTS weights."""
     if not cfg.bf16:
@@ -279,7 +279,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _open_source(cfg: TrainConfig, device: torch.device, dist: DistContext) -> BatchSource:
+def _open_source(cfg: SAETrainConfig, device: torch.device, dist: DistContext) -> BatchSource:
     if cfg.store is None:
         raise MammoSaeError("no training data: pass --store STORE (or a BatchSource to train_sae)")
     from ..activations.store import ActivationStore
@@ -301,7 +301,7 @@ def _open_source(cfg: TrainConfig, device: torch.device, dist: DistContext) -> B
 class Trainer:
     """Holds the SAE, optimiser, data cursor and counters; `run()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None) -> None:
+    def __init__(self, cfg: SAETrainConfig, source: BatchSource | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
@@ -912,15 +912,18 @@ class Trainer:
         return save_sae(self.sae, self.out, extra=extra)
 
 
-def train_sae(cfg: TrainConfig, source: BatchSource | None = None) -> Path:
+def train_sae(cfg: SAETrainConfig, source: BatchSource | None = None) -> Path:
     """Train (or resume) an SAE; returns the output directory, a native SAE checkpoint.
     Holds --out's writer lock throughout (rank 0 for all ranks under torchrun)."""
     with writer_lock(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0):
         return Trainer(cfg, source).run()
 
 
+# The old name, until pipeline.py imports SAETrainConfig (then delete this line).
+TrainConfig = SAETrainConfig
+
 __all__ = [
-    "TrainConfig",
+    "SAETrainConfig",
     "Trainer",
     "train_sae",
     "BatchSource",
