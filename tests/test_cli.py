@@ -385,23 +385,42 @@ def test_cli_surface_is_unchanged() -> None:
         assert now[name] == expected[name], name
 
 
-def test_domain_modules_do_not_import_the_cli() -> None:
-    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
+SRC = Path(__file__).parents[1] / "src" / "mammo_sae"
+
+
+def _imports(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, imported names) of every import statement in a module, at any depth."""
     import ast
 
-    src = Path(__file__).parents[1] / "src" / "mammo_sae"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, [node.module or ""] + [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out.append((node.lineno, [a.name for a in node.names]))
+    return out
+
+
+def test_domain_modules_do_not_import_the_cli() -> None:
+    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
     offenders = []
-    for path in sorted(src.rglob("*.py")):
-        if path.name in ("cli.py", "__main__.py") and path.parent == src:
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py") and path.parent == SRC:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [a.name for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+        for line, names in _imports(path):
             if any(n == "cli" or n.endswith(".cli") for n in names):
-                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+                offenders.append(f"{path.relative_to(SRC)}:{line}")
+    assert offenders == []
+
+
+def test_analysis_does_not_import_the_report() -> None:
+    """analysis sits below report: the HTML blocks both use live in `html_blocks`, below both."""
+    offenders = [
+        f"{path.relative_to(SRC)}:{line}"
+        for path in sorted((SRC / "analysis").rglob("*.py"))
+        for line, names in _imports(path)
+        if any(n == "report" or n.startswith(("report.", "mammo_sae.report")) for n in names)
+    ]
     assert offenders == []
 
 

@@ -425,8 +425,8 @@ def run_frames(run: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | Non
 def write_index(result: dict[str, Any], out: Path) -> Path:
     """`out/index.html`: static and offline, one section per image (thumbnail, scores, the
     top-latent table, a heatmap per latent)."""
+    from .. import html_blocks as H
     from ..io import write_text_atomic
-    from ..report import html as H
 
     sections = []
     intro = H.Section("about", "About")
