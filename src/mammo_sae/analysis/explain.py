@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, MammoSaeError
+from ..protocols import SAELike
 
 SCHEMA_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -46,7 +47,7 @@ class Explainer:
     """A classifier + SAE pair ready to explain images."""
 
     classifier: Any
-    sae: Any
+    sae: SAELike
     v_h: np.ndarray  # float64 (h,): logit weight of each latent's mean
     c: float  # constant of the SAE logit
     size_hw: tuple[int, int]  # model input size

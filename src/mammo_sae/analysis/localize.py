@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ..errors import DataError, MammoSaeError
+from ..protocols import LatentEncoder, PatchStore, SAELike
 
 Match = Literal["voc", "coco"]
 BoxScore = Literal["mean", "max"]
@@ -598,7 +599,7 @@ def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
 
 
 def select_images(
-    store: Any, concept: str, split: str | None = "test", image_set: ImageSet = "positive"
+    store: PatchStore, concept: str, split: str | None = "test", image_set: ImageSet = "positive"
 ) -> tuple[list[int], list[Any]]:
     """Store image indices (and their records) to evaluate: `summaries.labelled_rows`'s images of
     the split (one entry per image, skipped ones left out; split None or "all": every split) with
@@ -643,8 +644,8 @@ def image_detections(
 
 
 def _detect(
-    store: Any,
-    encoder: Any,
+    store: PatchStore,
+    encoder: LatentEncoder,
     latents: Sequence[int],
     indices: Sequence[int],
     records: Sequence[Any],
@@ -802,8 +803,8 @@ def oracle_ap(
 
 
 def localize(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     concept: str,
     latents: Sequence[int],
     *,
@@ -925,8 +926,8 @@ def table2(results: Mapping[str, LocalizationResult]) -> pd.DataFrame:
 
 
 def save_figure_grid(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     result: LocalizationResult,
     path: Any,
     *,
@@ -1027,8 +1028,8 @@ def _cells_on_boxes(
 
 
 def pointing_scores(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: SAELike,
     concept: str,
     *,
     split: str | None = "training",
