@@ -52,7 +52,7 @@ def synthetic(
         Label("birads", "ordinal", rng.integers(1, 6, n).astype(float)),
         Label("view", "binary", rng.integers(0, 2, n).astype(float)),
         Label("laterality", "binary", rng.integers(0, 2, n).astype(float)),
-        Label(CONFOUNDER, "binary", (rng.random(n) < 0.2).astype(float)),
+        Label(CONFOUNDER, "binary", (rng.random(n) < 0.2).astype(float), attribute=True),
     ]
     return mean, peak, labels
 

@@ -178,15 +178,15 @@ CLAIMS: list[Claim] = [
 
 def _classifier_seeds(offset: int) -> dict[str, dict[str, int]]:
     """models.{pretrain,linear_probe,finetune}.seed = the recipe's default + offset."""
-    from mammo_sae.models.train import PretrainConfig, TrainConfig
+    from mammo_sae.models.train import ClassifierTrainConfig, PretrainConfig
 
     def default(cls: type) -> int:
         return next(f.default for f in dataclasses.fields(cls) if f.name == "seed")
 
     return {
         "pretrain": {"seed": default(PretrainConfig) + offset},
-        "linear_probe": {"seed": default(TrainConfig) + offset},
-        "finetune": {"seed": default(TrainConfig) + offset},
+        "linear_probe": {"seed": default(ClassifierTrainConfig) + offset},
+        "finetune": {"seed": default(ClassifierTrainConfig) + offset},
     }
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mammo_sae.sae.train import TensorSource, TrainConfig, Trainer, measure_matmul_flops
+from mammo_sae.sae.train import SAETrainConfig, TensorSource, Trainer, measure_matmul_flops
 
 # d, h, batch. "tiny" does almost no arithmetic: its step time is the fixed per-step cost (Python,
 # kernel launches, synchronisations) that dominates small SAEs on a GPU; its MFU means nothing
@@ -109,7 +109,7 @@ def make_ours(
     compile: bool = False,
 ) -> Step:
     """Our trainer's step. bf16 None: the trainer's default rule; True/False: forced."""
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         out=Path(tmp) / architecture,
         h=h,
         batch_size=batch,

@@ -512,3 +512,13 @@ def test_separation_flags_the_confounder_latent() -> None:
     assert r["separation"] == pytest.approx(1.0)  # both fire on class 1 only
     assert r["global_separation"] == pytest.approx(5 / 9)
     assert separation_index(np.ones(3), np.ones(3)) == 0.0
+
+
+def test_the_real_store_and_sae_have_what_the_analyses_read(synth: dict[str, Any]) -> None:
+    """`protocols.PatchStore` / `SAELike` name the members the analyses use: the real classes
+    must keep them (a rename there breaks this, not a run)."""
+    from mammo_sae.protocols import LatentEncoder, PatchStore, SAELike
+
+    assert isinstance(synth["store"], PatchStore)
+    assert isinstance(synth["sae"], SAELike) and isinstance(synth["sae"], LatentEncoder)
+    assert not isinstance(object(), PatchStore) and not isinstance(object(), LatentEncoder)

@@ -39,8 +39,7 @@ def build_chain(
     from mammo_sae.activations.extract import ExtractConfig, extract
     from mammo_sae.data.phantom import PhantomConfig, generate
     from mammo_sae.models.train import train_phantom_models
-    from mammo_sae.sae.train import TrainConfig as SaeTrainConfig
-    from mammo_sae.sae.train import train_sae
+    from mammo_sae.sae.train import SAETrainConfig, train_sae
 
     data = root / "phantom"
     generate(
@@ -82,7 +81,7 @@ def build_chain(
         # TopK with centre-scale normalisation: the phantom features are tiny (‖x‖² ≈ 0.4 over
         # 640 channels), so a relu-l1 λ would need tuning per run; TopK fixes L0 instead.
         train_sae(
-            SaeTrainConfig(
+            SAETrainConfig(
                 store=out["store_finetuned_training"],
                 out=sae_dir,
                 architecture="topk",

@@ -95,6 +95,7 @@ def phantom_table(tiny_phantom: Path) -> pd.DataFrame:
             "view": [r.view for r in recs],
             "laterality": [r.laterality for r in recs],
             "extra": [r.extra for r in recs],
+            "boxes": [[[b.concept, b.x0, b.y0, b.x1, b.y1] for b in r.boxes] for r in recs],
         }
     )
 
@@ -140,6 +141,35 @@ def test_planted_latents_are_named_flagged_and_their_planted_label_comes_first(
     body = to_json(atlas)
     json.dumps(body, allow_nan=False)  # strict JSON
     assert body["label_order"][:2] == ["Mass", "No_Finding"]  # findings first, then the marker
+
+
+def test_any_boxed_attribute_is_named_and_flagged_like_the_phantom_marker() -> None:
+    """Attributes come from the data: a label whose images carry boxes of it (here `implant`,
+    not the phantom's `confounder`) is an attribute; a 0/1 label without boxes is not."""
+    rng = np.random.default_rng(1)
+    n = 40
+    implant = (np.arange(n) % 3 == 0).astype(int)
+    user = (np.arange(n) % 2 == 0).astype(int)
+    table = pd.DataFrame(
+        {
+            "image_labels": [
+                {"Mass": int(i % 5 == 0), "implant": int(implant[i]), "user_flag": int(user[i])}
+                for i in range(n)
+            ],
+            "boxes": [[["implant", 1.0, 1.0, 9.0, 9.0]] if implant[i] else [] for i in range(n)],
+        }
+    )
+    labels, _ = image_labels(table, np.arange(n))
+    assert {lab.name for lab in labels if lab.attribute} == {"implant"}
+    mean = np.zeros((n, 3))
+    mean[:, 0] = implant * rng.uniform(1, 2, n)
+    mean[:, 1] = user * rng.uniform(1, 2, n)
+    mean[:, 2] = rng.uniform(0, 1, n)
+    atlas = build_atlas(sp.csr_matrix(mean), labels, n_clusters=0, progress=False)
+    assert atlas.names[0].startswith("marker (implant) (AUROC 1.00)"), atlas.names[0]
+    assert atlas.flags[0] == ["confounder"]
+    assert atlas.names[1].startswith("user_flag + (AUROC 1.00)") and atlas.flags[1] == []
+    assert to_json(atlas)["label_order"] == ["Mass", "implant", "user_flag"]
 
 
 @pytest.fixture(scope="module")

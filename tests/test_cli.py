@@ -68,14 +68,14 @@ def test_config_values_are_typed_and_typos_fail_at_dry_run(tmp_path, capsys) -> 
 
     from mammo_sae.config import from_dict
     from mammo_sae.errors import MammoSaeError
-    from mammo_sae.sae.train import TrainConfig
+    from mammo_sae.sae.train import SAETrainConfig
 
     cfg = from_dict(
-        TrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0}
+        SAETrainConfig, {"lr": "1e-3", "epochs": "10", "bf16": "false", "batch_size": 1024.0}
     )
     assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.batch_size) == (1e-3, 10, False, 1024)
     with pytest.raises(MammoSaeError, match="epochs: expected int, got 'ten'"):
-        from_dict(TrainConfig, {"epochs": "ten"})
+        from_dict(SAETrainConfig, {"epochs": "ten"})
     base = Path("configs/phantom.yaml").read_text()
     cases = [
         (base.replace("  expansion: 4", "  expansoin: 4"), "unknown key(s) ['expansoin']"),
@@ -385,23 +385,42 @@ def test_cli_surface_is_unchanged() -> None:
         assert now[name] == expected[name], name
 
 
-def test_domain_modules_do_not_import_the_cli() -> None:
-    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
+SRC = Path(__file__).parents[1] / "src" / "mammo_sae"
+
+
+def _imports(path: Path) -> list[tuple[int, list[str]]]:
+    """(line, imported names) of every import statement in a module, at any depth."""
     import ast
 
-    src = Path(__file__).parents[1] / "src" / "mammo_sae"
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            out.append((node.lineno, [node.module or ""] + [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out.append((node.lineno, [a.name for a in node.names]))
+    return out
+
+
+def test_domain_modules_do_not_import_the_cli() -> None:
+    """The library sits under the CLI: only cli.py (and `python -m`) know the command table."""
     offenders = []
-    for path in sorted(src.rglob("*.py")):
-        if path.name in ("cli.py", "__main__.py") and path.parent == src:
+    for path in sorted(SRC.rglob("*.py")):
+        if path.name in ("cli.py", "__main__.py") and path.parent == SRC:
             continue
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = []
-            if isinstance(node, ast.ImportFrom):
-                names = [node.module or ""] + [a.name for a in node.names]
-            elif isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
+        for line, names in _imports(path):
             if any(n == "cli" or n.endswith(".cli") for n in names):
-                offenders.append(f"{path.relative_to(src)}:{node.lineno}")
+                offenders.append(f"{path.relative_to(SRC)}:{line}")
+    assert offenders == []
+
+
+def test_analysis_does_not_import_the_report() -> None:
+    """analysis sits below report: the HTML blocks both use live in `html_blocks`, below both."""
+    offenders = [
+        f"{path.relative_to(SRC)}:{line}"
+        for path in sorted((SRC / "analysis").rglob("*.py"))
+        for line, names in _imports(path)
+        if any(n == "report" or n.startswith(("report.", "mammo_sae.report")) for n in names)
+    ]
     assert offenders == []
 
 
@@ -425,3 +444,19 @@ def test_an_option_can_be_spelled_other_than_its_field() -> None:
         parser.parse_args(["--start", "3"])
     ns = build_parser().parse_args(["run", "c.yaml", "--from", "sae"])
     assert (ns.config, ns.start) == (Path("c.yaml"), "sae")
+
+
+def test_every_command_runs_from_its_config_alone() -> None:
+    """One way to pass an option: every run function takes only its config (no `progress=`
+    passed around it), and `--progress` is a config field that never changes a result."""
+    import dataclasses
+    import inspect
+
+    from mammo_sae.cli import COMMANDS
+
+    for command in COMMANDS:
+        name = " ".join(command.name)
+        assert len(inspect.signature(command.run).parameters) == 1, name
+        fields = {f.name: f for f in dataclasses.fields(command.config)}
+        if name in ("extract", "store verify", "preprocess", "ingest", "phantom"):
+            assert fields["progress"].metadata["affects_result"] is False, name

@@ -17,7 +17,7 @@ from mammo_sae.data.preprocess import preprocess_vindr
 from mammo_sae.errors import DataError
 from mammo_sae.io import write_json
 from mammo_sae.report.build import build_report
-from mammo_sae.sae.train import TensorSource, TrainConfig, train_sae
+from mammo_sae.sae.train import SAETrainConfig, TensorSource, train_sae
 
 
 def test_report_headline_names_the_recorded_split(tmp_path: Path) -> None:
@@ -76,7 +76,7 @@ def test_sae_dead_window_is_capped_at_one_epoch(tmp_path: Path) -> None:
     however many had died (the final in-sample figure said otherwise)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 8, generator=g).relu() + 0.1
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         out=tmp_path / "sae",
         expansion=8,
         batch_size=100,

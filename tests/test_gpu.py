@@ -17,7 +17,7 @@ from mammo_sae.analysis.summaries import compute_summaries
 from mammo_sae.models.checkpoints import load_classifier
 from mammo_sae.sae.checkpoints import load_sae
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
-from mammo_sae.sae.train import TensorSource, TrainConfig, train_sae
+from mammo_sae.sae.train import SAETrainConfig, TensorSource, train_sae
 
 pytestmark = pytest.mark.gpu
 
@@ -105,7 +105,7 @@ def _train(tmp: Path, device: str, x: torch.Tensor, **kw) -> dict[str, torch.Ten
         init="tied",
     )
     base.update(kw)
-    out = train_sae(TrainConfig(**base), TensorSource(x))
+    out = train_sae(SAETrainConfig(**base), TensorSource(x))
     return {k: v.detach().cpu() for k, v in load_sae(out).state_dict().items()}
 
 
@@ -126,7 +126,7 @@ def test_bf16_training_on_cuda_learns(tmp_path: Path) -> None:
     codes = torch.rand(4000, 128, generator=g) * (torch.rand(4000, 128, generator=g) < 0.03)
     x = codes @ torch.randn(128, 32, generator=g)
     out = train_sae(
-        TrainConfig(
+        SAETrainConfig(
             out=tmp_path / "bf16",
             expansion=4,
             batch_size=256,
@@ -157,7 +157,7 @@ def test_store_resident_on_gpu_trains_like_cpu(tmp_path: Path) -> None:
     weights = {}
     for device in ("cpu", "cuda"):
         out = train_sae(
-            TrainConfig(
+            SAETrainConfig(
                 store=tmp_path / "store",
                 out=tmp_path / device,
                 expansion=2,

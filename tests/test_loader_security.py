@@ -278,12 +278,12 @@ def test_cli_refuses_payloads(
 
 @pytest.fixture(scope="module")
 def sae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from mammo_sae.sae.train import TensorSource, TrainConfig, train_sae
+    from mammo_sae.sae.train import SAETrainConfig, TensorSource, train_sae
 
     out = tmp_path_factory.mktemp("sae_run") / "run"
     x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0)).relu() + 0.1
     train_sae(
-        TrainConfig(
+        SAETrainConfig(
             out=out,
             expansion=2,
             batch_size=50,
@@ -301,12 +301,12 @@ def sae_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_sae_training_state_refuses_payloads(
     tmp_path: Path, payload: tuple[Path, Path, str], sae_run: Path
 ) -> None:
-    from mammo_sae.sae.train import STATE_FILE, TensorSource, TrainConfig, train_sae
+    from mammo_sae.sae.train import STATE_FILE, SAETrainConfig, TensorSource, train_sae
 
     path, target, names = payload
     run = shutil.copytree(sae_run, tmp_path / "run")
     shutil.copyfile(path, run / STATE_FILE)
-    cfg = TrainConfig(
+    cfg = SAETrainConfig(
         out=run,
         expansion=2,
         batch_size=50,
@@ -328,7 +328,7 @@ def test_sae_training_state_refuses_payloads(
 def classifier_run(tiny_phantom: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
     from mammo_sae.models import train as T
 
-    cfg = T.TrainConfig(
+    cfg = T.ClassifierTrainConfig(
         data=tiny_phantom,
         concept="Mass",
         out=tmp_path_factory.mktemp("clf") / "run",

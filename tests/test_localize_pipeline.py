@@ -159,7 +159,7 @@ def test_localize_all_images_threshold_rules_and_confounder(store) -> None:
 def test_localize_rejects_bad_requests(store) -> None:
     with pytest.raises(MammoSaeError, match="unknown concept 'Calc'"):
         localize(store, TinySae(), "Calc", [0], progress=False)
-    with pytest.raises(MammoSaeError, match="no images"):
+    with pytest.raises(MammoSaeError, match="split 'validation' is not in the store"):
         localize(store, TinySae(), "Mass", [0], split="validation", progress=False)
     with pytest.raises(MammoSaeError, match="no latents"):
         localize(store, TinySae(), "Mass", [], progress=False)

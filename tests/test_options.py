@@ -19,7 +19,7 @@ from mammo_sae.config import (
 )
 from mammo_sae.errors import MammoSaeError
 from mammo_sae.sae.model import SAEConfig, SparseAutoencoder
-from mammo_sae.sae.train import TrainConfig as SaeTrainConfig
+from mammo_sae.sae.train import SAETrainConfig
 
 # A valid non-default value for every SAE hyper-parameter (d comes from the store, not an option).
 SAE_VALUES = {
@@ -44,7 +44,7 @@ def test_every_sae_field_has_a_test_value():
     assert all(getattr(defaults, k) != v for k, v in SAE_VALUES.items())
 
 
-def _reaches_the_sae(cfg: SaeTrainConfig, name: str) -> None:
+def _reaches_the_sae(cfg: SAETrainConfig, name: str) -> None:
     sae = SparseAutoencoder(cfg.sae_config(16), seed=0)
     assert getattr(sae.cfg, name) == SAE_VALUES[name]
 
@@ -55,7 +55,7 @@ def test_sae_field_set_from_cli(name):
     ns = build_parser().parse_args(
         ["sae", "train", "--store", "s", "--" + name.replace("_", "-"), str(value)]
     )
-    _reaches_the_sae(from_namespace(SaeTrainConfig, ns), name)
+    _reaches_the_sae(from_namespace(SAETrainConfig, ns), name)
 
 
 @pytest.mark.parametrize("name", SAE_FIELDS)
@@ -70,7 +70,7 @@ def test_sae_field_set_from_pipeline_yaml(name, tmp_path):
 
 # ------------------------------------------------------------------ keys unchanged
 def test_sae_keys_equal_the_old_hand_lists():
-    cfg = SaeTrainConfig(store="s")
+    cfg = SAETrainConfig(store="s")
     old_pipeline = {
         k: v
         for k, v in to_dict(cfg).items()
@@ -108,10 +108,10 @@ def test_sae_keys_equal_the_old_hand_lists():
 
 def test_classifier_and_phantom_keys_equal_the_old_hand_lists(tmp_path):
     from mammo_sae.data.phantom import PhantomConfig, _content_params
-    from mammo_sae.models.train import PretrainConfig, TrainConfig
+    from mammo_sae.models.train import ClassifierTrainConfig, PretrainConfig
 
     for cfg in (
-        TrainConfig(data=tmp_path, concept="Mass", init="x", out=tmp_path),
+        ClassifierTrainConfig(data=tmp_path, concept="Mass", init="x", out=tmp_path),
         PretrainConfig(data=tmp_path, out=tmp_path),
     ):
         free = ("resume", "overwrite", "progress", "workers")
@@ -122,7 +122,7 @@ def test_classifier_and_phantom_keys_equal_the_old_hand_lists(tmp_path):
     old = {
         k: v
         for k, v in to_dict(cfg).items()
-        if k not in ("out", "workers", "overwrite", "figure", "marker_size")
+        if k not in ("out", "workers", "overwrite", "figure", "marker_size", "progress")
     }
     assert _content_params(cfg) == old
     assert _content_params(PhantomConfig(out=tmp_path, marker_size=20.0))["marker_size"] == 20.0
@@ -144,12 +144,12 @@ def test_image_size_refused(value):
 
 def test_image_size_one_type_everywhere(tmp_path):
     from mammo_sae.activations.extract import ExtractConfig
-    from mammo_sae.models.train import EvalConfig, TrainConfig
+    from mammo_sae.models.train import ClassifierTrainConfig, EvalConfig
     from mammo_sae.pipeline import load_pipeline_config
 
     required = {
         ExtractConfig: ["--data", "d", "--model", "m", "--out", "o"],
-        TrainConfig: ["--data", "d", "--concept", "Mass", "--out", "o", "--init", "i"],
+        ClassifierTrainConfig: ["--data", "d", "--concept", "Mass", "--out", "o", "--init", "i"],
         EvalConfig: ["--data", "d", "--model", "m", "--concept", "Mass"],
     }
     for cls, args in required.items():
@@ -173,7 +173,7 @@ def test_image_size_one_type_everywhere(tmp_path):
                 "o",
                 "--init",
                 "i",
-            ][: None if cls is TrainConfig else (6 if cls is ExtractConfig else 8)]
+            ][: None if cls is ClassifierTrainConfig else (6 if cls is ExtractConfig else 8)]
         )
         assert parse_image_size(from_namespace(cls, ns).image_size) == (128, 80)
     for text in ("128x80", "128,80", "[128, 80]"):

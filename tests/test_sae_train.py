@@ -14,7 +14,14 @@ import torch
 from mammo_sae.cli import main
 from mammo_sae.errors import CheckpointError, MammoSaeError, StoreError
 from mammo_sae.sae.checkpoints import load_sae
-from mammo_sae.sae.train import LOG_FILE, STATE_FILE, TensorSource, TrainConfig, Trainer, train_sae
+from mammo_sae.sae.train import (
+    LOG_FILE,
+    STATE_FILE,
+    SAETrainConfig,
+    TensorSource,
+    Trainer,
+    train_sae,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +37,7 @@ def _data(n: int = 1000, d: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, d, generator=g).relu() + 0.1
 
 
-def _cfg(out: Path, **kw) -> TrainConfig:
+def _cfg(out: Path, **kw) -> SAETrainConfig:
     base = dict(
         out=out,
         expansion=4,
@@ -46,7 +53,7 @@ def _cfg(out: Path, **kw) -> TrainConfig:
         dead_window_patches=400,
     )
     base.update(kw)
-    return TrainConfig(**base)
+    return SAETrainConfig(**base)
 
 
 def _weights(out: Path) -> dict[str, torch.Tensor]:
@@ -196,7 +203,7 @@ def test_recovers_a_planted_sparse_dictionary(tmp_path, arch, lam):
     """
     x, atoms_dm = _sparse_dictionary(seed=0)
     out = train_sae(
-        TrainConfig(
+        SAETrainConfig(
             out=tmp_path / "r",
             architecture=arch,
             expansion=4,
@@ -416,12 +423,12 @@ def test_cpu_matmul_dtype_rule(monkeypatch):
 
     cpu = torch.device("cpu")
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
-    assert train_mod.matmul_dtype(TrainConfig(), cpu, 2048 * 16384) is torch.bfloat16
-    assert train_mod.matmul_dtype(TrainConfig(), cpu, 640 * 2560) is None
-    assert train_mod.matmul_dtype(TrainConfig(bf16=False), cpu, 2048 * 16384) is None
-    assert train_mod.matmul_dtype(TrainConfig(), torch.device("cuda"), 16) is torch.bfloat16
+    assert train_mod.matmul_dtype(SAETrainConfig(), cpu, 2048 * 16384) is torch.bfloat16
+    assert train_mod.matmul_dtype(SAETrainConfig(), cpu, 640 * 2560) is None
+    assert train_mod.matmul_dtype(SAETrainConfig(bf16=False), cpu, 2048 * 16384) is None
+    assert train_mod.matmul_dtype(SAETrainConfig(), torch.device("cuda"), 16) is torch.bfloat16
     monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
-    assert train_mod.matmul_dtype(TrainConfig(), cpu, 2048 * 16384) is None
+    assert train_mod.matmul_dtype(SAETrainConfig(), cpu, 2048 * 16384) is None
 
 
 def test_cpu_bf16_training_keeps_fvu_and_l0_within_half_a_percent(tmp_path, monkeypatch):
@@ -441,7 +448,7 @@ def test_cpu_bf16_training_keeps_fvu_and_l0_within_half_a_percent(tmp_path, monk
     metrics = {}
     for bf16 in (False, True):
         out = train_sae(
-            TrainConfig(
+            SAETrainConfig(
                 out=tmp_path / str(bf16),
                 bf16=bf16,
                 expansion=8,

@@ -17,7 +17,7 @@ from mammo_sae.models import train as T
 SIZE = [128, 80]  # the tiny phantom is 256x160; half size keeps every run ~1 s
 
 
-def _train_cfg(data: Path, out: Path, init: str, **kw: object) -> T.TrainConfig:
+def _train_cfg(data: Path, out: Path, init: str, **kw: object) -> T.ClassifierTrainConfig:
     base = dict(
         data=data,
         concept="Mass",
@@ -32,7 +32,7 @@ def _train_cfg(data: Path, out: Path, init: str, **kw: object) -> T.TrainConfig:
         seed=1,
     )
     base.update(kw)
-    return T.TrainConfig(**base)  # type: ignore[arg-type]
+    return T.ClassifierTrainConfig(**base)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

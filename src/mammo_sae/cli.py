@@ -10,8 +10,6 @@ A `MammoSaeError` is printed as `error: ...` with exit status 2; Ctrl-C exits 13
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,7 +93,7 @@ COMMANDS = (
     ),
     Command(
         ("classifier", "train"),
-        classifier.TrainConfig,
+        classifier.ClassifierTrainConfig,
         classifier.train_classifier,
         "train a concept classifier (linear probe or finetune); selects on a patient-level "
         "validation split",
@@ -126,7 +124,7 @@ COMMANDS = (
     ),
     Command(
         ("sae", "train"),
-        sae.TrainConfig,
+        sae.SAETrainConfig,
         sae.run_train,
         "train an SAE on an activation store (resumable)",
     ),
@@ -235,19 +233,7 @@ def add_command(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_dataclass_args(p, cfg_cls, positional=command.positional)
-    has_field = "progress" in {f.name for f in dataclasses.fields(cfg_cls)}
-    if not has_field and "progress" in inspect.signature(run).parameters:
-        # Commands whose config has no `progress` field (it would change a store's identity)
-        # still take --no-progress, passed to the run function.
-        p.add_argument(
-            "--progress",
-            action=argparse.BooleanOptionalAction,
-            default=True,
-            help="show progress bars (default: True)",
-        )
-        p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns), progress=ns.progress))
-    else:
-        p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns)))
+    p.set_defaults(_run=lambda ns: run(from_namespace(cfg_cls, ns)))
     return p
 
 

@@ -64,6 +64,12 @@ def device_opt(**kw: Any) -> Any:
     return opt("auto", help=DEVICE_HELP, **kw)
 
 
+def progress_opt(help: str = "show progress bars") -> Any:
+    """The `--progress/--no-progress` option, declared once: progress bars never change a
+    result, so the field is left out of every cache and resume key."""
+    return opt(True, affects_result=False, help=help)
+
+
 def _unwrap_optional(tp: Any) -> tuple[Any, bool]:
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):

@@ -1,8 +1,11 @@
-"""The one place a `--device` value becomes a torch.device."""
+"""The one place a `--device` value becomes a torch.device, and a process's place in a
+torchrun group (`DistContext`)."""
 
 from __future__ import annotations
 
+import datetime
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import MammoSaeError
@@ -52,3 +55,79 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         pass
     return False
+
+
+@dataclass
+class DistContext:
+    """This process's place in a torchrun group: rank 0 of 1 outside torchrun (WORLD_SIZE unset
+    or 1), where every method is a no-op. `device` is where the group's collectives run: a CUDA
+    device (NCCL, the SAE's gradient all-reduce) or None (gloo on CPU tensors, e.g. extraction's
+    control messages, which stay on gloo even on GPUs)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # this process initialised the group (torchrun CLI), so it ends it
+    device: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(
+        cls, device: Any = None, *, timeout: datetime.timedelta | None = None
+    ) -> DistContext:
+        """Join (or reuse) torchrun's process group: NCCL when `device` is a CUDA device, gloo
+        otherwise. `timeout`: how long a collective may wait (torch's default when None)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        cuda = device is not None and device.type == "cuda"
+        owns = not dist.is_initialized()
+        if owns:
+            kw = {"timeout": timeout} if timeout is not None else {}
+            dist.init_process_group("nccl" if cuda else "gloo", **kw)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(
+            dist.get_rank(), dist.get_world_size(), local_rank, owns, device if cuda else None
+        )
+
+    def all_ok(self, ok: bool) -> bool:
+        """Barrier that also tells every rank whether all ranks succeeded."""
+        if self.world_size == 1:
+            return ok
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if ok else 1], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) == 0
+
+    def barrier(self) -> None:
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        # NCCL's barrier must be told this rank's GPU, or it picks GPU 0 for every rank.
+        if self.device is not None:
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Tear down a group this process made (a caller's own group is left alone)."""
+        if self.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.owns_group = False
+
+    def finish(self) -> None:
+        """After a successful run: wait for every rank, then `close`. Without the barrier a rank
+        could destroy its group while a peer's last collective is in flight (seen as an
+        occasional SIGABRT, 'terminate called without an active exception')."""
+        self.barrier()
+        self.close()

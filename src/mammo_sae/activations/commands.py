@@ -7,7 +7,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import opt
+from ..config import opt, progress_opt
 from ..io import dumps_json
 from .extract import ExtractConfig
 
@@ -28,13 +28,14 @@ class StoreVerifyConfig:
     without hashing them)."""
 
     store: Path = opt(help="activation store directory")
+    progress: bool = progress_opt()
 
 
-def run_extract(cfg: ExtractConfig, progress: bool = True) -> int:
+def run_extract(cfg: ExtractConfig) -> int:
     from .extract import extract
     from .store import ActivationStore
 
-    path = extract(cfg, progress=progress)
+    path = extract(cfg, progress=cfg.progress)
     store = ActivationStore(path)
     failed = store.manifest.get("failed_images") or []
     print(
@@ -78,11 +79,11 @@ def run_store_info(cfg: StoreInfoConfig) -> int:
     return 0
 
 
-def run_store_verify(cfg: StoreVerifyConfig, progress: bool = True) -> int:
+def run_store_verify(cfg: StoreVerifyConfig) -> int:
     from .store import ActivationStore
 
     store = ActivationStore(cfg.store)
-    store.verify(progress=progress)
+    store.verify(progress=cfg.progress)
     print(
         f"{store.path}: every checksum matches ({len(store.manifest['shards'])} shards, "
         f"{store.n_patches} patches)",

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import os
 import random
 import sys
 import warnings
@@ -30,8 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..config import check_bounds, device_opt, opt, parse_image_size
-from ..devices import resolve_device
+from ..config import check_bounds, device_opt, opt, parse_image_size, progress_opt
+from ..devices import DistContext, resolve_device
 from ..errors import DataError, MammoSaeError, StoreError, choices_message
 from ..io import LOCK_NAME, portable_path, read_json, sha256_json, write_json, writer_lock
 from . import store as store_format
@@ -81,6 +80,7 @@ class ExtractConfig:
     max_images: int | None = opt(None, min=1, help="extract only the first N records")
     device: str = device_opt()
     autocast: bool = opt(False, help="bfloat16 autocast forward on CUDA (faster, not bit-faithful)")
+    progress: bool = progress_opt()
 
 
 # --------------------------------------------------------------------------- helpers
@@ -251,49 +251,6 @@ def _shard_batches(
     return out
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @classmethod
-    def from_env(cls) -> _Dist:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        if world <= 1:
-            return cls()
-        import torch.distributed as dist
-
-        owns = False
-        if not dist.is_initialized():
-            # gloo even on GPUs: only tiny control messages travel between ranks.
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
-            owns = True
-        return cls(
-            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns
-        )
-
-    def all_ok(self, ok: bool) -> bool:
-        """Barrier that also tells every rank whether all ranks succeeded."""
-        if self.world == 1:
-            return ok
-        import torch.distributed as dist
-
-        flag = torch.tensor([0 if ok else 1])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item()) == 0
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
 # --------------------------------------------------------------------------- extraction
 
 
@@ -337,7 +294,8 @@ def extract(
     """Run (or resume) an extraction; returns the store path. See ExtractConfig."""
     _validate(cfg)
     torch.set_flush_denormal(True)  # denormals in SE/Swish slow CPU convolutions ~6×
-    dist = _Dist.from_env()
+    # gloo even on GPUs: only tiny control messages travel between ranks.
+    dist = DistContext.from_env(timeout=datetime.timedelta(hours=24))
     try:
         with contextlib.ExitStack() as stack:
             # Rank 0 holds the store's writer lock for all ranks; every rank learns if it failed.
@@ -355,7 +313,7 @@ def extract(
 
 def _extract(
     cfg: ExtractConfig,
-    dist: _Dist,
+    dist: DistContext,
     records: Sequence[Any] | None,
     encoder: torch.nn.Module | None,
     model_info: dict[str, Any] | None,
@@ -429,7 +387,7 @@ def _extract(
         raise problem or StoreError(f"could not create {manifest_path}")
 
     n_shards = manifest["n_shards"]
-    mine = [k for k in range(n_shards) if k % dist.world == dist.rank]
+    mine = [k for k in range(n_shards) if k % dist.world_size == dist.rank]
     todo = [k for k in mine if store_format.read_shard_record(root, k) is None]
     store_format.remove_stale_temporaries(root, todo)
     error: BaseException | None = None
@@ -500,7 +458,7 @@ def _extract_shards(
     image_labels: list[dict[str, int]],
     encoder: torch.nn.Module,
     d: int,
-    dist: _Dist,
+    dist: DistContext,
     progress: bool,
 ) -> None:
     from tqdm import tqdm

@@ -6,7 +6,8 @@ Per latent j, over the selected images (no backbone or SAE pass: `summaries.mean
   and the normalised entropy of its activation mass over images (1 = spread evenly over every
   image, 0 = all in one image);
 - association with every label of the dataset that varies over the images: binary labels
-  (findings, the phantom's `confounder` marker, view = MLO, laterality = R, any 0/1 user label)
+  (findings, attributes such as the phantom's `confounder` marker, view = MLO, laterality = R,
+  any 0/1 user label)
   by the AUROC of the image mean activation, with the Mann–Whitney U normal approximation
   (tie- and continuity-corrected) for its p-value; ordinal labels (density, BI-RADS, any other
   integer label) by Spearman's ρ with the t approximation. Benjamini–Hochberg q-values over all
@@ -18,7 +19,10 @@ Per latent j, over the selected images (no backbone or SAE pass: `summaries.mean
 - effect on each classifier's logit: v_j = w · W_dec[:, j] (the pooled identity, `sae_readout`);
 - an automatic name from its strongest significant associations and spatial profile, e.g.
   "Mass + (AUROC 0.93) · upper · dense (ρ 0.41)", or "unexplained"; flags (confounder,
-  off_breast, border, dead);
+  off_breast, border, dead). An attribute is a label whose images carry boxes of it
+  (`ImageRecord.attribute_boxes`, e.g. the phantom's marker): the data names them, and a latent
+  that follows one (its strongest association, or its mass inside the boxes) is flagged as a
+  possible confounder;
 - a co-activation cluster: spherical k-means on the latents' binary firing patterns over a
   subsample of images (sparse products only).
 
@@ -36,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy import stats as sps
 
-from ..data.records import CONFOUNDER, FINDING_CONCEPTS
+from ..data.records import FINDING_CONCEPTS, is_attribute
 from ..errors import MammoSaeError
 
 SCHEMA_VERSION = 1
@@ -44,9 +48,11 @@ SCHEMA_VERSION = 1
 # off the breast / on the border ring / in the marker box.
 THIRD = 1.0 / 3.0
 SPATIAL_SHARE = 0.5
-# Words for the two directions of non-finding labels (positive association, negative).
+# The flag of a latent that follows an attribute (a possible confounder of the findings).
+CONFOUNDER_FLAG = "confounder"
+# Words for the two directions of non-finding labels (positive association, negative);
+# an attribute's are `Label.words`'s.
 DIRECTION_WORDS: dict[str, tuple[str, str]] = {
-    CONFOUNDER: ("marker (confounder)", "no marker"),
     "view": ("MLO", "CC"),
     "laterality": ("right", "left"),
     "density": ("dense", "fatty"),
@@ -61,8 +67,11 @@ class Label:
     name: str
     kind: str  # "binary" (AUROC) | "ordinal" (Spearman)
     values: np.ndarray  # float64 (n,)
+    attribute: bool = False  # the images carry boxes of it (`ImageRecord.attribute_boxes`)
 
     def words(self) -> tuple[str, str]:
+        if self.attribute:
+            return (f"marker ({self.name})", "no marker")
         if self.name in DIRECTION_WORDS:
             return DIRECTION_WORDS[self.name]
         return (
@@ -76,12 +85,14 @@ def image_labels(
     images: Any, rows: np.ndarray, column: str = "image_labels"
 ) -> tuple[list[Label], dict[str, str]]:
     """Every label of the store's image table that varies over `rows`, and why others were left
-    out ({name: reason}). Label-dict entries (findings, density, birads, confounder, user
-    labels), then view (1 = MLO) and laterality (1 = R), then numeric `extra` fields."""
+    out ({name: reason}). Label-dict entries (findings, density, birads, attributes, user
+    labels), then view (1 = MLO) and laterality (1 = R), then numeric `extra` fields. A
+    label-dict entry is an attribute when some of the images carry boxes of it."""
     if column not in images:
         column = "labels"
     dicts = [images.at[int(r), column] for r in rows]
     names = list(dict.fromkeys(k for d in dicts for k in d))
+    attributes = attribute_names(images, rows)
     out: list[Label] = []
     skipped: dict[str, str] = {}
 
@@ -99,7 +110,7 @@ def image_labels(
             skipped[name] = f"constant ({uniq[0]:g})" if len(uniq) else "no images"
             return
         kind = "binary" if set(uniq.tolist()) <= {0.0, 1.0} else "ordinal"
-        out.append(Label(name, kind, v))
+        out.append(Label(name, kind, v, attribute=name in attributes))
 
     for name in names:
         add(name, [d.get(name, math.nan) for d in dicts])
@@ -116,6 +127,19 @@ def image_labels(
             if name != "n_rows" and name not in names:  # n_rows: CSV rows per image, not a label
                 add(name, [e.get(name, math.nan) for e in extras])
     return out, skipped
+
+
+def attribute_names(images: Any, rows: np.ndarray) -> set[str]:
+    """Concepts of the attribute boxes (`records.is_attribute`) on the image table's `rows`:
+    rows of the table's `boxes` column are `[concept, x0, y0, x1, y1]`."""
+    if "boxes" not in images:
+        return set()
+    return {
+        str(box[0])
+        for r in rows
+        for box in images.at[int(r), "boxes"] or ()
+        if is_attribute(str(box[0]))
+    }
 
 
 # --------------------------------------------------------------------------- ranks
@@ -495,17 +519,17 @@ def _describe(
             stat = f"AUROC {effect[j, k]:.2f}" if lab.kind == "binary" else f"ρ {effect[j, k]:.2f}"
             parts.append(f"{word} ({stat})")
         where, f = _spatial_words(cols, j)
-        # A marker latent: the marker is its strongest named association (a Mass latent whose
+        # A marker latent: an attribute is its strongest named association (a Mass latent whose
         # AUROC for the marker is high only because the marker follows Mass is not one).
         first = order[0] if len(order) else None
         if (
             first is not None
-            and labels[first].name == CONFOUNDER
+            and labels[first].attribute
             and named[j, first]
             and effect[j, first] > 0.5
-            and "confounder" not in f
+            and CONFOUNDER_FLAG not in f
         ):
-            f.insert(0, "confounder")
+            f.insert(0, CONFOUNDER_FLAG)
         if cols["images_active"][j] == 0:
             names.append("dead (never active)")
             flags.append(["dead"])
@@ -520,7 +544,7 @@ def _spatial_words(cols: dict[str, np.ndarray], j: int) -> tuple[list[str], list
     down, across = cols["com_down"][j], cols["com_across"][j]
     if cols["marker_box_share"][j] >= SPATIAL_SHARE:
         words.append("on the marker")
-        flags.append("confounder")
+        flags.append(CONFOUNDER_FLAG)
     if cols["off_breast"][j] >= SPATIAL_SHARE:
         words.append("off-breast")
         flags.append("off_breast")
@@ -535,9 +559,10 @@ def _spatial_words(cols: dict[str, np.ndarray], j: int) -> tuple[list[str], list
 
 
 def planted_first(atlas: Atlas) -> list[str]:
-    """Label names in the order the planted/known concepts come (findings, marker, density,
-    BI-RADS, view, laterality, then user labels): for tables."""
-    known = [*FINDING_CONCEPTS, CONFOUNDER, "density", "birads", "view", "laterality"]
+    """Label names in the order the planted/known concepts come (findings, attributes such as
+    the phantom's marker, density, BI-RADS, view, laterality, then user labels): for tables."""
+    attributes = [lab.name for lab in atlas.labels if lab.attribute]
+    known = [*FINDING_CONCEPTS, *attributes, "density", "birads", "view", "laterality"]
     rank = {name: i for i, name in enumerate(known)}
     return sorted((lab.name for lab in atlas.labels), key=lambda x: (rank.get(x, len(rank)), x))
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, MammoSaeError
+from ..protocols import SAELike
 
 SCHEMA_VERSION = 1
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -46,7 +47,7 @@ class Explainer:
     """A classifier + SAE pair ready to explain images."""
 
     classifier: Any
-    sae: Any
+    sae: SAELike
     v_h: np.ndarray  # float64 (h,): logit weight of each latent's mean
     c: float  # constant of the SAE logit
     size_hw: tuple[int, int]  # model input size
@@ -425,8 +426,8 @@ def run_frames(run: Path) -> tuple[tuple[int, int] | None, tuple[int, int] | Non
 def write_index(result: dict[str, Any], out: Path) -> Path:
     """`out/index.html`: static and offline, one section per image (thumbnail, scores, the
     top-latent table, a heatmap per latent)."""
+    from .. import html_blocks as H
     from ..io import write_text_atomic
-    from ..report import html as H
 
     sections = []
     intro = H.Section("about", "About")

@@ -34,6 +34,7 @@ import pandas as pd
 from scipy import ndimage
 
 from ..errors import DataError, MammoSaeError
+from ..protocols import LatentEncoder, PatchStore, SAELike
 
 Match = Literal["voc", "coco"]
 BoxScore = Literal["mean", "max"]
@@ -598,38 +599,23 @@ def unique_boxes(boxes: Sequence[Any]) -> np.ndarray:
 
 
 def select_images(
-    store: Any, concept: str, split: str | None = "test", image_set: ImageSet = "positive"
+    store: PatchStore, concept: str, split: str | None = "test", image_set: ImageSet = "positive"
 ) -> tuple[list[int], list[Any]]:
-    """Store image indices (and their records) to evaluate: the split's images with label 1
-    for the concept (`positive`), or all of the split's images (`all`); split None or "all"
-    takes every split. Images the store skipped (failed to load) are left out."""
+    """Store image indices (and their records) to evaluate: `summaries.labelled_rows`'s images of
+    the split (one entry per image, skipped ones left out; split None or "all": every split) with
+    label 1 for the concept (`positive`), or all of them (`all`)."""
+    from .summaries import labelled_rows
+
     if image_set not in ("positive", "all"):
         raise MammoSaeError(f"unknown image set {image_set!r}; valid: positive, all")
-    records = list(store.records())
-    if len(records) != store.n_images:
-        raise DataError(f"store has {store.n_images} images but {len(records)} records")
-    known = sorted(
-        {c for r in records for c in r.labels} | {b.concept for r in records for b in r.boxes}
-    )
-    if concept not in known:
-        raise DataError(f"unknown concept {concept!r}; valid: {', '.join(known)}")
-    splits = [r.split for r in records]
-    ok = np.asarray(getattr(store, "ok_mask", np.ones(len(records), dtype=bool)), dtype=bool)
-    # Row-level stores repeat an image once per CSV row: score each image once (its first
-    # row), positive if any of its rows is.
-    first: dict[str, int] = {}
-    positive: set[str] = set()
-    every = split in (None, "", "all")  # as `extract`, `probe` and `labelled_rows` read it
-    for i, r in enumerate(records):
-        if ok[i] and (every or splits[i] == split):
-            first.setdefault(r.image_id, i)
-            if r.labels.get(concept) == 1:
-                positive.add(r.image_id)
-    chosen = [i for image_id, i in first.items() if image_set == "all" or image_id in positive]
+    level = store.manifest.get("level", "image")
+    rows, y = labelled_rows(store.images, concept, split=split, store_level=level)
+    chosen = [int(i) for i, label in zip(rows, y) if image_set == "all" or label == 1]
     if not chosen:
         what = f"images with {concept} = 1" if image_set == "positive" else "images"
-        where = "the store" if every else f"split {split!r}"
-        raise DataError(f"no {what} in {where} (splits present: {sorted(set(splits))})")
+        where = f"split {split!r}" if split not in (None, "", "all") else "the store"
+        raise DataError(f"no {what} in {where}")
+    records = store.records()
     return chosen, [records[i] for i in chosen]
 
 
@@ -658,8 +644,8 @@ def image_detections(
 
 
 def _detect(
-    store: Any,
-    encoder: Any,
+    store: PatchStore,
+    encoder: LatentEncoder,
     latents: Sequence[int],
     indices: Sequence[int],
     records: Sequence[Any],
@@ -817,8 +803,8 @@ def oracle_ap(
 
 
 def localize(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     concept: str,
     latents: Sequence[int],
     *,
@@ -940,8 +926,8 @@ def table2(results: Mapping[str, LocalizationResult]) -> pd.DataFrame:
 
 
 def save_figure_grid(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     result: LocalizationResult,
     path: Any,
     *,
@@ -1042,8 +1028,8 @@ def _cells_on_boxes(
 
 
 def pointing_scores(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: SAELike,
     concept: str,
     *,
     split: str | None = "training",

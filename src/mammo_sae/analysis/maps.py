@@ -13,16 +13,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..errors import MammoSaeError, StoreError
+from ..protocols import LatentEncoder, PatchStore
 
 
-def _grids(store: Any) -> np.ndarray:
+def _grids(store: PatchStore) -> np.ndarray:
     """(n_images, 2) grid sizes, indexed by image index."""
     images = store.images
     missing = {"grid_h", "grid_w"} - set(images.columns)
@@ -34,14 +34,14 @@ def _grids(store: Any) -> np.ndarray:
     return grids
 
 
-def _sae_device(sae: Any) -> torch.device:
+def _sae_device(sae: LatentEncoder) -> torch.device:
     try:
         return next(sae.parameters()).device
     except (AttributeError, StopIteration, TypeError):
         return torch.device("cpu")
 
 
-def _encode_rows(sae: Any, acts_nd: np.ndarray, latents: np.ndarray) -> np.ndarray:
+def _encode_rows(sae: LatentEncoder, acts_nd: np.ndarray, latents: np.ndarray) -> np.ndarray:
     """The chosen latents of `sae.encode` for a batch of rows, as float32 numpy."""
     x_nd = torch.from_numpy(np.ascontiguousarray(acts_nd, dtype=np.float32)).to(_sae_device(sae))
     with torch.no_grad():
@@ -51,7 +51,7 @@ def _encode_rows(sae: Any, acts_nd: np.ndarray, latents: np.ndarray) -> np.ndarr
     return np.asarray(z_nh, dtype=np.float32)[:, latents]
 
 
-def _check_latents(sae: Any, latents: Sequence[int]) -> np.ndarray:
+def _check_latents(sae: LatentEncoder, latents: Sequence[int]) -> np.ndarray:
     lat = np.asarray([int(j) for j in latents], dtype=np.int64)
     h = getattr(sae, "h", None)
     if lat.size == 0:
@@ -63,7 +63,7 @@ def _check_latents(sae: Any, latents: Sequence[int]) -> np.ndarray:
 
 
 def _load_patches(
-    store: Any, i: int, grids: np.ndarray
+    store: PatchStore, i: int, grids: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
     if not 0 <= i < store.n_images:
         raise StoreError(f"image index {i} out of range (store has {store.n_images} images)")
@@ -81,8 +81,8 @@ def _load_patches(
 
 
 def iter_latent_maps(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     latents: Sequence[int],
     image_indices: Sequence[int],
     *,
@@ -119,8 +119,8 @@ def iter_latent_maps(
 
 
 def latent_maps(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: LatentEncoder,
     latents: Sequence[int],
     image_indices: Sequence[int],
     *,
@@ -231,7 +231,7 @@ def _arch_centres(
 
 
 def receptive_field_centres(
-    store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int]
+    store: PatchStore, frame_hw: tuple[int, int], grid_hw: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """(rows, cols) receptive-field centres, in frame pixels, of a store image's map cells, from
     the encoder architecture and layer in the store's manifest; None when the architecture is
@@ -259,7 +259,10 @@ ALIGNMENTS = ("receptive-field", "even")
 
 
 def heatmap_centres(
-    store: Any, frame_hw: tuple[int, int], grid_hw: tuple[int, int], align: str = "receptive-field"
+    store: PatchStore,
+    frame_hw: tuple[int, int],
+    grid_hw: tuple[int, int],
+    align: str = "receptive-field",
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The `centres` to give `upsample` for an alignment: `receptive-field` (each cell at its
     receptive-field centre, evenly laid when the store's architecture is unknown) or `even`

@@ -302,7 +302,7 @@ class _Thumbs:
 
 
 def _tile(src: str | None, caption: str) -> str:
-    from ..report import html as H
+    from .. import html_blocks as H
 
     if src:
         return H.figure(src, caption, width=120)
@@ -324,8 +324,8 @@ def write_index(
     """`out/index.html`: the query and its neighbours per method as thumbnails; static, offline."""
     from tqdm.auto import tqdm
 
-    from ..report import html as H
-    from ..report.latents import short_id
+    from .. import html_blocks as H
+    from ..html_blocks import short_id
 
     thumbs = _Thumbs(store, out)
     ids = store.images["image_id"].astype(str).tolist()

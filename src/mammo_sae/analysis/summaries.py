@@ -36,6 +36,7 @@ import scipy.sparse as sp
 
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
+from ..protocols import LatentEncoder, PatchStore, SAELike
 
 SCHEMA_VERSION = 4  # 4: border and centre-of-mass sums (latent atlas)
 OFF_BREAST_TISSUE = 0.5  # a cell with less breast-mask coverage than this is "outside the breast"
@@ -241,7 +242,7 @@ def load_summaries(npz_path: Path, json_path: Path | None = None) -> LatentSumma
 
 
 # --------------------------------------------------------------------------- computing
-def _sae_device(sae: Any) -> Any:
+def _sae_device(sae: LatentEncoder) -> Any:
     import torch
 
     try:
@@ -302,8 +303,8 @@ def _cell_positions(
 
 
 def compute_summaries(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: SAELike,
     *,
     batch_rows: int = 8192,
     progress: bool = True,
@@ -482,8 +483,8 @@ def _cached(npz_path: Path, json_path: Path) -> LatentSummaries | None:
 
 
 def summarize(
-    store: Any,
-    sae: Any,
+    store: PatchStore,
+    sae: SAELike,
     *,
     store_sha: str,
     sae_sha: str,
@@ -618,7 +619,7 @@ def labelled_rows(
         lab = df.at[r, column]
         if concept not in lab:
             raise MammoSaeError(
-                f"concept {concept!r} has no label in the store; labelled concepts: "
+                f"unknown concept {concept!r}; labelled concepts in the store: "
                 f"{', '.join(sorted(lab)) or 'none'}"
             )
         labels.append(int(lab[concept]))

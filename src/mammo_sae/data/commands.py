@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import opt
+from ..config import opt, progress_opt
 from ..errors import DataError
 from ..io import dumps_json, write_json, writer_lock
 
@@ -67,9 +67,10 @@ class PreprocessConfig:
     on_missing: Literal["error", "skip"] = opt(
         "error", help="missing DICOM files: fail or skip them"
     )
+    progress: bool = progress_opt()
 
 
-def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
+def run_preprocess(cfg: PreprocessConfig) -> int:
     from .preprocess import preprocess_vindr
 
     if cfg.height < 16 or cfg.width < 16:
@@ -83,7 +84,7 @@ def run_preprocess(cfg: PreprocessConfig, progress: bool = True) -> int:
             out_hw=(cfg.height, cfg.width),
             workers=max(1, cfg.workers),
             on_missing=cfg.on_missing,
-            progress=progress,
+            progress=cfg.progress,
         )
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0
@@ -124,9 +125,10 @@ class IngestConfig:
     )
     seed: int = opt(0, help="seed of the split assignment")
     workers: int = opt(1, min=0, help="parallel worker processes")
+    progress: bool = progress_opt()
 
 
-def run_ingest(cfg: IngestConfig, progress: bool = True) -> int:
+def run_ingest(cfg: IngestConfig) -> int:
     from .ingest import ingest
 
     result = ingest(
@@ -139,7 +141,7 @@ def run_ingest(cfg: IngestConfig, progress: bool = True) -> int:
         test_fraction=cfg.test_fraction,
         seed=cfg.seed,
         workers=max(1, cfg.workers),
-        progress=progress,
+        progress=cfg.progress,
     )
     sys.stdout.write(dumps_json(result.as_dict()))
     return 0

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import __version__
-from ..config import opt, result_settings
+from ..config import opt, progress_opt, result_settings
 from ..errors import DataError
 from ..io import atomic_path, read_json, write_json, write_text_atomic
 from .records import FINDING_CONCEPTS, FOLDS_COLUMNS, Box, check_ids
@@ -122,6 +122,7 @@ class PhantomConfig:
     figure: Path | None = opt(
         None, affects_result=False, help="also write a PNG grid of images with their boxes here"
     )
+    progress: bool = progress_opt()
 
 
 @dataclass(frozen=True)

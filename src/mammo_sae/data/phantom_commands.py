@@ -8,10 +8,10 @@ from ..io import writer_lock
 from .phantom import PhantomConfig
 
 
-def run_phantom(cfg: PhantomConfig, progress: bool = True) -> int:
+def run_phantom(cfg: PhantomConfig) -> int:
     from .phantom import generate
 
     with writer_lock(cfg.out):
-        summary = generate(cfg, progress=progress)
+        summary = generate(cfg, progress=cfg.progress)
     print(json.dumps({"out": str(cfg.out), **summary}, indent=2))
     return 0

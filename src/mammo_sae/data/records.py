@@ -115,6 +115,12 @@ def check_ids(values: Iterable[object], column: str, source: object) -> None:
         )
 
 
+def is_attribute(concept: str) -> bool:
+    """Whether a box's concept marks a per-image attribute rather than a finding: any concept
+    that is not one of `FINDING_CONCEPTS` (e.g. the phantom's `confounder` marker)."""
+    return concept not in FINDING_CONCEPTS
+
+
 @dataclass(frozen=True)
 class Box:
     """A ground-truth box of one concept, in model-input pixels (x0 < x1, y0 < y1)."""
@@ -162,10 +168,10 @@ class ImageRecord:
         return tuple(b for b in self.boxes if b.concept == concept)
 
     def attribute_boxes(self) -> tuple[Box, ...]:
-        """Boxes that mark a per-image attribute's region rather than a finding (any box whose
-        concept is not one of `FINDING_CONCEPTS`, e.g. the phantom's `confounder` marker): the
-        latent summaries measure how much of a latent's mass on such images falls inside them."""
-        return tuple(b for b in self.boxes if b.concept not in FINDING_CONCEPTS)
+        """Boxes that mark a per-image attribute's region rather than a finding
+        (`is_attribute`): the latent summaries measure how much of a latent's mass on such
+        images falls inside them, and the atlas names latents that follow such an attribute."""
+        return tuple(b for b in self.boxes if is_attribute(b.concept))
 
     def with_split(self, split: str) -> ImageRecord:
         return dataclasses.replace(self, split=split)

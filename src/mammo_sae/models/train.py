@@ -5,7 +5,7 @@ Three entry points, each driven by a config dataclass (the CLI options of `mammo
 * `pretrain(PretrainConfig)`: a pretext task that uses no finding labels (density 4-class, view
   CC/MLO, laterality L/R heads on the pooled final map) -> an image encoder in our own format.
   This makes the phantom's "pretrained" backbone.
-* `train_classifier(TrainConfig)`: `--mode linear-probe` freezes the encoder *including its
+* `train_classifier(ClassifierTrainConfig)`: `--mode linear-probe` freezes the encoder *including its
   BatchNorm statistics* (the encoder stays in eval mode) and trains only the head;
   `--mode finetune` trains everything. Mammo-CLIP's recipe by default (AdamW lr 5e-5, wd 1e-4,
   one epoch of linear warm-up then cosine, BCE with pos_weight = negatives/positives, dropout 0.4
@@ -69,7 +69,7 @@ _LATERALITY = {"L": 0, "R": 1}
 
 
 @dataclass
-class TrainConfig:
+class ClassifierTrainConfig:
     """Train a concept head on an image encoder (linear probe) or the whole network (finetune).
 
     The validation split that picks the best epoch is carved from the training split by patient
@@ -839,7 +839,7 @@ class StandardizedProbe(nn.Module):
 
 
 def _selection_records(
-    cfg: TrainConfig, records: list[ImageRecord]
+    cfg: ClassifierTrainConfig, records: list[ImageRecord]
 ) -> tuple[list[ImageRecord], list[ImageRecord]]:
     if cfg.select_on == "test":
         train = [r for r in records if r.split == "training"]
@@ -863,14 +863,14 @@ TEST_SELECTION_WARNING = (
 )
 
 
-def train_classifier(cfg: TrainConfig) -> dict[str, Any]:
+def train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
     """Linear probe or finetune of a concept classifier; OUT/model is the selected epoch.
     Holds --out's writer lock throughout."""
     with writer_lock(cfg.out):
         return _train_classifier(cfg)
 
 
-def _train_classifier(cfg: TrainConfig) -> dict[str, Any]:
+def _train_classifier(cfg: ClassifierTrainConfig) -> dict[str, Any]:
     from ..data.vindr import load_records
     from .classifier import ConceptClassifier
 
@@ -1306,7 +1306,7 @@ def train_phantom_models(
                 "mode": mode,
                 **base,
             }
-            cfg = run(TrainConfig, fields, overrides, train_classifier, run_dir)
+            cfg = run(ClassifierTrainConfig, fields, overrides, train_classifier, run_dir)
             model_path = paths[f"{concept}/{variant}"] = run_dir / "model"
             if evaluate_split:
                 evaluate_classifier(
@@ -1330,3 +1330,7 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     if not path.exists():
         return False
     return not changed_settings(cfg, read_json(path).get("config", {}))
+
+
+# The old name, until pipeline.py imports ClassifierTrainConfig (then delete this line).
+TrainConfig = ClassifierTrainConfig

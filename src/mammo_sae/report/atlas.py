@@ -15,9 +15,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .. import html_blocks as H
 from ..errors import MammoSaeError
 from ..io import read_json, write_text_atomic
-from . import html as H
 
 if TYPE_CHECKING:
     from .build import ReportBuilder

@@ -30,9 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .. import html_blocks as H
 from ..errors import MammoSaeError
+from ..html_blocks import short_id
 from ..io import write_text_atomic
-from . import html as H
 from .figures import plot_activation_histogram
 
 if TYPE_CHECKING:
@@ -95,11 +96,6 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-
-
-def short_id(image_id: str) -> str:
-    """VinDr ids are 32 hex digits: the first 12 identify an image well enough on a figure."""
-    return image_id if len(image_id) <= 14 else image_id[:12] + "…"
 
 
 def list_model(label: str) -> str:

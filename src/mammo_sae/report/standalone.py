@@ -21,10 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import html_blocks as H
 from ..errors import MammoSaeError
 from ..io import read_json, write_json
 from ..layout import ModelEntry, RunLayout
-from . import html as H
 from .build import ReportBuilder
 
 # Output kind -> (file that marks it, command that writes it, report part it feeds).

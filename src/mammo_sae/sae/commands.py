@@ -9,7 +9,7 @@ from typing import Literal
 
 from ..config import opt
 from ..io import dumps_json
-from .train import TrainConfig
+from .train import SAETrainConfig
 
 
 @dataclass
@@ -39,7 +39,7 @@ class InfoConfig:
     sae: Path = opt(help="SAE checkpoint (native directory, SAELens folder or MammoSAE .pt)")
 
 
-def run_train(cfg: TrainConfig) -> int:
+def run_train(cfg: SAETrainConfig) -> int:
     from .train import train_sae
 
     out = train_sae(cfg)

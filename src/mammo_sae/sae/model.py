@@ -39,7 +39,7 @@ Architecture = Literal["relu-l1", "topk", "batchtopk"]
 @dataclass
 class SAEHyperParams:
     """An SAE's hyper-parameters (architecture and loss), declared once: `SAEConfig` adds the
-    input dimension d, and `sae train`'s TrainConfig inherits them as its options (CLI flags and
+    input dimension d, and `sae train`'s SAETrainConfig inherits them as its options (CLI flags and
     the pipeline's `sae:` keys), so a new one reaches the trainer without being copied."""
 
     architecture: Architecture = opt("relu-l1", help="relu-l1 (Mammo-SAE), topk or batchtopk")

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..config import changed_settings, device_opt, opt, to_dict
-from ..devices import cpu_has_native_bf16, resolve_device
+from ..devices import DistContext, cpu_has_native_bf16, resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import (
     atomic_path,
@@ -120,7 +120,7 @@ class TensorSource:
 
 # ---------------------------------------------------------------------------- config
 @dataclass
-class TrainConfig(SAEHyperParams):
+class SAETrainConfig(SAEHyperParams):
     """Train an SAE on an activation store. Defaults reproduce Mammo-SAE (relu-l1, expansion 8,
     λ 3e-5 in the reference convention, batch 4096, 200 epochs, Adam, resampling every 10 epochs;
     lr 3e-4 as on the paper's page — the released code used 5e-4). The SAE's own
@@ -217,45 +217,6 @@ class TrainConfig(SAEHyperParams):
 
 
 # ---------------------------------------------------------------------------- helpers
-@dataclass
-class _Dist:
-    rank: int = 0
-    world_size: int = 1
-    owns_group: bool = False  # this trainer initialised the process group (torchrun CLI)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def finish(self, device: torch.device) -> None:
-        """After a successful run: wait for every rank, then tear down a group we made. Without
-        the barrier a rank could destroy its group while a peer's last collective is in flight
-        (seen as an occasional SIGABRT, 'terminate called without an active exception')."""
-        if self.world_size == 1:
-            return
-        import torch.distributed as dist
-
-        # NCCL's barrier must be told this rank's GPU, or it picks GPU 0 for every rank.
-        if device.type == "cuda":
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
-        if self.owns_group:
-            dist.destroy_process_group()
-
-
-def _init_distributed(device: torch.device) -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return _Dist()
-    import torch.distributed as dist
-
-    owns = not dist.is_initialized()
-    if owns:
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return _Dist(dist.get_rank(), dist.get_world_size(), owns)
-
-
 def measure_matmul_flops(
     d: int,
     h: int,
@@ -278,7 +239,7 @@ def measure_matmul_flops(
     return 2.0 * batch * d * h * reps / max(time.perf_counter() - t0, 1e-9)
 
 
-def matmul_dtype(cfg: TrainConfig, device: torch.device, n_weights: int) -> torch.dtype | None:
+def matmul_dtype(cfg: SAETrainConfig, device: torch.device, n_weights: int) -> torch.dtype | None:
     """bf16 operands (None: fp32) for the SAE's matmuls: `--bf16` on a GPU, or on a CPU that
     multiplies bf16 in hardware for SAEs of at least CPU_BF16_MIN_WEIGHTS weights."""
     if not cfg.bf16:
@@ -318,7 +279,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _open_source(cfg: TrainConfig, device: torch.device, dist: _Dist) -> BatchSource:
+def _open_source(cfg: SAETrainConfig, device: torch.device, dist: DistContext) -> BatchSource:
     if cfg.store is None:
         raise MammoSaeError("no training data: pass --store STORE (or a BatchSource to train_sae)")
     from ..activations.store import ActivationStore
@@ -340,11 +301,11 @@ def _open_source(cfg: TrainConfig, device: torch.device, dist: _Dist) -> BatchSo
 class Trainer:
     """Holds the SAE, optimiser, data cursor and counters; `run()` trains to the end."""
 
-    def __init__(self, cfg: TrainConfig, source: BatchSource | None = None) -> None:
+    def __init__(self, cfg: SAETrainConfig, source: BatchSource | None = None) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.device = resolve_device(cfg.device)
-        self.dist = _init_distributed(self.device)
+        self.dist = DistContext.from_env(self.device)
         self.source = source if source is not None else _open_source(cfg, self.device, self.dist)
         if cfg.batch_size < self.dist.world_size:
             raise MammoSaeError(
@@ -905,7 +866,7 @@ class Trainer:
             if bar is not None:
                 bar.close()
         out = self._finish(complete=self.epoch >= cfg.epochs)
-        self.dist.finish(self.device)
+        self.dist.finish()
         return out
 
     def _global_batches(self, stream: Iterator[Tensor]) -> Iterator[tuple[Tensor, int]]:
@@ -951,15 +912,18 @@ class Trainer:
         return save_sae(self.sae, self.out, extra=extra)
 
 
-def train_sae(cfg: TrainConfig, source: BatchSource | None = None) -> Path:
+def train_sae(cfg: SAETrainConfig, source: BatchSource | None = None) -> Path:
     """Train (or resume) an SAE; returns the output directory, a native SAE checkpoint.
     Holds --out's writer lock throughout (rank 0 for all ranks under torchrun)."""
     with writer_lock(cfg.out, enabled=int(os.environ.get("RANK", "0")) == 0):
         return Trainer(cfg, source).run()
 
 
+# The old name, until pipeline.py imports SAETrainConfig (then delete this line).
+TrainConfig = SAETrainConfig
+
 __all__ = [
-    "TrainConfig",
+    "SAETrainConfig",
     "Trainer",
     "train_sae",
     "BatchSource",
