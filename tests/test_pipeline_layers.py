@@ -149,10 +149,8 @@ def test_an_extra_layer_has_its_own_stores_sae_probe_and_localisation(
         ]
         for where, lay in (("final", final), ("layer", at))
     }
-    assert (fid["final"]["path"], fid["layer"]["path"]) == (
-        "pooled-identity",
-        f"network from {LAYER}",
-    )
+    assert "path" not in fid["final"]  # the pooled identity: written as before layers existed
+    assert fid["layer"]["path"] == f"network from {LAYER}"
     assert fid["layer"]["original"]["auroc"] == pytest.approx(fid["final"]["original"]["auroc"])
     inter = json.loads(
         (at.model_analysis_dir("intervene", "Mass-finetuned") / "intervene.json").read_text()

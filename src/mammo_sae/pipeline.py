@@ -78,8 +78,8 @@ class ModelsSection:
     arch: str = "efficientnet-phantom"
     concepts: list[str] = field(default_factory=lambda: ["Mass", "Suspicious_Calcification"])
     pretrain: dict[str, Any] = field(default_factory=dict)  # PretrainConfig overrides
-    linear_probe: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
-    finetune: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    linear_probe: dict[str, Any] = field(default_factory=dict)  # ClassifierTrainConfig overrides
+    finetune: dict[str, Any] = field(default_factory=dict)  # ClassifierTrainConfig overrides
     # checkpoints: {Concept: {variant: path, ...}} (Mammo-CLIP .pth or ours): any variants per
     # concept, e.g. {finetuned: path} alone or the paper's {pretrained: ..., finetuned: ...}
     checkpoints: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -157,8 +157,8 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
     )
     from .analysis.localize_commands import LocalizeConfig
     from .data.phantom import PhantomConfig
-    from .models.train import EvalConfig, PretrainConfig, TrainConfig
-    from .sae.train import TrainConfig as SaeTrainConfig
+    from .models.train import ClassifierTrainConfig, EvalConfig, PretrainConfig
+    from .sae.train import SAETrainConfig
 
     m, a = cfg.models, cfg.analysis
     checks: list[tuple[str, type, Any, Callable[[dict[str, Any]], None]]] = [
@@ -171,11 +171,11 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
         ("models.pretrain", PretrainConfig, m.pretrain, lambda v: setattr(m, "pretrain", v)),
         (
             "models.linear_probe",
-            TrainConfig,
+            ClassifierTrainConfig,
             m.linear_probe,
             lambda v: setattr(m, "linear_probe", v),
         ),
-        ("models.finetune", TrainConfig, m.finetune, lambda v: setattr(m, "finetune", v)),
+        ("models.finetune", ClassifierTrainConfig, m.finetune, lambda v: setattr(m, "finetune", v)),
         ("models.eval", EvalConfig, m.eval, lambda v: setattr(m, "eval", v)),
         (
             "extract.options",
@@ -183,7 +183,7 @@ def _check_section_options(cfg: PipelineConfig, where: str) -> None:
             cfg.extract.options,
             lambda v: setattr(cfg.extract, "options", v),
         ),
-        ("sae", SaeTrainConfig, cfg.sae, lambda v: setattr(cfg, "sae", v)),
+        ("sae", SAETrainConfig, cfg.sae, lambda v: setattr(cfg, "sae", v)),
     ]
     for stage, cls in (
         ("summaries", SummarizeConfig),
@@ -545,7 +545,7 @@ class Pipeline:
             print(f"[    checked] {where}: {path} ({facts})", flush=True)
 
     def _train_phantom_models(self) -> list[ModelEntry]:
-        from .models.train import PretrainConfig, TrainConfig, pretrain, train_classifier
+        from .models.train import ClassifierTrainConfig, PretrainConfig, pretrain, train_classifier
 
         c = self.cfg.models
         common = {
@@ -574,7 +574,7 @@ class Pipeline:
             ):
                 out = self.layout.model_dir(f"{concept}-{variant}")
                 tcfg = build_options(
-                    TrainConfig,
+                    ClassifierTrainConfig,
                     overrides,
                     f"models.{mode}",
                     out=str(out),
@@ -736,13 +736,13 @@ class Pipeline:
     def sae_train_config(self, layer: str = FINAL_LAYER) -> Any:
         """`sae train`'s config at `layer`: the `sae:` section over the pipeline's fixed values
         (the same section for every layer)."""
-        from .sae.train import TrainConfig as SaeTrainConfig
+        from .sae.train import SAETrainConfig
 
         layout = self.layout.at_layer(layer)
         # `resume` is the pipeline's to decide (stage_sae): a user value is refused as "set by
         # the pipeline".
         return build_options(
-            SaeTrainConfig,
+            SAETrainConfig,
             self.cfg.sae,
             "sae",
             store=str(layout.sae_train_store),

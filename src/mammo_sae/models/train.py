@@ -1330,7 +1330,3 @@ def _same_config(run_dir: Path, cfg: Any) -> bool:
     if not path.exists():
         return False
     return not changed_settings(cfg, read_json(path).get("config", {}))
-
-
-# The old name, until pipeline.py imports ClassifierTrainConfig (then delete this line).
-TrainConfig = ClassifierTrainConfig

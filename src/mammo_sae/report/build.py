@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .. import html_blocks as H
 from ..analysis.figures import MODES, Curve, plot_topk_grid
 from ..analysis.probe import RANKING_PREFERENCE, ranking_file_name
 from ..analysis.results import FidelityRecord, FidelityResult, InterveneRecord
@@ -35,7 +36,6 @@ from ..io import (
     writer_lock,
 )
 from ..layout import FINAL_LAYER, STAGE_NAMES, ModelEntry, RunLayout, split_model_name
-from . import html as H
 from .figures import nice_ks, plot_training_curves, resample_positions, training_series
 
 SCHEMA_VERSION = 1

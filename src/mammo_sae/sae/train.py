@@ -919,9 +919,6 @@ def train_sae(cfg: SAETrainConfig, source: BatchSource | None = None) -> Path:
         return Trainer(cfg, source).run()
 
 
-# The old name, until pipeline.py imports SAETrainConfig (then delete this line).
-TrainConfig = SAETrainConfig
-
 __all__ = [
     "SAETrainConfig",
     "Trainer",
