@@ -54,14 +54,17 @@ def _records(data_dir: Path) -> list[ImageRecord]:
         path = data_dir / f"im{i}.png"
         Image.fromarray(rng.integers(0, 255, FRAME, dtype=np.uint8)).save(path)
         mass = int(i % 2 == 0)
+        marker = int(i % 3 == 0)
         boxes = (Box("Mass", 32.0, 32.0, 64.0, 64.0),) if mass else ()
+        # The marker is boxed, as the phantom boxes it: that makes it an attribute of the data.
+        boxes += (Box("confounder", 4.0, 4.0, 20.0, 20.0),) if marker else ()
         out.append(
             ImageRecord(
                 image_id=f"hash{i:03d}",
                 patient_id=f"patient{i}",
                 split="test" if i < N_TEST else "training",
                 path=path,
-                labels={"Mass": mass, "confounder": int(i % 3 == 0)},
+                labels={"Mass": mass, "confounder": marker},
                 boxes=boxes,
                 frame_hw=FRAME,
             )

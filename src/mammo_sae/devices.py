@@ -11,6 +11,17 @@ from typing import Any
 from .errors import MammoSaeError
 
 
+def module_device(module: Any) -> Any:
+    """The device of a module's first parameter (an SAE, a classifier); the CPU for objects
+    without parameters (e.g. a reference-format SAE held as arrays)."""
+    import torch
+
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration, TypeError):
+        return torch.device("cpu")
+
+
 def resolve_device(name: str, *, local_rank: int | None = None) -> Any:
     """`auto` → this process's GPU when CUDA is available (LOCAL_RANK under torchrun), else the
     CPU; `cuda` without an index → the same GPU; anything else is checked, so an unknown name, a

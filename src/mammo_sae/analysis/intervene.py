@@ -240,7 +240,9 @@ def exact_logits(
     import torch
     from tqdm.auto import tqdm
 
-    device = next(iter(sae.parameters())).device if hasattr(sae, "parameters") else "cpu"
+    from ..devices import module_device
+
+    device = module_device(sae)
     masks = None
     if masks_hk is not None:
         dense = masks_hk.toarray() if sp.issparse(masks_hk) else np.asarray(masks_hk)

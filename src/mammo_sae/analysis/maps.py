@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..devices import module_device
 from ..errors import MammoSaeError, StoreError
 from ..protocols import LatentEncoder, PatchStore
 
@@ -34,16 +35,9 @@ def _grids(store: PatchStore) -> np.ndarray:
     return grids
 
 
-def _sae_device(sae: LatentEncoder) -> torch.device:
-    try:
-        return next(sae.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
-
-
 def _encode_rows(sae: LatentEncoder, acts_nd: np.ndarray, latents: np.ndarray) -> np.ndarray:
     """The chosen latents of `sae.encode` for a batch of rows, as float32 numpy."""
-    x_nd = torch.from_numpy(np.ascontiguousarray(acts_nd, dtype=np.float32)).to(_sae_device(sae))
+    x_nd = torch.from_numpy(np.ascontiguousarray(acts_nd, dtype=np.float32)).to(module_device(sae))
     with torch.no_grad():
         z_nh = sae.encode(x_nd)
         if isinstance(z_nh, torch.Tensor):  # select on the device: copy back 10 columns, not h

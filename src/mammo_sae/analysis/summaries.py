@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ..devices import module_device
 from ..errors import MammoSaeError, StoreError
 from ..io import atomic_path, read_json, sha256_file, sha256_json, write_json
-from ..protocols import LatentEncoder, PatchStore, SAELike
+from ..protocols import PatchStore, SAELike
 
 SCHEMA_VERSION = 4  # 4: border and centre-of-mass sums (latent atlas)
 OFF_BREAST_TISSUE = 0.5  # a cell with less breast-mask coverage than this is "outside the breast"
@@ -242,15 +243,6 @@ def load_summaries(npz_path: Path, json_path: Path | None = None) -> LatentSumma
 
 
 # --------------------------------------------------------------------------- computing
-def _sae_device(sae: LatentEncoder) -> Any:
-    import torch
-
-    try:
-        return next(sae.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
-
-
 def _confounder_cells(
     record: Any, rows_p: np.ndarray, cols_p: np.ndarray, grid_hw: tuple[int, int]
 ) -> np.ndarray | None:
@@ -318,7 +310,7 @@ def compute_summaries(
     if getattr(sae, "d", d) != d:
         raise MammoSaeError(f"SAE input dimension {sae.d} does not match the store's d = {d}")
     n = int(store.n_images)
-    device = _sae_device(sae)
+    device = module_device(sae)
     records = store.records()
     images = store.images
     grids = images[["grid_h", "grid_w"]].to_numpy(dtype=np.int64)

@@ -510,18 +510,22 @@ class LatentPages:
         )
 
     def fill_association(self, j: int, m: ModelInfo, s: H.Section, info: dict[str, Any]) -> None:
-        from ..data.records import CONFOUNDER
+        from ..analysis.atlas import attribute_names
         from ..metrics import auroc
 
         s.add("<h3>Class association</h3>")
         rows_out = []
+        # Findings of the run's models, then any per-image attribute the data boxes (the
+        # phantom's planted marker): only labels the images carry.
+        images = self.store(m).images
+        attributes = sorted(attribute_names(images, np.arange(len(images))))
         for concept in dict.fromkeys(
-            [m.concept] + [x.concept for x in self.report.models] + [CONFOUNDER]
+            [m.concept] + [x.concept for x in self.report.models] + attributes
         ):
             try:
                 _, y, act = self.activations(j, m, concept)
             except MammoSaeError:
-                if concept == CONFOUNDER:  # only the phantom labels its planted marker
+                if concept in attributes:  # boxed on some images but not a label of the split
                     continue
                 raise
             both = 0 < y.sum() < len(y)
