@@ -377,7 +377,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
         concept=concept,
         n=res.n,
         n_pos=res.n_pos,
-        results=[SweepPoint(**row) for row in res.rows()],
+        results=[SweepPoint.from_json(row, "sweep") for row in res.rows()],
         rankings=source,
         path=path,
         store_sha256=base["store_sha256"],

@@ -177,27 +177,30 @@ class FidelityRecord:
 @dataclass(frozen=True, kw_only=True)
 class SweepPoint:
     """One point of a top-k sweep: the `union_size` latents of the top-k class-0 ∪ class-1
-    rankings kept (`mode` "on") or zeroed ("off"), and the AUROC/AUPRC that gives."""
+    rankings kept (`mode` "on") or zeroed ("off"), and the AUROC/AUPRC that gives (written
+    flat in the point, as `Scores`' six numbers)."""
 
     mode: str
     k: int
     union_size: int
-    auroc: float
-    auroc_low: float = math.nan
-    auroc_high: float = math.nan
-    auprc: float = math.nan
-    auprc_low: float = math.nan
-    auprc_high: float = math.nan
+    scores: Scores
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "k": self.k,
+            "union_size": self.union_size,
+            **asdict(self.scores),
+        }
 
     @classmethod
     def from_json(cls, doc: Any, where: str) -> SweepPoint:
         doc = _mapping(doc, where)
-        scores = Scores.from_json(doc, where)  # the same six numbers, flat in each point
         return cls(
             mode=str(_get(doc, "mode", where)),
             k=_int(_get(doc, "k", where), f"{where}.k"),
             union_size=_int(_get(doc, "union_size", where), f"{where}.union_size"),
-            **asdict(scores),
+            scores=Scores.from_json(doc, where),
         )
 
 
@@ -227,7 +230,7 @@ class InterveneRecord:
             "n": self.n,
             "n_pos": self.n_pos,
             "path": self.path,
-            "results": [asdict(p) for p in self.results],
+            "results": [p.to_json() for p in self.results],
         }
 
     @classmethod
@@ -258,5 +261,5 @@ class InterveneRecord:
             mine = sorted((p for p in self.results if p.mode == mode), key=lambda p: p.k)
             out[mode] = {"ks": np.array([p.k for p in mine], dtype=float)}
             for key in ("auroc", "auroc_low", "auroc_high"):
-                out[mode][key] = np.array([getattr(p, key) for p in mine], dtype=float)
+                out[mode][key] = np.array([getattr(p.scores, key) for p in mine], dtype=float)
         return out
