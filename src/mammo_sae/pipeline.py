@@ -30,6 +30,7 @@ from .config import (
     load_yaml,
     opt,
     parse_image_size,
+    progress_opt,
     result_settings,
     to_dict,
 )
@@ -1085,7 +1086,7 @@ class RunConfig:
         None, flag="--from", help="rerun from this stage on (same names as --only)"
     )
     dry_run: bool = opt(False, help="print the plan and exit")
-    progress: bool = opt(True, help="progress bars")
+    progress: bool = progress_opt("progress bars")
 
 
 @dataclass
@@ -1093,7 +1094,7 @@ class DemoConfig:
     """The phantom config end to end (CPU, a few minutes); prints the report's path."""
 
     out: Path = opt(Path("runs/demo"), help="run directory")
-    progress: bool = opt(True, help="progress bars")
+    progress: bool = progress_opt("progress bars")
 
 
 def run_pipeline(cfg: RunConfig) -> Path:

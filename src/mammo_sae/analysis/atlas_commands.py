@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..config import device_opt, opt, to_dict
+from ..config import device_opt, opt, progress_opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
 from .commands import CACHE_DIR_HELP
@@ -55,7 +55,7 @@ class AtlasConfig:
         8192, min=1, help="patch rows per SAE call (if summaries must be computed)"
     )
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def logit_effects(

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..config import device_opt, opt, to_dict
+from ..config import device_opt, opt, progress_opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic
 from . import DEFAULT_KS
@@ -114,7 +114,7 @@ class SummarizeConfig:
     out: Path | None = opt(None, help="also write a summary JSON here")
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
     recompute: bool = opt(False, help="ignore a cached entry")
 
 
@@ -168,7 +168,7 @@ class ProbeConfig:
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def run_probe(cfg: ProbeConfig) -> int:
@@ -255,7 +255,7 @@ class InterveneConfig:
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def _rankings(cfg: InterveneConfig, concept: str) -> tuple[list[np.ndarray], str]:
@@ -420,7 +420,7 @@ class FidelityConfig:
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def _fidelity_logits(
@@ -550,7 +550,7 @@ class SeparationConfig:
     cache_dir: Path | None = opt(None, help=CACHE_DIR_HELP)
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def run_separation(cfg: SeparationConfig) -> int:

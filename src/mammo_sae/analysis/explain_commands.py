@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..config import device_opt, opt
+from ..config import device_opt, opt, progress_opt
 from ..errors import MammoSaeError
 
 
@@ -54,7 +54,7 @@ class ExplainConfig:
         "error", help="unreadable images: fail, or list them in explain.json and go on"
     )
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 def _size(value: list[int] | None, name: str) -> tuple[int, int] | None:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..config import device_opt, opt, to_dict
+from ..config import device_opt, opt, progress_opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic, writer_lock
 
@@ -108,7 +108,7 @@ class LocalizeConfig:
     figure_images: int = opt(4, min=0, help="images (columns) in figure3.png; 0 = no figure")
     batch_rows: int = opt(8192, min=1, help="patch rows per SAE encode call")
     device: str = device_opt()
-    progress: bool = opt(True, help="show a progress bar")
+    progress: bool = progress_opt("show a progress bar")
     label: str | None = opt(
         None, help="row name in table2.csv (default: the concept), e.g. 'Mass finetuned'"
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import device_opt, opt, to_dict
+from ..config import device_opt, opt, progress_opt, to_dict
 from ..errors import MammoSaeError, choices_message
 from ..io import write_json, write_text_atomic
 from .commands import CACHE_DIR_HELP
@@ -62,7 +62,7 @@ class RetrieveConfig:
         8192, min=1, help="patch rows per SAE call (if summaries must be computed)"
     )
     device: str = device_opt()
-    progress: bool = opt(True, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 # --------------------------------------------------------------------------- input checks

@@ -44,7 +44,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..config import changed_settings, device_opt, from_dict, opt, parse_image_size, to_dict
+from ..config import (
+    changed_settings,
+    device_opt,
+    from_dict,
+    opt,
+    parse_image_size,
+    progress_opt,
+    to_dict,
+)
 from ..data.records import MULTICLASS_CONCEPTS, ImageRecord
 from ..devices import resolve_device
 from ..errors import DataError, MammoSaeError, choices_message
@@ -146,7 +154,7 @@ class ClassifierTrainConfig:
     overwrite: bool = opt(
         False, affects_result=False, help="delete an existing run in --out and start again"
     )
-    progress: bool = opt(True, affects_result=False, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 @dataclass
@@ -192,7 +200,7 @@ class PretrainConfig:
     overwrite: bool = opt(
         False, affects_result=False, help="delete an existing run in --out and start again"
     )
-    progress: bool = opt(True, affects_result=False, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 @dataclass
@@ -219,7 +227,7 @@ class EvalConfig:
     n_boot: int = opt(1000, min=0, help="bootstrap resamples for the CIs")
     seed: int = opt(0, help="bootstrap seed")
     device: str = device_opt()
-    progress: bool = opt(True, affects_result=False, help="show progress bars")
+    progress: bool = progress_opt()
 
 
 # ============================================================================ small helpers

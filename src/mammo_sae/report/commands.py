@@ -6,7 +6,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import opt
+from ..config import opt, progress_opt
 from ..io import read_json
 
 
@@ -24,7 +24,7 @@ class ReportConfig:
     strict: bool = opt(
         False, help="fail on the first unreadable part instead of noting it in the page"
     )
-    progress: bool = opt(True, help="show a progress bar")
+    progress: bool = progress_opt("show a progress bar")
     workers: int | None = opt(
         None,
         min=1,

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..config import changed_settings, device_opt, opt, to_dict
+from ..config import changed_settings, device_opt, opt, progress_opt, to_dict
 from ..devices import DistContext, cpu_has_native_bf16, resolve_device
 from ..errors import CheckpointError, MammoSaeError, StoreError
 from ..io import (
@@ -209,7 +209,7 @@ class SAETrainConfig(SAEHyperParams):
     eval_patches: int = opt(
         65536, resumable=True, min=0, help="patches for the final metrics in cfg.json (0 = skip)"
     )
-    progress: bool = opt(True, affects_result=False, help="show a progress bar")
+    progress: bool = progress_opt("show a progress bar")
 
     def sae_config(self, d: int) -> SAEConfig:
         """The SAE's config: every inherited hyper-parameter, with the store's d."""
