@@ -86,6 +86,17 @@ FAMILIES: dict[str, list[BoxRule]] = {
     "relmax, GT-size box*": _rules("frame", "bilinear", RELS),
 }
 RESIZED = "relmax, GT-size box*"
+# The families the 512x320 study scores (scoring every family costs ~10 min per cell there):
+# the fixed rules and the best five of the 256x160 study's training-AP ranking.
+CORE_FAMILIES = [
+    "fixed p95 (paper)",
+    "fixed p99 (demo today)",
+    "percentile, bilinear",
+    "relmax, bilinear",
+    "grid percentile",
+    "grid relmax",
+    "grid relmax + min-mass",
+]
 
 
 @dataclass
@@ -187,6 +198,7 @@ def study_stores(
     seed: int,
     labels: dict[str, Any],
     extra: list[int] | None = None,
+    families: list[str] | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every family x selection on one model's training/test stores (rows start with `labels`).
     `extra` latents are scored on test too but never chosen from: the second return value holds
@@ -209,6 +221,8 @@ def study_stores(
     )
     rows = []
     for family, rules in FAMILIES.items():
+        if families is not None and family not in families:
+            continue
         size = size_hw if family == RESIZED else None
         train_ap = np.zeros((len(rules), len(cand)))
         test_dets = []
@@ -362,7 +376,9 @@ def study_cell(
     tag = f"{model.name}-{layer}{_tag(args)}-s{seed}"
     cache = work / "study" / f"{tag}-iou{args.iou:g}.json"
     if cache.exists():
-        return json.loads(cache.read_text())
+        cell = json.loads(cache.read_text())
+        if set(args.families) <= {r["family"] for r in cell["rows"]}:
+            return cell
     if args.cached_only:
         return None
     train_dir = store_of(work, args.run / "data", model, layer, "training")
@@ -377,8 +393,9 @@ def study_cell(
     best_test = [int(lat[k]) for k in np.lexsort((lat, -score))[: args.extra]]
     labels = {"model": model.name, "layer": layer, "seed": seed}
     rows, oracle = study_stores(
-        train, test, sae, concept, ranking, args.iou, args.n_boot, 0, labels, best_test
-    )
+        train, test, sae, concept, ranking, args.iou, args.n_boot, 0, labels, best_test,
+        args.families,
+    )  # fmt: skip
     metrics = json.loads((sae_dir / "cfg.json").read_text()).get("final_metrics", {})
     cell = {
         **labels,
@@ -403,13 +420,14 @@ def _spread(values: list[float]) -> str:
 
 
 def format_layers_table(cells: list[dict[str, Any]], layers: list[str], iou: float) -> str:
+    families = [f for f in FAMILIES if any(r["family"] == f for c in cells for r in c["rows"])]
     out = []
     models = list(dict.fromkeys(c["model"] for c in cells))
     for model in models:
         for sel in ("ranking", "pointing"):
             out.append(f"\n{model}, latent selection: {sel} (top {TOP}; chosen on training)")
             out.append(f"{'family':<24}" + "".join(f"{layer:>34}" for layer in layers))
-            for family in FAMILIES:
+            for family in families:
                 line = f"{family:<24}"
                 for layer in layers:
                     got = [
@@ -535,6 +553,8 @@ def run_layers(args: argparse.Namespace) -> None:
     ]
     if not cells:
         raise SystemExit("no cell computed or cached")
+    # Cells computed with more families than asked show only the asked ones (one set per table).
+    cells = [{**c, "rows": [r for r in c["rows"] if r["family"] in args.families]} for c in cells]
     seeds = sorted({c["seed"] for c in cells})
     choice = held_out_choice(cells)
     text = (
@@ -602,6 +622,12 @@ def main() -> None:
     ap.add_argument("--l1-coeff", type=float, default=L1, help="SAE L1 (demo: 3e-5)")
     ap.add_argument("--extra", type=int, default=10, help="best-test-pointing latents (ceiling)")
     ap.add_argument("--iou", type=float, default=0.25)
+    ap.add_argument(
+        "--families",
+        choices=["all", "core"],
+        default="all",
+        help=f"box-rule families to score: all, or core ({'; '.join(CORE_FAMILIES)})",
+    )
     ap.add_argument("--n-boot", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed (--runs)")
     ap.add_argument(
@@ -609,6 +635,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=None, help="result .txt (a .json beside it)")
     args = ap.parse_args()
+    args.families = list(FAMILIES) if args.families == "all" else CORE_FAMILIES
     torch.set_num_threads(1)
     run_layers(args) if args.run else run_finished(args)
 

@@ -22,6 +22,7 @@ from mammo_sae.pipeline import Pipeline, RunConfig, load_pipeline_config, run_pi
 pytestmark = pytest.mark.slow
 CONCEPTS = ("Mass", "Suspicious_Calcification")
 CONFIG = Path("configs/phantom.yaml")
+LAYER = "blocks.2"  # the demo's second tapped layer (extract.layers)
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +44,37 @@ def test_every_model_is_evaluated_on_the_test_split_with_both_classes(demo_run: 
         )
 
 
-def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(demo_run: Path) -> None:
+@pytest.mark.parametrize("layer", ["final", LAYER])
+def test_interventions_keep_all_equals_reconstruction_and_off_all_is_chance(
+    demo_run: Path, layer: str
+) -> None:
     """Keeping every latent is the plain reconstruction; switching every latent off leaves the
-    decoder bias alone, the same logit for every image, hence AUROC 0.5; k = 0 kept likewise."""
-    fidelity = pd.read_csv(demo_run / "analysis" / "fidelity" / "table1.csv").set_index("model")
+    decoder bias alone, the same logit for every image, hence AUROC 0.5; k = 0 kept likewise.
+    At the earlier layer the same holds through the rest of the network."""
+    root = demo_run if layer == "final" else demo_run / "layers" / layer
+    fidelity = pd.read_csv(root / "analysis" / "fidelity" / "table1.csv").set_index("model")
     assert len(fidelity) == 4
     for name in fidelity.index:
-        sweep = pd.read_csv(demo_run / "analysis" / "intervene" / name / "intervene.csv")
+        sweep = pd.read_csv(root / "analysis" / "intervene" / name / "intervene.csv")
         on, off = sweep[sweep["mode"] == "on"], sweep[sweep["mode"] == "off"]
         assert on["auroc"].iloc[-1] == pytest.approx(fidelity.loc[name, "auroc_sae"], abs=1e-9)
         assert off["auroc"].iloc[-1] == 0.5 and on["auroc"].iloc[0] == 0.5
         assert off["auroc"].iloc[0] == pytest.approx(fidelity.loc[name, "auroc_sae"], abs=1e-9)
+
+
+def test_the_layer_read_through_the_network_gives_the_classifiers_own_auroc(
+    demo_run: Path,
+) -> None:
+    """The stored blocks.2 map run through the rest of each classifier is that classifier: its
+    "original" AUROC equals the final layer's (float32 stores, same images)."""
+    tables = {
+        layer: pd.read_csv(root / "analysis" / "fidelity" / "table1.csv").set_index("model")
+        for layer, root in (("final", demo_run), (LAYER, demo_run / "layers" / LAYER))
+    }
+    for name in tables["final"].index:
+        assert tables[LAYER].loc[name, "auroc_original"] == pytest.approx(
+            tables["final"].loc[name, "auroc_original"], abs=1e-9
+        ), name
 
 
 def test_pointing_selection_never_sees_the_test_split(demo_run: Path) -> None:
@@ -94,5 +115,6 @@ def test_rerun_skips_every_stage_and_report_is_complete(demo_run: Path) -> None:
     run_pipeline(RunConfig(config=CONFIG, out=demo_run, progress=False))
     assert {p.name: p.read_bytes() for p in (demo_run / "stages").glob("*.json")} == records
     index = (demo_run / "report" / "index.html").read_text(encoding="utf-8")
-    for section in ("Table 1", "Figure 2", "Figure 3", "Table 2", "Figures 4/5", "shortcut AUROC"):
+    sections = ("Table 1", "Figure 2", "Figure 3", "Table 2", "Figures 4/5", "shortcut AUROC")
+    for section in (*sections, "Table 1 by layer", "Figure 2 by layer", "Table 2 by layer"):
         assert section in index, section

@@ -122,7 +122,9 @@ def test_latent_maps_handle_different_grids_and_reject_bad_input(tmp_path: Path)
 
 
 def test_localize_scores_planted_latents(store) -> None:
-    res = localize(store, TinySae(), "Mass", [ON_GT, ON_MARKER, NEVER, HALF], progress=False)
+    res = localize(
+        store, TinySae(), "Mass", [ON_GT, ON_MARKER, NEVER, HALF], threshold="p95", progress=False
+    )
     t = res.table.set_index("latent")
     assert (
         res.settings["n_images"] == 4 and res.settings["n_gt"] == 4
@@ -152,7 +154,9 @@ def test_localize_all_images_threshold_rules_and_confounder(store) -> None:
     assert conf.settings["n_images"] == 6
     assert conf.table["ap"].tolist() == pytest.approx([1.0, 0.0])
     # A strict IoU makes the p95 core (about half the GT box) a miss.
-    strict = localize(store, TinySae(), "Mass", [ON_GT], iou_threshold=0.9, progress=False)
+    strict = localize(
+        store, TinySae(), "Mass", [ON_GT], threshold="p95", iou_threshold=0.9, progress=False
+    )
     assert strict.table.loc[0, "ap"] == 0.0
 
 
@@ -262,7 +266,7 @@ def test_localize_command_writes_table_detections_and_figure(tmp_path: Path) -> 
     assert table["importance"].tolist() == pytest.approx([1.0, 0.9, 0.8])
     assert table["ap"].tolist() == pytest.approx([1.0, 0.25, 0.0])
     summary = json.loads((out / "localization.json").read_text())
-    assert summary["schema_version"] == 1 and summary["settings"]["threshold"] == "p95"
+    assert summary["schema_version"] == 1 and summary["settings"]["threshold"] == "relmax:0.3"
     assert summary["config"]["top"] == 3
     dets = json.loads((out / "detections.json").read_text())["images"]
     assert set(dets) == {"im0", "im1", "im2", "im3"}

@@ -6,8 +6,9 @@ evaluated set:
 1. heatmap = the latent's patch map upsampled bilinearly (or `upsample="nearest"`) to the
    model-input frame, each cell's value at its receptive-field centre (`maps.upsample`;
    `align="even"`: the released code's `align_corners=False`);
-2. mask = heatmap > threshold, the threshold being a percentile of that heatmap (`p95`, the
-   paper) or a fraction of its maximum (`relmax:0.3`, the released code) or absolute (`abs:X`);
+2. mask = heatmap > threshold, the threshold being a fraction of the heatmap's maximum
+   (`relmax:0.3`: the default, chosen on training AP by the localisation study, and the
+   released code's rule) or a percentile of it (`p95`, the paper's text) or absolute (`abs:X`);
    `threshold_on="grid"` thresholds the native cell map instead, before upsampling;
 3. one box per connected region of the mask (8-connected, holes filled: exactly OpenCV's
    external contours + `boundingRect`; on the grid, the span of the region's cells), kept if
@@ -35,6 +36,7 @@ from scipy import ndimage
 
 from ..errors import DataError, MammoSaeError
 from ..protocols import LatentEncoder, PatchStore, SAELike
+from . import DEFAULT_THRESHOLD, PAPER_THRESHOLD
 
 Match = Literal["voc", "coco"]
 BoxScore = Literal["mean", "max"]
@@ -261,7 +263,7 @@ class BoxRule:
         """The rule a localization.json `settings` records (older files: the paper's rule with
         their threshold, area and score)."""
         return cls(
-            parse_threshold(str(s.get("threshold", "p95"))),
+            parse_threshold(str(s.get("threshold", PAPER_THRESHOLD))),
             s.get("threshold_on", "frame"),
             s.get("upsample", "bilinear"),
             float(s.get("min_mass", 0.0)),
@@ -279,7 +281,7 @@ class LocalizationSettings:
 
     concept: str = ""
     # BoxRule.settings(): see `BoxRule`.
-    threshold: str = "p95"
+    threshold: str = PAPER_THRESHOLD
     threshold_on: str = "frame"
     upsample: str = "bilinear"
     min_mass: float = 0.0
@@ -808,7 +810,7 @@ def localize(
     concept: str,
     latents: Sequence[int],
     *,
-    threshold: str | ThresholdRule = "p95",
+    threshold: str | ThresholdRule = DEFAULT_THRESHOLD,
     iou_threshold: float = 0.25,
     split: str | None = "test",
     image_set: ImageSet = "positive",

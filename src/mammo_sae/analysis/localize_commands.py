@@ -12,6 +12,7 @@ import numpy as np
 from ..config import device_opt, opt, progress_opt, to_dict
 from ..errors import MammoSaeError
 from ..io import write_json, write_text_atomic, writer_lock
+from . import DEFAULT_THRESHOLD
 
 
 @dataclass
@@ -54,9 +55,10 @@ class LocalizeConfig:
         0, min=0, help="pointing: consider only the top N of --ranking (0 = every latent)"
     )
     threshold: str = opt(
-        "p95",
-        help="pNN = NN-th percentile of each heatmap (paper); "
-        "relmax:F = F x its max (released code: relmax:0.3); abs:X",
+        DEFAULT_THRESHOLD,
+        help="relmax:F = F x each heatmap's max (default: the released code's relmax:0.3, "
+        "chosen on training AP by the localisation study); pNN = its NN-th percentile "
+        "(the paper: p95); abs:X",
     )
     threshold_on: Literal["frame", "grid"] = opt(
         "frame",
