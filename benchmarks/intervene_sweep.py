@@ -27,6 +27,7 @@ from mammo_sae.analysis.intervene import (
     entry_rank,
     exact_decode_logits,
     normalise_ks,
+    pooled_logits,
     sae_readout,
     sweep,
     union_masks,
@@ -76,7 +77,9 @@ def main() -> None:
         rankings = [rng.permutation(h), rng.permutation(h)]
         t0 = time.perf_counter()
         v, c = sae_readout(sae, head)
-        res = sweep(mean_nh, y, v, c, rankings, ks, n_boot=args.n_boot, seed=0)
+        res = sweep(
+            y, rankings, len(v), pooled_logits(mean_nh, v, c), ks, n_boot=args.n_boot, seed=0
+        )
         fast_times.append(time.perf_counter() - t0)
         v_sample = (head, rankings)
         assert len(res.rows()) == 2 * len(ks)

@@ -21,6 +21,7 @@ from mammo_sae.analysis.intervene import (
     exact_decode_logits,
     masked_logits,
     normalise_ks,
+    pooled_logits,
     sae_readout,
     sweep,
     union_masks,
@@ -361,7 +362,14 @@ def test_sweep_endpoints_union_sizes_and_exact_logits(synth: dict[str, Any]) -> 
     v, c = sae_readout(sae, head)
     res_probe = probe(summ.mean_nh, y, scores=["centered"])
     rankings = [ranking_order(res_probe.scores["centered"][cl]) for cl in (0, 1)]
-    res = sweep(summ.mean_nh, y, v, c, rankings, ks=(0, 1, 5, 10, 16384, 100), n_boot=50)
+    res = sweep(
+        y,
+        rankings,
+        len(v),
+        pooled_logits(summ.mean_nh, v, c),
+        ks=(0, 1, 5, 10, 16384, 100),
+        n_boot=50,
+    )
     assert res.ks == [0, 1, 5, 10, 32]
     assert res.union_size[0] == 0 and res.union_size[-1] == 32
     assert all(a <= b for a, b in zip(res.union_size, res.union_size[1:]))
@@ -385,12 +393,14 @@ def test_entry_rank_rejects_out_of_range_rankings() -> None:
 def test_targeted_edit(synth: dict[str, Any]) -> None:
     summ, y = synth["summ"], synth["y"]
     v, c = sae_readout(synth["sae"], _head(8))
-    everything = edit_set(summ.mean_nh, y, v, c, range(32), "off", n_boot=20)
+    everything = edit_set(y, len(v), pooled_logits(summ.mean_nh, v, c), range(32), "off", n_boot=20)
     assert everything["edited"]["auroc"] == 0.5
-    nothing_dropped = edit_set(summ.mean_nh, y, v, c, range(32), "on", n_boot=20)
+    nothing_dropped = edit_set(
+        y, len(v), pooled_logits(summ.mean_nh, v, c), range(32), "on", n_boot=20
+    )
     assert nothing_dropped["auroc_change"] == pytest.approx(0.0, abs=1e-12)
     with pytest.raises(MammoSaeError, match="outside"):
-        edit_set(summ.mean_nh, y, v, c, [99], "off")
+        edit_set(y, len(v), pooled_logits(summ.mean_nh, v, c), [99], "off")
 
 
 def test_edit_reports_the_attribute_shortcut_and_its_removal() -> None:
@@ -410,16 +420,18 @@ def test_edit_reports_the_attribute_shortcut_and_its_removal() -> None:
         axis=1,
     )  # latent 2: constant
     v, c = np.array([1.0, 1.0, 0.0]), 0.0
-    r = edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=marker)
+    r = edit_set(y, len(v), pooled_logits(mean, v, c), [1], "off", n_boot=0, attribute=marker)
     sc = r["shortcut"]["attribute_auroc_among_negatives"]
     assert sc["plain_sae"] == pytest.approx(1.0) and sc["edited"] == pytest.approx(0.5)
     assert r["edited"]["auroc"] == pytest.approx(1.0)
     assert r["shortcut"]["n_negatives"] == n // 2
-    assert "shortcut" not in edit_set(mean, y, v, c, [1], "off", n_boot=0)
-    one_value = edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=np.zeros(n, np.int64))
+    assert "shortcut" not in edit_set(y, len(v), pooled_logits(mean, v, c), [1], "off", n_boot=0)
+    one_value = edit_set(
+        y, len(v), pooled_logits(mean, v, c), [1], "off", n_boot=0, attribute=np.zeros(n, np.int64)
+    )
     assert "skipped" in one_value["shortcut"]
     with pytest.raises(MammoSaeError, match="attribute has 3 values"):
-        edit_set(mean, y, v, c, [1], "off", n_boot=0, attribute=marker[:3])
+        edit_set(y, len(v), pooled_logits(mean, v, c), [1], "off", n_boot=0, attribute=marker[:3])
 
 
 def test_readout_rejects_mismatched_head(synth: dict[str, Any]) -> None:

@@ -104,7 +104,13 @@ def build_chain(
 def measure(chain: dict[str, Path], *, n_boot: int = 200, top: int = 10) -> dict[str, Any]:
     """Every phantom ground-truth number the tests check (and the benchmark prints)."""
     from mammo_sae.analysis.fidelity import fidelity
-    from mammo_sae.analysis.intervene import edit_set, load_head, sae_readout, sweep
+    from mammo_sae.analysis.intervene import (
+        edit_set,
+        load_head,
+        pooled_logits,
+        sae_readout,
+        sweep,
+    )
     from mammo_sae.analysis.probe import probe, ranking_order
     from mammo_sae.analysis.separation import FlagRule, model_separation
     from mammo_sae.analysis.summaries import labelled_rows, open_sae, open_store, summaries_for
@@ -126,7 +132,7 @@ def measure(chain: dict[str, Path], *, n_boot: int = 200, top: int = 10) -> dict
             s_test, test_store.pooled_nd, rows_te, y_te, sae, head, n_boot=n_boot
         )
         res["sweep"][variant] = sweep(
-            s_test.mean_rows(rows_te), y_te, v, c, rankings, n_boot=n_boot
+            y_te, rankings, len(v), pooled_logits(s_test.mean_rows(rows_te), v, c), n_boot=n_boot
         )
         sep = model_separation(s_train, rows_tr, y_tr, FlagRule(top=top))
         res["separation"][variant] = sep
@@ -139,7 +145,14 @@ def measure(chain: dict[str, Path], *, n_boot: int = 200, top: int = 10) -> dict
             and any(e["index"] == j and "confounder" in e["flags"] for e in sep["flagged"])
         ]
         res["edit"][variant] = (
-            edit_set(s_test.mean_rows(rows_te), y_te, v, c, marker, "off", n_boot=n_boot)
+            edit_set(
+                y_te,
+                len(v),
+                pooled_logits(s_test.mean_rows(rows_te), v, c),
+                marker,
+                "off",
+                n_boot=n_boot,
+            )
             if marker
             else None
         )

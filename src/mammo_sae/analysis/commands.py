@@ -298,13 +298,13 @@ def _logit_path(
     layer (or the exact decode with `exact`), the rest of the network below it."""
     from ..devices import resolve_device
     from ..models.checkpoints import load_classifier
-    from .intervene import exact_logits, layer_readout, masked_logits, sae_readout
+    from .intervene import exact_logits, layer_readout, pooled_logits, sae_readout
 
     layer = tapped_layer(store)
     if layer == "final" and not exact:
         v_h, c = sae_readout(sae, head)
         mean = summaries.mean_rows(rows)
-        return (lambda masks: masked_logits(mean, v_h, c, masks)), "pooled-identity"
+        return pooled_logits(mean, v_h, c), "pooled-identity"
     readout = layer_readout(load_classifier(cfg.classifier), layer, resolve_device(cfg.device))
 
     def masked(masks: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -316,7 +316,7 @@ def _logit_path(
 
 def run_intervene(cfg: InterveneConfig) -> int:
     from .figures import Curve, plot_topk_grid
-    from .intervene import edit_logits, sae_width, sweep_logits
+    from .intervene import edit_set, sae_width, sweep
     from .summaries import open_sae
 
     head, concept = _head_and_concept(cfg.classifier, cfg.concept)
@@ -341,7 +341,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
                 raise MammoSaeError(
                     f"--attribute {cfg.attribute!r}: not a label of every image in {cfg.store}"
                 )
-        result = edit_logits(
+        result = edit_set(
             y,
             h,
             masked,
@@ -368,7 +368,7 @@ def run_intervene(cfg: InterveneConfig) -> int:
             )
         return 0
     rankings, source = _rankings(cfg, concept)
-    res = sweep_logits(y, rankings, h, masked, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed)
+    res = sweep(y, rankings, h, masked, cfg.ks, n_boot=cfg.n_boot, seed=cfg.seed)
     import pandas as pd
 
     table = pd.DataFrame(res.rows())

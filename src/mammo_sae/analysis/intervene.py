@@ -311,41 +311,17 @@ class SweepResult:
 
 
 # Latent masks (h, K) -> (keep-logits, drop-logits), each (K, n): the pooled identity
-# (`masked_logits`) or an exact path (`exact_logits`).
+# (`pooled_logits`) or an exact path (`exact_logits`).
 MaskedLogits = Callable[[sp.spmatrix | np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 
+def pooled_logits(mean_nh: sp.csr_matrix | np.ndarray, v_h: np.ndarray, c: float) -> MaskedLogits:
+    """The fast path of `sweep`/`edit_set`: `masked_logits` on the images' mean latent vectors
+    with the readout (v_h, c) of `sae_readout`."""
+    return lambda masks: masked_logits(mean_nh, v_h, c, masks)
+
+
 def sweep(
-    mean_nh: sp.csr_matrix | np.ndarray,
-    y: np.ndarray,
-    v_h: np.ndarray,
-    c: float,
-    rankings: Sequence[np.ndarray],
-    ks: Sequence[int] = DEFAULT_KS,
-    *,
-    modes: Sequence[Mode] = ("on", "off"),
-    n_boot: int = 1000,
-    seed: int = 0,
-    logits: tuple[np.ndarray, np.ndarray] | None = None,
-) -> SweepResult:
-    """Top-k activated/deactivated sweep with bootstrap CIs (same resamples for every curve).
-
-    `rankings` are the class-0 and class-1 orders (training split); `mean_nh`/`y` the
-    evaluation images (test split). `logits` overrides the fast path (e.g. exact decode).
-    """
-    return sweep_logits(
-        y,
-        rankings,
-        len(v_h),
-        lambda masks: logits if logits is not None else masked_logits(mean_nh, v_h, c, masks),
-        ks,
-        modes=modes,
-        n_boot=n_boot,
-        seed=seed,
-    )
-
-
-def sweep_logits(
     y: np.ndarray,
     rankings: Sequence[np.ndarray],
     h: int,
@@ -356,7 +332,10 @@ def sweep_logits(
     n_boot: int = 1000,
     seed: int = 0,
 ) -> SweepResult:
-    """`sweep` with the logits of the union masks from any path (`masked`), for h latents."""
+    """Top-k activated/deactivated sweep of h latents with bootstrap CIs (the same resamples for
+    every curve). `rankings` are the class-0 and class-1 orders (training split); `y` the
+    evaluation images' labels (test split); `masked` gives their logits for latent masks:
+    `pooled_logits` (the fast identity at the final layer) or an exact path (`exact_logits`)."""
     ks = normalise_ks(ks, h)
     entry = entry_rank(rankings, h)
     on_kn, off_kn = masked(union_masks(entry, ks))
@@ -374,35 +353,6 @@ def sweep_logits(
 
 
 def edit_set(
-    mean_nh: sp.csr_matrix | np.ndarray,
-    y: np.ndarray,
-    v_h: np.ndarray,
-    c: float,
-    latents: Sequence[int],
-    mode: Mode,
-    *,
-    n_boot: int = 1000,
-    seed: int = 0,
-    attribute: np.ndarray | None = None,
-) -> dict[str, Any]:
-    """A targeted edit: keep only (`on`) or zero (`off`) the given latents; plain SAE beside it.
-
-    With a binary `attribute` per image (e.g. the phantom's marker) the result also gives the
-    classifier's shortcut: the AUROC of its logit for the attribute among concept-negative images
-    (0.5 = the attribute does not move the score), before and after the edit."""
-    return edit_logits(
-        y,
-        len(v_h),
-        lambda masks: masked_logits(mean_nh, v_h, c, masks),
-        latents,
-        mode,
-        n_boot=n_boot,
-        seed=seed,
-        attribute=attribute,
-    )
-
-
-def edit_logits(
     y: np.ndarray,
     h: int,
     masked: MaskedLogits,
@@ -413,7 +363,12 @@ def edit_logits(
     seed: int = 0,
     attribute: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """`edit_set` with the logits of its masks from any path (`masked`), for h latents."""
+    """A targeted edit of h latents: keep only (`on`) or zero (`off`) the given latents; plain
+    SAE beside it. `masked` gives the logits for latent masks (as in `sweep`).
+
+    With a binary `attribute` per image (e.g. the phantom's marker) the result also gives the
+    classifier's shortcut: the AUROC of its logit for the attribute among concept-negative images
+    (0.5 = the attribute does not move the score), before and after the edit."""
     lat = np.asarray(sorted({int(j) for j in latents}), dtype=np.int64)
     if len(lat) == 0:
         raise MammoSaeError("no latents given")
