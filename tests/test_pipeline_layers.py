@@ -30,9 +30,11 @@ LAYER = "blocks.3"  # stride 16 on the phantom encoder: an 8x5 map at 128x80 (fi
 
 
 def _packaged(tmp_path: Path, name: str, **extract: object) -> Path:
-    """phantom.yaml with `extract` keys added."""
+    """phantom.yaml with its extract.layers left out (the demo taps blocks.2; `final` alone is
+    the default) and `extract` keys added."""
     data = yaml.safe_load((PACKAGE_CONFIGS / "phantom.yaml").read_text(encoding="utf-8"))
-    data.setdefault("extract", {}).update(extract)
+    data.setdefault("extract", {}).pop("layers", None)
+    data["extract"].update(extract)
     path = tmp_path / name
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
     return path

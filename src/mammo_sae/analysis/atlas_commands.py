@@ -84,7 +84,7 @@ def logit_effects(
 
 def run_atlas(cfg: AtlasConfig) -> int:
     from .atlas import AtlasRules, build_atlas, image_labels, spatial_from_summaries, to_json
-    from .summaries import open_store, selected_rows, summaries_for
+    from .summaries import open_store, selected_rows, summaries_for_command
 
     t0 = time.perf_counter()
     store = open_store(cfg.store)
@@ -101,14 +101,7 @@ def run_atlas(cfg: AtlasConfig) -> int:
         )
     labels, skipped = image_labels(store.images, rows, column)
     effects = logit_effects(cfg.sae, cfg.classifiers, cfg.names, cfg.device)
-    s = summaries_for(
-        cfg.store,
-        cfg.sae,
-        cache_dir=cfg.cache_dir,
-        batch_rows=cfg.batch_rows,
-        device=cfg.device,
-        progress=cfg.progress,
-    )
+    s = summaries_for_command(cfg.store, cfg.sae, cfg)
     rules = AtlasRules(alpha=cfg.alpha, min_auroc=cfg.min_auroc, min_rho=cfg.min_rho)
     atlas = build_atlas(
         s.mean_rows(rows),

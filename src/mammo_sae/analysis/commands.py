@@ -31,16 +31,9 @@ CACHE_DIR_HELP = (
 
 # --------------------------------------------------------------------------- shared helpers
 def _summaries(store: Path, sae: Path, cfg: Any) -> Any:
-    from .summaries import summaries_for
+    from .summaries import summaries_for_command
 
-    return summaries_for(
-        store,
-        sae,
-        cache_dir=cfg.cache_dir,
-        batch_rows=cfg.batch_rows,
-        device=cfg.device,
-        progress=cfg.progress,
-    )
+    return summaries_for_command(store, sae, cfg)
 
 
 def _select(

@@ -56,9 +56,9 @@ class LocalizeConfig:
     )
     threshold: str = opt(
         DEFAULT_THRESHOLD,
-        help="relmax:F = F x each heatmap's max (default: the released code's relmax:0.3, "
-        "chosen on training AP by the localisation study); pNN = its NN-th percentile "
-        "(the paper: p95); abs:X",
+        help="relmax:F = F x each heatmap's max (relmax:0.3: the released code's rule, chosen "
+        "on training AP by the localisation study); pNN = its NN-th percentile (the paper's "
+        "text: p95); abs:X",
     )
     threshold_on: Literal["frame", "grid"] = opt(
         "frame",

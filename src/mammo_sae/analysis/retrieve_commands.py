@@ -129,7 +129,7 @@ def _label_values(images: Any, rows: np.ndarray, column: str, name: str, split: 
 def run_retrieve(cfg: RetrieveConfig) -> int:
     from .atlas import image_labels
     from .retrieve import METHODS, SCHEMA_VERSION, latent_ranking, neighbours, precision_at_k
-    from .summaries import open_store, selected_rows, summaries_for
+    from .summaries import open_store, selected_rows, summaries_for_command
 
     t0 = time.perf_counter()
     mode = _mode(cfg)
@@ -159,14 +159,7 @@ def run_retrieve(cfg: RetrieveConfig) -> int:
                 f"precision@{max(cfg.ks)} needs {max(cfg.ks)} other images; "
                 f"split {cfg.split!r} has {n} in all"
             )
-    s = summaries_for(
-        cfg.store,
-        cfg.sae,
-        cache_dir=cfg.cache_dir,
-        batch_rows=cfg.batch_rows,
-        device=cfg.device,
-        progress=cfg.progress,
-    )
+    s = summaries_for_command(cfg.store, cfg.sae, cfg)
     if s.n_images != store.n_images:
         raise MammoSaeError(f"summaries hold {s.n_images} images, the store {store.n_images}")
     mean = s.mean_rows(rows)

@@ -513,6 +513,21 @@ def summarize(
     return s
 
 
+def summaries_for_command(
+    store_path: str | os.PathLike[str], sae_path: Any, cfg: Any
+) -> LatentSummaries:
+    """`summaries_for` with a command config's shared options (cache_dir, batch_rows, device,
+    progress): how every analysis command opens its summaries."""
+    return summaries_for(
+        store_path,
+        sae_path,
+        cache_dir=cfg.cache_dir,
+        batch_rows=cfg.batch_rows,
+        device=cfg.device,
+        progress=cfg.progress,
+    )
+
+
 def summaries_for(
     store_path: str | os.PathLike[str],
     sae_path: str | os.PathLike[str],
