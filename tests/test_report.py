@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from mammo_sae.activations.store import ActivationStore, write_store
+from mammo_sae.analysis import DEFAULT_THRESHOLD
 from mammo_sae.analysis.intervene import head_from_classifier
 from mammo_sae.analysis.localize import localize
 from mammo_sae.analysis.separation import model_separation, public
@@ -339,8 +340,9 @@ def test_latent_pages_link_and_hold_their_parts(report_run: tuple[Path, Path]) -
             if mine.get("top_images"):
                 acts = [t["mean_activation"] for t in mine["top_images"]]
                 assert acts == sorted(acts, reverse=True)
-            # Boxes drawn at the threshold the localize stage recorded, not a config's.
-            assert mine["threshold"] == "p95" and mine["from_localize"]
+            # Boxes drawn at the threshold the localize stage recorded (the library default,
+            # relmax:0.3), not the p95 that files without a recorded threshold fall back to.
+            assert mine["threshold"] == DEFAULT_THRESHOLD and mine["from_localize"]
         for src in _links(page).srcs:
             assert (page.parent / src).is_file(), src
 
