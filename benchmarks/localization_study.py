@@ -540,6 +540,8 @@ def run_layers(args: argparse.Namespace) -> None:
     unknown = [m for m in names if m not in models]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; the run has {sorted(models)}")
+    if not (args.run / "data" / "phantom.json").is_file():
+        raise SystemExit(f"{args.run}: no data/phantom.json (the study scores phantom runs)")
     phantom = json.loads((args.run / "data" / "phantom.json").read_text())
     size = f"{phantom['height']}x{phantom['width']}"
     out = args.out or Path(__file__).parent / "results" / f"cpu_localization_study_{size}.txt"

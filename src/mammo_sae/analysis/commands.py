@@ -291,14 +291,25 @@ def _logit_path(
     layer (or the exact decode with `exact`), the rest of the network below it."""
     from ..devices import resolve_device
     from ..models.checkpoints import load_classifier
-    from .intervene import exact_logits, layer_readout, pooled_logits, sae_readout
+    from .intervene import (
+        PooledReadout,
+        exact_logits,
+        layer_readout,
+        pooled_logits,
+        sae_readout,
+    )
 
     layer = tapped_layer(store)
     if layer == "final" and not exact:
         v_h, c = sae_readout(sae, head)
         mean = summaries.mean_rows(rows)
         return pooled_logits(mean, v_h, c), "pooled-identity"
-    readout = layer_readout(load_classifier(cfg.classifier), layer, resolve_device(cfg.device))
+    # The final layer needs only the head already loaded; earlier layers the whole network.
+    readout = (
+        PooledReadout(head)
+        if layer == "final"
+        else layer_readout(load_classifier(cfg.classifier), layer, resolve_device(cfg.device))
+    )
 
     def masked(masks: Any) -> tuple[np.ndarray, np.ndarray]:
         got = exact_logits(store, sae, readout, rows, masks, progress=cfg.progress)

@@ -265,7 +265,8 @@ def exact_logits(
             chunk = max(1, _DECODE_ELEMENTS // max(1, z_ph.numel()))
             for lo in range(0, len(masks), chunk):
                 z_bph = z_ph[None] * masks[lo : lo + chunk, None, :]
-                x_bpd = torch.stack([sae.decode(z).float() for z in z_bph])
+                b, p, h = z_bph.shape  # one decode call for the whole chunk of edited maps
+                x_bpd = sae.decode(z_bph.reshape(b * p, h)).float().reshape(b, p, -1)
                 edited[lo : lo + len(z_bph), col] = readout(x_bpd, rows_p, cols_p, grid)
     if masks is not None:
         out["on"], out["off"] = edited[:k], edited[k:]
